@@ -1,0 +1,32 @@
+# hq-jax: `make test` runs the test suite, `make demo` runs the main job.
+# Both build .venv with Python >= 3.12 (found by scripts/find_python.sh) on first use.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: test demo install data clean-venv
+
+$(STAMP): pyproject.toml
+	@base=$$(scripts/find_python.sh) || exit 1; \
+	  echo "Using $$base ($$($$base --version))"; \
+	  [ -x $(PY) ] || $$base -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,model]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Real text: the Wikipedia articles inside the exllamav2 wheel (downloaded, never installed).
+data: $(STAMP)
+	$(PY) -m hq_jax.data fetch
+
+test: $(STAMP) data
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+demo: $(STAMP) data
+	$(PY) scripts/perplexity.py --num_tokens=512 --output_dir=runs/demo
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,173 @@
+"""Qwen2/2.5 decoder in Flax (linen), reading and writing a paged KV cache.
+
+Every forward pass processes a chunk of T tokens for B requests and is a pure
+function of (params, kv pools, tokens, view): the attention of each layer writes
+the chunk's K/V into the layer's slice of the pools and attends through per-request
+block tables (`hq_jax.kv.paged.AttentionView`). Which cache manages the blocks
+(dense or deduplicated) is invisible here: both hand the model the same view.
+
+Layers are `nn.scan`-ned so a 24-layer model compiles one layer; parameters carry a
+leading layer axis (`params["layers"][...]`). Linen rather than NNX because the
+params are then a plain nested dict: what the GGUF/safetensors loaders produce and
+what orbax saves, with no graph to split at the jit boundary.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hq_jax.config import ModelConfig
+from hq_jax.kv import paged
+from hq_jax.kv.paged import AttentionView, KVPools
+
+# (q [B,T,H,D], k_pool, v_pool [NB,bs,K,D] for this layer, view) -> out [B,T,H,D]
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, AttentionView], jax.Array]
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale * x32.astype(self.dtype)  # HF: weight * hidden.to(input_dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
+  """cos, sin of shape [..., head_dim] in float32 (HF rotate-half layout)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., D/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  # x: [B, T, N, D]; cos/sin: [B, T, D]
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  attention_fn: AttentionFn
+
+  @nn.compact
+  def __call__(self, x, pools: KVPools, layer, view: AttentionView):
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    b, t, _ = x.shape
+    dense = functools.partial(nn.Dense, dtype=dt, param_dtype=dt)
+    q = dense(cfg.num_heads * cfg.head_dim, name="q_proj")(x)
+    k = dense(cfg.num_kv_heads * cfg.head_dim, name="k_proj")(x)
+    v = dense(cfg.num_kv_heads * cfg.head_dim, name="v_proj")(x)
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, H, D]
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, D]
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    cos, sin = rope_cos_sin(view.positions, cfg.head_dim, cfg.rope_theta)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    pools = paged.write_layer(pools, layer, k, v, view.write_slots)
+    out = self.attention_fn(q, pools.k[layer], pools.v[layer], view)  # [B, T, H, D]
+    out = out.astype(dt).reshape(b, t, cfg.num_heads * cfg.head_dim)
+    return nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt,
+                    name="o_proj")(out), pools
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    dt = self.cfg.jnp_dtype
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=dt, param_dtype=dt)
+    gate = dense(self.cfg.intermediate_size, name="gate_proj")(x)
+    up = dense(self.cfg.intermediate_size, name="up_proj")(x)
+    return dense(self.cfg.hidden_size, name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+  attention_fn: AttentionFn
+
+  @nn.compact
+  def __call__(self, carry, view: AttentionView):
+    x, pools, layer = carry
+    norm = functools.partial(RMSNorm, self.cfg.rms_norm_eps, self.cfg.jnp_dtype)
+    h, pools = Attention(self.cfg, self.attention_fn, name="attn")(
+        norm(name="input_norm")(x), pools, layer, view)
+    x = x + h
+    x = x + MLP(self.cfg, name="mlp")(norm(name="post_attention_norm")(x))
+    return (x, pools, layer + 1), None
+
+
+class Qwen2(nn.Module):
+  """`apply(params, tokens [B,T], pools, view) -> (logits [B,T,V] f32, new pools)`."""
+
+  cfg: ModelConfig
+  attention_fn: AttentionFn = paged.paged_attention_reference
+
+  @nn.compact
+  def __call__(self, tokens, pools: KVPools, view: AttentionView):
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt, name="embed")
+    x = embed(tokens)
+    layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=nn.broadcast, length=cfg.num_layers)
+    (x, pools, _), _ = layers(cfg, self.attention_fn, name="layers")(
+        (x, pools, jnp.int32(0)), view)
+    x = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(x)
+    if cfg.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt,
+                        name="lm_head")(x)
+    return logits.astype(jnp.float32), pools
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, *, scale: float = 0.02):
+  """Seeded random parameters for any preset (memory and speed do not depend on values).
+
+  Normal(0, scale) weights and unit norm scales, built shape-by-shape so a 72B
+  config does not need a full-model init graph.
+  """
+  abstract = abstract_params(cfg)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for (path, leaf), k in zip(leaves, keys):
+    name = jax.tree_util.keystr(path)
+    if "norm" in name:
+      out.append(jnp.ones(leaf.shape, leaf.dtype))
+    else:
+      out.append((scale * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def abstract_params(cfg: ModelConfig):
+  """ShapeDtypeStructs of the parameter tree (no memory allocated)."""
+  pools = KVPools.abstract(cfg, num_blocks=1, block_size=1)
+  view = AttentionView.abstract(batch=1, chunk=1, max_blocks=1)
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda t, p, v: Qwen2(cfg).init(jax.random.key(0), t, p, v),
+                          tokens, pools, view)
+  return shapes["params"]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention_fn"))
+def forward(params, pools: KVPools, tokens: jax.Array, view: AttentionView, *,
+            cfg: ModelConfig, attention_fn: AttentionFn = paged.paged_attention_reference):
+  """One jitted step: logits for a chunk and the pools with its K/V written."""
+  return Qwen2(cfg, attention_fn).apply({"params": params}, tokens, pools, view)
+
+
+forward_donating = jax.jit(forward.__wrapped__, static_argnames=("cfg", "attention_fn"),
+                           donate_argnames=("pools",))
+forward_donating.__doc__ = "`forward` that donates the pools (in-place cache update on GPU)."
