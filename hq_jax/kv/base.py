@@ -1,0 +1,168 @@
+"""What the dense and deduplicated caches share: request slots, block tables, views, reads.
+
+A cache is a frozen, registered dataclass of arrays; every operation returns a new
+cache. Host-side planning (admission, release, eviction) reads the metadata arrays
+with numpy and writes new ones, so all state lives in the pytree and an orbax
+round trip restores a cache that behaves identically.
+
+Per request slot s:
+  block_tables[s, i]  physical block of logical block i, -1 where none
+  req_lens[s]         tokens the request has (prompt + appended), covered by its table
+  seq_lens[s]         tokens whose K/V is written (<= req_lens[s])
+  active[s]           slot in use
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hq_jax.kv.paged import AttentionView, KVLayout, KVPools, gather
+
+
+class CacheError(ValueError):
+  """Bad input to a cache operation; the cache passed in is left unchanged."""
+
+
+def static_field(**kwargs):
+  return dataclasses.field(metadata=dict(static=True), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedCache:
+  """Fields and read paths common to `DenseKVCache` and `DedupKVCache`."""
+
+  pools: KVPools
+  block_tables: jax.Array  # [max_requests, max_blocks_per_seq] int32, -1 = none
+  req_lens: jax.Array  # [max_requests] int32
+  seq_lens: jax.Array  # [max_requests] int32
+  active: jax.Array  # [max_requests] bool
+  hit_tokens: jax.Array  # [] int32, prompt tokens found cached at admission (cumulative)
+  query_tokens: jax.Array  # [] int32, prompt tokens looked up at admission (cumulative)
+  max_seq_len: int = static_field()
+
+  backend = "base"
+
+  # ------------------------------------------------------------------ shapes
+  @property
+  def block_size(self) -> int:
+    return self.pools.block_size
+
+  @property
+  def num_blocks(self) -> int:
+    return self.pools.num_blocks
+
+  @property
+  def max_requests(self) -> int:
+    return self.block_tables.shape[0]
+
+  @property
+  def max_blocks_per_seq(self) -> int:
+    return self.block_tables.shape[1]
+
+  @property
+  def layout(self) -> KVLayout:
+    nl, _, bs, nk, d = self.pools.k.shape
+    return KVLayout(nl, nk, d, bs, jnp.dtype(self.pools.k.dtype).name)
+
+  @staticmethod
+  def _base_arrays(layout: KVLayout, num_blocks: int, max_requests: int, max_seq_len: int):
+    if max_seq_len <= 0 or max_requests <= 0 or num_blocks <= 0:
+      raise CacheError("num_blocks, max_requests and max_seq_len must be positive, got "
+                       f"{num_blocks}, {max_requests}, {max_seq_len}")
+    mb = layout.blocks_for(max_seq_len)
+    return dict(
+        pools=KVPools.zeros(layout, num_blocks),
+        block_tables=jnp.full((max_requests, mb), -1, jnp.int32),
+        req_lens=jnp.zeros((max_requests,), jnp.int32),
+        seq_lens=jnp.zeros((max_requests,), jnp.int32),
+        active=jnp.zeros((max_requests,), bool),
+        hit_tokens=jnp.zeros((), jnp.int32),
+        query_tokens=jnp.zeros((), jnp.int32),
+        max_seq_len=max_seq_len)
+
+  # ------------------------------------------------------------ validation
+  def _check_slot(self, slot: int) -> None:
+    if not (0 <= slot < self.max_requests) or not bool(self.active[slot]):
+      raise CacheError(f"slot {slot} is not an active request")
+
+  def _check_prompt(self, tokens) -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+      raise CacheError(f"a request's tokens must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+      raise CacheError("empty request: a request needs at least one token")
+    if not np.issubdtype(arr.dtype, np.integer):
+      raise CacheError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.size > self.max_seq_len:
+      raise CacheError(f"request of {arr.size} tokens is longer than max_seq_len "
+                       f"({self.max_seq_len})")
+    if arr.min() < 0:
+      raise CacheError(f"negative token id {int(arr.min())}")
+    return arr.astype(np.int32)
+
+  def _free_slot(self, active: np.ndarray) -> int:
+    free = np.flatnonzero(~active)
+    if free.size == 0:
+      raise CacheError(f"no free request slot: all {self.max_requests} are active; release one "
+                       "or build the cache with a larger max_requests")
+    return int(free[0])
+
+  # ------------------------------------------------------------ K/V writes
+  def commit(self, slot: int, num_tokens: int):
+    """Marks the K/V of the first `num_tokens` tokens of `slot` as written."""
+    self._check_slot(slot)
+    if not (int(self.seq_lens[slot]) <= num_tokens <= int(self.req_lens[slot])):
+      raise CacheError(f"commit of {num_tokens} tokens for slot {slot} outside "
+                       f"[{int(self.seq_lens[slot])}, {int(self.req_lens[slot])}]")
+    return dataclasses.replace(self, seq_lens=self.seq_lens.at[slot].set(num_tokens))
+
+  def with_pools(self, pools: KVPools):
+    if pools.k.shape != self.pools.k.shape or pools.k.dtype != self.pools.k.dtype:
+      raise CacheError(f"pools of shape {pools.k.shape}/{pools.k.dtype} do not fit a cache of "
+                       f"{self.pools.k.shape}/{self.pools.k.dtype}")
+    return dataclasses.replace(self, pools=pools)
+
+  # ------------------------------------------------------------------ reads
+  def view(self, slots: Sequence[int], start: Sequence[int], chunk: int) -> AttentionView:
+    """The attention view for `chunk` query tokens of each slot from position `start[b]`.
+
+    A token is written only if its position is in [seq_lens, req_lens): K/V already
+    held (a cache hit, or an earlier chunk) is never overwritten.
+    """
+    slots = np.asarray(slots, np.int32)
+    start = np.asarray(start, np.int32)
+    bs = self.block_size
+    tables = np.asarray(self.block_tables)[slots]  # [B, MB]
+    seq = np.asarray(self.seq_lens)[slots]
+    req = np.asarray(self.req_lens)[slots]
+    pos = start[:, None] + np.arange(chunk, dtype=np.int32)[None]  # [B, T]
+    writable = (pos >= seq[:, None]) & (pos < req[:, None])
+    blk = np.take_along_axis(tables, np.minimum(pos // bs, tables.shape[1] - 1), axis=1)
+    oob = self.num_blocks * bs
+    write = np.where(writable & (blk >= 0), blk * bs + pos % bs, oob).astype(np.int32)
+    kv_lens = np.minimum(start + chunk, req).astype(np.int32)
+    return AttentionView(positions=jnp.asarray(pos), block_tables=jnp.asarray(
+        np.maximum(tables, 0)), write_slots=jnp.asarray(write), kv_lens=jnp.asarray(kv_lens))
+
+  def read_kv(self, slot: int) -> tuple[jax.Array, jax.Array]:
+    """The written K and V of a request: [layers, seq_len, kv_heads, head_dim] each."""
+    self._check_slot(slot)
+    n = int(self.seq_lens[slot])
+    table = jnp.maximum(self.block_tables[slot], 0)[None]
+    k = jax.vmap(lambda p: gather(p, table)[0, :n])(self.pools.k)
+    v = jax.vmap(lambda p: gather(p, table)[0, :n])(self.pools.v)
+    return k, v
+
+  def tokens_of(self, slot: int) -> int:
+    return int(self.req_lens[slot])
+
+
+def metadata_leaves(cache: PagedCache) -> dict[str, jax.Array]:
+  """Every array of the cache that is not K/V (what `metadata_bytes` counts)."""
+  return {f.name: getattr(cache, f.name) for f in dataclasses.fields(cache)
+          if f.name != "pools" and not f.metadata.get("static")}

@@ -1,0 +1,281 @@
+"""The HQ cache: deduplicated 16-token blocks with chained, verified identity.
+
+A full block's identity is (salt, parent block, parent's generation, its tokens).
+The parent is a physical block whose own identity was verified the same way, so two
+requests reach the same physical block only if their salt and *all* tokens up to the
+end of that block are equal. The hash only narrows the search: every candidate's
+salt, parent and tokens are compared before a hit is taken, so a hash collision can
+never reuse the wrong K/V (`hash_bits` can be lowered to force collisions in tests).
+
+Lifecycle of a physical block:
+  free (unregistered) -> private (refcount 1, being written) -> registered on commit
+  (findable, shareable; refcount = number of block-table entries holding it) ->
+  cached (refcount 0, still findable, in LRU order by `last_used`) -> evicted
+  (unregistered) when the pool needs space, or by `evict`.
+A block's generation is bumped on every allocation, so children registered under an
+evicted parent can never be matched through the parent's new contents. A request's
+partial last block is always private.
+
+Blocks are registered only once their K/V is written (`commit`), so a hit always
+points at computed K/V.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hq_jax.kv.base import CacheError, PagedCache, static_field
+from hq_jax.kv.paged import KVLayout
+
+_META_FIELDS = ("block_tables", "req_lens", "seq_lens", "active", "hit_tokens",
+                "query_tokens", "salts", "refcount", "registered", "block_hash", "block_salt",
+                "block_parent", "block_parent_gen", "block_gen", "block_tokens", "last_used",
+                "clock")
+
+
+def block_hash(salt: int, parent: int, parent_gen: int, tokens: np.ndarray, bits: int) -> int:
+  """A `bits`-bit hash of a block's identity (0 bits: every block collides)."""
+  if bits == 0:
+    return 0
+  data = np.asarray([salt, parent, parent_gen], np.int64).tobytes() + np.asarray(
+      tokens, np.int32).tobytes()
+  return int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "little") & (
+      (1 << bits) - 1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DedupKVCache(PagedCache):
+  salts: jax.Array  # [max_requests] int32 tenant id of each request
+  refcount: jax.Array  # [num_blocks] int32 block-table entries holding the block
+  registered: jax.Array  # [num_blocks] bool identity is set and findable
+  block_hash: jax.Array  # [num_blocks] uint32
+  block_salt: jax.Array  # [num_blocks] int32
+  block_parent: jax.Array  # [num_blocks] int32, -1 for a first block
+  block_parent_gen: jax.Array  # [num_blocks] int32 parent's generation at registration
+  block_gen: jax.Array  # [num_blocks] int32 bumped on every allocation
+  block_tokens: jax.Array  # [num_blocks, block_size] int32 token copies, -1 past the end
+  last_used: jax.Array  # [num_blocks] int32 LRU clock value of the last use
+  clock: jax.Array  # [] int32
+  hash_bits: int = static_field(default=32)
+
+  backend = "hq"
+
+  @classmethod
+  def init(cls, layout: KVLayout, *, num_blocks: int, max_requests: int, max_seq_len: int,
+           hash_bits: int = 32) -> "DedupKVCache":
+    if not 0 <= hash_bits <= 32:
+      raise CacheError(f"hash_bits must be in [0, 32], got {hash_bits}")
+    nb, bs = num_blocks, layout.block_size
+    i32 = lambda *s, v=0: jnp.full(s, v, jnp.int32)
+    return cls(
+        **cls._base_arrays(layout, num_blocks, max_requests, max_seq_len),
+        salts=i32(max_requests), refcount=i32(nb), registered=jnp.zeros((nb,), bool),
+        block_hash=jnp.zeros((nb,), jnp.uint32), block_salt=i32(nb),
+        block_parent=i32(nb, v=-1), block_parent_gen=i32(nb), block_gen=i32(nb),
+        block_tokens=i32(nb, bs, v=-1), last_used=i32(nb), clock=jnp.zeros((), jnp.int32),
+        hash_bits=hash_bits)
+
+  # ------------------------------------------------------------ host planning
+  def _meta(self) -> "_Meta":
+    return _Meta(self, {name: np.array(getattr(self, name)) for name in _META_FIELDS})
+
+  def admit(self, tokens, salt: int = 0) -> tuple["DedupKVCache", int]:
+    """Admits a prompt: references its longest cached chain of full blocks, allocates the rest.
+
+    Returns (cache, slot). `seq_lens[slot]` is the number of cached (hit) tokens: their
+    K/V is already there; the caller computes and writes the rest, then `commit`s.
+    """
+    prompt = self._check_prompt(tokens)
+    salt = _check_salt(salt)
+    m = self._meta()
+    slot = self._free_slot(m.a["active"])
+    bs = self.block_size
+    n_blocks = -(-prompt.size // bs)
+    index = _Index(m.a, self.hash_bits)
+    hits, parent, pgen = [], -1, 0
+    for i in range(prompt.size // bs):
+      found = index.find(salt, parent, pgen, prompt[i * bs:(i + 1) * bs])
+      if found is None:
+        break
+      hits.append(found)
+      parent, pgen = found, int(m.a["block_gen"][found])
+    m.a["refcount"][hits] += 1
+    new = m.allocate(n_blocks - len(hits), prompt.size)
+    for j, b in enumerate(new):
+      chunk = prompt[(len(hits) + j) * bs:(len(hits) + j + 1) * bs]
+      m.a["block_tokens"][b, :chunk.size] = chunk
+      m.a["block_salt"][b] = salt
+    m.touch(hits + new)
+    m.a["block_tables"][slot, :n_blocks] = hits + new
+    m.a["req_lens"][slot] = prompt.size
+    m.a["seq_lens"][slot] = len(hits) * bs
+    m.a["active"][slot] = True
+    m.a["salts"][slot] = salt
+    m.a["hit_tokens"] += len(hits) * bs
+    m.a["query_tokens"] += prompt.size
+    return m.build(), slot
+
+  def commit(self, slot: int, num_tokens: int) -> "DedupKVCache":
+    """Marks K/V written up to `num_tokens` and registers the blocks that became full."""
+    old = int(self.seq_lens[slot]) if 0 <= slot < self.max_requests else 0
+    cache = super().commit(slot, num_tokens)
+    bs = self.block_size
+    if num_tokens // bs <= old // bs:
+      return cache
+    m = cache._meta()
+    index = _Index(m.a, self.hash_bits)
+    table, salt = m.a["block_tables"][slot], int(m.a["salts"][slot])
+    for i in range(old // bs, num_tokens // bs):
+      b = int(table[i])
+      if m.a["registered"][b]:
+        continue  # A hit, or already registered.
+      parent = int(table[i - 1]) if i else -1
+      pgen = int(m.a["block_gen"][parent]) if parent >= 0 else 0
+      toks = m.a["block_tokens"][b]
+      if index.find(salt, parent, pgen, toks) is not None:
+        continue  # An identical block was registered meanwhile: this copy stays private.
+      h = block_hash(salt, parent, pgen, toks, self.hash_bits)
+      m.a["registered"][b] = True
+      m.a["block_hash"][b] = h
+      m.a["block_salt"][b] = salt
+      m.a["block_parent"][b] = parent
+      m.a["block_parent_gen"][b] = pgen
+      index.add(h, b)
+    return m.build()
+
+  def append(self, slot: int, token: int) -> "DedupKVCache":
+    """Extends a request by one (decoded) token, allocating a private block when needed."""
+    self._check_slot(slot)
+    n = int(self.req_lens[slot])
+    if n >= self.max_seq_len:
+      raise CacheError(f"slot {slot} is full: {n} tokens = max_seq_len")
+    if int(token) < 0:
+      raise CacheError(f"negative token id {int(token)}")
+    bs = self.block_size
+    m = self._meta()
+    if n % bs == 0:
+      (b,) = m.allocate(1, n + 1)
+      m.a["block_salt"][b] = m.a["salts"][slot]
+      m.a["block_tables"][slot, n // bs] = b
+    b = int(m.a["block_tables"][slot, n // bs])
+    m.a["block_tokens"][b, n % bs] = int(token)
+    m.touch([b])
+    m.a["req_lens"][slot] = n + 1
+    return m.build()
+
+  def release(self, slot: int) -> "DedupKVCache":
+    """Drops the request's references. Registered blocks stay cached (LRU); private ones free."""
+    self._check_slot(slot)
+    m = self._meta()
+    n_blocks = -(-int(m.a["req_lens"][slot]) // self.block_size)
+    blocks = [int(b) for b in m.a["block_tables"][slot, :n_blocks]]
+    m.a["refcount"][blocks] -= 1
+    # Tail blocks get the oldest timestamps, so eviction takes a chain from its end.
+    m.touch(blocks[::-1])
+    for b in blocks:
+      if m.a["refcount"][b] == 0 and not m.a["registered"][b]:
+        m.a["block_tokens"][b] = -1
+    m.a["block_tables"][slot] = -1
+    m.a["req_lens"][slot] = m.a["seq_lens"][slot] = 0
+    m.a["active"][slot] = False
+    m.a["salts"][slot] = 0
+    return m.build()
+
+  def evict(self, num_blocks: int | None = None) -> "DedupKVCache":
+    """Evicts up to `num_blocks` (default: all) cached blocks, least recently used first."""
+    m = self._meta()
+    cached = m.cached_lru_order()
+    m.unregister(cached if num_blocks is None else cached[:max(num_blocks, 0)])
+    return m.build()
+
+  # ------------------------------------------------------------------ queries
+  def cached_free_blocks(self) -> int:
+    """Registered blocks no request holds: reusable until evicted."""
+    return int(jnp.sum(self.registered & (self.refcount == 0)))
+
+
+def _check_salt(salt) -> int:
+  if isinstance(salt, bool) or not isinstance(salt, (int, np.integer)):
+    raise CacheError(f"salt must be an int (a tenant id), got {type(salt).__name__}")
+  if not -2**31 <= int(salt) < 2**31:
+    raise CacheError(f"salt {salt} does not fit in int32")
+  return int(salt)
+
+
+class _Meta:
+  """Writable numpy copies of a cache's metadata, for one host-side operation."""
+
+  def __init__(self, cache: DedupKVCache, arrays: dict[str, np.ndarray]):
+    self.cache, self.a = cache, arrays
+
+  def build(self) -> DedupKVCache:
+    return dataclasses.replace(self.cache, **{k: jnp.asarray(v) for k, v in self.a.items()})
+
+  def touch(self, blocks) -> None:
+    for b in blocks:
+      self.a["clock"] += 1
+      self.a["last_used"][b] = self.a["clock"]
+
+  def cached_lru_order(self) -> np.ndarray:
+    a = self.a
+    cached = np.flatnonzero(a["registered"] & (a["refcount"] == 0))
+    return cached[np.lexsort((cached, a["last_used"][cached]))]
+
+  def unregister(self, blocks) -> None:
+    a = self.a
+    a["registered"][blocks] = False
+    a["block_hash"][blocks] = 0
+    a["block_parent"][blocks] = -1
+    a["block_parent_gen"][blocks] = 0
+    a["block_tokens"][blocks] = -1
+
+  def allocate(self, need: int, request_tokens: int) -> list[int]:
+    """Takes `need` blocks: never-registered free ones first, then evicts cached LRU ones."""
+    a = self.a
+    free = np.flatnonzero(~a["registered"] & (a["refcount"] == 0))
+    cached = self.cached_lru_order()
+    if free.size + cached.size < need:
+      pinned = int(np.sum(a["refcount"] > 0))
+      raise CacheError(
+          f"pool too small: a request of {request_tokens} tokens needs {need} new blocks but "
+          f"only {free.size + cached.size} of {a['refcount'].size} can be had "
+          f"({pinned} pinned by active requests)")
+    taken = list(free[:need]) + list(cached[:max(0, need - free.size)])
+    taken = [int(b) for b in taken]
+    self.unregister(taken)
+    a["refcount"][taken] = 1
+    a["block_gen"][taken] += 1
+    return taken
+
+
+class _Index:
+  """Hash -> registered blocks, derived from the cache arrays (never stored separately)."""
+
+  def __init__(self, a: dict[str, np.ndarray], bits: int):
+    self.a, self.bits = a, bits
+    ids = np.flatnonzero(a["registered"])
+    keys = a["block_hash"][ids]
+    order = np.argsort(keys, kind="stable")
+    self.keys, self.ids = keys[order], ids[order]
+    self.added: dict[int, list[int]] = {}
+
+  def add(self, h: int, block: int) -> None:
+    self.added.setdefault(h, []).append(block)
+
+  def find(self, salt: int, parent: int, parent_gen: int, tokens: np.ndarray) -> int | None:
+    a = self.a
+    h = block_hash(salt, parent, parent_gen, tokens, self.bits)
+    lo, hi = np.searchsorted(self.keys, h, "left"), np.searchsorted(self.keys, h, "right")
+    for b in list(self.ids[lo:hi]) + self.added.get(h, []):
+      # Verify: a hash match alone is never trusted.
+      if (a["registered"][b] and a["block_salt"][b] == salt and a["block_parent"][b] == parent
+          and a["block_parent_gen"][b] == parent_gen
+          and np.array_equal(a["block_tokens"][b], tokens)):
+        return int(b)
+    return None

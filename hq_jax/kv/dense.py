@@ -1,0 +1,83 @@
+"""Dense paged cache: each request reserves blocks for `max_seq_len` tokens at admission.
+
+This is the seed's dense backend done honestly: the reservation is its *allocation*
+(`kv_bytes_allocated`), the tokens it has written are its *use* (`kv_bytes_used`).
+Nothing is shared between requests. Free blocks are derived from the block tables
+(a block is free when no active request's table holds it), so there is no free list
+to keep in sync.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hq_jax.kv.base import CacheError, PagedCache
+from hq_jax.kv.paged import KVLayout
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseKVCache(PagedCache):
+  backend = "dense"
+
+  @classmethod
+  def init(cls, layout: KVLayout, *, num_blocks: int, max_requests: int,
+           max_seq_len: int) -> "DenseKVCache":
+    return cls(**cls._base_arrays(layout, num_blocks, max_requests, max_seq_len))
+
+  @classmethod
+  def for_requests(cls, layout: KVLayout, *, max_requests: int, max_seq_len: int):
+    """A pool exactly large enough for `max_requests` reservations."""
+    return cls.init(layout, num_blocks=max_requests * layout.blocks_for(max_seq_len),
+                    max_requests=max_requests, max_seq_len=max_seq_len)
+
+  def admit(self, tokens, salt: int = 0) -> tuple["DenseKVCache", int]:
+    """Reserves `max_seq_len` worth of blocks for a new request; returns (cache, slot).
+
+    `salt` is accepted for interface parity; nothing is ever shared here.
+    """
+    del salt
+    prompt = self._check_prompt(tokens)
+    active = np.asarray(self.active)
+    slot = self._free_slot(active)
+    tables = np.asarray(self.block_tables)
+    used = np.zeros(self.num_blocks, bool)
+    held = tables[active]
+    used[held[held >= 0]] = True
+    free = np.flatnonzero(~used)
+    need = self.max_blocks_per_seq
+    if free.size < need:
+      raise CacheError(
+          f"pool too small: a dense request reserves {need} blocks (max_seq_len "
+          f"{self.max_seq_len}), only {free.size} of {self.num_blocks} are free")
+    return dataclasses.replace(
+        self,
+        block_tables=self.block_tables.at[slot].set(jnp.asarray(free[:need], jnp.int32)),
+        req_lens=self.req_lens.at[slot].set(prompt.size),
+        seq_lens=self.seq_lens.at[slot].set(0),
+        active=self.active.at[slot].set(True),
+        query_tokens=self.query_tokens + prompt.size), slot
+
+  def append(self, slot: int, token: int) -> "DenseKVCache":
+    """Extends a request by one (decoded) token; its K/V is written by the next step."""
+    self._check_slot(slot)
+    n = int(self.req_lens[slot])
+    if n >= self.max_seq_len:
+      raise CacheError(f"slot {slot} is full: {n} tokens = max_seq_len")
+    if int(token) < 0:
+      raise CacheError(f"negative token id {int(token)}")
+    return dataclasses.replace(self, req_lens=self.req_lens.at[slot].set(n + 1))
+
+  def release(self, slot: int) -> "DenseKVCache":
+    """Frees the request's reservation (its K/V is simply abandoned)."""
+    self._check_slot(slot)
+    return dataclasses.replace(
+        self,
+        block_tables=self.block_tables.at[slot].set(-1),
+        req_lens=self.req_lens.at[slot].set(0),
+        seq_lens=self.seq_lens.at[slot].set(0),
+        active=self.active.at[slot].set(False))

@@ -1,0 +1,65 @@
+"""ONE accounting for both caches: the same code reads a dense or an HQ cache.
+
+Everything is derived from the block tables and lengths, which both backends keep in
+the same form, so the two can never be measured differently (the seed's mistake was
+dense reporting a reservation and HQ reporting inserted bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from hq_jax.kv.base import PagedCache, metadata_leaves
+
+
+@dataclasses.dataclass(frozen=True)
+class KVStats:
+  kv_bytes_allocated: int  # blocks reserved by active requests (each physical block once)
+  kv_bytes_used: int  # K/V actually held for active requests (each physical block once)
+  physical_blocks: int  # distinct blocks holding >= 1 written token of an active request
+  logical_blocks: int  # (request, logical block) pairs holding >= 1 written token
+  reuse_factor: float  # logical / physical (1.0 when nothing is shared)
+  metadata_bytes: int  # every cache array that is not K/V
+  pool_bytes: int  # the whole preallocated K/V pool
+  hit_tokens: int  # prompt tokens found cached at admission (cumulative, as vLLM counts)
+  query_tokens: int  # prompt tokens looked up at admission (cumulative)
+  bytes_per_token: int
+  bytes_per_block: int
+  active_requests: int
+
+  def asdict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def kv_stats(cache: PagedCache) -> KVStats:
+  layout = cache.layout
+  bs = layout.block_size
+  active = np.asarray(cache.active)
+  tables = np.asarray(cache.block_tables)[active]  # [A, MB]
+  seq = np.asarray(cache.seq_lens)[active]  # [A]
+  logical = np.arange(tables.shape[1])[None]
+  fill = np.clip(seq[:, None] - logical * bs, 0, bs)  # written tokens per table entry
+  held = tables >= 0
+  allocated = np.unique(tables[held])
+  holding = held & (fill > 0)
+  # A shared block holds the same tokens for all its holders; count it once, at its fill.
+  phys_fill = np.zeros(cache.num_blocks, np.int64)
+  np.maximum.at(phys_fill, tables[holding], fill[holding])
+  physical = int(np.count_nonzero(phys_fill))
+  logical_blocks = int(np.count_nonzero(holding))
+  meta = sum(int(np.asarray(x).nbytes) for x in metadata_leaves(cache).values())
+  return KVStats(
+      kv_bytes_allocated=int(allocated.size) * layout.bytes_per_block,
+      kv_bytes_used=int(phys_fill.sum()) * layout.bytes_per_token,
+      physical_blocks=physical,
+      logical_blocks=logical_blocks,
+      reuse_factor=logical_blocks / physical if physical else 1.0,
+      metadata_bytes=meta,
+      pool_bytes=int(cache.pools.k.nbytes + cache.pools.v.nbytes),
+      hit_tokens=int(cache.hit_tokens),
+      query_tokens=int(cache.query_tokens),
+      bytes_per_token=layout.bytes_per_token,
+      bytes_per_block=layout.bytes_per_block,
+      active_requests=int(active.sum()))
