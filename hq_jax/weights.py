@@ -126,7 +126,7 @@ def gguf_metadata(reader_or_path) -> dict:
 
 def load_gguf(path: str, *, dtype: str = "float32", expected_sha256: str | None = None,
               name: str | None = None):
-  """Loads a qwen2 GGUF: returns (params, cfg, tokenizer)."""
+  """Loads a qwen2 GGUF: returns (params, cfg, tokenizer or None if it has no vocab)."""
   import gguf
   if expected_sha256 is not None:
     verify_sha256(path, expected_sha256)
@@ -147,7 +147,8 @@ def load_gguf(path: str, *, dtype: str = "float32", expected_sha256: str | None 
     return np.asarray(a, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
 
   params = _build_params(cfg, get, 0, path)
-  return params, cfg, Tokenizer.from_gguf_metadata(meta)
+  tok = Tokenizer.from_gguf_metadata(meta) if "tokenizer.ggml.tokens" in meta else None
+  return params, cfg, tok
 
 
 def verify_sha256(path: str, expected: str) -> None:
@@ -207,11 +208,12 @@ def to_hf_state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     for key in path:
       value = value[key]
     value = np.asarray(value, np.float32)
+    # Contiguous copies: safetensors writes raw buffers and would ignore a transpose.
     if "{i}" in hf_name:
       for i in range(cfg.num_layers):
-        out[hf_name.format(i=i)] = value[i].T if transpose else value[i]
+        out[hf_name.format(i=i)] = np.ascontiguousarray(value[i].T if transpose else value[i])
     else:
-      out[hf_name] = value.T if transpose else value
+      out[hf_name] = np.ascontiguousarray(value.T if transpose else value)
   return out
 
 
@@ -290,13 +292,37 @@ def load_shipped(dtype: str = "float32"):
   params, cfg, tok = load_gguf(path, dtype=dtype, expected_sha256=SHIPPED_SHA256,
                                name=config_lib.get_config("coder-0.5b").name)
   os.makedirs(cache, exist_ok=True)
-  if os.path.isdir(ckpt_dir):
-    shutil.rmtree(ckpt_dir)  # An incomplete earlier attempt.
-  save_params(ckpt_dir, params)
-  tok.save(tok_path)
-  with open(cfg_path, "w") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=1)
+  # Write everything under a private name, then rename: a concurrent or interrupted
+  # conversion never leaves a half-written checkpoint where a later load looks.
+  tmp = os.path.join(cache, f".tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  save_params(os.path.join(tmp, "ckpt"), params)
+  tok.save(tok_path + f".{os.getpid()}")
+  os.replace(tok_path + f".{os.getpid()}", tok_path)
+  with open(cfg_path + f".{os.getpid()}", "w") as f:
+    json.dump(dataclasses.asdict(cfg.replace(dtype="float32")), f, indent=1)
+  os.replace(cfg_path + f".{os.getpid()}", cfg_path)
+  try:
+    os.rename(os.path.join(tmp, "ckpt"), ckpt_dir)
+  except OSError:
+    pass  # Another process finished first; its checkpoint is as good as ours.
+  shutil.rmtree(tmp, ignore_errors=True)
   return params, cfg, tok
+
+
+def main(argv: list[str]) -> int:
+  """`python -m hq_jax.weights prepare`: assemble, verify and convert the shipped model."""
+  if len(argv) != 2 or argv[1] != "prepare":
+    print("usage: python -m hq_jax.weights prepare")
+    return 2
+  _, cfg, _ = load_shipped()
+  print(f"shipped model ready: {cfg.name}, cache {paths.cache_dir()}")
+  return 0
+
+
+if __name__ == "__main__":
+  import sys
+  sys.exit(main(sys.argv))
 
 
 def load_model(spec: str, *, dtype: str = "float32", seed: int = 0):
