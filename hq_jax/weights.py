@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hq_jax import checkpoint
 from hq_jax import config as config_lib
 from hq_jax import model as model_lib
 from hq_jax import paths
@@ -260,22 +261,14 @@ def shipped_gguf_path() -> str:
   return out
 
 
-def _checkpointer():
-  import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer()
-
-
 def save_params(directory: str, params) -> None:
-  """Saves params with orbax (atomically: a half-written checkpoint is never restored)."""
-  ckpt = _checkpointer()
-  ckpt.save(os.path.abspath(directory), params)
-  ckpt.wait_until_finished()
+  """Saves params with orbax."""
+  checkpoint.save(directory, params)
 
 
 def restore_params(directory: str, cfg: ModelConfig):
   """Restores params saved by `save_params`, checked against `cfg`'s shapes and dtype."""
-  abstract = model_lib.abstract_params(cfg)
-  return _checkpointer().restore(os.path.abspath(directory), abstract)
+  return checkpoint.restore(directory, model_lib.abstract_params(cfg))
 
 
 def load_shipped(dtype: str = "float32"):

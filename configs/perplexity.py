@@ -1,0 +1,16 @@
+"""Perplexity of real text, dense vs HQ (scripts/perplexity.py)."""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.model = "shipped"  # "shipped", a preset (random weights), a .gguf file or an HF dir.
+  c.text_file = ""  # Empty: the shipped Wikipedia articles.
+  c.num_tokens = 512  # CPU-friendly; configs/perplexity_gpu.py uses 4096.
+  c.chunk_size = 64
+  c.block_size = 16
+  c.dtype = "float32"
+  c.seed = 0  # Random weights for presets.
+  c.output_dir = ""
+  return c

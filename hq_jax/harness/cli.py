@@ -1,0 +1,59 @@
+"""Plain absl flags mirrored from an ml_collections config, so that both
+`--config=configs/x.py --config.num_tokens=256` and plain `--num_tokens=256` work,
+and `--help` lists every field with its default."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+
+import jax
+import ml_collections
+from absl import flags
+
+
+def define_flags(defaults: ml_collections.ConfigDict, helps: dict[str, str]) -> None:
+  """Defines one flag per top-level field, defaulting to None (= keep the config's value)."""
+  for name, value in defaults.items():
+    help_ = f"{helps.get(name, '')} (config default: {value!r})"
+    if isinstance(value, bool):
+      flags.DEFINE_boolean(name, None, help_)
+    elif isinstance(value, int):
+      flags.DEFINE_integer(name, None, help_)
+    elif isinstance(value, float):
+      flags.DEFINE_float(name, None, help_)
+    elif isinstance(value, (list, tuple)):
+      flags.DEFINE_list(name, None, help_)
+    else:
+      flags.DEFINE_string(name, None, help_)
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with every plain flag that was given on the command line applied."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for name, default in config.items():
+    value = flags.FLAGS[name].value if name in flags.FLAGS else None
+    if value is None:
+      continue
+    if isinstance(default, (list, tuple)):
+      elem = type(default[0]) if default else str
+      value = [elem(v) for v in value]
+    config[name] = value
+  return config
+
+
+def run_metadata() -> dict:
+  """Where and when a result was produced (goes into every output file)."""
+  dev = jax.devices()[0]
+  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "jax_version": jax.__version__, "platform": dev.platform,
+          "device": getattr(dev, "device_kind", str(dev)), "host": platform.node(),
+          "python": platform.python_version()}
+
+
+def write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=1)

@@ -1,0 +1,67 @@
+"""Perplexity of real text on the dense and the HQ cache, and the logit difference.
+
+  python scripts/perplexity.py --text_file=PATH --num_tokens=256 --output_dir=DIR
+
+writes DIR/perplexity.json: model, text_file, num_tokens, token_ids, dense {ppl, nll},
+hq {ppl, nll}, max_abs_logit_diff {full_prefill, prefix_reuse}, and run metadata.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from configs import perplexity as default_config
+from hq_jax import data, text_tokens, weights
+from hq_jax.harness import cli, perplexity
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "perplexity.py"),
+    "Config file; its fields can also be set by the plain flags below.")
+cli.define_flags(default_config.get_config(), {
+    "model": "'shipped', a preset name (seeded random weights), a .gguf file or an HF dir",
+    "text_file": "UTF-8 text to score; empty = the shipped Wikipedia articles",
+    "num_tokens": "tokens to score (the text's first num_tokens tokens)",
+    "chunk_size": "prefill chunk (a multiple of block_size)",
+    "block_size": "KV block size in tokens",
+    "dtype": "float32 | bfloat16",
+    "seed": "seed of random weights for presets",
+    "output_dir": "where perplexity.json is written (required)",
+})
+flags.adopt_module_key_flags(cli)  # So that --help lists the plain flags too.
+
+
+def main(argv):
+  del argv
+  cfg = cli.resolve(_CONFIG.value)
+  if not cfg.output_dir:
+    raise app.UsageError("--output_dir is required")
+  text = data.read_text(cfg.text_file)
+  logging.info("loading model %s", cfg.model)
+  params, model_cfg, tok = weights.load_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
+  ids = text_tokens.tokenize(text, tok, model_cfg, cfg.num_tokens)
+  logging.info("scoring %d tokens with %s (dense, HQ, HQ with prefix reuse)", len(ids),
+               model_cfg.name)
+  t0 = time.perf_counter()
+  result = perplexity.run(params, model_cfg, ids, chunk_size=cfg.chunk_size,
+                          block_size=cfg.block_size)
+  out = {"model": cfg.model, "model_name": model_cfg.name,
+         "text_file": cfg.text_file or "wiki (exllamav2-0.3.2 standard_cal_data/wiki.utf8)",
+         "tokenizer": "qwen2-bpe" if tok is not None else "utf8-bytes",
+         "token_ids": [int(i) for i in ids], **result,
+         "config": cfg.to_dict(), "elapsed_s": time.perf_counter() - t0,
+         **cli.run_metadata()}
+  path = os.path.join(cfg.output_dir, "perplexity.json")
+  cli.write_json(path, out)
+  print(f"{model_cfg.name}: {len(ids)} tokens  dense ppl {result['dense']['ppl']:.4f}  "
+        f"hq ppl {result['hq']['ppl']:.4f}  max |dlogit| full prefill "
+        f"{result['max_abs_logit_diff']['full_prefill']}, prefix reuse "
+        f"{result['max_abs_logit_diff']['prefix_reuse']}\nwrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,189 @@
+"""Dense and HQ caches: accounting against the formula, verified reuse, salts, LRU,
+bad input leaving the cache unchanged, orbax round trip of a warm cache."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hq_jax import checkpoint
+from hq_jax.engine import Engine
+from hq_jax.kv.base import CacheError
+from hq_jax.kv.dedup import DedupKVCache
+from hq_jax.kv.dense import DenseKVCache
+from hq_jax.kv.stats import kv_stats
+
+MAX_SEQ = 256
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+  params, cfg = tiny
+  return Engine(params, cfg, chunk_size=32)
+
+
+def _requests(c, length, prefix, seed=0, vocab=512):
+  rng = np.random.default_rng(seed)
+  shared = rng.integers(0, vocab, prefix)
+  return [np.concatenate([shared, rng.integers(0, vocab, length - prefix)]) for _ in range(c)]
+
+
+@pytest.mark.parametrize("c,length,prefix", [(1, 64, 0), (2, 64, 32), (4, 128, 64),
+                                             (8, 96, 48), (3, 80, 80), (5, 160, 0)])
+def test_memory_equals_formula(engine, tiny_layout, c, length, prefix):
+  dense = DenseKVCache.for_requests(tiny_layout, max_requests=c, max_seq_len=MAX_SEQ)
+  hq = DedupKVCache.init(tiny_layout, num_blocks=c * MAX_SEQ // 16, max_requests=c,
+                         max_seq_len=MAX_SEQ)
+  for r in _requests(c, length, prefix):
+    dense, _ = engine.prefill(dense, r, logits="last")
+    hq, _ = engine.prefill(hq, r, logits="last")
+  tok, blk = tiny_layout.bytes_per_token, tiny_layout.bytes_per_block
+  d, h = kv_stats(dense), kv_stats(hq)
+  assert d.kv_bytes_used == c * length * tok
+  assert d.kv_bytes_allocated == c * MAX_SEQ * tok
+  assert h.kv_bytes_used == (prefix // 16 + c * (length - prefix) // 16) * blk
+  assert h.kv_bytes_allocated == h.kv_bytes_used  # All blocks full: nothing reserved ahead.
+  assert d.reuse_factor == 1.0 and d.logical_blocks == h.logical_blocks == c * length // 16
+  assert h.physical_blocks == prefix // 16 + c * (length - prefix) // 16
+  assert h.hit_tokens == (c - 1) * prefix and h.query_tokens == d.query_tokens == c * length
+
+
+def test_partial_blocks_are_private_and_counted_by_tokens(engine, tiny_layout):
+  hq = DedupKVCache.init(tiny_layout, num_blocks=32, max_requests=2, max_seq_len=MAX_SEQ)
+  r = np.arange(40) % 500  # 2 full blocks + 8 tokens
+  hq, a = engine.prefill(hq, r)
+  hq, b = engine.prefill(hq, r)
+  tables = np.asarray(hq.block_tables)
+  assert (tables[0, :2] == tables[1, :2]).all() and tables[0, 2] != tables[1, 2]
+  assert kv_stats(hq).kv_bytes_used == (32 + 2 * 8) * tiny_layout.bytes_per_token
+  # The whole prompt was cached but the last chunk is always computed (its logits).
+  assert b.hit_tokens == 32 and b.cached_tokens == 32 and b.computed_tokens == 8
+  chex.assert_trees_all_equal(a.last_logits, b.last_logits)
+
+
+def test_metadata_bytes_per_block_is_constant(tiny_layout):
+  per_block = []
+  for nb in (16, 32, 64):
+    c = DedupKVCache.init(tiny_layout, num_blocks=nb, max_requests=4, max_seq_len=MAX_SEQ)
+    per_block.append(kv_stats(c).metadata_bytes)
+  assert per_block[1] - per_block[0] == (per_block[2] - per_block[1]) / 2
+  # refcount, registered, hash, salt, parent, parent gen, gen, tokens[16], last_used.
+  assert (per_block[1] - per_block[0]) / 16 == 4 + 1 + 4 + 4 + 4 + 4 + 4 + 16 * 4 + 4
+
+
+def _admit_commit(cache, tokens, salt=0):
+  cache, slot = cache.admit(np.asarray(tokens), salt)
+  return cache.commit(slot, len(tokens)), slot
+
+
+def test_hash_collisions_never_reuse_wrong_blocks(tiny_layout):
+  """With 0 hash bits every block collides; only verified identity may share."""
+  for bits in (0, 32):
+    c = DedupKVCache.init(tiny_layout, num_blocks=32, max_requests=4, max_seq_len=MAX_SEQ,
+                          hash_bits=bits)
+    a, b = np.arange(48), np.arange(48)
+    b[20] = 999  # Differs in block 1: block 0 shared, blocks 1 and 2 not.
+    c, sa = _admit_commit(c, a)
+    c, sb = _admit_commit(c, b)
+    c, sc = _admit_commit(c, a)
+    t = np.asarray(c.block_tables)
+    assert t[sa, 0] == t[sb, 0]
+    assert t[sa, 1] != t[sb, 1] and t[sa, 2] != t[sb, 2]  # Block 2 has equal tokens, not parents.
+    assert (t[sa, :3] == t[sc, :3]).all()
+    assert kv_stats(c).physical_blocks == 5
+
+
+def test_salt_isolates_tenants(tiny_layout):
+  c = DedupKVCache.init(tiny_layout, num_blocks=32, max_requests=4, max_seq_len=MAX_SEQ)
+  c, s0 = _admit_commit(c, np.arange(32), salt=7)
+  c, s1 = _admit_commit(c, np.arange(32), salt=8)
+  c, s2 = _admit_commit(c, np.arange(32), salt=7)
+  t = np.asarray(c.block_tables)
+  assert not set(t[s0, :2]) & set(t[s1, :2])
+  assert (t[s0, :2] == t[s2, :2]).all()
+
+
+def test_released_blocks_stay_cached_until_lru_eviction(tiny_layout):
+  c = DedupKVCache.init(tiny_layout, num_blocks=4, max_requests=2, max_seq_len=64)
+  a, b = np.arange(32), np.arange(100, 132)
+  c, sa = _admit_commit(c, a)
+  c = c.release(sa)
+  assert c.cached_free_blocks() == 2 and kv_stats(c).kv_bytes_used == 0
+  c, sa = c.admit(a)  # Re-admission finds both blocks.
+  assert int(c.seq_lens[sa]) == 32
+  c = c.commit(sa, 32).release(sa)
+  c, sb = _admit_commit(c, b)  # Uses the 2 never-used blocks: nothing evicted.
+  assert c.cached_free_blocks() == 2
+  c = c.release(sb)
+  c, sc = _admit_commit(c, np.arange(200, 248))  # Needs 3: evicts LRU (a's tail first).
+  assert c.cached_free_blocks() == 1
+  c = c.release(sc)
+  c2, s = c.admit(b)
+  assert int(c2.seq_lens[s]) == 16  # b's first block survived, its tail did not.
+  c3 = c.evict()
+  assert c3.cached_free_blocks() == 0
+  _, s = c3.admit(b)
+  assert int(c3.admit(b)[0].seq_lens[s]) == 0
+
+
+def _snapshot(cache):
+  return jax.tree.map(np.array, cache)
+
+
+@pytest.mark.parametrize("backend", ["dense", "hq"])
+def test_bad_input_is_a_clear_error_and_leaves_the_cache_unchanged(engine, tiny_layout,
+                                                                   backend):
+  if backend == "dense":
+    c = DenseKVCache.init(tiny_layout, num_blocks=6, max_requests=2, max_seq_len=64)
+  else:
+    c = DedupKVCache.init(tiny_layout, num_blocks=6, max_requests=2, max_seq_len=64)
+  c, _ = engine.prefill(c, np.arange(40))
+  before = _snapshot(c)
+  cases = [
+      (lambda: engine.prefill(c, [1, 2, 512]), "outside the vocabulary"),
+      (lambda: engine.prefill(c, [-1, 2]), "outside the vocabulary"),
+      (lambda: engine.prefill(c, []), "empty request"),
+      (lambda: engine.prefill(c, np.arange(65)), "longer than max_seq_len"),
+      (lambda: engine.prefill(c, np.ones((2, 3), np.int32)), "1-D"),
+      (lambda: engine.prefill(c, np.array([1.5, 2.0])), "integers"),
+      (lambda: engine.prefill(c, np.arange(64) + 100), "pool too small"),
+      (lambda: engine.decode(c, [1], [3]), "not an active request"),
+      (lambda: engine.decode(c, [0, 0], [3, 4]), "slot twice"),
+      (lambda: engine.decode(c, [0], [3, 4]), "one token per slot"),
+      (lambda: c.release(5), "not an active request"),
+      (lambda: c.commit(0, 41), "outside"),
+  ]
+  if backend == "hq":
+    cases.append((lambda: c.admit([1, 2], salt="tenant"), "salt must be an int"))
+  for fn, message in cases:
+    with pytest.raises(CacheError, match=message):
+      fn()
+    chex.assert_trees_all_equal(_snapshot(c), before)
+
+
+def test_no_free_slot(tiny_layout):
+  c = DedupKVCache.init(tiny_layout, num_blocks=8, max_requests=1, max_seq_len=64)
+  c, _ = c.admit([1, 2, 3])
+  with pytest.raises(CacheError, match="no free request slot"):
+    c.admit([4])
+
+
+def test_warm_cache_survives_orbax_round_trip(engine, tiny_layout, tmp_path):
+  def fresh():
+    return DedupKVCache.init(tiny_layout, num_blocks=24, max_requests=3, max_seq_len=128)
+  c = fresh()
+  reqs = _requests(3, 80, 48, seed=1)
+  c, r0 = engine.prefill(c, reqs[0])
+  c, r1 = engine.prefill(c, reqs[1])
+  c = c.release(r0.slot)  # Leaves cached, refcount-0 blocks in the LRU.
+  checkpoint.save(str(tmp_path / "cache"), c)
+  restored = checkpoint.restore(str(tmp_path / "cache"), fresh())
+  chex.assert_trees_all_equal(restored, c)
+  outs = []
+  for cache in (c, restored):
+    cache, res = engine.prefill(cache, reqs[2])
+    cache, logits = engine.decode(cache, [r1.slot, res.slot], [5, 6])
+    outs.append((cache, res.cached_tokens, res.logits, logits))
+  assert outs[0][1] == outs[1][1] == 32  # Chunk-aligned part of the 48 shared tokens.
+  chex.assert_trees_all_equal(outs[0], outs[1])
