@@ -57,3 +57,36 @@ def write_json(path: str, obj) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(obj, f, indent=1)
+
+
+def load_model_and_stream(cfg):
+  """(params, model config, token stream of the text) for a sweep config."""
+  from absl import logging
+
+  from hq_jax import data, text_tokens, weights
+  from hq_jax.workloads import TokenStream
+
+  text = data.read_text(cfg.text_file)
+  logging.info("loading model %s (%s)", cfg.model, cfg.dtype)
+  params, model_cfg, tok = weights.load_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
+  if tok is None and cfg.model not in ("tiny",):
+    tok = _shipped_tokenizer_if_it_fits(model_cfg)
+  stream = TokenStream(text_tokens.tokenize(text, tok, model_cfg))
+  logging.info("text: %d tokens", len(stream))
+  return params, model_cfg, stream
+
+
+def _shipped_tokenizer_if_it_fits(model_cfg):
+  """Random-weight presets of the Qwen2.5 family read real Qwen2 token ids when available."""
+  from hq_jax import weights
+  try:
+    _, shipped_cfg, tok = weights.load_shipped()
+  except (FileNotFoundError, ValueError):
+    return None
+  return tok if model_cfg.vocab_size >= shipped_cfg.vocab_size else None
+
+
+def command_line() -> str:
+  import shlex
+  import sys
+  return " ".join(shlex.quote(a) for a in sys.argv)

@@ -1,0 +1,20 @@
+"""Latency on CPU (scripts/latency.py): TTFT with and without reuse, decode step time."""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.model = "tiny"
+  c.text_file = ""
+  c.context_lengths = [256]
+  c.concurrency = [4]
+  c.shared_prefix_fractions = [0.75]
+  c.block_size = 16
+  c.chunk_size = 64
+  c.dtype = "float32"
+  c.repeats = 5
+  c.warmup = 1
+  c.seed = 0
+  c.output_dir = ""
+  return c

@@ -1,0 +1,27 @@
+"""Memory sweep on CPU (scripts/memory_sweep.py): a small grid, both backends."""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.model = "tiny"  # "shipped", a preset (seeded random weights), a .gguf file or an HF dir.
+  c.text_file = ""  # Empty: the shipped Wikipedia articles.
+  c.context_lengths = [256, 1024]
+  c.concurrency = [1, 8]
+  c.shared_prefix_fractions = [0.75]
+  c.num_prefixes = [1]
+  c.max_seq_len = 0  # Dense reservation per request; 0 = the request's context_length.
+  c.block_size = 16
+  c.chunk_size = 64
+  c.dtype = "float32"
+  c.seed = 0
+  c.workloads = True  # Also run system-prompt / few-shot / multi-turn workloads.
+  c.users = 4
+  c.system_tokens = 192
+  c.user_tokens = 48
+  c.examples = 3
+  c.example_tokens = 96
+  c.turns = 4
+  c.output_dir = ""
+  return c

@@ -1,0 +1,21 @@
+"""The full-size sweep for the H200: Qwen2.5 shapes with seeded random weights, bfloat16.
+
+Run once per model shape (--model=0.5b, --model=7b). The largest points hold
+64 x 128k tokens of dense K/V: 64 * 131072 * 57344 B = 481 GB for the 7B shape in
+bfloat16, more than one H200 has, so trim the grid to what fits (the sweep errors
+before allocating a pool that cannot exist).
+"""
+
+from configs import memory_sweep
+
+
+def get_config():
+  c = memory_sweep.get_config()
+  c.model = "0.5b"
+  c.context_lengths = [4096, 16384, 32768, 131072]
+  c.concurrency = [1, 8, 64]
+  c.shared_prefix_fractions = [0.0, 0.5, 0.9]
+  c.chunk_size = 512
+  c.dtype = "bfloat16"
+  c.workloads = False
+  return c

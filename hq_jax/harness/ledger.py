@@ -1,0 +1,160 @@
+"""The claims ledger: each claim's verdict computed from measured rows, citing them.
+
+Rows are cited as `file#N` with N the 1-based data row of that CSV. A claim whose
+evidence is missing is "not tested", never assumed.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Sequence
+
+SUPPORTED, REFUTED, UNTESTED, MIXED = "yes", "no", "not tested", "mixed"
+
+
+def _cite(name: str, idx: Sequence[int], limit: int = 8) -> str:
+  refs = [f"{name}#{i + 1}" for i in idx]
+  return ", ".join(refs[:limit]) + (f" (+{len(refs) - limit} more)" if len(refs) > limit else "")
+
+
+def _claim(claim, supported, verdict, evidence=""):
+  return {"claim": claim, "supported": supported, "verdict": verdict, "evidence": evidence}
+
+
+def bit_identical(ppl: dict | None) -> dict:
+  claim = "Output logits are bit-identical to the dense baseline"
+  if not ppl:
+    return _claim(claim, UNTESTED, "no perplexity run")
+  d = ppl["max_abs_logit_diff"]
+  ok = d["full_prefill"] == 0.0 and d["prefix_reuse"] == 0.0
+  return _claim(
+      claim, SUPPORTED if ok else REFUTED,
+      f"max |dense - HQ| logit: {d['full_prefill']} (full prefill), {d['prefix_reuse']} "
+      f"(prefix reuse, {ppl['prefix_reuse']['cached_tokens']} of {ppl['num_tokens']} tokens "
+      f"skipped); perplexity {ppl['dense']['ppl']:.4f} vs {ppl['hq']['ppl']:.4f}",
+      "perplexity.json")
+
+
+def labels_are_true(mem: Sequence[dict]) -> dict:
+  claim = "Every request has exactly its context_length label's tokens"
+  if not mem:
+    return _claim(claim, UNTESTED, "no memory sweep")
+  bad = [i for i, r in enumerate(mem) if r["tokens_per_request"] != r["context_length"]]
+  return _claim(claim, REFUTED if bad else SUPPORTED,
+                f"{len(mem) - len(bad)} of {len(mem)} rows have tokens_per_request == "
+                "context_length", _cite("memory_sweep.csv", bad or range(len(mem))))
+
+
+def flat_in_context(mem: Sequence[dict]) -> dict:
+  claim = "HQ stored KV is flat in context length"
+  groups = collections.defaultdict(list)
+  for i, r in enumerate(mem):
+    if r["backend"] == "hq":
+      groups[(r["concurrency"], r["shared_prefix_fraction"], r["num_prefixes"])].append(i)
+  groups = {k: v for k, v in groups.items() if len({mem[i]["context_length"] for i in v}) > 1}
+  if not groups:
+    return _claim(claim, UNTESTED, "no grid point with two or more context lengths")
+  grows = []
+  for idx in groups.values():
+    idx = sorted(idx, key=lambda i: mem[i]["context_length"])
+    used = [mem[i]["kv_bytes_used"] for i in idx]
+    grows.append(all(b > a for a, b in zip(used, used[1:])))
+  k = next(iter(groups))
+  idx = sorted(groups[k], key=lambda i: mem[i]["context_length"])
+  lo, hi = mem[idx[0]], mem[idx[-1]]
+  verdict = (f"grows with context length in {sum(grows)} of {len(grows)} series, e.g. "
+             f"{lo['kv_bytes_used']:,} B at {lo['context_length']} tokens -> "
+             f"{hi['kv_bytes_used']:,} B at {hi['context_length']} (concurrency {k[0]}, "
+             f"shared fraction {k[1]}): KV grows with what is stored, as it must")
+  return _claim(claim, REFUTED if all(grows) else MIXED, verdict,
+                _cite("memory_sweep.csv", idx))
+
+
+def _pairs(mem):
+  """(dense row index, hq row index) at the same grid point."""
+  key = lambda r: (r["context_length"], r["concurrency"], r["shared_prefix_fraction"],
+                   r["num_prefixes"])
+  dense = {key(r): i for i, r in enumerate(mem) if r["backend"] == "dense"}
+  return [(dense[key(r)], i) for i, r in enumerate(mem)
+          if r["backend"] == "hq" and key(r) in dense]
+
+
+def compression_concurrent(mem: Sequence[dict]) -> dict:
+  claim = "HQ stores less KV than dense at concurrency > 1 with a shared prefix"
+  pairs = [(d, h) for d, h in _pairs(mem)
+           if mem[h]["concurrency"] > 1 and mem[h]["shared_prefix_tokens"] > 0]
+  if not pairs:
+    return _claim(claim, UNTESTED, "no row with concurrency > 1 and a shared prefix")
+  ratios = [mem[d]["kv_bytes_used"] / mem[h]["kv_bytes_used"] for d, h in pairs]
+  best = max(range(len(pairs)), key=lambda j: ratios[j])
+  d, h = pairs[best]
+  r = mem[h]
+  ok = all(x > 1.0 for x in ratios)
+  return _claim(
+      claim, SUPPORTED if ok else MIXED,
+      f"dense/HQ kv_bytes_used {min(ratios):.2f}x to {max(ratios):.2f}x over {len(pairs)} "
+      f"grid points; best {ratios[best]:.2f}x at {r['context_length']} tokens x "
+      f"{r['concurrency']} requests sharing {r['shared_prefix_tokens']} (reuse factor "
+      f"{r['reuse_factor']}), equal to the analytic prediction on every row",
+      _cite("memory_sweep.csv", [d, h]))
+
+
+def no_reuse_at_concurrency_one(mem: Sequence[dict]) -> dict:
+  claim = "Concurrency 1 gives no cross-request reuse (ratio 1.0)"
+  pairs = [(d, h) for d, h in _pairs(mem) if mem[h]["concurrency"] == 1]
+  if not pairs:
+    return _claim(claim, UNTESTED, "no concurrency-1 rows")
+  ratios = [mem[d]["kv_bytes_used"] / mem[h]["kv_bytes_used"] for d, h in pairs]
+  ok = all(x == 1.0 for x in ratios) and all(mem[h]["reuse_factor"] == 1.0 for _, h in pairs)
+  return _claim(claim, SUPPORTED if ok else REFUTED,
+                f"dense/HQ ratio {min(ratios):.2f}-{max(ratios):.2f}, reuse factor 1.0 on all "
+                f"{len(pairs)} concurrency-1 grid points",
+                _cite("memory_sweep.csv", [i for p in pairs for i in p]))
+
+
+def metadata_small(mem: Sequence[dict]) -> dict:
+  claim = "HQ metadata overhead is small (< 1% of the K/V it describes)"
+  idx = [i for i, r in enumerate(mem) if r["backend"] == "hq" and r["kv_bytes_used"]]
+  if not idx:
+    return _claim(claim, UNTESTED, "no HQ rows")
+  # Relative to the pool the metadata describes (it is sized per pool block).
+  frac = [mem[i]["metadata_bytes"] / mem[i]["pool_bytes"] for i in idx]
+  worst = max(range(len(idx)), key=lambda j: frac[j])
+  return _claim(claim, SUPPORTED if max(frac) < 0.01 else REFUTED,
+                f"metadata_bytes / pool_bytes {100 * min(frac):.3f}% to "
+                f"{100 * max(frac):.3f}% ({mem[idx[worst]]['metadata_bytes']:,} B at the worst "
+                "row)",
+                _cite("memory_sweep.csv", [idx[worst]]))
+
+
+def ttft_reuse(lat: Sequence[dict]) -> dict:
+  claim = "Prefix reuse lowers time to first token (HQ warm vs dense)"
+  key = lambda r: (r["context_length"], r["concurrency"], r["shared_prefix_tokens"])
+  dense = {key(r): i for i, r in enumerate(lat) if r["mode"] == "dense"}
+  pairs = [(dense[key(r)], i) for i, r in enumerate(lat)
+           if r["mode"] == "hq_warm" and r["cached_tokens"] > 0 and key(r) in dense]
+  if not pairs:
+    return _claim(claim, UNTESTED, "no latency rows with cached tokens")
+  speed = [lat[d]["ttft_ms_median"] / lat[w]["ttft_ms_median"] for d, w in pairs]
+  clear = [lat[w]["ttft_ms_max"] < lat[d]["ttft_ms_min"] for d, w in pairs]
+  verdict = (f"dense/warm median TTFT {min(speed):.2f}x to {max(speed):.2f}x over "
+             f"{len(pairs)} points; ranges (min-max) separate at {sum(clear)} of {len(pairs)}")
+  status = SUPPORTED if all(clear) else (MIXED if any(clear) else REFUTED)
+  return _claim(claim, status, verdict, _cite("latency.csv", [i for p in pairs for i in p]))
+
+
+def peak_memory(mem: Sequence[dict]) -> dict:
+  claim = "Peak device memory during prefill is reduced"
+  if not mem or all(r.get("peak_device_bytes") is None for r in mem):
+    return _claim(claim, UNTESTED,
+                  "not measured: this platform reports no device peak (peak_device_bytes empty)")
+  return _claim(claim, UNTESTED,
+                "not comparable per row: peak_device_bytes is the process-wide peak so far "
+                "(it never decreases), so it cannot attribute a peak to one backend",
+                _cite("memory_sweep.csv", range(len(mem))))
+
+
+def build(ppl: dict | None, mem: Sequence[dict], lat: Sequence[dict]) -> list[dict]:
+  return [bit_identical(ppl), labels_are_true(mem), flat_in_context(mem),
+          compression_concurrent(mem), no_reuse_at_concurrency_one(mem), metadata_small(mem),
+          ttft_reuse(lat), peak_memory(mem)]

@@ -1,0 +1,217 @@
+"""The memory sweep: both backends on the same real-text requests, checked against the formula.
+
+Every row is one (backend, grid point). The checks in `check_row` make each of the
+seed harness's mistakes an error rather than a result:
+  - a request shorter than its context_length label ("capped below its label");
+  - a measured kv_bytes_used that is not the analytic prediction (e.g. dense allocation
+    reported as use: the prediction counts held tokens, not reservations);
+  - cross-request reuse claimed at concurrency 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from typing import Iterable, Sequence
+
+import jax
+
+from hq_jax.config import ModelConfig
+from hq_jax.engine import Engine
+from hq_jax.kv.dedup import DedupKVCache
+from hq_jax.kv.dense import DenseKVCache
+from hq_jax.kv.paged import KVLayout
+from hq_jax.kv.stats import kv_stats
+from hq_jax.workloads import Request, TokenStream, grid_requests, shared_prefix_tokens
+
+BACKENDS = ("dense", "hq")
+# Wall-clock columns: they vary between runs and are kept apart from the exact ones.
+TIMING_COLUMNS = ("ttft_ms", "prefill_s")
+COLUMNS = (
+    "backend", "model", "context_length", "tokens_per_request", "concurrency",
+    "shared_prefix_fraction", "num_prefixes", "shared_prefix_tokens", "unique_suffix_tokens",
+    "block_size", "bytes_per_token", "max_seq_len", "kv_bytes_allocated", "kv_bytes_used",
+    "kv_bytes_predicted", "physical_blocks", "logical_blocks", "reuse_factor",
+    "metadata_bytes", "pool_bytes", "hit_tokens", "query_tokens", "computed_tokens",
+    "peak_device_bytes", "seed") + TIMING_COLUMNS
+
+
+class HarnessError(RuntimeError):
+  """A measured row is inconsistent: the sweep stops rather than report it."""
+
+
+def predicted_kv_bytes(backend: str, *, context_length: int, concurrency: int,
+                       shared_prefix_tokens: int, num_prefixes: int,
+                       bytes_per_token: int) -> int:
+  """K/V held by `concurrency` requests of `context_length` tokens, analytically.
+
+  Dense holds every token of every request. HQ holds each distinct (block-aligned)
+  prefix once, plus every request's own suffix.
+  """
+  c, n, p = concurrency, context_length, shared_prefix_tokens
+  if backend == "dense":
+    return c * n * bytes_per_token
+  groups = min(num_prefixes, c) if p else 0
+  return (groups * p + c * (n - p)) * bytes_per_token
+
+
+def check_row(row: dict) -> None:
+  """Raises HarnessError if a row shows one of the seed harness's accounting mistakes."""
+  where = (f"{row['backend']} row context_length={row['context_length']} "
+           f"concurrency={row['concurrency']}")
+  if row["tokens_per_request"] != row["context_length"]:
+    raise HarnessError(
+        f"{where}: requests have {row['tokens_per_request']} tokens but are labelled "
+        f"{row['context_length']}: requests capped below their label")
+  if row["kv_bytes_used"] != row["kv_bytes_predicted"]:
+    raise HarnessError(
+        f"{where}: measured kv_bytes_used {row['kv_bytes_used']} differs from the analytic "
+        f"prediction {row['kv_bytes_predicted']} (allocation reported as use?)")
+  if row["kv_bytes_used"] > row["kv_bytes_allocated"]:
+    raise HarnessError(f"{where}: uses more K/V ({row['kv_bytes_used']}) than it allocated "
+                       f"({row['kv_bytes_allocated']})")
+  if row["concurrency"] == 1 and row["reuse_factor"] != 1.0:
+    raise HarnessError(
+        f"{where}: reuse_factor {row['reuse_factor']} at concurrency 1: one request cannot "
+        "reuse another's blocks (reuse accumulated across iterations is not compression)")
+  if row["concurrency"] == 1 and row["hit_tokens"]:
+    raise HarnessError(
+        f"{where}: {row['hit_tokens']} hit tokens at concurrency 1 on a fresh cache: they can "
+        "only come from earlier iterations of the same request, not from cross-request reuse")
+  if row["backend"] == "dense" and row["reuse_factor"] != 1.0:
+    raise HarnessError(f"{where}: the dense cache never shares, yet reuse_factor "
+                       f"{row['reuse_factor']}")
+
+
+def device_peak_bytes() -> int | None:
+  """The device's own peak allocation so far, where the platform reports it (GPU); else None."""
+  stats = jax.devices()[0].memory_stats()
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _check_fits(layout: KVLayout, num_blocks: int, what: str) -> None:
+  """Refuses a pool the device cannot hold, before trying to allocate it."""
+  stats = jax.devices()[0].memory_stats() or {}
+  need = 2 * num_blocks * layout.bytes_per_block
+  if "bytes_limit" in stats and need > stats["bytes_limit"]:
+    raise HarnessError(f"{what} needs a {need / 1e9:.1f} GB K/V pool; the device holds "
+                       f"{stats['bytes_limit'] / 1e9:.1f} GB: trim the grid")
+
+
+def make_cache(backend: str, layout: KVLayout, *, concurrency: int, context_length: int,
+               max_seq_len: int):
+  blocks = concurrency * layout.blocks_for(max_seq_len if backend == "dense" else context_length)
+  _check_fits(layout, blocks, f"{backend} at {concurrency} x {context_length} tokens")
+  if backend == "dense":
+    return DenseKVCache.for_requests(layout, max_requests=concurrency, max_seq_len=max_seq_len)
+  if backend == "hq":
+    # Enough blocks for no sharing at all: the pool never forces an eviction.
+    return DedupKVCache.init(layout, num_blocks=concurrency * layout.blocks_for(context_length),
+                             max_requests=concurrency, max_seq_len=max_seq_len)
+  raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def run_requests(engine: Engine, cache, requests: Sequence[Request]):
+  """Prefills all requests (kept active together); returns (cache, per-request results)."""
+  results = []
+  for r in requests:
+    cache, res = engine.prefill(cache, r.tokens, salt=r.salt, logits="last")
+    results.append(res)
+  return cache, results
+
+
+def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: str,
+              context_length: int, concurrency: int, shared_prefix_fraction: float,
+              num_prefixes: int, max_seq_len: int, seed: int) -> list[dict]:
+  """Both backends on the same requests at one grid point: one checked row each."""
+  requests = grid_requests(stream, context_length=context_length, concurrency=concurrency,
+                           shared_prefix_fraction=shared_prefix_fraction,
+                           num_prefixes=num_prefixes, block_size=layout.block_size, seed=seed)
+  p = shared_prefix_tokens(context_length, shared_prefix_fraction, layout.block_size)
+  max_seq = max_seq_len or context_length
+  rows = []
+  for backend in BACKENDS:
+    def fresh():
+      return make_cache(backend, layout, concurrency=concurrency,
+                        context_length=context_length, max_seq_len=max_seq)
+    # Compile this point's shapes on a throwaway cache, so ttft_ms is not compile time.
+    engine.prefill(fresh(), requests[0].tokens, logits="last")
+    cache, results = run_requests(engine, fresh(), requests)
+    s = kv_stats(cache)
+    row = {
+        "backend": backend, "model": model, "context_length": context_length,
+        "tokens_per_request": int(min(len(r) for r in requests)),
+        "concurrency": concurrency, "shared_prefix_fraction": shared_prefix_fraction,
+        "num_prefixes": num_prefixes, "shared_prefix_tokens": p,
+        "unique_suffix_tokens": context_length - p, "block_size": layout.block_size,
+        "bytes_per_token": layout.bytes_per_token, "max_seq_len": max_seq,
+        "kv_bytes_allocated": s.kv_bytes_allocated, "kv_bytes_used": s.kv_bytes_used,
+        "kv_bytes_predicted": predicted_kv_bytes(
+            backend, context_length=context_length, concurrency=concurrency,
+            shared_prefix_tokens=p, num_prefixes=num_prefixes,
+            bytes_per_token=layout.bytes_per_token),
+        "physical_blocks": s.physical_blocks, "logical_blocks": s.logical_blocks,
+        "reuse_factor": round(s.reuse_factor, 6), "metadata_bytes": s.metadata_bytes,
+        "pool_bytes": s.pool_bytes, "hit_tokens": s.hit_tokens, "query_tokens": s.query_tokens,
+        "computed_tokens": sum(r.computed_tokens for r in results),
+        "peak_device_bytes": device_peak_bytes(), "seed": seed,
+        "ttft_ms": round(1e3 * statistics.median(r.ttft_s for r in results), 3),
+        "prefill_s": round(sum(r.ttft_s for r in results), 4),
+    }
+    check_row(row)
+    rows.append(row)
+  return rows
+
+
+def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
+          context_lengths: Iterable[int], concurrency: Iterable[int],
+          shared_prefix_fractions: Iterable[float], num_prefixes: Iterable[int] = (1,),
+          block_size: int = 16, chunk_size: int = 64, max_seq_len: int = 0, seed: int = 0,
+          progress=None) -> list[dict]:
+  """The full grid; `progress` (e.g. a tqdm) is updated once per grid point."""
+  layout = KVLayout.from_config(cfg, block_size)
+  engine = Engine(params, cfg, chunk_size=chunk_size)
+  rows = []
+  for n in context_lengths:
+    for c in concurrency:
+      for f in shared_prefix_fractions:
+        for g in num_prefixes:
+          if max_seq_len and max_seq_len < n:
+            raise ValueError(f"max_seq_len {max_seq_len} < context_length {n}")
+          rows += run_point(engine, layout, stream, model=model, context_length=n,
+                            concurrency=c, shared_prefix_fraction=f, num_prefixes=g,
+                            max_seq_len=max_seq_len, seed=seed)
+          if progress is not None:
+            progress.update(1)
+  return rows
+
+
+def to_csv(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+  w.writeheader()
+  for row in rows:
+    w.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+  return buf.getvalue()
+
+
+def read_csv(path: str) -> list[dict]:
+  """Rows back with numbers parsed (empty cells become None)."""
+  with open(path, newline="") as f:
+    return read_csv_text(f.read())
+
+
+def _parse(v: str):
+  if v == "":
+    return None
+  for kind in (int, float):
+    try:
+      return kind(v)
+    except ValueError:
+      pass
+  return v
+
+
+def read_csv_text(text: str) -> list[dict]:
+  return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]

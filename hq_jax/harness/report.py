@@ -1,0 +1,173 @@
+"""Turns a run directory into report.md: tables, PNG plots and the claims ledger.
+
+Reads whatever of these the directory holds: perplexity.json, memory_sweep.csv,
+latency.csv, workloads.csv (and run.json for provenance). Writes report.md,
+ledger.json and the plots next to them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from hq_jax.harness import ledger  # noqa: E402
+from hq_jax.harness.memory import read_csv  # noqa: E402
+
+
+def _load(run_dir: str):
+  def opt_csv(name):
+    path = os.path.join(run_dir, name)
+    return read_csv(path) if os.path.exists(path) else []
+
+  def opt_json(name):
+    path = os.path.join(run_dir, name)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  return (opt_json("perplexity.json"), opt_csv("memory_sweep.csv"), opt_csv("latency.csv"),
+          opt_csv("workloads.csv"), opt_json("run.json"))
+
+
+def _table(rows: Sequence[dict], columns: Sequence[str], first_index: bool = False) -> str:
+  if not rows:
+    return "_none_\n"
+  cols = (["#"] if first_index else []) + list(columns)
+  out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for i, r in enumerate(rows):
+    cells = ([str(i + 1)] if first_index else []) + [_fmt(r.get(c)) for c in columns]
+    out.append("| " + " | ".join(cells) + " |")
+  return "\n".join(out) + "\n"
+
+
+def _fmt(v) -> str:
+  if v is None:
+    return ""
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  if isinstance(v, int):
+    return f"{v:,}"
+  return str(v)
+
+
+def plot_kv_vs_context(mem, path):
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  frac = mem[0]["shared_prefix_fraction"]
+  series = sorted({(r["backend"], r["concurrency"]) for r in mem})
+  for backend, c in series:
+    rows = sorted((r for r in mem if r["backend"] == backend and r["concurrency"] == c
+                   and r["shared_prefix_fraction"] == frac and r["num_prefixes"] == 1),
+                  key=lambda r: r["context_length"])
+    if rows:
+      ax.plot([r["context_length"] for r in rows], [r["kv_bytes_used"] / 2**20 for r in rows],
+              marker="o", linestyle="-" if backend == "hq" else "--",
+              label=f"{backend}, concurrency {c}")
+  ax.set_xlabel("context length (tokens per request)")
+  ax.set_ylabel("KV bytes used (MiB)")
+  ax.set_title(f"KV held, shared prefix fraction {frac}")
+  ax.set_xscale("log", base=2)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_reuse(mem, path):
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  hq = [r for r in mem if r["backend"] == "hq" and r["num_prefixes"] == 1]
+  for frac in sorted({r["shared_prefix_fraction"] for r in hq}):
+    for n in sorted({r["context_length"] for r in hq}):
+      rows = sorted((r for r in hq if r["shared_prefix_fraction"] == frac
+                     and r["context_length"] == n), key=lambda r: r["concurrency"])
+      ax.plot([r["concurrency"] for r in rows], [r["reuse_factor"] for r in rows], marker="o",
+              label=f"{n} tokens, shared {frac}")
+  ax.set_xlabel("concurrency (requests)")
+  ax.set_ylabel("reuse factor (logical / physical blocks)")
+  ax.set_xscale("log", base=2)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_ttft(lat, path):
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  points = sorted({(r["context_length"], r["concurrency"]) for r in lat})
+  modes = ["dense", "hq_cold", "hq_warm"]
+  width = 0.8 / len(modes)
+  for j, mode in enumerate(modes):
+    rows = [next((r for r in lat if (r["context_length"], r["concurrency"]) == p
+                  and r["mode"] == mode), None) for p in points]
+    xs = [i + j * width for i, r in enumerate(rows) if r]
+    med = [r["ttft_ms_median"] for r in rows if r]
+    err = [[r["ttft_ms_median"] - r["ttft_ms_min"] for r in rows if r],
+           [r["ttft_ms_max"] - r["ttft_ms_median"] for r in rows if r]]
+    ax.bar(xs, med, width, yerr=err, capsize=3, label=mode)
+  ax.set_xticks([i + width for i in range(len(points))])
+  ax.set_xticklabels([f"{n} tok\nC={c}" for n, c in points])
+  ax.set_ylabel("time to first token (ms, median; bars: min-max)")
+  ax.legend()
+  ax.grid(alpha=0.3, axis="y")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write(run_dir: str) -> str:
+  ppl, mem, lat, work, run = _load(run_dir)
+  if not (ppl or mem or lat or work):
+    raise FileNotFoundError(f"{run_dir} holds none of perplexity.json, memory_sweep.csv, "
+                            "latency.csv, workloads.csv")
+  claims = ledger.build(ppl, mem, lat)
+  with open(os.path.join(run_dir, "ledger.json"), "w") as f:
+    json.dump(claims, f, indent=1)
+  md = ["# hq-jax run report\n"]
+  if run:
+    md.append(f"Produced {run.get('date')} on {run.get('device')} ({run.get('platform')}), "
+              f"JAX {run.get('jax_version')}, by `{run.get('command', '')}`.\n")
+  md.append("## Claims ledger\n")
+  md.append("Each verdict is computed from the rows it cites (`file#N` = Nth data row).\n")
+  md.append(_table(claims, ["claim", "supported", "verdict", "evidence"]))
+  if ppl:
+    md.append("## Perplexity (dense vs HQ)\n")
+    md.append(_table([{
+        "model": ppl.get("model_name", ppl["model"]), "tokens": ppl["num_tokens"],
+        "dense ppl": ppl["dense"]["ppl"], "hq ppl": ppl["hq"]["ppl"],
+        "max |dlogit| full": ppl["max_abs_logit_diff"]["full_prefill"],
+        "max |dlogit| reuse": ppl["max_abs_logit_diff"]["prefix_reuse"]}],
+        ["model", "tokens", "dense ppl", "hq ppl", "max |dlogit| full", "max |dlogit| reuse"]))
+  if mem:
+    md.append("## Memory sweep\n")
+    md.append("Every row was checked: tokens_per_request == context_length and "
+              "kv_bytes_used == kv_bytes_predicted.\n")
+    md.append(_table(mem, ["backend", "context_length", "concurrency", "shared_prefix_tokens",
+                           "kv_bytes_allocated", "kv_bytes_used", "kv_bytes_predicted",
+                           "reuse_factor", "metadata_bytes", "ttft_ms"], first_index=True))
+    plot_kv_vs_context(mem, os.path.join(run_dir, "kv_bytes_vs_context.png"))
+    plot_reuse(mem, os.path.join(run_dir, "reuse_factor.png"))
+    md.append("\n![KV bytes used vs context length](kv_bytes_vs_context.png)\n")
+    md.append("![Reuse factor vs concurrency](reuse_factor.png)\n")
+  if lat:
+    md.append("## Latency\n")
+    md.append(_table(lat, ["mode", "context_length", "concurrency", "cached_tokens",
+                           "computed_tokens", "ttft_ms_median", "ttft_ms_min", "ttft_ms_max",
+                           "decode_step_ms_median", "repeats"], first_index=True))
+    plot_ttft(lat, os.path.join(run_dir, "ttft.png"))
+    md.append("\n![TTFT with and without reuse](ttft.png)\n")
+  if work:
+    md.append("## Workloads\n")
+    md.append(_table(work, ["workload", "backend", "requests", "prompt_tokens", "kv_bytes_used",
+                            "reuse_factor", "hit_rate", "computed_tokens"], first_index=True))
+  path = os.path.join(run_dir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(md))
+  return path

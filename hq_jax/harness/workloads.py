@@ -1,0 +1,68 @@
+"""Named workloads beyond the grid, on both backends: reuse factor, memory, prompt hits.
+
+  system_prompt  users share one system prompt, each with their own turn (concurrent);
+  few_shot       requests share the same examples, each with its own question (concurrent);
+  multi_turn     one conversation, each turn extending the previous; a turn's request is
+                 released when the next arrives, so reuse comes from cached blocks.
+Memory columns are the peak over the run (after each admission).
+"""
+
+from __future__ import annotations
+
+from hq_jax.config import ModelConfig
+from hq_jax.engine import Engine
+from hq_jax.harness.memory import make_cache
+from hq_jax.kv.paged import KVLayout
+from hq_jax.kv.stats import kv_stats
+from hq_jax import workloads as wl
+
+COLUMNS = ("workload", "backend", "model", "requests", "prompt_tokens", "kv_bytes_allocated",
+           "kv_bytes_used", "physical_blocks", "logical_blocks", "reuse_factor", "hit_tokens",
+           "query_tokens", "hit_rate", "computed_tokens", "metadata_bytes")
+
+
+def build(stream: wl.TokenStream, sizes: dict, seed: int) -> dict[str, tuple[list, bool]]:
+  """name -> (requests, sequential) from a `sizes` dict (see configs/memory_sweep.py)."""
+  s = sizes
+  return {
+      "system_prompt": (wl.system_prompt(stream, users=s["users"],
+                                         system_tokens=s["system_tokens"],
+                                         user_tokens=s["user_tokens"], seed=seed), False),
+      "few_shot": (wl.few_shot(stream, requests=s["users"], examples=s["examples"],
+                               example_tokens=s["example_tokens"],
+                               question_tokens=s["user_tokens"], seed=seed), False),
+      "multi_turn": (wl.multi_turn(stream, turns=s["turns"], tokens_per_turn=s["user_tokens"],
+                                   seed=seed), True),
+  }
+
+
+def run(params, cfg: ModelConfig, stream: wl.TokenStream, *, model: str, sizes: dict,
+        block_size: int = 16, chunk_size: int = 64, seed: int = 0) -> list[dict]:
+  layout = KVLayout.from_config(cfg, block_size)
+  engine = Engine(params, cfg, chunk_size=chunk_size)
+  rows = []
+  for name, (requests, sequential) in build(stream, sizes, seed).items():
+    longest = max(len(r) for r in requests)
+    for backend in ("dense", "hq"):
+      cache = make_cache(backend, layout, concurrency=len(requests), context_length=longest,
+                         max_seq_len=longest)
+      peak, computed, prev = None, 0, None
+      for r in requests:
+        if sequential and prev is not None:
+          cache = cache.release(prev)
+        cache, res = engine.prefill(cache, r.tokens, salt=r.salt, logits="last")
+        prev, computed = res.slot, computed + res.computed_tokens
+        s = kv_stats(cache)
+        if peak is None or s.kv_bytes_used > peak.kv_bytes_used:
+          peak = s
+      end = kv_stats(cache)
+      rows.append({
+          "workload": name, "backend": backend, "model": model, "requests": len(requests),
+          "prompt_tokens": sum(len(r) for r in requests),
+          "kv_bytes_allocated": peak.kv_bytes_allocated, "kv_bytes_used": peak.kv_bytes_used,
+          "physical_blocks": peak.physical_blocks, "logical_blocks": peak.logical_blocks,
+          "reuse_factor": round(peak.reuse_factor, 6), "hit_tokens": end.hit_tokens,
+          "query_tokens": end.query_tokens,
+          "hit_rate": round(end.hit_tokens / end.query_tokens, 6),
+          "computed_tokens": computed, "metadata_bytes": end.metadata_bytes})
+  return rows

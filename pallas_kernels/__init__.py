@@ -1,0 +1,1 @@
+"""Pallas kernels, one file each: kernel body, jitted wrapper, float32 reference."""

@@ -1,0 +1,67 @@
+"""Latency: time to first token with and without prefix reuse, and decode step time.
+
+  python scripts/latency.py --model=tiny --context_lengths=256 --concurrency=4 --output_dir=DIR
+
+writes DIR/latency.csv: for each grid point and mode (dense, hq_cold, hq_warm), the
+median, min and max of `repeats` timed runs after `warmup` untimed ones.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import tqdm
+from absl import app, flags
+from ml_collections import config_flags
+
+from configs import latency as default_config
+from hq_jax.harness import cli, latency, memory
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "latency.py"),
+    "Config file; its fields can also be set by the plain flags below.")
+cli.define_flags(default_config.get_config(), {
+    "model": "'shipped', a preset name (seeded random weights), a .gguf file or an HF dir",
+    "text_file": "UTF-8 text the requests are cut from; empty = the shipped Wikipedia articles",
+    "context_lengths": "tokens per request",
+    "concurrency": "requests decoding together",
+    "shared_prefix_fractions": "fraction of each request that is a shared prefix",
+    "block_size": "KV block size in tokens",
+    "chunk_size": "prefill chunk (a multiple of block_size)",
+    "dtype": "float32 | bfloat16",
+    "repeats": "timed repetitions per measurement",
+    "warmup": "untimed runs first (compilation)",
+    "seed": "seed of request offsets and of random weights",
+    "output_dir": "where latency.csv is written (required)",
+})
+flags.adopt_module_key_flags(cli)
+
+
+def main(argv):
+  del argv
+  cfg = cli.resolve(_CONFIG.value)
+  if not cfg.output_dir:
+    raise app.UsageError("--output_dir is required")
+  params, model_cfg, stream = cli.load_model_and_stream(cfg)
+  points = len(cfg.context_lengths) * len(cfg.concurrency) * len(cfg.shared_prefix_fractions)
+  with tqdm.tqdm(total=points, desc="latency", unit="point") as bar:
+    rows = latency.sweep(params, model_cfg, stream, model=cfg.model,
+                         context_lengths=cfg.context_lengths, concurrency=cfg.concurrency,
+                         shared_prefix_fractions=cfg.shared_prefix_fractions,
+                         block_size=cfg.block_size, chunk_size=cfg.chunk_size,
+                         repeats=cfg.repeats, warmup=cfg.warmup, seed=cfg.seed, progress=bar)
+  os.makedirs(cfg.output_dir, exist_ok=True)
+  path = os.path.join(cfg.output_dir, "latency.csv")
+  with open(path, "w") as f:
+    f.write(memory.to_csv(rows, latency.COLUMNS))
+  for r in rows:
+    print(f"{r['mode']:8s} {r['context_length']:6d} tok x{r['concurrency']:<3d} "
+          f"TTFT {r['ttft_ms_median']:9.2f} ms [{r['ttft_ms_min']:.2f}, {r['ttft_ms_max']:.2f}]"
+          f"  decode step {r['decode_step_ms_median']:8.2f} ms  "
+          f"(cached {r['cached_tokens']}, computed {r['computed_tokens']})")
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)
