@@ -56,17 +56,21 @@ def main(argv):
   params, model_cfg, stream = cli.load_model_and_stream(cfg)
   points = (len(cfg.context_lengths) * len(cfg.concurrency) *
             len(cfg.shared_prefix_fractions) * len(cfg.num_prefixes))
+  os.makedirs(cfg.output_dir, exist_ok=True)
+  path = os.path.join(cfg.output_dir, "memory_sweep.csv")
+
+  def write(rows):  # After every grid point, so an interrupted sweep keeps what it measured.
+    with open(path + ".tmp", "w") as f:
+      f.write(memory.to_csv(rows))
+    os.replace(path + ".tmp", path)
+
   with tqdm.tqdm(total=points, desc="memory sweep", unit="point") as bar:
     rows = memory.sweep(params, model_cfg, stream, model=cfg.model,
                         context_lengths=cfg.context_lengths, concurrency=cfg.concurrency,
                         shared_prefix_fractions=cfg.shared_prefix_fractions,
                         num_prefixes=cfg.num_prefixes, block_size=cfg.block_size,
                         chunk_size=cfg.chunk_size, max_seq_len=cfg.max_seq_len, seed=cfg.seed,
-                        progress=bar)
-  os.makedirs(cfg.output_dir, exist_ok=True)
-  path = os.path.join(cfg.output_dir, "memory_sweep.csv")
-  with open(path, "w") as f:
-    f.write(memory.to_csv(rows))
+                        progress=bar, on_rows=write)
   print(f"wrote {path} ({len(rows)} rows, every kv_bytes_used equal to its prediction)")
   if cfg.workloads:
     sizes = {k: cfg[k] for k in ("users", "system_tokens", "user_tokens", "examples",

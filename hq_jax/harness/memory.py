@@ -168,8 +168,9 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
           context_lengths: Iterable[int], concurrency: Iterable[int],
           shared_prefix_fractions: Iterable[float], num_prefixes: Iterable[int] = (1,),
           block_size: int = 16, chunk_size: int = 64, max_seq_len: int = 0, seed: int = 0,
-          progress=None) -> list[dict]:
-  """The full grid; `progress` (e.g. a tqdm) is updated once per grid point."""
+          progress=None, on_rows=None) -> list[dict]:
+  """The full grid; `progress` (e.g. a tqdm) is updated once per grid point, and
+  `on_rows(rows_so_far)` is called after each (to write partial results)."""
   layout = KVLayout.from_config(cfg, block_size)
   engine = Engine(params, cfg, chunk_size=chunk_size)
   rows = []
@@ -184,6 +185,8 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
                             max_seq_len=max_seq_len, seed=seed)
           if progress is not None:
             progress.update(1)
+          if on_rows is not None:
+            on_rows(rows)
   return rows
 
 

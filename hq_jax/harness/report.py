@@ -40,9 +40,10 @@ def _table(rows: Sequence[dict], columns: Sequence[str], first_index: bool = Fal
   if not rows:
     return "_none_\n"
   cols = (["#"] if first_index else []) + list(columns)
-  out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  esc = lambda s: s.replace("|", "\\|")  # A "|" inside a cell would split it.
+  out = ["| " + " | ".join(esc(c) for c in cols) + " |", "|" + "---|" * len(cols)]
   for i, r in enumerate(rows):
-    cells = ([str(i + 1)] if first_index else []) + [_fmt(r.get(c)) for c in columns]
+    cells = ([str(i + 1)] if first_index else []) + [esc(_fmt(r.get(c))) for c in columns]
     out.append("| " + " | ".join(cells) + " |")
   return "\n".join(out) + "\n"
 
@@ -67,7 +68,8 @@ def plot_kv_vs_context(mem, path):
                   key=lambda r: r["context_length"])
     if rows:
       ax.plot([r["context_length"] for r in rows], [r["kv_bytes_used"] / 2**20 for r in rows],
-              marker="o", linestyle="-" if backend == "hq" else "--",
+              marker="o" if backend == "hq" else "s", linestyle="-" if backend == "hq" else "--",
+              fillstyle="full" if backend == "hq" else "none",
               label=f"{backend}, concurrency {c}")
   ax.set_xlabel("context length (tokens per request)")
   ax.set_ylabel("KV bytes used (MiB)")
@@ -132,8 +134,9 @@ def write(run_dir: str) -> str:
     json.dump(claims, f, indent=1)
   md = ["# hq-jax run report\n"]
   if run:
-    md.append(f"Produced {run.get('date')} on {run.get('device')} ({run.get('platform')}), "
-              f"JAX {run.get('jax_version')}, by `{run.get('command', '')}`.\n")
+    md.append(f"Memory sweep produced {run.get('date')} on {run.get('device')} "
+              f"({run.get('platform')}), JAX {run.get('jax_version')}, by "
+              f"`{run.get('command', '')}`.\n")
   md.append("## Claims ledger\n")
   md.append("Each verdict is computed from the rows it cites (`file#N` = Nth data row).\n")
   md.append(_table(claims, ["claim", "supported", "verdict", "evidence"]))
