@@ -199,22 +199,26 @@ def load_hf(directory: str, *, dtype: str = "float32"):
   return params, cfg, Tokenizer.from_file(tok_path) if os.path.exists(tok_path) else None
 
 
-def to_hf_state_dict(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """The inverse of the HF mapping (for exporting, and for testing the loader)."""
+def to_state_dict(params, cfg: ModelConfig, *, names: str = "hf") -> dict[str, np.ndarray]:
+  """The inverse of the loaders: float32 arrays under HF (`names="hf"`) or GGUF names,
+  Dense kernels as [out, in] (for exporting, and for testing the loaders)."""
+  if names not in ("hf", "gguf"):
+    raise ValueError(f"names must be 'hf' or 'gguf', got {names!r}")
   out = {}
-  for path, _, hf_name, transpose in _NAME_MAP:
+  for path, gguf_name, hf_name, transpose in _NAME_MAP:
     if path[0] == "lm_head" and cfg.tie_word_embeddings:
       continue
+    template = hf_name if names == "hf" else gguf_name
     value = params
     for key in path:
       value = value[key]
     value = np.asarray(value, np.float32)
     # Contiguous copies: safetensors writes raw buffers and would ignore a transpose.
-    if "{i}" in hf_name:
+    if "{i}" in template:
       for i in range(cfg.num_layers):
-        out[hf_name.format(i=i)] = np.ascontiguousarray(value[i].T if transpose else value[i])
+        out[template.format(i=i)] = np.ascontiguousarray(value[i].T if transpose else value[i])
     else:
-      out[hf_name] = np.ascontiguousarray(value.T if transpose else value)
+      out[template] = np.ascontiguousarray(value.T if transpose else value)
   return out
 
 

@@ -13,24 +13,6 @@ from hq_jax import weights
 from hq_jax.weights import WeightsError
 
 
-def _gguf_tensors(params, cfg):
-  """Our params under GGUF names, in GGUF's numpy layout ([out, in])."""
-  out = {}
-  for path, gguf_name, _, transpose in weights._NAME_MAP:
-    if path[0] == "lm_head" and cfg.tie_word_embeddings:
-      continue
-    value = params
-    for key in path:
-      value = value[key]
-    value = np.asarray(value, np.float32)
-    if "{i}" in gguf_name:
-      for i in range(cfg.num_layers):
-        out[gguf_name.format(i=i)] = value[i].T if transpose else value[i]
-    else:
-      out[gguf_name] = value.T if transpose else value
-  return out
-
-
 def _write_gguf(path, params, cfg, drop=()):
   w = gguf.GGUFWriter(str(path), "qwen2")
   w.add_block_count(cfg.num_layers)
@@ -41,9 +23,9 @@ def _write_gguf(path, params, cfg, drop=()):
   w.add_rope_freq_base(cfg.rope_theta)
   w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
   w.add_context_length(cfg.max_position_embeddings)
-  for name, value in _gguf_tensors(params, cfg).items():
+  for name, value in weights.to_state_dict(params, cfg, names="gguf").items():
     if name not in drop:
-      w.add_tensor(name, np.ascontiguousarray(value))
+      w.add_tensor(name, value)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -94,7 +76,7 @@ def _hf_config(cfg):
 
 def test_hf_single_file_and_sharded(tiny, tmp_path):
   params, cfg = tiny
-  state = weights.to_hf_state_dict(params, cfg)
+  state = weights.to_state_dict(params, cfg)
   single = tmp_path / "single"
   single.mkdir()
   (single / "config.json").write_text(json.dumps(_hf_config(cfg)))

@@ -105,6 +105,16 @@ class PagedCache:
       raise CacheError(f"negative token id {int(arr.min())}")
     return arr.astype(np.int32)
 
+  def _check_append(self, slot: int, token: int) -> int:
+    """Validates a one-token extension; returns the request's current length."""
+    self._check_slot(slot)
+    n = int(self.req_lens[slot])
+    if n >= self.max_seq_len:
+      raise CacheError(f"slot {slot} is full: {n} tokens = max_seq_len")
+    if int(token) < 0:
+      raise CacheError(f"negative token id {int(token)}")
+    return n
+
   def _free_slot(self, active: np.ndarray) -> int:
     free = np.flatnonzero(~active)
     if free.size == 0:

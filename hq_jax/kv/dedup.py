@@ -151,12 +151,7 @@ class DedupKVCache(PagedCache):
 
   def append(self, slot: int, token: int) -> "DedupKVCache":
     """Extends a request by one (decoded) token, allocating a private block when needed."""
-    self._check_slot(slot)
-    n = int(self.req_lens[slot])
-    if n >= self.max_seq_len:
-      raise CacheError(f"slot {slot} is full: {n} tokens = max_seq_len")
-    if int(token) < 0:
-      raise CacheError(f"negative token id {int(token)}")
+    n = self._check_append(slot, token)
     bs = self.block_size
     m = self._meta()
     if n % bs == 0:

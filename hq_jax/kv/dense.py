@@ -64,12 +64,7 @@ class DenseKVCache(PagedCache):
 
   def append(self, slot: int, token: int) -> "DenseKVCache":
     """Extends a request by one (decoded) token; its K/V is written by the next step."""
-    self._check_slot(slot)
-    n = int(self.req_lens[slot])
-    if n >= self.max_seq_len:
-      raise CacheError(f"slot {slot} is full: {n} tokens = max_seq_len")
-    if int(token) < 0:
-      raise CacheError(f"negative token id {int(token)}")
+    n = self._check_append(slot, token)
     return dataclasses.replace(self, req_lens=self.req_lens.at[slot].set(n + 1))
 
   def release(self, slot: int) -> "DenseKVCache":
