@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 
 def _checkpointer():
@@ -29,4 +30,7 @@ def restore(directory: str, like):
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoint at {directory}")
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
-  return _checkpointer().restore(os.path.abspath(directory), abstract)
+  restored = _checkpointer().restore(os.path.abspath(directory), abstract)
+  # Host-side leaves (a cache's metadata) come back as numpy, as they were saved.
+  return jax.tree.map(lambda r, x: np.asarray(r) if isinstance(x, np.ndarray) else r,
+                      restored, like)

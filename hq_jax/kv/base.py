@@ -1,9 +1,10 @@
 """What the dense and deduplicated caches share: request slots, block tables, views, reads.
 
 A cache is a frozen, registered dataclass of arrays; every operation returns a new
-cache. Host-side planning (admission, release, eviction) reads the metadata arrays
-with numpy and writes new ones, so all state lives in the pytree and an orbax
-round trip restores a cache that behaves identically.
+cache. The K/V pools are device arrays, written only inside jitted steps. The metadata
+(block tables, lengths, the HQ block index) is planned on the host, so it is kept as
+numpy arrays in the same pytree: no device round trip per admission or decode step,
+and an orbax round trip still restores a cache that behaves identically.
 
 Per request slot s:
   block_tables[s, i]  physical block of logical block i, -1 where none
@@ -32,17 +33,24 @@ def static_field(**kwargs):
   return dataclasses.field(metadata=dict(static=True), **kwargs)
 
 
+def updated(array, index, value) -> np.ndarray:
+  """A copy of a metadata array with `array[index] = value` (caches never change in place)."""
+  out = np.array(array)
+  out[index] = value
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class PagedCache:
   """Fields and read paths common to `DenseKVCache` and `DedupKVCache`."""
 
   pools: KVPools
-  block_tables: jax.Array  # [max_requests, max_blocks_per_seq] int32, -1 = none
-  req_lens: jax.Array  # [max_requests] int32
-  seq_lens: jax.Array  # [max_requests] int32
-  active: jax.Array  # [max_requests] bool
-  hit_tokens: jax.Array  # [] int32, prompt tokens found cached at admission (cumulative)
-  query_tokens: jax.Array  # [] int32, prompt tokens looked up at admission (cumulative)
+  block_tables: np.ndarray  # [max_requests, max_blocks_per_seq] int32, -1 = none
+  req_lens: np.ndarray  # [max_requests] int32
+  seq_lens: np.ndarray  # [max_requests] int32
+  active: np.ndarray  # [max_requests] bool
+  hit_tokens: np.ndarray  # [] int32, prompt tokens found cached at admission (cumulative)
+  query_tokens: np.ndarray  # [] int32, prompt tokens looked up at admission (cumulative)
   max_seq_len: int = static_field()
 
   backend = "base"
@@ -77,12 +85,12 @@ class PagedCache:
     mb = layout.blocks_for(max_seq_len)
     return dict(
         pools=KVPools.zeros(layout, num_blocks),
-        block_tables=jnp.full((max_requests, mb), -1, jnp.int32),
-        req_lens=jnp.zeros((max_requests,), jnp.int32),
-        seq_lens=jnp.zeros((max_requests,), jnp.int32),
-        active=jnp.zeros((max_requests,), bool),
-        hit_tokens=jnp.zeros((), jnp.int32),
-        query_tokens=jnp.zeros((), jnp.int32),
+        block_tables=np.full((max_requests, mb), -1, np.int32),
+        req_lens=np.zeros((max_requests,), np.int32),
+        seq_lens=np.zeros((max_requests,), np.int32),
+        active=np.zeros((max_requests,), bool),
+        hit_tokens=np.zeros((), np.int32),
+        query_tokens=np.zeros((), np.int32),
         max_seq_len=max_seq_len)
 
   # ------------------------------------------------------------ validation
@@ -129,7 +137,7 @@ class PagedCache:
     if not (int(self.seq_lens[slot]) <= num_tokens <= int(self.req_lens[slot])):
       raise CacheError(f"commit of {num_tokens} tokens for slot {slot} outside "
                        f"[{int(self.seq_lens[slot])}, {int(self.req_lens[slot])}]")
-    return dataclasses.replace(self, seq_lens=self.seq_lens.at[slot].set(num_tokens))
+    return dataclasses.replace(self, seq_lens=updated(self.seq_lens, slot, num_tokens))
 
   def with_pools(self, pools: KVPools):
     if pools.k.shape != self.pools.k.shape or pools.k.dtype != self.pools.k.dtype:

@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hq_jax.kv.base import CacheError, PagedCache, static_field
@@ -51,17 +50,17 @@ def block_hash(salt: int, parent: int, parent_gen: int, tokens: np.ndarray, bits
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DedupKVCache(PagedCache):
-  salts: jax.Array  # [max_requests] int32 tenant id of each request
-  refcount: jax.Array  # [num_blocks] int32 block-table entries holding the block
-  registered: jax.Array  # [num_blocks] bool identity is set and findable
-  block_hash: jax.Array  # [num_blocks] uint32
-  block_salt: jax.Array  # [num_blocks] int32
-  block_parent: jax.Array  # [num_blocks] int32, -1 for a first block
-  block_parent_gen: jax.Array  # [num_blocks] int32 parent's generation at registration
-  block_gen: jax.Array  # [num_blocks] int32 bumped on every allocation
-  block_tokens: jax.Array  # [num_blocks, block_size] int32 token copies, -1 past the end
-  last_used: jax.Array  # [num_blocks] int32 LRU clock value of the last use
-  clock: jax.Array  # [] int32
+  salts: np.ndarray  # [max_requests] int32 tenant id of each request
+  refcount: np.ndarray  # [num_blocks] int32 block-table entries holding the block
+  registered: np.ndarray  # [num_blocks] bool identity is set and findable
+  block_hash: np.ndarray  # [num_blocks] uint32
+  block_salt: np.ndarray  # [num_blocks] int32
+  block_parent: np.ndarray  # [num_blocks] int32, -1 for a first block
+  block_parent_gen: np.ndarray  # [num_blocks] int32 parent's generation at registration
+  block_gen: np.ndarray  # [num_blocks] int32 bumped on every allocation
+  block_tokens: np.ndarray  # [num_blocks, block_size] int32 token copies, -1 past the end
+  last_used: np.ndarray  # [num_blocks] int32 LRU clock value of the last use
+  clock: np.ndarray  # [] int32
   hash_bits: int = static_field(default=32)
 
   backend = "hq"
@@ -72,13 +71,13 @@ class DedupKVCache(PagedCache):
     if not 0 <= hash_bits <= 32:
       raise CacheError(f"hash_bits must be in [0, 32], got {hash_bits}")
     nb, bs = num_blocks, layout.block_size
-    i32 = lambda *s, v=0: jnp.full(s, v, jnp.int32)
+    i32 = lambda *s, v=0: np.full(s, v, np.int32)
     return cls(
         **cls._base_arrays(layout, num_blocks, max_requests, max_seq_len),
-        salts=i32(max_requests), refcount=i32(nb), registered=jnp.zeros((nb,), bool),
-        block_hash=jnp.zeros((nb,), jnp.uint32), block_salt=i32(nb),
+        salts=i32(max_requests), refcount=i32(nb), registered=np.zeros((nb,), bool),
+        block_hash=np.zeros((nb,), np.uint32), block_salt=i32(nb),
         block_parent=i32(nb, v=-1), block_parent_gen=i32(nb), block_gen=i32(nb),
-        block_tokens=i32(nb, bs, v=-1), last_used=i32(nb), clock=jnp.zeros((), jnp.int32),
+        block_tokens=i32(nb, bs, v=-1), last_used=i32(nb), clock=np.zeros((), np.int32),
         hash_bits=hash_bits)
 
   # ------------------------------------------------------------ host planning
@@ -192,7 +191,7 @@ class DedupKVCache(PagedCache):
   # ------------------------------------------------------------------ queries
   def cached_free_blocks(self) -> int:
     """Registered blocks no request holds: reusable until evicted."""
-    return int(jnp.sum(self.registered & (self.refcount == 0)))
+    return int(np.sum(np.asarray(self.registered) & (np.asarray(self.refcount) == 0)))
 
 
 def _check_salt(salt) -> int:
@@ -210,7 +209,7 @@ class _Meta:
     self.cache, self.a = cache, arrays
 
   def build(self) -> DedupKVCache:
-    return dataclasses.replace(self.cache, **{k: jnp.asarray(v) for k, v in self.a.items()})
+    return dataclasses.replace(self.cache, **self.a)
 
   def touch(self, blocks) -> None:
     for b in blocks:

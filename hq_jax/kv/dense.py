@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from hq_jax.kv.base import CacheError, PagedCache
+from hq_jax.kv.base import CacheError, PagedCache, updated
 from hq_jax.kv.paged import KVLayout
 
 
@@ -56,23 +55,23 @@ class DenseKVCache(PagedCache):
           f"{self.max_seq_len}), only {free.size} of {self.num_blocks} are free")
     return dataclasses.replace(
         self,
-        block_tables=self.block_tables.at[slot].set(jnp.asarray(free[:need], jnp.int32)),
-        req_lens=self.req_lens.at[slot].set(prompt.size),
-        seq_lens=self.seq_lens.at[slot].set(0),
-        active=self.active.at[slot].set(True),
+        block_tables=updated(self.block_tables, slot, free[:need]),
+        req_lens=updated(self.req_lens, slot, prompt.size),
+        seq_lens=updated(self.seq_lens, slot, 0),
+        active=updated(self.active, slot, True),
         query_tokens=self.query_tokens + prompt.size), slot
 
   def append(self, slot: int, token: int) -> "DenseKVCache":
     """Extends a request by one (decoded) token; its K/V is written by the next step."""
     n = self._check_append(slot, token)
-    return dataclasses.replace(self, req_lens=self.req_lens.at[slot].set(n + 1))
+    return dataclasses.replace(self, req_lens=updated(self.req_lens, slot, n + 1))
 
   def release(self, slot: int) -> "DenseKVCache":
     """Frees the request's reservation (its K/V is simply abandoned)."""
     self._check_slot(slot)
     return dataclasses.replace(
         self,
-        block_tables=self.block_tables.at[slot].set(-1),
-        req_lens=self.req_lens.at[slot].set(0),
-        seq_lens=self.seq_lens.at[slot].set(0),
-        active=self.active.at[slot].set(False))
+        block_tables=updated(self.block_tables, slot, -1),
+        req_lens=updated(self.req_lens, slot, 0),
+        seq_lens=updated(self.seq_lens, slot, 0),
+        active=updated(self.active, slot, False))
