@@ -12,6 +12,7 @@ built outside the timed region. Reported: median, min and max.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from typing import Iterable
@@ -90,12 +91,9 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
   layout = KVLayout.from_config(cfg, block_size)
   engine = Engine(params, cfg, chunk_size=chunk_size)
   rows = []
-  for n in context_lengths:
-    for c in concurrency:
-      for f in shared_prefix_fractions:
-        rows += run_point(engine, layout, stream, model=model, context_length=n,
-                          concurrency=c, shared_prefix_fraction=f, repeats=repeats,
-                          warmup=warmup, seed=seed)
-        if progress is not None:
-          progress.update(1)
+  for n, c, f in itertools.product(context_lengths, concurrency, shared_prefix_fractions):
+    rows += run_point(engine, layout, stream, model=model, context_length=n, concurrency=c,
+                      shared_prefix_fraction=f, repeats=repeats, warmup=warmup, seed=seed)
+    if progress is not None:
+      progress.update(1)
   return rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import statistics
 from typing import Iterable, Sequence
 
@@ -173,20 +174,19 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
   `on_rows(rows_so_far)` is called after each (to write partial results)."""
   layout = KVLayout.from_config(cfg, block_size)
   engine = Engine(params, cfg, chunk_size=chunk_size)
+  context_lengths = list(context_lengths)
+  if max_seq_len and max_seq_len < max(context_lengths):
+    raise ValueError(f"max_seq_len {max_seq_len} < context_length {max(context_lengths)}")
   rows = []
-  for n in context_lengths:
-    for c in concurrency:
-      for f in shared_prefix_fractions:
-        for g in num_prefixes:
-          if max_seq_len and max_seq_len < n:
-            raise ValueError(f"max_seq_len {max_seq_len} < context_length {n}")
-          rows += run_point(engine, layout, stream, model=model, context_length=n,
-                            concurrency=c, shared_prefix_fraction=f, num_prefixes=g,
-                            max_seq_len=max_seq_len, seed=seed)
-          if progress is not None:
-            progress.update(1)
-          if on_rows is not None:
-            on_rows(rows)
+  for n, c, f, g in itertools.product(context_lengths, concurrency, shared_prefix_fractions,
+                                      num_prefixes):
+    rows += run_point(engine, layout, stream, model=model, context_length=n, concurrency=c,
+                      shared_prefix_fraction=f, num_prefixes=g, max_seq_len=max_seq_len,
+                      seed=seed)
+    if progress is not None:
+      progress.update(1)
+    if on_rows is not None:
+      on_rows(rows)
   return rows
 
 

@@ -11,13 +11,16 @@ import json
 import os
 from typing import Sequence
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from hq_jax.harness import ledger
+from hq_jax.harness.memory import read_csv
 
-from hq_jax.harness import ledger  # noqa: E402
-from hq_jax.harness.memory import read_csv  # noqa: E402
+
+def _figure():
+  # A bare Figure (no pyplot): no global backend switch, so notebooks keep inline plots.
+  fig = Figure(figsize=(6.4, 4.2))
+  return fig, fig.subplots()
 
 
 def _load(run_dir: str):
@@ -59,7 +62,7 @@ def _fmt(v) -> str:
 
 
 def plot_kv_vs_context(mem, path):
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  fig, ax = _figure()
   frac = mem[0]["shared_prefix_fraction"]
   series = sorted({(r["backend"], r["concurrency"]) for r in mem})
   for backend, c in series:
@@ -79,11 +82,10 @@ def plot_kv_vs_context(mem, path):
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_reuse(mem, path):
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  fig, ax = _figure()
   hq = [r for r in mem if r["backend"] == "hq" and r["num_prefixes"] == 1]
   for frac in sorted({r["shared_prefix_fraction"] for r in hq}):
     for n in sorted({r["context_length"] for r in hq}):
@@ -98,11 +100,10 @@ def plot_reuse(mem, path):
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_ttft(lat, path):
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  fig, ax = _figure()
   points = sorted({(r["context_length"], r["concurrency"]) for r in lat})
   modes = ["dense", "hq_cold", "hq_warm"]
   width = 0.8 / len(modes)
@@ -121,7 +122,6 @@ def plot_ttft(lat, path):
   ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def write(run_dir: str) -> str:
@@ -143,7 +143,7 @@ def write(run_dir: str) -> str:
   if ppl:
     md.append("## Perplexity (dense vs HQ)\n")
     md.append(_table([{
-        "model": ppl.get("model_name", ppl["model"]), "tokens": ppl["num_tokens"],
+        "model": ppl.get("model_name", ppl.get("model", "")), "tokens": ppl["num_tokens"],
         "dense ppl": ppl["dense"]["ppl"], "hq ppl": ppl["hq"]["ppl"],
         "max |dlogit| full": ppl["max_abs_logit_diff"]["full_prefill"],
         "max |dlogit| reuse": ppl["max_abs_logit_diff"]["prefix_reuse"]}],
