@@ -1,0 +1,15 @@
+"""hq-jax: dense paged vs deduplicated-block (HQ) KV caches for Qwen2.5 in JAX.
+
+The public surface; everything else is reachable through its module.
+"""
+
+from hq_jax.config import ModelConfig, get_config
+from hq_jax.engine import Engine
+from hq_jax.kv.dedup import DedupKVCache
+from hq_jax.kv.dense import DenseKVCache
+from hq_jax.kv.paged import KVLayout
+from hq_jax.kv.stats import kv_stats
+from hq_jax.weights import load_model, load_shipped
+
+__all__ = ["ModelConfig", "get_config", "Engine", "DedupKVCache", "DenseKVCache", "KVLayout",
+           "kv_stats", "load_model", "load_shipped"]
