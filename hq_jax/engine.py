@@ -24,7 +24,21 @@ from hq_jax.config import ModelConfig
 from hq_jax.kv.base import CacheError, PagedCache
 from hq_jax.kv.paged import paged_attention_reference
 
-ATTENTION_BACKENDS = {"reference": paged_attention_reference}
+
+def _pallas_attention(q, k_pool, v_pool, view):
+  """The Pallas GPU kernel (imported on first use, so a CPU-only import stays fast)."""
+  from pallas_kernels.paged_attention import paged_attention
+  return paged_attention(q, k_pool, v_pool, view)
+
+
+def _pallas_interpret_attention(q, k_pool, v_pool, view):
+  """The same kernel through the Pallas interpreter (CPU tests)."""
+  from pallas_kernels.paged_attention import paged_attention
+  return paged_attention(q, k_pool, v_pool, view, interpret=True)
+
+
+ATTENTION_BACKENDS = {"reference": paged_attention_reference, "pallas": _pallas_attention,
+                      "pallas_interpret": _pallas_interpret_attention}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,14 +20,16 @@ depends on where blocks live, on the table width, or on other requests, so dense
 deduplicated caches give bit-identical outputs.
 
 Backend: the Triton lowering of Pallas (`pl.pallas_call` with `plgpu_triton.CompilerParams`),
-which is deprecated in JAX >= 0.11 but still the one whose gather loads through a block
-table work today; a Mosaic GPU (TMA, wgmma) version is the next step (docs/benchmarks.md).
+deprecated since JAX 0.11, chosen as the direct way to a correct kernel with per-key
+block-table gathers; a Mosaic GPU (TMA, wgmma) port was not attempted yet and is the next
+step (docs/benchmarks.md has the measured gaps).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +55,9 @@ class TuningConfig:
 
   block_q: int = 16
   block_k: int = 128
-  kv_split: int | None = 2048
+  kv_split: int | None = 1024
   num_warps: int = 4
-  num_stages: int = 2
+  num_stages: int = 3
 
   def __post_init__(self):
     for name in ("block_q", "block_k"):
@@ -72,9 +74,10 @@ class TuningConfig:
       raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
 
-DEFAULT_DECODE = TuningConfig()
+DEFAULT_DECODE = TuningConfig(block_q=16, block_k=128, kv_split=1024, num_warps=4,
+                              num_stages=3)  # best on the H200 at 64x4k and 8x32k
 DEFAULT_PREFILL = TuningConfig(block_q=64, block_k=64, kv_split=None, num_warps=4,
-                               num_stages=2)
+                               num_stages=3)
 
 
 def default_config(num_query_rows: int) -> TuningConfig:
@@ -126,13 +129,14 @@ def _paged_attention_kernel(
     kv_idx = (pages[:, None], (keys % block_size)[:, None], cols)
     k = plgpu_triton.load(k_ref.at[kv_idx], mask=key_ok[:, None], other=0)  # [bk, D]
     v = plgpu_triton.load(v_ref.at[kv_idx], mask=key_ok[:, None], other=0)
+    # Scores in log2 units (scale * log2(e) folded in): exp2 is one fast instruction.
     scores = plgpu_triton.dot(q, k, trans_b=True, precision=precision) * scale  # [bq, bk] f32
     visible = key_ok[None, :] & (keys[None, :] <= pos[:, None])
     scores = jnp.where(visible, scores, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(scores, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with no key yet stays 0
-    alpha = jnp.exp(m - m_safe)
-    p = jnp.exp(scores - m_safe[:, None])
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(scores - m_safe[:, None])
     l = alpha * l + jnp.sum(p, axis=1)
     acc = alpha[:, None] * acc + plgpu_triton.dot(p.astype(v.dtype), v, precision=precision)
     return acc, m_new, l
@@ -154,12 +158,16 @@ def _paged_attention_kernel(
 
 
 def _merge_splits(acc, m, l):
-  """Exact log-sum-exp merge of splits, in split order: [B, K, S, R, *] -> [B, K, R, D]."""
+  """Exact log-sum-exp merge of splits in split order (m in log2 units).
+
+  acc [B, K, S, R, D], m and l [B, K, S, R] -> [B, K, R, D]. The sums are an unrolled
+  chain, so their order is fixed; an empty split (m = -inf, l = 0, acc = 0) adds exact zeros.
+  """
   m_max = jnp.max(m, axis=2)  # [B, K, R] (max is exact in any order)
   m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-  w = jnp.exp(m - m_max[:, :, None])  # [B, K, S, R]; an empty split has m = -inf, w = 0
+  w = jnp.exp2(m - m_max[:, :, None])  # [B, K, S, R]
   num, den = acc[:, :, 0] * w[:, :, 0, :, None], l[:, :, 0] * w[:, :, 0]
-  for s in range(1, m.shape[2]):  # unrolled: a fixed left-to-right order
+  for s in range(1, m.shape[2]):
     num = num + acc[:, :, s] * w[:, :, s, :, None]
     den = den + l[:, :, s] * w[:, :, s]
   return jnp.where(den[..., None] > 0, num / den[..., None], 0.0)
@@ -207,7 +215,7 @@ def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: At
                else jax.lax.Precision.DEFAULT)
   kernel = functools.partial(
       _paged_attention_kernel, block_q=config.block_q, block_k=config.block_k,
-      kv_split=config.kv_split, num_heads=nh, group=group, scale=d ** -0.5,
+      kv_split=config.kv_split, num_heads=nh, group=group, scale=d ** -0.5 * math.log2(math.e),
       precision=precision)
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,

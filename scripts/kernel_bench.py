@@ -53,12 +53,13 @@ flags.DEFINE_integer("prefill_check_tokens", 2048, "Prefill length checked vs re
 # Small tuning grids (best median wins); every config is checked before it is timed.
 OUR_DECODE_GRID = [pa.TuningConfig(block_q=16, block_k=bk, kv_split=ks, num_warps=w,
                                    num_stages=st)
-                   for bk, ks, w, st in [(128, None, 4, 2), (128, None, 4, 3),
-                                         (128, 1024, 4, 3), (128, 4096, 4, 3),
+                   for bk, ks, w, st in [(128, None, 4, 3), (128, 512, 4, 3),
+                                         (128, 1024, 4, 3), (128, 2048, 4, 3),
                                          (64, 1024, 4, 3), (256, 2048, 8, 3)]]
 OUR_PREFILL_GRID = [pa.TuningConfig(block_q=bq, block_k=bk, kv_split=None, num_warps=w,
                                     num_stages=st)
-                    for bq, bk, w, st in [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]]
+                    for bq, bk, w, st in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
+                                          (128, 128, 8, 3)]]
 STOCK_GRID = [dict(block_h=16, pages_per_compute_block=p, k_splits=s, num_warps=4,
                    num_stages=2) for p, s in itertools.product((8, 16), (1, 4, 16))]
 
@@ -77,6 +78,15 @@ def measure_ms(fn, *args, reps: int) -> float:
     _, t = profiler.measure(fn)(*args)
     times.append(t)
   return statistics.median(times)
+
+
+def kernel_breakdown(fn, *args) -> str:
+  from jax.experimental.mosaic.gpu import profiler
+  try:
+    _, kernels = profiler.measure(jax.jit(fn), aggregate=False)(*args)
+    return ", ".join(f"{name[:40]} {ms * 1e3:.1f} us" for name, ms in kernels)
+  except Exception as e:  # noqa: BLE001 - diagnostics only
+    return f"n/a ({type(e).__name__})"
 
 
 @dataclasses.dataclass
@@ -150,6 +160,12 @@ def bench_decode(shape: str, batch: int, context: int, key, rows: list[dict]):
   for cfg in OUR_DECODE_GRID:
     run("ours", functools.partial(pa.paged_attention, config=cfg), cfg, case.k, case.v,
         (check.k, check.v))
+  ours = [r for r in rows[-len(OUR_DECODE_GRID):] if not r["error"]]
+  if ours:  # where the best config's time goes, kernel by kernel
+    best = min(ours, key=lambda r: r["time_us"])
+    cfg = next(c for c in OUR_DECODE_GRID if str(c) == best["config"])
+    print("    kernels:", kernel_breakdown(functools.partial(pa.paged_attention, config=cfg),
+                                         case.q, case.k, case.v, case.views[0]), flush=True)
   if FLAGS.stock:
     to_stock = jax.jit(lambda p: p.transpose(2, 0, 1, 3))
     sk, sv = to_stock(case.k), to_stock(case.v)

@@ -1,0 +1,194 @@
+"""Paged attention kernel vs its float32 reference; bit-exactness across placements/batches.
+
+`PagedAttentionTest` runs the kernel compiled (skipped without a GPU); the subclass
+`PagedAttentionInterpretTest` runs the same bodies through the Pallas interpreter on CPU.
+"""
+
+import warnings
+
+from absl.testing import absltest, parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hq_jax.kv import paged
+from hq_jax.kv.paged import AttentionView
+from pallas_kernels import paged_attention as pa
+
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative L2 error vs the f32 reference
+# Small tiles; block_k = 16 over blocks of 4 tokens, splits of 32 keys.
+SPLIT = pa.TuningConfig(block_q=16, block_k=16, kv_split=32)
+NO_SPLIT = pa.TuningConfig(block_q=16, block_k=16, kv_split=None)
+
+
+def make_inputs(seed, *, starts, tokens, kv_heads=2, group=2, head_dim=32, block_size=4,
+                max_blocks=16, dtype=jnp.float32, num_blocks=None):
+  """Random q and pools; request b holds keys [0, starts[b] + tokens) at random blocks.
+
+  Block 0 is never assigned and table entries past a request's blocks point to it; it and
+  the slots past each request's length hold NaN, so any read of them shows in the output.
+  """
+  rng = np.random.default_rng(seed)
+  batch = len(starts)
+  kv_lens = np.asarray(starts, np.int32) + tokens
+  num_blocks = num_blocks or 1 + batch * max_blocks
+  shape = (num_blocks, block_size, kv_heads, head_dim)
+  k = rng.standard_normal(shape).astype(np.float32)
+  v = rng.standard_normal(shape).astype(np.float32)
+  tables = np.zeros((batch, max_blocks), np.int32)
+  free = rng.permutation(np.arange(1, num_blocks))
+  for b, n in enumerate(kv_lens):
+    used = -(-n // block_size)
+    tables[b, :used], free = free[:used], free[used:]
+    k[tables[b, used - 1], n % block_size or block_size:] = np.nan
+    v[tables[b, used - 1], n % block_size or block_size:] = np.nan
+  k[0] = v[0] = np.nan
+  q = rng.standard_normal((batch, tokens, kv_heads * group, head_dim)).astype(np.float32)
+  view = AttentionView(
+      positions=jnp.asarray(np.asarray(starts, np.int32)[:, None] + np.arange(tokens)),
+      block_tables=jnp.asarray(tables), write_slots=jnp.zeros((batch, tokens), jnp.int32),
+      kv_lens=jnp.asarray(kv_lens))
+  cast = lambda x: jnp.asarray(x, dtype)
+  return cast(q), cast(k), cast(v), view
+
+
+def relabel(k, v, view, seed):
+  """The same logical content at another physical placement of the blocks."""
+  num_blocks = k.shape[0]
+  perm = np.concatenate([[0], 1 + np.random.default_rng(seed).permutation(num_blocks - 1)])
+  inv = np.argsort(perm)  # new block inv[p] holds old block p
+  tables = np.asarray(view.block_tables)
+  new_tables = np.where(tables > 0, inv[tables], 0).astype(np.int32)
+  return k[perm], v[perm], AttentionView(view.positions, jnp.asarray(new_tables),
+                                         view.write_slots, view.kv_lens)
+
+
+def rel_err(out, ref):
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+class PagedAttentionTest(parameterized.TestCase):
+  INTERPRET = False
+
+  def setUp(self):
+    super().setUp()
+    if not self.INTERPRET and jax.default_backend() != "gpu":
+      self.skipTest("compiled Pallas GPU kernels need a GPU")
+
+  def attend(self, q, k, v, view, config):
+    return pa.paged_attention(q, k, v, view, config=config, interpret=self.INTERPRET)
+
+  def check(self, q, k, v, view, config, dtype):
+    out = self.attend(q, k, v, view, config)
+    ref = pa.paged_attention_reference(q, k, v, view)
+    chex.assert_shape(out, q.shape)
+    self.assertFalse(np.isnan(np.asarray(out, np.float32)).any())
+    self.assertLess(rel_err(out, ref), TOL[dtype])
+    return out
+
+  @parameterized.product(group=(1, 2, 7), dtype=(jnp.float32, jnp.bfloat16))
+  def test_decode(self, group, dtype):
+    # Lengths: a single token, a partial block, a split and a bit, a full table.
+    q, k, v, view = make_inputs(group, starts=[0, 6, 36, 63], tokens=1, group=group,
+                                dtype=dtype)
+    self.check(q, k, v, view, SPLIT, dtype)
+
+  @parameterized.product(config=(SPLIT, NO_SPLIT), dtype=(jnp.float32, jnp.bfloat16))
+  def test_chunked_prefill(self, config, dtype):
+    # A chunk of 5 after 0, 3, 8 and 29 cached tokens: causal within the chunk.
+    q, k, v, view = make_inputs(7, starts=[0, 3, 8, 29], tokens=5, group=7, dtype=dtype)
+    self.check(q, k, v, view, config, dtype)
+
+  def test_matches_model_reference(self):
+    q, k, v, view = make_inputs(11, starts=[2, 17], tokens=3, group=2)
+    clean = lambda x: jnp.nan_to_num(x)  # the model's reference reads masked garbage
+    out = self.attend(q, k, v, view, SPLIT)
+    ref = paged.paged_attention_reference(q, clean(k), clean(v), view)
+    # The model's reference uses default matmul precision (TF32 on a GPU).
+    self.assertLess(rel_err(out, ref), 1e-5 if jax.default_backend() == "cpu" else 3e-3)
+
+  @parameterized.parameters(SPLIT, NO_SPLIT)
+  def test_placement_bit_exact(self, config):
+    q, k, v, view = make_inputs(3, starts=[5, 40, 0], tokens=2, group=7,
+                                dtype=jnp.bfloat16)
+    out = self.attend(q, k, v, view, config)
+    k2, v2, view2 = relabel(k, v, view, seed=4)
+    self.assertFalse(np.array_equal(view.block_tables, view2.block_tables))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(self.attend(q, k2, v2, view2,
+                                                                          config)))
+
+  def test_batch_independent(self):
+    # Request 0 alone, then beside other requests, with a wider table and another pool.
+    q, k, v, view = make_inputs(5, starts=[44], tokens=1, group=7, dtype=jnp.bfloat16)
+    alone = self.attend(q, k, v, view, SPLIT)
+    q2, k2, v2, view2 = make_inputs(6, starts=[44, 9, 60], tokens=1, group=7,
+                                    dtype=jnp.bfloat16, max_blocks=24)
+    # Put request 0's content into the bigger pool at request 0's new blocks.
+    tables, tables2 = np.asarray(view.block_tables), np.asarray(view2.block_tables)
+    used = -(-45 // 4)  # blocks of 45 keys
+    k2 = k2.at[tables2[0, :used]].set(k[tables[0, :used]])
+    v2 = v2.at[tables2[0, :used]].set(v[tables[0, :used]])
+    q2 = q2.at[0].set(q[0])
+    together = self.attend(q2, k2, v2, view2, SPLIT)
+    np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(together[0]))
+
+  def test_rejects_bad_shapes(self):
+    q, k, v, view = make_inputs(0, starts=[3], tokens=1, group=2)
+    with self.assertRaisesRegex(ValueError, "kv heads"):
+      self.attend(q[:, :, :3], k, v, view, SPLIT)
+    with self.assertRaisesRegex(ValueError, "do not fit"):
+      self.attend(q, k, v[..., :16], view, SPLIT)
+
+
+class PagedAttentionInterpretTest(PagedAttentionTest):
+  INTERPRET = True
+
+
+class TuningConfigTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      dict(block_q=8), dict(block_q=48), dict(block_k=0), dict(block_k=24),
+      dict(kv_split=100), dict(kv_split=0), dict(num_warps=3), dict(num_stages=0))
+  def test_rejects(self, **kwargs):
+    with self.assertRaises(ValueError):
+      pa.TuningConfig(**kwargs)
+
+  def test_defaults_are_valid(self):
+    self.assertEqual(pa.default_config(7), pa.DEFAULT_DECODE)
+    self.assertEqual(pa.default_config(7 * 64), pa.DEFAULT_PREFILL)
+
+
+if __name__ == "__main__":
+  absltest.main()
+
+
+def test_engine_backend_dense_and_hq_bit_identical(tiny, tiny_layout):
+  """The engine with the interpreted kernel: dense and HQ (prefix reuse) agree to the bit,
+  and both match the reference backend within float32 rounding."""
+  from hq_jax.engine import Engine
+  from hq_jax.kv.dedup import DedupKVCache
+  from hq_jax.kv.dense import DenseKVCache
+  params, cfg = tiny
+  engine = Engine(params, cfg, chunk_size=32, attention="pallas_interpret")
+  rng = np.random.default_rng(0)
+  prefix = rng.integers(0, cfg.vocab_size, 64)
+  reqs = [np.concatenate([prefix, rng.integers(0, cfg.vocab_size, n)]) for n in (21, 9)]
+  dense = DenseKVCache.for_requests(tiny_layout, max_requests=2, max_seq_len=128)
+  hq = DedupKVCache.init(tiny_layout, num_blocks=16, max_requests=2, max_seq_len=128)
+  hq, _ = engine.prefill(hq, reqs[0])
+  hq, h = engine.prefill(hq, reqs[1])  # its first two chunks come from the cache
+  dense, d = engine.prefill(dense, reqs[1])
+  assert h.cached_tokens == 64
+  np.testing.assert_array_equal(np.asarray(d.logits[64:]), np.asarray(h.logits))
+  dense, dl = engine.decode(dense, [d.slot], [5])
+  hq, hl = engine.decode(hq, [h.slot], [5])
+  np.testing.assert_array_equal(np.asarray(dl), np.asarray(hl))
+  ref = Engine(params, cfg, chunk_size=32)
+  _, r = ref.prefill(DenseKVCache.for_requests(tiny_layout, max_requests=2, max_seq_len=128),
+                     reqs[1])
+  atol = 1e-4 if jax.default_backend() == "cpu" else 5e-2  # GPU matmuls default to TF32
+  np.testing.assert_allclose(np.asarray(d.logits), np.asarray(r.logits), atol=atol)
