@@ -57,6 +57,21 @@ class IncrementalDecodeTest(chex.TestCase, parameterized.TestCase):
     assert np.isfinite(np.asarray(logits)).all()
 
 
+def test_unwritten_cache_slots_never_leak_into_the_output():
+  """Slots past a request's length may hold anything, NaN included (reused blocks)."""
+  cfg = config.get_config("tiny")
+  params = model.init_params(cfg, jax.random.key(1), scale=0.1)
+  layout = KVLayout.from_config(cfg, 16)
+  table = jnp.array([[3, 1, 0, 2]], jnp.int32)
+  tokens = jnp.arange(1, 21)[None]
+  clean, _ = model.forward(params, KVPools.zeros(layout, 4), tokens,
+                           _contiguous_view(0, 20, table), cfg=cfg)
+  nan_pool = jnp.full(layout.pool_shape(4), jnp.nan, jnp.float32)
+  dirty, _ = model.forward(params, KVPools(nan_pool, nan_pool), tokens,
+                           _contiguous_view(0, 20, table), cfg=cfg)
+  chex.assert_trees_all_equal(dirty, clean)
+
+
 def test_init_params_is_seeded():
   cfg = config.get_config("tiny")
   a = model.init_params(cfg, jax.random.key(3))

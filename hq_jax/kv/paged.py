@@ -122,18 +122,23 @@ def paged_attention_reference(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array
                               view: AttentionView) -> jax.Array:
   """Causal grouped-query attention through block tables, float32 softmax and accumulation.
 
-  Query t of request b attends to logical key positions <= positions[b, t]. Keys are
-  gathered in logical block order over the full table width, so the reduction order
-  depends only on logical positions: dense and deduplicated caches give identical bits.
+  Query t of request b attends to logical key positions <= positions[b, t] and
+  < kv_lens[b]. Keys are gathered in logical block order over the full table width, so
+  the reduction order depends only on logical positions: dense and deduplicated caches
+  give identical bits.
   """
   b, t, nh, d = q.shape
   nk = k_pool.shape[2]
-  k = gather(k_pool, view.block_tables).astype(jnp.float32)  # [B, S, K, D]
-  v = gather(v_pool, view.block_tables).astype(jnp.float32)
+  key_pos = jnp.arange(view.block_tables.shape[1] * k_pool.shape[1], dtype=jnp.int32)
+  present = (key_pos[None, :] < view.kv_lens[:, None])[:, :, None, None]  # [B, S, 1, 1]
+  # Slots past a request's length may hold anything (stale or never written K/V, even
+  # NaN): zero them so that a masked key contributes exactly nothing.
+  k = jnp.where(present, gather(k_pool, view.block_tables).astype(jnp.float32), 0.0)
+  v = jnp.where(present, gather(v_pool, view.block_tables).astype(jnp.float32), 0.0)
   qg = q.astype(jnp.float32).reshape(b, t, nk, nh // nk, d)  # [B, T, K, G, D]
   scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * (d ** -0.5)
-  key_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
-  mask = key_pos[None, None, :] <= view.positions[:, :, None]  # [B, T, S]
+  mask = ((key_pos[None, None, :] <= view.positions[:, :, None])
+          & present[:, None, :, 0, 0])  # [B, T, S]
   scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
