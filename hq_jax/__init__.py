@@ -9,7 +9,14 @@ from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout
 from hq_jax.kv.stats import kv_stats
-from hq_jax.weights import load_model, load_shipped
+
+
+def __getattr__(name):
+  # Loaded on first use: `python -m hq_jax.weights` must not find the module imported.
+  if name in ("load_model", "load_shipped"):
+    from hq_jax import weights
+    return getattr(weights, name)
+  raise AttributeError(f"module 'hq_jax' has no attribute {name!r}")
 
 __all__ = ["ModelConfig", "get_config", "Engine", "DedupKVCache", "DenseKVCache", "KVLayout",
            "kv_stats", "load_model", "load_shipped"]
