@@ -41,6 +41,38 @@ ATTENTION_BACKENDS = {"reference": paged_attention_reference, "pallas": _pallas_
                       "pallas_interpret": _pallas_interpret_attention}
 
 
+def _dedup_attention(q, k_pool, v_pool, view):
+  """Shared-prefix decode attention (pallas_kernels/dedup_attention.py), plan in the view."""
+  from pallas_kernels.dedup_attention import dedup_attention
+  return dedup_attention(q, k_pool, v_pool, view)
+
+
+def _dedup_interpret_attention(q, k_pool, v_pool, view):
+  from pallas_kernels.dedup_attention import dedup_attention
+  return dedup_attention(q, k_pool, v_pool, view, interpret=True)
+
+
+def _dedup_reference_attention(q, k_pool, v_pool, view):
+  from pallas_kernels.dedup_attention import dedup_attention_reference
+  if q.shape[1] != 1:
+    return paged_attention_reference(q, k_pool, v_pool, view)
+  return dedup_attention_reference(q, k_pool, v_pool, view)
+
+
+# The shared-prefix decode attention that goes with each backend.
+DEDUP_BACKENDS = {"reference": _dedup_reference_attention, "pallas": _dedup_attention,
+                  "pallas_interpret": _dedup_interpret_attention}
+DECODE_ATTENTION = ("paged", "dedup", "auto")
+# decode_attention="auto" reads shared runs once when the plan saves at least this many
+# K/V tokens per kv head and layer (sum over nodes of tokens x (requests - 1)). From the
+# H200 run in docs/dedup_benchmarks.md (scripts/dedup_bench.py, 2026-11-29): at 4.2M saved
+# tokens (32k x 127) dedup won 3.2-3.5x on both shapes; at 258k (4k x 63) it tied on the 7B
+# shape and lost (0.72x) on 0.5B; below that it lost except at tiny batches. 1M sits in the
+# unmeasured gap (about its geometric middle): conservative, so auto never picks a loss
+# that was measured.
+AUTO_MIN_SAVED_TOKENS = 1_000_000
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefillResult:
   slot: int
@@ -58,14 +90,28 @@ class Engine:
   """Holds the model (params are traced arguments of each jitted step, not constants)."""
 
   def __init__(self, params, cfg: ModelConfig, *, chunk_size: int = 64,
-               attention: str = "reference", donate: bool | None = None):
+               attention: str = "reference", donate: bool | None = None,
+               decode_attention: str = "paged",
+               auto_min_saved_tokens: int = AUTO_MIN_SAVED_TOKENS):
+    """decode_attention: "paged" (exact, the default: bit-identical for dense and HQ),
+    "dedup" (shared runs of blocks read once for all their requests; equal to paged within
+    float rounding, not bit-exact) or "auto" (dedup when the batch's sharing plan saves at
+    least `auto_min_saved_tokens` K/V tokens per kv head, else paged)."""
     if chunk_size <= 0:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if attention not in ATTENTION_BACKENDS:
       raise ValueError(f"attention must be one of {sorted(ATTENTION_BACKENDS)}, got "
                        f"{attention!r}")
+    if decode_attention not in DECODE_ATTENTION:
+      raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got "
+                       f"{decode_attention!r}")
     self.params, self.cfg, self.chunk_size = params, cfg, chunk_size
     self.attention_fn = ATTENTION_BACKENDS[attention]
+    self.decode_attention = decode_attention
+    self.dedup_attention_fn = DEDUP_BACKENDS[attention]
+    self.auto_min_saved_tokens = auto_min_saved_tokens
+    self._planner = None  # built on the first shared-prefix decode (needs the block size)
+    self.last_decode_attention = None  # "paged" or "dedup": what the last decode step used
     # Donating the pools lets XLA update the cache in place (GPU); the caller must then
     # not reuse the cache it passed in. Off on CPU so tests can compare old and new.
     self.donate = jax.default_backend() != "cpu" if donate is None else donate
@@ -80,10 +126,30 @@ class Engine:
                          f"[0, {self.cfg.vocab_size})")
     return arr
 
-  def _step(self, cache: PagedCache, tokens: np.ndarray, view):
+  def _step(self, cache: PagedCache, tokens: np.ndarray, view, attention_fn=None):
     logits, pools = self._forward(self.params, cache.pools, jnp.asarray(tokens, jnp.int32),
-                                  view, cfg=self.cfg, attention_fn=self.attention_fn)
+                                  view, cfg=self.cfg,
+                                  attention_fn=attention_fn or self.attention_fn)
     return logits, cache.with_pools(pools)
+
+  def _decode_view(self, cache: PagedCache, slots, lens):
+    """The decode view and attention function: the plan attached when dedup is chosen."""
+    view = cache.view(slots, [n - 1 for n in lens], 1)
+    if self.decode_attention == "paged":
+      self.last_decode_attention = "paged"
+      return view, self.attention_fn
+    from hq_jax.kv import sharing
+    if self._planner is None or self._planner.block_size != cache.block_size:
+      from pallas_kernels.dedup_attention import DEFAULT
+      group = self.cfg.num_heads // self.cfg.num_kv_heads
+      self._planner = sharing.SharingPlanner(
+          cache.block_size, requests_per_tile=DEFAULT.requests_per_tile(group))
+    plan, summary = self._planner.plan(np.asarray(cache.block_tables)[slots], lens)
+    if self.decode_attention == "auto" and summary.saved_tokens < self.auto_min_saved_tokens:
+      self.last_decode_attention = "paged"
+      return view, self.attention_fn
+    self.last_decode_attention = "dedup"
+    return dataclasses.replace(view, sharing=plan), self.dedup_attention_fn
 
   def prefill(self, cache: PagedCache, tokens: Sequence[int], *, salt: int = 0,
               logits: str = "all") -> tuple[PagedCache, PrefillResult]:
@@ -127,7 +193,8 @@ class Engine:
     for s, t in zip(slots, tokens):
       cache = cache.append(s, int(t))
     lens = [int(cache.req_lens[s]) for s in slots]
-    out, cache = self._step(cache, tokens[:, None], cache.view(slots, [n - 1 for n in lens], 1))
+    view, attention_fn = self._decode_view(cache, slots, lens)
+    out, cache = self._step(cache, tokens[:, None], view, attention_fn)
     for s, n in zip(slots, lens):
       cache = cache.commit(s, n)
     return cache, out[:, 0]

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hq_jax.config import ModelConfig
+
+if TYPE_CHECKING:
+  from hq_jax.kv.sharing import SharingPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,9 @@ class AttentionView:
   write_slots: jax.Array  # [B, T] int32 flat pool slot (block * block_size + offset);
   #                         num_blocks * block_size (out of range) means "do not write".
   kv_lens: jax.Array  # [B] int32 tokens in the cache once this chunk is written
+  # Optional: which requests of the batch share runs of blocks (hq_jax.kv.sharing), for
+  # shared-prefix decode attention; None for every other attention function.
+  sharing: "SharingPlan | None" = None
 
   @classmethod
   def abstract(cls, batch: int, chunk: int, max_blocks: int) -> "AttentionView":

@@ -1,0 +1,294 @@
+"""Shared-prefix decode attention and its planner.
+
+`DedupAttentionTest` runs the kernels compiled (skipped without a GPU); the subclass
+`DedupAttentionInterpretTest` runs the same bodies through the Pallas interpreter on CPU.
+Inputs are random; unused blocks and slots past a request's length hold NaN, so any read
+of them shows in the output.
+"""
+
+import warnings
+
+from absl.testing import absltest, parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hq_jax.kv import sharing
+from hq_jax.kv.dedup import DedupKVCache
+from hq_jax.kv.paged import AttentionView, KVLayout
+from pallas_kernels import dedup_attention as da
+from pallas_kernels import paged_attention as pa
+
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative L2 error vs the f32 reference
+BS = 4  # tokens per block in the kernel tests
+# Small tiles: a tile of 16 rows (2 requests x G = 7, or 8 x G = 2), splits of 32 keys.
+SMALL = da.TuningConfig(shared_block_q=16, shared_block_k=16, shared_kv_split=32,
+                        private_block_q=16, private_block_k=16, private_kv_split=32)
+
+
+def make_batch(seed, requests, segments, *, kv_heads=2, group=2, head_dim=32,
+               dtype=jnp.float32, max_blocks=24):
+  """requests: [(segment names, private tokens)]; segments: {name: blocks}.
+
+  Each segment is stored once (the same physical blocks for every request that names it);
+  a request's table is its segments in order, then its own blocks for the private tokens.
+  """
+  rng = np.random.default_rng(seed)
+  batch = len(requests)
+  need = sum(segments.values()) + sum(-(-p // BS) for _, p in requests)
+  num_blocks = 1 + need + 3
+  free = list(rng.permutation(np.arange(1, num_blocks)))
+  seg_blocks = {name: [int(free.pop()) for _ in range(n)] for name, n in segments.items()}
+  shape = (num_blocks, BS, kv_heads, head_dim)
+  k = rng.standard_normal(shape).astype(np.float32)
+  v = rng.standard_normal(shape).astype(np.float32)
+  k[0] = v[0] = np.nan
+  tables = np.zeros((batch, max_blocks), np.int32)
+  kv_lens = np.zeros((batch,), np.int32)
+  used = set()
+  for b, (names, private) in enumerate(requests):
+    row = [blk for n in names for blk in seg_blocks[n]]
+    own = [int(free.pop()) for _ in range(-(-private // BS))]
+    tables[b, :len(row) + len(own)] = row + own
+    kv_lens[b] = len(row) * BS + private
+    used.update(row + own)
+    if private % BS:
+      k[own[-1], private % BS:] = v[own[-1], private % BS:] = np.nan
+  for blk in set(range(1, num_blocks)) - used:
+    k[blk] = v[blk] = np.nan
+  q = rng.standard_normal((batch, 1, kv_heads * group, head_dim)).astype(np.float32)
+  view = AttentionView(positions=jnp.asarray(kv_lens[:, None] - 1),
+                       block_tables=jnp.asarray(tables),
+                       write_slots=jnp.zeros((batch, 1), jnp.int32),
+                       kv_lens=jnp.asarray(kv_lens))
+  cast = lambda x: jnp.asarray(x, dtype)
+  return cast(q), cast(k), cast(v), view
+
+
+def rel_err(out, ref):
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+CASES = dict(
+    one_group=([(("sys",), 5), (("sys",), 9), (("sys",), 1)], {"sys": 6}),
+    nested=([(("sys", "a"), 3), (("sys", "a"), 6), (("sys", "b"), 4), (("sys", "b"), 8),
+             (("sys", "b"), 2), (("sys",), 7), ((), 13)], {"sys": 5, "a": 3, "b": 4}),
+    no_sharing=([((), 9), ((), 21), ((), 40)], {}),
+    partial_blocks=([(("sys",), 2), (("sys",), 4), (("sys",), 3)], {"sys": 3}),
+    single_request=([(("sys",), 6)], {"sys": 4}),
+    many_requests=([(("sys",), 1 + i) for i in range(11)], {"sys": 3}),  # tiles of 8 and 3
+)
+
+
+class DedupAttentionTest(parameterized.TestCase):
+  INTERPRET = False
+
+  def setUp(self):
+    super().setUp()
+    if not self.INTERPRET and jax.default_backend() != "gpu":
+      self.skipTest("compiled Pallas GPU kernels need a GPU")
+
+  def run_case(self, case, *, group=2, dtype=jnp.float32, seed=0):
+    requests, segments = CASES[case]
+    q, k, v, view = make_batch(seed, requests, segments, group=group, dtype=dtype)
+    plan, summary = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens),
+                                       BS, requests_per_tile=SMALL.requests_per_tile(group))
+    out = da.dedup_attention(q, k, v, view, plan, config=SMALL, interpret=self.INTERPRET)
+    chex.assert_shape(out, q.shape)
+    self.assertFalse(np.isnan(np.asarray(out, np.float32)).any())
+    ref = pa.paged_attention_reference(q, k, v, view)
+    self.assertLess(rel_err(out, ref), TOL[dtype])
+    # The decomposition's own oracle agrees with the plain one: the plan is right.
+    self.assertLess(rel_err(da.dedup_attention_reference(q, k, v, view, plan), ref), 1e-5)
+    return out, summary
+
+  @parameterized.product(case=tuple(CASES), group=(2, 7))
+  def test_against_reference_f32(self, case, group):
+    self.run_case(case, group=group)
+
+  @parameterized.parameters("nested", "one_group")
+  def test_against_paged_kernel_bf16(self, case):
+    out, summary = self.run_case(case, group=7, dtype=jnp.bfloat16, seed=3)
+    self.assertGreater(summary.saved_tokens, 0)
+    q, k, v, view = make_batch(3, *CASES[case], group=7, dtype=jnp.bfloat16)
+    paged = pa.paged_attention(q, k, v, view, interpret=self.INTERPRET)
+    self.assertLess(rel_err(out, paged), TOL[jnp.bfloat16])
+
+  def test_view_carries_plan_and_prefill_falls_back(self):
+    q, k, v, view = make_batch(1, *CASES["one_group"])
+    plan, _ = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens), BS,
+                                 requests_per_tile=8)
+    view = AttentionView(view.positions, view.block_tables, view.write_slots, view.kv_lens,
+                         sharing=plan)
+    out = da.dedup_attention(q, k, v, view, config=SMALL, interpret=self.INTERPRET)
+    ref = pa.paged_attention_reference(q, k, v, view)
+    self.assertLess(rel_err(out, ref), 1e-5)
+
+  def test_cached_plan_after_more_tokens(self):
+    # A plan made when the private parts were shorter (as SharingPlanner keeps it) is
+    # still exact: its private_tokens_hint only sets the number of splits.
+    q, k, v, view = make_batch(4, *CASES["one_group"], group=7)
+    lens = np.asarray(view.kv_lens)
+    plan, _ = sharing.build_plan(np.asarray(view.block_tables), lens - 4, BS,
+                                 requests_per_tile=2)
+    self.assertLess(plan.private_tokens_hint, int(lens.max()) - 6 * BS)
+    out = da.dedup_attention(q, k, v, view, plan, config=SMALL, interpret=self.INTERPRET)
+    self.assertLess(rel_err(out, pa.paged_attention_reference(q, k, v, view)), 1e-5)
+
+  def test_rejects_bad_plan(self):
+    q, k, v, view = make_batch(2, *CASES["one_group"], group=7)
+    plan, _ = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens), BS,
+                                 requests_per_tile=4)  # 4 x 7 rows > shared_block_q = 16
+    with self.assertRaisesRegex(ValueError, "shared_block_q"):
+      da.dedup_attention(q, k, v, view, plan, config=SMALL, interpret=self.INTERPRET)
+
+
+class DedupAttentionInterpretTest(DedupAttentionTest):
+  INTERPRET = True
+
+
+class PlannerTest(parameterized.TestCase):
+
+  def nodes(self, case):
+    requests, segments = CASES[case]
+    _, _, _, view = make_batch(0, requests, segments)
+    return sharing.find_shared_nodes(np.asarray(view.block_tables), np.asarray(view.kv_lens),
+                                     BS)
+
+  def test_nested_groups_found_exactly(self):
+    nodes, start = self.nodes("nested")
+    got = sorted((n.requests, n.start, n.end) for n in nodes)
+    # sys (5 blocks) by requests 0-5; then a (3) by 0, 1 and b (4) by 2, 3, 4.
+    self.assertEqual(got, [((0, 1), 5, 8), ((0, 1, 2, 3, 4, 5), 0, 5), ((2, 3, 4), 5, 9)])
+    np.testing.assert_array_equal(start, [8, 8, 9, 9, 9, 5, 0])
+    root = [i for i, n in enumerate(nodes) if n.parent == -1]
+    self.assertLen(root, 1)
+    self.assertTrue(all(n.parent == root[0] for n in nodes if n.parent != -1))
+
+  def test_partial_blocks_and_no_sharing(self):
+    nodes, start = self.nodes("no_sharing")
+    self.assertEqual(nodes, [])
+    np.testing.assert_array_equal(start, 0)
+    # Two requests holding the same partially written block share only full blocks.
+    tables = np.array([[7, 8, 9, -1], [7, 8, 9, -1]], np.int32)
+    nodes, start = sharing.find_shared_nodes(tables, np.array([10, 12]), 4)
+    self.assertEqual([(n.requests, n.start, n.end) for n in nodes], [((0, 1), 0, 2)])
+    np.testing.assert_array_equal(start, [2, 2])
+
+  def test_single_request_and_min_node(self):
+    nodes, start = self.nodes("single_request")
+    self.assertEqual(nodes, [])
+    tables = np.array([[1, 2, 3, 4], [1, 2, 5, 6], [1, 9, 5, 6]], np.int32)
+    nodes, _ = sharing.find_shared_nodes(tables, np.array([16, 16, 16]), 4)
+    self.assertEqual(sorted((n.requests, n.start, n.end) for n in nodes),
+                     [((0, 1), 1, 2), ((0, 1, 2), 0, 1)])  # blocks 5, 6 differ in position 1
+    nodes, start = sharing.find_shared_nodes(tables, np.array([16, 16, 16]), 4,
+                                             min_node_blocks=2)
+    self.assertEqual(nodes, [])
+    np.testing.assert_array_equal(start, 0)
+
+  def test_salts_and_prefixes_from_the_hq_cache(self):
+    """Requests with another salt or another prefix do not share blocks, so are not grouped."""
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=16, block_size=4,
+                      dtype="float32")
+    cache = DedupKVCache.init(layout, num_blocks=64, max_requests=6, max_seq_len=40)
+    rng = np.random.default_rng(0)
+    prefix, other = rng.integers(0, 100, 12), rng.integers(0, 100, 12)
+    prompts = [(np.r_[prefix, rng.integers(0, 100, 5)], 0),
+               (np.r_[prefix, rng.integers(0, 100, 7)], 0),
+               (np.r_[prefix, rng.integers(0, 100, 3)], 1),  # another tenant
+               (np.r_[other, rng.integers(0, 100, 6)], 0)]  # another prefix
+    slots = []
+    for tokens, salt in prompts:
+      cache, slot = cache.admit(tokens, salt)
+      cache = cache.commit(slot, tokens.size)
+      slots.append(slot)
+    tables = np.asarray(cache.block_tables)[slots]
+    lens = np.asarray(cache.seq_lens)[slots]
+    nodes, start = sharing.find_shared_nodes(tables, lens, 4)
+    self.assertEqual([(n.requests, n.start, n.end) for n in nodes], [((0, 1), 0, 3)])
+    np.testing.assert_array_equal(start, [3, 3, 0, 0])
+    summary = sharing.build_plan(tables, lens, 4, requests_per_tile=2)[1]
+    self.assertEqual(summary.saved_tokens, 12)
+
+  def test_plan_arrays_and_cache(self):
+    _, _, _, view = make_batch(0, *CASES["nested"])
+    tables, lens = np.asarray(view.block_tables), np.asarray(view.kv_lens)
+    plan, summary = sharing.build_plan(tables, lens, BS, requests_per_tile=2)
+    self.assertEqual(summary.depth, 2)
+    self.assertEqual(summary.saved_tokens, BS * (5 * 5 + 3 * 1 + 4 * 2))
+    # Tiles: sys 6 requests -> 3 tiles, a -> 1, b -> 2; padded to 8.
+    self.assertEqual(plan.tile_node.shape, (8,))
+    rows = np.asarray(plan.req_rows)
+    reqs = np.asarray(plan.tile_reqs).reshape(-1)
+    for b in range(len(lens)):
+      self.assertTrue(all(reqs[r] == b for r in rows[b] if r >= 0))
+    self.assertEqual(int((rows[6] >= 0).sum()), 0)
+    planner = sharing.SharingPlanner(BS, requests_per_tile=2)
+    planner.plan(tables, lens)
+    planner.plan(tables, lens + (lens % BS < BS - 1))  # a token inside a block: same plan
+    self.assertEqual(planner.builds, 1)
+    changed = tables.copy()
+    changed[0, 0] = tables[6, 0]
+    planner.plan(changed, lens)
+    self.assertEqual(planner.builds, 2)
+
+
+@pytest.mark.parametrize("attention", ["reference", "pallas_interpret"])
+def test_engine_decode_dedup_matches_paged(tiny, tiny_layout, attention):
+  """HQ cache, three requests on one 64-token prefix: dedup decode = paged within rounding;
+  auto mode picks dedup above its threshold and paged below it."""
+  from hq_jax.engine import Engine
+  params, cfg = tiny
+  rng = np.random.default_rng(0)
+  prefix = rng.integers(0, cfg.vocab_size, 64)
+  reqs = [np.r_[prefix, rng.integers(0, cfg.vocab_size, n)] for n in (5, 19, 2)]
+  logits = {}
+  for mode, threshold in (("paged", 0), ("dedup", 0), ("auto", 10**9)):
+    engine = Engine(params, cfg, chunk_size=32, attention=attention, decode_attention=mode,
+                    auto_min_saved_tokens=threshold)
+    cache = DedupKVCache.init(tiny_layout, num_blocks=32, max_requests=4, max_seq_len=128)
+    slots = []
+    for r in reqs:
+      cache, res = engine.prefill(cache, r, logits="last")
+      slots.append(res.slot)
+    steps = []
+    for step in range(2):
+      cache, out = engine.decode(cache, slots, [7 + step, 8, 9])
+      steps.append(np.asarray(out))
+    logits[mode] = np.stack(steps)
+    assert engine.last_decode_attention == {"paged": "paged", "dedup": "dedup",
+                                            "auto": "paged"}[mode]
+  np.testing.assert_array_equal(logits["paged"], logits["auto"])
+  np.testing.assert_allclose(logits["dedup"], logits["paged"], atol=1e-4, rtol=1e-4)
+
+
+def test_engine_rejects_unknown_decode_attention(tiny):
+  from hq_jax.engine import Engine
+  with pytest.raises(ValueError, match="decode_attention"):
+    Engine(*tiny, decode_attention="cascade")
+
+
+class TuningConfigTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      dict(shared_block_q=8), dict(shared_block_q=48), dict(private_block_k=24),
+      dict(shared_kv_split=100), dict(private_kv_split=0), dict(shared_num_warps=3),
+      dict(private_num_stages=0), dict(max_splits=0))
+  def test_rejects(self, **kwargs):
+    with self.assertRaises(ValueError):
+      da.TuningConfig(**kwargs)
+
+  def test_requests_per_tile(self):
+    self.assertEqual(da.DEFAULT.requests_per_tile(7), 9)
+    with self.assertRaises(ValueError):
+      SMALL.requests_per_tile(17)
+
+
+if __name__ == "__main__":
+  absltest.main()
