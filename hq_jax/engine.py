@@ -190,14 +190,11 @@ class Engine:
                        f"{tokens.size} tokens")
     if len(set(slots)) != len(slots):
       raise CacheError(f"decode got a slot twice: {slots}")
-    for s, t in zip(slots, tokens):
-      cache = cache.append(s, int(t))
+    cache = cache.append_batch(slots, [int(t) for t in tokens])
     lens = [int(cache.req_lens[s]) for s in slots]
     view, attention_fn = self._decode_view(cache, slots, lens)
     out, cache = self._step(cache, tokens[:, None], view, attention_fn)
-    for s, n in zip(slots, lens):
-      cache = cache.commit(s, n)
-    return cache, out[:, 0]
+    return cache.commit_batch(slots, lens), out[:, 0]
 
   def generate(self, cache: PagedCache, prompt: Sequence[int], steps: int, *, salt: int = 0):
     """Greedy decoding of `steps` tokens after `prompt`: (cache, slot, new token ids)."""

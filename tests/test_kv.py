@@ -187,3 +187,29 @@ def test_warm_cache_survives_orbax_round_trip(engine, tiny_layout, tmp_path):
     outs.append((cache, res.cached_tokens, res.logits, logits))
   assert outs[0][1] == outs[1][1] == 32  # Chunk-aligned part of the 48 shared tokens.
   chex.assert_trees_all_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("backend", ["dense", "hq"])
+def test_batched_decode_bookkeeping_equals_one_slot_at_a_time(tiny_layout, backend):
+  if backend == "dense":
+    c = DenseKVCache.init(tiny_layout, num_blocks=12, max_requests=3, max_seq_len=64)
+  else:
+    c = DedupKVCache.init(tiny_layout, num_blocks=12, max_requests=3, max_seq_len=64)
+  for n in (16, 31, 17):  # Next tokens: a new block, fill a block, mid-block.
+    c, s = c.admit(np.arange(n) % 7)
+    c = c.commit(s, n)
+  slots, tokens = [2, 0, 1], [5, 6, 7]
+  one_by_one = c
+  for s, t in zip(slots, tokens):
+    one_by_one = one_by_one.append(s, t)
+  batched = c.append_batch(slots, tokens)
+  chex.assert_trees_all_equal(_snapshot(batched), _snapshot(one_by_one))
+  lens = [int(batched.req_lens[s]) for s in slots]
+  seq = one_by_one
+  for s, n in zip(slots, lens):
+    seq = seq.commit(s, n)
+  chex.assert_trees_all_equal(_snapshot(batched.commit_batch(slots, lens)), _snapshot(seq))
+  if backend == "hq":
+    assert int(seq.registered.sum()) > int(c.registered.sum())  # Slot 1's block filled.
+  with pytest.raises(CacheError, match="appears twice"):
+    c.append_batch([0, 0], [1, 2])

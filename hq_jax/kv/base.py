@@ -133,11 +133,33 @@ class PagedCache:
   # ------------------------------------------------------------ K/V writes
   def commit(self, slot: int, num_tokens: int):
     """Marks the K/V of the first `num_tokens` tokens of `slot` as written."""
-    self._check_slot(slot)
-    if not (int(self.seq_lens[slot]) <= num_tokens <= int(self.req_lens[slot])):
-      raise CacheError(f"commit of {num_tokens} tokens for slot {slot} outside "
-                       f"[{int(self.seq_lens[slot])}, {int(self.req_lens[slot])}]")
-    return dataclasses.replace(self, seq_lens=updated(self.seq_lens, slot, num_tokens))
+    return self.commit_batch([slot], [num_tokens])
+
+  def commit_batch(self, slots: Sequence[int], num_tokens: Sequence[int]):
+    """`commit` for several slots at once (one decode step): all checked before any change."""
+    slots, num_tokens = [int(s) for s in slots], [int(n) for n in num_tokens]
+    self._check_distinct(slots, len(num_tokens))
+    for slot, n in zip(slots, num_tokens):
+      self._check_slot(slot)
+      if not (int(self.seq_lens[slot]) <= n <= int(self.req_lens[slot])):
+        raise CacheError(f"commit of {n} tokens for slot {slot} outside "
+                         f"[{int(self.seq_lens[slot])}, {int(self.req_lens[slot])}]")
+    return dataclasses.replace(self, seq_lens=updated(self.seq_lens, slots, num_tokens))
+
+  def append_batch(self, slots: Sequence[int], tokens: Sequence[int]):
+    """Extends each slot by one token (one decode step); the cache is unchanged on error."""
+    self._check_distinct(list(slots), len(tokens))
+    cache = self
+    for slot, token in zip(slots, tokens):
+      cache = cache.append(slot, token)
+    return cache
+
+  @staticmethod
+  def _check_distinct(slots: list, count: int) -> None:
+    if len(slots) != count:
+      raise CacheError(f"{len(slots)} slots but {count} values")
+    if len(set(slots)) != len(slots):
+      raise CacheError(f"a slot appears twice in {slots}")
 
   def with_pools(self, pools: KVPools):
     if pools.k.shape != self.pools.k.shape or pools.k.dtype != self.pools.k.dtype:

@@ -120,47 +120,39 @@ class DedupKVCache(PagedCache):
     m.a["query_tokens"] += prompt.size
     return m.build(), slot
 
-  def commit(self, slot: int, num_tokens: int) -> "DedupKVCache":
-    """Marks K/V written up to `num_tokens` and registers the blocks that became full."""
-    old = int(self.seq_lens[slot]) if 0 <= slot < self.max_requests else 0
-    cache = super().commit(slot, num_tokens)
+  def commit_batch(self, slots, num_tokens) -> "DedupKVCache":
+    """Marks K/V written and registers the blocks that became full (see `commit`)."""
+    old = {s: int(self.seq_lens[s]) for s in slots if 0 <= s < self.max_requests}
+    cache = super().commit_batch(slots, num_tokens)
     bs = self.block_size
-    if num_tokens // bs <= old // bs:
+    grown = [(s, n) for s, n in zip(slots, num_tokens) if n // bs > old[s] // bs]
+    if not grown:
       return cache
     m = cache._meta()
     index = _Index(m.a, self.hash_bits)
-    table, salt = m.a["block_tables"][slot], int(m.a["salts"][slot])
-    for i in range(old // bs, num_tokens // bs):
-      b = int(table[i])
-      if m.a["registered"][b]:
-        continue  # A hit, or already registered.
-      parent = int(table[i - 1]) if i else -1
-      pgen = int(m.a["block_gen"][parent]) if parent >= 0 else 0
-      toks = m.a["block_tokens"][b]
-      if index.find(salt, parent, pgen, toks) is not None:
-        continue  # An identical block was registered meanwhile: this copy stays private.
-      h = block_hash(salt, parent, pgen, toks, self.hash_bits)
-      m.a["registered"][b] = True
-      m.a["block_hash"][b] = h
-      m.a["block_salt"][b] = salt
-      m.a["block_parent"][b] = parent
-      m.a["block_parent_gen"][b] = pgen
-      index.add(h, b)
+    for slot, n in grown:
+      m.register_full_blocks(index, slot, old[slot] // bs, n // bs, self.hash_bits)
     return m.build()
 
   def append(self, slot: int, token: int) -> "DedupKVCache":
     """Extends a request by one (decoded) token, allocating a private block when needed."""
-    n = self._check_append(slot, token)
-    bs = self.block_size
+    return self.append_batch([slot], [token])
+
+  def append_batch(self, slots, tokens) -> "DedupKVCache":
+    """`append` for a whole decode step with one copy of the metadata."""
+    self._check_distinct(list(slots), len(tokens))
+    lens = [self._check_append(s, t) for s, t in zip(slots, tokens)]
     m = self._meta()
-    if n % bs == 0:
-      (b,) = m.allocate(1, n + 1)
-      m.a["block_salt"][b] = m.a["salts"][slot]
-      m.a["block_tables"][slot, n // bs] = b
-    b = int(m.a["block_tables"][slot, n // bs])
-    m.a["block_tokens"][b, n % bs] = int(token)
-    m.touch([b])
-    m.a["req_lens"][slot] = n + 1
+    bs = self.block_size
+    for slot, token, n in zip(slots, tokens, lens):
+      if n % bs == 0:
+        (b,) = m.allocate(1, n + 1)
+        m.a["block_salt"][b] = m.a["salts"][slot]
+        m.a["block_tables"][slot, n // bs] = b
+      b = int(m.a["block_tables"][slot, n // bs])
+      m.a["block_tokens"][b, n % bs] = int(token)
+      m.touch([b])
+      m.a["req_lens"][slot] = n + 1
     return m.build()
 
   def release(self, slot: int) -> "DedupKVCache":
@@ -220,6 +212,28 @@ class _Meta:
     a = self.a
     cached = np.flatnonzero(a["registered"] & (a["refcount"] == 0))
     return cached[np.lexsort((cached, a["last_used"][cached]))]
+
+  def register_full_blocks(self, index: "_Index", slot: int, first: int, end: int,
+                           bits: int) -> None:
+    """Registers logical blocks [first, end) of `slot` unless hit or already identical."""
+    a = self.a
+    table, salt = a["block_tables"][slot], int(a["salts"][slot])
+    for i in range(first, end):
+      b = int(table[i])
+      if a["registered"][b]:
+        continue  # A hit, or already registered.
+      parent = int(table[i - 1]) if i else -1
+      pgen = int(a["block_gen"][parent]) if parent >= 0 else 0
+      toks = a["block_tokens"][b]
+      if index.find(salt, parent, pgen, toks) is not None:
+        continue  # An identical block was registered meanwhile: this copy stays private.
+      h = block_hash(salt, parent, pgen, toks, bits)
+      a["registered"][b] = True
+      a["block_hash"][b] = h
+      a["block_salt"][b] = salt
+      a["block_parent"][b] = parent
+      a["block_parent_gen"][b] = pgen
+      index.add(h, b)
 
   def unregister(self, blocks) -> None:
     a = self.a
