@@ -44,6 +44,7 @@ from jax.experimental.pallas import triton as plgpu_triton
 
 from hq_jax.kv.paged import AttentionView, gather
 from hq_jax.kv.sharing import SharingPlan
+from pallas_kernels.paged_attention import online_softmax_step
 
 _WARPS = (1, 2, 4, 8, 16)
 
@@ -143,7 +144,7 @@ def _partials_kernel(
   num_steps = (jnp.maximum(hi - lo, 0) + block_k - 1) // block_k
 
   def step(j, carry):
-    acc, m, l = carry  # [bq, D], [bq], [bq] float32
+    # carry = (acc [bq, D], m [bq], l [bq]) float32
     keys = lo + j * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [bk] item keys
     key_ok = keys < hi  # past the item: other requests' blocks or garbage (NaN too)
     logical = (offset + keys) // block_size
@@ -152,16 +153,8 @@ def _partials_kernel(
     kv_idx = (pages[:, None], ((offset + keys) % block_size)[:, None], cols)
     k = plgpu_triton.load(k_ref.at[kv_idx], mask=key_ok[:, None], other=0)  # [bk, D]
     v = plgpu_triton.load(v_ref.at[kv_idx], mask=key_ok[:, None], other=0)
-    # Log2 units (scale * log2(e) folded in), as in the paged kernel.
-    scores = plgpu_triton.dot(q, k, trans_b=True, precision=precision) * scale  # [bq, bk]
-    scores = jnp.where(key_ok[None, :], scores, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(scores, axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(scores - m_safe[:, None])
-    l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + plgpu_triton.dot(p.astype(v.dtype), v, precision=precision)
-    return acc, m_new, l
+    return online_softmax_step(carry, q, k, v, key_ok[None, :], scale=scale,
+                               precision=precision)
 
   init = (jnp.zeros((block_q, head_dim), jnp.float32),
           jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))

@@ -120,7 +120,7 @@ def _paged_attention_kernel(
   num_steps = pl.cdiv(jnp.maximum(hi - lo, 0), block_k)
 
   def step(i, carry):
-    acc, m, l = carry  # [bq, D], [bq], [bq] float32
+    # carry = (acc [bq, D], m [bq], l [bq]) float32
     keys = lo + i * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [bk] logical keys
     key_ok = keys < kv_len  # entries past the request's blocks hold garbage (even NaN)
     logical = keys // block_size
@@ -129,17 +129,8 @@ def _paged_attention_kernel(
     kv_idx = (pages[:, None], (keys % block_size)[:, None], cols)
     k = plgpu_triton.load(k_ref.at[kv_idx], mask=key_ok[:, None], other=0)  # [bk, D]
     v = plgpu_triton.load(v_ref.at[kv_idx], mask=key_ok[:, None], other=0)
-    # Scores in log2 units (scale * log2(e) folded in): exp2 is one fast instruction.
-    scores = plgpu_triton.dot(q, k, trans_b=True, precision=precision) * scale  # [bq, bk] f32
     visible = key_ok[None, :] & (keys[None, :] <= pos[:, None])
-    scores = jnp.where(visible, scores, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(scores, axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with no key yet stays 0
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(scores - m_safe[:, None])
-    l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + plgpu_triton.dot(p.astype(v.dtype), v, precision=precision)
-    return acc, m_new, l
+    return online_softmax_step(carry, q, k, v, visible, scale=scale, precision=precision)
 
   init = (jnp.zeros((block_q, head_dim), jnp.float32),
           jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
@@ -155,6 +146,25 @@ def _paged_attention_kernel(
     acc_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
+
+
+def online_softmax_step(carry, q, k, v, visible, *, scale: float, precision):
+  """One key tile of the online softmax (shared by the paged and the dedup kernels).
+
+  carry = (acc [bq, D], m [bq], l [bq]) float32; q [bq, D], k and v [bk, D]; visible
+  [bq, bk]. Scores are in log2 units (`scale` has log2(e) folded in): exp2 is one fast
+  instruction. A row with no visible key yet keeps m = -inf, l = 0, acc = 0 exactly.
+  """
+  acc, m, l = carry
+  scores = plgpu_triton.dot(q, k, trans_b=True, precision=precision) * scale  # [bq, bk] f32
+  scores = jnp.where(visible, scores, -jnp.inf)
+  m_new = jnp.maximum(m, jnp.max(scores, axis=1))
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  alpha = jnp.exp2(m - m_safe)
+  p = jnp.exp2(scores - m_safe[:, None])
+  l = alpha * l + jnp.sum(p, axis=1)
+  acc = alpha[:, None] * acc + plgpu_triton.dot(p.astype(v.dtype), v, precision=precision)
+  return acc, m_new, l
 
 
 def _merge_splits(acc, m, l):
