@@ -44,7 +44,7 @@ from jax.experimental.pallas import triton as plgpu_triton
 
 from hq_jax.kv.paged import AttentionView, gather
 from hq_jax.kv.sharing import SharingPlan
-from pallas_kernels.paged_attention import online_softmax_step
+from pallas_kernels.paged_attention import check_inputs, online_softmax_step, paged_attention
 
 _WARPS = (1, 2, 4, 8, 16)
 
@@ -222,14 +222,10 @@ def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: At
   `hq_jax.kv.sharing.build_plan`). Without a plan, or with T > 1, this is the paged kernel.
   Returns [B, 1, H, D] in q's dtype; float32 softmax and accumulation.
   """
-  from pallas_kernels.paged_attention import paged_attention
   plan = plan if plan is not None else getattr(view, "sharing", None)
+  check_inputs(q, k_pool, v_pool)
   b, t, nh, d = q.shape
-  nb, bs, nk, dk = k_pool.shape
-  if k_pool.shape != v_pool.shape or dk != d:
-    raise ValueError(f"k_pool {k_pool.shape} / v_pool {v_pool.shape} do not fit q {q.shape}")
-  if nh % nk:
-    raise ValueError(f"{nh} query heads are not a multiple of {nk} kv heads")
+  nb, bs, nk, _ = k_pool.shape
   if plan is None or t != 1:
     return paged_attention(q, k_pool, v_pool, view, interpret=interpret)
   config = config or DEFAULT

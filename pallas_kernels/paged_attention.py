@@ -148,6 +148,16 @@ def _paged_attention_kernel(
     l_ref[...] = l
 
 
+def check_inputs(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array) -> None:
+  """q [B, T, H, D] and one layer's pools [num_blocks, block_size, K, D] must fit."""
+  nh, d = q.shape[2:]
+  nk, dk = k_pool.shape[2:]
+  if k_pool.shape != v_pool.shape or dk != d:
+    raise ValueError(f"k_pool {k_pool.shape} / v_pool {v_pool.shape} do not fit q {q.shape}")
+  if nh % nk:
+    raise ValueError(f"{nh} query heads are not a multiple of {nk} kv heads")
+
+
 def online_softmax_step(carry, q, k, v, visible, *, scale: float, precision):
   """One key tile of the online softmax (shared by the paged and the dedup kernels).
 
@@ -192,12 +202,9 @@ def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: At
   Query t of request b attends to logical keys j <= positions[b, t] and j < kv_lens[b].
   Returns [B, T, H, D] in q's dtype; softmax and accumulation in float32.
   """
+  check_inputs(q, k_pool, v_pool)
   b, t, nh, d = q.shape
-  nb, bs, nk, dk = k_pool.shape
-  if k_pool.shape != v_pool.shape or dk != d:
-    raise ValueError(f"k_pool {k_pool.shape} / v_pool {v_pool.shape} do not fit q {q.shape}")
-  if nh % nk:
-    raise ValueError(f"{nh} query heads are not a multiple of {nk} kv heads")
+  nb, bs, nk, _ = k_pool.shape
   group = nh // nk
   config = config or default_config(t * group)
   mb = view.block_tables.shape[1]
