@@ -69,7 +69,7 @@ def load_model_and_stream(cfg):
   text = data.read_text(cfg.text_file)
   logging.info("loading model %s (%s)", cfg.model, cfg.dtype)
   params, model_cfg, tok = weights.load_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
-  if tok is None and cfg.model not in ("tiny",):
+  if tok is None:
     tok = _shipped_tokenizer_if_it_fits(model_cfg)
   stream = TokenStream(text_tokens.tokenize(text, tok, model_cfg))
   logging.info("text: %d tokens", len(stream))
@@ -78,12 +78,14 @@ def load_model_and_stream(cfg):
 
 def _shipped_tokenizer_if_it_fits(model_cfg):
   """Random-weight presets of the Qwen2.5 family read real Qwen2 token ids when available."""
-  from hq_jax import weights
+  from hq_jax import config, weights
+  # Decide from the preset's vocabulary before loading anything (`tiny` has 512 ids).
+  if model_cfg.vocab_size < config.get_config("coder-0.5b").vocab_size:
+    return None
   try:
-    _, shipped_cfg, tok = weights.load_shipped()
+    return weights.load_shipped()[2]
   except (FileNotFoundError, ValueError):
     return None
-  return tok if model_cfg.vocab_size >= shipped_cfg.vocab_size else None
 
 
 def command_line() -> str:
