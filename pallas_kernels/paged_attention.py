@@ -1,8 +1,8 @@
 """Paged grouped-query attention (decode and chunked prefill) as a Pallas GPU kernel.
 
-Three parts, as in jax's `pallas/ops/gpu/decode_attention.py`: the kernel body
-(`_paged_attention_kernel`), the jitted wrapper `paged_attention` with its `TuningConfig`,
-and the float32 `paged_attention_reference`.
+Parts, as in jax's `pallas/ops/gpu/decode_attention.py`: the kernel body
+(`_paged_attention_kernel`), the split merge kernel (`_merge_kernel`), the jitted wrapper
+`paged_attention` with its `TuningConfig`, and the float32 `paged_attention_reference`.
 
 Layout (hq_jax.kv.paged): one layer's pool `[num_blocks, block_size, K, D]`, per-request
 block tables `[B, MB]`, query positions `[B, T]`, lengths `kv_lens [B]`.
@@ -13,11 +13,27 @@ group, row r = t * G + g, so each K/V tile is loaded once for all G query heads 
 T tokens of a prefill chunk. Each row carries its own position, so one kernel does decode
 (T = 1), chunked prefill (causal within the chunk, cached blocks before it) and mixes.
 
+Key loop: a program walks its keys in tiles of `block_k` at fixed logical offsets. The
+leading tiles that every row of the tile sees whole (they end at or before the smallest
+position + 1 over its rows and at or before kv_len) run without a mask: no causal compare,
+no load masks. The rest (the diagonal of a prefill chunk, the last partial tile of a decode)
+run with the full mask. The two loops cover the same tiles in the same order, and the
+online-softmax step does the same arithmetic with and without a mask (it masks the max and
+the probabilities, not the scores before exp2; see `online_softmax_step`), so skipping the
+mask changes no bit.
+
+Splits: with `kv_split`, the kernel writes per-split partials (acc, m, l) in float32 and a
+second, small Pallas launch (`_merge_kernel`, one program per request, kv head, row tile and
+column tile of D) merges them and writes the output in q's layout and dtype. Without it,
+the kernel normalizes and writes the output itself.
+
 Exactness: a program reduces over keys in logical order in tiles of `block_k` tokens that
 start at fixed logical offsets; splits cover fixed logical ranges `[s * kv_split, (s + 1) *
-kv_split)` and are merged in split order by an exact log-sum-exp (no epsilon). Nothing
-depends on where blocks live, on the table width, or on other requests, so dense and
-deduplicated caches give bit-identical outputs.
+kv_split)`. The merge is an exact log-sum-exp (no epsilon): the max over splits first, then
+the weighted sums in increasing split order; it reads only the splits that start before
+kv_len (a split past it is empty and would add exact zeros), so neither the table width nor
+the batch changes a bit. Nothing depends on where blocks live or on other requests, so dense
+and deduplicated caches give bit-identical outputs.
 
 Backend: the Triton lowering of Pallas (`pl.pallas_call` with `plgpu_triton.CompilerParams`),
 deprecated since JAX 0.11, chosen as the direct way to a correct kernel with per-key
@@ -95,7 +111,7 @@ def _paged_attention_kernel(
     v_ref,  # [num_blocks, block_size, D]
     *out_refs,  # unsplit: o [B, T * H, D]; split: acc [block_q, D], m [block_q], l [block_q]
     block_q: int, block_k: int, kv_split: int | None, num_heads: int, group: int,
-    scale: float, precision):
+    scale: float, precision, mask_every_tile: bool = False):
   b, h, r, s = (pl.program_id(i) for i in range(4))
   num_tables = tables_ref.shape[1]
   num_tokens = positions_ref.shape[1]
@@ -118,15 +134,29 @@ def _paged_attention_kernel(
   if kv_split is not None:
     hi = jnp.minimum(hi, lo + kv_split)
   num_steps = pl.cdiv(jnp.maximum(hi - lo, 0), block_k)
+  # The first num_full tiles end at or before every valid row's last visible key (the
+  # smallest pos + 1 over rows that exist; padding rows have pos = -1) and before kv_len:
+  # every key of them is visible to every row, so they skip the mask. Tiles keep their
+  # offsets lo + i * block_k, so the reduction order (and the bits) do not change. Padding
+  # rows (q = 0) then accumulate something; it never reaches the output (the store and the
+  # merge skip them).
+  visible_end = jnp.minimum(kv_len, jnp.min(jnp.where(row_ok, pos + 1, kv_len)))
+  num_full = jnp.minimum(jnp.maximum(visible_end - lo, 0) // block_k, num_steps)
+  if mask_every_tile:  # the plain path, kept to test that the unmasked tiles change no bit
+    num_full = 0
 
-  def step(i, carry):
+  def step(i, carry, *, masked: bool):
     # carry = (acc [bq, D], m [bq], l [bq]) float32
     keys = lo + i * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [bk] logical keys
-    key_ok = keys < kv_len  # entries past the request's blocks hold garbage (even NaN)
     logical = keys // block_size
     pages = plgpu_triton.load(tables_ref.at[b, logical], mask=logical < num_tables,
                               other=0)  # [bk] physical block of each key
     kv_idx = (pages[:, None], (keys % block_size)[:, None], cols)
+    if not masked:  # keys < kv_len, so K/V need no load mask (the table keeps its bound)
+      k = plgpu_triton.load(k_ref.at[kv_idx])  # [bk, D]
+      v = plgpu_triton.load(v_ref.at[kv_idx])
+      return online_softmax_step(carry, q, k, v, None, scale=scale, precision=precision)
+    key_ok = keys < kv_len  # entries past the request's blocks hold garbage (even NaN)
     k = plgpu_triton.load(k_ref.at[kv_idx], mask=key_ok[:, None], other=0)  # [bk, D]
     v = plgpu_triton.load(v_ref.at[kv_idx], mask=key_ok[:, None], other=0)
     visible = key_ok[None, :] & (keys[None, :] <= pos[:, None])
@@ -134,7 +164,9 @@ def _paged_attention_kernel(
 
   init = (jnp.zeros((block_q, head_dim), jnp.float32),
           jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-  acc, m, l = jax.lax.fori_loop(0, num_steps, step, init)
+  carry = jax.lax.fori_loop(0, num_full, functools.partial(step, masked=False), init)
+  acc, m, l = jax.lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True),
+                                carry)
 
   if kv_split is None:
     (o_ref,) = out_refs
@@ -143,9 +175,77 @@ def _paged_attention_kernel(
                        mask=row_ok[:, None])
   else:
     acc_ref, m_ref, l_ref = out_refs
-    acc_ref[...] = acc
-    m_ref[...] = m
-    l_ref[...] = l
+
+    @pl.when(lo < kv_len)  # the merge reads only splits that start before kv_len
+    def _store():
+      acc_ref[...] = acc
+      m_ref[...] = m
+      l_ref[...] = l
+
+
+def _merge_kernel(
+    kv_lens_ref,  # [B] int32
+    acc_ref,  # [S, block_q, block_d] f32 (this request, kv head, row tile, column tile)
+    m_ref,  # [S, block_q] f32, log2 units
+    l_ref,  # [S, block_q] f32
+    o_ref,  # [B, T * H, D]
+    *, block_q: int, block_d: int, kv_split: int, num_heads: int, group: int, unroll: int):
+  """Exact log-sum-exp merge of one (request, kv head, row tile)'s splits, in split order.
+
+  m_max is taken over all splits first (a max is exact in any order); then w_s * acc_s and
+  w_s * l_s are summed in increasing s, one split after the other. Only the splits that
+  start before kv_len are read: which ones depends on the request alone (not on the table
+  width or the batch), and any other split would add exact zeros. A row with no visible key
+  (l = 0 in every split) gives 0.
+  """
+  b, h, r, c = (pl.program_id(i) for i in range(4))
+  num_splits = m_ref.shape[0]
+  num_tokens = o_ref.shape[1] // num_heads
+
+  rows = r * block_q + jnp.arange(block_q, dtype=jnp.int32)  # [block_q]
+  row_ok = rows < num_tokens * group  # rows past T * G are padding: never read or written
+  t, g = rows // group, rows % group
+  q_rows = (t * num_heads + h * group + g)[:, None]  # [bq, 1] rows of o_ref[b]
+  cols = (c * block_d + jnp.arange(block_d, dtype=jnp.int32))[None, :]  # [1, block_d]
+  n = jnp.minimum(pl.cdiv(kv_lens_ref[b], kv_split), num_splits)
+  num_iters = pl.cdiv(n, unroll)
+
+  # Each iteration reads `unroll` splits with independent loads (in flight together: the
+  # loop is long and narrow at long contexts); loads past n are masked off (m = -inf, l = 0,
+  # acc = 0: weight 0, exact zeros), so the sums are the chain over s < n whatever unroll.
+  def splits(i):
+    for u in range(unroll):
+      s = i * unroll + u
+      yield jnp.minimum(s, num_splits - 1), row_ok & (s < n)
+
+  def max_step(i, m_max):
+    ms = [plgpu_triton.load(m_ref.at[s], mask=ok, other=-jnp.inf) for s, ok in splits(i)]
+    for m_s in ms:
+      m_max = jnp.maximum(m_max, m_s)
+    return m_max
+
+  m_max = jax.lax.fori_loop(0, num_iters, max_step,
+                            jnp.full((block_q,), -jnp.inf, jnp.float32))
+  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)  # no visible key: every weight is 0
+
+  def add_step(i, carry):
+    loads = [(plgpu_triton.load(m_ref.at[s], mask=ok, other=-jnp.inf),
+              plgpu_triton.load(l_ref.at[s], mask=ok, other=0.0),
+              plgpu_triton.load(acc_ref.at[s], mask=ok[:, None], other=0.0))
+             for s, ok in splits(i)]
+    num, den = carry
+    for m_s, l_s, acc_s in loads:  # in increasing split order
+      w = jnp.exp2(m_s - m_max)
+      num = num + w[:, None] * acc_s
+      den = den + w * l_s
+    return num, den
+
+  num, den = jax.lax.fori_loop(
+      0, num_iters, add_step,
+      (jnp.zeros((block_q, block_d), jnp.float32), jnp.zeros((block_q,), jnp.float32)))
+  out = jnp.where(den[:, None] > 0, num / den[:, None], 0.0)
+  plgpu_triton.store(o_ref.at[b, q_rows, cols], out.astype(o_ref.dtype),
+                     mask=row_ok[:, None])
 
 
 def check_inputs(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array) -> None:
@@ -162,46 +262,85 @@ def online_softmax_step(carry, q, k, v, visible, *, scale: float, precision):
   """One key tile of the online softmax (shared by the paged and the dedup kernels).
 
   carry = (acc [bq, D], m [bq], l [bq]) float32; q [bq, D], k and v [bk, D]; visible
-  [bq, bk]. Scores are in log2 units (`scale` has log2(e) folded in): exp2 is one fast
-  instruction. A row with no visible key yet keeps m = -inf, l = 0, acc = 0 exactly.
+  [bq, bk] (or broadcastable to it), or None when every key of the tile is visible to every
+  row (no mask computed). Scores are in log2 units (`scale` has log2(e) folded in): exp2 is
+  one fast instruction. A row with no visible key yet keeps m = -inf, l = 0, acc = 0 exactly.
+
+  The mask is applied to the max and to the probabilities, not to the scores before exp2:
+  so p = exp2(scores - m) is the same operations with and without a mask (a compiler may
+  fuse `scores * scale - m` into one FMA, which a select in between would prevent in one
+  path only), and a tile gives the same bits through either path when all of it is visible.
   """
   acc, m, l = carry
   scores = plgpu_triton.dot(q, k, trans_b=True, precision=precision) * scale  # [bq, bk] f32
-  scores = jnp.where(visible, scores, -jnp.inf)
-  m_new = jnp.maximum(m, jnp.max(scores, axis=1))
+  if visible is None:
+    m_tile = jnp.max(scores, axis=1)
+  else:
+    m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
+  m_new = jnp.maximum(m, m_tile)
   m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
   alpha = jnp.exp2(m - m_safe)
   p = jnp.exp2(scores - m_safe[:, None])
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)  # exp2 of a hidden score may be inf; it is dropped here
   l = alpha * l + jnp.sum(p, axis=1)
   acc = alpha[:, None] * acc + plgpu_triton.dot(p.astype(v.dtype), v, precision=precision)
   return acc, m_new, l
 
 
-def _merge_splits(acc, m, l):
-  """Exact log-sum-exp merge of splits in split order (m in log2 units).
-
-  acc [B, K, S, R, D], m and l [B, K, S, R] -> [B, K, R, D]. The sums are an unrolled
-  chain, so their order is fixed; an empty split (m = -inf, l = 0, acc = 0) adds exact zeros.
-  """
-  m_max = jnp.max(m, axis=2)  # [B, K, R] (max is exact in any order)
-  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-  w = jnp.exp2(m - m_max[:, :, None])  # [B, K, S, R]
-  num, den = acc[:, :, 0] * w[:, :, 0, :, None], l[:, :, 0] * w[:, :, 0]
-  for s in range(1, m.shape[2]):
-    num = num + acc[:, :, s] * w[:, :, s, :, None]
-    den = den + l[:, :, s] * w[:, :, s]
-  return jnp.where(den[..., None] > 0, num / den[..., None], 0.0)
-
-
 # ---------------------------------------------------------------------------- wrapper
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: AttentionView,
-                    *, config: TuningConfig | None = None, interpret: bool = False) -> jax.Array:
-  """Attention of q [B, T, H, D] over one layer's pools [num_blocks, block_size, K, D].
+# The merge reads _MERGE_UNROLL splits per loop iteration and splits D into column tiles
+# until the grid has _MERGE_MIN_PROGRAMS programs (an H200 has 132 SMs): at 1 request x 128k
+# the merge is 2 (request, kv head) pairs x 128 splits, too narrow for a program per pair.
+# Neither changes a bit: the sums run over splits, element by element. Not tuned on a GPU yet.
+_MERGE_UNROLL = 8
+_MERGE_MIN_PROGRAMS = 128
+_MERGE_MIN_BLOCK_D = 16
 
-  Query t of request b attends to logical keys j <= positions[b, t] and j < kv_lens[b].
-  Returns [B, T, H, D] in q's dtype; softmax and accumulation in float32.
-  """
+
+def _merge_block_d(num_tiles: int, head_dim: int) -> int:
+  """Columns per merge program for num_tiles (request, kv head, row tile) triples."""
+  block_d = head_dim
+  while (block_d > _MERGE_MIN_BLOCK_D and block_d % 2 == 0
+         and num_tiles * (head_dim // block_d) < _MERGE_MIN_PROGRAMS):
+    block_d //= 2
+  return block_d
+
+
+def _merge_splits(kv_lens, acc, m, l, *, num_tokens: int, num_heads: int, block_q: int,
+                  kv_split: int, out_dtype, interpret: bool, block_d: int | None = None):
+  """Merges the per-split partials acc [B, K, S, R, D], m and l [B, K, S, R] (R =
+  row tiles * block_q) into [B, T * H, D] (q's layout) in one Pallas launch."""
+  b, nk, num_splits, rows, d = acc.shape
+  group = num_heads // nk
+  num_row_tiles = rows // block_q
+  block_d = block_d or _merge_block_d(b * nk * num_row_tiles, d)
+  if d % block_d:
+    raise ValueError(f"block_d={block_d} does not divide head_dim={d}")
+  kernel = functools.partial(_merge_kernel, block_q=block_q, block_d=block_d,
+                             kv_split=kv_split, num_heads=num_heads, group=group,
+                             unroll=_MERGE_UNROLL)
+  return pl.pallas_call(
+      kernel, grid=(b, nk, num_row_tiles, d // block_d),
+      in_specs=[
+          pl.BlockSpec((b,), lambda *_: (0,)),
+          pl.BlockSpec((None, None, num_splits, block_q, block_d),
+                       lambda b_, h, r, c: (b_, h, 0, r, c)),
+          pl.BlockSpec((None, None, num_splits, block_q), lambda b_, h, r, c: (b_, h, 0, r)),
+          pl.BlockSpec((None, None, num_splits, block_q), lambda b_, h, r, c: (b_, h, 0, r))],
+      out_specs=pl.BlockSpec((b, num_tokens * num_heads, d), lambda *_: (0, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, num_tokens * num_heads, d), out_dtype),
+      # About 8 elements per thread; no software pipelining: the unrolled loads already
+      # keep several splits in flight and nothing feeds a dot.
+      compiler_params=plgpu_triton.CompilerParams(
+          num_warps=max(1, min(4, block_q * block_d // 256)), num_stages=1),
+      interpret=interpret, name="paged_attention_merge",
+  )(kv_lens, acc, m, l)
+
+
+def _paged_attention(q, k_pool, v_pool, view, *, config, interpret, mask_every_tile=False,
+                     merge_block_d=None):
+  """`paged_attention` with private knobs for tests (not jitted on its own)."""
   check_inputs(q, k_pool, v_pool)
   b, t, nh, d = q.shape
   nb, bs, nk, _ = k_pool.shape
@@ -233,7 +372,7 @@ def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: At
   kernel = functools.partial(
       _paged_attention_kernel, block_q=config.block_q, block_k=config.block_k,
       kv_split=config.kv_split, num_heads=nh, group=group, scale=d ** -0.5 * math.log2(math.e),
-      precision=precision)
+      precision=precision, mask_every_tile=mask_every_tile)
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu_triton.CompilerParams(num_warps=config.num_warps,
@@ -243,9 +382,21 @@ def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: At
 
   if config.kv_split is None:
     return outs[0].reshape(b, t, nh, d)
-  out = _merge_splits(*outs)[:, :, :t * group]  # [B, K, T * G, D]
-  out = out.reshape(b, nk, t, group, d).transpose(0, 2, 1, 3, 4)
-  return out.reshape(b, t, nh, d).astype(q.dtype)
+  out = _merge_splits(view.kv_lens, *outs, num_tokens=t, num_heads=nh,
+                      block_q=config.block_q, kv_split=config.kv_split, out_dtype=q.dtype,
+                      interpret=interpret, block_d=merge_block_d)
+  return out.reshape(b, t, nh, d)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: AttentionView,
+                    *, config: TuningConfig | None = None, interpret: bool = False) -> jax.Array:
+  """Attention of q [B, T, H, D] over one layer's pools [num_blocks, block_size, K, D].
+
+  Query t of request b attends to logical keys j <= positions[b, t] and j < kv_lens[b].
+  Returns [B, T, H, D] in q's dtype; softmax and accumulation in float32.
+  """
+  return _paged_attention(q, k_pool, v_pool, view, config=config, interpret=interpret)
 
 
 def paged_attention_interpret(q, k_pool, v_pool, view, *, config=None):

@@ -15,6 +15,7 @@ Mosaic GPU `attention_mgpu` (contiguous, causal, float16 in JAX 0.11.2) on the s
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import functools
@@ -80,11 +81,29 @@ def measure_ms(fn, *args, reps: int) -> float:
   return statistics.median(times)
 
 
-def kernel_breakdown(fn, *args) -> str:
+def kernel_breakdown(fn, *args, calls: int = 1, reps: int = 5) -> str:
+  """Device time of each kernel fn launches, by CUPTI: median over reps runs, per name.
+
+  fn runs `calls` independent calls of the function of interest (`_pair`: 2, so its K/V is
+  never in L2); a kernel's time is summed over its launches of one run and divided by calls.
+  Names are in launch order: for our split decode, "paged_attention" then
+  "paged_attention_merge" (and anything XLA adds around them).
+  """
   from jax.experimental.mosaic.gpu import profiler
   try:
-    _, kernels = profiler.measure(jax.jit(fn), aggregate=False)(*args)
-    return ", ".join(f"{name[:40]} {ms * 1e3:.1f} us" for name, ms in kernels)
+    fn = jax.jit(fn)
+    times = collections.defaultdict(list)
+    for _ in range(reps):
+      _, kernels = profiler.measure(fn, aggregate=False)(*args)
+      run = collections.defaultdict(float)  # first-launch order
+      for name, ms in kernels or ():
+        run[name] += ms
+      for name, ms in run.items():
+        times[name].append(ms)
+    if not times:
+      return "n/a (no kernels recorded)"
+    return ", ".join(f"{name[:48]} {statistics.median(ms) * 1e3 / calls:.1f} us"
+                     for name, ms in times.items())
   except Exception as e:  # noqa: BLE001 - diagnostics only
     return f"n/a ({type(e).__name__})"
 
@@ -161,11 +180,13 @@ def bench_decode(shape: str, batch: int, context: int, key, rows: list[dict]):
     run("ours", functools.partial(pa.paged_attention, config=cfg), cfg, case.k, case.v,
         (check.k, check.v))
   ours = [r for r in rows[-len(OUR_DECODE_GRID):] if not r["error"]]
-  if ours:  # where the best config's time goes, kernel by kernel
+  if ours:  # where the best config's time goes, kernel by kernel (attention vs merge)
     best = min(ours, key=lambda r: r["time_us"])
     cfg = next(c for c in OUR_DECODE_GRID if str(c) == best["config"])
-    print("    kernels:", kernel_breakdown(functools.partial(pa.paged_attention, config=cfg),
-                                         case.q, case.k, case.v, case.views[0]), flush=True)
+    best["kernels"] = kernel_breakdown(
+        _pair(functools.partial(pa.paged_attention, config=cfg)), case.q, case.k, case.v,
+        *case.views, calls=2, reps=FLAGS.reps)
+    print(f"    kernels of the best ({cfg}), per call: {best['kernels']}", flush=True)
   if FLAGS.stock:
     to_stock = jax.jit(lambda p: p.transpose(2, 0, 1, 3))
     sk, sv = to_stock(case.k), to_stock(case.v)
@@ -274,11 +295,16 @@ def markdown(rows) -> str:
                  f"| {f(mg, 'time_us', '.0f')} | {f(mg, 'tflop_s', '.0f')} | {ratio} |")
   out += ["", "Best configs:", ""]
   out += [f"- {k[0]} {k[1]} {k[2]}x{k[3]} {k[4]}: `{r['config']}`" for k, r in best.items()]
+  split = [(k, r) for k, r in best.items() if r.get("kernels")]
+  if split:
+    out += ["", "Device time per kernel of our best decode config (CUPTI, median, per call):",
+            ""]
+    out += [f"- {k[0]} {k[2]}x{k[3]}: {r['kernels']}" for k, r in split]
   return "\n".join(out) + "\n"
 
 
 FIELDS = ["shape", "mode", "batch", "context", "kernel", "config", "time_us", "tb_s",
-          "tflop_s", "rel_err", "bytes", "flops", "error"]
+          "tflop_s", "rel_err", "bytes", "flops", "error", "kernels"]
 
 
 def write(rows):

@@ -4,6 +4,7 @@
 `PagedAttentionInterpretTest` runs the same bodies through the Pallas interpreter on CPU.
 """
 
+import functools
 import warnings
 
 from absl.testing import absltest, parameterized
@@ -22,6 +23,8 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative L2 error vs the f32 re
 # Small tiles; block_k = 16 over blocks of 4 tokens, splits of 32 keys.
 SPLIT = pa.TuningConfig(block_q=16, block_k=16, kv_split=32)
 NO_SPLIT = pa.TuningConfig(block_q=16, block_k=16, kv_split=None)
+# One split per key tile: many splits, more than the merge reads per loop iteration.
+MANY = pa.TuningConfig(block_q=16, block_k=16, kv_split=16)
 
 
 def make_inputs(seed, *, starts, tokens, kv_heads=2, group=2, head_dim=32, block_size=4,
@@ -82,6 +85,12 @@ class PagedAttentionTest(parameterized.TestCase):
   def attend(self, q, k, v, view, config):
     return pa.paged_attention(q, k, v, view, config=config, interpret=self.INTERPRET)
 
+  def attend_private(self, q, k, v, view, config, **knobs):
+    """The wrapper with its private test knobs (mask_every_tile, merge_block_d)."""
+    fn = functools.partial(pa._paged_attention, config=config, interpret=self.INTERPRET,
+                           **knobs)
+    return jax.jit(fn)(q, k, v, view)
+
   def check(self, q, k, v, view, config, dtype):
     out = self.attend(q, k, v, view, config)
     ref = pa.paged_attention_reference(q, k, v, view)
@@ -103,6 +112,50 @@ class PagedAttentionTest(parameterized.TestCase):
     q, k, v, view = make_inputs(7, starts=[0, 3, 8, 29], tokens=5, group=7, dtype=dtype)
     self.check(q, k, v, view, config, dtype)
 
+  @parameterized.parameters((1, jnp.float32), (3, jnp.bfloat16))
+  def test_many_splits(self, tokens, dtype):
+    # kv_split = block_k = 16 over a table of 192 keys (12 splits), decode and a chunk of 3:
+    # a request of length 1 (decode), partial blocks and splits, and 10 non-empty splits
+    # (more than the merge reads per loop iteration).
+    q, k, v, view = make_inputs(13, starts=[0, 6, 37, 150 - tokens], tokens=tokens, group=7,
+                                max_blocks=48, dtype=dtype)
+    self.check(q, k, v, view, MANY, dtype)
+
+  @parameterized.parameters(SPLIT, NO_SPLIT, MANY)
+  def test_rows_without_keys_are_zero(self, config):
+    # Request 1 has kv_len 0; token 0 of request 2 has position -1 (sees no key).
+    q, k, v, view = make_inputs(17, starts=[5, 0, 9], tokens=2, group=7)
+    kv_lens = view.kv_lens.at[1].set(0)
+    positions = view.positions.at[2, 0].set(-1)
+    view = AttentionView(positions, view.block_tables, view.write_slots, kv_lens)
+    out = np.asarray(self.attend(q, k, v, view, config))
+    empty = np.zeros(out.shape[:2], bool)
+    empty[1], empty[2, 0] = True, True
+    np.testing.assert_array_equal(out[empty], 0.0)
+    ref = np.asarray(pa.paged_attention_reference(q, k, v, view))
+    self.assertLess(rel_err(out[~empty], ref[~empty]), TOL[jnp.float32])
+
+  @parameterized.parameters((SPLIT, 1, jnp.bfloat16), (SPLIT, 20, jnp.float32),
+                            (NO_SPLIT, 1, jnp.float32), (NO_SPLIT, 20, jnp.bfloat16),
+                            (MANY, 20, jnp.bfloat16))
+  def test_unmasked_tiles_bit_exact(self, config, tokens, dtype):
+    # Tiles every row sees whole skip the mask; masking them too must not change a bit.
+    q, k, v, view = make_inputs(19, starts=[0, 3, 43], tokens=tokens, group=2,
+                                dtype=dtype)
+    out = self.attend(q, k, v, view, config)
+    masked = self.attend_private(q, k, v, view, config, mask_every_tile=True)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(masked, np.float32))
+    self.assertLess(rel_err(out, pa.paged_attention_reference(q, k, v, view)), TOL[dtype])
+
+  def test_merge_column_tiles_bit_exact(self):
+    # The merge may split D into column tiles (for parallelism); the bits must not change.
+    q, k, v, view = make_inputs(23, starts=[9, 70], tokens=2, group=7, max_blocks=24,
+                                dtype=jnp.bfloat16)
+    outs = [np.asarray(self.attend_private(q, k, v, view, MANY, merge_block_d=bd),
+                       np.float32) for bd in (None, 16, 32)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+
   def test_matches_model_reference(self):
     q, k, v, view = make_inputs(11, starts=[2, 17], tokens=3, group=2)
     clean = lambda x: jnp.nan_to_num(x)  # the model's reference reads masked garbage
@@ -121,10 +174,11 @@ class PagedAttentionTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(self.attend(q, k2, v2, view2,
                                                                           config)))
 
-  def test_batch_independent(self):
+  @parameterized.parameters(SPLIT, MANY)
+  def test_batch_independent(self, config):
     # Request 0 alone, then beside other requests, with a wider table and another pool.
     q, k, v, view = make_inputs(5, starts=[44], tokens=1, group=7, dtype=jnp.bfloat16)
-    alone = self.attend(q, k, v, view, SPLIT)
+    alone = self.attend(q, k, v, view, config)
     q2, k2, v2, view2 = make_inputs(6, starts=[44, 9, 60], tokens=1, group=7,
                                     dtype=jnp.bfloat16, max_blocks=24)
     # Put request 0's content into the bigger pool at request 0's new blocks.
@@ -133,7 +187,7 @@ class PagedAttentionTest(parameterized.TestCase):
     k2 = k2.at[tables2[0, :used]].set(k[tables[0, :used]])
     v2 = v2.at[tables2[0, :used]].set(v[tables[0, :used]])
     q2 = q2.at[0].set(q[0])
-    together = self.attend(q2, k2, v2, view2, SPLIT)
+    together = self.attend(q2, k2, v2, view2, config)
     np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(together[0]))
 
   def test_rejects_bad_shapes(self):
