@@ -24,8 +24,11 @@ never launches long empty loops and the static split count only sets parallelism
 
 The reduction order differs from the paged kernel's (other splits, and the shared part is
 merged in separately), so outputs are equal within floating-point tolerance, not bit-exact:
-the engine keeps exact paged decode as its default. Decode (T = 1) only; anything else is
-handed to the paged kernel.
+the engine keeps exact paged decode as its default. Decode (T = 1) only; anything else, and
+a plan with no shared node, is handed to the paged kernel (bit-identical to it).
+
+Split counts are static: splits of at most `kv_split` keys, raised until a launch has
+`min_programs` programs, so a few tiles over a short prefix still fill the GPU.
 
 Backend: the Triton lowering of Pallas, like `paged_attention.py` (same gather loads through
 block tables, which is what works in both Triton and the interpreter today).
@@ -59,9 +62,12 @@ class TuningConfig:
 
   shared_block_q: query rows per shared program (>= requests_per_tile * G of the plan).
   shared_block_k / private_block_k: keys per inner step (powers of two >= 16).
-  shared_kv_split / private_kv_split: target keys per split; the static split count is
-    cdiv(longest node or private hint, kv_split), capped by max_splits.
+  shared_kv_split / private_kv_split: most keys per split; the static split count is
+    cdiv(longest node or private hint, kv_split), raised until a launch has at least
+    min_programs programs (a few per SM: a small batch still fills the GPU), never
+    above one split per block_k keys or max_splits.
   private_block_q: rows per private program (>= G: one request's query heads).
+  fused: one launch for both parts instead of two (shared_num_warps/stages apply to both).
   """
 
   shared_block_q: int = 64
@@ -75,6 +81,10 @@ class TuningConfig:
   private_num_warps: int = 4
   private_num_stages: int = 3
   max_splits: int = 64
+  min_programs: int = 264  # 2 x the 132 SMs of an H100/H200
+  # One launch for both parts (shared and private programs alternate, so compute-bound
+  # tiles and memory-bound remainders run side by side), with the shared warps and stages.
+  fused: bool = False
 
   def __post_init__(self):
     for name in ("shared_block_q", "shared_block_k", "private_block_q", "private_block_k"):
@@ -91,7 +101,7 @@ class TuningConfig:
     for name in ("shared_num_warps", "private_num_warps"):
       if getattr(self, name) not in _WARPS:
         raise ValueError(f"{name} must be one of {_WARPS}, got {getattr(self, name)}")
-    for name in ("shared_num_stages", "private_num_stages", "max_splits"):
+    for name in ("shared_num_stages", "private_num_stages", "max_splits", "min_programs"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -107,18 +117,31 @@ DEFAULT = TuningConfig()
 
 
 # ----------------------------------------------------------------------------- kernel
-def _partials_kernel(
-    item_table_ref,  # [I] int32 row of tables_ref each item reads
-    item_offset_ref,  # [I] int32 first logical block of the item within that row
-    item_len_ref,  # [I] int32 keys of the item (0: empty)
-    item_reqs_ref,  # [I, RPT] int32 batch row of each request of the item, -1 = none
-    tables_ref,  # [NT, MBt] int32 physical blocks
-    q_ref,  # [B, H, D]
-    k_ref,  # [num_blocks, block_size, D] (this program's kv head)
-    v_ref,  # [num_blocks, block_size, D]
-    acc_ref, m_ref, l_ref,  # [block_q, D], [block_q], [block_q] of this (item, head, split)
-    *, block_q: int, block_k: int, num_splits: int, group: int, scale: float, precision):
-  i, h, s = (pl.program_id(a) for a in range(3))
+@dataclasses.dataclass(frozen=True)
+class _Part:
+  """Static shape of one kind of item (shared tiles or private remainders)."""
+
+  num_items: int
+  block_q: int
+  block_k: int
+  num_splits: int
+
+  @property
+  def num_programs(self) -> int:
+    return self.num_items * self.num_splits  # times the kv heads
+
+
+def _item_partials(i, h, s, item_refs, q_ref, k_ref, v_ref, *, part: _Part, group: int,
+                   scale: float, precision):
+  """(acc [bq, D], m [bq], l [bq]) of item i, kv head h, split s (m in log2 units).
+
+  item_refs = (item_table [I], item_offset [I], item_len [I], item_reqs [I, RPT],
+  tables [NT, MBt]): item i reads keys [0, item_len[i]) of row item_table[i] of `tables`,
+  from logical block item_offset[i]; its query rows are slot * G + g for the requests
+  item_reqs[i, slot]. k_ref, v_ref: [num_blocks, block_size, D] of kv head h.
+  """
+  item_table_ref, item_offset_ref, item_len_ref, item_reqs_ref, tables_ref = item_refs
+  block_q, block_k, num_splits = part.block_q, part.block_k, part.num_splits
   rpt = item_reqs_ref.shape[1]
   num_tables = tables_ref.shape[1]
   block_size, head_dim = k_ref.shape[1], k_ref.shape[2]
@@ -142,14 +165,23 @@ def _partials_kernel(
   lo = s * split_len
   hi = jnp.minimum(n, lo + split_len)
   num_steps = (jnp.maximum(hi - lo, 0) + block_k - 1) // block_k
+  # Whole tiles (every key below hi) skip the key mask and the load masks; only a last
+  # partial tile is masked. Same tiles in the same order either way (see
+  # online_softmax_step: a fully visible tile gives the same bits through both paths).
+  num_full = jnp.maximum(hi - lo, 0) // block_k
 
-  def step(j, carry):
+  def step(j, carry, *, masked: bool):
     # carry = (acc [bq, D], m [bq], l [bq]) float32
     keys = lo + j * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [bk] item keys
+    logical = jnp.minimum((offset + keys) // block_size, num_tables - 1)
+    if not masked:
+      pages = plgpu_triton.load(tables_ref.at[table, logical])
+      kv_idx = (pages[:, None], ((offset + keys) % block_size)[:, None], cols)
+      k = plgpu_triton.load(k_ref.at[kv_idx])  # [bk, D]
+      v = plgpu_triton.load(v_ref.at[kv_idx])
+      return online_softmax_step(carry, q, k, v, None, scale=scale, precision=precision)
     key_ok = keys < hi  # past the item: other requests' blocks or garbage (NaN too)
-    logical = (offset + keys) // block_size
-    pages = plgpu_triton.load(tables_ref.at[table, jnp.minimum(logical, num_tables - 1)],
-                              mask=key_ok & (logical < num_tables), other=0)
+    pages = plgpu_triton.load(tables_ref.at[table, logical], mask=key_ok, other=0)
     kv_idx = (pages[:, None], ((offset + keys) % block_size)[:, None], cols)
     k = plgpu_triton.load(k_ref.at[kv_idx], mask=key_ok[:, None], other=0)  # [bk, D]
     v = plgpu_triton.load(v_ref.at[kv_idx], mask=key_ok[:, None], other=0)
@@ -158,43 +190,115 @@ def _partials_kernel(
 
   init = (jnp.zeros((block_q, head_dim), jnp.float32),
           jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-  acc, m, l = jax.lax.fori_loop(0, num_steps, step, init)
+  carry = jax.lax.fori_loop(0, num_full, functools.partial(step, masked=False), init)
+  return jax.lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True), carry)
+
+
+def _partials_kernel(*refs, part: _Part, **kw):
+  """Grid (item, kv head, split); outputs are this program's blocks."""
+  item_refs, (q_ref, k_ref, v_ref), (acc_ref, m_ref, l_ref) = refs[:5], refs[5:8], refs[8:]
+  i, h, s = (pl.program_id(a) for a in range(3))
+  acc, m, l = _item_partials(i, h, s, item_refs, q_ref, k_ref, v_ref, part=part, **kw)
   acc_ref[...] = acc
   m_ref[...] = m
   l_ref[...] = l
 
 
-def _partials(q3, k_pool, v_pool, tables, item_table, item_offset, item_len, item_reqs, *,
-              block_q, block_k, num_splits, num_warps, num_stages, interpret, name):
-  """One launch over items: returns split-merged (acc, m, l) [I, K, block_q, (D)], m in log2."""
-  b, nh, d = q3.shape
-  nb, bs, nk, _ = k_pool.shape
-  group = nh // nk
-  num_items = item_table.shape[0]
-  grid = (num_items, nk, num_splits)  # items fastest: a node's tiles read a split together
-  full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+def _fused_program(p, shared: _Part, private: _Part, num_kv_heads: int):
+  """Program p of the fused launch -> (is_shared 1/0, item, kv head, split).
+
+  Shared and private programs alternate while both last (a compute-bound tile and a
+  memory-bound remainder share an SM), then the longer kind runs alone. Within a kind the
+  item index is fastest, so a node's tiles read a split at about the same time (L2).
+  """
+  n_s = shared.num_programs * num_kv_heads
+  n_p = private.num_programs * num_kv_heads
+  both = min(n_s, n_p)
+  mixed = p < 2 * both
+  # int32 throughout (the Triton lowering does not select between booleans).
+  is_shared = jnp.where(mixed, 1 - p % 2, int(n_s > n_p))
+  j = jnp.where(mixed, p // 2, p - both)
+  # Static divisors for each kind, then a select (a traced divisor does not lower).
+  unravel = lambda n: (j % n, (j // n) % num_kv_heads, j // (n * num_kv_heads))
+  return (is_shared, *(jnp.where(is_shared == 1, a, b) for a, b in
+                       zip(unravel(shared.num_items), unravel(private.num_items))))
+
+
+def _fused_kernel(*refs, shared: _Part, private: _Part, num_kv_heads: int, **kw):
+  """Both kinds of items in one launch: grid (programs,), outputs whole arrays."""
+  s_items, p_items, (q_ref, k_ref, v_ref) = refs[:5], refs[5:10], refs[10:13]
+  s_out, p_out = refs[13:16], refs[16:19]
+  is_shared, i, h, s = _fused_program(pl.program_id(0), shared, private, num_kv_heads)
+  cols = jnp.arange(k_ref.shape[2], dtype=jnp.int32)[None, :]
+
+  for flag, items, out, part in ((is_shared == 1, s_items, s_out, shared),
+                                 (is_shared == 0, p_items, p_out, private)):
+    @pl.when(flag)
+    def _(items=items, out=out, part=part):
+      acc, m, l = _item_partials(i, h, s, items, q_ref, k_ref, v_ref, part=part, **kw)
+      rows = jnp.arange(part.block_q, dtype=jnp.int32)
+      plgpu_triton.store(out[0].at[i, h, s, rows[:, None], cols], acc)
+      plgpu_triton.store(out[1].at[i, h, s, rows], m)
+      plgpu_triton.store(out[2].at[i, h, s, rows], l)
+
+
+def _kernel_kw(q3, k_pool):
+  d = q3.shape[-1]
+  return dict(group=q3.shape[1] // k_pool.shape[2], scale=d ** -0.5 * math.log2(math.e),
+              precision=(jax.lax.Precision.HIGHEST if q3.dtype == jnp.float32
+                         else jax.lax.Precision.DEFAULT))
+
+
+def _out_shapes(part: _Part, nk: int, d: int):
+  lead = (part.num_items, nk, part.num_splits, part.block_q)
+  return [jax.ShapeDtypeStruct(lead + (d,), jnp.float32),
+          jax.ShapeDtypeStruct(lead, jnp.float32), jax.ShapeDtypeStruct(lead, jnp.float32)]
+
+
+def _full(shape):
+  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def _partials(q3, k_pool, v_pool, items, *, part: _Part, num_warps, num_stages, interpret,
+              name):
+  """One launch over one kind of items: raw partials [I, K, S, block_q, (D)], m in log2."""
+  nb, bs, nk, d = k_pool.shape
+  grid = (part.num_items, nk, part.num_splits)  # items fastest: tiles read a split together
   kv_spec = pl.BlockSpec((nb, bs, None, d), lambda i, h, s: (0, 0, h, 0))
-  in_specs = [full(item_table.shape), full(item_offset.shape), full(item_len.shape),
-              full(item_reqs.shape), full(tables.shape), full(q3.shape), kv_spec, kv_spec]
-  out_shape = [jax.ShapeDtypeStruct((num_items, nk, num_splits, block_q, d), jnp.float32),
-               jax.ShapeDtypeStruct((num_items, nk, num_splits, block_q), jnp.float32),
-               jax.ShapeDtypeStruct((num_items, nk, num_splits, block_q), jnp.float32)]
+  in_specs = [_full(x.shape) for x in items] + [_full(q3.shape), kv_spec, kv_spec]
   out_specs = [
-      pl.BlockSpec((None, None, None, block_q, d), lambda i, h, s: (i, h, s, 0, 0)),
-      pl.BlockSpec((None, None, None, block_q), lambda i, h, s: (i, h, s, 0)),
-      pl.BlockSpec((None, None, None, block_q), lambda i, h, s: (i, h, s, 0))]
-  precision = (jax.lax.Precision.HIGHEST if q3.dtype == jnp.float32
-               else jax.lax.Precision.DEFAULT)
-  kernel = functools.partial(
-      _partials_kernel, block_q=block_q, block_k=block_k, num_splits=num_splits, group=group,
-      scale=d ** -0.5 * math.log2(math.e), precision=precision)
-  acc, m, l = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      pl.BlockSpec((None, None, None, part.block_q, d), lambda i, h, s: (i, h, s, 0, 0)),
+      pl.BlockSpec((None, None, None, part.block_q), lambda i, h, s: (i, h, s, 0)),
+      pl.BlockSpec((None, None, None, part.block_q), lambda i, h, s: (i, h, s, 0))]
+  return pl.pallas_call(
+      functools.partial(_partials_kernel, part=part, **_kernel_kw(q3, k_pool)),
+      grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=_out_shapes(part, nk, d),
       compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
                                                   num_stages=num_stages),
       interpret=interpret, name=name,
-  )(item_table, item_offset, item_len, item_reqs, tables, q3, k_pool, v_pool)
-  return _merge(acc, m, l, axis=2)
+  )(*items, q3, k_pool, v_pool)
+
+
+def _fused_partials(q3, k_pool, v_pool, s_items, p_items, *, shared: _Part, private: _Part,
+                    num_warps, num_stages, interpret):
+  """Both launches' programs in one launch: (shared partials, private partials)."""
+  nb, bs, nk, d = k_pool.shape
+  num_programs = (shared.num_programs + private.num_programs) * nk
+  head = lambda p: _fused_program(p, shared, private, nk)[2]
+  kv_spec = pl.BlockSpec((nb, bs, None, d), lambda p: (0, 0, head(p), 0))
+  in_specs = ([_full(x.shape) for x in (*s_items, *p_items)]
+              + [_full(q3.shape), kv_spec, kv_spec])
+  out_shape = _out_shapes(shared, nk, d) + _out_shapes(private, nk, d)
+  outs = pl.pallas_call(
+      functools.partial(_fused_kernel, shared=shared, private=private, num_kv_heads=nk,
+                        **_kernel_kw(q3, k_pool)),
+      grid=(num_programs,), in_specs=in_specs, out_specs=[_full(o.shape) for o in out_shape],
+      out_shape=out_shape,
+      compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
+                                                  num_stages=num_stages),
+      interpret=interpret, name="dedup_attention_fused",
+  )(*s_items, *p_items, q3, k_pool, v_pool)
+  return outs[:3], outs[3:]
 
 
 def _merge(acc, m, l, axis):
@@ -207,8 +311,13 @@ def _merge(acc, m, l, axis):
   return acc, jnp.squeeze(m_max, axis), l
 
 
-def _num_splits(tokens: int, kv_split: int, cap: int) -> int:
-  return max(1, min(-(-tokens // kv_split), cap))
+def _num_splits(tokens: int, items: int, kv_heads: int, *, kv_split: int, block_k: int,
+                min_programs: int, cap: int) -> int:
+  """Static split count: splits of <= kv_split keys, more while the grid is small."""
+  by_length = -(-tokens // kv_split)
+  by_fill = -(-min_programs // (items * kv_heads))
+  most = min(cap, -(-tokens // block_k))  # a split holds at least one key tile
+  return max(1, min(max(by_length, by_fill), most))
 
 
 # ---------------------------------------------------------------------------- wrapper
@@ -220,13 +329,14 @@ def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: At
 
   `plan` (default `view.sharing`) must come from the same batch's block tables (see
   `hq_jax.kv.sharing.build_plan`). Without a plan, or with T > 1, this is the paged kernel.
+  A plan with no shared node (nothing to read once) runs the paged kernel unchanged.
   Returns [B, 1, H, D] in q's dtype; float32 softmax and accumulation.
   """
   plan = plan if plan is not None else getattr(view, "sharing", None)
   check_inputs(q, k_pool, v_pool)
   b, t, nh, d = q.shape
   nb, bs, nk, _ = k_pool.shape
-  if plan is None or t != 1:
+  if plan is None or t != 1 or not plan.has_shared:
     return paged_attention(q, k_pool, v_pool, view, interpret=interpret)
   config = config or DEFAULT
   group = nh // nk
@@ -245,26 +355,37 @@ def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: At
   # 1. Shared runs: one item per tile of a node's requests. Padding tiles are empty.
   num_tiles = plan.tile_node.shape[0]
   tile_used = jnp.any(plan.tile_reqs >= 0, axis=1)
-  s_acc, s_m, s_l = _partials(
-      q3, k_pool, v_pool, plan.node_tables, plan.tile_node, jnp.zeros((num_tiles,), i32),
-      jnp.where(tile_used, plan.node_lens[plan.tile_node], 0), plan.tile_reqs,
-      block_q=config.shared_block_q, block_k=config.shared_block_k,
-      num_splits=_num_splits(plan.node_tables.shape[1] * bs, config.shared_kv_split,
-                             config.max_splits),
-      num_warps=config.shared_num_warps, num_stages=config.shared_num_stages,
-      interpret=interpret, name="dedup_attention_shared")
-
+  s_items = (plan.tile_node, jnp.zeros((num_tiles,), i32),
+             jnp.where(tile_used, plan.node_lens[plan.tile_node], 0), plan.tile_reqs,
+             plan.node_tables)
+  shared = _Part(num_tiles, config.shared_block_q, config.shared_block_k, _num_splits(
+      plan.node_tables.shape[1] * bs, num_tiles, nk, kv_split=config.shared_kv_split,
+      block_k=config.shared_block_k, min_programs=config.min_programs,
+      cap=config.max_splits))
   # 2. Private remainders: one item per request, its table read from private_start.
   mb = view.block_tables.shape[1]
   start = plan.private_start
-  p_acc, p_m, p_l = _partials(
-      q3, k_pool, v_pool, view.block_tables, jnp.arange(b, dtype=i32), start // bs,
-      jnp.maximum(view.kv_lens - start, 0), jnp.arange(b, dtype=i32)[:, None],
-      block_q=config.private_block_q, block_k=config.private_block_k,
-      num_splits=_num_splits(min(mb * bs, plan.private_tokens_hint or mb * bs),
-                             config.private_kv_split, config.max_splits),
-      num_warps=config.private_num_warps, num_stages=config.private_num_stages,
-      interpret=interpret, name="dedup_attention_private")
+  p_items = (jnp.arange(b, dtype=i32), start // bs, jnp.maximum(view.kv_lens - start, 0),
+             jnp.arange(b, dtype=i32)[:, None], view.block_tables)
+  private = _Part(b, config.private_block_q, config.private_block_k, _num_splits(
+      min(mb * bs, plan.private_tokens_hint or mb * bs), b, nk,
+      kv_split=config.private_kv_split, block_k=config.private_block_k,
+      min_programs=config.min_programs, cap=config.max_splits))
+  if config.fused:
+    s_raw, p_raw = _fused_partials(
+        q3, k_pool, v_pool, s_items, p_items, shared=shared, private=private,
+        num_warps=config.shared_num_warps, num_stages=config.shared_num_stages,
+        interpret=interpret)
+  else:
+    s_raw = _partials(q3, k_pool, v_pool, s_items, part=shared,
+                      num_warps=config.shared_num_warps, num_stages=config.shared_num_stages,
+                      interpret=interpret, name="dedup_attention_shared")
+    p_raw = _partials(q3, k_pool, v_pool, p_items, part=private,
+                      num_warps=config.private_num_warps,
+                      num_stages=config.private_num_stages, interpret=interpret,
+                      name="dedup_attention_private")
+  s_acc, s_m, s_l = _merge(*s_raw, axis=2)  # [TL, K, bq, (D)]
+  p_acc, p_m, p_l = _merge(*p_raw, axis=2)  # [B, K, bq, (D)]
 
   # 3. Gather each request's node partials and merge them with its private one.
   rows = lambda x: x[:, :, :rpt * group].reshape(num_tiles, nk, rpt, group, *x.shape[3:])

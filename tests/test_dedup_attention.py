@@ -6,6 +6,7 @@ Inputs are random; unused blocks and slots past a request's length hold NaN, so 
 of them shows in the output.
 """
 
+import dataclasses
 import warnings
 
 from absl.testing import absltest, parameterized
@@ -27,7 +28,12 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative L2 error vs the f32 re
 BS = 4  # tokens per block in the kernel tests
 # Small tiles: a tile of 16 rows (2 requests x G = 7, or 8 x G = 2), splits of 32 keys.
 SMALL = da.TuningConfig(shared_block_q=16, shared_block_k=16, shared_kv_split=32,
-                        private_block_q=16, private_block_k=16, private_kv_split=32)
+                        private_block_q=16, private_block_k=16, private_kv_split=32,
+                        min_programs=1)
+# The same tiles, but so many programs wanted that every split holds one key tile.
+SMALL_FILLED = dataclasses.replace(SMALL, min_programs=4096)
+# Both parts in one launch.
+SMALL_FUSED = dataclasses.replace(SMALL, fused=True)
 
 
 def make_batch(seed, requests, segments, *, kv_heads=2, group=2, head_dim=32,
@@ -93,12 +99,12 @@ class DedupAttentionTest(parameterized.TestCase):
     if not self.INTERPRET and jax.default_backend() != "gpu":
       self.skipTest("compiled Pallas GPU kernels need a GPU")
 
-  def run_case(self, case, *, group=2, dtype=jnp.float32, seed=0):
+  def run_case(self, case, *, group=2, dtype=jnp.float32, seed=0, config=SMALL):
     requests, segments = CASES[case]
     q, k, v, view = make_batch(seed, requests, segments, group=group, dtype=dtype)
     plan, summary = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens),
-                                       BS, requests_per_tile=SMALL.requests_per_tile(group))
-    out = da.dedup_attention(q, k, v, view, plan, config=SMALL, interpret=self.INTERPRET)
+                                       BS, requests_per_tile=config.requests_per_tile(group))
+    out = da.dedup_attention(q, k, v, view, plan, config=config, interpret=self.INTERPRET)
     chex.assert_shape(out, q.shape)
     self.assertFalse(np.isnan(np.asarray(out, np.float32)).any())
     ref = pa.paged_attention_reference(q, k, v, view)
@@ -111,6 +117,13 @@ class DedupAttentionTest(parameterized.TestCase):
   def test_against_reference_f32(self, case, group):
     self.run_case(case, group=group)
 
+  @parameterized.product(case=("nested", "many_requests", "single_request"), group=(2, 7))
+  def test_fused_launch_equals_two_launches(self, case, group):
+    # Same items, splits and merge: the fused launch must give the same bits.
+    two, _ = self.run_case(case, group=group, seed=7)
+    fused, _ = self.run_case(case, group=group, seed=7, config=SMALL_FUSED)
+    np.testing.assert_array_equal(np.asarray(fused), np.asarray(two))
+
   @parameterized.parameters("nested", "one_group")
   def test_against_paged_kernel_bf16(self, case):
     out, summary = self.run_case(case, group=7, dtype=jnp.bfloat16, seed=3)
@@ -118,6 +131,27 @@ class DedupAttentionTest(parameterized.TestCase):
     q, k, v, view = make_batch(3, *CASES[case], group=7, dtype=jnp.bfloat16)
     paged = pa.paged_attention(q, k, v, view, interpret=self.INTERPRET)
     self.assertLess(rel_err(out, paged), TOL[jnp.bfloat16])
+
+  @parameterized.parameters("nested", "partial_blocks")
+  def test_filled_grid_one_tile_per_split(self, case):
+    # min_programs far above the grid: every split holds one key tile, many are empty.
+    requests, segments = CASES[case]
+    q, k, v, view = make_batch(5, requests, segments, group=7)
+    plan, _ = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens),
+                                 BS, requests_per_tile=SMALL.requests_per_tile(7))
+    out = da.dedup_attention(q, k, v, view, plan, config=SMALL_FILLED,
+                             interpret=self.INTERPRET)
+    self.assertLess(rel_err(out, pa.paged_attention_reference(q, k, v, view)), 1e-5)
+
+  def test_nothing_shared_is_the_paged_kernel(self):
+    q, k, v, view = make_batch(6, *CASES["no_sharing"], group=7, dtype=jnp.bfloat16)
+    plan, summary = sharing.build_plan(np.asarray(view.block_tables),
+                                       np.asarray(view.kv_lens), BS, requests_per_tile=2)
+    self.assertFalse(plan.has_shared)
+    self.assertEqual(summary.saved_tokens, 0)
+    out = da.dedup_attention(q, k, v, view, plan, config=SMALL, interpret=self.INTERPRET)
+    paged = pa.paged_attention(q, k, v, view, interpret=self.INTERPRET)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(paged, np.float32))
 
   def test_view_carries_plan_and_prefill_falls_back(self):
     q, k, v, view = make_batch(1, *CASES["one_group"])
@@ -283,6 +317,17 @@ class TuningConfigTest(parameterized.TestCase):
   def test_rejects(self, **kwargs):
     with self.assertRaises(ValueError):
       da.TuningConfig(**kwargs)
+
+  def test_split_counts_fill_the_grid(self):
+    splits = lambda tokens, items, **kw: da._num_splits(
+        tokens, items, 4, **{**dict(kv_split=2048, block_k=128, min_programs=264,
+                                    cap=64), **kw})
+    self.assertEqual(splits(32768, 8), 16)  # long node: by length (512 programs)
+    self.assertEqual(splits(4096, 4), 17)  # short node, 4 tiles: by fill (272 programs)
+    self.assertEqual(splits(256, 4), 2)  # never more splits than key tiles
+    self.assertEqual(splits(4096, 4, cap=8), 8)
+    self.assertEqual(splits(4096, 128), 2)  # a big batch needs no extra splits
+    self.assertEqual(splits(16, 1, min_programs=1), 1)
 
   def test_requests_per_tile(self):
     self.assertEqual(da.DEFAULT.requests_per_tile(7), 9)

@@ -128,6 +128,9 @@ class SharingPlan:
   # Longest private remainder when planned, rounded up to a power of two: sets how many
   # splits the private part launches (a hint only; longer remainders stay correct).
   private_tokens_hint: int = dataclasses.field(metadata=dict(static=True), default=0)
+  # Whether any node exists. Without one the kernel is plain paged decode (the same
+  # launch, the same bits), so a batch that shares nothing never pays for the split.
+  has_shared: bool = dataclasses.field(metadata=dict(static=True), default=True)
 
   @property
   def num_tiles(self) -> int:
@@ -198,7 +201,8 @@ def build_plan(tables, kv_lens, block_size: int, *, requests_per_tile: int,
       private_start=jnp.asarray(private_blocks * block_size, dtype=jnp.int32),
       requests_per_tile=rpt,
       private_tokens_hint=_pow2(int(np.max(kv_lens - private_blocks * block_size,
-                                           initial=1))))
+                                           initial=1))),
+      has_shared=bool(nodes))
   saved = sum(n.num_blocks * block_size * (len(n.requests) - 1) for n in nodes)
   summary = PlanSummary(tuple(nodes), int(np.sum(kv_lens)), int(saved))
   return plan, summary
