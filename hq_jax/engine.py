@@ -140,10 +140,11 @@ class Engine:
       return view, self.attention_fn
     from hq_jax.kv import sharing
     if self._planner is None or self._planner.block_size != cache.block_size:
-      from pallas_kernels.dedup_attention import DEFAULT
+      from pallas_kernels.dedup_attention import default_config
       group = self.cfg.num_heads // self.cfg.num_kv_heads
       self._planner = sharing.SharingPlanner(
-          cache.block_size, requests_per_tile=DEFAULT.requests_per_tile(group))
+          cache.block_size,
+          requests_per_tile=default_config(self.cfg.head_dim).requests_per_tile(group))
     plan, summary = self._planner.plan(np.asarray(cache.block_tables)[slots], lens)
     if self.decode_attention == "auto" and summary.saved_tokens < self.auto_min_saved_tokens:
       self.last_decode_attention = "paged"

@@ -1,8 +1,8 @@
 """Shared-prefix ("deduplicated block") decode attention as a Pallas GPU kernel.
 
-Three parts, as in `paged_attention.py`: the kernel body (`_partials_kernel`), the jitted
-wrapper `dedup_attention` with its `TuningConfig`, and the float32
-`dedup_attention_reference`.
+Parts, as in `paged_attention.py`: the kernel body (`_partials_kernel`), the merge kernel
+(`_merge_kernel`), the jitted wrapper `dedup_attention` with its `TuningConfig`, and the
+float32 `dedup_attention_reference`.
 
 The HQ cache stores a block shared by C requests once, but paged decode still reads it C
 times (once per request). Here a sharing plan (`hq_jax.kv.sharing`) names the shared runs
@@ -15,12 +15,21 @@ cascade attention and Hydragen, into
      value products are matrix work;
   2. private part: one program per (request, kv head, split) over the request's keys after
      its deepest node, `[private_start, kv_len)`: paged decode with a shifted start;
-  3. an exact log-sum-exp merge of each request's partials (acc, m, l) in XLA.
+  3. merge: one small Pallas launch (`_merge_kernel`, one program per request, kv head and
+     column tile of D) gathers each request's float32 partials (acc, m, l) and merges them
+     by an exact log-sum-exp (no epsilon) in a fixed order: its nodes root to deepest
+     (`req_rows[b, d]`, d = 0, 1, ...), each over its splits in increasing order, then its
+     private splits in increasing order. The max of m over all of them comes first, then
+     the weighted sums in that order; the order depends only on the plan and the request,
+     not on where blocks live. It writes the output in q's layout and dtype.
 
-Both parts run the same kernel body (one launch each, with their own tile sizes). An item
-(a tile or a request) reads keys [0, len) of one row of a block table, from a block offset;
-its splits have a per-item length (cdiv(len, splits) rounded to block_k), so a short item
-never launches long empty loops and the static split count only sets parallelism.
+Both parts run the same kernel body (one launch each with their own tile sizes, or both in
+one launch with `fused`); the merge only reads their partials, so it is the same either way.
+An item (a tile or a request) reads keys [start, len) of one row of a block table (the
+lengths are read in the kernel, and index arrays that depend only on shapes are constants:
+no XLA work runs around the launches); its splits have a per-item length (cdiv(len - start,
+splits) rounded to block_k), so a short item never launches long empty loops and the static
+split count only sets parallelism.
 
 The reduction order differs from the paged kernel's (other splits, and the shared part is
 merged in separately), so outputs are equal within floating-point tolerance, not bit-exact:
@@ -42,12 +51,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from hq_jax.kv.paged import AttentionView, gather
 from hq_jax.kv.sharing import SharingPlan
-from pallas_kernels.paged_attention import check_inputs, online_softmax_step, paged_attention
+from pallas_kernels.paged_attention import (_MERGE_UNROLL, _merge_block_d, check_inputs,
+                                            online_softmax_step, paged_attention)
 
 _WARPS = (1, 2, 4, 8, 16)
 
@@ -113,7 +124,17 @@ class TuningConfig:
     return self.shared_block_q // group
 
 
-DEFAULT = TuningConfig()
+DEFAULT = TuningConfig()  # best on the H200 at head_dim 64 (Qwen-0.5B shape)
+# Head_dim 128 (Qwen-7B shape): 128-row tiles of 128 keys, about one wave of long shared
+# programs (splits of up to 8192 keys), both parts in one launch.
+DEFAULT_D128 = TuningConfig(shared_block_q=128, shared_block_k=128, shared_num_warps=8,
+                            shared_num_stages=2, shared_kv_split=8192, min_programs=128,
+                            fused=True)
+
+
+def default_config(head_dim: int) -> TuningConfig:
+  """The measured best tiles for a head size (docs/benchmarks.md, shared-prefix section)."""
+  return DEFAULT_D128 if head_dim >= 128 else DEFAULT
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -131,17 +152,31 @@ class _Part:
     return self.num_items * self.num_splits  # times the kv heads
 
 
+def _split_len(n, part: _Part):
+  """Keys per split of an item of n keys: cdiv(n, splits) rounded up to block_k (0 if n = 0).
+
+  Split s covers item keys [s * split_len, min(n, (s + 1) * split_len)); it is non-empty iff
+  s * split_len < n (which implies s < num_splits). Static divisors only (Triton).
+  """
+  per_split = (n + part.num_splits - 1) // part.num_splits
+  return (per_split + part.block_k - 1) // part.block_k * part.block_k
+
+
 def _item_partials(i, h, s, item_refs, q_ref, k_ref, v_ref, *, part: _Part, group: int,
                    scale: float, precision):
   """(acc [bq, D], m [bq], l [bq]) of item i, kv head h, split s (m in log2 units).
 
-  item_refs = (item_table [I], item_offset [I], item_len [I], item_reqs [I, RPT],
-  tables [NT, MBt]): item i reads keys [0, item_len[i]) of row item_table[i] of `tables`,
-  from logical block item_offset[i]; its query rows are slot * G + g for the requests
-  item_reqs[i, slot]. k_ref, v_ref: [num_blocks, block_size, D] of kv head h.
+  item_refs = (item_table [I], item_start [I], table_lens [NT], item_reqs [I, RPT],
+  tables [NT, MBt]): item i reads keys [item_start[i], table_lens[item_table[i]]) of row
+  item_table[i] of `tables` (item_start block aligned; none if slot 0 holds no request:
+  a padding tile, since `build_plan` fills a tile's slots from 0); its query rows are
+  slot * G + g for the requests item_reqs[i, slot]. k_ref, v_ref: [num_blocks, block_size,
+  D] of kv head h. Lengths are read here, not computed in XLA around the launch (that
+  would be extra small kernels per call); a scalar load, not a reduction over the tile's
+  requests, which cost registers (and stack in the fused launch) on sm_90.
   """
-  item_table_ref, item_offset_ref, item_len_ref, item_reqs_ref, tables_ref = item_refs
-  block_q, block_k, num_splits = part.block_q, part.block_k, part.num_splits
+  item_table_ref, item_start_ref, table_lens_ref, item_reqs_ref, tables_ref = item_refs
+  block_q, block_k = part.block_q, part.block_k
   rpt = item_reqs_ref.shape[1]
   num_tables = tables_ref.shape[1]
   block_size, head_dim = k_ref.shape[1], k_ref.shape[2]
@@ -158,10 +193,11 @@ def _item_partials(i, h, s, item_refs, q_ref, k_ref, v_ref, *, part: _Part, grou
   q = plgpu_triton.load(q_ref.at[req[:, None], (h * group + g)[:, None], cols],
                         mask=row_ok[:, None], other=0)  # [bq, D]
 
-  n = item_len_ref[i]
   table = item_table_ref[i]
-  offset = item_offset_ref[i] * block_size  # in keys
-  split_len = ((n + num_splits - 1) // num_splits + block_k - 1) // block_k * block_k
+  offset = item_start_ref[i]  # in keys
+  used = item_reqs_ref[i, 0] >= 0
+  n = jnp.where(used, jnp.maximum(table_lens_ref[table] - offset, 0), 0)
+  split_len = _split_len(n, part)
   lo = s * split_len
   hi = jnp.minimum(n, lo + split_len)
   num_steps = (jnp.maximum(hi - lo, 0) + block_k - 1) // block_k
@@ -301,14 +337,122 @@ def _fused_partials(q3, k_pool, v_pool, s_items, p_items, *, shared: _Part, priv
   return outs[:3], outs[3:]
 
 
-def _merge(acc, m, l, axis):
-  """Exact log-sum-exp merge (m in log2 units) along `axis` of m; acc has a trailing D."""
-  m_max = jnp.max(m, axis=axis, keepdims=True)
-  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-  w = jnp.exp2(m - m_max)  # an empty partial has m = -inf, weight 0
-  acc = jnp.sum(acc * w[..., None], axis=axis)
-  l = jnp.sum(l * w, axis=axis)
-  return acc, jnp.squeeze(m_max, axis), l
+def _merge_kernel(req_rows_ref, tile_node_ref, node_lens_ref, start_ref, kv_lens_ref,
+                  s_acc_ref, s_m_ref, s_l_ref, p_acc_ref, p_m_ref, p_l_ref, o_ref, *,
+                  shared: _Part, private: _Part, rpt: int, group: int, block_g: int,
+                  block_d: int):
+  """Exact log-sum-exp merge of request b's partials for kv head h, column tile c.
+
+  The partials, in this fixed order: the node rows req_rows[b, d] for d = 0, 1, ... (root
+  to deepest; tile r // RPT, rows (r % RPT) * G + g), each over its splits in increasing
+  order, then the private rows g over their splits in increasing order. m_max is taken over
+  all of them first (a max is exact in any order); then w * acc and w * l (w = exp2(m -
+  m_max)) are summed in that order, one partial after the other. The order depends only on
+  the plan and the request. Only splits that can be non-empty (s * split_len < the item's
+  length) are read; any other holds m = -inf, l = 0, acc = 0 and would add exact zeros.
+  A row with no visible key gives 0. Rows g >= G (block_g pads G to a power of two) are
+  never read or written.
+  """
+  b, h, c = (pl.program_id(i) for i in range(3))
+  rows = jnp.arange(block_g, dtype=jnp.int32)
+  row_ok = rows < group
+  g = jnp.minimum(rows, group - 1)  # loads: padding rows address row G - 1 (masked off)
+  cols = (c * block_d + jnp.arange(block_d, dtype=jnp.int32))[None, :]  # [1, block_d]
+
+  # (partial refs, item, its rows [block_g], its length in keys, its part), in merge order.
+  sources = []
+  for d in range(req_rows_ref.shape[1]):
+    r = req_rows_ref[b, d]
+    tile = jnp.maximum(r, 0) // rpt  # static divisors (Triton)
+    slot = jnp.maximum(r, 0) % rpt
+    n = jnp.where(r >= 0, node_lens_ref[tile_node_ref[tile]], 0)
+    sources.append(((s_acc_ref, s_m_ref, s_l_ref), tile, slot * group + g, n, shared))
+  n = jnp.maximum(kv_lens_ref[b] - start_ref[b], 0)
+  sources.append(((p_acc_ref, p_m_ref, p_l_ref), b, g, n, private))
+
+  def fold(src, step, carry):
+    """carry = step(carry, [(s, mask)] of `unroll` splits) over the item's splits in order.
+
+    Each iteration reads `unroll` splits with independent loads (in flight together); a
+    split that cannot be non-empty is masked off (no memory traffic, exact zeros)."""
+    n, part = src[3], src[4]
+    split_len = _split_len(n, part)
+    unroll = min(_MERGE_UNROLL, part.num_splits)
+    bound = jnp.minimum(pl.cdiv(n, part.block_k), part.num_splits)  # >= non-empty splits
+
+    def body(i, carry):
+      splits = [(jnp.minimum(i * unroll + u, part.num_splits - 1),
+                 row_ok & ((i * unroll + u) * split_len < n)) for u in range(unroll)]
+      return step(carry, splits)
+
+    return jax.lax.fori_loop(0, pl.cdiv(bound, unroll), body, carry)
+
+  m_max = jnp.full((block_g,), -jnp.inf, jnp.float32)
+  for src in sources:
+    (_, m_ref, _), item, src_rows = src[:3]
+
+    def max_step(m_max, splits, m_ref=m_ref, item=item, src_rows=src_rows):
+      ms = [plgpu_triton.load(m_ref.at[item, h, s, src_rows], mask=ok, other=-jnp.inf)
+            for s, ok in splits]
+      for m_s in ms:
+        m_max = jnp.maximum(m_max, m_s)
+      return m_max
+
+    m_max = fold(src, max_step, m_max)
+  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)  # no visible key: every weight is 0
+
+  carry = (jnp.zeros((block_g, block_d), jnp.float32), jnp.zeros((block_g,), jnp.float32))
+  for src in sources:
+    (acc_ref, m_ref, l_ref), item, src_rows = src[:3]
+
+    def add_step(carry, splits, acc_ref=acc_ref, m_ref=m_ref, l_ref=l_ref, item=item,
+                 src_rows=src_rows):
+      loads = [(plgpu_triton.load(m_ref.at[item, h, s, src_rows], mask=ok, other=-jnp.inf),
+                plgpu_triton.load(l_ref.at[item, h, s, src_rows], mask=ok, other=0.0),
+                plgpu_triton.load(acc_ref.at[item, h, s, src_rows[:, None], cols],
+                                  mask=ok[:, None], other=0.0))
+               for s, ok in splits]
+      num, den = carry
+      for m_s, l_s, acc_s in loads:  # in increasing split order
+        w = jnp.exp2(m_s - m_max)
+        num = num + w[:, None] * acc_s
+        den = den + w * l_s
+      return num, den
+
+    carry = fold(src, add_step, carry)
+  num, den = carry
+  out = jnp.where(den[:, None] > 0, num / den[:, None], 0.0)
+  # Distinct addresses for the padding rows too: the interpreter stores a masked row by
+  # writing back what it read, so two rows on one address could undo a write.
+  plgpu_triton.store(o_ref.at[b, (h * group + rows)[:, None], cols],
+                     out.astype(o_ref.dtype), mask=row_ok[:, None])
+
+
+def _merge_partials(plan: SharingPlan, kv_lens, s_raw, p_raw, *, shared: _Part,
+                    private: _Part, num_heads: int, out_dtype, interpret: bool):
+  """Merges each request's node and private partials into [B, H, D] in one Pallas launch.
+
+  Grid (request, kv head, column tile of D): D is split (as in the paged merge) until the
+  grid has enough programs; the sums run element by element, so that changes no bit.
+  """
+  b, nk = p_raw[1].shape[:2]
+  d = p_raw[0].shape[-1]
+  group = num_heads // nk
+  block_g = max(16, 1 << (group - 1).bit_length())  # Triton tiles: powers of two
+  block_d = _merge_block_d(b * nk, d)
+  kernel = functools.partial(_merge_kernel, shared=shared, private=private,
+                             rpt=plan.requests_per_tile, group=group, block_g=block_g,
+                             block_d=block_d)
+  args = (plan.req_rows, plan.tile_node, plan.node_lens, plan.private_start, kv_lens,
+          *s_raw, *p_raw)
+  return pl.pallas_call(
+      kernel, grid=(b, nk, d // block_d), in_specs=[_full(x.shape) for x in args],
+      out_specs=_full((b, num_heads, d)),
+      out_shape=jax.ShapeDtypeStruct((b, num_heads, d), out_dtype),
+      compiler_params=plgpu_triton.CompilerParams(
+          num_warps=max(1, min(4, block_g * block_d // 256)), num_stages=1),
+      interpret=interpret, name="dedup_attention_merge",
+  )(*args)
 
 
 def _num_splits(tokens: int, items: int, kv_heads: int, *, kv_split: int, block_k: int,
@@ -338,7 +482,7 @@ def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: At
   nb, bs, nk, _ = k_pool.shape
   if plan is None or t != 1 or not plan.has_shared:
     return paged_attention(q, k_pool, v_pool, view, interpret=interpret)
-  config = config or DEFAULT
+  config = config or default_config(d)
   group = nh // nk
   rpt = plan.requests_per_tile
   if rpt * group > config.shared_block_q:
@@ -350,23 +494,21 @@ def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: At
   if plan.req_rows.shape[0] != b:
     raise ValueError(f"the plan is for {plan.req_rows.shape[0]} requests, q has {b}")
   q3 = q[:, 0]  # [B, H, D]
-  i32 = jnp.int32
 
-  # 1. Shared runs: one item per tile of a node's requests. Padding tiles are empty.
+  # 1. Shared runs: one item per tile of a node's requests (keys [0, node_lens[node]) of its
+  # node table). Padding tiles have no request and read nothing. Index arrays that depend
+  # only on shapes are host constants (no iota kernels per call).
   num_tiles = plan.tile_node.shape[0]
-  tile_used = jnp.any(plan.tile_reqs >= 0, axis=1)
-  s_items = (plan.tile_node, jnp.zeros((num_tiles,), i32),
-             jnp.where(tile_used, plan.node_lens[plan.tile_node], 0), plan.tile_reqs,
-             plan.node_tables)
+  s_items = (plan.tile_node, np.zeros((num_tiles,), np.int32), plan.node_lens,
+             plan.tile_reqs, plan.node_tables)
   shared = _Part(num_tiles, config.shared_block_q, config.shared_block_k, _num_splits(
       plan.node_tables.shape[1] * bs, num_tiles, nk, kv_split=config.shared_kv_split,
       block_k=config.shared_block_k, min_programs=config.min_programs,
       cap=config.max_splits))
-  # 2. Private remainders: one item per request, its table read from private_start.
+  # 2. Private remainders: one item per request, keys [private_start, kv_len) of its table.
   mb = view.block_tables.shape[1]
-  start = plan.private_start
-  p_items = (jnp.arange(b, dtype=i32), start // bs, jnp.maximum(view.kv_lens - start, 0),
-             jnp.arange(b, dtype=i32)[:, None], view.block_tables)
+  p_items = (np.arange(b, dtype=np.int32), plan.private_start, view.kv_lens,
+             np.arange(b, dtype=np.int32).reshape(b, 1), view.block_tables)
   private = _Part(b, config.private_block_q, config.private_block_k, _num_splits(
       min(mb * bs, plan.private_tokens_hint or mb * bs), b, nk,
       kv_split=config.private_kv_split, block_k=config.private_block_k,
@@ -384,25 +526,10 @@ def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: At
                       num_warps=config.private_num_warps,
                       num_stages=config.private_num_stages, interpret=interpret,
                       name="dedup_attention_private")
-  s_acc, s_m, s_l = _merge(*s_raw, axis=2)  # [TL, K, bq, (D)]
-  p_acc, p_m, p_l = _merge(*p_raw, axis=2)  # [B, K, bq, (D)]
-
-  # 3. Gather each request's node partials and merge them with its private one.
-  rows = lambda x: x[:, :, :rpt * group].reshape(num_tiles, nk, rpt, group, *x.shape[3:])
-  flat = lambda x: jnp.moveaxis(rows(x), 2, 1).reshape(num_tiles * rpt, nk, group,
-                                                       *x.shape[3:])
-  s_acc, s_m, s_l = flat(s_acc), flat(s_m), flat(s_l)  # [TL * RPT, K, G, (D)]
-  idx = jnp.maximum(plan.req_rows, 0)  # [B, DEP]
-  has = (plan.req_rows >= 0)[:, :, None, None]
-  g_acc = s_acc[idx]  # [B, DEP, K, G, D]
-  g_m = jnp.where(has, s_m[idx], -jnp.inf)
-  g_l = s_l[idx]
-  acc = jnp.concatenate([g_acc, p_acc[:, None, :, :group]], axis=1)
-  m = jnp.concatenate([g_m, p_m[:, None, :, :group]], axis=1)
-  l = jnp.concatenate([g_l, p_l[:, None, :, :group]], axis=1)
-  acc, _, l = _merge(acc, m, l, axis=1)  # [B, K, G, D], [B, K, G]
-  out = jnp.where(l[..., None] > 0, acc / l[..., None], 0.0)
-  return out.reshape(b, 1, nh, d).astype(q.dtype)
+  # 3. Each request's node partials and private partial, merged in one launch.
+  out = _merge_partials(plan, view.kv_lens, s_raw, p_raw, shared=shared, private=private,
+                        num_heads=nh, out_dtype=q.dtype, interpret=interpret)
+  return out.reshape(b, 1, nh, d)
 
 
 def dedup_attention_interpret(q, k_pool, v_pool, view, plan=None, *, config=None):

@@ -7,6 +7,7 @@ of them shows in the output.
 """
 
 import dataclasses
+from unittest import mock
 import warnings
 
 from absl.testing import absltest, parameterized
@@ -88,6 +89,11 @@ CASES = dict(
     partial_blocks=([(("sys",), 2), (("sys",), 4), (("sys",), 3)], {"sys": 3}),
     single_request=([(("sys",), 6)], {"sys": 4}),
     many_requests=([(("sys",), 1 + i) for i in range(11)], {"sys": 3}),  # tiles of 8 and 3
+    # What the merge must handle: depth 2, requests whose private part is empty (they end
+    # where their deepest node ends: 1 in "a", 3 in "b", 5 in "sys"), one with no node (7).
+    merge=([(("sys", "a"), 3), (("sys", "a"), 0), (("sys", "b"), 4), (("sys", "b"), 0),
+            (("sys", "b"), 9), (("sys",), 0), (("sys",), 7), ((), 13)],
+           {"sys": 5, "a": 3, "b": 4}),
 )
 
 
@@ -142,6 +148,72 @@ class DedupAttentionTest(parameterized.TestCase):
     out = da.dedup_attention(q, k, v, view, plan, config=SMALL_FILLED,
                              interpret=self.INTERPRET)
     self.assertLess(rel_err(out, pa.paged_attention_reference(q, k, v, view)), 1e-5)
+
+  @parameterized.product(config=("small", "filled", "filled_fused"), group=(2, 7))
+  def test_merge_depth_empty_private_no_node(self, config, group):
+    # The merge gathers 0, 1 or 2 nodes per request (over many splits when filled) and
+    # private parts that may be empty; against both oracles at f32 tolerance.
+    config = dict(small=SMALL, filled=SMALL_FILLED,
+                  filled_fused=dataclasses.replace(SMALL_FILLED, fused=True))[config]
+    out, summary = self.run_case("merge", group=group, seed=11, config=config)
+    self.assertEqual(summary.depth, 2)
+    q, k, v, view = make_batch(11, *CASES["merge"], group=group)
+    plan, _ = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens),
+                                 BS, requests_per_tile=config.requests_per_tile(group))
+    rows = np.asarray(plan.req_rows)
+    np.testing.assert_array_equal((rows >= 0).sum(1), [2, 2, 2, 2, 2, 1, 1, 0])
+    np.testing.assert_array_equal(np.asarray(view.kv_lens) == np.asarray(plan.private_start),
+                                  [0, 1, 0, 1, 0, 1, 0, 0])
+    ref = da.dedup_attention_reference(q, k, v, view, plan)
+    self.assertLess(rel_err(out, ref), 1e-5)
+
+  @parameterized.parameters(2, 7)
+  def test_merge_reads_only_its_rows_and_non_empty_splits(self, group):
+    # NaN in every partial the merge has no need to read (empty splits, padding tiles and
+    # slots, private rows past G) changes no bit of the output.
+    q, k, v, view = make_batch(12, *CASES["merge"], group=group)
+    plan, _ = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens),
+                                 BS, requests_per_tile=SMALL.requests_per_tile(group))
+    run = lambda: da.dedup_attention.__wrapped__(q, k, v, view, plan, config=SMALL_FILLED,
+                                                 interpret=True)
+    clean = np.asarray(run())
+    merge = da._merge_partials
+    rpt = plan.requests_per_tile
+
+    def poison(raw, used):  # used [I, rows]: rows of a request
+      acc, m, l = raw
+      bad = (m == -jnp.inf) | ~used[:, None, None, :]
+      nan = lambda x, bad: jnp.where(bad, jnp.nan, x)
+      self.assertTrue(bool(jnp.any(m == -jnp.inf)))  # filled: some splits are empty
+      return nan(acc, bad[..., None]), nan(m, bad), nan(l, bad)
+
+    def poisoned(plan, kv_lens, s_raw, p_raw, **kw):
+      s_used = jnp.repeat(plan.tile_reqs >= 0, group, axis=1)  # [TL, RPT * G]
+      s_used = jnp.pad(s_used, ((0, 0), (0, s_raw[1].shape[-1] - rpt * group)))
+      p_used = jnp.broadcast_to(jnp.arange(p_raw[1].shape[-1]) < group, p_raw[1].shape[::3])
+      return merge(plan, kv_lens, poison(s_raw, s_used), poison(p_raw, p_used), **kw)
+
+    with mock.patch.object(da, "_merge_partials", poisoned):
+      dirty = np.asarray(run())
+    np.testing.assert_array_equal(dirty, clean)
+
+  def test_block_placement_changes_no_bit(self):
+    # The same logical batch with its blocks at other physical ids (so other node and tile
+    # orders in the plan): every request's partials and merge order are the same.
+    q, k, v, view = make_batch(13, *CASES["merge"], group=7)
+    perm = np.r_[0, 1 + np.random.default_rng(0).permutation(k.shape[0] - 1)]
+    k2 = jnp.zeros_like(k).at[perm].set(k)
+    v2 = jnp.zeros_like(v).at[perm].set(v)
+    view2 = AttentionView(view.positions, jnp.asarray(perm[np.asarray(view.block_tables)],
+                                                      jnp.int32), view.write_slots,
+                          view.kv_lens)
+    outs = []
+    for kk, vv, vw in ((k, v, view), (k2, v2, view2)):
+      plan, _ = sharing.build_plan(np.asarray(vw.block_tables), np.asarray(vw.kv_lens), BS,
+                                   requests_per_tile=2)
+      outs.append(np.asarray(da.dedup_attention(q, kk, vv, vw, plan, config=SMALL,
+                                                interpret=self.INTERPRET)))
+    np.testing.assert_array_equal(outs[0], outs[1])
 
   def test_nothing_shared_is_the_paged_kernel(self):
     q, k, v, view = make_batch(6, *CASES["no_sharing"], group=7, dtype=jnp.bfloat16)
@@ -331,6 +403,8 @@ class TuningConfigTest(parameterized.TestCase):
 
   def test_requests_per_tile(self):
     self.assertEqual(da.DEFAULT.requests_per_tile(7), 9)
+    self.assertEqual(da.default_config(64), da.DEFAULT)
+    self.assertEqual(da.default_config(128).requests_per_tile(7), 18)
     with self.assertRaises(ValueError):
       SMALL.requests_per_tile(17)
 
