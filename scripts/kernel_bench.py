@@ -10,7 +10,13 @@ K/V referenced + q + out, over time.
 Prefill: our kernel on one chunk of N causal tokens (block tables, GQA rows) vs JAX's
 Mosaic GPU `attention_mgpu` (contiguous, causal, float16 in JAX 0.11.2) on the same N.
 
+Shared prefix (issue #5): per (shared, unique, batch) point, the dedup kernel vs our paged
+kernel on the same batch, and paged on unshared copies of the prefix; the ratio beside the
+ideal byte ratio C (P + S) / (P + C S). Method in `hq_jax/harness/shared_prefix.py`.
+Writes kernel_bench_shared.csv and appends its table to kernel_bench.md.
+
   python scripts/kernel_bench.py --output_dir=runs/kernel_bench
+  python scripts/kernel_bench.py --sections=shared --shapes=qwen2.5-7b
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hq_jax.kv.paged import AttentionView  # noqa: E402
+from hq_jax.harness import shared_prefix  # noqa: E402
 from pallas_kernels import paged_attention as pa  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -50,6 +57,18 @@ flags.DEFINE_bool("stock", True, "Also time jax.experimental.pallas.ops.gpu.page
 flags.DEFINE_bool("xla", True, "Also time the XLA gather reference.")
 flags.DEFINE_list("prefill_tokens", ["32768"], "Causal prefill lengths (empty: skip).")
 flags.DEFINE_integer("prefill_check_tokens", 2048, "Prefill length checked vs reference.")
+flags.DEFINE_list("sections", ["decode", "prefill", "shared"],
+                  "What to run: decode, prefill, shared (shared-prefix dedup vs paged).")
+flags.DEFINE_list("shared_points", ["32768:256:128", "4096:512:64", "2048:512:16",
+                                    "0:4096:64"],
+                  "Shared-prefix points shared:unique:batch (the targets of issue #5).")
+flags.DEFINE_list("shared_sweep", ["1024:512:8", "8192:512:16", "16384:256:32"],
+                  "Extra shared-prefix points that place the engine's auto threshold.")
+flags.DEFINE_list("shared_configs", ["q64k64", "q64k64f", "q128k128x8k", "q128k128x8kf"],
+                  "Dedup tuning configs (names in hq_jax.harness.shared_prefix.CONFIGS); "
+                  "the fastest per point is reported.")
+flags.DEFINE_integer("shared_check_requests", 16,
+                     "Requests per shared point checked against the float32 reference.")
 
 # Small tuning grids (best median wins); every config is checked before it is timed.
 OUR_DECODE_GRID = [pa.TuningConfig(block_q=16, block_k=bk, kv_split=ks, num_warps=w,
@@ -318,24 +337,73 @@ def write(rows):
             f"JAX {jax.__version__}\n\n" + markdown(rows))
 
 
+def bench_shared() -> str:
+  """Shared-prefix section: dedup vs paged per point and shape; CSV + Markdown text."""
+  rows = []
+  parse = lambda p: tuple(int(x) for x in p.split(":"))
+  for kind, points in (("target", FLAGS.shared_points), ("sweep", FLAGS.shared_sweep)):
+    for point in points:
+      for shape in FLAGS.shapes:
+        print(f"{shape} shared {point} ({kind})", flush=True)
+        try:
+          row = shared_prefix.bench_point(
+              shape, *parse(point), kind=kind, configs=FLAGS.shared_configs,
+              seed=FLAGS.seed + len(rows), block_size=FLAGS.block_size, reps=FLAGS.reps,
+              check_requests=FLAGS.shared_check_requests,
+              log=lambda m: print("   ", m, flush=True))
+        except Exception as e:  # noqa: BLE001 - a failing point is reported, not fatal
+          print(f"    FAILED: {type(e).__name__}: {e}", flush=True)
+          continue
+        if row is not None:
+          rows.append(row)
+          with open(os.path.join(FLAGS.output_dir, "kernel_bench_shared.csv"), "w",
+                    newline="") as f:
+            w = csv.DictWriter(f, shared_prefix.COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+  threshold = shared_prefix.auto_threshold(rows)
+  text = ("## Shared-prefix decode: dedup vs paged (device time per call, ms)\n\n"
+          + shared_prefix.markdown(rows)
+          + f"\n\nauto threshold (fewest saved tokens from which every point is >= 1.05x): "
+          f"{threshold}\n\nKernels per call (CUPTI, us):\n\n"
+          + "\n".join(f"- {r['shape']} {r['shared']}:{r['unique']}:{r['batch']} dedup "
+                       f"{r['config']}: {r.get('dedup_kernels_us')}; paged: "
+                       f"{r.get('paged_kernels_us')}" for r in rows) + "\n")
+  print(text, flush=True)
+  return text
+
+
 def main(argv):
   del argv
+  unknown = set(FLAGS.sections) - {"decode", "prefill", "shared"}
+  if unknown:
+    raise app.UsageError(f"unknown --sections {sorted(unknown)}; use decode, prefill, shared")
+  bad = [c for c in FLAGS.shared_configs if c not in shared_prefix.CONFIGS]
+  if bad:
+    raise app.UsageError(f"unknown --shared_configs {bad}; known: "
+                         f"{', '.join(shared_prefix.CONFIGS)}")
+  os.makedirs(FLAGS.output_dir, exist_ok=True)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
   key = jax.random.key(FLAGS.seed)
   rows: list[dict] = []
   for shape in FLAGS.shapes:
-    for case in FLAGS.cases:
+    for case in FLAGS.cases if "decode" in FLAGS.sections else ():
       batch, context = map(int, case.split("x"))
       print(f"{shape} decode {batch}x{context}", flush=True)
       key, sub = jax.random.split(key)
       bench_decode(shape, batch, context, sub, rows)
       write(rows)
-    for n in FLAGS.prefill_tokens:
+    for n in FLAGS.prefill_tokens if "prefill" in FLAGS.sections else ():
       print(f"{shape} prefill {n}", flush=True)
       key, sub = jax.random.split(key)
       bench_prefill(shape, int(n), sub, rows)
       write(rows)
-  print(markdown(rows))
+  if rows:
+    print(markdown(rows))
+  if "shared" in FLAGS.sections:
+    text = bench_shared()
+    with open(os.path.join(FLAGS.output_dir, "kernel_bench.md"), "a") as f:
+      f.write("\n" + text)
 
 
 if __name__ == "__main__":

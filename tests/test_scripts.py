@@ -34,3 +34,15 @@ def test_perplexity_script_errors_and_help(tmp_path):
   proc = _run("scripts/perplexity.py", "--help")
   # (absl exits with status 1 after --help.)
   assert "--num_tokens" in proc.stdout and "--text_file" in proc.stdout
+
+
+def test_kernel_bench_flags(tmp_path):
+  """GPU-only script: on CPU only its flag checks run, and they name the bad value."""
+  proc = _run("scripts/kernel_bench.py", "--sections=decode,bogus", f"--output_dir={tmp_path}")
+  assert proc.returncode != 0 and "bogus" in proc.stderr
+  proc = _run("scripts/kernel_bench.py", "--shared_configs=q64k64,nope",
+              f"--output_dir={tmp_path}")
+  assert proc.returncode != 0 and "nope" in proc.stderr
+  assert not os.listdir(tmp_path)
+  proc = _run("scripts/kernel_bench.py", "--help")
+  assert "--shared_points" in proc.stdout and "--sections" in proc.stdout

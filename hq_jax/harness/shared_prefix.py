@@ -1,0 +1,245 @@
+"""Shared-prefix decode on the GPU: dedup attention vs our paged kernel on the same batch.
+
+The measurement behind `scripts/kernel_bench.py --sections=shared` (issue #5). For one
+(shared P, unique S, batch C) point and model shape: C requests hold the same P-token
+prefix (one copy of its blocks, as in the HQ cache) and S private tokens each; one decode
+step of one layer, page 16, bf16, blocks shuffled in the pool, random values. Timed:
+
+  paged           our paged kernel on that batch (its default decode config);
+  paged_unshared  the same kernel where every request holds its own copy of the prefix
+                  (what non-shared decode reads, the baseline of FlashInfer's cascade and
+                  Hydragen numbers); its output must equal `paged` to the bit, since the
+                  logical content is the same (the kernel's placement independence);
+  dedup           `dedup_attention` under each tuning config of the grid (best kept).
+
+Checks before timing: paged and dedup against the float32 reference on the first
+`check_requests` requests (relative L2 < 2e-2), dedup against paged on all. Timing: device
+time of every kernel one call launches (CUPTI: the XLA fusions around the kernels count),
+median of `reps` calls after a warm-up call. Each call sees the same batch, so part of its
+K/V may still be in L2 from the call before, for every variant alike. (A first version
+timed `reps` calls inside one jitted fori_loop by wall clock: on the H200 that read
+20-27 us per call more than the kernels' device time, we infer the loop's own cost, which
+swamped the small points.) Ideal = byte ratio
+C (P + S) / (P + C S).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hq_jax.kv import sharing
+from hq_jax.kv.paged import AttentionView
+from pallas_kernels import dedup_attention as da
+from pallas_kernels import paged_attention as pa
+
+SHAPES = {"qwen2.5-0.5b": (14, 2, 64), "qwen2.5-7b": (28, 4, 128)}  # (q heads, kv heads, d)
+# The dedup tuning grid: shared tiles (rows q x keys k, warps, stages, longest split x);
+# private tiles default. "f": both parts in one launch.
+_T = da.TuningConfig
+CONFIGS = {
+    "q64k64": _T(shared_block_q=64, shared_block_k=64, shared_num_warps=4,
+                 shared_num_stages=2),
+    "q64k128": _T(shared_block_q=64, shared_block_k=128, shared_num_warps=4,
+                  shared_num_stages=3),
+    "q128k64": _T(shared_block_q=128, shared_block_k=64, shared_num_warps=8,
+                  shared_num_stages=2),
+    "q128k128": _T(shared_block_q=128, shared_block_k=128, shared_num_warps=8,
+                   shared_num_stages=2),
+    "q128k128s3": _T(shared_block_q=128, shared_block_k=128, shared_num_warps=8,
+                     shared_num_stages=3),
+    # About one wave of long programs: few splits, at least 128 programs.
+    "q128k128x4k": _T(shared_block_q=128, shared_block_k=128, shared_num_warps=8,
+                      shared_num_stages=2, shared_kv_split=4096, min_programs=128),
+    "q128k128x8k": _T(shared_block_q=128, shared_block_k=128, shared_num_warps=8,
+                      shared_num_stages=2, shared_kv_split=8192, min_programs=128),
+}
+CONFIGS.update({f"{k}f": dataclasses.replace(c, fused=True) for k, c in list(CONFIGS.items())})
+COLUMNS = ("kind", "shape", "shared", "unique", "batch", "config", "paged_ms",
+           "paged_unshared_ms", "dedup_ms", "speedup", "speedup_vs_unshared", "ideal",
+           "of_ideal", "saved_tokens", "plan_ms", "err_paged_vs_ref", "err_dedup_vs_ref",
+           "err_dedup_vs_paged", "max_abs_vs_paged", "all_configs_ms", "dedup_kernels_us",
+           "paged_kernels_us")
+
+
+def rel_err(out, ref) -> float:
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def make_batch(seed: int, shared: int, unique: int, batch: int, nh: int, nk: int, d: int,
+               bs: int, *, dtype=jnp.bfloat16):
+  """The shared batch and its unshared twin (the prefix copied once per request).
+
+  Returns q, (k, v, view, tables, lens) shared, (k, v, view) unshared. Both pools hold the
+  same logical K/V for every request, in shuffled blocks.
+  """
+  if shared % bs or unique % bs:
+    raise ValueError(f"shared {shared} and unique {unique} must be multiples of the block "
+                     f"size {bs}")
+  ps, pu = shared // bs, unique // bs
+  nb = ps + batch * pu
+  rng = np.random.default_rng(seed)
+  perm = rng.permutation(nb).astype(np.int32)
+  tables = np.concatenate([np.broadcast_to(perm[:ps], (batch, ps)),
+                           perm[ps:].reshape(batch, pu)], axis=1)
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(kq, (batch, 1, nh, d), dtype)
+  k = jax.random.normal(kk, (nb, bs, nk, d), dtype)
+  v = jax.random.normal(kv, (nb, bs, nk, d), dtype)
+  lens = np.full((batch,), shared + unique, np.int32)
+
+  def view_of(t):
+    return AttentionView(positions=jnp.asarray(lens - 1)[:, None],
+                         block_tables=jnp.asarray(t),
+                         write_slots=jnp.zeros((batch, 1), jnp.int32),
+                         kv_lens=jnp.asarray(lens))
+
+  # Unshared twin: request b's blocks are copies at new, shuffled ids.
+  nbu = batch * (ps + pu)
+  new_ids = rng.permutation(nbu).astype(np.int32).reshape(batch, ps + pu)
+  src = np.zeros((nbu,), np.int32)
+  src[new_ids.reshape(-1)] = tables.reshape(-1)
+  ku, vu = k[jnp.asarray(src)], v[jnp.asarray(src)]
+  return (q, (k, v, view_of(tables), tables, lens), (ku, vu, view_of(new_ids)))
+
+
+def timed_ms(fn: Callable, *args, reps: int, interpret: bool = False) -> float:
+  """Median time (ms) of one call after a warm-up: device time of every kernel the call
+  launches (CUPTI), or wall clock in interpret mode (CPU smoke runs)."""
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(*args))  # compile + warm-up
+  times = []
+  for _ in range(reps):
+    if interpret:
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append((time.perf_counter() - t0) * 1e3)
+    else:
+      from jax.experimental.mosaic.gpu import profiler
+      times.append(profiler.measure(fn)(*args)[1])
+  return statistics.median(times)
+
+
+def kernel_times_us(fn: Callable, *args, reps: int = 5) -> str:
+  """Device time of each kernel one call launches (CUPTI, median of reps), as text.
+
+  What a call's time goes to (shared part, private part, XLA merge fusions); kernels of
+  the same name are summed. Empty if the profiler is unavailable (CPU).
+  """
+  try:
+    from jax.experimental.mosaic.gpu import profiler
+    fn = jax.jit(fn)
+    runs = []
+    for _ in range(reps):
+      _, kernels = profiler.measure(fn, aggregate=False)(*args)
+      run: dict[str, float] = {}
+      for name, ms in kernels or ():
+        run[name] = run.get(name, 0.0) + ms
+      runs.append(run)
+    names = list(runs[0])
+    return " ".join(f"{n}={statistics.median(r.get(n, 0.0) for r in runs) * 1e3:.1f}"
+                    for n in names)
+  except Exception as e:  # noqa: BLE001 - a breakdown is a diagnostic, never fatal
+    return f"unavailable ({type(e).__name__})"
+
+
+def bench_point(shape: str, shared: int, unique: int, batch: int, *, kind: str,
+                configs: list[str], seed: int, block_size: int = 16, reps: int = 10,
+                check_requests: int = 16, unshared: bool = True,
+                interpret: bool = False, log=print) -> dict | None:
+  """One row: the best dedup config's time beside paged (and paged on unshared copies)."""
+  nh, nk, d = SHAPES[shape]
+  bs = block_size
+  q, (k, v, view, tables, lens), (ku, vu, viewu) = make_batch(
+      seed, shared, unique, batch, nh, nk, d, bs)
+  paged_fn = lambda q, k, v, view, plan: pa.paged_attention(q, k, v, view,
+                                                             interpret=interpret)
+  paged = paged_fn(q, k, v, view, None)
+  n = min(check_requests, batch)
+  sub = AttentionView(view.positions[:n], view.block_tables[:n], view.write_slots[:n],
+                      view.kv_lens[:n])
+  ref = pa.paged_attention_reference(q[:n], k, v, sub)
+  err_paged = rel_err(paged[:n], ref)
+  if not err_paged < 2e-2:
+    raise AssertionError(f"{shape} {shared}:{unique}:{batch}: paged rel err {err_paged:.2e}")
+  t_paged = timed_ms(paged_fn, q, k, v, view, None, reps=reps, interpret=interpret)
+  t_unshared = float("nan")
+  if unshared:
+    out_u = paged_fn(q, ku, vu, viewu, None)
+    if not np.array_equal(np.asarray(out_u, np.float32), np.asarray(paged, np.float32)):
+      raise AssertionError(f"{shape} {shared}:{unique}:{batch}: paged over unshared copies "
+                           "differs from paged over the shared blocks (placement dependence)")
+    t_unshared = timed_ms(paged_fn, q, ku, vu, viewu, None, reps=reps, interpret=interpret)
+  del ku, vu
+
+  times, best = {}, None
+  for name in configs:
+    cfg = CONFIGS[name]
+    try:
+      t0 = time.perf_counter()
+      plan, summary = sharing.build_plan(tables, lens, bs,
+                                         requests_per_tile=cfg.requests_per_tile(nh // nk))
+      plan_ms = (time.perf_counter() - t0) * 1e3
+      dd_fn = lambda q, k, v, view, plan, cfg=cfg: da.dedup_attention(
+          q, k, v, view, plan, config=cfg, interpret=interpret)
+      out = dd_fn(q, k, v, view, plan)
+      if np.isnan(np.asarray(out, np.float32)).any():
+        raise AssertionError("NaN in the dedup output")
+      err_ref, err_vs_paged = rel_err(out[:n], ref), rel_err(out, paged)
+      if not (err_ref < 2e-2 and err_vs_paged < 2e-2):
+        raise AssertionError(f"rel err vs reference {err_ref:.2e}, vs paged {err_vs_paged:.2e}")
+      max_abs = float(jnp.max(jnp.abs(out.astype(jnp.float32) - paged.astype(jnp.float32))))
+      t = timed_ms(dd_fn, q, k, v, view, plan, reps=reps, interpret=interpret)
+    except Exception as e:  # noqa: BLE001 - one failing config must not lose the others
+      log(f"FAILED {shape} {shared}:{unique}:{batch} {name}: {type(e).__name__}: {e}")
+      continue
+    times[name] = round(t, 4)
+    if best is None or t < best["dedup_ms"]:
+      best = dict(
+          kind=kind, shape=shape, shared=shared, unique=unique, batch=batch, config=name,
+          paged_ms=round(t_paged, 4), paged_unshared_ms=round(t_unshared, 4),
+          dedup_ms=round(t, 4), speedup=round(t_paged / t, 2),
+          speedup_vs_unshared=round(t_unshared / t, 2),
+          ideal=round(summary.ideal_byte_ratio, 2),
+          of_ideal=round(t_paged / t / summary.ideal_byte_ratio, 2),
+          saved_tokens=summary.saved_tokens, plan_ms=round(plan_ms, 2),
+          err_paged_vs_ref=f"{err_paged:.1e}", err_dedup_vs_ref=f"{err_ref:.1e}",
+          err_dedup_vs_paged=f"{err_vs_paged:.1e}", max_abs_vs_paged=f"{max_abs:.1e}")
+  if best is not None:
+    best["all_configs_ms"] = " ".join(f"{k}={v}" for k, v in times.items())
+    if not interpret:
+      cfg = CONFIGS[best["config"]]
+      plan, _ = sharing.build_plan(tables, lens, bs,
+                                   requests_per_tile=cfg.requests_per_tile(nh // nk))
+      best["dedup_kernels_us"] = kernel_times_us(
+          lambda q, k, v, view, plan: da.dedup_attention(q, k, v, view, plan, config=cfg),
+          q, k, v, view, plan)
+      best["paged_kernels_us"] = kernel_times_us(
+          lambda q, k, v, view: pa.paged_attention(q, k, v, view), q, k, v, view)
+    log(str(best))
+  return best
+
+
+def auto_threshold(rows: list[dict], min_speedup: float = 1.05) -> int | None:
+  """Fewest saved tokens such that every measured point saving at least that many (any
+  shape) is `min_speedup` faster with dedup; None if no such point."""
+  saved = sorted({r["saved_tokens"] for r in rows if r["saved_tokens"] > 0})
+  return next((t for t in saved
+               if all(r["speedup"] >= min_speedup for r in rows if r["saved_tokens"] >= t)),
+              None)
+
+
+def markdown(rows: list[dict]) -> str:
+  cols = ["shape", "shared", "unique", "batch", "paged_ms", "paged_unshared_ms", "dedup_ms",
+          "speedup", "speedup_vs_unshared", "ideal", "of_ideal", "saved_tokens", "config",
+          "err_dedup_vs_ref", "max_abs_vs_paged"]
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+  return "\n".join(lines)
