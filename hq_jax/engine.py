@@ -65,12 +65,10 @@ DEDUP_BACKENDS = {"reference": _dedup_reference_attention, "pallas": _dedup_atte
 DECODE_ATTENTION = ("paged", "dedup", "auto")
 # decode_attention="auto" reads shared runs once when the plan saves at least this many
 # K/V tokens per kv head and layer (sum over nodes of tokens x (requests - 1)). From the
-# H200 run in docs/dedup_benchmarks.md (scripts/dedup_bench.py, 2026-11-29): at 4.2M saved
-# tokens (32k x 127) dedup won 3.2-3.5x on both shapes; at 258k (4k x 63) it tied on the 7B
-# shape and lost (0.72x) on 0.5B; below that it lost except at tiny batches. 1M sits in the
-# unmeasured gap (about its geometric middle): conservative, so auto never picks a loss
-# that was measured.
-AUTO_MIN_SAVED_TOKENS = 1_000_000
+# H200 run in docs/benchmarks.md (scripts/kernel_bench.py --sections=shared, 2026-11-29):
+# the fewest saved tokens from which every measured point (both shapes) was >= 1.05x faster
+# with dedup; below it the 0.5B shape tied or lost at 30,720 and 122,880.
+AUTO_MIN_SAVED_TOKENS = 258_048
 
 
 @dataclasses.dataclass(frozen=True)

@@ -214,6 +214,8 @@ class TuningConfigTest(parameterized.TestCase):
   def test_defaults_are_valid(self):
     self.assertEqual(pa.default_config(7), pa.DEFAULT_DECODE)
     self.assertEqual(pa.default_config(7 * 64), pa.DEFAULT_PREFILL)
+    self.assertEqual(pa.default_config(7 * 64, 128), pa.DEFAULT_PREFILL_D128)
+    self.assertEqual(pa.default_config(7, 128), pa.DEFAULT_DECODE)
 
 
 if __name__ == "__main__":
