@@ -345,11 +345,13 @@ class PlannerTest(parameterized.TestCase):
     self.assertEqual(planner.builds, 2)
 
 
-@pytest.mark.parametrize("attention", ["reference", "pallas_interpret"])
+@pytest.mark.parametrize("attention", ["reference", "pallas_interpret", "pallas"])
 def test_engine_decode_dedup_matches_paged(tiny, tiny_layout, attention):
   """HQ cache, three requests on one 64-token prefix: dedup decode = paged within rounding;
   auto mode picks dedup above its threshold and paged below it."""
   from hq_jax.engine import Engine
+  if attention == "pallas" and jax.default_backend() != "gpu":
+    pytest.skip("the compiled Pallas GPU kernels need a GPU")
   params, cfg = tiny
   rng = np.random.default_rng(0)
   prefix = rng.integers(0, cfg.vocab_size, 64)
@@ -371,7 +373,10 @@ def test_engine_decode_dedup_matches_paged(tiny, tiny_layout, attention):
     assert engine.last_decode_attention == {"paged": "paged", "dedup": "dedup",
                                             "auto": "paged"}[mode]
   np.testing.assert_array_equal(logits["paged"], logits["auto"])
-  np.testing.assert_allclose(logits["dedup"], logits["paged"], atol=1e-4, rtol=1e-4)
+  # On a GPU the model's float32 matmuls default to TF32: a 1e-6 change in attention can
+  # flip their rounding (measured on the H200: up to 2.9e-3 with reference attention).
+  tol = 1e-4 if jax.default_backend() == "cpu" else 2e-2
+  np.testing.assert_allclose(logits["dedup"], logits["paged"], atol=tol, rtol=tol)
 
 
 def test_engine_rejects_unknown_decode_attention(tiny):

@@ -12,6 +12,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from hq_jax.kv import paged
 from hq_jax.kv.paged import AttentionView
@@ -222,14 +223,17 @@ if __name__ == "__main__":
   absltest.main()
 
 
-def test_engine_backend_dense_and_hq_bit_identical(tiny, tiny_layout):
-  """The engine with the interpreted kernel: dense and HQ (prefix reuse) agree to the bit,
-  and both match the reference backend within float32 rounding."""
+@pytest.mark.parametrize("attention", ["pallas_interpret", "pallas"])
+def test_engine_backend_dense_and_hq_bit_identical(tiny, tiny_layout, attention):
+  """The engine with the kernel (interpreted; compiled on a GPU): dense and HQ (prefix
+  reuse) agree to the bit, and both match the reference backend within rounding."""
   from hq_jax.engine import Engine
   from hq_jax.kv.dedup import DedupKVCache
   from hq_jax.kv.dense import DenseKVCache
+  if attention == "pallas" and jax.default_backend() != "gpu":
+    pytest.skip("the compiled Pallas GPU kernel needs a GPU")
   params, cfg = tiny
-  engine = Engine(params, cfg, chunk_size=32, attention="pallas_interpret")
+  engine = Engine(params, cfg, chunk_size=32, attention=attention)
   rng = np.random.default_rng(0)
   prefix = rng.integers(0, cfg.vocab_size, 64)
   reqs = [np.concatenate([prefix, rng.integers(0, cfg.vocab_size, n)]) for n in (21, 9)]
