@@ -57,8 +57,9 @@ from jax.experimental.pallas import triton as plgpu_triton
 
 from hq_jax.kv.paged import AttentionView, gather
 from hq_jax.kv.sharing import SharingPlan
-from pallas_kernels.paged_attention import (_MERGE_UNROLL, _merge_block_d, check_inputs,
-                                            online_softmax_step, paged_attention)
+from pallas_kernels.paged_attention import (MERGE_UNROLL, add_partials, check_inputs,
+                                            merge_block_d, online_softmax_step,
+                                            paged_attention)
 
 _WARPS = (1, 2, 4, 8, 16)
 
@@ -377,7 +378,7 @@ def _merge_kernel(req_rows_ref, tile_node_ref, node_lens_ref, start_ref, kv_lens
     split that cannot be non-empty is masked off (no memory traffic, exact zeros)."""
     n, part = src[3], src[4]
     split_len = _split_len(n, part)
-    unroll = min(_MERGE_UNROLL, part.num_splits)
+    unroll = min(MERGE_UNROLL, part.num_splits)
     bound = jnp.minimum(pl.cdiv(n, part.block_k), part.num_splits)  # >= non-empty splits
 
     def body(i, carry):
@@ -412,12 +413,7 @@ def _merge_kernel(req_rows_ref, tile_node_ref, node_lens_ref, start_ref, kv_lens
                 plgpu_triton.load(acc_ref.at[item, h, s, src_rows[:, None], cols],
                                   mask=ok[:, None], other=0.0))
                for s, ok in splits]
-      num, den = carry
-      for m_s, l_s, acc_s in loads:  # in increasing split order
-        w = jnp.exp2(m_s - m_max)
-        num = num + w[:, None] * acc_s
-        den = den + w * l_s
-      return num, den
+      return add_partials(carry, loads, m_max)  # in increasing split order
 
     carry = fold(src, add_step, carry)
   num, den = carry
@@ -439,7 +435,7 @@ def _merge_partials(plan: SharingPlan, kv_lens, s_raw, p_raw, *, shared: _Part,
   d = p_raw[0].shape[-1]
   group = num_heads // nk
   block_g = max(16, 1 << (group - 1).bit_length())  # Triton tiles: powers of two
-  block_d = _merge_block_d(b * nk, d)
+  block_d = merge_block_d(b * nk, d)
   kernel = functools.partial(_merge_kernel, shared=shared, private=private,
                              rpt=plan.requests_per_tile, group=group, block_g=block_g,
                              block_d=block_d)

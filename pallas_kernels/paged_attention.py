@@ -192,6 +192,21 @@ def _paged_attention_kernel(
       l_ref[...] = l
 
 
+def add_partials(carry, partials, m_max):
+  """The weighted sums of an exact log-sum-exp merge (shared with the dedup merge).
+
+  carry = (num [bq, D], den [bq]); partials = [(m [bq], l [bq], acc [bq, D])] in the merge's
+  fixed order, m in log2 units; m_max [bq] is their max over everything merged (0 where
+  that is -inf). An empty partial (m = -inf, l = 0, acc = 0) adds exact zeros.
+  """
+  num, den = carry
+  for m_s, l_s, acc_s in partials:  # in the given order: the order of the sums
+    w = jnp.exp2(m_s - m_max)
+    num = num + w[:, None] * acc_s
+    den = den + w * l_s
+  return num, den
+
+
 def _merge_kernel(
     kv_lens_ref,  # [B] int32
     acc_ref,  # [S, block_q, block_d] f32 (this request, kv head, row tile, column tile)
@@ -242,12 +257,7 @@ def _merge_kernel(
               plgpu_triton.load(l_ref.at[s], mask=ok, other=0.0),
               plgpu_triton.load(acc_ref.at[s], mask=ok[:, None], other=0.0))
              for s, ok in splits(i)]
-    num, den = carry
-    for m_s, l_s, acc_s in loads:  # in increasing split order
-      w = jnp.exp2(m_s - m_max)
-      num = num + w[:, None] * acc_s
-      den = den + w * l_s
-    return num, den
+    return add_partials(carry, loads, m_max)
 
   num, den = jax.lax.fori_loop(
       0, num_iters, add_step,
@@ -298,16 +308,17 @@ def online_softmax_step(carry, q, k, v, visible, *, scale: float, precision):
 
 
 # ---------------------------------------------------------------------------- wrapper
-# The merge reads _MERGE_UNROLL splits per loop iteration and splits D into column tiles
+# The merge reads MERGE_UNROLL splits per loop iteration and splits D into column tiles
 # until the grid has _MERGE_MIN_PROGRAMS programs (an H200 has 132 SMs): at 1 request x 128k
 # the merge is 2 (request, kv head) pairs x 128 splits, too narrow for a program per pair.
-# Neither changes a bit: the sums run over splits, element by element. Not tuned on a GPU yet.
-_MERGE_UNROLL = 8
+# Neither changes a bit: the sums run over splits, element by element. Not tuned; on the H200
+# it was no faster than the XLA merge it replaced (docs/benchmarks.md).
+MERGE_UNROLL = 8
 _MERGE_MIN_PROGRAMS = 128
 _MERGE_MIN_BLOCK_D = 16
 
 
-def _merge_block_d(num_tiles: int, head_dim: int) -> int:
+def merge_block_d(num_tiles: int, head_dim: int) -> int:
   """Columns per merge program for num_tiles (request, kv head, row tile) triples."""
   block_d = head_dim
   while (block_d > _MERGE_MIN_BLOCK_D and block_d % 2 == 0
@@ -323,12 +334,12 @@ def _merge_splits(kv_lens, acc, m, l, *, num_tokens: int, num_heads: int, block_
   b, nk, num_splits, rows, d = acc.shape
   group = num_heads // nk
   num_row_tiles = rows // block_q
-  block_d = block_d or _merge_block_d(b * nk * num_row_tiles, d)
+  block_d = block_d or merge_block_d(b * nk * num_row_tiles, d)
   if d % block_d:
     raise ValueError(f"block_d={block_d} does not divide head_dim={d}")
   kernel = functools.partial(_merge_kernel, block_q=block_q, block_d=block_d,
                              kv_split=kv_split, num_heads=num_heads, group=group,
-                             unroll=_MERGE_UNROLL)
+                             unroll=MERGE_UNROLL)
   return pl.pallas_call(
       kernel, grid=(b, nk, num_row_tiles, d // block_d),
       in_specs=[
