@@ -113,7 +113,9 @@ class SharingPlan:
   node_tables   [N, NB]   physical blocks of each node's run (0 past its end)
   node_lens     [N]       tokens of each node (0 for padding nodes)
   tile_node     [TL]      node of each tile (0 for padding tiles)
-  tile_reqs     [TL, RPT] batch row of each request of a tile, -1 = none
+  tile_reqs     [TL, RPT] batch row of each request of a tile, -1 = none; a tile's
+                          requests fill its slots from 0, so slot 0 = -1 marks a padding
+                          tile (the kernels rely on this)
   req_rows      [B, DEP]  flat tile row (tile * RPT + slot) of request b's d-th node, -1 = none
   private_start [B]       first key of each request's private remainder (block aligned)
   """
