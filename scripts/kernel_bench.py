@@ -21,13 +21,11 @@ Writes kernel_bench_shared.csv and appends its table to kernel_bench.md.
 
 from __future__ import annotations
 
-import collections
 import csv
 import dataclasses
 import functools
 import itertools
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -35,11 +33,11 @@ import warnings
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hq_jax.kv.paged import AttentionView  # noqa: E402
 from hq_jax.harness import shared_prefix  # noqa: E402
+from hq_jax.harness.gpu_timing import device_ms, kernel_breakdown, rel_err  # noqa: E402
 from pallas_kernels import paged_attention as pa  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -82,49 +80,6 @@ OUR_PREFILL_GRID = [pa.TuningConfig(block_q=bq, block_k=bk, kv_split=None, num_w
                                           (128, 128, 8, 3)]]
 STOCK_GRID = [dict(block_h=16, pages_per_compute_block=p, k_splits=s, num_warps=4,
                    num_stages=2) for p, s in itertools.product((8, 16), (1, 4, 16))]
-
-
-def rel_err(out, ref) -> float:
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-
-
-def measure_ms(fn, *args, reps: int) -> float:
-  """Median device time (ms) of fn(*args) over reps calls, by CUPTI, after one warm-up."""
-  from jax.experimental.mosaic.gpu import profiler
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    _, t = profiler.measure(fn)(*args)
-    times.append(t)
-  return statistics.median(times)
-
-
-def kernel_breakdown(fn, *args, calls: int = 1, reps: int = 5) -> str:
-  """Device time of each kernel fn launches, by CUPTI: median over reps runs, per name.
-
-  fn runs `calls` independent calls of the function of interest (`_pair`: 2, so its K/V is
-  never in L2); a kernel's time is summed over its launches of one run and divided by calls.
-  Names are in launch order: for our split decode, "paged_attention" then
-  "paged_attention_merge" (and anything XLA adds around them).
-  """
-  from jax.experimental.mosaic.gpu import profiler
-  try:
-    fn = jax.jit(fn)
-    times = collections.defaultdict(list)
-    for _ in range(reps):
-      _, kernels = profiler.measure(fn, aggregate=False)(*args)
-      run = collections.defaultdict(float)  # first-launch order
-      for name, ms in kernels or ():
-        run[name] += ms
-      for name, ms in run.items():
-        times[name].append(ms)
-    if not times:
-      return "n/a (no kernels recorded)"
-    return ", ".join(f"{name[:48]} {statistics.median(ms) * 1e3 / calls:.1f} us"
-                     for name, ms in times.items())
-  except Exception as e:  # noqa: BLE001 - diagnostics only
-    return f"n/a ({type(e).__name__})"
 
 
 @dataclasses.dataclass
@@ -185,7 +140,7 @@ def bench_decode(shape: str, batch: int, context: int, key, rows: list[dict]):
       err = rel_err(jax.jit(fn)(check.q, *check_kv, check.views[0]), ref)
       if not err < 2e-2:
         raise AssertionError(f"relative error {err:.3g} vs the float32 reference")
-      ms = measure_ms(_pair(fn), case.q, k, v, *case.views, reps=FLAGS.reps) / 2
+      ms = device_ms(_pair(fn), case.q, k, v, *case.views, reps=FLAGS.reps) / 2
       row = dict(base, kernel=name, config=str(cfg), rel_err=err, time_us=ms * 1e3,
                  tb_s=case.bytes / (ms * 1e-3) / 1e12, error="")
     except Exception as e:  # noqa: BLE001 - a failed variant is a row, not a crash
@@ -253,7 +208,7 @@ def bench_prefill(shape: str, n: int, key, rows: list[dict]):
       if not err < 2e-2:
         raise AssertionError(f"relative error {err:.3g} vs the float32 reference")
       q, k, v, kp, vp, view = make_prefill(kt, n, nh, nk, d, bs, dtype)
-      ms = measure_ms(jax.jit(fn), q, k, v, kp, vp, view, reps=max(3, FLAGS.reps // 4))
+      ms = device_ms(jax.jit(fn), q, k, v, kp, vp, view, reps=max(3, FLAGS.reps // 4))
       row = dict(base, kernel=name, config=str(cfg), rel_err=err, time_us=ms * 1e3,
                  tflop_s=flops / (ms * 1e-3) / 1e12, error="")
     except Exception as e:  # noqa: BLE001
@@ -365,7 +320,7 @@ def bench_shared() -> str:
   text = ("## Shared-prefix decode: dedup vs paged (device time per call, ms)\n\n"
           + shared_prefix.markdown(rows)
           + f"\n\nauto threshold (fewest saved tokens from which every point is >= 1.05x): "
-          f"{threshold}\n\nKernels per call (CUPTI, us):\n\n"
+          f"{threshold}\n\nKernels per call (CUPTI, median):\n\n"
           + "\n".join(f"- {r['shape']} {r['shared']}:{r['unique']}:{r['batch']} dedup "
                        f"{r['config']}: {r.get('dedup_kernels_us')}; paged: "
                        f"{r.get('paged_kernels_us')}" for r in rows) + "\n")

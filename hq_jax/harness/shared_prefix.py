@@ -26,14 +26,13 @@ C (P + S) / (P + C S).
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hq_jax.harness.gpu_timing import device_ms, kernel_breakdown, rel_err
 from hq_jax.kv import sharing
 from hq_jax.kv.paged import AttentionView
 from pallas_kernels import dedup_attention as da
@@ -66,11 +65,6 @@ COLUMNS = ("kind", "shape", "shared", "unique", "batch", "config", "paged_ms",
            "of_ideal", "saved_tokens", "plan_ms", "err_paged_vs_ref", "err_dedup_vs_ref",
            "err_dedup_vs_paged", "max_abs_vs_paged", "all_configs_ms", "dedup_kernels_us",
            "paged_kernels_us")
-
-
-def rel_err(out, ref) -> float:
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 def make_batch(seed: int, shared: int, unique: int, batch: int, nh: int, nk: int, d: int,
@@ -110,46 +104,6 @@ def make_batch(seed: int, shared: int, unique: int, batch: int, nh: int, nk: int
   return (q, (k, v, view_of(tables), tables, lens), (ku, vu, view_of(new_ids)))
 
 
-def timed_ms(fn: Callable, *args, reps: int, interpret: bool = False) -> float:
-  """Median time (ms) of one call after a warm-up: device time of every kernel the call
-  launches (CUPTI), or wall clock in interpret mode (CPU smoke runs)."""
-  fn = jax.jit(fn)
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  times = []
-  for _ in range(reps):
-    if interpret:
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times.append((time.perf_counter() - t0) * 1e3)
-    else:
-      from jax.experimental.mosaic.gpu import profiler
-      times.append(profiler.measure(fn)(*args)[1])
-  return statistics.median(times)
-
-
-def kernel_times_us(fn: Callable, *args, reps: int = 5) -> str:
-  """Device time of each kernel one call launches (CUPTI, median of reps), as text.
-
-  What a call's time goes to (shared part, private part, XLA merge fusions); kernels of
-  the same name are summed. Empty if the profiler is unavailable (CPU).
-  """
-  try:
-    from jax.experimental.mosaic.gpu import profiler
-    fn = jax.jit(fn)
-    runs = []
-    for _ in range(reps):
-      _, kernels = profiler.measure(fn, aggregate=False)(*args)
-      run: dict[str, float] = {}
-      for name, ms in kernels or ():
-        run[name] = run.get(name, 0.0) + ms
-      runs.append(run)
-    names = list(runs[0])
-    return " ".join(f"{n}={statistics.median(r.get(n, 0.0) for r in runs) * 1e3:.1f}"
-                    for n in names)
-  except Exception as e:  # noqa: BLE001 - a breakdown is a diagnostic, never fatal
-    return f"unavailable ({type(e).__name__})"
-
-
 def bench_point(shape: str, shared: int, unique: int, batch: int, *, kind: str,
                 configs: list[str], seed: int, block_size: int = 16, reps: int = 10,
                 check_requests: int = 16, unshared: bool = True,
@@ -169,17 +123,17 @@ def bench_point(shape: str, shared: int, unique: int, batch: int, *, kind: str,
   err_paged = rel_err(paged[:n], ref)
   if not err_paged < 2e-2:
     raise AssertionError(f"{shape} {shared}:{unique}:{batch}: paged rel err {err_paged:.2e}")
-  t_paged = timed_ms(paged_fn, q, k, v, view, None, reps=reps, interpret=interpret)
+  t_paged = device_ms(paged_fn, q, k, v, view, None, reps=reps, wall_clock=interpret)
   t_unshared = float("nan")
   if unshared:
     out_u = paged_fn(q, ku, vu, viewu, None)
     if not np.array_equal(np.asarray(out_u, np.float32), np.asarray(paged, np.float32)):
       raise AssertionError(f"{shape} {shared}:{unique}:{batch}: paged over unshared copies "
                            "differs from paged over the shared blocks (placement dependence)")
-    t_unshared = timed_ms(paged_fn, q, ku, vu, viewu, None, reps=reps, interpret=interpret)
+    t_unshared = device_ms(paged_fn, q, ku, vu, viewu, None, reps=reps, wall_clock=interpret)
   del ku, vu
 
-  times, best = {}, None
+  times, best, best_run = {}, None, None
   for name in configs:
     cfg = CONFIGS[name]
     try:
@@ -196,12 +150,13 @@ def bench_point(shape: str, shared: int, unique: int, batch: int, *, kind: str,
       if not (err_ref < 2e-2 and err_vs_paged < 2e-2):
         raise AssertionError(f"rel err vs reference {err_ref:.2e}, vs paged {err_vs_paged:.2e}")
       max_abs = float(jnp.max(jnp.abs(out.astype(jnp.float32) - paged.astype(jnp.float32))))
-      t = timed_ms(dd_fn, q, k, v, view, plan, reps=reps, interpret=interpret)
+      t = device_ms(dd_fn, q, k, v, view, plan, reps=reps, wall_clock=interpret)
     except Exception as e:  # noqa: BLE001 - one failing config must not lose the others
       log(f"FAILED {shape} {shared}:{unique}:{batch} {name}: {type(e).__name__}: {e}")
       continue
     times[name] = round(t, 4)
     if best is None or t < best["dedup_ms"]:
+      best_run = (dd_fn, plan)
       best = dict(
           kind=kind, shape=shape, shared=shared, unique=unique, batch=batch, config=name,
           paged_ms=round(t_paged, 4), paged_unshared_ms=round(t_unshared, 4),
@@ -215,13 +170,9 @@ def bench_point(shape: str, shared: int, unique: int, batch: int, *, kind: str,
   if best is not None:
     best["all_configs_ms"] = " ".join(f"{k}={v}" for k, v in times.items())
     if not interpret:
-      cfg = CONFIGS[best["config"]]
-      plan, _ = sharing.build_plan(tables, lens, bs,
-                                   requests_per_tile=cfg.requests_per_tile(nh // nk))
-      best["dedup_kernels_us"] = kernel_times_us(
-          lambda q, k, v, view, plan: da.dedup_attention(q, k, v, view, plan, config=cfg),
-          q, k, v, view, plan)
-      best["paged_kernels_us"] = kernel_times_us(
+      dd_fn, plan = best_run
+      best["dedup_kernels_us"] = kernel_breakdown(dd_fn, q, k, v, view, plan)
+      best["paged_kernels_us"] = kernel_breakdown(
           lambda q, k, v, view: pa.paged_attention(q, k, v, view), q, k, v, view)
     log(str(best))
   return best
