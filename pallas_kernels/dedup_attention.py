@@ -57,16 +57,10 @@ from jax.experimental.pallas import triton as plgpu_triton
 
 from hq_jax.kv.paged import AttentionView, gather
 from hq_jax.kv.sharing import SharingPlan
-from pallas_kernels.paged_attention import (MERGE_UNROLL, add_partials, check_inputs,
+from pallas_kernels.paged_attention import (MERGE_UNROLL, WARPS, add_partials,
+                                            check_inputs, full_block, is_pow2,
                                             merge_block_d, online_softmax_step,
                                             paged_attention)
-
-_WARPS = (1, 2, 4, 8, 16)
-
-
-def _is_pow2(x: int) -> bool:
-  return x > 0 and x & (x - 1) == 0
-
 
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
@@ -101,7 +95,7 @@ class TuningConfig:
   def __post_init__(self):
     for name in ("shared_block_q", "shared_block_k", "private_block_q", "private_block_k"):
       v = getattr(self, name)
-      if not _is_pow2(v) or v < 16:
+      if not is_pow2(v) or v < 16:
         raise ValueError(f"{name} must be a power of two >= 16 (a Triton dot needs 16), "
                          f"got {v}")
     for name, block in (("shared_kv_split", "shared_block_k"),
@@ -111,8 +105,8 @@ class TuningConfig:
         raise ValueError(f"{name} must be a positive multiple of {block}="
                          f"{getattr(self, block)}, got {v}")
     for name in ("shared_num_warps", "private_num_warps"):
-      if getattr(self, name) not in _WARPS:
-        raise ValueError(f"{name} must be one of {_WARPS}, got {getattr(self, name)}")
+      if getattr(self, name) not in WARPS:
+        raise ValueError(f"{name} must be one of {WARPS}, got {getattr(self, name)}")
     for name in ("shared_num_stages", "private_num_stages", "max_splits", "min_programs"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -292,17 +286,14 @@ def _out_shapes(part: _Part, nk: int, d: int):
           jax.ShapeDtypeStruct(lead, jnp.float32), jax.ShapeDtypeStruct(lead, jnp.float32)]
 
 
-def _full(shape):
-  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-
-
 def _partials(q3, k_pool, v_pool, items, *, part: _Part, num_warps, num_stages, interpret,
               name):
   """One launch over one kind of items: raw partials [I, K, S, block_q, (D)], m in log2."""
   nb, bs, nk, d = k_pool.shape
   grid = (part.num_items, nk, part.num_splits)  # items fastest: tiles read a split together
   kv_spec = pl.BlockSpec((nb, bs, None, d), lambda i, h, s: (0, 0, h, 0))
-  in_specs = [_full(x.shape) for x in items] + [_full(q3.shape), kv_spec, kv_spec]
+  in_specs = ([full_block(x.shape) for x in items]
+              + [full_block(q3.shape), kv_spec, kv_spec])
   out_specs = [
       pl.BlockSpec((None, None, None, part.block_q, d), lambda i, h, s: (i, h, s, 0, 0)),
       pl.BlockSpec((None, None, None, part.block_q), lambda i, h, s: (i, h, s, 0)),
@@ -323,13 +314,14 @@ def _fused_partials(q3, k_pool, v_pool, s_items, p_items, *, shared: _Part, priv
   num_programs = (shared.num_programs + private.num_programs) * nk
   head = lambda p: _fused_program(p, shared, private, nk)[2]
   kv_spec = pl.BlockSpec((nb, bs, None, d), lambda p: (0, 0, head(p), 0))
-  in_specs = ([_full(x.shape) for x in (*s_items, *p_items)]
-              + [_full(q3.shape), kv_spec, kv_spec])
+  in_specs = ([full_block(x.shape) for x in (*s_items, *p_items)]
+              + [full_block(q3.shape), kv_spec, kv_spec])
   out_shape = _out_shapes(shared, nk, d) + _out_shapes(private, nk, d)
   outs = pl.pallas_call(
       functools.partial(_fused_kernel, shared=shared, private=private, num_kv_heads=nk,
                         **_kernel_kw(q3, k_pool)),
-      grid=(num_programs,), in_specs=in_specs, out_specs=[_full(o.shape) for o in out_shape],
+      grid=(num_programs,), in_specs=in_specs,
+      out_specs=[full_block(o.shape) for o in out_shape],
       out_shape=out_shape,
       compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
                                                   num_stages=num_stages),
@@ -442,8 +434,8 @@ def _merge_partials(plan: SharingPlan, kv_lens, s_raw, p_raw, *, shared: _Part,
   args = (plan.req_rows, plan.tile_node, plan.node_lens, plan.private_start, kv_lens,
           *s_raw, *p_raw)
   return pl.pallas_call(
-      kernel, grid=(b, nk, d // block_d), in_specs=[_full(x.shape) for x in args],
-      out_specs=_full((b, num_heads, d)),
+      kernel, grid=(b, nk, d // block_d), in_specs=[full_block(x.shape) for x in args],
+      out_specs=full_block((b, num_heads, d)),
       out_shape=jax.ShapeDtypeStruct((b, num_heads, d), out_dtype),
       compiler_params=plgpu_triton.CompilerParams(
           num_warps=max(1, min(4, block_g * block_d // 256)), num_stages=1),

@@ -55,8 +55,16 @@ from jax.experimental.pallas import triton as plgpu_triton
 from hq_jax.kv.paged import AttentionView, gather
 
 
-def _is_pow2(x: int) -> bool:
+WARPS = (1, 2, 4, 8, 16)  # the warp counts a Triton launch takes
+
+
+def is_pow2(x: int) -> bool:
   return x > 0 and x & (x - 1) == 0
+
+
+def full_block(shape) -> pl.BlockSpec:
+  """A BlockSpec whose one block is the whole array (the kernel indexes it itself)."""
+  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +86,14 @@ class TuningConfig:
   def __post_init__(self):
     for name in ("block_q", "block_k"):
       v = getattr(self, name)
-      if not _is_pow2(v) or v < 16:
+      if not is_pow2(v) or v < 16:
         raise ValueError(f"{name} must be a power of two >= 16 (a Triton dot needs 16), "
                          f"got {v}")
     if self.kv_split is not None and (self.kv_split <= 0 or self.kv_split % self.block_k):
       raise ValueError(f"kv_split must be None or a positive multiple of block_k="
                        f"{self.block_k}, got {self.kv_split}")
-    if self.num_warps not in (1, 2, 4, 8, 16):
-      raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
+    if self.num_warps not in WARPS:
+      raise ValueError(f"num_warps must be one of {WARPS}, got {self.num_warps}")
     if self.num_stages < 1:
       raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
@@ -343,12 +351,12 @@ def _merge_splits(kv_lens, acc, m, l, *, num_tokens: int, num_heads: int, block_
   return pl.pallas_call(
       kernel, grid=(b, nk, num_row_tiles, d // block_d),
       in_specs=[
-          pl.BlockSpec((b,), lambda *_: (0,)),
+          full_block((b,)),
           pl.BlockSpec((None, None, num_splits, block_q, block_d),
                        lambda b_, h, r, c: (b_, h, 0, r, c)),
           pl.BlockSpec((None, None, num_splits, block_q), lambda b_, h, r, c: (b_, h, 0, r)),
           pl.BlockSpec((None, None, num_splits, block_q), lambda b_, h, r, c: (b_, h, 0, r))],
-      out_specs=pl.BlockSpec((b, num_tokens * num_heads, d), lambda *_: (0, 0, 0)),
+      out_specs=full_block((b, num_tokens * num_heads, d)),
       out_shape=jax.ShapeDtypeStruct((b, num_tokens * num_heads, d), out_dtype),
       # About 8 elements per thread; no software pipelining: the unrolled loads already
       # keep several splits in flight and nothing feeds a dot.
@@ -371,12 +379,12 @@ def _paged_attention(q, k_pool, v_pool, view, *, config, interpret, mask_every_t
   num_splits = 1 if config.kv_split is None else pl.cdiv(mb * bs, config.kv_split)
   grid = (b, nk, num_row_tiles, num_splits)
 
-  full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   kv_spec = pl.BlockSpec((nb, bs, None, d), lambda b_, h, r, s: (0, 0, h, 0))
-  in_specs = [full((b,)), full((b, mb)), full((b, t)), full((b, t * nh, d)), kv_spec, kv_spec]
+  in_specs = [full_block((b,)), full_block((b, mb)), full_block((b, t)),
+              full_block((b, t * nh, d)), kv_spec, kv_spec]
   if config.kv_split is None:
     out_shape = [jax.ShapeDtypeStruct((b, t * nh, d), q.dtype)]
-    out_specs = [full((b, t * nh, d))]
+    out_specs = [full_block((b, t * nh, d))]
   else:
     rows = num_row_tiles * config.block_q
     out_shape = [jax.ShapeDtypeStruct((b, nk, num_splits, rows, d), jnp.float32),
