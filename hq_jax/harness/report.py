@@ -23,6 +23,14 @@ def _figure():
   return fig, fig.subplots()
 
 
+def _save(fig, ax, path, *, grid_axis="both", legend_size=8):
+  """The finish every plot shares: a light grid, a legend, tight layout, a PNG."""
+  ax.grid(alpha=0.3, axis=grid_axis)
+  ax.legend(fontsize=legend_size)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
 def _load(run_dir: str):
   def opt_csv(name):
     path = os.path.join(run_dir, name)
@@ -78,10 +86,7 @@ def plot_kv_vs_context(mem, path):
   ax.set_ylabel("KV bytes used (MiB)")
   ax.set_title(f"KV held, shared prefix fraction {frac}")
   ax.set_xscale("log", base=2)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save(fig, ax, path)
 
 
 def plot_reuse(mem, path):
@@ -96,10 +101,7 @@ def plot_reuse(mem, path):
   ax.set_xlabel("concurrency (requests)")
   ax.set_ylabel("reuse factor (logical / physical blocks)")
   ax.set_xscale("log", base=2)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save(fig, ax, path)
 
 
 def plot_ttft(lat, path):
@@ -118,10 +120,7 @@ def plot_ttft(lat, path):
   ax.set_xticks([i + width for i in range(len(points))])
   ax.set_xticklabels([f"{n} tok\nC={c}" for n, c in points])
   ax.set_ylabel("time to first token (ms, median; bars: min-max)")
-  ax.legend()
-  ax.grid(alpha=0.3, axis="y")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save(fig, ax, path, grid_axis="y", legend_size=None)
 
 
 def write(run_dir: str) -> str:
