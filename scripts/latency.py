@@ -22,14 +22,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "latency.py"),
     "Config file; its fields can also be set by the plain flags below.")
 cli.define_flags(default_config.get_config(), {
-    "model": "'shipped', a preset name (seeded random weights), a .gguf file or an HF dir",
-    "text_file": "UTF-8 text the requests are cut from; empty = the shipped Wikipedia articles",
+    "text_file": cli.REQUEST_TEXT_HELP,
     "context_lengths": "tokens per request",
     "concurrency": "requests decoding together",
     "shared_prefix_fractions": "fraction of each request that is a shared prefix",
-    "block_size": "KV block size in tokens",
-    "chunk_size": "prefill chunk (a multiple of block_size)",
-    "dtype": "float32 | bfloat16",
     "repeats": "timed repetitions per measurement",
     "warmup": "untimed runs first (compilation)",
     "seed": "seed of request offsets and of random weights",

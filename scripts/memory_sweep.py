@@ -24,17 +24,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "memory_sweep.py"),
     "Config file; its fields can also be set by the plain flags below.")
 cli.define_flags(default_config.get_config(), {
-    "model": "'shipped', a preset name (seeded random weights), a .gguf file or an HF dir",
-    "text_file": "UTF-8 text the requests are cut from; empty = the shipped Wikipedia articles",
+    "text_file": cli.REQUEST_TEXT_HELP,
     "context_lengths": "tokens per request (every request has exactly this many)",
     "concurrency": "requests held in the cache at once",
     "shared_prefix_fractions": "fraction of each request that is a shared prefix "
                                "(rounded down to whole blocks)",
     "num_prefixes": "distinct shared prefixes; request i carries prefix i % num_prefixes",
     "max_seq_len": "dense reservation per request; 0 = its context_length",
-    "block_size": "KV block size in tokens",
-    "chunk_size": "prefill chunk (a multiple of block_size)",
-    "dtype": "float32 | bfloat16",
     "seed": "seed of request offsets in the text and of random weights",
     "workloads": "also run the system-prompt, few-shot and multi-turn workloads",
     "users": "workloads: concurrent users / requests",

@@ -23,12 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "perplexity.py"),
     "Config file; its fields can also be set by the plain flags below.")
 cli.define_flags(default_config.get_config(), {
-    "model": "'shipped', a preset name (seeded random weights), a .gguf file or an HF dir",
     "text_file": "UTF-8 text to score; empty = the shipped Wikipedia articles",
     "num_tokens": "tokens to score (the text's first num_tokens tokens)",
-    "chunk_size": "prefill chunk (a multiple of block_size)",
-    "block_size": "KV block size in tokens",
-    "dtype": "float32 | bfloat16",
     "seed": "seed of random weights for presets",
     "output_dir": "where perplexity.json is written (required)",
 })

@@ -14,8 +14,20 @@ import ml_collections
 from absl import flags
 
 
+# Help of the fields every script shares; a script's own text for a field wins.
+COMMON_HELPS = {
+    "model": "'shipped', a preset name (seeded random weights), a .gguf file or an HF dir",
+    "block_size": "KV block size in tokens",
+    "chunk_size": "prefill chunk (a multiple of block_size)",
+    "dtype": "float32 | bfloat16",
+}
+REQUEST_TEXT_HELP = ("UTF-8 text the requests are cut from; empty = the shipped Wikipedia "
+                     "articles")
+
+
 def define_flags(defaults: ml_collections.ConfigDict, helps: dict[str, str]) -> None:
   """Defines one flag per top-level field, defaulting to None (= keep the config's value)."""
+  helps = {**COMMON_HELPS, **helps}
   for name, value in defaults.items():
     help_ = f"{helps.get(name, '')} (config default: {value!r})"
     if isinstance(value, bool):
