@@ -21,47 +21,16 @@ import numpy as np
 
 from hq_jax import model as model_lib
 from hq_jax.config import ModelConfig
+from hq_jax.kv import sharing
 from hq_jax.kv.base import CacheError, PagedCache
-from hq_jax.kv.paged import paged_attention_reference
+from hq_jax.kv.paged import AttentionView, paged_attention_xla
+from pallas_kernels import dedup_attention as dedup_kernel
+from pallas_kernels import paged_attention as paged_kernel
 
-
-def _pallas_attention(q, k_pool, v_pool, view):
-  """The Pallas GPU kernel (imported on first use, so a CPU-only import stays fast)."""
-  from pallas_kernels.paged_attention import paged_attention
-  return paged_attention(q, k_pool, v_pool, view)
-
-
-def _pallas_interpret_attention(q, k_pool, v_pool, view):
-  """The same kernel through the Pallas interpreter (CPU tests)."""
-  from pallas_kernels.paged_attention import paged_attention
-  return paged_attention(q, k_pool, v_pool, view, interpret=True)
-
-
-ATTENTION_BACKENDS = {"reference": paged_attention_reference, "pallas": _pallas_attention,
-                      "pallas_interpret": _pallas_interpret_attention}
-
-
-def _dedup_attention(q, k_pool, v_pool, view):
-  """Shared-prefix decode attention (pallas_kernels/dedup_attention.py), plan in the view."""
-  from pallas_kernels.dedup_attention import dedup_attention
-  return dedup_attention(q, k_pool, v_pool, view)
-
-
-def _dedup_interpret_attention(q, k_pool, v_pool, view):
-  from pallas_kernels.dedup_attention import dedup_attention
-  return dedup_attention(q, k_pool, v_pool, view, interpret=True)
-
-
-def _dedup_reference_attention(q, k_pool, v_pool, view):
-  from pallas_kernels.dedup_attention import dedup_attention_reference
-  if q.shape[1] != 1:
-    return paged_attention_reference(q, k_pool, v_pool, view)
-  return dedup_attention_reference(q, k_pool, v_pool, view)
-
-
-# The shared-prefix decode attention that goes with each backend.
-DEDUP_BACKENDS = {"reference": _dedup_reference_attention, "pallas": _dedup_attention,
-                  "pallas_interpret": _dedup_interpret_attention}
+# "auto" = the Pallas kernels on a GPU, the XLA path elsewhere; "reference" = the XLA path
+# (with a sharing plan: the float32 shared-prefix oracle); "pallas_interpret" = the kernels
+# through the Pallas interpreter (CPU tests).
+ATTENTION = ("auto", "reference", "pallas", "pallas_interpret")
 DECODE_ATTENTION = ("paged", "dedup", "auto")
 # decode_attention="auto" reads shared runs once when the plan saves at least this many
 # K/V tokens per kv head and layer (sum over nodes of tokens x (requests - 1)). From the
@@ -69,6 +38,44 @@ DECODE_ATTENTION = ("paged", "dedup", "auto")
 # the fewest saved tokens from which every measured point (both shapes) was >= 1.05x faster
 # with dedup; below it the 0.5B shape tied or lost at 30,720 and 122,880.
 AUTO_MIN_SAVED_TOKENS = 258_048
+
+
+def resolve_attention(name: str) -> str:
+  """The backend an `attention` name runs on this machine ("auto" resolved)."""
+  if name not in ATTENTION:
+    raise ValueError(f"attention must be one of {ATTENTION}, got {name!r}")
+  if name == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
+  return name
+
+
+def decode_bucket(batch: int) -> int:
+  """Decode batches are padded to a power of two: a serving loop compiles a few shapes."""
+  return 1 << max(batch - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelAttention:
+  """The model's attention function for one backend (hashable: part of the jit key).
+
+  The one place where the cache's `AttentionView` meets the kernels' plain-array
+  interface: q, all layers' pools and the layer index, block tables, positions, lengths
+  and (decode with a sharing plan) the plan's arrays.
+  """
+
+  backend: str  # "reference" | "pallas" | "pallas_interpret"
+
+  def __call__(self, q, k_pools, v_pools, layer, view: AttentionView):
+    plan = view.sharing if q.shape[1] == 1 else None
+    args = (q, k_pools, v_pools, view.block_tables, view.positions, view.kv_lens)
+    if self.backend == "reference":
+      if plan is not None:
+        return dedup_kernel.dedup_attention_reference(*args, plan, layer)
+      return paged_attention_xla(q, k_pools, v_pools, layer, view)
+    interpret = self.backend == "pallas_interpret"
+    if plan is not None:
+      return dedup_kernel.dedup_attention(*args, plan, layer, interpret=interpret)
+    return paged_kernel.paged_attention(*args, layer, interpret=interpret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,37 +86,42 @@ class PrefillResult:
   cached_tokens: int  # tokens whose prefill was skipped (whole chunks of hits)
   computed_tokens: int  # tokens run through the model (prompt_tokens - cached_tokens)
   first_position: int  # position of logits[0] (= cached_tokens)
-  logits: jax.Array | None  # [computed_tokens, vocab] f32, or None with logits="last"
+  # [computed_tokens, vocab] float32 on the host (copied chunk by chunk: the device never
+  # holds more than one chunk of logits), or None with logits="last".
+  logits: np.ndarray | None
   last_logits: jax.Array  # [vocab] f32: the prediction after the last prompt token
   ttft_s: float  # admission + prefill until the last logits are ready
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeResult:
+  logits: jax.Array  # [B, vocab] float32
+  attention: str  # "paged" or "dedup": what this step's attention ran
 
 
 class Engine:
   """Holds the model (params are traced arguments of each jitted step, not constants)."""
 
   def __init__(self, params, cfg: ModelConfig, *, chunk_size: int = 64,
-               attention: str = "reference", donate: bool | None = None,
+               attention: str = "auto", donate: bool | None = None,
                decode_attention: str = "paged",
                auto_min_saved_tokens: int = AUTO_MIN_SAVED_TOKENS):
-    """decode_attention: "paged" (exact, the default: bit-identical for dense and HQ),
+    """attention: one of ATTENTION ("auto": the Pallas kernels on a GPU, XLA elsewhere).
+    decode_attention: "paged" (exact, the default: bit-identical for dense and HQ),
     "dedup" (shared runs of blocks read once for all their requests; equal to paged within
     float rounding, not bit-exact) or "auto" (dedup when the batch's sharing plan saves at
     least `auto_min_saved_tokens` K/V tokens per kv head, else paged)."""
     if chunk_size <= 0:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if attention not in ATTENTION_BACKENDS:
-      raise ValueError(f"attention must be one of {sorted(ATTENTION_BACKENDS)}, got "
-                       f"{attention!r}")
     if decode_attention not in DECODE_ATTENTION:
       raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got "
                        f"{decode_attention!r}")
     self.params, self.cfg, self.chunk_size = params, cfg, chunk_size
-    self.attention_fn = ATTENTION_BACKENDS[attention]
+    self.attention = resolve_attention(attention)  # what runs: never "auto"
+    self._attention_fn = KernelAttention(self.attention)
     self.decode_attention = decode_attention
-    self.dedup_attention_fn = DEDUP_BACKENDS[attention]
     self.auto_min_saved_tokens = auto_min_saved_tokens
     self._planner = None  # built on the first shared-prefix decode (needs the block size)
-    self.last_decode_attention = None  # "paged" or "dedup": what the last decode step used
     # Donating the pools lets XLA update the cache in place (GPU); the caller must then
     # not reuse the cache it passed in. Off on CPU so tests can compare old and new.
     self.donate = jax.default_backend() != "cpu" if donate is None else donate
@@ -117,38 +129,46 @@ class Engine:
 
   def _check_tokens(self, tokens) -> np.ndarray:
     arr = np.asarray(tokens)
-    if arr.size and np.issubdtype(arr.dtype, np.integer):
+    if arr.size and (arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer)):
+      raise CacheError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.size:
       bad = (arr < 0) | (arr >= self.cfg.vocab_size)
       if bad.any():
         raise CacheError(f"token id {int(arr[bad][0])} is outside the vocabulary "
                          f"[0, {self.cfg.vocab_size})")
     return arr
 
+  def _check_cache(self, cache: PagedCache) -> None:
+    """The cache's K/V layout must be this model's (else writes to missing layers drop)."""
+    nl, _, _, nk, d = cache.pools.k.shape
+    want = (self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim)
+    if (nl, nk, d) != want:
+      raise CacheError(f"the cache holds {nl} layers x {nk} kv heads x head_dim {d}, the "
+                       f"model needs {want[0]} x {want[1]} x {want[2]}: build the cache "
+                       "with KVLayout.from_config(cfg)")
+
   def _step(self, cache: PagedCache, tokens: np.ndarray, view, attention_fn=None):
     logits, pools = self._forward(self.params, cache.pools, jnp.asarray(tokens, jnp.int32),
                                   view, cfg=self.cfg,
-                                  attention_fn=attention_fn or self.attention_fn)
+                                  attention_fn=attention_fn or self._attention_fn)
     return logits, cache.with_pools(pools)
 
-  def _decode_view(self, cache: PagedCache, slots, lens):
-    """The decode view and attention function: the plan attached when dedup is chosen."""
-    view = cache.view(slots, [n - 1 for n in lens], 1)
+  def _decode_view(self, cache: PagedCache, slots, lens) -> tuple[AttentionView, str]:
+    """The decode view (batch padded to its bucket), with the plan attached for dedup."""
+    view = cache.view(slots, [n - 1 for n in lens], 1, pad_to=decode_bucket(len(slots)))
     if self.decode_attention == "paged":
-      self.last_decode_attention = "paged"
-      return view, self.attention_fn
-    from hq_jax.kv import sharing
+      return view, "paged"
     if self._planner is None or self._planner.block_size != cache.block_size:
-      from pallas_kernels.dedup_attention import default_config
       group = self.cfg.num_heads // self.cfg.num_kv_heads
+      config = dedup_kernel.default_config(self.cfg.head_dim)
       self._planner = sharing.SharingPlanner(
-          cache.block_size,
-          requests_per_tile=default_config(self.cfg.head_dim).requests_per_tile(group))
-    plan, summary = self._planner.plan(np.asarray(cache.block_tables)[slots], lens)
+          cache.block_size, requests_per_tile=config.requests_per_tile(group))
+    # The planner caches the plan until the batch's shared full blocks change.
+    plan, summary = self._planner.plan(np.asarray(view.block_tables),
+                                       np.asarray(view.kv_lens))
     if self.decode_attention == "auto" and summary.saved_tokens < self.auto_min_saved_tokens:
-      self.last_decode_attention = "paged"
-      return view, self.attention_fn
-    self.last_decode_attention = "dedup"
-    return dataclasses.replace(view, sharing=plan), self.dedup_attention_fn
+      return view, "paged"
+    return dataclasses.replace(view, sharing=plan), "dedup"
 
   def prefill(self, cache: PagedCache, tokens: Sequence[int], *, salt: int = 0,
               logits: str = "all") -> tuple[PagedCache, PrefillResult]:
@@ -158,48 +178,55 @@ class Engine:
     if self.chunk_size % cache.block_size:
       raise CacheError(f"chunk_size {self.chunk_size} is not a multiple of the cache's "
                        f"block_size {cache.block_size}")
+    self._check_cache(cache)
     prompt = self._check_tokens(tokens)
     t0 = time.perf_counter()
     cache, slot = cache.admit(prompt, salt)
     n, c = prompt.size, self.chunk_size
     hit = int(cache.seq_lens[slot])
     first_chunk = min(hit // c, (n - 1) // c)
-    kept = []
+    kept, last = [], None
     for start in range(first_chunk * c, n, c):
       chunk = np.zeros((1, c), np.int32)
       valid = min(c, n - start)
       chunk[0, :valid] = prompt[start:start + valid]
       out, cache = self._step(cache, chunk, cache.view([slot], [start], c))
-      kept.append(out[0, :valid] if logits == "all" else out[0, valid - 1:valid])
+      if logits == "all":
+        kept.append(np.asarray(out[0, :valid]))  # to the host: one chunk on the device
+      last = out[0, valid - 1]
     cache = cache.commit(slot, n)
-    last = kept[-1][-1].block_until_ready()
+    last = last.block_until_ready()
     ttft = time.perf_counter() - t0
     return cache, PrefillResult(
         slot=slot, prompt_tokens=n, hit_tokens=hit, cached_tokens=first_chunk * c,
         computed_tokens=n - first_chunk * c, first_position=first_chunk * c,
-        logits=jnp.concatenate(kept) if logits == "all" else None, last_logits=last,
+        logits=np.concatenate(kept) if logits == "all" else None, last_logits=last,
         ttft_s=ttft)
 
   def decode(self, cache: PagedCache, slots: Sequence[int],
-             tokens: Sequence[int]) -> tuple[PagedCache, jax.Array]:
-    """Feeds one new token to each slot; returns (cache, logits [B, vocab])."""
+             tokens: Sequence[int]) -> tuple[PagedCache, DecodeResult]:
+    """Feeds one new token to each slot; returns (cache, DecodeResult: logits [B, vocab]
+    and which attention ran). The batch is padded to `decode_bucket(B)` rows inside."""
     slots, tokens = list(slots), self._check_tokens(tokens).reshape(-1)
     if len(slots) != tokens.size or not slots:
       raise CacheError(f"decode needs one token per slot, got {len(slots)} slots and "
                        f"{tokens.size} tokens")
     if len(set(slots)) != len(slots):
       raise CacheError(f"decode got a slot twice: {slots}")
+    self._check_cache(cache)
     cache = cache.append_batch(slots, [int(t) for t in tokens])
     lens = [int(cache.req_lens[s]) for s in slots]
-    view, attention_fn = self._decode_view(cache, slots, lens)
-    out, cache = self._step(cache, tokens[:, None], view, attention_fn)
-    return cache.commit_batch(slots, lens), out[:, 0]
+    view, used = self._decode_view(cache, slots, lens)
+    padded = np.zeros((view.positions.shape[0], 1), np.int32)
+    padded[:len(slots), 0] = tokens
+    out, cache = self._step(cache, padded, view)
+    return cache.commit_batch(slots, lens), DecodeResult(out[:len(slots), 0], used)
 
   def generate(self, cache: PagedCache, prompt: Sequence[int], steps: int, *, salt: int = 0):
     """Greedy decoding of `steps` tokens after `prompt`: (cache, slot, new token ids)."""
     cache, res = self.prefill(cache, prompt, salt=salt, logits="last")
     out = [int(jnp.argmax(res.last_logits))]
     for _ in range(steps - 1):
-      cache, logits = self.decode(cache, [res.slot], [out[-1]])
-      out.append(int(jnp.argmax(logits[0])))
+      cache, step = self.decode(cache, [res.slot], [out[-1]])
+      out.append(int(jnp.argmax(step.logits[0])))
     return cache, res.slot, out

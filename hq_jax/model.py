@@ -25,8 +25,11 @@ from hq_jax.config import ModelConfig
 from hq_jax.kv import paged
 from hq_jax.kv.paged import AttentionView, KVPools
 
-# (q [B,T,H,D], k_pool, v_pool [NB,bs,K,D] for this layer, view) -> out [B,T,H,D]
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, AttentionView], jax.Array]
+# (q [B,T,H,D], k_pools, v_pools [L,NB,bs,K,D] (all layers), layer (int32 scalar), view)
+#   -> out [B,T,H,D]. The function reads its layer out of the full pools: slicing
+# pools[layer] here would make XLA copy the layer on every step.
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, AttentionView],
+                       jax.Array]
 
 
 class RMSNorm(nn.Module):
@@ -75,7 +78,7 @@ class Attention(nn.Module):
     cos, sin = rope_cos_sin(view.positions, cfg.head_dim, cfg.rope_theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     pools = paged.write_layer(pools, layer, k, v, view.write_slots)
-    out = self.attention_fn(q, pools.k[layer], pools.v[layer], view)  # [B, T, H, D]
+    out = self.attention_fn(q, pools.k, pools.v, layer, view)  # [B, T, H, D]
     out = out.astype(dt).reshape(b, t, cfg.num_heads * cfg.head_dim)
     return nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt,
                     name="o_proj")(out), pools
@@ -112,7 +115,7 @@ class Qwen2(nn.Module):
   """`apply(params, tokens [B,T], pools, view) -> (logits [B,T,V] f32, new pools)`."""
 
   cfg: ModelConfig
-  attention_fn: AttentionFn = paged.paged_attention_reference
+  attention_fn: AttentionFn = paged.paged_attention_xla
 
   @nn.compact
   def __call__(self, tokens, pools: KVPools, view: AttentionView):
@@ -163,7 +166,7 @@ def abstract_params(cfg: ModelConfig):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention_fn"))
 def forward(params, pools: KVPools, tokens: jax.Array, view: AttentionView, *,
-            cfg: ModelConfig, attention_fn: AttentionFn = paged.paged_attention_reference):
+            cfg: ModelConfig, attention_fn: AttentionFn = paged.paged_attention_xla):
   """One jitted step: logits for a chunk and the pools with its K/V written."""
   return Qwen2(cfg, attention_fn).apply({"params": params}, tokens, pools, view)
 

@@ -5,7 +5,8 @@ Parts, as in `paged_attention.py`: the kernel body (`_partials_kernel`), the mer
 float32 `dedup_attention_reference`.
 
 The HQ cache stores a block shared by C requests once, but paged decode still reads it C
-times (once per request). Here a sharing plan (`hq_jax.kv.sharing`) names the shared runs
+times (once per request). Here a sharing plan (`SharingPlan` below, the kernel's input
+format; `hq_jax.kv.sharing` builds it from block tables) names the shared runs
 of blocks (trie nodes) and their requests; decode attention is split, as in FlashInfer's
 cascade attention and Hydragen, into
 
@@ -55,12 +56,47 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
-from hq_jax.kv.paged import AttentionView, gather
-from hq_jax.kv.sharing import SharingPlan
-from pallas_kernels.paged_attention import (MERGE_UNROLL, WARPS, add_partials,
-                                            check_inputs, full_block, is_pow2,
-                                            merge_block_d, online_softmax_step,
-                                            paged_attention)
+from pallas_kernels._common import (MERGE_UNROLL, WARPS, add_partials, check_inputs,
+                                    dot_precision, flat_pool, full_block, gather_blocks,
+                                    is_pow2, layer_pool, merge_block_d, online_softmax_step)
+from pallas_kernels.paged_attention import paged_attention
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SharingPlan:
+  """Which requests of a decode batch share runs of blocks, as padded int32 arrays.
+
+  The kernel's input format (built from block tables by `hq_jax.kv.sharing.build_plan`):
+  node_tables   [N, NB]   physical blocks of each node's run (0 past its end)
+  node_lens     [N]       tokens of each node (0 for padding nodes)
+  tile_node     [TL]      node of each tile (0 for padding tiles)
+  tile_reqs     [TL, RPT] batch row of each request of a tile, -1 = none; a tile's
+                          requests fill its slots from 0, so slot 0 = -1 marks a padding
+                          tile (the kernels rely on this)
+  req_rows      [B, DEP]  flat tile row (tile * RPT + slot) of request b's d-th node, -1 = none
+  private_start [B]       first key of each request's private remainder (block aligned)
+  """
+
+  node_tables: jax.Array
+  node_lens: jax.Array
+  tile_node: jax.Array
+  tile_reqs: jax.Array
+  req_rows: jax.Array
+  private_start: jax.Array
+  requests_per_tile: int = dataclasses.field(metadata=dict(static=True), default=1)
+  # Longest private remainder, a power of two: sets how many splits the private part
+  # launches (a hint only; longer remainders stay correct). Bucketed by the planner so a
+  # decode loop does not recompile every time a remainder grows.
+  private_tokens_hint: int = dataclasses.field(metadata=dict(static=True), default=0)
+  # Whether any node exists. Without one the kernel is plain paged decode (the same
+  # launch, the same bits), so a batch that shares nothing never pays for the split.
+  has_shared: bool = dataclasses.field(metadata=dict(static=True), default=True)
+
+  @property
+  def num_tiles(self) -> int:
+    return self.tile_node.shape[0]
+
 
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
@@ -157,20 +193,22 @@ def _split_len(n, part: _Part):
   return (per_split + part.block_k - 1) // part.block_k * part.block_k
 
 
-def _item_partials(i, h, s, item_refs, q_ref, k_ref, v_ref, *, part: _Part, group: int,
+def _item_partials(i, h, s, item_refs, layer_ref, q_ref, k_ref, v_ref, *, part: _Part,
+                   group: int,
                    scale: float, precision):
   """(acc [bq, D], m [bq], l [bq]) of item i, kv head h, split s (m in log2 units).
 
   item_refs = (item_table [I], item_start [I], table_lens [NT], item_reqs [I, RPT],
-  tables [NT, MBt]): item i reads keys [item_start[i], table_lens[item_table[i]]) of row
+  tables [NT, MBt]); layer_ref [1]: the layer's first block in the flat pool. Item i reads keys [item_start[i], table_lens[item_table[i]]) of row
   item_table[i] of `tables` (item_start block aligned; none if slot 0 holds no request:
   a padding tile, since `build_plan` fills a tile's slots from 0); its query rows are
   slot * G + g for the requests item_reqs[i, slot]. k_ref, v_ref: [num_blocks, block_size,
-  D] of kv head h. Lengths are read here, not computed in XLA around the launch (that
+  D] of kv head h, all layers. Lengths are read here, not computed in XLA around the launch (that
   would be extra small kernels per call); a scalar load, not a reduction over the tile's
   requests, which cost registers (and stack in the fused launch) on sm_90.
   """
   item_table_ref, item_start_ref, table_lens_ref, item_reqs_ref, tables_ref = item_refs
+  layer_offset = layer_ref[0]
   block_q, block_k = part.block_q, part.block_k
   rpt = item_reqs_ref.shape[1]
   num_tables = tables_ref.shape[1]
@@ -206,13 +244,14 @@ def _item_partials(i, h, s, item_refs, q_ref, k_ref, v_ref, *, part: _Part, grou
     keys = lo + j * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [bk] item keys
     logical = jnp.minimum((offset + keys) // block_size, num_tables - 1)
     if not masked:
-      pages = plgpu_triton.load(tables_ref.at[table, logical])
+      pages = plgpu_triton.load(tables_ref.at[table, logical]) + layer_offset
       kv_idx = (pages[:, None], ((offset + keys) % block_size)[:, None], cols)
       k = plgpu_triton.load(k_ref.at[kv_idx])  # [bk, D]
       v = plgpu_triton.load(v_ref.at[kv_idx])
       return online_softmax_step(carry, q, k, v, None, scale=scale, precision=precision)
     key_ok = keys < hi  # past the item: other requests' blocks or garbage (NaN too)
-    pages = plgpu_triton.load(tables_ref.at[table, logical], mask=key_ok, other=0)
+    pages = plgpu_triton.load(tables_ref.at[table, logical], mask=key_ok,
+                              other=0) + layer_offset
     kv_idx = (pages[:, None], ((offset + keys) % block_size)[:, None], cols)
     k = plgpu_triton.load(k_ref.at[kv_idx], mask=key_ok[:, None], other=0)  # [bk, D]
     v = plgpu_triton.load(v_ref.at[kv_idx], mask=key_ok[:, None], other=0)
@@ -227,9 +266,11 @@ def _item_partials(i, h, s, item_refs, q_ref, k_ref, v_ref, *, part: _Part, grou
 
 def _partials_kernel(*refs, part: _Part, **kw):
   """Grid (item, kv head, split); outputs are this program's blocks."""
-  item_refs, (q_ref, k_ref, v_ref), (acc_ref, m_ref, l_ref) = refs[:5], refs[5:8], refs[8:]
+  item_refs, layer_ref = refs[:5], refs[5]
+  (q_ref, k_ref, v_ref), (acc_ref, m_ref, l_ref) = refs[6:9], refs[9:]
   i, h, s = (pl.program_id(a) for a in range(3))
-  acc, m, l = _item_partials(i, h, s, item_refs, q_ref, k_ref, v_ref, part=part, **kw)
+  acc, m, l = _item_partials(i, h, s, item_refs, layer_ref, q_ref, k_ref, v_ref, part=part,
+                             **kw)
   acc_ref[...] = acc
   m_ref[...] = m
   l_ref[...] = l
@@ -257,8 +298,8 @@ def _fused_program(p, shared: _Part, private: _Part, num_kv_heads: int):
 
 def _fused_kernel(*refs, shared: _Part, private: _Part, num_kv_heads: int, **kw):
   """Both kinds of items in one launch: grid (programs,), outputs whole arrays."""
-  s_items, p_items, (q_ref, k_ref, v_ref) = refs[:5], refs[5:10], refs[10:13]
-  s_out, p_out = refs[13:16], refs[16:19]
+  s_items, p_items, layer_ref = refs[:5], refs[5:10], refs[10]
+  (q_ref, k_ref, v_ref), s_out, p_out = refs[11:14], refs[14:17], refs[17:20]
   is_shared, i, h, s = _fused_program(pl.program_id(0), shared, private, num_kv_heads)
   cols = jnp.arange(k_ref.shape[2], dtype=jnp.int32)[None, :]
 
@@ -266,7 +307,8 @@ def _fused_kernel(*refs, shared: _Part, private: _Part, num_kv_heads: int, **kw)
                                  (is_shared == 0, p_items, p_out, private)):
     @pl.when(flag)
     def _(items=items, out=out, part=part):
-      acc, m, l = _item_partials(i, h, s, items, q_ref, k_ref, v_ref, part=part, **kw)
+      acc, m, l = _item_partials(i, h, s, items, layer_ref, q_ref, k_ref, v_ref, part=part,
+                                 **kw)
       rows = jnp.arange(part.block_q, dtype=jnp.int32)
       plgpu_triton.store(out[0].at[i, h, s, rows[:, None], cols], acc)
       plgpu_triton.store(out[1].at[i, h, s, rows], m)
@@ -276,8 +318,7 @@ def _fused_kernel(*refs, shared: _Part, private: _Part, num_kv_heads: int, **kw)
 def _kernel_kw(q3, k_pool):
   d = q3.shape[-1]
   return dict(group=q3.shape[1] // k_pool.shape[2], scale=d ** -0.5 * math.log2(math.e),
-              precision=(jax.lax.Precision.HIGHEST if q3.dtype == jnp.float32
-                         else jax.lax.Precision.DEFAULT))
+              precision=dot_precision(q3.dtype))
 
 
 def _out_shapes(part: _Part, nk: int, d: int):
@@ -286,14 +327,14 @@ def _out_shapes(part: _Part, nk: int, d: int):
           jax.ShapeDtypeStruct(lead, jnp.float32), jax.ShapeDtypeStruct(lead, jnp.float32)]
 
 
-def _partials(q3, k_pool, v_pool, items, *, part: _Part, num_warps, num_stages, interpret,
-              name):
+def _partials(q3, k_pool, v_pool, layer_offset, items, *, part: _Part, num_warps, num_stages,
+              interpret, name):
   """One launch over one kind of items: raw partials [I, K, S, block_q, (D)], m in log2."""
   nb, bs, nk, d = k_pool.shape
   grid = (part.num_items, nk, part.num_splits)  # items fastest: tiles read a split together
   kv_spec = pl.BlockSpec((nb, bs, None, d), lambda i, h, s: (0, 0, h, 0))
   in_specs = ([full_block(x.shape) for x in items]
-              + [full_block(q3.shape), kv_spec, kv_spec])
+              + [full_block((1,)), full_block(q3.shape), kv_spec, kv_spec])
   out_specs = [
       pl.BlockSpec((None, None, None, part.block_q, d), lambda i, h, s: (i, h, s, 0, 0)),
       pl.BlockSpec((None, None, None, part.block_q), lambda i, h, s: (i, h, s, 0)),
@@ -304,18 +345,18 @@ def _partials(q3, k_pool, v_pool, items, *, part: _Part, num_warps, num_stages, 
       compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
                                                   num_stages=num_stages),
       interpret=interpret, name=name,
-  )(*items, q3, k_pool, v_pool)
+  )(*items, layer_offset, q3, k_pool, v_pool)
 
 
-def _fused_partials(q3, k_pool, v_pool, s_items, p_items, *, shared: _Part, private: _Part,
-                    num_warps, num_stages, interpret):
+def _fused_partials(q3, k_pool, v_pool, layer_offset, s_items, p_items, *, shared: _Part,
+                    private: _Part, num_warps, num_stages, interpret):
   """Both launches' programs in one launch: (shared partials, private partials)."""
   nb, bs, nk, d = k_pool.shape
   num_programs = (shared.num_programs + private.num_programs) * nk
   head = lambda p: _fused_program(p, shared, private, nk)[2]
   kv_spec = pl.BlockSpec((nb, bs, None, d), lambda p: (0, 0, head(p), 0))
   in_specs = ([full_block(x.shape) for x in (*s_items, *p_items)]
-              + [full_block(q3.shape), kv_spec, kv_spec])
+              + [full_block((1,)), full_block(q3.shape), kv_spec, kv_spec])
   out_shape = _out_shapes(shared, nk, d) + _out_shapes(private, nk, d)
   outs = pl.pallas_call(
       functools.partial(_fused_kernel, shared=shared, private=private, num_kv_heads=nk,
@@ -326,7 +367,7 @@ def _fused_partials(q3, k_pool, v_pool, s_items, p_items, *, shared: _Part, priv
       compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
                                                   num_stages=num_stages),
       interpret=interpret, name="dedup_attention_fused",
-  )(*s_items, *p_items, q3, k_pool, v_pool)
+  )(*s_items, *p_items, layer_offset, q3, k_pool, v_pool)
   return outs[:3], outs[3:]
 
 
@@ -454,22 +495,24 @@ def _num_splits(tokens: int, items: int, kv_heads: int, *, kv_split: int, block_
 
 # ---------------------------------------------------------------------------- wrapper
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: AttentionView,
-                    plan: SharingPlan | None = None, *, config: TuningConfig | None = None,
-                    interpret: bool = False) -> jax.Array:
-  """Decode attention of q [B, 1, H, D] over one layer's pools, shared runs read once.
+def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
+                    block_tables: jax.Array, positions: jax.Array, kv_lens: jax.Array,
+                    plan: SharingPlan | None, layer=None, *,
+                    config: TuningConfig | None = None, interpret: bool = False) -> jax.Array:
+  """Decode attention of q [B, 1, H, D] over the pools of `layer`, shared runs read once.
 
-  `plan` (default `view.sharing`) must come from the same batch's block tables (see
-  `hq_jax.kv.sharing.build_plan`). Without a plan, or with T > 1, this is the paged kernel.
-  A plan with no shared node (nothing to read once) runs the paged kernel unchanged.
-  Returns [B, 1, H, D] in q's dtype; float32 softmax and accumulation.
+  Pools, tables, positions, lengths and `layer` as for `paged_attention`. `plan` must come
+  from the same batch's block tables (`hq_jax.kv.sharing.build_plan`). Without a plan, with
+  T > 1, or with a plan with no shared node (nothing to read once), this is the paged
+  kernel, unchanged. Returns [B, 1, H, D] in q's dtype; float32 softmax and accumulation.
   """
-  plan = plan if plan is not None else getattr(view, "sharing", None)
-  check_inputs(q, k_pool, v_pool)
+  check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens)
   b, t, nh, d = q.shape
-  nb, bs, nk, _ = k_pool.shape
   if plan is None or t != 1 or not plan.has_shared:
-    return paged_attention(q, k_pool, v_pool, view, interpret=interpret)
+    return paged_attention(q, k_pool, v_pool, block_tables, positions, kv_lens, layer,
+                           interpret=interpret)
+  k_pool, v_pool, layer_offset = flat_pool(k_pool, v_pool, layer)
+  nb, bs, nk, _ = k_pool.shape
   config = config or default_config(d)
   group = nh // nk
   rpt = plan.requests_per_tile
@@ -494,48 +537,44 @@ def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: At
       block_k=config.shared_block_k, min_programs=config.min_programs,
       cap=config.max_splits))
   # 2. Private remainders: one item per request, keys [private_start, kv_len) of its table.
-  mb = view.block_tables.shape[1]
-  p_items = (np.arange(b, dtype=np.int32), plan.private_start, view.kv_lens,
-             np.arange(b, dtype=np.int32).reshape(b, 1), view.block_tables)
+  mb = block_tables.shape[1]
+  p_items = (np.arange(b, dtype=np.int32), plan.private_start, kv_lens,
+             np.arange(b, dtype=np.int32).reshape(b, 1), block_tables)
   private = _Part(b, config.private_block_q, config.private_block_k, _num_splits(
       min(mb * bs, plan.private_tokens_hint or mb * bs), b, nk,
       kv_split=config.private_kv_split, block_k=config.private_block_k,
       min_programs=config.min_programs, cap=config.max_splits))
   if config.fused:
     s_raw, p_raw = _fused_partials(
-        q3, k_pool, v_pool, s_items, p_items, shared=shared, private=private,
+        q3, k_pool, v_pool, layer_offset, s_items, p_items, shared=shared, private=private,
         num_warps=config.shared_num_warps, num_stages=config.shared_num_stages,
         interpret=interpret)
   else:
-    s_raw = _partials(q3, k_pool, v_pool, s_items, part=shared,
+    s_raw = _partials(q3, k_pool, v_pool, layer_offset, s_items, part=shared,
                       num_warps=config.shared_num_warps, num_stages=config.shared_num_stages,
                       interpret=interpret, name="dedup_attention_shared")
-    p_raw = _partials(q3, k_pool, v_pool, p_items, part=private,
+    p_raw = _partials(q3, k_pool, v_pool, layer_offset, p_items, part=private,
                       num_warps=config.private_num_warps,
                       num_stages=config.private_num_stages, interpret=interpret,
                       name="dedup_attention_private")
   # 3. Each request's node partials and private partial, merged in one launch.
-  out = _merge_partials(plan, view.kv_lens, s_raw, p_raw, shared=shared, private=private,
+  out = _merge_partials(plan, kv_lens, s_raw, p_raw, shared=shared, private=private,
                         num_heads=nh, out_dtype=q.dtype, interpret=interpret)
   return out.reshape(b, 1, nh, d)
 
 
-def dedup_attention_interpret(q, k_pool, v_pool, view, plan=None, *, config=None):
-  """The same kernels run by the Pallas interpreter (CPU tests, the engine on CPU)."""
-  return dedup_attention(q, k_pool, v_pool, view, plan, config=config, interpret=True)
-
-
 # -------------------------------------------------------------------------- reference
 def dedup_attention_reference(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
-                              view: AttentionView, plan: SharingPlan | None = None
-                              ) -> jax.Array:
+                              block_tables: jax.Array, positions: jax.Array,
+                              kv_lens: jax.Array, plan: SharingPlan, layer=None) -> jax.Array:
   """float32 oracle of the same decomposition: node partials, private partial, LSE merge.
 
   Each node's keys come from the plan's node table (not the requests' tables), so a plan
   whose nodes do not match the requests' blocks gives a wrong answer here too; comparing
   with `paged_attention_reference` checks the plan, comparing with the kernel checks it.
   """
-  plan = plan if plan is not None else view.sharing
+  del positions  # decode: every request's query sits at kv_len - 1
+  k_pool, v_pool = layer_pool(k_pool, layer), layer_pool(v_pool, layer)
   hp = jax.lax.Precision.HIGHEST
   b, t, nh, d = q.shape
   if t != 1:
@@ -556,8 +595,8 @@ def dedup_attention_reference(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array
     return jnp.einsum("...kgs,...skd->...kgd", p, v, precision=hp), m, jnp.sum(p, -1)
 
   # Node partials for every (tile, slot), then gathered per request.
-  nk_ = gather(k_pool, plan.node_tables).astype(jnp.float32)  # [N, S_n, K, D]
-  nv_ = gather(v_pool, plan.node_tables).astype(jnp.float32)
+  nk_ = gather_blocks(k_pool, plan.node_tables).astype(jnp.float32)  # [N, S_n, K, D]
+  nv_ = gather_blocks(v_pool, plan.node_tables).astype(jnp.float32)
   node_ok = jnp.arange(nk_.shape[1])[None] < plan.node_lens[:, None]  # [N, S_n]
   reqs = plan.tile_reqs.reshape(-1)  # [TL * RPT]
   nodes = jnp.repeat(plan.tile_node, rpt)
@@ -566,10 +605,10 @@ def dedup_attention_reference(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array
   idx = jnp.maximum(plan.req_rows, 0)
   has = (plan.req_rows >= 0)[:, :, None, None]
   # Private remainder [private_start, kv_len) of each request's own table.
-  k = gather(k_pool, view.block_tables).astype(jnp.float32)  # [B, S, K, D]
-  v = gather(v_pool, view.block_tables).astype(jnp.float32)
+  k = gather_blocks(k_pool, block_tables).astype(jnp.float32)  # [B, S, K, D]
+  v = gather_blocks(v_pool, block_tables).astype(jnp.float32)
   keys = jnp.arange(k.shape[1])[None]
-  ok = (keys >= plan.private_start[:, None]) & (keys < view.kv_lens[:, None])
+  ok = (keys >= plan.private_start[:, None]) & (keys < kv_lens[:, None])
   p_acc, p_m, p_l = partial(qg, k, v, ok)
   acc = jnp.concatenate([n_acc[idx], p_acc[:, None]], axis=1)  # [B, DEP + 1, K, G, D]
   m = jnp.concatenate([jnp.where(has, n_m[idx], -jnp.inf), p_m[:, None]], axis=1)

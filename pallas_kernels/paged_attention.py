@@ -4,8 +4,11 @@ Parts, as in jax's `pallas/ops/gpu/decode_attention.py`: the kernel body
 (`_paged_attention_kernel`), the split merge kernel (`_merge_kernel`), the jitted wrapper
 `paged_attention` with its `TuningConfig`, and the float32 `paged_attention_reference`.
 
-Layout (hq_jax.kv.paged): one layer's pool `[num_blocks, block_size, K, D]`, per-request
-block tables `[B, MB]`, query positions `[B, T]`, lengths `kv_lens [B]`.
+Inputs are plain arrays (this package imports only jax): q `[B, T, H, D]`, the K and V pools
+of all layers `[L, num_blocks, block_size, K, D]` with a `layer` index (or one layer's
+`[num_blocks, block_size, K, D]`), per-request block tables `[B, MB]`, query positions
+`[B, T]` and lengths `kv_lens [B]`. The kernel reads its layer out of the full pool (see
+`_common.flat_pool`): passing `pool[layer]` instead would make XLA copy the layer first.
 
 One program handles one request, one kv head, one tile of `block_q` query rows and one
 split of the key sequence. Its query rows are the (token, head) pairs of the kv head's
@@ -52,19 +55,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
-from hq_jax.kv.paged import AttentionView, gather
-
-
-WARPS = (1, 2, 4, 8, 16)  # the warp counts a Triton launch takes
-
-
-def is_pow2(x: int) -> bool:
-  return x > 0 and x & (x - 1) == 0
-
-
-def full_block(shape) -> pl.BlockSpec:
-  """A BlockSpec whose one block is the whole array (the kernel indexes it itself)."""
-  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+from pallas_kernels._common import (MERGE_UNROLL, WARPS, add_partials, check_inputs,
+                                    dot_precision, flat_pool, full_block, gather_blocks,
+                                    is_pow2, layer_pool, merge_block_d, online_softmax_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,12 +113,13 @@ def default_config(num_query_rows: int, head_dim: int = 64) -> TuningConfig:
 
 # ----------------------------------------------------------------------------- kernel
 def _paged_attention_kernel(
+    layer_ref,  # [1] int32: first block of this layer in the flat pool
     kv_lens_ref,  # [B] int32
     tables_ref,  # [B, MB] int32
     positions_ref,  # [B, T] int32
     q_ref,  # [B, T * H, D]
-    k_ref,  # [num_blocks, block_size, D] (this program's kv head)
-    v_ref,  # [num_blocks, block_size, D]
+    k_ref,  # [layers * num_blocks, block_size, D] (this program's kv head)
+    v_ref,  # [layers * num_blocks, block_size, D]
     *out_refs,  # unsplit: o [B, T * H, D]; split: acc [block_q, D], m [block_q], l [block_q]
     block_q: int, block_k: int, kv_split: int | None, num_heads: int, group: int,
     scale: float, precision, mask_every_tile: bool = False):
@@ -144,6 +138,7 @@ def _paged_attention_kernel(
   q = plgpu_triton.load(q_ref.at[b, q_rows, cols], mask=row_ok[:, None], other=0)  # [bq, D]
   pos = plgpu_triton.load(positions_ref.at[b, t], mask=row_ok, other=-1)  # [bq]
   kv_len = kv_lens_ref[b]
+  layer_offset = layer_ref[0]
 
   # Keys this program reduces over: its split, cut at the last key any row may see.
   lo = 0 if kv_split is None else s * kv_split
@@ -167,7 +162,7 @@ def _paged_attention_kernel(
     keys = lo + i * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [bk] logical keys
     logical = keys // block_size
     pages = plgpu_triton.load(tables_ref.at[b, logical], mask=logical < num_tables,
-                              other=0)  # [bk] physical block of each key
+                              other=0) + layer_offset  # [bk] physical block of each key
     kv_idx = (pages[:, None], (keys % block_size)[:, None], cols)
     if not masked:  # keys < kv_len, so K/V need no load mask (the table keeps its bound)
       k = plgpu_triton.load(k_ref.at[kv_idx])  # [bk, D]
@@ -198,21 +193,6 @@ def _paged_attention_kernel(
       acc_ref[...] = acc
       m_ref[...] = m
       l_ref[...] = l
-
-
-def add_partials(carry, partials, m_max):
-  """The weighted sums of an exact log-sum-exp merge (shared with the dedup merge).
-
-  carry = (num [bq, D], den [bq]); partials = [(m [bq], l [bq], acc [bq, D])] in the merge's
-  fixed order, m in log2 units; m_max [bq] is their max over everything merged (0 where
-  that is -inf). An empty partial (m = -inf, l = 0, acc = 0) adds exact zeros.
-  """
-  num, den = carry
-  for m_s, l_s, acc_s in partials:  # in the given order: the order of the sums
-    w = jnp.exp2(m_s - m_max)
-    num = num + w[:, None] * acc_s
-    den = den + w * l_s
-  return num, den
 
 
 def _merge_kernel(
@@ -275,66 +255,7 @@ def _merge_kernel(
                      mask=row_ok[:, None])
 
 
-def check_inputs(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array) -> None:
-  """q [B, T, H, D] and one layer's pools [num_blocks, block_size, K, D] must fit."""
-  nh, d = q.shape[2:]
-  nk, dk = k_pool.shape[2:]
-  if k_pool.shape != v_pool.shape or dk != d:
-    raise ValueError(f"k_pool {k_pool.shape} / v_pool {v_pool.shape} do not fit q {q.shape}")
-  if nh % nk:
-    raise ValueError(f"{nh} query heads are not a multiple of {nk} kv heads")
-
-
-def online_softmax_step(carry, q, k, v, visible, *, scale: float, precision):
-  """One key tile of the online softmax (shared by the paged and the dedup kernels).
-
-  carry = (acc [bq, D], m [bq], l [bq]) float32; q [bq, D], k and v [bk, D]; visible
-  [bq, bk] (or broadcastable to it), or None when every key of the tile is visible to every
-  row (no mask computed). Scores are in log2 units (`scale` has log2(e) folded in): exp2 is
-  one fast instruction. A row with no visible key yet keeps m = -inf, l = 0, acc = 0 exactly.
-
-  The mask is applied to the max and to the probabilities, not to the scores before exp2:
-  so p = exp2(scores - m) is the same operations with and without a mask (a compiler may
-  fuse `scores * scale - m` into one FMA, which a select in between would prevent in one
-  path only), and a tile gives the same bits through either path when all of it is visible.
-  """
-  acc, m, l = carry
-  scores = plgpu_triton.dot(q, k, trans_b=True, precision=precision) * scale  # [bq, bk] f32
-  if visible is None:
-    m_tile = jnp.max(scores, axis=1)
-  else:
-    m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
-  m_new = jnp.maximum(m, m_tile)
-  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-  alpha = jnp.exp2(m - m_safe)
-  p = jnp.exp2(scores - m_safe[:, None])
-  if visible is not None:
-    p = jnp.where(visible, p, 0.0)  # exp2 of a hidden score may be inf; it is dropped here
-  l = alpha * l + jnp.sum(p, axis=1)
-  acc = alpha[:, None] * acc + plgpu_triton.dot(p.astype(v.dtype), v, precision=precision)
-  return acc, m_new, l
-
-
 # ---------------------------------------------------------------------------- wrapper
-# The merge reads MERGE_UNROLL splits per loop iteration and splits D into column tiles
-# until the grid has _MERGE_MIN_PROGRAMS programs (an H200 has 132 SMs): at 1 request x 128k
-# the merge is 2 (request, kv head) pairs x 128 splits, too narrow for a program per pair.
-# Neither changes a bit: the sums run over splits, element by element. Not tuned; on the H200
-# it was no faster than the XLA merge it replaced (docs/benchmarks.md).
-MERGE_UNROLL = 8
-_MERGE_MIN_PROGRAMS = 128
-_MERGE_MIN_BLOCK_D = 16
-
-
-def merge_block_d(num_tiles: int, head_dim: int) -> int:
-  """Columns per merge program for num_tiles (request, kv head, row tile) triples."""
-  block_d = head_dim
-  while (block_d > _MERGE_MIN_BLOCK_D and block_d % 2 == 0
-         and num_tiles * (head_dim // block_d) < _MERGE_MIN_PROGRAMS):
-    block_d //= 2
-  return block_d
-
-
 def _merge_splits(kv_lens, acc, m, l, *, num_tokens: int, num_heads: int, block_q: int,
                   kv_split: int, out_dtype, interpret: bool, block_d: int | None = None):
   """Merges the per-split partials acc [B, K, S, R, D], m and l [B, K, S, R] (R =
@@ -366,21 +287,22 @@ def _merge_splits(kv_lens, acc, m, l, *, num_tokens: int, num_heads: int, block_
   )(kv_lens, acc, m, l)
 
 
-def _paged_attention(q, k_pool, v_pool, view, *, config, interpret, mask_every_tile=False,
-                     merge_block_d=None):
+def _paged_attention(q, k_pool, v_pool, block_tables, positions, kv_lens, layer=None, *,
+                     config, interpret, mask_every_tile=False, merge_block_d=None):
   """`paged_attention` with private knobs for tests (not jitted on its own)."""
-  check_inputs(q, k_pool, v_pool)
+  check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens)
+  k_flat, v_flat, layer_offset = flat_pool(k_pool, v_pool, layer)
   b, t, nh, d = q.shape
-  nb, bs, nk, _ = k_pool.shape
+  nb, bs, nk, _ = k_flat.shape
   group = nh // nk
   config = config or default_config(t * group, d)
-  mb = view.block_tables.shape[1]
+  mb = block_tables.shape[1]
   num_row_tiles = pl.cdiv(t * group, config.block_q)
   num_splits = 1 if config.kv_split is None else pl.cdiv(mb * bs, config.kv_split)
   grid = (b, nk, num_row_tiles, num_splits)
 
   kv_spec = pl.BlockSpec((nb, bs, None, d), lambda b_, h, r, s: (0, 0, h, 0))
-  in_specs = [full_block((b,)), full_block((b, mb)), full_block((b, t)),
+  in_specs = [full_block((1,)), full_block((b,)), full_block((b, mb)), full_block((b, t)),
               full_block((b, t * nh, d)), kv_spec, kv_spec]
   if config.kv_split is None:
     out_shape = [jax.ShapeDtypeStruct((b, t * nh, d), q.dtype)]
@@ -395,57 +317,58 @@ def _paged_attention(q, k_pool, v_pool, view, *, config, interpret, mask_every_t
         pl.BlockSpec((None, None, None, config.block_q), lambda b_, h, r, s: (b_, h, s, r)),
         pl.BlockSpec((None, None, None, config.block_q), lambda b_, h, r, s: (b_, h, s, r))]
 
-  precision = (jax.lax.Precision.HIGHEST if q.dtype == jnp.float32
-               else jax.lax.Precision.DEFAULT)
   kernel = functools.partial(
       _paged_attention_kernel, block_q=config.block_q, block_k=config.block_k,
       kv_split=config.kv_split, num_heads=nh, group=group, scale=d ** -0.5 * math.log2(math.e),
-      precision=precision, mask_every_tile=mask_every_tile)
+      precision=dot_precision(q.dtype), mask_every_tile=mask_every_tile)
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu_triton.CompilerParams(num_warps=config.num_warps,
                                                   num_stages=config.num_stages),
       interpret=interpret, name="paged_attention",
-  )(view.kv_lens, view.block_tables, view.positions, q.reshape(b, t * nh, d), k_pool, v_pool)
+  )(layer_offset, kv_lens, block_tables, positions, q.reshape(b, t * nh, d), k_flat, v_flat)
 
   if config.kv_split is None:
     return outs[0].reshape(b, t, nh, d)
-  out = _merge_splits(view.kv_lens, *outs, num_tokens=t, num_heads=nh,
+  out = _merge_splits(kv_lens, *outs, num_tokens=t, num_heads=nh,
                       block_q=config.block_q, kv_split=config.kv_split, out_dtype=q.dtype,
                       interpret=interpret, block_d=merge_block_d)
   return out.reshape(b, t, nh, d)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, view: AttentionView,
-                    *, config: TuningConfig | None = None, interpret: bool = False) -> jax.Array:
-  """Attention of q [B, T, H, D] over one layer's pools [num_blocks, block_size, K, D].
+def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
+                    block_tables: jax.Array, positions: jax.Array, kv_lens: jax.Array,
+                    layer=None, *, config: TuningConfig | None = None,
+                    interpret: bool = False) -> jax.Array:
+  """Attention of q [B, T, H, D] over the pools of `layer` ([L, NB, bs, K, D] and a layer
+  index, an int or traced int32 scalar; or one layer's [NB, bs, K, D] and layer None).
 
-  Query t of request b attends to logical keys j <= positions[b, t] and j < kv_lens[b].
-  Returns [B, T, H, D] in q's dtype; softmax and accumulation in float32.
+  block_tables [B, MB] int32: physical block of each logical block (entries past a
+  request's blocks must be valid block ids; they are never read). Query t of request b
+  attends to logical keys j <= positions[b, t] and j < kv_lens[b]. Returns [B, T, H, D] in
+  q's dtype; softmax and accumulation in float32.
   """
-  return _paged_attention(q, k_pool, v_pool, view, config=config, interpret=interpret)
-
-
-def paged_attention_interpret(q, k_pool, v_pool, view, *, config=None):
-  """The same kernel run by the Pallas interpreter (CPU tests, the engine on CPU)."""
-  return paged_attention(q, k_pool, v_pool, view, config=config, interpret=True)
+  return _paged_attention(q, k_pool, v_pool, block_tables, positions, kv_lens, layer,
+                          config=config, interpret=interpret)
 
 
 # -------------------------------------------------------------------------- reference
 def paged_attention_reference(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
-                              view: AttentionView) -> jax.Array:
+                              block_tables: jax.Array, positions: jax.Array,
+                              kv_lens: jax.Array, layer=None) -> jax.Array:
   """float32 oracle: gather every block in logical order, mask j <= pos and j < kv_len."""
   b, t, nh, d = q.shape
+  k_pool, v_pool = layer_pool(k_pool, layer), layer_pool(v_pool, layer)
   nk = k_pool.shape[2]
-  k = gather(k_pool, view.block_tables).astype(jnp.float32)  # [B, S, K, D]
-  v = gather(v_pool, view.block_tables).astype(jnp.float32)
+  k = gather_blocks(k_pool, block_tables).astype(jnp.float32)  # [B, S, K, D]
+  v = gather_blocks(v_pool, block_tables).astype(jnp.float32)
   qg = q.astype(jnp.float32).reshape(b, t, nk, nh // nk, d)  # [B, T, K, G, D]
   scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
                       precision=jax.lax.Precision.HIGHEST) * (d ** -0.5)
   keys = jnp.arange(k.shape[1], dtype=jnp.int32)
-  visible = ((keys[None, None, :] <= view.positions[:, :, None])
-             & (keys[None, None, :] < view.kv_lens[:, None, None]))  # [B, T, S]
+  visible = ((keys[None, None, :] <= positions[:, :, None])
+             & (keys[None, None, :] < kv_lens[:, None, None]))  # [B, T, S]
   scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1)
   v = jnp.where(visible.any(1)[:, :, None, None], v, 0.0)  # garbage past kv_len (NaN too)

@@ -76,6 +76,11 @@ def make_batch(seed, requests, segments, *, kv_heads=2, group=2, head_dim=32,
   return cast(q), cast(k), cast(v), view
 
 
+def arrays(view):
+  """The kernels' plain-array arguments from a view."""
+  return view.block_tables, view.positions, view.kv_lens
+
+
 def rel_err(out, ref):
   out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
   return np.linalg.norm(out - ref) / np.linalg.norm(ref)
@@ -110,13 +115,13 @@ class DedupAttentionTest(parameterized.TestCase):
     q, k, v, view = make_batch(seed, requests, segments, group=group, dtype=dtype)
     plan, summary = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens),
                                        BS, requests_per_tile=config.requests_per_tile(group))
-    out = da.dedup_attention(q, k, v, view, plan, config=config, interpret=self.INTERPRET)
+    out = da.dedup_attention(q, k, v, *arrays(view), plan, config=config, interpret=self.INTERPRET)
     chex.assert_shape(out, q.shape)
     self.assertFalse(np.isnan(np.asarray(out, np.float32)).any())
-    ref = pa.paged_attention_reference(q, k, v, view)
+    ref = pa.paged_attention_reference(q, k, v, *arrays(view))
     self.assertLess(rel_err(out, ref), TOL[dtype])
     # The decomposition's own oracle agrees with the plain one: the plan is right.
-    self.assertLess(rel_err(da.dedup_attention_reference(q, k, v, view, plan), ref), 1e-5)
+    self.assertLess(rel_err(da.dedup_attention_reference(q, k, v, *arrays(view), plan), ref), 1e-5)
     return out, summary
 
   @parameterized.product(case=tuple(CASES), group=(2, 7))
@@ -135,7 +140,7 @@ class DedupAttentionTest(parameterized.TestCase):
     out, summary = self.run_case(case, group=7, dtype=jnp.bfloat16, seed=3)
     self.assertGreater(summary.saved_tokens, 0)
     q, k, v, view = make_batch(3, *CASES[case], group=7, dtype=jnp.bfloat16)
-    paged = pa.paged_attention(q, k, v, view, interpret=self.INTERPRET)
+    paged = pa.paged_attention(q, k, v, *arrays(view), interpret=self.INTERPRET)
     self.assertLess(rel_err(out, paged), TOL[jnp.bfloat16])
 
   @parameterized.parameters("nested", "partial_blocks")
@@ -145,9 +150,9 @@ class DedupAttentionTest(parameterized.TestCase):
     q, k, v, view = make_batch(5, requests, segments, group=7)
     plan, _ = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens),
                                  BS, requests_per_tile=SMALL.requests_per_tile(7))
-    out = da.dedup_attention(q, k, v, view, plan, config=SMALL_FILLED,
+    out = da.dedup_attention(q, k, v, *arrays(view), plan, config=SMALL_FILLED,
                              interpret=self.INTERPRET)
-    self.assertLess(rel_err(out, pa.paged_attention_reference(q, k, v, view)), 1e-5)
+    self.assertLess(rel_err(out, pa.paged_attention_reference(q, k, v, *arrays(view))), 1e-5)
 
   @parameterized.product(config=("small", "filled", "filled_fused"), group=(2, 7))
   def test_merge_depth_empty_private_no_node(self, config, group):
@@ -164,7 +169,7 @@ class DedupAttentionTest(parameterized.TestCase):
     np.testing.assert_array_equal((rows >= 0).sum(1), [2, 2, 2, 2, 2, 1, 1, 0])
     np.testing.assert_array_equal(np.asarray(view.kv_lens) == np.asarray(plan.private_start),
                                   [0, 1, 0, 1, 0, 1, 0, 0])
-    ref = da.dedup_attention_reference(q, k, v, view, plan)
+    ref = da.dedup_attention_reference(q, k, v, *arrays(view), plan)
     self.assertLess(rel_err(out, ref), 1e-5)
 
   @parameterized.parameters(2, 7)
@@ -174,7 +179,7 @@ class DedupAttentionTest(parameterized.TestCase):
     q, k, v, view = make_batch(12, *CASES["merge"], group=group)
     plan, _ = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens),
                                  BS, requests_per_tile=SMALL.requests_per_tile(group))
-    run = lambda: da.dedup_attention.__wrapped__(q, k, v, view, plan, config=SMALL_FILLED,
+    run = lambda: da.dedup_attention.__wrapped__(q, k, v, *arrays(view), plan, config=SMALL_FILLED,
                                                  interpret=True)
     clean = np.asarray(run())
     merge = da._merge_partials
@@ -211,7 +216,7 @@ class DedupAttentionTest(parameterized.TestCase):
     for kk, vv, vw in ((k, v, view), (k2, v2, view2)):
       plan, _ = sharing.build_plan(np.asarray(vw.block_tables), np.asarray(vw.kv_lens), BS,
                                    requests_per_tile=2)
-      outs.append(np.asarray(da.dedup_attention(q, kk, vv, vw, plan, config=SMALL,
+      outs.append(np.asarray(da.dedup_attention(q, kk, vv, *arrays(vw), plan, config=SMALL,
                                                 interpret=self.INTERPRET)))
     np.testing.assert_array_equal(outs[0], outs[1])
 
@@ -221,19 +226,38 @@ class DedupAttentionTest(parameterized.TestCase):
                                        np.asarray(view.kv_lens), BS, requests_per_tile=2)
     self.assertFalse(plan.has_shared)
     self.assertEqual(summary.saved_tokens, 0)
-    out = da.dedup_attention(q, k, v, view, plan, config=SMALL, interpret=self.INTERPRET)
-    paged = pa.paged_attention(q, k, v, view, interpret=self.INTERPRET)
+    out = da.dedup_attention(q, k, v, *arrays(view), plan, config=SMALL, interpret=self.INTERPRET)
+    paged = pa.paged_attention(q, k, v, *arrays(view), interpret=self.INTERPRET)
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(paged, np.float32))
 
-  def test_view_carries_plan_and_prefill_falls_back(self):
+  def test_without_plan_or_with_a_chunk_is_the_paged_kernel(self):
     q, k, v, view = make_batch(1, *CASES["one_group"])
     plan, _ = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens), BS,
                                  requests_per_tile=8)
-    view = AttentionView(view.positions, view.block_tables, view.write_slots, view.kv_lens,
-                         sharing=plan)
-    out = da.dedup_attention(q, k, v, view, config=SMALL, interpret=self.INTERPRET)
-    ref = pa.paged_attention_reference(q, k, v, view)
-    self.assertLess(rel_err(out, ref), 1e-5)
+    paged = pa.paged_attention(q, k, v, *arrays(view), interpret=self.INTERPRET)
+    out = da.dedup_attention(q, k, v, *arrays(view), None, interpret=self.INTERPRET)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(paged))
+    # Two query tokens (a chunk): the plan does not apply; the paged kernel runs.
+    q2 = jnp.concatenate([q, q], axis=1)
+    pos2 = jnp.concatenate([view.positions - 1, view.positions], axis=1)
+    out2 = da.dedup_attention(q2, k, v, view.block_tables, pos2, view.kv_lens, plan,
+                              interpret=self.INTERPRET)
+    ref2 = pa.paged_attention_reference(q2, k, v, view.block_tables, pos2, view.kv_lens)
+    self.assertLess(rel_err(out2, ref2), 1e-5)
+
+  def test_layer_of_full_pool(self):
+    # All layers' pools and a traced layer index: the bits of that layer's own pool.
+    q, k, v, view = make_batch(8, *CASES["nested"], group=7, dtype=jnp.bfloat16)
+    plan, _ = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens), BS,
+                                 requests_per_tile=2)
+    alone = da.dedup_attention(q, k, v, *arrays(view), plan, config=SMALL,
+                               interpret=self.INTERPRET)
+    nan = jnp.full_like(k, jnp.nan)
+    k3, v3 = jnp.stack([nan, k, nan]), jnp.stack([nan, v, nan])
+    run = jax.jit(lambda layer: da.dedup_attention(q, k3, v3, *arrays(view), plan, layer,
+                                                   config=SMALL, interpret=self.INTERPRET))
+    np.testing.assert_array_equal(np.asarray(alone, np.float32),
+                                  np.asarray(run(jnp.int32(1)), np.float32))
 
   def test_cached_plan_after_more_tokens(self):
     # A plan made when the private parts were shorter (as SharingPlanner keeps it) is
@@ -242,16 +266,17 @@ class DedupAttentionTest(parameterized.TestCase):
     lens = np.asarray(view.kv_lens)
     plan, _ = sharing.build_plan(np.asarray(view.block_tables), lens - 4, BS,
                                  requests_per_tile=2)
+    plan = dataclasses.replace(plan, private_tokens_hint=4)  # far too small a hint
     self.assertLess(plan.private_tokens_hint, int(lens.max()) - 6 * BS)
-    out = da.dedup_attention(q, k, v, view, plan, config=SMALL, interpret=self.INTERPRET)
-    self.assertLess(rel_err(out, pa.paged_attention_reference(q, k, v, view)), 1e-5)
+    out = da.dedup_attention(q, k, v, *arrays(view), plan, config=SMALL, interpret=self.INTERPRET)
+    self.assertLess(rel_err(out, pa.paged_attention_reference(q, k, v, *arrays(view))), 1e-5)
 
   def test_rejects_bad_plan(self):
     q, k, v, view = make_batch(2, *CASES["one_group"], group=7)
     plan, _ = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens), BS,
                                  requests_per_tile=4)  # 4 x 7 rows > shared_block_q = 16
     with self.assertRaisesRegex(ValueError, "shared_block_q"):
-      da.dedup_attention(q, k, v, view, plan, config=SMALL, interpret=self.INTERPRET)
+      da.dedup_attention(q, k, v, *arrays(view), plan, config=SMALL, interpret=self.INTERPRET)
 
 
 class DedupAttentionInterpretTest(DedupAttentionTest):
@@ -368,10 +393,9 @@ def test_engine_decode_dedup_matches_paged(tiny, tiny_layout, attention):
     steps = []
     for step in range(2):
       cache, out = engine.decode(cache, slots, [7 + step, 8, 9])
-      steps.append(np.asarray(out))
+      steps.append(np.asarray(out.logits))
+      assert out.attention == {"paged": "paged", "dedup": "dedup", "auto": "paged"}[mode]
     logits[mode] = np.stack(steps)
-    assert engine.last_decode_attention == {"paged": "paged", "dedup": "dedup",
-                                            "auto": "paged"}[mode]
   np.testing.assert_array_equal(logits["paged"], logits["auto"])
   # On a GPU the model's float32 matmuls default to TF32: a 1e-6 change in attention can
   # flip their rounding (measured on the H200: up to 2.9e-3 with reference attention).

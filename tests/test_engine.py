@@ -1,12 +1,18 @@
 """The engine on `tiny`: dense and HQ logits are bit-identical, and reuse really skips work."""
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hq_jax.engine import Engine
+from hq_jax import model as model_lib
+from hq_jax.engine import Engine, decode_bucket, resolve_attention
+from hq_jax.kv.base import CacheError
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
+from hq_jax.kv.paged import KVLayout
 
 
 def _caches(layout, n=4, max_seq=192):
@@ -51,8 +57,8 @@ def test_dense_and_hq_bit_identical(tiny, tiny_layout, chunk):
   for _ in range(20):  # Crosses block boundaries: new private blocks on the HQ side.
     dense, dl = engine.decode(dense, slots, tokens)
     hq, hl = engine.decode(hq, slots, tokens)
-    assert _diff(dl, hl) == 0.0
-    tokens = [int(t) for t in jnp.argmax(hl, axis=-1)]
+    assert _diff(dl.logits, hl.logits) == 0.0
+    tokens = [int(t) for t in jnp.argmax(hl.logits, axis=-1)]
 
 
 def test_reuse_changes_nothing_but_the_work(tiny, tiny_layout):
@@ -85,3 +91,96 @@ def test_engine_rejects_bad_settings(tiny, tiny_layout):
     Engine(params, cfg, attention="flash")
   with pytest.raises(ValueError, match="not a multiple of the cache's block_size"):
     Engine(params, cfg, chunk_size=24).prefill(_caches(tiny_layout)[0], [1, 2])
+
+
+def test_auto_attention_is_the_reference_on_cpu(tiny):
+  assert resolve_attention("auto") == ("pallas" if jax.default_backend() == "gpu"
+                                       else "reference")
+  assert Engine(*tiny).attention == resolve_attention("auto")
+  assert Engine(*tiny, attention="pallas_interpret").attention == "pallas_interpret"
+
+
+def test_cache_of_another_layout_is_refused(tiny, tiny_layout):
+  params, cfg = tiny
+  engine = Engine(params, cfg, chunk_size=16)
+  one_layer = dataclasses.replace(tiny_layout, num_layers=1)
+  for cache in (DenseKVCache.for_requests(one_layer, max_requests=1, max_seq_len=32),
+                DedupKVCache.init(one_layer, num_blocks=4, max_requests=1, max_seq_len=32)):
+    with pytest.raises(CacheError, match="the model needs 2 x"):
+      engine.prefill(cache, [1, 2, 3])
+  good = DedupKVCache.init(tiny_layout, num_blocks=4, max_requests=1, max_seq_len=32)
+  good, res = engine.prefill(good, [1, 2, 3])
+  bad = dataclasses.replace(good, pools=model_lib.KVPools(good.pools.k[:1], good.pools.v[:1]))
+  with pytest.raises(CacheError, match="layers"):
+    engine.decode(bad, [res.slot], [4])
+
+
+def test_decode_token_ids_must_be_integers(tiny, tiny_layout):
+  params, cfg = tiny
+  engine = Engine(params, cfg, chunk_size=16)
+  for cache in _caches(tiny_layout):
+    cache, res = engine.prefill(cache, [1, 2, 3])
+    before = np.array(cache.req_lens)
+    for bad in ([1.0], [True], np.array([2.5])):
+      with pytest.raises(CacheError, match="integers"):
+        engine.decode(cache, [res.slot], bad)
+    np.testing.assert_array_equal(cache.req_lens, before)
+    with pytest.raises(CacheError, match="int32"):
+      cache.admit([1, 2**31])
+    with pytest.raises(CacheError, match="int"):
+      cache.append(res.slot, 2**31)
+
+
+def test_decode_bucket():
+  assert [decode_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 64)] == [1, 2, 4, 4, 8, 8, 16, 64]
+
+
+def test_padded_decode_batch_changes_no_bit(tiny, tiny_layout):
+  """Three requests decode in a bucket of four: each one's logits equal its decode alone
+  (padded to a bucket of one)... within one compiled shape per bucket."""
+  params, cfg = tiny
+  engine = Engine(params, cfg, chunk_size=16)
+  rng = np.random.default_rng(3)
+  reqs = [rng.integers(0, cfg.vocab_size, n) for n in (20, 33, 7)]
+  together, slots = _caches(tiny_layout)[0], []
+  for r in reqs:
+    together, res = engine.prefill(together, r, logits="last")
+    slots.append(res.slot)
+  _, out = engine.decode(together, slots, [4, 5, 6])
+  assert out.logits.shape == (3, cfg.vocab_size)
+  for i, r in enumerate(reqs):
+    alone, res = engine.prefill(_caches(tiny_layout)[0], r, logits="last")
+    _, one = engine.decode(alone, [res.slot], [4 + i])
+    np.testing.assert_allclose(np.asarray(one.logits[0]), np.asarray(out.logits[i]),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("decode_attention", ["paged", "dedup"])
+def test_steady_decode_loop_never_recompiles(tiny, tiny_layout, decode_attention):
+  """Count XLA compilations over a decode loop whose batch size moves within one bucket
+  (3 and 4 requests share the bucket of 4) and whose requests cross block boundaries and
+  grow their private remainders: after the first step, none may compile."""
+  params, cfg = tiny
+  engine = Engine(params, cfg, chunk_size=16, decode_attention=decode_attention)
+  rng = np.random.default_rng(5)
+  prefix = rng.integers(0, cfg.vocab_size, 48)
+  cache = DedupKVCache.init(tiny_layout, num_blocks=64, max_requests=4, max_seq_len=192)
+  slots = []
+  for n in (5, 12, 9, 3):
+    cache, res = engine.prefill(cache, np.r_[prefix, rng.integers(0, cfg.vocab_size, n)],
+                                logits="last")
+    slots.append(res.slot)
+  cache, out = engine.decode(cache, slots, [1, 2, 3, 4])  # compiles the bucket of 4
+  assert out.attention == decode_attention
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, _, **kw: compiles.append(event)
+      if event == "/jax/core/compile/backend_compile_duration" else None)
+  try:
+    for step in range(40):
+      batch = slots if step % 3 else slots[:3]  # 4 and 3 requests: one bucket
+      cache, out = engine.decode(cache, batch, [step % cfg.vocab_size] * len(batch))
+      assert out.logits.shape == (len(batch), cfg.vocab_size)
+  finally:
+    jax.monitoring.clear_event_listeners()
+  assert compiles == [], f"{len(compiles)} compilations in a steady decode loop"

@@ -183,8 +183,8 @@ def test_warm_cache_survives_orbax_round_trip(engine, tiny_layout, tmp_path):
   outs = []
   for cache in (c, restored):
     cache, res = engine.prefill(cache, reqs[2])
-    cache, logits = engine.decode(cache, [r1.slot, res.slot], [5, 6])
-    outs.append((cache, res.cached_tokens, res.logits, logits))
+    cache, step = engine.decode(cache, [r1.slot, res.slot], [5, 6])
+    outs.append((cache, res.cached_tokens, res.logits, step.logits))
   assert outs[0][1] == outs[1][1] == 32  # Chunk-aligned part of the 48 shared tokens.
   chex.assert_trees_all_equal(outs[0], outs[1])
 

@@ -70,6 +70,15 @@ def relabel(k, v, view, seed):
                                          view.write_slots, view.kv_lens)
 
 
+def arrays(view):
+  """The kernels' plain-array arguments from a view."""
+  return view.block_tables, view.positions, view.kv_lens
+
+
+def ref_attend(q, k, v, view):
+  return pa.paged_attention_reference(q, k, v, *arrays(view))
+
+
 def rel_err(out, ref):
   out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
   return np.linalg.norm(out - ref) / np.linalg.norm(ref)
@@ -83,18 +92,19 @@ class PagedAttentionTest(parameterized.TestCase):
     if not self.INTERPRET and jax.default_backend() != "gpu":
       self.skipTest("compiled Pallas GPU kernels need a GPU")
 
-  def attend(self, q, k, v, view, config):
-    return pa.paged_attention(q, k, v, view, config=config, interpret=self.INTERPRET)
+  def attend(self, q, k, v, view, config, layer=None):
+    return pa.paged_attention(q, k, v, *arrays(view), layer, config=config,
+                              interpret=self.INTERPRET)
 
   def attend_private(self, q, k, v, view, config, **knobs):
     """The wrapper with its private test knobs (mask_every_tile, merge_block_d)."""
     fn = functools.partial(pa._paged_attention, config=config, interpret=self.INTERPRET,
                            **knobs)
-    return jax.jit(fn)(q, k, v, view)
+    return jax.jit(fn)(q, k, v, *arrays(view))
 
   def check(self, q, k, v, view, config, dtype):
     out = self.attend(q, k, v, view, config)
-    ref = pa.paged_attention_reference(q, k, v, view)
+    ref = ref_attend(q, k, v, view)
     chex.assert_shape(out, q.shape)
     self.assertFalse(np.isnan(np.asarray(out, np.float32)).any())
     self.assertLess(rel_err(out, ref), TOL[dtype])
@@ -133,7 +143,7 @@ class PagedAttentionTest(parameterized.TestCase):
     empty = np.zeros(out.shape[:2], bool)
     empty[1], empty[2, 0] = True, True
     np.testing.assert_array_equal(out[empty], 0.0)
-    ref = np.asarray(pa.paged_attention_reference(q, k, v, view))
+    ref = np.asarray(ref_attend(q, k, v, view))
     self.assertLess(rel_err(out[~empty], ref[~empty]), TOL[jnp.float32])
 
   @parameterized.parameters((SPLIT, 1, jnp.bfloat16), (SPLIT, 20, jnp.float32),
@@ -146,7 +156,7 @@ class PagedAttentionTest(parameterized.TestCase):
     out = self.attend(q, k, v, view, config)
     masked = self.attend_private(q, k, v, view, config, mask_every_tile=True)
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(masked, np.float32))
-    self.assertLess(rel_err(out, pa.paged_attention_reference(q, k, v, view)), TOL[dtype])
+    self.assertLess(rel_err(out, ref_attend(q, k, v, view)), TOL[dtype])
 
   def test_merge_column_tiles_bit_exact(self):
     # The merge may split D into column tiles (for parallelism); the bits must not change.
@@ -157,11 +167,10 @@ class PagedAttentionTest(parameterized.TestCase):
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
 
-  def test_matches_model_reference(self):
+  def test_matches_model_xla_path(self):
     q, k, v, view = make_inputs(11, starts=[2, 17], tokens=3, group=2)
-    clean = lambda x: jnp.nan_to_num(x)  # the model's reference reads masked garbage
     out = self.attend(q, k, v, view, SPLIT)
-    ref = paged.paged_attention_reference(q, clean(k), clean(v), view)
+    ref = paged.paged_attention_xla(q, k, v, None, view)  # it zeroes the garbage it reads
     # The model's reference uses default matmul precision (TF32 on a GPU).
     self.assertLess(rel_err(out, ref), 1e-5 if jax.default_backend() == "cpu" else 3e-3)
 
@@ -191,12 +200,31 @@ class PagedAttentionTest(parameterized.TestCase):
     together = self.attend(q2, k2, v2, view2, config)
     np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(together[0]))
 
+  @parameterized.parameters(SPLIT, NO_SPLIT)
+  def test_layer_of_full_pool(self, config):
+    # All layers' pools and a traced layer index give the bits of that layer's own pool;
+    # the other layers hold NaN, so a read of the wrong layer shows.
+    q, k, v, view = make_inputs(29, starts=[7, 30], tokens=2, group=7, dtype=jnp.bfloat16)
+    alone = self.attend(q, k, v, view, config)
+    nan = jnp.full_like(k, jnp.nan)
+    k3, v3 = jnp.stack([nan, nan, k]), jnp.stack([nan, nan, v])  # layer 2 holds the K/V
+    run = jax.jit(lambda layer: self.attend(q, k3, v3, view, config, layer=layer))
+    np.testing.assert_array_equal(np.asarray(alone, np.float32),
+                                  np.asarray(run(jnp.int32(2)), np.float32))
+    ref = pa.paged_attention_reference(q, k3, v3, *arrays(view), 2)
+    self.assertLess(rel_err(alone, ref), TOL[jnp.bfloat16])
+
   def test_rejects_bad_shapes(self):
     q, k, v, view = make_inputs(0, starts=[3], tokens=1, group=2)
     with self.assertRaisesRegex(ValueError, "kv heads"):
       self.attend(q[:, :, :3], k, v, view, SPLIT)
-    with self.assertRaisesRegex(ValueError, "do not fit"):
+    with self.assertRaisesRegex(ValueError, "must be equal"):
       self.attend(q, k, v[..., :16], view, SPLIT)
+    with self.assertRaisesRegex(ValueError, "needs a layer index"):
+      self.attend(q, k[None], v[None], view, SPLIT)
+    with self.assertRaisesRegex(ValueError, "positions must be"):
+      pa.paged_attention(q, k, v, view.block_tables, view.positions[:, :0], view.kv_lens,
+                         interpret=True)
 
 
 class PagedAttentionInterpretTest(PagedAttentionTest):
@@ -246,7 +274,8 @@ def test_engine_backend_dense_and_hq_bit_identical(tiny, tiny_layout, attention)
   np.testing.assert_array_equal(np.asarray(d.logits[64:]), np.asarray(h.logits))
   dense, dl = engine.decode(dense, [d.slot], [5])
   hq, hl = engine.decode(hq, [h.slot], [5])
-  np.testing.assert_array_equal(np.asarray(dl), np.asarray(hl))
+  assert dl.attention == hl.attention == "paged"
+  np.testing.assert_array_equal(np.asarray(dl.logits), np.asarray(hl.logits))
   ref = Engine(params, cfg, chunk_size=32)
   _, r = ref.prefill(DenseKVCache.for_requests(tiny_layout, max_requests=2, max_seq_len=128),
                      reqs[1])

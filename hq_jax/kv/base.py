@@ -111,6 +111,8 @@ class PagedCache:
                        f"({self.max_seq_len})")
     if arr.min() < 0:
       raise CacheError(f"negative token id {int(arr.min())}")
+    if arr.max() >= 2**31:  # stored as int32: a larger id would wrap onto another
+      raise CacheError(f"token id {int(arr.max())} does not fit in int32")
     return arr.astype(np.int32)
 
   def _check_append(self, slot: int, token: int) -> int:
@@ -119,8 +121,10 @@ class PagedCache:
     n = int(self.req_lens[slot])
     if n >= self.max_seq_len:
       raise CacheError(f"slot {slot} is full: {n} tokens = max_seq_len")
-    if int(token) < 0:
-      raise CacheError(f"negative token id {int(token)}")
+    if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+      raise CacheError(f"a token id must be an int, got {type(token).__name__}")
+    if not 0 <= int(token) < 2**31:
+      raise CacheError(f"token id {int(token)} is negative or does not fit in int32")
     return n
 
   def _free_slot(self, active: np.ndarray) -> int:
@@ -168,24 +172,35 @@ class PagedCache:
     return dataclasses.replace(self, pools=pools)
 
   # ------------------------------------------------------------------ reads
-  def view(self, slots: Sequence[int], start: Sequence[int], chunk: int) -> AttentionView:
+  def view(self, slots: Sequence[int], start: Sequence[int], chunk: int, *,
+           pad_to: int | None = None) -> AttentionView:
     """The attention view for `chunk` query tokens of each slot from position `start[b]`.
 
     A token is written only if its position is in [seq_lens, req_lens): K/V already
-    held (a cache hit, or an earlier chunk) is never overwritten.
+    held (a cache hit, or an earlier chunk) is never overwritten. `pad_to` adds rows that
+    read nothing (kv_len 0) and write nothing, so that batches of several sizes share one
+    compiled shape.
     """
     slots = np.asarray(slots, np.int32)
     start = np.asarray(start, np.int32)
+    pad_to = slots.size if pad_to is None else pad_to
+    if pad_to < slots.size:
+      raise CacheError(f"pad_to={pad_to} is smaller than the batch of {slots.size}")
     bs = self.block_size
-    tables = np.asarray(self.block_tables)[slots]  # [B, MB]
-    seq = np.asarray(self.seq_lens)[slots]
-    req = np.asarray(self.req_lens)[slots]
-    pos = start[:, None] + np.arange(chunk, dtype=np.int32)[None]  # [B, T]
-    writable = (pos >= seq[:, None]) & (pos < req[:, None])
+    tables = np.zeros((pad_to, self.max_blocks_per_seq), np.int32)
+    tables[:slots.size] = np.asarray(self.block_tables)[slots]  # [B, MB]
+    seq = np.zeros((pad_to,), np.int32)
+    req = np.zeros((pad_to,), np.int32)
+    seq[:slots.size] = np.asarray(self.seq_lens)[slots]
+    req[:slots.size] = np.asarray(self.req_lens)[slots]
+    first = np.zeros((pad_to,), np.int32)
+    first[:slots.size] = start
+    pos = first[:, None] + np.arange(chunk, dtype=np.int32)[None]  # [B, T]
+    writable = (pos >= seq[:, None]) & (pos < req[:, None])  # never for padding rows
     blk = np.take_along_axis(tables, np.minimum(pos // bs, tables.shape[1] - 1), axis=1)
     oob = self.num_blocks * bs
     write = np.where(writable & (blk >= 0), blk * bs + pos % bs, oob).astype(np.int32)
-    kv_lens = np.minimum(start + chunk, req).astype(np.int32)
+    kv_lens = np.minimum(first + chunk, req).astype(np.int32)
     return AttentionView(positions=jnp.asarray(pos), block_tables=jnp.asarray(
         np.maximum(tables, 0)), write_slots=jnp.asarray(write), kv_lens=jnp.asarray(kv_lens))
 

@@ -19,7 +19,7 @@ import numpy as np
 from hq_jax.config import ModelConfig
 
 if TYPE_CHECKING:
-  from hq_jax.kv.sharing import SharingPlan
+  from pallas_kernels.dedup_attention import SharingPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,23 +125,31 @@ def gather(pool: jax.Array, block_tables: jax.Array) -> jax.Array:
   return pool[block_tables].reshape(b, mb * bs, nk, d)
 
 
-def paged_attention_reference(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
-                              view: AttentionView) -> jax.Array:
-  """Causal grouped-query attention through block tables, float32 softmax and accumulation.
+def paged_attention_xla(q: jax.Array, k_pools: jax.Array, v_pools: jax.Array, layer,
+                        view: AttentionView) -> jax.Array:
+  """The model's XLA attention path: causal GQA through block tables, float32 softmax.
 
-  Query t of request b attends to logical key positions <= positions[b, t] and
-  < kv_lens[b]. Keys are gathered in logical block order over the full table width, so
-  the reduction order depends only on logical positions: dense and deduplicated caches
-  give identical bits.
+  k_pools, v_pools: all layers `[L, NB, bs, K, D]` (layer picks one, inside the gather: no
+  copy of the layer) or one layer's `[NB, bs, K, D]` (layer ignored). Query t of request b
+  attends to logical key positions <= positions[b, t] and < kv_lens[b]. Keys are gathered
+  in logical block order over the full table width, so the reduction order depends only
+  on logical positions: dense and deduplicated caches give identical bits. (The float32
+  oracle the kernels are tested against is `pallas_kernels.paged_attention.
+  paged_attention_reference`; this is the path the model runs without a kernel.)
   """
   b, t, nh, d = q.shape
-  nk = k_pool.shape[2]
-  key_pos = jnp.arange(view.block_tables.shape[1] * k_pool.shape[1], dtype=jnp.int32)
+  if k_pools.ndim == 5:
+    bs, nk = k_pools.shape[2:4]
+    take = lambda p: p[layer, view.block_tables].reshape(b, -1, nk, d)  # one fused gather
+  else:
+    bs, nk = k_pools.shape[1:3]
+    take = lambda p: gather(p, view.block_tables)
+  key_pos = jnp.arange(view.block_tables.shape[1] * bs, dtype=jnp.int32)
   present = (key_pos[None, :] < view.kv_lens[:, None])[:, :, None, None]  # [B, S, 1, 1]
   # Slots past a request's length may hold anything (stale or never written K/V, even
   # NaN): zero them so that a masked key contributes exactly nothing.
-  k = jnp.where(present, gather(k_pool, view.block_tables).astype(jnp.float32), 0.0)
-  v = jnp.where(present, gather(v_pool, view.block_tables).astype(jnp.float32), 0.0)
+  k = jnp.where(present, take(k_pools).astype(jnp.float32), 0.0)
+  v = jnp.where(present, take(v_pools).astype(jnp.float32), 0.0)
   qg = q.astype(jnp.float32).reshape(b, t, nk, nh // nk, d)  # [B, T, K, G, D]
   scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * (d ** -0.5)
   mask = ((key_pos[None, None, :] <= view.positions[:, :, None])

@@ -15,8 +15,9 @@ some. Each request's keys are then its chain of nodes (root to deepest) followed
 private remainder `[private_start, kv_len)` that the paged machinery reads as usual.
 
 `build_plan` is host-side numpy (O(B * MB) per level; well under a millisecond for
-B = 128 at 32k tokens). `SharingPlan` holds the result as int32 arrays padded to
-power-of-two sizes, so jitted code sees few distinct shapes. `SharingPlanner` caches the
+B = 128 at 32k tokens). `SharingPlan` (pallas_kernels.dedup_attention, the kernel's input
+format) holds the result as int32 arrays padded to power-of-two sizes, so jitted code sees
+few distinct shapes. `SharingPlanner` caches the
 plan until the shared part of the batch changes.
 
 Tiling: the kernel processes a node's queries in tiles of `requests_per_tile` requests
@@ -30,9 +31,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The plan's array format is the kernel's input contract, defined beside the kernel.
+from pallas_kernels.dedup_attention import SharingPlan
+
+
+# Smallest private-length hint (tokens): one private split of the default tiles, so short
+# remainders growing during decode share one compiled shape.
+PRIVATE_HINT_MIN = 1024
 
 
 def _pow2(n: int, minimum: int = 1) -> int:
@@ -105,40 +113,6 @@ def find_shared_nodes(tables: np.ndarray, kv_lens: np.ndarray, block_size: int, 
   return nodes, private_start.astype(np.int32)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SharingPlan:
-  """A sharing plan as padded int32 arrays (usable inside jit), plus static sizes.
-
-  node_tables   [N, NB]   physical blocks of each node's run (0 past its end)
-  node_lens     [N]       tokens of each node (0 for padding nodes)
-  tile_node     [TL]      node of each tile (0 for padding tiles)
-  tile_reqs     [TL, RPT] batch row of each request of a tile, -1 = none; a tile's
-                          requests fill its slots from 0, so slot 0 = -1 marks a padding
-                          tile (the kernels rely on this)
-  req_rows      [B, DEP]  flat tile row (tile * RPT + slot) of request b's d-th node, -1 = none
-  private_start [B]       first key of each request's private remainder (block aligned)
-  """
-
-  node_tables: jax.Array
-  node_lens: jax.Array
-  tile_node: jax.Array
-  tile_reqs: jax.Array
-  req_rows: jax.Array
-  private_start: jax.Array
-  requests_per_tile: int = dataclasses.field(metadata=dict(static=True), default=1)
-  # Longest private remainder when planned, rounded up to a power of two: sets how many
-  # splits the private part launches (a hint only; longer remainders stay correct).
-  private_tokens_hint: int = dataclasses.field(metadata=dict(static=True), default=0)
-  # Whether any node exists. Without one the kernel is plain paged decode (the same
-  # launch, the same bits), so a batch that shares nothing never pays for the split.
-  has_shared: bool = dataclasses.field(metadata=dict(static=True), default=True)
-
-  @property
-  def num_tiles(self) -> int:
-    return self.tile_node.shape[0]
-
-
 @dataclasses.dataclass(frozen=True)
 class PlanSummary:
   """Host-side numbers about a plan (what the engine's auto mode decides on)."""
@@ -162,7 +136,13 @@ class PlanSummary:
 
 def build_plan(tables, kv_lens, block_size: int, *, requests_per_tile: int,
                min_node_blocks: int = 1) -> tuple[SharingPlan, PlanSummary]:
-  """The plan for one decode batch; sizes padded to powers of two (fewer recompiles)."""
+  """The plan for one decode batch; sizes padded to powers of two (fewer recompiles).
+
+  The private-length hint (a static field: it sets the private part's split count) is the
+  longest private remainder rounded up to a power of two, at least PRIVATE_HINT_MIN tokens:
+  a decode loop over a fixed batch recompiles only when a remainder crosses a power of two
+  above that floor, not as each remainder grows.
+  """
   if requests_per_tile < 1:
     raise ValueError(f"requests_per_tile must be >= 1, got {requests_per_tile}")
   tables = np.asarray(tables)
@@ -203,7 +183,7 @@ def build_plan(tables, kv_lens, block_size: int, *, requests_per_tile: int,
       private_start=jnp.asarray(private_blocks * block_size, dtype=jnp.int32),
       requests_per_tile=rpt,
       private_tokens_hint=_pow2(int(np.max(kv_lens - private_blocks * block_size,
-                                           initial=1))),
+                                           initial=1)), PRIVATE_HINT_MIN),
       has_shared=bool(nodes))
   saved = sum(n.num_blocks * block_size * (len(n.requests) - 1) for n in nodes)
   summary = PlanSummary(tuple(nodes), int(np.sum(kv_lens)), int(saved))
