@@ -12,6 +12,7 @@ bit-identical logits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Sequence
 
@@ -52,6 +53,12 @@ def resolve_attention(name: str) -> str:
 def decode_bucket(batch: int) -> int:
   """Decode batches are padded to a power of two: a serving loop compiles a few shapes."""
   return 1 << max(batch - 1, 0).bit_length()
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first_rows(logits: jax.Array, n: int) -> jax.Array:
+  """[B, 1, V] -> [n, V]: the real rows of a padded decode batch (one cheap dispatch)."""
+  return logits[:n, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,9 +170,14 @@ class Engine:
       config = dedup_kernel.default_config(self.cfg.head_dim)
       self._planner = sharing.SharingPlanner(
           cache.block_size, requests_per_tile=config.requests_per_tile(group))
-    # The planner caches the plan until the batch's shared full blocks change.
-    plan, summary = self._planner.plan(np.asarray(view.block_tables),
-                                       np.asarray(view.kv_lens))
+    # The planner caches the plan until the batch's shared full blocks change. It reads
+    # the host copy of the tables (never the device view: no device round trip per step).
+    bucket = view.positions.shape[0]
+    tables = np.zeros((bucket, cache.max_blocks_per_seq), np.int32)
+    tables[:len(slots)] = np.maximum(np.asarray(cache.block_tables)[slots], 0)
+    kv_lens = np.zeros((bucket,), np.int32)
+    kv_lens[:len(slots)] = lens
+    plan, summary = self._planner.plan(tables, kv_lens)
     if self.decode_attention == "auto" and summary.saved_tokens < self.auto_min_saved_tokens:
       return view, "paged"
     return dataclasses.replace(view, sharing=plan), "dedup"
@@ -220,7 +232,7 @@ class Engine:
     padded = np.zeros((view.positions.shape[0], 1), np.int32)
     padded[:len(slots), 0] = tokens
     out, cache = self._step(cache, padded, view)
-    return cache.commit_batch(slots, lens), DecodeResult(out[:len(slots), 0], used)
+    return cache.commit_batch(slots, lens), DecodeResult(_first_rows(out, len(slots)), used)
 
   def generate(self, cache: PagedCache, prompt: Sequence[int], steps: int, *, salt: int = 0):
     """Greedy decoding of `steps` tokens after `prompt`: (cache, slot, new token ids)."""

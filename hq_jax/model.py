@@ -164,7 +164,18 @@ def abstract_params(cfg: ModelConfig):
   return shapes["params"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attention_fn"))
+# XLA options of the jitted step. The layer scan slices each layer's weights out of the
+# stacked parameters; by default XLA's GPU backend copies every such slice into a temporary
+# buffer before its Triton GEMM (on the H200, 6.5 of 15.6 ms of a 7B-shape decode step at
+# 64 x 4k: the weights read three times). With cuBLAS GEMMs and dynamic-slice fusion the
+# GEMM reads the layer's weights in place (9.2 ms; docs/benchmarks.md). The options are
+# GPU-only debug flags, ignored by the CPU backend, and they change no result on CPU.
+STEP_COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True,
+                         "xla_gpu_enable_triton_gemm": False}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention_fn"),
+                   compiler_options=STEP_COMPILER_OPTIONS)
 def forward(params, pools: KVPools, tokens: jax.Array, view: AttentionView, *,
             cfg: ModelConfig, attention_fn: AttentionFn = paged.paged_attention_xla):
   """One jitted step: logits for a chunk and the pools with its K/V written."""
@@ -172,5 +183,5 @@ def forward(params, pools: KVPools, tokens: jax.Array, view: AttentionView, *,
 
 
 forward_donating = jax.jit(forward.__wrapped__, static_argnames=("cfg", "attention_fn"),
-                           donate_argnames=("pools",))
+                           donate_argnames=("pools",), compiler_options=STEP_COMPILER_OPTIONS)
 forward_donating.__doc__ = "`forward` that donates the pools (in-place cache update on GPU)."

@@ -201,8 +201,11 @@ class PagedCache:
     oob = self.num_blocks * bs
     write = np.where(writable & (blk >= 0), blk * bs + pos % bs, oob).astype(np.int32)
     kv_lens = np.minimum(first + chunk, req).astype(np.int32)
-    return AttentionView(positions=jnp.asarray(pos), block_tables=jnp.asarray(
-        np.maximum(tables, 0)), write_slots=jnp.asarray(write), kv_lens=jnp.asarray(kv_lens))
+    # One transfer call for the four arrays (each step's host cost counts in decode).
+    pos, tables, write, kv_lens = jax.device_put(
+        [pos.astype(np.int32), np.maximum(tables, 0), write, kv_lens])
+    return AttentionView(positions=pos, block_tables=tables, write_slots=write,
+                         kv_lens=kv_lens)
 
   def read_kv(self, slot: int) -> tuple[jax.Array, jax.Array]:
     """The written K and V of a request: [layers, seq_len, kv_heads, head_dim] each."""

@@ -1,0 +1,76 @@
+"""End-to-end speed against the rooflines: decode steps and time to first token.
+
+  python scripts/e2e_bench.py --output_dir=runs/e2e                       # H200 defaults
+  python scripts/e2e_bench.py --decode=tiny:4x64 --prefill=tiny:128 --output_dir=DIR
+
+Runs `Engine` on seeded weights at Qwen2.5 shapes and prints each measured time beside its
+floor (weights + K/V over the in-run XLA read rate for decode; FLOPs over the in-run bf16
+matmul rate for prefill). Logic and method: hq_jax/harness/e2e_bench.py. Writes
+e2e_bench.csv and e2e_bench.md.
+"""
+
+import csv
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from absl import app, flags
+
+from hq_jax.harness import e2e_bench
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("output_dir", None, "Where e2e_bench.csv and e2e_bench.md go (required).")
+flags.DEFINE_list("decode", ["7b:64x4096", "0.5b:8x32768"], "Decode points MODEL:BATCHxCONTEXT.")
+flags.DEFINE_list("prefill", ["7b:16384", "0.5b:32768"], "Prefill points MODEL:TOKENS.")
+flags.DEFINE_enum("attention", "auto", ["auto", "reference", "pallas", "pallas_interpret"],
+                  "Attention backend (auto: the Pallas kernels on a GPU).")
+flags.DEFINE_string("dtype", "bfloat16", "Weights and K/V dtype.")
+flags.DEFINE_integer("steps", 20, "Timed decode steps per point (wall clock, last synced).")
+flags.DEFINE_integer("reps", 10, "Repetitions of device-time measurements (median).")
+flags.DEFINE_integer("prefill_repeats", 3, "Timed prefills per point after a compile run.")
+flags.DEFINE_list("chunk_sizes", ["*:2048"], "Prefill chunk per model, MODEL:TOKENS ('*' = any).")
+flags.DEFINE_float("dedup_shared_fraction", 0.9,
+                   "Also decode on HQ with this shared fraction, paged and dedup (0: skip).")
+flags.DEFINE_integer("block_size", 16, "KV block size in tokens.")
+flags.DEFINE_integer("seed", 0, "Seed of weights, tokens and K/V.")
+
+
+def main(argv):
+  del argv
+  if not FLAGS.output_dir:
+    raise app.UsageError("--output_dir is required")
+  if os.path.isfile(FLAGS.output_dir):
+    raise app.UsageError(f"--output_dir {FLAGS.output_dir} is a file")
+  try:
+    decode = e2e_bench.parse_points(FLAGS.decode, "decode")
+    prefill = e2e_bench.parse_points(FLAGS.prefill, "prefill")
+    chunks = {k: int(v) for k, v in (c.split(":") for c in FLAGS.chunk_sizes)}
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  if FLAGS.steps < 1 or FLAGS.reps < 1 or FLAGS.prefill_repeats < 1:
+    raise app.UsageError("--steps, --reps and --prefill_repeats must be >= 1")
+  if not 0 <= FLAGS.dedup_shared_fraction < 1:
+    raise app.UsageError("--dedup_shared_fraction must be in [0, 1)")
+  os.makedirs(FLAGS.output_dir, exist_ok=True)
+  ceilings, rows = e2e_bench.run(
+      decode_points=decode, prefill_points=prefill, attention=FLAGS.attention,
+      dtype=FLAGS.dtype, steps=FLAGS.steps, reps=FLAGS.reps,
+      prefill_repeats=FLAGS.prefill_repeats, chunk_sizes=chunks,
+      dedup_shared_fraction=FLAGS.dedup_shared_fraction, block_size=FLAGS.block_size,
+      seed=FLAGS.seed, log=lambda m: print(m, flush=True))
+  with open(os.path.join(FLAGS.output_dir, "e2e_bench.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, e2e_bench.COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+  text = e2e_bench.markdown(ceilings, rows)
+  with open(os.path.join(FLAGS.output_dir, "e2e_bench.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(FLAGS.output_dir, "run.json"), "w") as f:
+    json.dump({"argv": sys.argv, "ceilings": ceilings.__dict__}, f, indent=1)
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
