@@ -1,6 +1,7 @@
 """Trace replay: loading, token synthesis, the block-policy simulator against the real cache."""
 
 import json
+import os
 import random
 
 import numpy as np
@@ -194,3 +195,60 @@ def test_missing_file_and_unknown_format(tmp_path):
     traces.load_trace(str(tmp_path / "nope.jsonl"))
   with pytest.raises(traces.TraceError, match="unknown trace format"):
     traces.load_trace(str(tmp_path / "nope.jsonl"), fmt="csv")
+
+
+# ------------------------------------------------------------------- model and script
+def test_model_mode_on_tiny(tiny):
+  """Model mode: the same replay through Engine prefill/decode on real caches."""
+  from hq_jax.engine import Engine
+  from hq_jax.harness import trace_outputs
+  params, cfg = tiny
+  reqs = [_req(0, [1], 200, 2, 0.0), _req(1, [1], 300, 2, 0.1), _req(2, [2], 150, 1, 0.2)]
+  layout = KVLayout.from_config(cfg, block_size=16)
+  rcfg = ReplayConfig(max_concurrency=2)
+  engine = Engine(params, cfg, chunk_size=64, attention="reference")
+  make = trace_outputs.real_cache_factory(layout, reqs, rcfg, vocab_size=cfg.vocab_size,
+                                          seed=0, engine=engine)
+  rows = trace_outputs.run_budgets(reqs, [0.0], model="tiny", bytes_per_block=1,
+                                   block_size=16, cfg=rcfg, make_backend=make)
+  by = {r["backend"]: r for r in rows}
+  assert by["hq_unbounded"]["hit_tokens"] == 192  # 12 full blocks of request 0's 200 tokens
+  assert by["hq_unbounded"]["computed_prefill_tokens"] == 200 + (300 - 192) + 150
+  assert by["dense"]["hit_tokens"] == 0 and by["dense"]["computed_prefill_tokens"] == 650
+  assert all(r["ttft_p50_ms"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] for r in rows)
+  sim = trace_outputs.run_budgets(reqs, [0.0], model="tiny", bytes_per_block=1, block_size=16,
+                                  cfg=rcfg, make_backend=trace_outputs.simulator_factory(16))
+  assert [r["hit_tokens"] for r in sim] == [r["hit_tokens"] for r in rows]
+
+
+def test_script(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.join(os.path.dirname(__file__), "..")
+  run = lambda *a: subprocess.run([sys.executable, "scripts/trace_replay.py", *a], cwd=root,
+                                  capture_output=True, text=True, timeout=120)
+  lines = [json.dumps(dict(timestamp=100 * r.arrival_s, input_length=r.input_length,
+                           output_length=r.output_length, hash_ids=list(r.hash_ids)))
+           for r in random_trace(9, n=40)]
+  trace = _write(tmp_path / "t.jsonl", lines)
+  out = tmp_path / "out"
+  proc = run(f"--trace={trace}", "--no_model", "--kv_budget_gb=0,0.001,0.01",
+             f"--output_dir={out}", "--capacity_context_lengths=1024")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  summary = json.loads((out / "summary.json").read_text())
+  assert [r["backend"] for r in summary["rows"]] == ["hq_unbounded", "dense", "dense", "hq",
+                                                     "dense", "hq"]
+  assert summary["ledger_row"]["supported"] in ("yes", "mixed", "no")
+  assert (out / "trace_replay.png").stat().st_size > 0
+  header = (out / "trace_replay.csv").read_text().splitlines()[0]
+  assert header.endswith("ttft_p50_ms,ttft_p90_ms,ttft_p99_ms")
+  assert all(r["checked_by_simulator"] for r in summary["capacity"])
+  # Errors name the flag or the file and line, before anything is written.
+  proc = run(f"--trace={trace}", "--no_model", f"--output_dir={out}")
+  assert proc.returncode != 0 and "--output_dir" in proc.stderr and "--overwrite" in proc.stderr
+  bad = _write(tmp_path / "bad.jsonl", [_line(), "oops"])
+  proc = run(f"--trace={bad}", "--no_model", "--block_size=48", f"--output_dir={tmp_path / 'o2'}")
+  assert proc.returncode != 0 and "--block_size" in proc.stderr
+  proc = run(f"--trace={bad}", "--no_model", f"--output_dir={tmp_path / 'o2'}")
+  assert proc.returncode != 0 and f"{bad}:2: not a JSON object" in proc.stderr
+  assert not os.path.exists(tmp_path / "o2")
