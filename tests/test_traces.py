@@ -247,8 +247,6 @@ def test_script(tmp_path):
   proc = run(f"--trace={trace}", "--no_model", f"--output_dir={out}")
   assert proc.returncode != 0 and "--output_dir" in proc.stderr and "--overwrite" in proc.stderr
   bad = _write(tmp_path / "bad.jsonl", [_line(), "oops"])
-  proc = run(f"--trace={bad}", "--no_model", "--block_size=48", f"--output_dir={tmp_path / 'o2'}")
-  assert proc.returncode != 0 and "--block_size" in proc.stderr
   proc = run(f"--trace={bad}", "--no_model", f"--output_dir={tmp_path / 'o2'}")
   assert proc.returncode != 0 and f"{bad}:2: not a JSON object" in proc.stderr
   assert not os.path.exists(tmp_path / "o2")
