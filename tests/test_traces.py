@@ -216,6 +216,7 @@ def test_model_mode_on_tiny(tiny):
   assert by["hq_unbounded"]["computed_prefill_tokens"] == 200 + (300 - 192) + 150
   assert by["dense"]["hit_tokens"] == 0 and by["dense"]["computed_prefill_tokens"] == 650
   assert all(r["ttft_p50_ms"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] for r in rows)
+  assert all(r["prefill_tokens_per_s_measured"] > 0 for r in rows)
   sim = trace_outputs.run_budgets(reqs, [0.0], model="tiny", bytes_per_block=1, block_size=16,
                                   cfg=rcfg, make_backend=trace_outputs.simulator_factory(16))
   assert [r["hit_tokens"] for r in sim] == [r["hit_tokens"] for r in rows]
@@ -241,7 +242,8 @@ def test_script(tmp_path):
   assert summary["ledger_row"]["supported"] in ("yes", "mixed", "no")
   assert (out / "trace_replay.png").stat().st_size > 0
   header = (out / "trace_replay.csv").read_text().splitlines()[0]
-  assert header.endswith("ttft_p50_ms,ttft_p90_ms,ttft_p99_ms")
+  assert header.endswith("ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,prefill_tokens_per_s_measured")
+  assert (out / "trace_replay.csv").read_text().splitlines()[1].endswith(",,,,")
   assert all(r["checked_by_simulator"] for r in summary["capacity"])
   # Errors name the flag or the file and line, before anything is written.
   proc = run(f"--trace={trace}", "--no_model", f"--output_dir={out}")

@@ -431,7 +431,7 @@ def replay(requests: Sequence[TraceRequest], backend, cfg: ReplayConfig, *,
   queue: collections.deque[TraceRequest] = collections.deque()
   running: list[tuple[float, int, object]] = []  # heap of (finish, request index, handle)
   acc = dict(requests=0, skipped=0, prompt=0, hit=0, computed=0, peak_blocks=0,
-             peak_conc=0, block_s=0.0, conc_s=0.0)
+             peak_conc=0, block_s=0.0, conc_s=0.0, wait_s=0.0, model_computed=0)
   ttfts: list[float] = []
   t_last, t_first = None, None
   nxt, total = 0, len(requests)
@@ -467,8 +467,10 @@ def replay(requests: Sequence[TraceRequest], backend, cfg: ReplayConfig, *,
       acc["prompt"] += req.input_length
       acc["hit"] += adm.hit_tokens
       acc["computed"] += computed
+      acc["wait_s"] += t - req.arrival_s * cfg.time_scale
       if adm.ttft_s is not None:
         ttfts.append(adm.ttft_s)
+        acc["model_computed"] += computed
       duration = (computed / cfg.prefill_tokens_per_s
                   + cfg.output_tokens(req) / cfg.decode_tokens_per_s)
       heapq.heappush(running, (t + duration, req.index, adm.handle))
@@ -510,6 +512,8 @@ def replay(requests: Sequence[TraceRequest], backend, cfg: ReplayConfig, *,
       mean_kv_bytes_used=(acc["block_s"] / span if span else 0.0) * bytes_per_block,
       mean_concurrency=acc["conc_s"] / span if span else 0.0,
       peak_concurrency=acc["peak_conc"], replay_span_s=span,
+      mean_queue_wait_s=acc["wait_s"] / acc["requests"] if acc["requests"] else 0.0,
+      prefill_tokens_per_s_measured=(acc["model_computed"] / sum(ttfts)) if ttfts else None,
       ttft_p50_ms=pct(50), ttft_p90_ms=pct(90), ttft_p99_ms=pct(99))
 
 
@@ -531,12 +535,17 @@ def ledger_row(rows: Sequence[dict], trace_name: str) -> dict:
   parts, wins, cites = [], 0, []
   for b in budgets:
     hq, dense = rows[idx[("hq", b)]], rows[idx[("dense", b)]]
+    if not dense["computed_prefill_tokens"] or not hq["computed_prefill_tokens"]:
+      parts.append(f"{b:g} GB: a backend admitted no request")
+      continue
     saved = 1 - hq["computed_prefill_tokens"] / dense["computed_prefill_tokens"]
     wins += saved > 0
     parts.append(f"{b:g} GB: hit {100 * hq['hit_ratio']:.1f}%, prefill -{100 * saved:.1f}%")
     cites += [idx[("hq", b)], idx[("dense", b)]]
   ub = rows[idx[("hq_unbounded", 0.0)]]
-  supported = "yes" if wins == len(budgets) else ("mixed" if wins else "no")
+  compared = len(parts) - sum("admitted no request" in p for p in parts)
+  supported = ("not tested" if not compared else "yes" if wins == compared else
+               "mixed" if wins else "no")
   verdict = ("; ".join(parts) + f" (HQ vs dense; unbounded HQ: hit {100 * ub['hit_ratio']:.1f}%)")
   evidence = ", ".join(f"trace_replay.csv#{i + 1}" for i in sorted(set(cites) | {idx[(
       "hq_unbounded", 0.0)]}))
