@@ -182,6 +182,7 @@ def test_load_trace_ok(tmp_path):
     ([_line(n=600, ids=(0,))], ":1: 1 hash_ids for input_length 600"),
     ([_line(n=0, ids=())], ":1: input_length must be an integer >= 1"),
     (["[1, 2]"], ":1: not a JSON object"),
+    ([_line(ids=(0, 1)), _line(ids=(2, 1))], ":2: hash id 1 follows id 2 but follows id 0 at"),
 ])
 def test_bad_files(tmp_path, lines, message):
   path = _write(tmp_path / "bad.jsonl", lines)

@@ -83,6 +83,7 @@ def load_trace(path: str, fmt: str = "mooncake", max_requests: int = 0) -> list[
   if not os.path.isfile(path):
     raise TraceError(f"{path}: trace file does not exist")
   parse, out, last = FORMATS[fmt], [], 0.0
+  parent: dict[int, tuple[int, str]] = {}  # id -> (the id before it, where first seen)
   with open(path) as f:
     for lineno, line in enumerate(f, 1):
       where = f"{path}:{lineno}"
@@ -99,12 +100,29 @@ def load_trace(path: str, fmt: str = "mooncake", max_requests: int = 0) -> list[
         raise TraceError(f"{where}: timestamp goes back in time ({req.arrival_s * 1000:g} ms "
                          f"after {last * 1000:g} ms); a trace must be in arrival order")
       last = req.arrival_s
+      _check_chain(req.hash_ids, parent, where)
       out.append(req)
       if max_requests and len(out) >= max_requests:
         break
   if not out:
     raise TraceError(f"{path}: empty trace (no requests)")
   return out
+
+
+def _check_chain(ids: Sequence[int], parent: dict, where: str) -> None:
+  """An id names a whole prefix, so it must always follow the same id (or start a prompt).
+
+  The simulator relies on it (a block's key is its id); a trace that breaks it is not
+  a prefix-hash trace.
+  """
+  prev = -1
+  for i in ids:
+    seen = parent.setdefault(i, (prev, where))
+    if seen[0] != prev:
+      what = lambda p: "starts a prompt" if p == -1 else f"follows id {p}"
+      raise TraceError(f"{where}: hash id {i} {what(prev)} but {what(seen[0])} at {seen[1]}; "
+                       "ids must hash whole prefixes")
+    prev = i
 
 
 # --------------------------------------------------------------------------- tokens
