@@ -243,9 +243,10 @@ class HQSimulator:
   def fits_ever(self, req: TraceRequest, hold_tokens: int) -> bool:
     return self.num_blocks is None or -(-hold_tokens // self.block_size) <= self.num_blocks
 
-  def _prompt_keys(self, req: TraceRequest) -> Iterable[int]:
+  def _prompt_keys(self, req: TraceRequest, start: int = 0) -> Iterable[int]:
+    """Keys of the prompt's full cache blocks from logical block `start` on."""
     subs, ids = self.subs, req.hash_ids
-    for j in range(req.input_length // self.block_size):
+    for j in range(start, req.input_length // self.block_size):
       yield ids[j // subs] * subs + j % subs
 
   def try_admit(self, req: TraceRequest, hold_tokens: int) -> Admission | None:
@@ -272,22 +273,16 @@ class HQSimulator:
     for _ in range(evict):
       cached.popitem(last=False)
     self.evicted += evict
-    keys = list(hits)
-    prompt_full = req.input_length // bs
-    keys.extend(self._prompt_keys_from(req, len(hits), prompt_full))
-    for k in keys[len(hits):]:
-      refcount[k] = 1
-    for _ in range(prompt_full, hold_tokens // bs):  # generated blocks, full at the end
+    new = list(self._prompt_keys(req, len(hits)))  # Prefix-closed: none of these exists.
+    refcount.update(dict.fromkeys(new, 1))
+    keys = hits + new
+    for _ in range(req.input_length // bs, hold_tokens // bs):  # generated blocks, full at the end
       self._unique -= 1
       refcount[self._unique] = 1
       keys.append(self._unique)
     partial = total - hold_tokens // bs
     self.private += partial
     return Admission((keys, partial), len(hits) * bs, evict)
-
-  def _prompt_keys_from(self, req: TraceRequest, start: int, end: int) -> list[int]:
-    subs = self.subs
-    return [req.hash_ids[j // subs] * subs + j % subs for j in range(start, end)]
 
   def release(self, handle) -> None:
     keys, partial = handle
