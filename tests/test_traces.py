@@ -253,3 +253,25 @@ def test_script(tmp_path):
   proc = run(f"--trace={bad}", "--no_model", f"--output_dir={tmp_path / 'o2'}")
   assert proc.returncode != 0 and f"{bad}:2: not a JSON object" in proc.stderr
   assert not os.path.exists(tmp_path / "o2")
+
+
+def test_capacity_analytic_matches_simulator():
+  from hq_jax.harness import trace_outputs
+  for nb, length, frac in [(100, 160, 0.5), (100, 160, 0.9), (64, 1000, 0.0), (10, 300, 0.5)]:
+    shared, dense, hq = trace_outputs.capacity_analytic(nb, length, frac, 16)
+    assert trace_outputs.capacity_simulated(nb, length, shared, 16, "dense", dense) == dense
+    assert trace_outputs.capacity_simulated(nb, length, shared, 16, "hq", hq) == hq
+  assert trace_outputs.capacity_analytic(100, 160, 0.5, 16) == (5, 10, 19)  # 10 + 9 * 10 < 100
+  assert trace_outputs.capacity_analytic(10, 300, 0.5, 16) == (9, 0, 0)  # 19 blocks > pool
+
+
+def test_time_scale_and_output_cap():
+  reqs = random_trace(10, n=40)
+  base = traces.replay(reqs, HQSimulator(None, 16), SLOW, bytes_per_block=1)
+  fast = ReplayConfig(max_concurrency=64, prefill_tokens_per_s=1000.0, decode_tokens_per_s=2.0,
+                      time_scale=0.01, max_output_tokens=1)
+  squeezed = traces.replay(reqs, HQSimulator(None, 16), fast, bytes_per_block=1)
+  assert squeezed["replay_span_s"] < base["replay_span_s"]
+  assert squeezed["peak_concurrency"] > SLOW.max_concurrency
+  with pytest.raises(ValueError, match="time_scale"):
+    ReplayConfig(time_scale=0.0)
