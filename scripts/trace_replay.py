@@ -101,7 +101,7 @@ def validate(cfg):
   path = cfg.trace
   if not os.path.isabs(path) and not os.path.exists(path):
     path = os.path.join(ROOT, path)
-  return model_cfg, layout, os.path.normpath(path)
+  return model_cfg, layout, os.path.abspath(path)
 
 
 def main(argv):
