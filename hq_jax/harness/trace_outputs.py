@@ -192,14 +192,13 @@ def _warm_up(engine, cache, max_hold: int):
   pool is back to all free; only its junk K/V remains, which nothing can read.
   """
   import numpy as np
-
-  from hq_jax.kv.base import CacheError
-  try:
-    warm, res = engine.prefill(cache, np.zeros(min(engine.chunk_size + 1, max_hold - 1),
-                                               np.int32), logits="last")
-    warm, _ = engine.decode(warm, [res.slot], [0])
-  except CacheError:
-    return cache  # A pool too small for one chunk: replay unwarmed.
+  length = min(engine.chunk_size + 1, max_hold - 1)  # two chunks' shapes, then one decode
+  need = (cache.max_blocks_per_seq if cache.backend == "dense" else
+          -(-(length + 1) // cache.block_size))
+  if length < 1 or need > cache.num_blocks:
+    return cache  # Checked first: a failed step could leave donated (dead) pools behind.
+  warm, res = engine.prefill(cache, np.zeros(length, np.int32), logits="last")
+  warm, _ = engine.decode(warm, [res.slot], [0])
   warm = warm.release(res.slot)
   return warm.evict() if warm.backend == "hq" else warm
 
