@@ -79,6 +79,11 @@ def validate(cfg):
          f"{cfg.chunk_size} is not a positive multiple of --block_size={cfg.block_size}")
   _check(cfg.attention in ATTENTION_BACKENDS, "attention",
          f"{cfg.attention!r} is not one of {sorted(ATTENTION_BACKENDS)}")
+  if not cfg.no_model and cfg.attention == "pallas":
+    import jax
+    _check(jax.default_backend() == "gpu", "attention",
+           f"pallas needs a GPU (backend here: {jax.default_backend()}); use reference or "
+           "pallas_interpret, or --no_model")
   _check(len(cfg.kv_budget_gb) > 0, "kv_budget_gb", "give at least one budget")
   _check(all(math.isfinite(b) and b >= 0 for b in cfg.kv_budget_gb), "kv_budget_gb",
          f"{cfg.kv_budget_gb} must be finite and >= 0")
