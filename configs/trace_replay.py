@@ -1,0 +1,32 @@
+"""Trace replay (scripts/trace_replay.py): the Mooncake conversation trace, dense vs HQ.
+
+The defaults replay the whole trace in --no_model mode at the 0.5B shape; model mode
+(GPU) wants a slice: --max_requests=64 --time_scale=0.05, and --attention=pallas.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.trace = "../shared/traces/mooncake_conversation_trace.jsonl"  # Relative: cwd, then repo.
+  c.trace_format = "mooncake"
+  c.no_model = False
+  c.model = "0.5b"
+  c.dtype = "bfloat16"
+  c.block_size = 16
+  c.chunk_size = 512
+  c.attention = "pallas"
+  c.kv_budget_gb = [0.0]
+  c.max_concurrency = 64
+  c.max_output_tokens = 0
+  c.max_requests = 0
+  c.time_scale = 1.0
+  c.prefill_tokens_per_s = 10_000.0
+  c.decode_tokens_per_s = 30.0
+  c.capacity_context_lengths = [4096, 32768]
+  c.capacity_shared_fractions = [0.5, 0.9]
+  c.seed = 0
+  c.output_dir = ""
+  c.overwrite = False
+  return c

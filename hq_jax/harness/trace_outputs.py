@@ -1,0 +1,228 @@
+"""Trace replay over several budgets, the capacity grid, and their CSV / plot outputs.
+
+`scripts/trace_replay.py` is a thin shell around `run_budgets`, `capacity_rows`,
+`to_csv` and `plot`; a notebook can call them directly.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Callable, Sequence
+
+from hq_jax.harness import traces
+from hq_jax.harness.traces import DenseSimulator, HQSimulator, ReplayConfig, TraceRequest
+
+GB = 10**9  # --kv_budget_gb counts decimal gigabytes, as GPU datasheets do.
+
+COLUMNS = ("model", "block_size", "kv_budget_gb", "num_blocks", "backend", "requests",
+           "skipped_requests", "prompt_tokens", "hit_tokens", "hit_ratio",
+           "computed_prefill_tokens", "evicted_blocks", "peak_kv_bytes_used",
+           "mean_kv_bytes_used", "mean_concurrency", "peak_concurrency", "replay_span_s",
+           "mean_queue_wait_s", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
+           "prefill_tokens_per_s_measured")
+CAPACITY_COLUMNS = ("model", "block_size", "kv_budget_gb", "num_blocks", "context_length",
+                    "shared_prefix_fraction", "shared_blocks", "dense_admitted",
+                    "hq_admitted", "hq_over_dense", "checked_by_simulator")
+
+
+def pool_blocks(budget_gb: float, bytes_per_block: int) -> int | None:
+  """Blocks a budget buys (None = unbounded for budget 0); an error if not even one."""
+  if budget_gb == 0:
+    return None
+  blocks = int(budget_gb * GB) // bytes_per_block
+  if blocks < 1:
+    raise ValueError(f"--kv_budget_gb={budget_gb:g} is less than one KV block "
+                     f"({bytes_per_block} bytes)")
+  return blocks
+
+
+BackendFactory = Callable[[str, int | None], object]
+
+
+def simulator_factory(block_size: int) -> BackendFactory:
+  def make(name, num_blocks):
+    if name == "dense":
+      return DenseSimulator(num_blocks, block_size, name=name)
+    return HQSimulator(num_blocks, block_size, name=name)
+  return make
+
+
+def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *,
+                model: str, bytes_per_block: int, block_size: int, cfg: ReplayConfig,
+                make_backend: BackendFactory, progress_factory=None) -> list[dict]:
+  """One row per (backend, budget): dense and hq at each budget, hq_unbounded once.
+
+  Budget 0 means unbounded: it gives the dense row without a pool limit and the
+  hq_unbounded row (the upper bound on prefix hits).
+  """
+  plan = [("hq_unbounded", 0.0)]
+  for b in budgets_gb:
+    plan += [("dense", b)] + ([("hq", b)] if b else [])
+  rows = []
+  for name, budget in plan:
+    nb = pool_blocks(budget, bytes_per_block)
+    bar = progress_factory(f"{name} @ {budget:g} GB") if progress_factory else None
+    try:
+      row = traces.replay(requests, make_backend(name, nb), cfg,
+                          bytes_per_block=bytes_per_block, progress=bar)
+    finally:
+      if bar is not None:
+        bar.close()
+    rows.append(dict(model=model, block_size=block_size, kv_budget_gb=budget,
+                     num_blocks=nb if nb is not None else "", **row))
+  return rows
+
+
+def capacity_analytic(num_blocks: int, context_length: int, shared_fraction: float,
+                      block_size: int) -> tuple[int, int, int]:
+  """(shared blocks, dense admitted, hq admitted) for identical-length requests at t=0.
+
+  Each request holds ceil(L / bs) blocks; with HQ the first floor(f * L / bs) are one
+  shared copy (held once), so after the first request each needs only its private rest.
+  """
+  total = -(-context_length // block_size)
+  shared = min(int(shared_fraction * context_length) // block_size, total - 1)
+  dense = num_blocks // total
+  hq = 0 if total > num_blocks else 1 + (num_blocks - total) // (total - shared)
+  return shared, dense, hq
+
+
+def capacity_simulated(num_blocks: int, context_length: int, shared_blocks: int,
+                       block_size: int, backend: str, limit: int) -> int:
+  """Requests the simulator admits at once (all arrive at t=0 and never finish)."""
+  n = limit + 1
+  per = -(-context_length // block_size)
+  reqs = []
+  for i in range(n):  # Trace blocks = cache blocks here, so any shared block count works.
+    ids = list(range(shared_blocks)) + [10**9 + i * per + j for j in range(per - shared_blocks)]
+    reqs.append(TraceRequest(i, 0.0, context_length, 0, tuple(ids)))
+  sim = (DenseSimulator(num_blocks, block_size) if backend == "dense" else
+         HQSimulator(num_blocks, block_size, block_tokens=block_size))
+  cfg = ReplayConfig(max_concurrency=n, prefill_tokens_per_s=1e-9)
+  return traces.replay(reqs, sim, cfg, bytes_per_block=1)["peak_concurrency"]
+
+
+def capacity_rows(*, model: str, budgets_gb: Sequence[float], bytes_per_block: int,
+                  block_size: int, context_lengths: Sequence[int],
+                  shared_fractions: Sequence[float],
+                  check_limit: int = 2_000_000) -> list[dict]:
+  """The capacity question on a synthetic grid; analytic, checked by the simulator.
+
+  Points needing more than `check_limit` block operations to simulate are not
+  checked (`checked_by_simulator` False).
+  """
+  rows = []
+  for budget in budgets_gb:
+    nb = pool_blocks(budget, bytes_per_block)
+    if nb is None:
+      continue  # Unbounded: capacity is only the concurrency limit.
+    for length in context_lengths:
+      for frac in shared_fractions:
+        shared, dense, hq = capacity_analytic(nb, length, frac, block_size)
+        checked = (hq + 1) * -(-length // block_size) <= check_limit
+        if checked:
+          got = (capacity_simulated(nb, length, shared, block_size, "dense", dense),
+                 capacity_simulated(nb, length, shared, block_size, "hq", hq))
+          if got != (dense, hq):
+            raise AssertionError(f"capacity at {budget} GB, L={length}, f={frac}: analytic "
+                                 f"{(dense, hq)} but the simulator admits {got}")
+        rows.append(dict(model=model, block_size=block_size, kv_budget_gb=budget,
+                         num_blocks=nb, context_length=length, shared_prefix_fraction=frac,
+                         shared_blocks=shared, dense_admitted=dense, hq_admitted=hq,
+                         hq_over_dense=hq / dense if dense else "",
+                         checked_by_simulator=checked))
+  return rows
+
+
+def _fmt(v) -> str:
+  if v is None:
+    return ""
+  if isinstance(v, float):
+    return f"{v:.6g}" if math.isfinite(v) else ""
+  return str(v)
+
+
+def to_csv(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
+  out = io.StringIO()
+  out.write(",".join(columns) + "\n")
+  for r in rows:
+    out.write(",".join(_fmt(r.get(c)) for c in columns) + "\n")
+  return out.getvalue()
+
+
+def plot(rows: Sequence[dict], path: str, title: str) -> None:
+  """Hit ratio and computed prefill tokens against the budget, per backend."""
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(10, 4))
+  ax_hit, ax_comp = fig.subplots(1, 2)
+  bounded = sorted({r["kv_budget_gb"] for r in rows if r["kv_budget_gb"]})
+  for backend, style in (("dense", "s-"), ("hq", "o-")):
+    pts = sorted((r["kv_budget_gb"], r) for r in rows
+                 if r["backend"] == backend and r["kv_budget_gb"])
+    if pts:
+      xs = [b for b, _ in pts]
+      ax_hit.plot(xs, [100 * r["hit_ratio"] for _, r in pts], style, label=backend)
+      ax_comp.plot(xs, [r["computed_prefill_tokens"] / 1e6 for _, r in pts], style,
+                   label=backend)
+  for r in rows:
+    if r["kv_budget_gb"] == 0:  # Unbounded rows as horizontal references.
+      ls = ":" if r["backend"] == "hq_unbounded" else "--"
+      ax_hit.axhline(100 * r["hit_ratio"], ls=ls, color="gray",
+                     label=f"{r['backend']} (unbounded)")
+      ax_comp.axhline(r["computed_prefill_tokens"] / 1e6, ls=ls, color="gray",
+                      label=f"{r['backend']} (unbounded)")
+  for ax, ylabel in ((ax_hit, "prefix hit ratio (%)"),
+                     (ax_comp, "computed prefill tokens (M)")):
+    if bounded:
+      ax.set_xscale("log")
+    ax.set_xlabel("KV budget (GB)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def _warm_up(engine, cache, max_hold: int):
+  """Compiles the prefill and decode steps for this pool shape, so TTFTs exclude it.
+
+  The throwaway request is released (and its blocks evicted) before the replay: the
+  pool is back to all free; only its junk K/V remains, which nothing can read.
+  """
+  import numpy as np
+  length = min(engine.chunk_size + 1, max_hold - 1)  # two chunks' shapes, then one decode
+  need = (cache.max_blocks_per_seq if cache.backend == "dense" else
+          -(-(length + 1) // cache.block_size))
+  if length < 1 or need > cache.num_blocks:
+    return cache  # Checked first: a failed step could leave donated (dead) pools behind.
+  warm, res = engine.prefill(cache, np.zeros(length, np.int32), logits="last")
+  warm, _ = engine.decode(warm, [res.slot], [0])
+  warm = warm.release(res.slot)
+  return warm.evict() if warm.backend == "hq" else warm
+
+
+def real_cache_factory(layout, requests: Sequence[TraceRequest], cfg: ReplayConfig, *,
+                       vocab_size: int, seed: int, engine=None) -> BackendFactory:
+  """Real caches for model mode: pools from the budget; budget 0 holds the whole slice.
+
+  The dense cache reserves max_seq_len (the slice's longest request) per request, as
+  `DenseKVCache` does today; the simulator's dense reserves each request's own length.
+  """
+  from hq_jax.kv.dedup import DedupKVCache
+  from hq_jax.kv.dense import DenseKVCache
+  max_hold = max(r.input_length + cfg.output_tokens(r) for r in requests)
+  everything = max(sum(layout.blocks_for(r.input_length + cfg.output_tokens(r))
+                       for r in requests),
+                   cfg.max_concurrency * layout.blocks_for(max_hold))
+
+  def make(name, num_blocks):
+    kind = DenseKVCache if name == "dense" else DedupKVCache
+    cache = kind.init(layout, num_blocks=num_blocks or everything,
+                      max_requests=cfg.max_concurrency, max_seq_len=max_hold)
+    if engine is not None:
+      cache = _warm_up(engine, cache, max_hold)
+    return traces.RealCacheBackend(cache, vocab_size=vocab_size, seed=seed, engine=engine,
+                                   name=name)
+  return make

@@ -1,0 +1,277 @@
+"""Trace replay: loading, token synthesis, the block-policy simulator against the real cache."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+from hq_jax.harness import traces
+from hq_jax.harness.traces import HQSimulator, DenseSimulator, ReplayConfig, TraceRequest
+from hq_jax.kv.dedup import DedupKVCache
+from hq_jax.kv.paged import KVLayout
+
+B = traces.TRACE_BLOCK_TOKENS
+# Long holds, so requests overlap and compete for the pool.
+SLOW = ReplayConfig(max_concurrency=4, prefill_tokens_per_s=1000.0, decode_tokens_per_s=2.0)
+
+
+def _req(i, ids, n, out=0, t=0.0):
+  return TraceRequest(i, t, n, out, tuple(ids))
+
+
+def random_trace(seed, n=30, max_blocks=3, max_out=20, partial=True):
+  """Conversations: each request extends a random prefix of an earlier chain."""
+  rng = random.Random(seed)
+  reqs, next_id, t = [], 0, 0.0
+  for i in range(n):
+    base = []
+    if reqs and rng.random() < 0.7:
+      prev = rng.choice(reqs)
+      base = list(prev.hash_ids[:rng.randint(1, len(prev.hash_ids))])
+      # Only a full block may be extended (as in Mooncake, a partial id ends its chain).
+      if base and len(base) * B > prev.input_length:
+        base.pop()
+    extra = rng.randint(0 if base else 1, max_blocks)
+    ids = base + list(range(next_id, next_id + extra))
+    next_id += extra
+    if not ids:
+      ids, next_id = [next_id], next_id + 1
+    low = (len(ids) - 1) * B + 1 if partial else len(ids) * B
+    n_tok = rng.randint(low, len(ids) * B) if partial else low
+    t += rng.random() * 0.5
+    reqs.append(_req(i, ids, n_tok, rng.randint(1, max_out), t))
+  return reqs
+
+
+def _write(path, lines):
+  path.write_text("".join(line + "\n" for line in lines))
+  return str(path)
+
+
+def _line(ts=0, n=600, out=5, ids=(0, 1)):
+  return json.dumps(dict(timestamp=ts, input_length=n, output_length=out, hash_ids=list(ids)))
+
+
+# ---------------------------------------------------------------------------- tokens
+def test_equal_ids_equal_tokens_and_shared_only_where_ids_match():
+  a = traces.request_tokens(_req(0, [7, 8, 9], 3 * B), vocab_size=512, seed=3)
+  b = traces.request_tokens(_req(1, [7, 8, 10], 3 * B), vocab_size=512, seed=3)
+  np.testing.assert_array_equal(a[:2 * B], b[:2 * B])
+  assert not np.array_equal(a[2 * B:2 * B + 16], b[2 * B:2 * B + 16])
+  # Different ids differ from their very first cache block, whatever the vocabulary.
+  for vocab in (2, 512, 151936):
+    firsts = {traces.block_id_tokens(i, vocab_size=vocab, seed=0)[:16].tobytes()
+              for i in range(300)}
+    assert len(firsts) == 300
+  c = traces.request_tokens(_req(0, [7, 8, 9], 3 * B), vocab_size=512, seed=4)
+  assert not np.array_equal(a, c)  # seeded
+
+
+def test_real_cache_finds_exactly_the_trace_sharing():
+  layout = KVLayout(1, 1, 1, 16, "float32")
+  cache = DedupKVCache.init(layout, num_blocks=256, max_requests=4, max_seq_len=4 * B)
+  a, b, c = _req(0, [1, 2, 3], 3 * B), _req(1, [1, 2, 4], 3 * B), _req(2, [5, 2], 2 * B)
+  hits = []
+  for r in (a, b, c):
+    cache, slot = cache.admit(traces.request_tokens(r, vocab_size=512))
+    hits.append(int(cache.seq_lens[slot]))
+    cache = cache.commit(slot, r.input_length)
+  assert hits == [0, 2 * B, 0]  # id 2 under another parent is another block
+
+
+def test_partial_last_block():
+  r = _req(0, [1, 2], B + 100)
+  toks = traces.request_tokens(r, vocab_size=512)
+  assert toks.size == B + 100
+  np.testing.assert_array_equal(toks[B:], traces.block_id_tokens(2, vocab_size=512, seed=0)[:100])
+  # The cache shares only full cache blocks: of the 100-token tail, 96 (6 x 16) are hit.
+  sim = HQSimulator(None, 16)
+  for i in range(2):
+    adm = sim.try_admit(_req(i, [1, 2], B + 100), B + 100)
+  assert adm.hit_tokens == B + 96
+  assert traces.direct_hit_tokens([r, r]) == B + 100  # the README's count takes it all
+
+
+# ------------------------------------------------------------------------- simulator
+def test_budget_exhaustion_and_lru_eviction():
+  sim = HQSimulator(num_blocks=4, block_size=B)
+  a = sim.try_admit(_req(0, [1, 2], 2 * B), 2 * B)
+  b = sim.try_admit(_req(1, [3, 4], 2 * B), 2 * B)
+  assert sim.try_admit(_req(2, [5], B), B) is None  # full: everything pinned
+  sim.release(a.handle)
+  sim.release(b.handle)  # cached LRU order: 2, 1, 4, 3 (tails first, a before b)
+  c = sim.try_admit(_req(2, [5, 6, 7], 3 * B), 3 * B)
+  assert c.evicted_blocks == 3 and list(sim.cached) == [3 * 1]  # only id 3 (key 3) left
+  assert sim.try_admit(_req(3, [3], B), B).hit_tokens == B
+  assert sim.try_admit(_req(4, [1], B), B) is None  # id 1 was evicted, and no room
+
+
+def test_dense_reserves_and_never_hits():
+  rows = [traces.replay(random_trace(1), DenseSimulator(nb, 16), SLOW, bytes_per_block=1)
+          for nb in (200, None)]
+  assert all(r["hit_tokens"] == 0 and r["hit_ratio"] == 0.0 for r in rows)
+  assert rows[0]["peak_kv_bytes_used"] <= 200
+
+
+def test_unbounded_hit_ratio_equals_direct_chain_count():
+  reqs = random_trace(2, n=60, partial=False)
+  row = traces.replay(reqs, HQSimulator(None, 16), SLOW, bytes_per_block=1)
+  assert row["hit_tokens"] == traces.direct_hit_tokens(reqs)
+  reqs = random_trace(3, n=60)  # partial last blocks: only the partial cache block differs
+  row = traces.replay(reqs, HQSimulator(None, 16), SLOW, bytes_per_block=1)
+  direct = traces.direct_hit_tokens(reqs)
+  assert 0 <= direct - row["hit_tokens"] < 16 * len(reqs)
+
+
+def test_hit_ratio_non_decreasing_in_budget():
+  reqs = random_trace(4, n=80)
+  ratios = [traces.replay(reqs, HQSimulator(nb, 16), SLOW, bytes_per_block=1)["hit_ratio"]
+            for nb in (100, 200, 400, 800, 1600, None)]
+  assert ratios == sorted(ratios) and ratios[0] < ratios[-1]
+
+
+@pytest.mark.parametrize("seed,num_blocks,block_size", [(5, 160, 64), (6, 120, 64),
+                                                         (7, 400, 16)])
+def test_simulator_agrees_with_real_cache(seed, num_blocks, block_size):
+  reqs = random_trace(seed, n=24, max_out=12)
+  layout = KVLayout(1, 1, 1, block_size, "float32")
+  real = traces.RealCacheBackend(
+      DedupKVCache.init(layout, num_blocks=num_blocks, max_requests=SLOW.max_concurrency,
+                        max_seq_len=max(r.input_length + r.output_length for r in reqs)),
+      vocab_size=512)
+  sim = HQSimulator(num_blocks, block_size)
+  log_real, log_sim = [], []
+
+  def logger(log, backend):
+    return lambda req, adm: log.append((req.index, adm.hit_tokens, adm.evicted_blocks,
+                                        backend.held_blocks))
+
+  row_real = traces.replay(reqs, real, SLOW, bytes_per_block=1, on_admit=logger(log_real, real))
+  row_sim = traces.replay(reqs, sim, SLOW, bytes_per_block=1, on_admit=logger(log_sim, sim))
+  assert log_real == log_sim
+  assert row_real == row_sim
+  assert row_sim["evicted_blocks"] > 0 and row_sim["hit_tokens"] > 0
+  assert real.cache.cached_free_blocks() == len(sim.cached)
+
+
+def test_replay_skips_what_never_fits_and_is_deterministic():
+  reqs = random_trace(8, n=40)
+  big = _req(40, [10**6, 10**6 + 1, 10**6 + 2], 3 * B, 0, reqs[-1].arrival_s)
+  row = traces.replay(reqs + [big], HQSimulator(3 * B // 16 - 1, 16), SLOW, bytes_per_block=1)
+  assert row["skipped_requests"] >= 1 and row["requests"] + row["skipped_requests"] == 41
+  again = traces.replay(reqs + [big], HQSimulator(3 * B // 16 - 1, 16), SLOW, bytes_per_block=1)
+  assert row == again
+
+
+# --------------------------------------------------------------------------- loading
+def test_load_trace_ok(tmp_path):
+  path = _write(tmp_path / "t.jsonl", [_line(0), _line(1500, 1024, 0, (0, 1)), ""])
+  reqs = traces.load_trace(path)
+  assert [r.arrival_s for r in reqs] == [0.0, 1.5] and reqs[1].output_length == 0
+  assert len(traces.load_trace(path, max_requests=1)) == 1
+
+
+@pytest.mark.parametrize("lines,message", [
+    ([], "empty trace"),
+    (["{not json"], ":1: not a JSON object"),
+    ([_line(), '{"timestamp": 1, "input_length": 5, "output_length": 1}'],
+     ":2: missing field 'hash_ids'"),
+    ([_line(10), _line(5)], ":2: timestamp goes back in time"),
+    ([_line(n=600, ids=(0,))], ":1: 1 hash_ids for input_length 600"),
+    ([_line(n=0, ids=())], ":1: input_length must be an integer >= 1"),
+    (["[1, 2]"], ":1: not a JSON object"),
+    ([_line(ids=(0, 1)), _line(ids=(2, 1))], ":2: hash id 1 follows id 2 but follows id 0 at"),
+])
+def test_bad_files(tmp_path, lines, message):
+  path = _write(tmp_path / "bad.jsonl", lines)
+  with pytest.raises(traces.TraceError, match=message) as e:
+    traces.load_trace(path)
+  assert str(path) in str(e.value)
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+  with pytest.raises(traces.TraceError, match="does not exist"):
+    traces.load_trace(str(tmp_path / "nope.jsonl"))
+  with pytest.raises(traces.TraceError, match="unknown trace format"):
+    traces.load_trace(str(tmp_path / "nope.jsonl"), fmt="csv")
+
+
+# ------------------------------------------------------------------- model and script
+def test_model_mode_on_tiny(tiny):
+  """Model mode: the same replay through Engine prefill/decode on real caches."""
+  from hq_jax.engine import Engine
+  from hq_jax.harness import trace_outputs
+  params, cfg = tiny
+  reqs = [_req(0, [1], 200, 2, 0.0), _req(1, [1], 300, 2, 0.1), _req(2, [2], 150, 1, 0.2)]
+  layout = KVLayout.from_config(cfg, block_size=16)
+  rcfg = ReplayConfig(max_concurrency=2)
+  engine = Engine(params, cfg, chunk_size=64, attention="reference")
+  make = trace_outputs.real_cache_factory(layout, reqs, rcfg, vocab_size=cfg.vocab_size,
+                                          seed=0, engine=engine)
+  rows = trace_outputs.run_budgets(reqs, [0.0], model="tiny", bytes_per_block=1,
+                                   block_size=16, cfg=rcfg, make_backend=make)
+  by = {r["backend"]: r for r in rows}
+  assert by["hq_unbounded"]["hit_tokens"] == 192  # 12 full blocks of request 0's 200 tokens
+  assert by["hq_unbounded"]["computed_prefill_tokens"] == 200 + (300 - 192) + 150
+  assert by["dense"]["hit_tokens"] == 0 and by["dense"]["computed_prefill_tokens"] == 650
+  assert all(r["ttft_p50_ms"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] for r in rows)
+  assert all(r["prefill_tokens_per_s_measured"] > 0 for r in rows)
+  sim = trace_outputs.run_budgets(reqs, [0.0], model="tiny", bytes_per_block=1, block_size=16,
+                                  cfg=rcfg, make_backend=trace_outputs.simulator_factory(16))
+  assert [r["hit_tokens"] for r in sim] == [r["hit_tokens"] for r in rows]
+
+
+def test_script(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.join(os.path.dirname(__file__), "..")
+  run = lambda *a: subprocess.run([sys.executable, "scripts/trace_replay.py", *a], cwd=root,
+                                  capture_output=True, text=True, timeout=120)
+  lines = [json.dumps(dict(timestamp=100 * r.arrival_s, input_length=r.input_length,
+                           output_length=r.output_length, hash_ids=list(r.hash_ids)))
+           for r in random_trace(9, n=40)]
+  trace = _write(tmp_path / "t.jsonl", lines)
+  out = tmp_path / "out"
+  proc = run(f"--trace={trace}", "--no_model", "--kv_budget_gb=0,0.001,0.01",
+             f"--output_dir={out}", "--capacity_context_lengths=1024")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  summary = json.loads((out / "summary.json").read_text())
+  assert [r["backend"] for r in summary["rows"]] == ["hq_unbounded", "dense", "dense", "hq",
+                                                     "dense", "hq"]
+  assert summary["ledger_row"]["supported"] in ("yes", "mixed", "no")
+  assert (out / "trace_replay.png").stat().st_size > 0
+  header = (out / "trace_replay.csv").read_text().splitlines()[0]
+  assert header.endswith("ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,prefill_tokens_per_s_measured")
+  assert (out / "trace_replay.csv").read_text().splitlines()[1].endswith(",,,,")
+  assert all(r["checked_by_simulator"] for r in summary["capacity"])
+  # Errors name the flag or the file and line, before anything is written.
+  proc = run(f"--trace={trace}", "--no_model", f"--output_dir={out}")
+  assert proc.returncode != 0 and "--output_dir" in proc.stderr and "--overwrite" in proc.stderr
+  bad = _write(tmp_path / "bad.jsonl", [_line(), "oops"])
+  proc = run(f"--trace={bad}", "--no_model", f"--output_dir={tmp_path / 'o2'}")
+  assert proc.returncode != 0 and f"{bad}:2: not a JSON object" in proc.stderr
+  assert not os.path.exists(tmp_path / "o2")
+
+
+def test_capacity_analytic_matches_simulator():
+  from hq_jax.harness import trace_outputs
+  for nb, length, frac in [(100, 160, 0.5), (100, 160, 0.9), (64, 1000, 0.0), (10, 300, 0.5)]:
+    shared, dense, hq = trace_outputs.capacity_analytic(nb, length, frac, 16)
+    assert trace_outputs.capacity_simulated(nb, length, shared, 16, "dense", dense) == dense
+    assert trace_outputs.capacity_simulated(nb, length, shared, 16, "hq", hq) == hq
+  assert trace_outputs.capacity_analytic(100, 160, 0.5, 16) == (5, 10, 19)  # 10 + 9 * 10 < 100
+  assert trace_outputs.capacity_analytic(10, 300, 0.5, 16) == (9, 0, 0)  # 19 blocks > pool
+
+
+def test_time_scale_and_output_cap():
+  reqs = random_trace(10, n=40)
+  base = traces.replay(reqs, HQSimulator(None, 16), SLOW, bytes_per_block=1)
+  fast = ReplayConfig(max_concurrency=64, prefill_tokens_per_s=1000.0, decode_tokens_per_s=2.0,
+                      time_scale=0.01, max_output_tokens=1)
+  squeezed = traces.replay(reqs, HQSimulator(None, 16), fast, bytes_per_block=1)
+  assert squeezed["replay_span_s"] < base["replay_span_s"]
+  assert squeezed["peak_concurrency"] > SLOW.max_concurrency
+  with pytest.raises(ValueError, match="time_scale"):
+    ReplayConfig(time_scale=0.0)
