@@ -398,8 +398,8 @@ class RealCacheBackend:
     cache, res = self.engine.prefill(cache, prompt, logits="last")
     tok = int(jnp.argmax(res.last_logits))
     for _ in range(hold_tokens - req.input_length):
-      cache, logits = self.engine.decode(cache, [res.slot], [tok])
-      tok = int(jnp.argmax(logits[0]))
+      cache, step = self.engine.decode(cache, [res.slot], [tok])
+      tok = int(jnp.argmax(step.logits[0]))
     return cache, res.slot, res.hit_tokens, res.computed_tokens, res.ttft_s
 
   def release(self, handle) -> None:
