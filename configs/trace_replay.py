@@ -1,7 +1,7 @@
 """Trace replay (scripts/trace_replay.py): the Mooncake conversation trace, dense vs HQ.
 
 The defaults replay the whole trace in --no_model mode at the 0.5B shape; model mode
-(GPU) wants a slice: --max_requests=64 --time_scale=0.05, and --attention=pallas.
+(GPU) wants a slice: --max_requests=64 --time_scale=0.05; --attention=auto picks Pallas there.
 """
 
 import ml_collections
@@ -16,7 +16,7 @@ def get_config():
   c.dtype = "bfloat16"
   c.block_size = 16
   c.chunk_size = 512
-  c.attention = "pallas"
+  c.attention = "auto"
   c.kv_budget_gb = [0.0]
   c.max_concurrency = 64
   c.max_output_tokens = 0

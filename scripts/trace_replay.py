@@ -34,7 +34,8 @@ cli.define_flags(default_config.get_config(), {
     "no_model": "replay the caches' block policy only (fast, whole trace on CPU)",
     "model": "preset whose KV shape sets bytes per block (model mode: seeded weights)",
     "dtype": "KV / weight dtype: bytes per block follow it",
-    "attention": "model mode: reference | pallas | pallas_interpret",
+    "attention": "model mode: auto | reference | pallas | pallas_interpret (auto: Pallas on "
+                 "a GPU)",
     "kv_budget_gb": "KV pool budgets in GB (10^9 bytes); 0 = unbounded",
     "max_concurrency": "requests holding KV at once (and cache slots)",
     "max_output_tokens": "cap on generated tokens per request; 0 = the trace's output_length",
@@ -59,7 +60,7 @@ def _check(ok: bool, flag: str, message: str) -> None:
 def validate(cfg):
   """Every flag checked before any work; returns (model config, KV layout, trace path)."""
   from hq_jax import config as config_lib
-  from hq_jax.engine import ATTENTION_BACKENDS
+  from hq_jax.engine import ATTENTION
   from hq_jax.kv.paged import KVLayout
   _check(bool(cfg.output_dir), "output_dir", "is required")
   _check(not (os.path.isdir(cfg.output_dir) and os.listdir(cfg.output_dir)) or cfg.overwrite,
@@ -77,8 +78,8 @@ def validate(cfg):
          f"({traces.TRACE_BLOCK_TOKENS} tokens)")
   _check(cfg.chunk_size > 0 and cfg.chunk_size % cfg.block_size == 0, "chunk_size",
          f"{cfg.chunk_size} is not a positive multiple of --block_size={cfg.block_size}")
-  _check(cfg.attention in ATTENTION_BACKENDS, "attention",
-         f"{cfg.attention!r} is not one of {sorted(ATTENTION_BACKENDS)}")
+  _check(cfg.attention in ATTENTION, "attention",
+         f"{cfg.attention!r} is not one of {ATTENTION}")
   if not cfg.no_model and cfg.attention == "pallas":
     import jax
     _check(jax.default_backend() == "gpu", "attention",
