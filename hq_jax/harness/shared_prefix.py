@@ -32,13 +32,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hq_jax import config
 from hq_jax.harness.gpu_timing import device_ms, kernel_breakdown, rel_err
 from hq_jax.kv import sharing
 from hq_jax.kv.paged import AttentionView
 from pallas_kernels import dedup_attention as da
 from pallas_kernels import paged_attention as pa
 
-SHAPES = {"qwen2.5-0.5b": (14, 2, 64), "qwen2.5-7b": (28, 4, 128)}  # (q heads, kv heads, d)
+def attention_shape(model: str) -> tuple[int, int, int]:
+  """(query heads, kv heads, head_dim) of a preset (hq_jax.config), e.g. "qwen2.5-7b"."""
+  cfg = config.get_config(model)
+  return cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+
+def kernel_args(view: AttentionView):
+  """The kernels' plain arrays of a view: block tables, positions, lengths."""
+  return view.block_tables, view.positions, view.kv_lens
+
 # The dedup tuning grid: shared tiles (rows q x keys k, warps, stages, longest split x);
 # private tiles default. "f": both parts in one launch.
 _T = da.TuningConfig
@@ -109,17 +119,17 @@ def bench_point(shape: str, shared: int, unique: int, batch: int, *, kind: str,
                 check_requests: int = 16, unshared: bool = True,
                 interpret: bool = False, log=print) -> dict | None:
   """One row: the best dedup config's time beside paged (and paged on unshared copies)."""
-  nh, nk, d = SHAPES[shape]
+  nh, nk, d = attention_shape(shape)
   bs = block_size
   q, (k, v, view, tables, lens), (ku, vu, viewu) = make_batch(
       seed, shared, unique, batch, nh, nk, d, bs)
-  paged_fn = lambda q, k, v, view, plan: pa.paged_attention(q, k, v, view,
+  paged_fn = lambda q, k, v, view, plan: pa.paged_attention(q, k, v, *kernel_args(view),
                                                              interpret=interpret)
   paged = paged_fn(q, k, v, view, None)
   n = min(check_requests, batch)
   sub = AttentionView(view.positions[:n], view.block_tables[:n], view.write_slots[:n],
                       view.kv_lens[:n])
-  ref = pa.paged_attention_reference(q[:n], k, v, sub)
+  ref = pa.paged_attention_reference(q[:n], k, v, *kernel_args(sub))
   err_paged = rel_err(paged[:n], ref)
   if not err_paged < 2e-2:
     raise AssertionError(f"{shape} {shared}:{unique}:{batch}: paged rel err {err_paged:.2e}")
@@ -142,7 +152,7 @@ def bench_point(shape: str, shared: int, unique: int, batch: int, *, kind: str,
                                          requests_per_tile=cfg.requests_per_tile(nh // nk))
       plan_ms = (time.perf_counter() - t0) * 1e3
       dd_fn = lambda q, k, v, view, plan, cfg=cfg: da.dedup_attention(
-          q, k, v, view, plan, config=cfg, interpret=interpret)
+          q, k, v, *kernel_args(view), plan, config=cfg, interpret=interpret)
       out = dd_fn(q, k, v, view, plan)
       if np.isnan(np.asarray(out, np.float32)).any():
         raise AssertionError("NaN in the dedup output")
@@ -173,7 +183,8 @@ def bench_point(shape: str, shared: int, unique: int, batch: int, *, kind: str,
       dd_fn, plan = best_run
       best["dedup_kernels_us"] = kernel_breakdown(dd_fn, q, k, v, view, plan)
       best["paged_kernels_us"] = kernel_breakdown(
-          lambda q, k, v, view: pa.paged_attention(q, k, v, view), q, k, v, view)
+          lambda q, k, v, view: pa.paged_attention(q, k, v, *kernel_args(view)), q, k, v,
+          view)
     log(str(best))
   return best
 
