@@ -1,0 +1,352 @@
+"""Paged grouped-query DECODE attention as a Mosaic GPU (plgpu) kernel for Hopper.
+
+Parts, as in `paged_attention.py`: the kernel body (`_decode_kernel`), the jitted wrapper
+`paged_decode_attention_mgpu` with its `TuningConfig`, and the exact split merge
+(`merge_splits`, plain jnp). The float32 oracle is `paged_attention.paged_attention_reference`
+(the tests import it; this file stays a leaf: jax and the standard library only).
+
+Layout: q [B, 1, H, D]; pools of ALL layers [L, num_blocks, block_size, K, D]; block tables
+[B, MB]; positions [B, 1]; kv_lens [B]; `layer` picks the layer (may be traced). The
+wrapper only reshapes the pools (free, no copy) to 2-D [L * num_blocks * block_size, K * D]:
+the page of (layer, physical block p, kv head h) is then the plain 2-D box
+rows [(layer * num_blocks + p) * block_size, +block_size), columns [h * D, +D), one TMA copy.
+
+One program (one warpgroup, 128 threads) per (request, kv head, split of the key sequence):
+  * its G query heads are the rows of both matmuls, padded to the 64 rows of a wgmma
+    (rows G.. of the SMEM q tile are never initialized or written out: every row of QK^T,
+    of the softmax and of PV depends on its own q row only, so they cannot leak);
+  * it walks its split in steps of `block_kv` keys (pages_per_step pages): each step is
+    2 * pages_per_step TMA copies (one per page of K and of V, page id read from the block
+    table in GMEM, like ragged_dot_mgpu reads its group sizes) into one of
+    `max_concurrent_steps` SMEM slots; a slot is refilled as soon as its step is done, so
+    up to max_concurrent_steps steps of K/V are in flight while the warpgroup computes;
+  * QK^T and PV are wgmma (bf16 in, f32 accumulate); the online softmax is in log2 units
+    with exp2 (the scale has log2(e) folded in), as in `paged_attention.online_softmax_step`.
+    P goes through SMEM to the PV wgmma (not registers: the interpreter takes SMEM operands
+    only, and it is one 64 x block_kv bf16 tile);
+  * only the last step of a split can hold keys it must not see (j > position or
+    j >= kv_len: garbage or NaN in the pool, or pages read through table entries past the
+    request's blocks): that step masks the scores and zeroes those rows of V in SMEM before
+    PV (a NaN times a zero probability would still be NaN).
+
+Splits: fixed logical boundaries [s * kv_split, (s + 1) * kv_split); every program writes its
+partial (acc [R, D], m [R], l [R], float32, R = G rounded up to 8 rows), an empty split
+writes (0, -inf, 0). The wrapper merges them with an exact log-sum-exp in increasing split
+order (`merge_splits`, an unrolled chain of adds, not a reduction whose order XLA may pick):
+splits past kv_len add exact zeros, so neither the table width nor the batch nor the
+physical placement of pages changes a bit of a request's output.
+
+Status: correct in the Mosaic GPU interpreter on CPU (tests/test_paged_attention_mgpu.py);
+not yet compiled or timed on the H200 (docs/benchmarks.md, "Mosaic GPU decode kernel").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+WGMMA_ROWS = 64  # rows of one warpgroup's wgmma: the G query heads are padded to this
+ROW_PAD = 8  # partial outputs keep G rows rounded up to this (one (8, x) TMA tile)
+SWIZZLE = 128  # bytes; with 2-byte elements, SMEM tiles of (8, 64) (attention_mgpu's choice)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+  """Tile sizes of the decode kernel; the reduction order depends on block_kv and kv_split.
+
+  pages_per_step: pages (of block_size tokens) per pipeline step; block_kv = pages_per_step *
+    block_size keys must be a multiple of 64 (the K dimension of the PV wgmma in bf16).
+  kv_split: keys per split of the sequence (a multiple of block_kv). Splits are at fixed
+    logical boundaries, so the bits do not depend on the batch or the table width.
+  max_concurrent_steps: SMEM slots of K/V, i.e. steps in flight (>= 2 to overlap).
+  """
+
+  pages_per_step: int = 4
+  kv_split: int = 512
+  max_concurrent_steps: int = 3
+
+  def __post_init__(self):
+    if self.pages_per_step < 1:
+      raise ValueError(f"pages_per_step must be >= 1, got {self.pages_per_step}")
+    if self.max_concurrent_steps < 1:
+      raise ValueError(f"max_concurrent_steps must be >= 1, got {self.max_concurrent_steps}")
+    if self.kv_split <= 0:
+      raise ValueError(f"kv_split must be positive, got {self.kv_split}")
+
+  def block_kv(self, block_size: int) -> int:
+    """Keys per step; checked against the page size here (the config does not know it)."""
+    block_kv = self.pages_per_step * block_size
+    if block_kv % 64:
+      raise ValueError(f"pages_per_step * block_size = {block_kv} must be a multiple of 64 "
+                       "(the K dimension of the PV wgmma)")
+    if self.kv_split % block_kv:
+      raise ValueError(f"kv_split={self.kv_split} must be a multiple of block_kv={block_kv}")
+    return block_kv
+
+
+# Not tuned on the H200 yet. K/V SMEM per program: 2 * slots * block_kv * D * 2 bytes
+# = 96 KiB for both defaults (plus q 8-16 KiB, P 8-16 KiB); the epilogue's f32 tile reuses
+# the loop's SMEM (a later run_scoped).
+DEFAULT_D64 = TuningConfig(pages_per_step=8, kv_split=512, max_concurrent_steps=3)
+DEFAULT_D128 = TuningConfig(pages_per_step=4, kv_split=512, max_concurrent_steps=3)
+
+
+def default_config(head_dim: int) -> TuningConfig:
+  return DEFAULT_D128 if head_dim >= 128 else DEFAULT_D64
+
+
+# ----------------------------------------------------------------------------- kernel
+def _decode_kernel(
+    layer_ref,  # [1] int32 (GMEM)
+    kv_lens_ref,  # [B] int32
+    positions_ref,  # [B, 1] int32
+    tables_ref,  # [B, MB] int32
+    q_ref,  # [B, K, R, D] (G query heads of each kv head, padded to R rows)
+    k_ref,  # [L * NB * block_size, K * D] (all layers' pools, 2-D view)
+    v_ref,  # [L * NB * block_size, K * D]
+    acc_out_ref,  # [B, K, S, R, D] f32
+    m_out_ref,  # [B, K, S, R] f32, log2 units
+    l_out_ref,  # [B, K, S, R] f32
+    *, num_blocks: int, block_size: int, pages_per_step: int, kv_split: int,
+    max_concurrent_steps: int, scale: float):
+  b = lax.axis_index("b")
+  h = lax.axis_index("h")
+  s = lax.axis_index("s")
+  num_tables = tables_ref.shape[1]
+  rows_out, head_dim = q_ref.shape[2], q_ref.shape[3]
+  dtype = q_ref.dtype
+  block_kv = pages_per_step * block_size
+  slots = max_concurrent_steps
+
+  # Keys this program reduces over: [lo, lo + num_keys), cut at the last visible key.
+  lo = s * kv_split
+  end = jnp.minimum(kv_lens_ref[b], positions_ref[b, 0] + 1)  # keys [0, end) are visible
+  num_keys = jnp.clip(end - lo, 0, kv_split)
+  num_steps = (num_keys + (block_kv - 1)) // block_kv
+  num_full = num_keys // block_kv  # steps whose every key is visible: no mask
+  page_base = layer_ref[0] * num_blocks  # first physical block of this layer
+
+  tiled = (plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)),
+           plgpu.SwizzleTransform(SWIZZLE))
+
+  def body(q_smem, q_barrier):
+    # The G (padded to R) query rows of this kv head; rows R..63 of q_smem stay unwritten.
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, rows_out)], q_barrier.at[0])
+    plgpu.barrier_wait(q_barrier.at[0])
+
+    def loop_scope(k_smem, v_smem, p_smem, k_barriers, v_barriers):
+      def issue(step, slot):
+        """TMA copies of step's pages of K and V into slot (one copy per page)."""
+        first_page = lo // block_size + step * pages_per_step
+        for i in range(pages_per_step):
+          # Pages past the table (the last step of a short split) read its last entry:
+          # any valid block will do, the step's mask drops those keys.
+          page = page_base + tables_ref[b, jnp.minimum(first_page + i, num_tables - 1)]
+          src = (pl.ds(page * block_size, block_size), pl.ds(h * head_dim, head_dim))
+          dst = (slot, pl.ds(i * block_size, block_size))
+          plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_barriers.at[slot])
+          plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[dst], v_barriers.at[slot])
+
+      for i in range(slots):  # fill the pipeline
+        @pl.when(i < num_steps)
+        def _prefetch():
+          issue(i, i)
+
+      def step(i, carry, *, masked: bool):
+        acc, m, l = carry  # [64, D], [64], [64] float32
+        slot = lax.rem(i, slots)
+        plgpu.barrier_wait(k_barriers.at[slot])
+
+        def compute_qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          return acc_ref[...]
+
+        scores = pl.run_scoped(compute_qk, plgpu.ACC((WGMMA_ROWS, block_kv), jnp.float32))
+        scores = scores * scale  # [64, block_kv], log2 units
+        if masked:
+          num_visible = num_keys - i * block_kv  # keys of this step that exist and are seen
+          cols = plgpu.broadcasted_iota(jnp.int32, (WGMMA_ROWS, block_kv), 1,
+                                        layout=plgpu.Layout.WGMMA)
+          visible = cols < num_visible
+          m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
+        else:
+          m_tile = jnp.max(scores, axis=1)
+        m_new = jnp.maximum(m, m_tile)
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
+        if masked:
+          p = jnp.where(visible, p, 0.0)  # exp2 of a hidden (even NaN) score is dropped
+        l = alpha * l + jnp.sum(p, axis=1)
+        p_smem[...] = p.astype(dtype)
+
+        plgpu.barrier_wait(v_barriers.at[slot])
+        if masked:  # hidden keys' V rows may hold NaN; 0 * NaN would poison acc
+          v_rows = plgpu.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0,
+                                          layout=plgpu.Layout.WGMMA)
+          v_slot = v_smem.at[slot]
+          v_slot[...] = jnp.where(v_rows < num_visible, v_slot[...], 0).astype(dtype)
+        plgpu.commit_smem()  # the P (and V) stores, before the wgmma reads them
+
+        def compute_pv(acc_ref):
+          plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+          return acc_ref[...]
+
+        pv = pl.run_scoped(compute_pv, plgpu.ACC((WGMMA_ROWS, head_dim), jnp.float32))
+        acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + pv
+
+        @pl.when(i + slots < num_steps)  # both wgmmas are done: refill the slot
+        def _refill():
+          issue(i + slots, slot)
+
+        return acc, m_new, l
+
+      init = (
+          plgpu.layout_cast(jnp.zeros((WGMMA_ROWS, head_dim), jnp.float32),
+                            plgpu.Layout.WGMMA),
+          plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32),
+                            plgpu.Layout.WGMMA.reduce(1)),
+          plgpu.layout_cast(jnp.zeros((WGMMA_ROWS,), jnp.float32),
+                            plgpu.Layout.WGMMA.reduce(1)))
+      carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), init)
+      return lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True), carry)
+
+    acc, m, l = pl.run_scoped(
+        loop_scope,
+        plgpu.SMEM((slots, block_kv, head_dim), dtype, transforms=tiled),
+        plgpu.SMEM((slots, block_kv, head_dim), dtype, transforms=tiled),
+        plgpu.SMEM((WGMMA_ROWS, block_kv), dtype, transforms=tiled),
+        plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=slots),
+        plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=slots))
+
+    # Epilogue, in SMEM the loop no longer holds: the first R rows of (acc, m, l) to GMEM.
+    def store_scope(acc_smem, m_smem, l_smem):
+      acc_smem[...] = acc
+      m_smem[...] = m
+      l_smem[...] = l
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(acc_smem.at[pl.ds(0, rows_out)], acc_out_ref.at[b, h, s])
+      plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, rows_out)], m_out_ref.at[b, h, s])
+      plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, rows_out)], l_out_ref.at[b, h, s])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(store_scope,
+                  plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),
+                  plgpu.SMEM((WGMMA_ROWS,), jnp.float32),
+                  plgpu.SMEM((WGMMA_ROWS,), jnp.float32))
+
+  pl.run_scoped(body, plgpu.SMEM((WGMMA_ROWS, head_dim), dtype, transforms=tiled),
+                plgpu.Barrier(num_barriers=1))
+
+
+# ---------------------------------------------------------------------------- merge
+def merge_splits(acc, m, l):
+  """Exact log-sum-exp merge of per-split partials, in increasing split order.
+
+  acc [..., S, R, D], m and l [..., S, R] float32 (m in log2 units) -> [..., R, D] float32.
+  The max over splits first (exact in any order), then the weighted sums as an explicit
+  chain s = 0, 1, ... (an unrolled Python loop: XLA keeps the order of a chain of adds, not
+  of a jnp.sum). An empty split (m = -inf, l = 0, acc = 0) adds exact zeros, so trailing
+  empty splits (a wider table) change no bit. A row with no visible key gives 0.
+  """
+  num_splits = m.shape[-2]
+  m_max = jnp.max(m, axis=-2)  # [..., R]
+  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+  num = jnp.zeros(acc.shape[:-3] + acc.shape[-2:], jnp.float32)
+  den = jnp.zeros(m_max.shape, jnp.float32)
+  for s in range(num_splits):
+    w = jnp.exp2(m[..., s, :] - m_max)
+    num = num + w[..., None] * acc[..., s, :, :]
+    den = den + w * l[..., s, :]
+  return jnp.where(den[..., None] > 0, num / den[..., None], 0.0)
+
+
+# ---------------------------------------------------------------------------- wrapper
+def check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens) -> None:
+  if q.ndim != 4 or q.shape[1] != 1:
+    raise ValueError(f"q must be [B, 1, H, D] (decode), got {q.shape}")
+  if k_pool.ndim != 5 or k_pool.shape != v_pool.shape:
+    raise ValueError(f"k_pool {k_pool.shape} / v_pool {v_pool.shape} must be equal "
+                     "[L, num_blocks, block_size, K, D]")
+  b, _, nh, d = q.shape
+  nk, dk = k_pool.shape[3:]
+  if dk != d or nh % nk:
+    raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}")
+  if q.dtype != k_pool.dtype or q.dtype != v_pool.dtype:
+    raise ValueError(f"q, k_pool, v_pool dtypes differ: {q.dtype}, {k_pool.dtype}, "
+                     f"{v_pool.dtype}")
+  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise NotImplementedError(f"bf16 or f16 only (wgmma operands), got {q.dtype}")
+  if d % 64:
+    raise ValueError(f"head_dim must be a multiple of 64, got {d}")
+  if nh // nk > WGMMA_ROWS:
+    raise ValueError(f"GQA group {nh // nk} > {WGMMA_ROWS} rows of one wgmma")
+  if (block_tables.ndim != 2 or block_tables.shape[0] != b or positions.shape != (b, 1)
+      or kv_lens.shape != (b,)):
+    raise ValueError(f"block_tables {block_tables.shape}, positions {positions.shape}, "
+                     f"kv_lens {kv_lens.shape} do not fit batch {b}")
+
+
+def _kernel_call(body, out_type, *, interpret, **kwargs):
+  """plgpu.kernel across versions: `out_type` in jax 0.12, `out_shape` before."""
+  try:
+    return plgpu.kernel(body, out_type=out_type, interpret=interpret, **kwargs)
+  except TypeError:
+    return plgpu.kernel(body, out_shape=out_type, interpret=interpret, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def paged_decode_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
+                                block_tables: jax.Array, positions: jax.Array,
+                                kv_lens: jax.Array, layer=0, *,
+                                config: TuningConfig | None = None,
+                                interpret=False) -> jax.Array:
+  """Decode attention of q [B, 1, H, D] over layer `layer` of pools [L, NB, bs, K, D].
+
+  Query b attends to logical keys j <= positions[b, 0] and j < kv_lens[b] through
+  block_tables [B, MB]. Returns [B, 1, H, D] in q's dtype; softmax and sums in float32.
+  `interpret`: False (compile for the GPU), or a `plgpu.InterpretGPUParams` (CPU).
+  """
+  check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens)
+  b, _, nh, d = q.shape
+  nl, nb, bs, nk, _ = k_pool.shape
+  group = nh // nk
+  config = config or default_config(d)
+  block_kv = config.block_kv(bs)
+  mb = block_tables.shape[1]
+  num_splits = pl.cdiv(mb * bs, config.kv_split)
+  rows = _round_up(group, ROW_PAD)
+
+  # q rows of kv head h are its G query heads, padded to R rows (tiny: B * K * R * D).
+  q_rows = jnp.pad(q.reshape(b, nk, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+  # Free views: a page of one kv head is a 2-D box [bs, D] of these.
+  k2 = k_pool.reshape(nl * nb * bs, nk * d)
+  v2 = v_pool.reshape(nl * nb * bs, nk * d)
+  layer = jnp.asarray(layer, jnp.int32).reshape(1)
+
+  kernel = functools.partial(
+      _decode_kernel, num_blocks=nb, block_size=bs, pages_per_step=config.pages_per_step,
+      kv_split=config.kv_split, max_concurrent_steps=config.max_concurrent_steps,
+      scale=d ** -0.5 * math.log2(math.e))
+  out_type = (jax.ShapeDtypeStruct((b, nk, num_splits, rows, d), jnp.float32),
+              jax.ShapeDtypeStruct((b, nk, num_splits, rows), jnp.float32),
+              jax.ShapeDtypeStruct((b, nk, num_splits, rows), jnp.float32))
+  call = _kernel_call(
+      kernel, out_type, interpret=interpret or None,
+      grid=(b, nk, num_splits), grid_names=("b", "h", "s"),
+      compiler_params=plgpu.CompilerParams(approx_math=True))
+  acc, m, l = call(layer, kv_lens.astype(jnp.int32), positions.astype(jnp.int32),
+                   block_tables.astype(jnp.int32), q_rows, k2, v2)
+  out = merge_splits(acc, m, l)[:, :, :group]  # [B, K, G, D]
+  return out.reshape(b, 1, nh, d).astype(q.dtype)
