@@ -23,6 +23,8 @@ TOL = 2e-2  # relative L2 error of bf16 vs the f32 reference
 BLOCK_SIZE = 16
 # Small steps and splits: 64 keys per step (4 pages), 128 keys per split, 2 slots.
 SMALL = pm.TuningConfig(pages_per_step=4, kv_split=128, max_concurrent_steps=2)
+# Many steps per split (8) through 2 slots: every slot is refilled several times.
+DEEP = pm.TuningConfig(pages_per_step=4, kv_split=512, max_concurrent_steps=2)
 # One step per split and 3 slots (more slots than steps: a partially filled pipeline).
 ONE_STEP = pm.TuningConfig(pages_per_step=4, kv_split=64, max_concurrent_steps=3)
 SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, head_dim)
@@ -123,6 +125,10 @@ class PagedDecodeMgpuTest(parameterized.TestCase):
   def test_one_step_per_split(self):
     inputs = make_inputs(3, lens=[3, 64, 65, 190])
     self.check(inputs, config=ONE_STEP)
+
+  def test_deep_pipeline(self):
+    inputs = make_inputs(7, lens=[450, 300], max_blocks=32)
+    self.check(inputs, config=DEEP)
 
   def test_traced_layer(self):
     # Three layers of different content; the layer index is a traced argument.
