@@ -70,11 +70,14 @@ class TuningConfig:
   kv_split: keys per split of the sequence (a multiple of block_kv). Splits are at fixed
     logical boundaries, so the bits do not depend on the batch or the table width.
   max_concurrent_steps: SMEM slots of K/V, i.e. steps in flight (>= 2 to overlap).
+  p_in_registers: feed P to the PV wgmma from registers (as attention_mgpu does) instead of
+    through SMEM. Compiled GPU only: the interpreter takes wgmma operands from SMEM only.
   """
 
   pages_per_step: int = 4
   kv_split: int = 512
-  max_concurrent_steps: int = 3
+  max_concurrent_steps: int = 2
+  p_in_registers: bool = False
 
   def __post_init__(self):
     if self.pages_per_step < 1:
@@ -95,11 +98,12 @@ class TuningConfig:
     return block_kv
 
 
-# Not tuned on the H200 yet. K/V SMEM per program: 2 * slots * block_kv * D * 2 bytes
-# = 96 KiB for both defaults (plus q 8-16 KiB, P 8-16 KiB); the epilogue's f32 tile reuses
-# the loop's SMEM (a later run_scoped).
-DEFAULT_D64 = TuningConfig(pages_per_step=8, kv_split=512, max_concurrent_steps=3)
-DEFAULT_D128 = TuningConfig(pages_per_step=4, kv_split=512, max_concurrent_steps=3)
+# Not tuned on the H200 yet. SMEM per program: K/V 2 * slots * block_kv * D * 2 bytes
+# = 64 KiB for both defaults, q 8 / 16 KiB, P 16 / 8 KiB: 88 KiB, so two programs fit on
+# an SM (227 KiB), each with 2 steps (2 x 32 KiB of K/V) in flight. The epilogue's f32 tile
+# reuses the loop's SMEM (a later run_scoped).
+DEFAULT_D64 = TuningConfig(pages_per_step=8, kv_split=512, max_concurrent_steps=2)
+DEFAULT_D128 = TuningConfig(pages_per_step=4, kv_split=512, max_concurrent_steps=2)
 
 
 def default_config(head_dim: int) -> TuningConfig:
@@ -119,7 +123,7 @@ def _decode_kernel(
     m_out_ref,  # [B, K, S, R] f32, log2 units
     l_out_ref,  # [B, K, S, R] f32
     *, num_blocks: int, block_size: int, pages_per_step: int, kv_split: int,
-    max_concurrent_steps: int, scale: float):
+    max_concurrent_steps: int, p_in_registers: bool, scale: float):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   s = lax.axis_index("s")
@@ -146,13 +150,17 @@ def _decode_kernel(
     plgpu.barrier_wait(q_barrier.at[0])
 
     def loop_scope(k_smem, v_smem, p_smem, k_barriers, v_barriers):
-      def issue(step, slot):
-        """TMA copies of step's pages of K and V into slot (one copy per page)."""
+      def pages_of(step):
+        """The physical blocks (rows of the 2-D pools / block_size) of step's pages."""
         first_page = lo // block_size + step * pages_per_step
-        for i in range(pages_per_step):
-          # Pages past the table (the last step of a short split) read its last entry:
-          # any valid block will do, the step's mask drops those keys.
-          page = page_base + tables_ref[b, jnp.minimum(first_page + i, num_tables - 1)]
+        # Pages past the table (the last step of a short split) read its last entry: any
+        # valid block will do, the step's mask drops those keys.
+        return [page_base + tables_ref[b, jnp.minimum(first_page + i, num_tables - 1)]
+                for i in range(pages_per_step)]
+
+      def issue(slot, pages):
+        """TMA copies of one step's pages of K and V into slot (one copy per page)."""
+        for i, page in enumerate(pages):
           src = (pl.ds(page * block_size, block_size), pl.ds(h * head_dim, head_dim))
           dst = (slot, pl.ds(i * block_size, block_size))
           plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_barriers.at[slot])
@@ -161,11 +169,14 @@ def _decode_kernel(
       for i in range(slots):  # fill the pipeline
         @pl.when(i < num_steps)
         def _prefetch():
-          issue(i, i)
+          issue(i, pages_of(i))
 
       def step(i, carry, *, masked: bool):
         acc, m, l = carry  # [64, D], [64], [64] float32
         slot = lax.rem(i, slots)
+        # The table loads for the refill at the end of this step, issued now so their
+        # latency hides behind this step's matmuls (clamped: always in bounds).
+        next_pages = pages_of(i + slots)
         plgpu.barrier_wait(k_barriers.at[slot])
 
         def compute_qk(acc_ref):
@@ -189,7 +200,8 @@ def _decode_kernel(
         if masked:
           p = jnp.where(visible, p, 0.0)  # exp2 of a hidden (even NaN) score is dropped
         l = alpha * l + jnp.sum(p, axis=1)
-        p_smem[...] = p.astype(dtype)
+        if not p_in_registers:
+          p_smem[...] = p.astype(dtype)
 
         plgpu.barrier_wait(v_barriers.at[slot])
         if masked:  # hidden keys' V rows may hold NaN; 0 * NaN would poison acc
@@ -200,7 +212,8 @@ def _decode_kernel(
         plgpu.commit_smem()  # the P (and V) stores, before the wgmma reads them
 
         def compute_pv(acc_ref):
-          plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+          plgpu.wgmma(acc_ref, p.astype(dtype) if p_in_registers else p_smem,
+                      v_smem.at[slot])
           return acc_ref[...]
 
         pv = pl.run_scoped(compute_pv, plgpu.ACC((WGMMA_ROWS, head_dim), jnp.float32))
@@ -208,7 +221,7 @@ def _decode_kernel(
 
         @pl.when(i + slots < num_steps)  # both wgmmas are done: refill the slot
         def _refill():
-          issue(i + slots, slot)
+          issue(slot, next_pages)
 
         return acc, m_new, l
 
@@ -226,7 +239,8 @@ def _decode_kernel(
         loop_scope,
         plgpu.SMEM((slots, block_kv, head_dim), dtype, transforms=tiled),
         plgpu.SMEM((slots, block_kv, head_dim), dtype, transforms=tiled),
-        plgpu.SMEM((WGMMA_ROWS, block_kv), dtype, transforms=tiled),
+        None if p_in_registers else plgpu.SMEM((WGMMA_ROWS, block_kv), dtype,
+                                                transforms=tiled),
         plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=slots),
         plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=slots))
 
@@ -323,7 +337,10 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Arr
   nl, nb, bs, nk, _ = k_pool.shape
   group = nh // nk
   config = config or default_config(d)
-  block_kv = config.block_kv(bs)
+  config.block_kv(bs)  # validates the tiles against the page size
+  if interpret and config.p_in_registers:
+    raise NotImplementedError("p_in_registers=True runs compiled only: the Mosaic GPU "
+                              "interpreter takes wgmma operands from SMEM")
   mb = block_tables.shape[1]
   num_splits = pl.cdiv(mb * bs, config.kv_split)
   rows = _round_up(group, ROW_PAD)
@@ -338,7 +355,7 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Arr
   kernel = functools.partial(
       _decode_kernel, num_blocks=nb, block_size=bs, pages_per_step=config.pages_per_step,
       kv_split=config.kv_split, max_concurrent_steps=config.max_concurrent_steps,
-      scale=d ** -0.5 * math.log2(math.e))
+      p_in_registers=config.p_in_registers, scale=d ** -0.5 * math.log2(math.e))
   out_type = (jax.ShapeDtypeStruct((b, nk, num_splits, rows, d), jnp.float32),
               jax.ShapeDtypeStruct((b, nk, num_splits, rows), jnp.float32),
               jax.ShapeDtypeStruct((b, nk, num_splits, rows), jnp.float32))
