@@ -1,9 +1,11 @@
 """Paged grouped-query DECODE attention as a Mosaic GPU (plgpu) kernel for Hopper.
 
 Parts, as in `paged_attention.py`: the kernel body (`_decode_kernel`), the jitted wrapper
-`paged_decode_attention_mgpu` with its `TuningConfig`, and the exact split merge
-(`merge_splits`, plain jnp). The float32 oracle is `paged_attention.paged_attention_reference`
-(the tests import it; this file stays a leaf: jax and the standard library only).
+`paged_decode_attention_mgpu` with its `TuningConfig`, the exact split merge (`merge_splits`,
+plain jnp), a float32 `paged_decode_attention_reference` on this file's interface (the tests
+also check against `paged_attention.paged_attention_reference`), and `main()`: the H200
+check-and-time sweep (`python -m pallas_kernels.paged_attention_mgpu [--sweep]`). A leaf:
+jax, numpy and the standard library only.
 
 Layout: q [B, 1, H, D]; pools of ALL layers [L, num_blocks, block_size, K, D]; block tables
 [B, MB]; positions [B, 1]; kv_lens [B]; `layer` picks the layer (may be traced). The
@@ -22,8 +24,8 @@ One program (one warpgroup, 128 threads) per (request, kv head, split of the key
     up to max_concurrent_steps steps of K/V are in flight while the warpgroup computes;
   * QK^T and PV are wgmma (bf16 in, f32 accumulate); the online softmax is in log2 units
     with exp2 (the scale has log2(e) folded in), as in `paged_attention.online_softmax_step`.
-    P goes through SMEM to the PV wgmma (not registers: the interpreter takes SMEM operands
-    only, and it is one 64 x block_kv bf16 tile);
+    P goes through SMEM to the PV wgmma by default (the interpreter takes SMEM operands
+    only); `p_in_registers` feeds it from registers on the GPU, as attention_mgpu does;
   * only the last step of a split can hold keys it must not see (j > position or
     j >= kv_len: garbage or NaN in the pool, or pages read through table entries past the
     request's blocks): that step masks the scores and zeroes those rows of V in SMEM before
@@ -51,6 +53,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import numpy as np
 
 WGMMA_ROWS = 64  # rows of one warpgroup's wgmma: the G query heads are padded to this
 ROW_PAD = 8  # partial outputs keep G rows rounded up to this (one (8, x) TMA tile)
@@ -367,3 +370,95 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Arr
                    block_tables.astype(jnp.int32), q_rows, k2, v2)
   out = merge_splits(acc, m, l)[:, :, :group]  # [B, K, G, D]
   return out.reshape(b, 1, nh, d).astype(q.dtype)
+
+
+# -------------------------------------------------------------------------- reference
+def paged_decode_attention_reference(q, k_pool, v_pool, block_tables, positions, kv_lens,
+                                     layer=0):
+  """float32 oracle on the kernel's interface: gather the layer's blocks in logical order,
+  attend to keys j <= positions[b, 0] and j < kv_lens[b] (hidden keys, even NaN, drop out)."""
+  b, _, nh, d = q.shape
+  nk = k_pool.shape[3]
+  gather = lambda pool: pool[layer][block_tables].reshape(b, -1, nk, d).astype(jnp.float32)
+  k, v = gather(k_pool), gather(v_pool)  # [B, S, K, D]
+  keys = jnp.arange(k.shape[1], dtype=jnp.int32)
+  visible = (keys[None] <= positions) & (keys[None] < kv_lens[:, None])  # [B, S]
+  qg = q.astype(jnp.float32).reshape(b, nk, nh // nk, d)  # [B, K, G, D]
+  scores = jnp.einsum("bkgd,bskd->bkgs", qg, k, precision=lax.Precision.HIGHEST) * d ** -0.5
+  scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+  probs = jnp.where(visible[:, None, None], jax.nn.softmax(scores, axis=-1), 0.0)
+  v = jnp.where(visible[:, :, None, None], v, 0.0)
+  out = jnp.einsum("bkgs,bskd->bkgd", probs, v, precision=lax.Precision.HIGHEST)
+  return out.reshape(b, 1, nh, d)
+
+
+# ------------------------------------------------------------------- H200 check + time
+SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, head_dim)
+POINTS = ((64, 4096), (8, 32768), (1, 131072))  # (batch, context)
+SWEEP = tuple(
+    TuningConfig(pages_per_step=p, kv_split=split, max_concurrent_steps=slots,
+                 p_in_registers=reg)
+    for p in (4, 8) for slots in (2, 3, 4) for split in (512, 1024, 2048)
+    for reg in (False, True))
+
+
+def random_inputs(key, batch, context, shape, *, num_layers=2, block_size=16,
+                  dtype=jnp.bfloat16):
+  """Fresh random decode inputs: every request holds `context` keys at a random placement
+  of the blocks (block 0 never assigned), the query at the last position; two layers."""
+  nh, nk, d = SHAPES[shape]
+  max_blocks = -(-context // block_size)
+  num_blocks = 1 + batch * max_blocks
+  kq, kk, kv, kp = jax.random.split(key, 4)
+  pool_shape = (num_layers, num_blocks, block_size, nk, d)
+  q = jax.random.normal(kq, (batch, 1, nh, d), dtype)
+  k_pool = jax.random.normal(kk, pool_shape, dtype)
+  v_pool = jax.random.normal(kv, pool_shape, dtype)
+  tables = (1 + jax.random.permutation(kp, num_blocks - 1)).reshape(batch, max_blocks)
+  kv_lens = jnp.full((batch,), context, jnp.int32)
+  return q, k_pool, v_pool, tables.astype(jnp.int32), (kv_lens - 1)[:, None], kv_lens
+
+
+def main(sweep: bool = False, reps: int = 5) -> None:
+  """Checks each config against the float32 reference, then times it by CUPTI (device time
+  of every kernel a call launches: the q pad and the split merge count). Each timed call
+  runs layers 0 and 1 (disjoint K/V, together larger than L2) and counts half."""
+  from jax.experimental.mosaic.gpu import profiler  # GPU only
+
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+  for shape in SHAPES:
+    nh, nk, d = SHAPES[shape]
+    configs = (default_config(d),) + (SWEEP if sweep else ())
+    for batch, context in POINTS:
+      inputs = random_inputs(jax.random.key(batch * 7 + context), batch, context, shape)
+      ref = paged_decode_attention_reference(*inputs, 1)
+      kv_bytes = 2 * batch * context * nk * d * 2  # K and V, bf16, read once
+      for config in configs:
+        try:
+          fn = jax.jit(functools.partial(paged_decode_attention_mgpu, config=config))
+          out = fn(*inputs, 1)
+          err = float(jnp.linalg.norm((out.astype(jnp.float32) - ref).ravel())
+                      / jnp.linalg.norm(ref.ravel()))
+          if not err < 2e-2:
+            raise AssertionError(f"relative L2 error {err:.2e} vs the f32 reference")
+          # Same bits for a request alone, with a wider table (one more, empty, split).
+          q, kp, vp, tables, pos, lens = inputs
+          wide = jnp.concatenate(
+              [tables[:1], jnp.ones((1, config.kv_split // 16), jnp.int32)], axis=1)
+          alone = fn(q[:1], kp, vp, wide, pos[:1], lens[:1], 1)
+          if not bool(jnp.array_equal(alone, out[:1])):
+            raise AssertionError("request 0 alone gives other bits than in the batch")
+          pair = jax.jit(lambda *a: (fn(*a, 0), fn(*a, 1)))
+          jax.block_until_ready(pair(*inputs))
+          ms = float(np.median([profiler.measure(pair)(*inputs)[1] for _ in range(reps)]))
+          us = ms * 1e3 / 2
+          print(f"{shape} {batch}x{context} {config}: {us:.1f} us, "
+                f"{kv_bytes / us / 1e6:.2f} TB/s, err {err:.1e}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report and go on with the next config
+          print(f"{shape} {batch}x{context} {config}: FAILED {type(e).__name__}: "
+                f"{str(e)[:2000]}", flush=True)
+
+
+if __name__ == "__main__":
+  import sys
+  main(sweep="--sweep" in sys.argv)

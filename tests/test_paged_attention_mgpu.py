@@ -157,6 +157,22 @@ class PagedDecodeMgpuInterpretTest(PagedDecodeMgpuTest):
   INTERPRET = True
 
 
+class ReferenceTest(absltest.TestCase):
+
+  def test_own_reference_matches_shared(self):
+    inputs = make_inputs(8, lens=[1, 7, 170, 192], positions=[0, 6, 120, 191])
+    own = pm.paged_decode_attention_reference(*inputs, 1)
+    np.testing.assert_allclose(own, reference(*inputs, 1), rtol=1e-5, atol=1e-6)
+
+  def test_random_inputs(self):
+    # main()'s generator, at a small context: distinct blocks, block 0 unused.
+    q, k, v, tables, pos, lens = pm.random_inputs(jax.random.key(0), 3, 40, "0.5b")
+    self.assertEqual(len(set(np.asarray(tables).ravel())), tables.size)
+    self.assertNotIn(0, np.asarray(tables))
+    self.assertLess(rel_err(pm.paged_decode_attention_reference(q, k, v, tables, pos, lens),
+                            reference(q, k, v, tables, pos, lens, 0)), 1e-5)
+
+
 class ConfigTest(absltest.TestCase):
 
   def test_rejects_bad_tiles(self):
