@@ -183,6 +183,12 @@ class ConfigTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "max_concurrent_steps"):
       pm.TuningConfig(max_concurrent_steps=0)
 
+  def test_defaults_fit_two_programs_per_sm(self):
+    # Mosaic GPU lays the defaults out in 92,200 bytes (lowered for cuda on a CPU, jax 0.12).
+    for d in (64, 128):
+      self.assertLessEqual(2 * (pm.smem_bytes(pm.default_config(d), d) + 4096),
+                           pm.SMEM_PER_SM)
+
   def test_merge_ignores_empty_splits(self):
     rng = np.random.default_rng(0)
     acc = jnp.asarray(rng.standard_normal((2, 3, 8, 4)), jnp.float32)
