@@ -127,6 +127,15 @@ class PagedDecodeMgpuTest(parameterized.TestCase):
     inputs = make_inputs(7, lens=[450, 300], max_blocks=32)
     self.check(inputs, config=DEEP)
 
+  def test_empty_request(self):
+    # kv_len 0 (nothing visible: every split is empty) gives zeros, not NaN; its neighbour
+    # is unaffected.
+    q, k, v, tables, positions, kv_lens = make_inputs(9, lens=[0, 70], positions=[-1, 69])
+    out = np.asarray(self.attend(q, k, v, tables, positions, kv_lens), np.float32)
+    np.testing.assert_array_equal(out[0], 0)
+    ref = reference(q[1:], k, v, tables[1:], positions[1:], kv_lens[1:], 0)
+    self.assertLess(rel_err(out[1:], ref), TOL)
+
   def test_traced_layer(self):
     # Three layers of different content; the layer index is a traced argument.
     inputs = make_inputs(4, lens=[33, 120], num_layers=3)
