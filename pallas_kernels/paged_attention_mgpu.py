@@ -38,8 +38,14 @@ order (`merge_splits`, an unrolled chain of adds, not a reduction whose order XL
 splits past kv_len add exact zeros, so neither the table width nor the batch nor the
 physical placement of pages changes a bit of a request's output.
 
-Status: correct in the Mosaic GPU interpreter on CPU (tests/test_paged_attention_mgpu.py);
-not yet compiled or timed on the H200 (docs/benchmarks.md, "Mosaic GPU decode kernel").
+Status: correct in the Mosaic GPU interpreter on CPU, jax 0.12 and 0.11.2
+(tests/test_paged_attention_mgpu.py); lowers for `cuda` on a CPU machine with both versions
+(`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`); not yet compiled to SASS,
+run or timed on the H200 (docs/benchmarks.md, "Mosaic GPU decode kernel").
+API notes: jax 0.12 spells a transposed ref `ref.transpose(perm)` (0.11's
+`plgpu.transpose_ref(ref, perm)` is deprecated there and calls the same), `plgpu.kernel`
+takes `out_type` (0.11 takes `out_shape` or `out_type`); both have
+`plgpu.InterpretGPUParams`.
 """
 
 from __future__ import annotations
@@ -433,18 +439,18 @@ def random_inputs(key, batch, context, shape, *, num_layers=2, block_size=16,
   return q, k_pool, v_pool, tables.astype(jnp.int32), (kv_lens - 1)[:, None], kv_lens
 
 
-def main(sweep: bool = False, reps: int = 5) -> None:
+def main(sweep: bool = False, shapes=tuple(SHAPES), points=POINTS, reps: int = 5) -> None:
   """Checks each config against the float32 reference, then times it by CUPTI (device time
   of every kernel a call launches: the q pad and the split merge count). Each timed call
   runs layers 0 and 1 (disjoint K/V, together larger than L2) and counts half."""
   from jax.experimental.mosaic.gpu import profiler  # GPU only
 
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-  for shape in SHAPES:
+  for shape in shapes:
     nh, nk, d = SHAPES[shape]
     configs = (default_config(d),) + tuple(  # the sweep's configs that fit in SMEM
         c for c in (SWEEP if sweep else ()) if smem_bytes(c, d) + 4096 <= SMEM_PER_SM)
-    for batch, context in POINTS:
+    for batch, context in points:
       inputs = random_inputs(jax.random.key(batch * 7 + context), batch, context, shape)
       ref = paged_decode_attention_reference(*inputs, 1)
       kv_bytes = 2 * batch * context * nk * d * 2  # K and V, bf16, read once
@@ -475,5 +481,9 @@ def main(sweep: bool = False, reps: int = 5) -> None:
 
 
 if __name__ == "__main__":
+  # python -m pallas_kernels.paged_attention_mgpu [--sweep] [0.5b|7b ...] [64x4096 ...]
   import sys
-  main(sweep="--sweep" in sys.argv)
+  args = sys.argv[1:]
+  main(sweep="--sweep" in args,
+       shapes=tuple(a for a in args if a in SHAPES) or tuple(SHAPES),
+       points=tuple(tuple(map(int, a.split("x"))) for a in args if "x" in a) or POINTS)
