@@ -42,10 +42,10 @@ Status: correct in the Mosaic GPU interpreter on CPU, jax 0.12 and 0.11.2
 (tests/test_paged_attention_mgpu.py); lowers for `cuda` on a CPU machine with both versions
 (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`); not yet compiled to SASS,
 run or timed on the H200 (docs/benchmarks.md, "Mosaic GPU decode kernel").
-API notes: jax 0.12 spells a transposed ref `ref.transpose(perm)` (0.11's
-`plgpu.transpose_ref(ref, perm)` is deprecated there and calls the same), `plgpu.kernel`
-takes `out_type` (0.11 takes `out_shape` or `out_type`); both have
-`plgpu.InterpretGPUParams`.
+API notes (checked in jax 0.11.2 and 0.12.0 here): a transposed ref is `ref.transpose(perm)`
+(`plgpu.transpose_ref`, used by 0.11-era examples, is deprecated in both); `plgpu.kernel`
+takes `out_type` (earlier versions `out_shape`: `_kernel_call` falls back to it); both have
+`plgpu.InterpretGPUParams` and `profiler.measure(f, aggregate=, iterations=)`.
 """
 
 from __future__ import annotations
