@@ -81,12 +81,15 @@ class TuningConfig:
   max_concurrent_steps: SMEM slots of K/V, i.e. steps in flight (>= 2 to overlap).
   p_in_registers: feed P to the PV wgmma from registers (as attention_mgpu does) instead of
     through SMEM. Compiled GPU only: the interpreter takes wgmma operands from SMEM only.
+  warp_specialized: a second warpgroup only issues the TMA copies (refilling a slot as soon
+    as the computing warpgroup releases it); the epilogue's SMEM is then not shared.
   """
 
   pages_per_step: int = 4
   kv_split: int = 512
   max_concurrent_steps: int = 2
   p_in_registers: bool = False
+  warp_specialized: bool = False
 
   def __post_init__(self):
     if self.pages_per_step < 1:
@@ -125,11 +128,14 @@ SMEM_PER_SM = 227 * 1024  # bytes a Hopper SM gives its blocks (Mosaic checks 23
 def smem_bytes(config: TuningConfig, head_dim: int, block_size: int = 16,
                itemsize: int = 2) -> int:
   """SMEM of one program, as Mosaic GPU lays it out (it adds ~2 KiB: barriers, alignment):
-  q + K/V slots + P during the loop; the epilogue's f32 tile reuses that space."""
+  q + K/V slots + P during the loop; the epilogue's f32 tile reuses that space, except
+  warp specialized (one allocation for both warpgroups)."""
   block_kv = config.pages_per_step * block_size
   loop = (WGMMA_ROWS * head_dim + 2 * config.max_concurrent_steps * block_kv * head_dim
           + (0 if config.p_in_registers else WGMMA_ROWS * block_kv)) * itemsize
   epilogue = WGMMA_ROWS * itemsize * head_dim + (WGMMA_ROWS * head_dim + 2 * WGMMA_ROWS) * 4
+  if config.warp_specialized:
+    return loop + epilogue - WGMMA_ROWS * itemsize * head_dim
   return max(loop, epilogue)
 
 
@@ -146,7 +152,7 @@ def _decode_kernel(
     m_out_ref,  # [B, K, S, R] f32, log2 units
     l_out_ref,  # [B, K, S, R] f32
     *, num_blocks: int, block_size: int, pages_per_step: int, kv_split: int,
-    max_concurrent_steps: int, p_in_registers: bool, scale: float):
+    max_concurrent_steps: int, p_in_registers: bool, warp_specialized: bool, scale: float):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   s = lax.axis_index("s")
@@ -166,125 +172,175 @@ def _decode_kernel(
 
   tiled = (plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)),
            plgpu.SwizzleTransform(SWIZZLE))
+  kv_smem = lambda: plgpu.SMEM((slots, block_kv, head_dim), dtype, transforms=tiled)
+  p_smem_type = (None if p_in_registers
+                 else plgpu.SMEM((WGMMA_ROWS, block_kv), dtype, transforms=tiled))
+  kv_barriers = lambda: plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=slots)
+  out_smem = (plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),
+              plgpu.SMEM((WGMMA_ROWS,), jnp.float32), plgpu.SMEM((WGMMA_ROWS,), jnp.float32))
 
-  def body(q_smem, q_barrier):
+  def pages_of(step):
+    """The physical blocks (rows of the 2-D pools / block_size) of step's pages."""
+    first_page = lo // block_size + step * pages_per_step
+    # Pages past the table (the last step of a short split) read its last entry: any valid
+    # block will do, the step's mask drops those keys.
+    return [page_base + tables_ref[b, jnp.minimum(first_page + i, num_tables - 1)]
+            for i in range(pages_per_step)]
+
+  def issue(kv, slot, pages):
+    """TMA copies of one step's pages of K and V into slot (one copy per page)."""
+    k_smem, v_smem, k_barriers, v_barriers = kv
+    for i, page in enumerate(pages):
+      src = (pl.ds(page * block_size, block_size), pl.ds(h * head_dim, head_dim))
+      dst = (slot, pl.ds(i * block_size, block_size))
+      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_barriers.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[dst], v_barriers.at[slot])
+
+  def prefetch(kv):
+    for i in range(slots):  # fill the pipeline
+      @pl.when(i < num_steps)
+      def _prefetch():
+        issue(kv, i, pages_of(i))
+
+  def load_q(q_smem, q_barrier):
     # The G (padded to R) query rows of this kv head; rows R..63 of q_smem stay unwritten.
     plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, rows_out)], q_barrier.at[0])
     plgpu.barrier_wait(q_barrier.at[0])
 
-    def loop_scope(k_smem, v_smem, p_smem, k_barriers, v_barriers):
-      def pages_of(step):
-        """The physical blocks (rows of the 2-D pools / block_size) of step's pages."""
-        first_page = lo // block_size + step * pages_per_step
-        # Pages past the table (the last step of a short split) read its last entry: any
-        # valid block will do, the step's mask drops those keys.
-        return [page_base + tables_ref[b, jnp.minimum(first_page + i, num_tables - 1)]
-                for i in range(pages_per_step)]
+  def consume(q_smem, kv, p_smem, step_done, *, load_next_pages: bool):
+    """The key loop; step_done(i, slot, next_pages) runs once a step's wgmmas are done."""
+    k_smem, v_smem, k_barriers, v_barriers = kv
 
-      def issue(slot, pages):
-        """TMA copies of one step's pages of K and V into slot (one copy per page)."""
-        for i, page in enumerate(pages):
-          src = (pl.ds(page * block_size, block_size), pl.ds(h * head_dim, head_dim))
-          dst = (slot, pl.ds(i * block_size, block_size))
-          plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_barriers.at[slot])
-          plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[dst], v_barriers.at[slot])
+    def step(i, carry, *, masked: bool):
+      acc, m, l = carry  # [64, D], [64], [64] float32
+      slot = lax.rem(i, slots)
+      # The table loads for the refill at the end of this step, issued now so their latency
+      # hides behind this step's matmuls (clamped: always in bounds).
+      next_pages = pages_of(i + slots) if load_next_pages else None
+      plgpu.barrier_wait(k_barriers.at[slot])
 
-      for i in range(slots):  # fill the pipeline
-        @pl.when(i < num_steps)
-        def _prefetch():
-          issue(i, pages_of(i))
+      def compute_qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+        return acc_ref[...]
 
-      def step(i, carry, *, masked: bool):
-        acc, m, l = carry  # [64, D], [64], [64] float32
-        slot = lax.rem(i, slots)
-        # The table loads for the refill at the end of this step, issued now so their
-        # latency hides behind this step's matmuls (clamped: always in bounds).
-        next_pages = pages_of(i + slots)
-        plgpu.barrier_wait(k_barriers.at[slot])
+      scores = pl.run_scoped(compute_qk, plgpu.ACC((WGMMA_ROWS, block_kv), jnp.float32))
+      scores = scores * scale  # [64, block_kv], log2 units
+      if masked:
+        num_visible = num_keys - i * block_kv  # keys of this step that exist and are seen
+        cols = plgpu.broadcasted_iota(jnp.int32, (WGMMA_ROWS, block_kv), 1,
+                                      layout=plgpu.Layout.WGMMA)
+        visible = cols < num_visible
+        m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
+      else:
+        m_tile = jnp.max(scores, axis=1)
+      m_new = jnp.maximum(m, m_tile)
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet
+      alpha = jnp.exp2(m - m_safe)
+      p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
+      if masked:
+        p = jnp.where(visible, p, 0.0)  # exp2 of a hidden (even NaN) score is dropped
+      l = alpha * l + jnp.sum(p, axis=1)
+      if not p_in_registers:
+        p_smem[...] = p.astype(dtype)
 
-        def compute_qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-          return acc_ref[...]
-
-        scores = pl.run_scoped(compute_qk, plgpu.ACC((WGMMA_ROWS, block_kv), jnp.float32))
-        scores = scores * scale  # [64, block_kv], log2 units
-        if masked:
-          num_visible = num_keys - i * block_kv  # keys of this step that exist and are seen
-          cols = plgpu.broadcasted_iota(jnp.int32, (WGMMA_ROWS, block_kv), 1,
+      plgpu.barrier_wait(v_barriers.at[slot])
+      if masked:  # hidden keys' V rows may hold NaN; 0 * NaN would poison acc
+        v_rows = plgpu.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0,
                                         layout=plgpu.Layout.WGMMA)
-          visible = cols < num_visible
-          m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
-        else:
-          m_tile = jnp.max(scores, axis=1)
-        m_new = jnp.maximum(m, m_tile)
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet
-        alpha = jnp.exp2(m - m_safe)
-        p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
-        if masked:
-          p = jnp.where(visible, p, 0.0)  # exp2 of a hidden (even NaN) score is dropped
-        l = alpha * l + jnp.sum(p, axis=1)
-        if not p_in_registers:
-          p_smem[...] = p.astype(dtype)
+        v_slot = v_smem.at[slot]
+        v_slot[...] = jnp.where(v_rows < num_visible, v_slot[...], 0).astype(dtype)
+      plgpu.commit_smem()  # the P (and V) stores, before the wgmma reads them
 
-        plgpu.barrier_wait(v_barriers.at[slot])
-        if masked:  # hidden keys' V rows may hold NaN; 0 * NaN would poison acc
-          v_rows = plgpu.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0,
-                                          layout=plgpu.Layout.WGMMA)
-          v_slot = v_smem.at[slot]
-          v_slot[...] = jnp.where(v_rows < num_visible, v_slot[...], 0).astype(dtype)
-        plgpu.commit_smem()  # the P (and V) stores, before the wgmma reads them
+      def compute_pv(acc_ref):
+        plgpu.wgmma(acc_ref, p.astype(dtype) if p_in_registers else p_smem, v_smem.at[slot])
+        return acc_ref[...]
 
-        def compute_pv(acc_ref):
-          plgpu.wgmma(acc_ref, p.astype(dtype) if p_in_registers else p_smem,
-                      v_smem.at[slot])
-          return acc_ref[...]
+      pv = pl.run_scoped(compute_pv, plgpu.ACC((WGMMA_ROWS, head_dim), jnp.float32))
+      acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + pv
+      step_done(i, slot, next_pages)  # both wgmmas are done: the slot may be refilled
+      return acc, m_new, l
 
-        pv = pl.run_scoped(compute_pv, plgpu.ACC((WGMMA_ROWS, head_dim), jnp.float32))
-        acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + pv
+    init = (
+        plgpu.layout_cast(jnp.zeros((WGMMA_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+        plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32),
+                          plgpu.Layout.WGMMA.reduce(1)),
+        plgpu.layout_cast(jnp.zeros((WGMMA_ROWS,), jnp.float32),
+                          plgpu.Layout.WGMMA.reduce(1)))
+    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), init)
+    return lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True), carry)
 
-        @pl.when(i + slots < num_steps)  # both wgmmas are done: refill the slot
-        def _refill():
-          issue(slot, next_pages)
+  def store(acc, m, l, acc_smem, m_smem, l_smem):
+    """The first R rows of (acc, m, l) to this program's partial in GMEM."""
+    acc_smem[...] = acc
+    m_smem[...] = m
+    l_smem[...] = l
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(acc_smem.at[pl.ds(0, rows_out)], acc_out_ref.at[b, h, s])
+    plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, rows_out)], m_out_ref.at[b, h, s])
+    plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, rows_out)], l_out_ref.at[b, h, s])
+    plgpu.wait_smem_to_gmem(0)
 
-        return acc, m_new, l
+  if not warp_specialized:
+    # One warpgroup issues the copies and computes: a slot is refilled at the end of the
+    # step that consumed it.
+    def body(q_smem, q_barrier):
+      load_q(q_smem, q_barrier)
 
-      init = (
-          plgpu.layout_cast(jnp.zeros((WGMMA_ROWS, head_dim), jnp.float32),
-                            plgpu.Layout.WGMMA),
-          plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32),
-                            plgpu.Layout.WGMMA.reduce(1)),
-          plgpu.layout_cast(jnp.zeros((WGMMA_ROWS,), jnp.float32),
-                            plgpu.Layout.WGMMA.reduce(1)))
-      carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), init)
-      return lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True), carry)
+      def loop_scope(k_smem, v_smem, p_smem, k_barriers, v_barriers):
+        kv = (k_smem, v_smem, k_barriers, v_barriers)
+        prefetch(kv)
 
-    acc, m, l = pl.run_scoped(
-        loop_scope,
-        plgpu.SMEM((slots, block_kv, head_dim), dtype, transforms=tiled),
-        plgpu.SMEM((slots, block_kv, head_dim), dtype, transforms=tiled),
-        None if p_in_registers else plgpu.SMEM((WGMMA_ROWS, block_kv), dtype,
-                                                transforms=tiled),
-        plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=slots),
-        plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=slots))
+        def refill(i, slot, next_pages):
+          @pl.when(i + slots < num_steps)
+          def _refill():
+            issue(kv, slot, next_pages)
 
-    # Epilogue, in SMEM the loop no longer holds: the first R rows of (acc, m, l) to GMEM.
-    def store_scope(acc_smem, m_smem, l_smem):
-      acc_smem[...] = acc
-      m_smem[...] = m
-      l_smem[...] = l
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(acc_smem.at[pl.ds(0, rows_out)], acc_out_ref.at[b, h, s])
-      plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, rows_out)], m_out_ref.at[b, h, s])
-      plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, rows_out)], l_out_ref.at[b, h, s])
-      plgpu.wait_smem_to_gmem(0)
+        return consume(q_smem, kv, p_smem, refill, load_next_pages=True)
 
-    pl.run_scoped(store_scope,
-                  plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),
-                  plgpu.SMEM((WGMMA_ROWS,), jnp.float32),
-                  plgpu.SMEM((WGMMA_ROWS,), jnp.float32))
+      acc, m, l = pl.run_scoped(loop_scope, kv_smem(), kv_smem(), p_smem_type, kv_barriers(),
+                                kv_barriers())
+      # The epilogue's SMEM reuses the loop's (a later scope).
+      pl.run_scoped(functools.partial(store, acc, m, l), *out_smem)
 
-  pl.run_scoped(body, plgpu.SMEM((WGMMA_ROWS, head_dim), dtype, transforms=tiled),
-                plgpu.Barrier(num_barriers=1))
+    pl.run_scoped(body, plgpu.SMEM((WGMMA_ROWS, head_dim), dtype, transforms=tiled),
+                  plgpu.Barrier(num_barriers=1))
+    return
+
+  # Warp specialized: warpgroup 1 only issues copies (a slot as soon as warpgroup 0 says it
+  # is consumed), warpgroup 0 only computes. Everything is allocated once, for both.
+  def ws_body(q_smem, k_smem, v_smem, p_smem, acc_smem, m_smem, l_smem, q_barrier,
+              k_barriers, v_barriers, consumed):
+    kv = (k_smem, v_smem, k_barriers, v_barriers)
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 0)
+    def _compute():
+      load_q(q_smem, q_barrier)
+
+      def release(i, slot, _):
+        @pl.when(i + slots < num_steps)  # only the slots the producer will refill
+        def _release():
+          plgpu.barrier_arrive(consumed.at[slot])
+
+      acc, m, l = consume(q_smem, kv, p_smem, release, load_next_pages=False)
+      store(acc, m, l, acc_smem, m_smem, l_smem)
+
+    @pl.when(wg == 1)
+    def _memory():
+      prefetch(kv)
+
+      def refill(j, _):  # step j + slots goes where step j was
+        slot = lax.rem(j, slots)
+        pages = pages_of(j + slots)  # loaded before the wait: latency hidden behind it
+        plgpu.barrier_wait(consumed.at[slot])
+        issue(kv, slot, pages)
+
+      lax.fori_loop(0, jnp.maximum(num_steps - slots, 0), refill, None)
+
+  pl.run_scoped(ws_body, plgpu.SMEM((WGMMA_ROWS, head_dim), dtype, transforms=tiled),
+                kv_smem(), kv_smem(), p_smem_type, *out_smem, plgpu.Barrier(num_barriers=1),
+                kv_barriers(), kv_barriers(), plgpu.Barrier(num_barriers=slots),
+                collective_axes="wg")
 
 
 # ---------------------------------------------------------------------------- merge
@@ -378,13 +434,15 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Arr
   kernel = functools.partial(
       _decode_kernel, num_blocks=nb, block_size=bs, pages_per_step=config.pages_per_step,
       kv_split=config.kv_split, max_concurrent_steps=config.max_concurrent_steps,
-      p_in_registers=config.p_in_registers, scale=d ** -0.5 * math.log2(math.e))
+      p_in_registers=config.p_in_registers, warp_specialized=config.warp_specialized,
+      scale=d ** -0.5 * math.log2(math.e))
   out_type = (jax.ShapeDtypeStruct((b, nk, num_splits, rows, d), jnp.float32),
               jax.ShapeDtypeStruct((b, nk, num_splits, rows), jnp.float32),
               jax.ShapeDtypeStruct((b, nk, num_splits, rows), jnp.float32))
+  threads = dict(num_threads=2, thread_name="wg") if config.warp_specialized else {}
   call = _kernel_call(
       kernel, out_type, interpret=interpret or None,
-      grid=(b, nk, num_splits), grid_names=("b", "h", "s"),
+      grid=(b, nk, num_splits), grid_names=("b", "h", "s"), **threads,
       compiler_params=plgpu.CompilerParams(approx_math=True))
   acc, m, l = call(layer, kv_lens.astype(jnp.int32), positions.astype(jnp.int32),
                    block_tables.astype(jnp.int32), q_rows, k2, v2)
@@ -417,9 +475,9 @@ SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, he
 POINTS = ((64, 4096), (8, 32768), (1, 131072))  # (batch, context)
 SWEEP = tuple(
     TuningConfig(pages_per_step=p, kv_split=split, max_concurrent_steps=slots,
-                 p_in_registers=reg)
-    for p in (4, 8) for slots in (2, 3, 4) for split in (512, 1024, 2048)
-    for reg in (False, True))
+                 p_in_registers=reg, warp_specialized=ws)
+    for ws in (False, True) for p in (4, 8) for slots in (2, 3, 4)
+    for split in (512, 1024, 2048) for reg in (False, True))
 
 
 def random_inputs(key, batch, context, shape, *, num_layers=2, block_size=16,

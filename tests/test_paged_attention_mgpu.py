@@ -6,6 +6,7 @@ batches and table widths.
 which also fails on races, out-of-bounds reads, and reads NaN from uninitialized SMEM.
 """
 
+import dataclasses
 import functools
 
 from absl.testing import absltest, parameterized
@@ -120,12 +121,17 @@ class PagedDecodeMgpuTest(parameterized.TestCase):
     self.check(inputs, layer=1)
 
   def test_one_step_per_split(self):
+    # Warp specialized: more slots than steps, so the memory warpgroup only prefetches.
     inputs = make_inputs(3, lens=[3, 64, 65, 190])
-    self.check(inputs, config=ONE_STEP)
+    self.check(inputs, config=dataclasses.replace(ONE_STEP, warp_specialized=True))
 
-  def test_deep_pipeline(self):
+  @parameterized.parameters(False, True)
+  def test_deep_pipeline(self, warp_specialized):
     inputs = make_inputs(7, lens=[450, 300], max_blocks=32)
-    self.check(inputs, config=DEEP)
+    out = self.check(inputs, config=DEEP)
+    if warp_specialized:  # the other schedule of the same steps: the same bits
+      ws = self.attend(*inputs, config=dataclasses.replace(DEEP, warp_specialized=True))
+      np.testing.assert_array_equal(np.asarray(ws, np.float32), np.asarray(out, np.float32))
 
   def test_empty_request(self):
     # kv_len 0 (nothing visible: every split is empty) gives zeros, not NaN; its neighbour
