@@ -127,7 +127,7 @@ SMEM_PER_SM = 227 * 1024  # bytes a Hopper SM gives its blocks (Mosaic checks 23
 
 def smem_bytes(config: TuningConfig, head_dim: int, block_size: int = 16,
                itemsize: int = 2) -> int:
-  """SMEM of one program, as Mosaic GPU lays it out (it adds ~2 KiB: barriers, alignment):
+  """SMEM of one program, as Mosaic GPU lays it out (it adds 2-4 KiB: barriers, alignment):
   q + K/V slots + P during the loop; the epilogue's f32 tile reuses that space, except
   warp specialized (one allocation for both warpgroups)."""
   block_kv = config.pages_per_step * block_size
