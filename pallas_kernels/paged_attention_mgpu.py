@@ -13,7 +13,8 @@ wrapper only reshapes the pools (free, no copy) to 2-D [L * num_blocks * block_s
 the page of (layer, physical block p, kv head h) is then the plain 2-D box
 rows [(layer * num_blocks + p) * block_size, +block_size), columns [h * D, +D), one TMA copy.
 
-One program (one warpgroup, 128 threads) per (request, kv head, split of the key sequence):
+One program (one warpgroup of 128 threads; two with `warp_specialized`, the second only
+issuing the TMA copies) per (request, kv head, split of the key sequence):
   * its G query heads are the rows of both matmuls, padded to the 64 rows of a wgmma
     (rows G.. of the SMEM q tile are never initialized or written out: every row of QK^T,
     of the softmax and of PV depends on its own q row only, so they cannot leak);
