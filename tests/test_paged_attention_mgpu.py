@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
-from hq_jax.kv.paged import AttentionView
 from pallas_kernels import paged_attention_mgpu as pm
 from pallas_kernels.paged_attention import paged_attention_reference
 
@@ -65,9 +64,7 @@ def make_inputs(seed, *, lens, shape="0.5b", max_blocks=12, num_layers=2, positi
 
 
 def reference(q, k, v, tables, positions, kv_lens, layer):
-  view = AttentionView(positions=positions, block_tables=tables,
-                       write_slots=jnp.zeros_like(positions), kv_lens=kv_lens)
-  return paged_attention_reference(q, k[layer], v[layer], view)
+  return paged_attention_reference(q, k, v, tables, positions, kv_lens, layer)
 
 
 def rel_err(out, ref):

@@ -20,7 +20,9 @@ the first point of each shape.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -31,7 +33,7 @@ import numpy as np
 from hq_jax import config as config_lib
 from hq_jax import model as model_lib
 from hq_jax.engine import Engine
-from hq_jax.harness.gpu_timing import device_ms, kernel_breakdown
+from hq_jax.harness.gpu_timing import device_ms
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout, KVPools
@@ -117,20 +119,48 @@ def bench_decode(engine: Engine, cache, slots, *, steps: int, ceilings: Ceilings
   kv_bytes = kv_tokens * layout.bytes_per_token
   pb = param_bytes(engine.params)
   roofline_ms = (pb + kv_bytes) / (ceilings.read_tb_s * 1e12) * 1e3
-  # Device time of one step: the jitted forward on this step's view, pools not donated.
+  # Device time of one step: the engine's jitted step (pools donated, as the engine runs
+  # it: not donating would add a copy of the whole pool) on this step's view.
   lens = [int(cache.req_lens[s]) for s in slots]
   view, used = engine._decode_view(cache, slots, lens)
   step_tokens = jnp.ones((view.positions.shape[0], 1), jnp.int32)
-  fwd = lambda p, pools, t, v: model_lib.forward(p, pools, t, v, cfg=cfg,
-                                                 attention_fn=engine._attention_fn)
-  dev_ms = device_ms(fwd, engine.params, cache.pools, step_tokens, view, reps=reps,
-                     wall_clock=wall_clock)
-  kernels = ("n/a" if wall_clock else
-             kernel_breakdown(fwd, engine.params, cache.pools, step_tokens, view, reps=3))
+  fwd = jax.jit(functools.partial(model_lib.forward.__wrapped__, cfg=cfg,
+                                  attention_fn=engine._attention_fn),
+                donate_argnums=1, compiler_options=model_lib.STEP_COMPILER_OPTIONS)
+  dev_ms, kernels, pools = _donated_step_ms(fwd, engine.params, cache.pools, step_tokens,
+                                            view, reps=reps, wall_clock=wall_clock)
+  cache = cache.with_pools(pools)
   return dict(wall_ms=wall_ms, device_ms=dev_ms, roofline_ms=roofline_ms,
               of_roofline_wall=roofline_ms / wall_ms, of_roofline_device=roofline_ms / dev_ms,
               param_gb=pb / 1e9, kv_gb=kv_bytes / 1e9, attention=used, finite=finite,
               kernels=kernels), cache
+
+
+def _donated_step_ms(fwd, params, pools, tokens, view, *, reps: int, wall_clock: bool):
+  """Median device time (ms) of fwd(params, pools, tokens, view), the pools threaded from
+  one call to the next (donated), and its kernels by name (CUPTI; "n/a" on a CPU)."""
+  logits, pools = fwd(params, pools, tokens, view)  # compile
+  jax.block_until_ready(logits)
+  times, per_kernel = [], collections.defaultdict(list)
+  for _ in range(reps):
+    if wall_clock:
+      t0 = time.perf_counter()
+      logits, pools = fwd(params, pools, tokens, view)
+      jax.block_until_ready(logits)
+      times.append((time.perf_counter() - t0) * 1e3)
+      continue
+    from jax.experimental.mosaic.gpu import profiler
+    (logits, pools), kernels = profiler.measure(fwd, aggregate=False)(params, pools, tokens,
+                                                                       view)
+    run = collections.defaultdict(float)
+    for name, ms in kernels or ():
+      run[name] += ms
+    times.append(sum(run.values()))
+    for name, ms in run.items():
+      per_kernel[name].append(ms)
+  text = ("n/a" if not per_kernel else ", ".join(
+      f"{n[:40]} {statistics.median(v) * 1e3:.0f} us" for n, v in per_kernel.items()))
+  return statistics.median(times), text, pools
 
 
 def prefill_flops(cfg, n_params: int, tokens: int) -> float:

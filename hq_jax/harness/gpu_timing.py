@@ -22,10 +22,16 @@ def rel_err(out, ref) -> float:
   return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
+def _jitted(fn: Callable):
+  """fn itself if it is already a top-level jitted function (which may carry compiler
+  options: those are refused on a nested jit), else jax.jit(fn)."""
+  return fn if isinstance(fn, jax.stages.Wrapped) else jax.jit(fn)
+
+
 def device_ms(fn: Callable, *args, reps: int, wall_clock: bool = False) -> float:
   """Median time (ms) of fn(*args) over reps calls after a warm-up (compilation): CUPTI
   device time, or wall clock with `wall_clock` (interpret-mode smoke runs on a CPU)."""
-  fn = jax.jit(fn)
+  fn = _jitted(fn)
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(reps):
@@ -50,7 +56,7 @@ def kernel_breakdown(fn: Callable, *args, calls: int = 1, reps: int = 5) -> str:
   """
   try:
     from jax.experimental.mosaic.gpu import profiler
-    fn = jax.jit(fn)
+    fn = _jitted(fn)
     times = collections.defaultdict(list)
     for _ in range(reps):
       _, kernels = profiler.measure(fn, aggregate=False)(*args)
