@@ -10,9 +10,9 @@ time, the floor it is measured against, from ceilings measured in the same run:
   prefill floor   = (2 * params * tokens + causal attention FLOPs) / bf16 matmul peak,
                     with the peak from the datasheet-free in-run 8192^3 bf16 matmul.
 
-Each decode point also reports the device time of one step (CUPTI: every kernel it
-launches) and its kernels by name, so a gap shows where it goes (host vs device, attention
-vs matmuls vs copies). K/V of the decode batch is random (its values do not change the
+Each decode point also reports the device time of one step without host work (steps run
+back to back inside one jitted loop, pools donated), so a gap shows whether it is the host
+or the device. K/V of the decode batch is random (its values do not change the
 speed); the requests' bookkeeping is that of a real prefill (admit + commit). Outputs are
 checked: every logit finite, and the Pallas step equal to the XLA path within rounding on
 the first point of each shape.
@@ -124,43 +124,34 @@ def bench_decode(engine: Engine, cache, slots, *, steps: int, ceilings: Ceilings
   lens = [int(cache.req_lens[s]) for s in slots]
   view, used = engine._decode_view(cache, slots, lens)
   step_tokens = jnp.ones((view.positions.shape[0], 1), jnp.int32)
-  fwd = jax.jit(functools.partial(model_lib.forward.__wrapped__, cfg=cfg,
-                                  attention_fn=engine._attention_fn),
-                donate_argnums=1, compiler_options=model_lib.STEP_COMPILER_OPTIONS)
-  dev_ms, kernels, pools = _donated_step_ms(fwd, engine.params, cache.pools, step_tokens,
-                                            view, reps=reps, wall_clock=wall_clock)
+  dev_ms, pools = _donated_step_ms(engine.params, cache.pools, step_tokens, view, cfg=cfg,
+                                   attention_fn=engine._attention_fn, reps=reps)
   cache = cache.with_pools(pools)
   return dict(wall_ms=wall_ms, device_ms=dev_ms, roofline_ms=roofline_ms,
               of_roofline_wall=roofline_ms / wall_ms, of_roofline_device=roofline_ms / dev_ms,
-              param_gb=pb / 1e9, kv_gb=kv_bytes / 1e9, attention=used, finite=finite,
-              kernels=kernels), cache
+              param_gb=pb / 1e9, kv_gb=kv_bytes / 1e9, attention=used, finite=finite), cache
 
 
-def _donated_step_ms(fwd, params, pools, tokens, view, *, reps: int, wall_clock: bool):
-  """Median device time (ms) of fwd(params, pools, tokens, view), the pools threaded from
-  one call to the next (donated), and its kernels by name (CUPTI; "n/a" on a CPU)."""
-  logits, pools = fwd(params, pools, tokens, view)  # compile
+def _donated_step_ms(params, pools, tokens, view, *, cfg, attention_fn, reps: int):
+  """Device time (ms) of one engine step without host work: `reps` steps run back to back
+  inside one jitted loop (pools carried and donated, as the engine runs them), timed by
+  the wall clock once the result is ready, divided by reps. (CUPTI cannot time a donating
+  call: its profiler runs the call twice on the same, by then donated, buffers.)"""
+  step = functools.partial(model_lib.forward.__wrapped__, cfg=cfg, attention_fn=attention_fn)
+
+  def loop(params, pools):
+    def body(_, carry):
+      return step(params, carry[1], tokens, view)
+    logits = jnp.zeros((tokens.shape[0], tokens.shape[1], cfg.vocab_size), jnp.float32)
+    return jax.lax.fori_loop(0, reps, body, (logits, pools))
+
+  loop = jax.jit(loop, donate_argnums=1, compiler_options=model_lib.STEP_COMPILER_OPTIONS)
+  logits, pools = loop(params, pools)  # compile
   jax.block_until_ready(logits)
-  times, per_kernel = [], collections.defaultdict(list)
-  for _ in range(reps):
-    if wall_clock:
-      t0 = time.perf_counter()
-      logits, pools = fwd(params, pools, tokens, view)
-      jax.block_until_ready(logits)
-      times.append((time.perf_counter() - t0) * 1e3)
-      continue
-    from jax.experimental.mosaic.gpu import profiler
-    (logits, pools), kernels = profiler.measure(fwd, aggregate=False)(params, pools, tokens,
-                                                                       view)
-    run = collections.defaultdict(float)
-    for name, ms in kernels or ():
-      run[name] += ms
-    times.append(sum(run.values()))
-    for name, ms in run.items():
-      per_kernel[name].append(ms)
-  text = ("n/a" if not per_kernel else ", ".join(
-      f"{n[:40]} {statistics.median(v) * 1e3:.0f} us" for n, v in per_kernel.items()))
-  return statistics.median(times), text, pools
+  t0 = time.perf_counter()
+  logits, pools = loop(params, pools)
+  jax.block_until_ready(logits)
+  return (time.perf_counter() - t0) / reps * 1e3, pools
 
 
 def prefill_flops(cfg, n_params: int, tokens: int) -> float:
@@ -224,7 +215,7 @@ def parse_points(specs, kind: str) -> list[tuple[str, int, int]]:
 COLUMNS = ("model", "kind", "batch", "context", "backend", "attention", "decode_attention",
            "chunk_size", "wall_ms", "device_ms", "roofline_ms", "of_roofline_wall",
            "of_roofline_device", "ttft_ms", "tflop_s", "floor_ms", "of_peak", "param_gb",
-           "kv_gb", "finite", "kernels")
+           "kv_gb", "finite")
 
 
 def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int, reps: int,
@@ -266,7 +257,7 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
         log(f"{name} decode {batch}x{context} {row['backend']} {row['decode_attention']}: "
             f"{row['wall_ms']:.2f} ms/step wall, {row['device_ms']:.2f} ms device, roofline "
             f"{row['roofline_ms']:.2f} ms -> {row['of_roofline_wall']:.2f} (wall), "
-            f"{row['of_roofline_device']:.2f} (device)\n    kernels: {row['kernels']}")
+            f"{row['of_roofline_device']:.2f} (device)")
     for model, _, tokens in prefill_points:
       if model != name:
         continue
@@ -301,9 +292,4 @@ def markdown(ceilings: Ceilings, rows: list[dict]) -> str:
     if r["kind"] == "prefill":
       out.append(f"| {r['model']} | {r['context']} | {r['chunk_size']} | {r['ttft_ms']:.1f} | "
                  f"{r['tflop_s']:.0f} | {r['floor_ms']:.1f} | {r['of_peak']:.2f} |")
-  kern = [r for r in rows if r["kind"] == "decode" and r.get("kernels")]
-  if kern:
-    out += ["", "Kernels of one decode step (CUPTI, median):", ""]
-    out += [f"- {r['model']} {r['batch']}x{r['context']} {r['backend']} "
-            f"{r['decode_attention']}: {r['kernels']}" for r in kern]
   return "\n".join(out) + "\n"
