@@ -14,8 +14,8 @@ Each decode point also reports the device time of one step without host work (st
 back to back inside one jitted loop, pools donated), so a gap shows whether it is the host
 or the device. K/V of the decode batch is random (its values do not change the
 speed); the requests' bookkeeping is that of a real prefill (admit + commit). Outputs are
-checked: every logit finite, and the Pallas step equal to the XLA path within rounding on
-the first point of each shape.
+checked for finite logits only (the `finite` column); the kernels' numerics are checked
+against their float32 references by kernel_bench and the compiled tests.
 """
 
 from __future__ import annotations
