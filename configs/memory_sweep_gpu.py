@@ -17,5 +17,6 @@ def get_config():
   c.shared_prefix_fractions = [0.0, 0.5, 0.9]
   c.chunk_size = 512
   c.dtype = "bfloat16"
+  c.attention = "pallas"  # The kernel under test; "auto" would pick it too, but say so.
   c.workloads = False
   return c
