@@ -45,6 +45,13 @@ def test_used_directory_is_refused_unless_overwrite(tmp_path):
   record = outputs.read_json(str(tmp_path / "sweep.run.json"))
   assert rows == [{"x": 2, "run_id": b.run_id}] and record["run_id"] == b.run_id
   assert record["status"] == "complete" and not (tmp_path / outputs.LOCK_NAME).exists()
+  # Files the previous run declared go too (a sweep re-run without --workloads must not
+  # leave the old workloads.csv beside the new record).
+  with outputs.Run(str(tmp_path), "sweep", ["sweep.csv", "extra.csv"], overwrite=True) as run:
+    run.write_csv("extra.csv", [], ["x"])
+    run.finish()
+  _run(tmp_path, overwrite=True)
+  assert not (tmp_path / "extra.csv").exists() and (tmp_path / "other.csv").exists()
 
 
 def test_overwrite_deletes_old_outputs_before_the_run(tmp_path):

@@ -196,8 +196,14 @@ class Run:
     os.makedirs(self.directory, exist_ok=True)
     self._acquire()
     try:
-      ours = [f for f in self.files + [record_name(self.script)]
-              if os.path.lexists(self.path(f))]
+      declared = list(self.files)
+      if os.path.exists(self.record_path):  # Also what the previous run of this script made.
+        try:
+          declared += [f for f in read_json(self.record_path).get("files", [])
+                       if os.path.basename(f) == f and f not in declared]
+        except OutputError:
+          pass
+      ours = [f for f in declared + [record_name(self.script)] if os.path.lexists(self.path(f))]
       if ours and not self.overwrite:
         raise OutputError(
             f"--output_dir={self.directory} already holds {', '.join(ours)} from an earlier "
