@@ -222,3 +222,10 @@ def test_load_model_always_returns_a_tokenizer():
 
   with pytest.raises(ValueError, match=r"id 2147483653 at position 2, outside the model's"):
     encode_text(Big(), "abc", vocab_size=cfg.vocab_size)
+
+
+def test_prepare_command_usage(capsys):
+  """The rebuild command named by every cache error parses (--force, nothing else)."""
+  assert weights.main(["weights", "prepare", "--bogus"]) == 2
+  assert "prepare [--force]" in capsys.readouterr().out
+  assert weights.REBUILD_COMMAND == "python -m hq_jax.weights prepare --force"
