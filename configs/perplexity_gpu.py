@@ -8,4 +8,5 @@ def get_config():
   c.num_tokens = 4096
   c.chunk_size = 512
   c.dtype = "bfloat16"
+  c.attention = "pallas"  # The kernel under test; "auto" would pick it too, but say so.
   return c

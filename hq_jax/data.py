@@ -107,8 +107,12 @@ def wiki_articles() -> list[str]:
     raise DataMissingError(
         f"the Wikipedia text is not cached at {path}. Fetch it with:\n  {fetch_command()}\n"
         "(or `make data`)")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DataMissingError(f"the cached Wikipedia text {path} is corrupt ({e}); delete it "
+                           f"and run: {fetch_command()}") from e
 
 
 def wiki_text() -> str:
@@ -122,8 +126,14 @@ def read_text(path: str | None) -> str:
     return wiki_text()
   if not os.path.exists(path):
     raise FileNotFoundError(f"--text_file {path!r} does not exist")
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  if os.path.isdir(path):
+    raise ValueError(f"--text_file {path!r} is a directory, not a text file")
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--text_file {path!r} is not UTF-8 text (byte {e.start}: "
+                     f"{e.reason})") from e
   if not text.strip():
     raise ValueError(f"--text_file {path!r} is empty")
   return text

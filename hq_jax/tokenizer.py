@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
@@ -23,6 +24,8 @@ _GGUF_CONTROL = 3  # llama.cpp token type: CONTROL.
 
 class Tokenizer:
   """Thin wrapper: `encode(text) -> list[int]`, `decode(ids) -> str`."""
+
+  name = "qwen2-bpe"
 
   def __init__(self, tok: tokenizers.Tokenizer, *, eos_id: int | None = None):
     self._tok = tok
@@ -81,3 +84,42 @@ class Tokenizer:
     tok.add_special_tokens(special)
     eos = metadata.get("tokenizer.ggml.eos_token_id")
     return cls(tok, eos_id=None if eos is None else int(eos))
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as token ids: the tokenizer of a model that ships none (a preset with
+  random weights). Same interface as `Tokenizer`, so callers never branch on "no tokenizer";
+  its ids fit any vocabulary of >= 256 entries. Perplexity of random weights means nothing,
+  but memory and speed do not depend on what the ids are."""
+
+  name = "utf8-bytes"
+  eos_id = None
+  vocab_size = 256
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def encode_text(tokenizer, text: str, *, vocab_size: int,
+                num_tokens: int | None = None) -> np.ndarray:
+  """The first `num_tokens` ids of `text` (all when None) as int32, checked to be valid ids
+  of a model with `vocab_size` entries (a tokenizer larger than the model's vocabulary would
+  otherwise index past the embedding table)."""
+  if num_tokens is not None and num_tokens < 2:
+    raise ValueError(f"num_tokens must be >= 2, got {num_tokens}")
+  if tokenizer.vocab_size > vocab_size and isinstance(tokenizer, ByteTokenizer):
+    raise ValueError(f"the model has a vocabulary of {vocab_size} < 256 entries: UTF-8 bytes "
+                     "do not fit")
+  ids = np.asarray(tokenizer.encode(text), np.int64)
+  if num_tokens is not None:
+    if ids.size < num_tokens:
+      raise ValueError(f"the text has only {ids.size} tokens, fewer than num_tokens={num_tokens}")
+    ids = ids[:num_tokens]
+  bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+  if bad.size:
+    raise ValueError(f"{tokenizer.name} tokenizer produced id {int(ids[bad[0]])} at position "
+                     f"{int(bad[0])}, outside the model's vocabulary [0, {vocab_size})")
+  return ids.astype(np.int32)

@@ -22,13 +22,14 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from hq_jax import checkpoint
 from hq_jax import config as config_lib
 from hq_jax import model as model_lib
 from hq_jax import paths
 from hq_jax.config import ModelConfig
-from hq_jax.tokenizer import Tokenizer
+from hq_jax.tokenizer import ByteTokenizer, Tokenizer
 
 SHIPPED_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m"
 SHIPPED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -157,7 +158,7 @@ def verify_sha256(path: str, expected: str) -> None:
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 22), b""):
       h.update(chunk)
-  if h.hexdigest() != expected:
+  if h.hexdigest() != expected.lower():
     raise WeightsError(f"{path} has sha256 {h.hexdigest()}, expected {expected}: the file is "
                        "corrupt or not the expected model; delete it and fetch it again")
 
@@ -275,19 +276,167 @@ def restore_params(directory: str, cfg: ModelConfig):
   return checkpoint.restore(directory, model_lib.abstract_params(cfg))
 
 
-def load_shipped(dtype: str = "float32"):
-  """The shipped Qwen2.5-Coder-0.5B: (params, cfg, tokenizer), orbax-cached after the first call."""
-  cache = os.path.join(paths.cache_dir(), "params", f"{SHIPPED_NAME}-{SHIPPED_SHA256[:12]}")
+# ------------------------------------------------- verified cache of converted params
+
+# Bumped when the cache layout changes: a cache without a manifest (written before the
+# manifest existed) is never trusted, and never rewritten in place under a reader.
+CACHE_FORMAT = 2
+REBUILD_COMMAND = "python -m hq_jax.weights prepare --force"
+
+
+def _sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _digests(root: str, names: list[str]) -> dict[str, str]:
+  """sha256 of each file `names` lists, and of every file under each directory it lists."""
+  out = {}
+  for name in names:
+    path = os.path.join(root, name)
+    if os.path.isdir(path):
+      for d, _, files in os.walk(path):
+        for f in files:
+          full = os.path.join(d, f)
+          out[os.path.relpath(full, root)] = _sha256_file(full)
+    else:
+      out[name] = _sha256_file(path)
+  return dict(sorted(out.items()))
+
+
+def _gguf_header_config(path: str, name: str) -> ModelConfig:
+  """The model config a GGUF's header implies, read without parsing the vocabulary into
+  Python objects (the `gguf` reader takes tens of seconds on 151k tokens; this skips them
+  in well under a second), so every load can cross-check the cached config.json."""
+  import mmap
+  import struct
+  scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+  with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+    if m[:4] != b"GGUF":
+      raise WeightsError(f"{path} is not a GGUF file")
+    pos = 8
+    n_tensors, n_kv = struct.unpack_from("<QQ", m, pos)
+    pos += 16
+
+    def string(pos):
+      (n,) = struct.unpack_from("<Q", m, pos)
+      return m[pos + 8:pos + 8 + n].decode("utf-8", "replace"), pos + 8 + n
+
+    def value(kind, pos, keep):
+      if kind in scalar:
+        size = struct.calcsize(scalar[kind])
+        return (struct.unpack_from(scalar[kind], m, pos)[0] if keep else None), pos + size
+      if kind == 8:
+        if keep:
+          return string(pos)
+        (n,) = struct.unpack_from("<Q", m, pos)
+        return None, pos + 8 + n
+      if kind == 9:
+        sub, count = struct.unpack_from("<IQ", m, pos)
+        pos += 12
+        if sub in scalar:
+          return None, pos + count * struct.calcsize(scalar[sub])
+        for _ in range(count):
+          _, pos = value(sub, pos, False)
+        return None, pos
+      raise WeightsError(f"{path}: unknown GGUF value type {kind}")
+
+    meta = {}
+    for _ in range(n_kv):
+      key, pos = string(pos)
+      (kind,) = struct.unpack_from("<I", m, pos)
+      v, pos = value(kind, pos + 4, keep=not key.startswith("tokenizer."))
+      if v is not None:
+        meta[key] = v
+    tensors = {}
+    for _ in range(n_tensors):
+      tname, pos = string(pos)
+      (n_dims,) = struct.unpack_from("<I", m, pos)
+      dims = struct.unpack_from(f"<{n_dims}Q", m, pos + 4)
+      pos += 4 + 8 * n_dims + 12
+      tensors[tname] = dims
+  if "token_embd.weight" not in tensors:
+    raise WeightsError(f"{path} has no token_embd.weight tensor")
+  meta["vocab_size"] = int(tensors["token_embd.weight"][-1])
+  return config_lib.from_gguf(meta, tied="output.weight" not in tensors, name=name)
+
+
+def _manifest_path(cache: str, dtype: str) -> str:
+  return os.path.join(cache, f"manifest-{dtype}.json")
+
+
+def _write_manifest(cache: str, dtype: str, gguf_sha256: str) -> None:
+  """Written last at conversion: its presence marks the cache complete, its digests are
+  checked on every load."""
+  manifest = {"format": CACHE_FORMAT, "gguf_sha256": gguf_sha256,
+              "files": _digests(cache, [f"orbax-{dtype}", "config.json", "tokenizer.json"])}
+  tmp = _manifest_path(cache, dtype) + f".{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(tmp, _manifest_path(cache, dtype))
+
+
+def _verify_cache(cache: str, dtype: str, gguf_path: str | None, name: str) -> ModelConfig:
+  """Checks every cached file against the manifest and the cached config against the GGUF
+  header; returns the config. Any mismatch is one WeightsError line naming the rebuild."""
+  def fail(what):
+    raise WeightsError(f"the converted model cache {cache} is corrupt: {what}. Rebuild it "
+                       f"with: {REBUILD_COMMAND}")
+  try:
+    with open(_manifest_path(cache, dtype)) as f:
+      manifest = json.load(f)
+    expected = manifest["files"]
+  except (OSError, ValueError, KeyError) as e:
+    fail(f"unreadable manifest ({e})")
+  names = sorted({n.split(os.sep)[0] for n in expected})
+  try:
+    actual = _digests(cache, names)
+  except OSError as e:
+    fail(f"a file is missing ({e})")
+  for f in sorted(set(expected) | set(actual)):
+    if expected.get(f) != actual.get(f):
+      fail(f"{f} " + ("is missing" if f not in actual else "is not in the manifest"
+                      if f not in expected else "does not match its sha256 in the manifest"))
+  try:
+    with open(os.path.join(cache, "config.json")) as f:
+      cfg = config_lib.ModelConfig(**json.load(f))
+  except (OSError, ValueError, TypeError) as e:
+    fail(f"unreadable config.json ({e})")
+  if gguf_path is not None and os.path.exists(gguf_path):
+    want = _gguf_header_config(gguf_path, name)
+    diff = [k for k, v in dataclasses.asdict(want).items()
+            if k not in ("name", "dtype") and getattr(cfg, k) != v]
+    if diff:
+      fail(f"config.json disagrees with the GGUF on {', '.join(diff)} (e.g. {diff[0]} "
+           f"{getattr(cfg, diff[0])!r}, GGUF {getattr(want, diff[0])!r})")
+  return cfg
+
+
+def load_converted(gguf_path: str, cache: str, *, dtype: str = "float32",
+                   expected_sha256: str | None = None, name: str | None = None,
+                   force: bool = False):
+  """(params, cfg, tokenizer) of a GGUF, converted once into `cache` (orbax params,
+  config.json, tokenizer.json and a sha256 manifest) and verified on every later load."""
   ckpt_dir = os.path.join(cache, f"orbax-{dtype}")
   cfg_path = os.path.join(cache, "config.json")
   tok_path = os.path.join(cache, "tokenizer.json")
-  if os.path.isdir(ckpt_dir) and os.path.exists(cfg_path) and os.path.exists(tok_path):
-    with open(cfg_path) as f:
-      cfg = config_lib.ModelConfig(**json.load(f)).replace(dtype=dtype)
+  if force:
+    for path in (_manifest_path(cache, dtype), cfg_path, tok_path):
+      if os.path.exists(path):
+        os.remove(path)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+  if os.path.exists(_manifest_path(cache, dtype)):
+    cfg = _verify_cache(cache, dtype, gguf_path, name or "gguf-qwen2").replace(dtype=dtype)
     return restore_params(ckpt_dir, cfg), cfg, Tokenizer.from_file(tok_path)
-  path = shipped_gguf_path()
-  params, cfg, tok = load_gguf(path, dtype=dtype, expected_sha256=SHIPPED_SHA256,
-                               name=config_lib.get_config("coder-0.5b").name)
+  if os.path.exists(ckpt_dir):
+    raise WeightsError(f"the converted model cache {cache} has params but no manifest (an "
+                       f"interrupted conversion?). Rebuild it with: {REBUILD_COMMAND}")
+  params, cfg, tok = load_gguf(gguf_path, dtype=dtype, expected_sha256=expected_sha256,
+                               name=name)
   os.makedirs(cache, exist_ok=True)
   # Write everything under a private name, then rename: a concurrent or interrupted
   # conversion never leaves a half-written checkpoint where a later load looks.
@@ -304,32 +453,67 @@ def load_shipped(dtype: str = "float32"):
   except OSError:
     pass  # Another process finished first; its checkpoint is as good as ours.
   shutil.rmtree(tmp, ignore_errors=True)
+  _write_manifest(cache, dtype, expected_sha256 or _sha256_file(gguf_path))
   return params, cfg, tok
 
 
+def _shipped_cache_dir() -> str:
+  return os.path.join(paths.cache_dir(), "params",
+                      f"{SHIPPED_NAME}-{SHIPPED_SHA256[:12]}-v{CACHE_FORMAT}")
+
+
+def load_shipped(dtype: str = "float32", *, force: bool = False):
+  """The shipped Qwen2.5-Coder-0.5B: (params, cfg, tokenizer), converted once, then restored
+  from the orbax cache after checking it against its manifest and the GGUF."""
+  return load_converted(shipped_gguf_path(), _shipped_cache_dir(), dtype=dtype,
+                        expected_sha256=SHIPPED_SHA256,
+                        name=config_lib.get_config("coder-0.5b").name, force=force)
+
+
 def main(argv: list[str]) -> int:
-  """`python -m hq_jax.weights prepare`: assemble, verify and convert the shipped model."""
-  if len(argv) != 2 or argv[1] != "prepare":
-    print("usage: python -m hq_jax.weights prepare")
+  """`python -m hq_jax.weights prepare [--force]`: assemble, verify and convert the shipped
+  model (`--force` rebuilds the converted cache from the verified GGUF)."""
+  if len(argv) not in (2, 3) or argv[1] != "prepare" or argv[2:] not in ([], ["--force"]):
+    print("usage: python -m hq_jax.weights prepare [--force]")
     return 2
-  _, cfg, _ = load_shipped()
-  print(f"shipped model ready: {cfg.name}, cache {paths.cache_dir()}")
+  _, cfg, _ = load_shipped(force=argv[2:] == ["--force"])
+  print(f"shipped model ready: {cfg.name}, cache {_shipped_cache_dir()}")
   return 0
+
+
+def load_model(spec: str, *, dtype: str = "float32", seed: int = 0):
+  """Resolves a `--model` flag: "shipped", a preset name (random weights), a .gguf file or
+  an HF directory. Returns (params, cfg, tokenizer); a model that ships no tokenizer reads
+  UTF-8 bytes (`ByteTokenizer`), so callers never branch on a missing one."""
+  if spec in ("shipped", "", None):
+    return load_shipped(dtype)
+  if os.path.isdir(spec):
+    params, cfg, tok = load_hf(spec, dtype=dtype)
+  elif spec.endswith(".gguf"):
+    params, cfg, tok = load_gguf(spec, dtype=dtype)
+  else:
+    cfg = config_lib.get_config(spec, dtype=dtype)
+    params, tok = model_lib.init_params(cfg, jax.random.key(seed)), _preset_tokenizer(cfg)
+  if tok is None:
+    logging.warning("%s has no tokenizer: using UTF-8 bytes as token ids", cfg.name)
+    tok = ByteTokenizer()
+  return params, cfg, tok
+
+
+def _preset_tokenizer(cfg: ModelConfig):
+  """Random-weight presets of the Qwen2.5 family read real Qwen2 token ids when the shipped
+  tokenizer is available; smaller vocabularies (`tiny` has 512 ids) read bytes (None)."""
+  if cfg.vocab_size < config_lib.get_config("coder-0.5b").vocab_size:
+    return None
+  tok_path = os.path.join(_shipped_cache_dir(), "tokenizer.json")
+  try:
+    if os.path.exists(tok_path):  # Without restoring 2 GB of params for it.
+      return Tokenizer.from_file(tok_path)
+    return load_shipped()[2]
+  except (FileNotFoundError, ValueError):
+    return None
 
 
 if __name__ == "__main__":
   import sys
   sys.exit(main(sys.argv))
-
-
-def load_model(spec: str, *, dtype: str = "float32", seed: int = 0):
-  """Resolves a `--model` flag: "shipped", a preset name (random weights), a .gguf file or
-  an HF directory. Returns (params, cfg, tokenizer or None)."""
-  if spec in ("shipped", "", None):
-    return load_shipped(dtype)
-  if os.path.isdir(spec):
-    return load_hf(spec, dtype=dtype)
-  if spec.endswith(".gguf"):
-    return load_gguf(spec, dtype=dtype)
-  cfg = config_lib.get_config(spec, dtype=dtype)
-  return model_lib.init_params(cfg, jax.random.key(seed)), cfg, None

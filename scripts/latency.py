@@ -3,7 +3,8 @@
   python scripts/latency.py --model=tiny --context_lengths=256 --concurrency=4 --output_dir=DIR
 
 writes DIR/latency.csv: for each grid point and mode (dense, hq_cold, hq_warm), the
-median, min and max of `repeats` timed runs after `warmup` untimed ones.
+median, min and max of `repeats` timed runs after `warmup` untimed ones; and
+DIR/latency.run.json (command, config, platform; its run_id is in every CSV row).
 """
 
 import os
@@ -16,7 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import latency as default_config
-from hq_jax.harness import cli, latency, memory
+from hq_jax.harness import cli, latency, outputs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "latency.py"),
@@ -37,20 +38,23 @@ flags.adopt_module_key_flags(cli)
 def main(argv):
   del argv
   cfg = cli.resolve(_CONFIG.value)
-  if not cfg.output_dir:
-    raise app.UsageError("--output_dir is required")
-  params, model_cfg, stream = cli.load_model_and_stream(cfg)
-  points = len(cfg.context_lengths) * len(cfg.concurrency) * len(cfg.shared_prefix_fractions)
-  with tqdm.tqdm(total=points, desc="latency", unit="point") as bar:
-    rows = latency.sweep(params, model_cfg, stream, model=cfg.model,
-                         context_lengths=cfg.context_lengths, concurrency=cfg.concurrency,
-                         shared_prefix_fractions=cfg.shared_prefix_fractions,
-                         block_size=cfg.block_size, chunk_size=cfg.chunk_size,
-                         repeats=cfg.repeats, warmup=cfg.warmup, seed=cfg.seed, progress=bar)
-  os.makedirs(cfg.output_dir, exist_ok=True)
-  path = os.path.join(cfg.output_dir, "latency.csv")
-  with open(path, "w") as f:
-    f.write(memory.to_csv(rows, latency.COLUMNS))
+  cli.validate(cfg)  # Every flag, and the output directory, before anything is loaded.
+  record = {"command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata()}
+  with outputs.Run(cfg.output_dir, "latency", ["latency.csv"], overwrite=cfg.overwrite,
+                   record=record) as run:
+    params, model_cfg, stream = cli.load_model_and_stream(cfg)
+    points = len(cfg.context_lengths) * len(cfg.concurrency) * len(cfg.shared_prefix_fractions)
+    with tqdm.tqdm(total=points, desc="latency", unit="point") as bar:
+      rows = latency.sweep(params, model_cfg, stream, model=cfg.model,
+                           context_lengths=cfg.context_lengths, concurrency=cfg.concurrency,
+                           shared_prefix_fractions=cfg.shared_prefix_fractions,
+                           block_size=cfg.block_size, chunk_size=cfg.chunk_size,
+                           repeats=cfg.repeats, warmup=cfg.warmup, seed=cfg.seed,
+                           attention=cfg.attention, decode_attention=cfg.decode_attention,
+                           allow_long_context=cfg.allow_long_context, progress=bar)
+    path = run.write_csv("latency.csv", rows, latency.COLUMNS)
+    run.finish(attention=rows[0]["attention"], decode_attention=cfg.decode_attention,
+               rows={"latency.csv": len(rows)})
   for r in rows:
     print(f"{r['mode']:8s} {r['context_length']:6d} tok x{r['concurrency']:<3d} "
           f"TTFT {r['ttft_ms_median']:9.2f} ms [{r['ttft_ms_min']:.2f}, {r['ttft_ms_max']:.2f}]"
@@ -60,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.exit_on_error(main))

@@ -4,8 +4,10 @@
       --concurrency=1,8 --shared_prefix_fractions=0.75 --output_dir=DIR
 
 writes DIR/memory_sweep.csv (one checked row per backend and grid point),
-DIR/workloads.csv (system prompt, few-shot, multi-turn) and DIR/run.json. The sweep
-stops with an error if a measured kv_bytes_used differs from the analytic prediction.
+DIR/workloads.csv (system prompt, few-shot, multi-turn) and DIR/memory_sweep.run.json
+(command, config, platform; its run_id is in every CSV row). The sweep stops with an
+error if a measured kv_bytes_used differs from the analytic prediction; every flag is
+checked before the model is loaded; earlier outputs in DIR are refused unless --overwrite.
 """
 
 import os
@@ -18,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import memory_sweep as default_config
-from hq_jax.harness import cli, memory, workloads
+from hq_jax.harness import cli, memory, outputs, workloads
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "memory_sweep.py"),
@@ -39,7 +41,7 @@ cli.define_flags(default_config.get_config(), {
     "examples": "workloads: few-shot examples",
     "example_tokens": "workloads: tokens per few-shot example",
     "turns": "workloads: turns of the multi-turn conversation",
-    "output_dir": "where the CSVs are written (required)",
+    "output_dir": "where the CSVs and memory_sweep.run.json are written (required)",
 })
 flags.adopt_module_key_flags(cli)
 
@@ -47,39 +49,36 @@ flags.adopt_module_key_flags(cli)
 def main(argv):
   del argv
   cfg = cli.resolve(_CONFIG.value)
-  if not cfg.output_dir:
-    raise app.UsageError("--output_dir is required")
-  params, model_cfg, stream = cli.load_model_and_stream(cfg)
-  points = (len(cfg.context_lengths) * len(cfg.concurrency) *
-            len(cfg.shared_prefix_fractions) * len(cfg.num_prefixes))
-  os.makedirs(cfg.output_dir, exist_ok=True)
-  path = os.path.join(cfg.output_dir, "memory_sweep.csv")
-
-  def write(rows):  # After every grid point, so an interrupted sweep keeps what it measured.
-    with open(path + ".tmp", "w") as f:
-      f.write(memory.to_csv(rows))
-    os.replace(path + ".tmp", path)
-
-  with tqdm.tqdm(total=points, desc="memory sweep", unit="point") as bar:
-    rows = memory.sweep(params, model_cfg, stream, model=cfg.model,
-                        context_lengths=cfg.context_lengths, concurrency=cfg.concurrency,
-                        shared_prefix_fractions=cfg.shared_prefix_fractions,
-                        num_prefixes=cfg.num_prefixes, block_size=cfg.block_size,
-                        chunk_size=cfg.chunk_size, max_seq_len=cfg.max_seq_len, seed=cfg.seed,
-                        progress=bar, on_rows=write)
-  print(f"wrote {path} ({len(rows)} rows, every kv_bytes_used equal to its prediction)")
-  if cfg.workloads:
-    sizes = {k: cfg[k] for k in ("users", "system_tokens", "user_tokens", "examples",
-                                 "example_tokens", "turns")}
-    wrows = workloads.run(params, model_cfg, stream, model=cfg.model, sizes=sizes,
-                          block_size=cfg.block_size, chunk_size=cfg.chunk_size, seed=cfg.seed)
-    wpath = os.path.join(cfg.output_dir, "workloads.csv")
-    with open(wpath, "w") as f:
-      f.write(memory.to_csv(wrows, workloads.COLUMNS))
-    print(f"wrote {wpath}")
-  cli.write_json(os.path.join(cfg.output_dir, "run.json"),
-                 {"command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata()})
+  cli.validate(cfg)  # Every flag, and the output directory, before anything is loaded.
+  files = ["memory_sweep.csv"] + (["workloads.csv"] if cfg.workloads else [])
+  record = {"command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata()}
+  with outputs.Run(cfg.output_dir, "memory_sweep", files, overwrite=cfg.overwrite,
+                   record=record) as run:
+    params, model_cfg, stream = cli.load_model_and_stream(cfg)
+    points = (len(cfg.context_lengths) * len(cfg.concurrency) *
+              len(cfg.shared_prefix_fractions) * len(cfg.num_prefixes))
+    engine_args = dict(block_size=cfg.block_size, chunk_size=cfg.chunk_size, seed=cfg.seed,
+                       attention=cfg.attention, decode_attention=cfg.decode_attention,
+                       allow_long_context=cfg.allow_long_context)
+    # After every grid point, so an interrupted sweep keeps what it measured (its run
+    # record stays "running": the report refuses it).
+    write = lambda rows: run.write_csv("memory_sweep.csv", rows, memory.COLUMNS)
+    with tqdm.tqdm(total=points, desc="memory sweep", unit="point") as bar:
+      rows = memory.sweep(params, model_cfg, stream, model=cfg.model,
+                          context_lengths=cfg.context_lengths, concurrency=cfg.concurrency,
+                          shared_prefix_fractions=cfg.shared_prefix_fractions,
+                          num_prefixes=cfg.num_prefixes, max_seq_len=cfg.max_seq_len,
+                          progress=bar, on_rows=write, **engine_args)
+    path = write(rows)
+    print(f"wrote {path} ({len(rows)} rows, every kv_bytes_used equal to its prediction)")
+    if cfg.workloads:
+      sizes = {k: cfg[k] for k in workloads.SIZE_MINIMUM}
+      wrows = workloads.run(params, model_cfg, stream, model=cfg.model, sizes=sizes,
+                            **engine_args)
+      print(f"wrote {run.write_csv('workloads.csv', wrows, workloads.COLUMNS)}")
+    run.finish(attention=rows[0]["attention"], decode_attention=cfg.decode_attention,
+               rows={"memory_sweep.csv": len(rows)})
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.exit_on_error(main))

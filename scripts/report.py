@@ -2,6 +2,9 @@
 into report.md with tables, plots and the claims ledger.
 
   python scripts/report.py --run_dir=DIR
+
+Refuses (status 1, naming the file, row and column) a directory whose files carry
+another run's id than their run record, or any row that fails its sweep's check_row.
 """
 
 import os
@@ -11,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from absl import app, flags
 
-from hq_jax.harness import report
+from hq_jax.harness import cli, report
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "directory written by the sweep scripts")
 
@@ -20,9 +23,12 @@ def main(argv):
   del argv
   if not _RUN_DIR.value:
     raise app.UsageError("--run_dir is required")
-  path = report.write(_RUN_DIR.value)
+  try:
+    path = report.write(_RUN_DIR.value)
+  except report.ReportError as e:
+    sys.exit(f"error: {e}")
   print(f"report: {os.path.abspath(path)}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.exit_on_error(main))

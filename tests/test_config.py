@@ -48,3 +48,17 @@ def test_from_gguf_metadata():
   assert c == config.get_config("coder-0.5b")
   with pytest.raises(ValueError, match="general.architecture='llama'"):
     config.from_gguf({**meta, "general.architecture": "llama"}, tied=False)
+
+
+def test_sweep_configs_take_the_attention_flags():
+  """Issue 11 item 1: every config names its attention; the GPU configs use Pallas."""
+  import importlib
+  for name in ("latency", "memory_sweep", "perplexity", "memory_sweep_gpu", "perplexity_gpu"):
+    c = importlib.import_module(f"configs.{name}").get_config()
+    gpu = name.endswith("_gpu")
+    assert c.attention == ("pallas" if gpu else "auto"), name
+    assert c.decode_attention == "paged" and c.overwrite is False, name
+    longest = max(c.get("context_lengths", [c.get("num_tokens", 0)]))
+    limit = config.get_config(c.model if c.model != "shipped" else "coder-0.5b")
+    # A config that runs past its model's trained context says so explicitly.
+    assert c.allow_long_context == (longest > limit.max_position_embeddings), name

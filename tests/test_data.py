@@ -28,3 +28,11 @@ def test_read_text_errors(tmp_path):
   (tmp_path / "empty.txt").write_text("  \n")
   with pytest.raises(ValueError, match="is empty"):
     data.read_text(str(tmp_path / "empty.txt"))
+
+
+def test_non_utf8_text_file_is_named(tmp_path):
+  """Issue 14 defect 8: a non-UTF-8 --text_file raised without naming the file."""
+  path = tmp_path / "latin1.txt"
+  path.write_bytes("café".encode("latin-1") * 10)
+  with pytest.raises(ValueError, match=rf"--text_file '{path}' is not UTF-8 text"):
+    data.read_text(str(path))

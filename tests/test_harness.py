@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from hq_jax.engine import Engine
-from hq_jax.harness import ledger, memory, report
+from hq_jax.harness import ledger, memory, outputs, report
 from hq_jax.harness.memory import HarnessError
 from hq_jax.kv.paged import KVLayout
-from hq_jax.workloads import TokenStream
+from hq_jax.harness.requests import TokenStream
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -31,13 +31,22 @@ def _sweep_script(out):
 
 def _drop_timing(text):
   rows = list(csv.reader(io.StringIO(text)))
-  keep = [i for i, c in enumerate(rows[0]) if c not in memory.TIMING_COLUMNS]
+  # Timing varies between runs, and each run has its own id; everything else is exact.
+  keep = [i for i, c in enumerate(rows[0])
+          if c not in memory.TIMING_COLUMNS and c != outputs.RUN_ID]
   return [[r[i] for i in keep] for r in rows]
 
 
 @pytest.fixture(scope="module")
-def sweep_csv(tmp_path_factory):
-  return _sweep_script(tmp_path_factory.mktemp("sweep"))
+def sweep_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("sweep")
+  _sweep_script(out)
+  return out
+
+
+@pytest.fixture(scope="module")
+def sweep_csv(sweep_dir):
+  return (sweep_dir / "memory_sweep.csv").read_text()
 
 
 def test_acceptance_invocation_rows_match_the_formula(sweep_csv):
@@ -55,6 +64,7 @@ def test_acceptance_invocation_rows_match_the_formula(sweep_csv):
     else:
       assert r["kv_bytes_used"] == (p // 16 + c * (n - p) // 16) * blk
     assert r["peak_device_bytes"] is None  # CPU reports none: left empty, not invented.
+    assert r["attention"] == "reference"  # What ran: "auto" is the XLA reference on CPU.
     assert r["ttft_ms"] > 0
 
 
@@ -125,7 +135,7 @@ def test_ledger_refutes_a_logit_difference():
   assert ledger.bit_identical(None)["supported"] == ledger.UNTESTED
 
 
-def test_latency_and_report(tiny_setup, tmp_path, sweep_csv):
+def test_latency_and_report(tiny_setup, tmp_path, sweep_dir):
   from hq_jax.harness import latency
   engine, layout, stream = tiny_setup
   rows = latency.run_point(engine, layout, stream, model="tiny", context_length=128,
@@ -135,8 +145,11 @@ def test_latency_and_report(tiny_setup, tmp_path, sweep_csv):
   warm = rows[2]
   assert warm["cached_tokens"] == 64 and warm["computed_tokens"] == 64
   assert all(r["ttft_ms_min"] <= r["ttft_ms_median"] <= r["ttft_ms_max"] for r in rows)
-  (tmp_path / "latency.csv").write_text(memory.to_csv(rows, latency.COLUMNS))
-  (tmp_path / "memory_sweep.csv").write_text(sweep_csv)
+  with outputs.Run(str(tmp_path), "latency", ["latency.csv"]) as run:
+    run.write_csv("latency.csv", rows, latency.COLUMNS)
+    run.finish()
+  for name in ("memory_sweep.csv", "memory_sweep.run.json", "workloads.csv"):
+    (tmp_path / name).write_text((sweep_dir / name).read_text())
   path = report.write(str(tmp_path))
   text = open(path).read()
   assert "## Claims ledger" in text and "HQ stores less KV than dense" in text
@@ -147,3 +160,175 @@ def test_latency_and_report(tiny_setup, tmp_path, sweep_csv):
   assert by_claim["HQ stored KV is flat in context length"]["supported"] == ledger.REFUTED
   assert by_claim["Every request has exactly its context_length label's tokens"][
       "supported"] == ledger.SUPPORTED
+
+
+def _copy_sweep(sweep_dir, to):
+  for name in ("memory_sweep.csv", "memory_sweep.run.json", "workloads.csv"):
+    (to / name).write_text((sweep_dir / name).read_text())
+
+
+def test_report_refuses_a_tampered_row(sweep_dir, tmp_path):
+  """Issue 14 defect 2: one edited kv_bytes_used gave rc 0 and "equal to the analytic
+  prediction on every row", above the tampered row itself."""
+  _copy_sweep(sweep_dir, tmp_path)
+  assert report.write(str(tmp_path))  # Honest: accepted.
+  os.remove(tmp_path / "report.md")
+  text = (tmp_path / "memory_sweep.csv").read_text()
+  rows = list(csv.reader(io.StringIO(text)))
+  col = rows[0].index("kv_bytes_used")
+  pred = rows[0].index("kv_bytes_predicted")
+  tampered = [list(r) for r in rows]
+  tampered[4][col] = str(int(tampered[4][col]) // 2)
+  (tmp_path / "memory_sweep.csv").write_text(
+      "".join(",".join(r) + "\n" for r in tampered))
+  with pytest.raises(report.ReportError,
+                     match=r"memory_sweep.csv data row 4: .*kv_bytes_used .* differs"):
+    report.write(str(tmp_path))
+  # Editing the prediction along with it does not help: it is recomputed from the row.
+  tampered[4][pred] = tampered[4][col]
+  (tmp_path / "memory_sweep.csv").write_text(
+      "".join(",".join(r) + "\n" for r in tampered))
+  with pytest.raises(report.ReportError, match=r"data row 4: .*kv_bytes_predicted"):
+    report.write(str(tmp_path))
+  assert not (tmp_path / "report.md").exists()
+  # The script says so with status 1 and the file's name.
+  proc = subprocess.run([sys.executable, "scripts/report.py", f"--run_dir={tmp_path}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and "memory_sweep.csv data row 4" in proc.stderr
+
+
+def test_report_refuses_rows_of_another_run(sweep_dir, tmp_path):
+  """Issue 14 defect 4: rows were credited to another run's command."""
+  _copy_sweep(sweep_dir, tmp_path)
+  record = json.loads((tmp_path / "memory_sweep.run.json").read_text())
+  record["run_id"] = "0123456789abcdef"
+  (tmp_path / "memory_sweep.run.json").write_text(json.dumps(record))
+  with pytest.raises(report.ReportError, match="different runs"):
+    report.write(str(tmp_path))
+  record["run_id"] = json.loads(
+      (sweep_dir / "memory_sweep.run.json").read_text())["run_id"]
+  record["status"] = "running"  # An interrupted sweep's partial CSV.
+  (tmp_path / "memory_sweep.run.json").write_text(json.dumps(record))
+  with pytest.raises(report.ReportError, match="did not complete"):
+    report.write(str(tmp_path))
+
+
+def test_exact_logit_comparison_counts_nan_as_a_difference():
+  """Issue 14 defect 3: the max-abs-diff helper could call a NaN logit bit-identical."""
+  from hq_jax.harness import perplexity
+  a = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)
+  b = a.copy()
+  assert perplexity.logit_mismatches(a, b) == 0 and perplexity.max_abs_diff(a, b) == 0.0
+  b[1, 1] = np.nan
+  assert perplexity.logit_mismatches(a, b) == 1
+  assert np.isnan(perplexity.max_abs_diff(a, b))
+  nan_both = a.copy()
+  nan_both[0, 0] = np.nan
+  assert perplexity.logit_mismatches(nan_both, nan_both) == 1  # NaN is never "equal".
+  b = a.copy()
+  b[0, 2] = np.inf
+  assert perplexity.max_abs_diff(a, b) == np.inf
+  ppl = {"max_abs_logit_diff": {"full_prefill": 0.0, "prefix_reuse": 0.0},
+         "logit_mismatches": {"full_prefill": 0, "prefix_reuse": 1},
+         "prefix_reuse": {"cached_tokens": 64}, "num_tokens": 128,
+         "dense": {"ppl": 10.0}, "hq": {"ppl": 10.0}}
+  assert ledger.bit_identical(ppl)["supported"] == ledger.REFUTED
+  ppl["logit_mismatches"]["prefix_reuse"] = 0
+  assert ledger.bit_identical(ppl)["supported"] == ledger.SUPPORTED
+  del ppl["logit_mismatches"]  # An older file: judged by its max |diff|, NaN refuted.
+  ppl["max_abs_logit_diff"]["full_prefill"] = float("nan")
+  assert ledger.bit_identical(ppl)["supported"] == ledger.REFUTED
+
+
+def test_chunked_nll_equals_the_whole_array_log_softmax(tiny):
+  """token_nll scores one chunk at a time; the numbers are those of the whole array."""
+  import jax
+  import jax.numpy as jnp
+  from hq_jax.harness import perplexity
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(300, 512)).astype(np.float32) * 4
+  ids = rng.integers(0, 512, size=300)
+  logp = jax.nn.log_softmax(jnp.asarray(logits[:-1]), axis=-1)
+  whole = np.asarray(-jnp.take_along_axis(logp, jnp.asarray(ids[1:, None]), axis=-1)[:, 0],
+                     np.float64)
+  np.testing.assert_array_equal(perplexity.token_nll(logits, ids, chunk=64), whole)
+
+
+def _no_compute(monkeypatch):
+  calls = []
+  monkeypatch.setattr(memory, "run_point", lambda *a, **k: calls.append(1) or [])
+  return calls
+
+
+@pytest.mark.parametrize("grid, message", [
+    (dict(context_lengths=[64, 0]), r"--context_lengths=64,0: 0 is below 1"),
+    (dict(context_lengths=[]), r"--context_lengths is empty"),
+    (dict(concurrency=[0]), r"--concurrency=0: 0 is below 1"),
+    (dict(shared_prefix_fractions=[1.5]), r"--shared_prefix_fractions: 1.5 is not in"),
+    (dict(num_prefixes=[-1]), r"--num_prefixes"),
+    (dict(context_lengths=[4160]), r"exceed tiny's max_position_embeddings 4096.*"
+                                   r"--allow_long_context"),
+])
+def test_sweep_checks_every_flag_before_any_compute(tiny, tiny_setup, monkeypatch, grid,
+                                                    message):
+  """Issue 14 defects 7 and 8: `--context_lengths=64,0` wrote the 64 rows, then raised;
+  4,160 tokens on a 4,096-token model ran silently."""
+  params, cfg = tiny
+  _, _, stream = tiny_setup
+  calls = _no_compute(monkeypatch)
+  args = dict(context_lengths=[64], concurrency=[2], shared_prefix_fractions=[0.5],
+              num_prefixes=[1])
+  args.update(grid)
+  with pytest.raises(ValueError, match=message):
+    memory.sweep(params, cfg, stream, model="tiny", **args)
+  assert not calls
+
+
+def test_long_context_is_allowed_only_when_asked(tiny):
+  _, cfg = tiny
+  with pytest.raises(ValueError, match="--allow_long_context"):
+    memory.check_context_limit(cfg, 4097, "--context_lengths")
+  memory.check_context_limit(cfg, 4096, "--context_lengths")
+  memory.check_context_limit(cfg, 4160, "--context_lengths", allow_long_context=True)
+
+
+def test_repetitive_text_is_refused_up_front(tiny, monkeypatch):
+  """Issue 14 defect 7: a text too repetitive for distinct suffixes surfaced as
+  "allocation reported as use?" after the compute."""
+  params, cfg = tiny
+  calls = _no_compute(monkeypatch)
+  stream = TokenStream(np.tile(np.arange(2), 100))  # 4 suffixes, 2 distinct slices.
+  with pytest.raises(ValueError, match="too repetitive"):
+    memory.sweep(params, cfg, stream, model="tiny", context_lengths=[128], concurrency=[4],
+                 shared_prefix_fractions=[0.5])
+  assert not calls
+  from hq_jax.harness import latency
+  with pytest.raises(ValueError, match="too repetitive"):
+    latency.sweep(params, cfg, stream, model="tiny", context_lengths=[128], concurrency=[4],
+                  shared_prefix_fractions=[0.5])
+
+
+def test_latency_and_workload_flags(tiny, tiny_setup):
+  """Issue 14 defect 7: `--concurrency=0` raised IndexError, `--system_tokens=-5` was
+  accepted, `--users=0` failed after the sweep."""
+  from hq_jax.harness import latency, workloads
+  params, cfg = tiny
+  _, _, stream = tiny_setup
+  with pytest.raises(ValueError, match=r"--concurrency=0: 0 is below 1"):
+    latency.sweep(params, cfg, stream, model="tiny", context_lengths=[128], concurrency=[0],
+                  shared_prefix_fractions=[0.5])
+  sizes = dict(users=4, system_tokens=192, user_tokens=48, examples=3, example_tokens=96,
+               turns=4)
+  for name, bad in (("system_tokens", -5), ("users", 0), ("turns", 0), ("examples", 0)):
+    with pytest.raises(ValueError, match=rf"--{name} must be an integer >= "):
+      workloads.run(params, cfg, stream, model="tiny", sizes={**sizes, name: bad})
+
+
+def test_token_stream_refuses_ids_outside_the_vocabulary():
+  """Issue 14 defect 6 (harness inputs): ids >= 2**31 wrapped; floats were accepted."""
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    TokenStream(np.array([0, 2**31 + 1] * 40, np.int64), 512)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    TokenStream(np.array([0, 600] * 40), 512)
+  with pytest.raises(ValueError, match="must be integers"):
+    TokenStream(np.zeros(100, np.float32), 512)

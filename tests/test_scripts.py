@@ -23,7 +23,18 @@ def test_perplexity_script(tmp_path):
   assert out["num_tokens"] == 200 and len(out["token_ids"]) == 200
   assert len(out["dense"]["nll"]) == len(out["hq"]["nll"]) == 199
   assert out["max_abs_logit_diff"] == {"full_prefill": 0.0, "prefix_reuse": 0.0}
+  assert out["logit_mismatches"] == {"full_prefill": 0, "prefix_reuse": 0}
   assert out["dense"]["ppl"] == out["hq"]["ppl"] > 1.0
+  # What ran is recorded (issue 11 item 1): "auto" resolves to the XLA reference on CPU.
+  record = json.loads((tmp_path / "out" / "perplexity.run.json").read_text())
+  assert out["attention"] == record["attention"] == "reference"
+  assert record["backend"] == "cpu" and record["run_id"] == out["run_id"]
+  assert record["status"] == "complete" and record["config"]["attention"] == "auto"
+  # A second run into the same directory is refused before any compute (defect 4).
+  proc = _run("scripts/perplexity.py", "--model=tiny", f"--text_file={text}",
+              "--num_tokens=200", f"--output_dir={tmp_path / 'out'}")
+  assert proc.returncode == 1 and "--overwrite" in proc.stderr
+  assert json.loads((tmp_path / "out" / "perplexity.json").read_text()) == out
 
 
 def test_perplexity_script_errors_and_help(tmp_path):
@@ -34,6 +45,28 @@ def test_perplexity_script_errors_and_help(tmp_path):
   proc = _run("scripts/perplexity.py", "--help")
   # (absl exits with status 1 after --help.)
   assert "--num_tokens" in proc.stdout and "--text_file" in proc.stdout
+
+
+def test_sweep_flags_fail_before_any_compute(tmp_path):
+  """Issue 14 defect 7: bad flags failed lazily (after rows, or after all the compute)."""
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  for args, message in [
+      ([f"--output_dir={a_file}"], f"--output_dir={a_file} is a file"),
+      (["--context_lengths=64,0"], "--context_lengths=64,0: 0 is below 1"),
+      (["--context_lengths="], "--context_lengths is empty"),
+      (["--system_tokens=-5"], "--system_tokens must be an integer >= 0"),
+      (["--attention=fast"], "--attention must be one of auto, reference"),
+  ]:
+    out = args[0].split("=", 1)[1] if args[0].startswith("--output_dir") else tmp_path / "o"
+    proc = _run("scripts/memory_sweep.py", "--model=tiny", f"--output_dir={out}",
+                *[a for a in args if not a.startswith("--output_dir")])
+    assert proc.returncode == 1, (args, proc.stderr[-2000:])
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {message}" or message in proc.stderr
+    assert "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "o") and a_file.read_text() == "x"
+  proc = _run("scripts/latency.py", "--concurrency=0", f"--output_dir={tmp_path / 'o'}")
+  assert proc.returncode == 1 and "--concurrency=0: 0 is below 1" in proc.stderr
 
 
 def test_kernel_bench_flags(tmp_path):

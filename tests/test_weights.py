@@ -125,3 +125,107 @@ def test_shipped_parts_missing_or_corrupt(tmp_path, monkeypatch):
     weights.shipped_gguf_path()
   # Nothing half-assembled is left where a later load would find it.
   assert not os.listdir(tmp_path / "cache" / "models")
+
+
+def _largest_file(directory):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def test_converted_cache_is_verified_on_every_load(tiny, tmp_path):
+  """Issue 14 defect 1: a bit flip in the orbax params or an edited config.json was used
+  silently (ppl nan or a wrong model, rc 0)."""
+  params, cfg = tiny
+  gguf_path = str(tmp_path / "tiny.gguf")
+  _write_gguf(gguf_path, params, cfg)
+  cache = str(tmp_path / "cache")
+  loaded, lcfg, _ = _load_tiny_cached(gguf_path, cache)
+  chex.assert_trees_all_equal(loaded, params)
+  again, _, _ = _load_tiny_cached(gguf_path, cache)  # From the cache, verified.
+  chex.assert_trees_all_equal(again, params)
+
+  victim = _largest_file(os.path.join(cache, "orbax-float32"))
+  data = bytearray(open(victim, "rb").read())
+  data[len(data) // 2] ^= 0x01  # One bit.
+  open(victim, "wb").write(bytes(data))
+  with pytest.raises(WeightsError, match=r"corrupt.*prepare --force"):
+    _load_tiny_cached(gguf_path, cache)
+  loaded, _, _ = _load_tiny_cached(gguf_path, cache, force=True)  # The rebuild command.
+  chex.assert_trees_all_equal(loaded, params)
+
+  cfg_path = os.path.join(cache, "config.json")
+  good = open(cfg_path).read()
+  edited = json.loads(good)
+  edited["rope_theta"] = edited["rope_theta"] / 100
+  open(cfg_path, "w").write(json.dumps(edited))
+  with pytest.raises(WeightsError, match="config.json does not match its sha256"):
+    _load_tiny_cached(gguf_path, cache)
+  # Even with the manifest updated to match, the GGUF header disagrees.
+  manifest_path = os.path.join(cache, "manifest-float32.json")
+  manifest = json.loads(open(manifest_path).read())
+  manifest["files"]["config.json"] = weights._sha256_file(cfg_path)
+  open(manifest_path, "w").write(json.dumps(manifest))
+  with pytest.raises(WeightsError, match="disagrees with the GGUF on rope_theta"):
+    _load_tiny_cached(gguf_path, cache)
+
+
+def _load_tiny_cached(gguf_path, cache, force=False):
+  """`load_converted` on a GGUF without a vocabulary: the cached tokenizer is a stub."""
+  import tokenizers
+  real = weights.load_gguf
+
+  def with_stub_tokenizer(*a, **kw):
+    params, cfg, tok = real(*a, **kw)
+    stub = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    return params, cfg, tok or weights.Tokenizer(stub)
+
+  weights.load_gguf = with_stub_tokenizer
+  try:
+    return weights.load_converted(gguf_path, cache, name="tiny", force=force)
+  finally:
+    weights.load_gguf = real
+
+
+def test_gguf_header_config_matches_the_gguf_reader(tiny, tmp_path):
+  params, cfg = tiny
+  _write_gguf(tmp_path / "t.gguf", params, cfg)
+  _, full_cfg, _ = weights.load_gguf(str(tmp_path / "t.gguf"), name="tiny")
+  assert weights._gguf_header_config(str(tmp_path / "t.gguf"), "tiny") == full_cfg
+
+
+def test_uppercase_sha256_is_accepted(tiny, tmp_path):
+  """Issue 14 defect 8: an uppercase sha256 was rejected."""
+  params, cfg = tiny
+  path = tmp_path / "t.gguf"
+  _write_gguf(path, params, cfg)
+  digest = weights._sha256_file(str(path))
+  weights.verify_sha256(str(path), digest.upper())
+  with pytest.raises(WeightsError, match="sha256"):
+    weights.verify_sha256(str(path), "F" * 64)
+
+
+def test_load_model_always_returns_a_tokenizer():
+  """Issue 14 structure 3: presets read UTF-8 bytes through a tokenizer, not `None`."""
+  from hq_jax.tokenizer import ByteTokenizer, encode_text
+  _, cfg, tok = weights.load_model("tiny")
+  assert isinstance(tok, ByteTokenizer) and tok.name == "utf8-bytes"
+  ids = encode_text(tok, "héllo", vocab_size=cfg.vocab_size)
+  assert ids.tolist() == list("héllo".encode()) and tok.decode(ids) == "héllo"
+  with pytest.raises(ValueError, match="fewer than num_tokens=99"):
+    encode_text(tok, "short", vocab_size=cfg.vocab_size, num_tokens=99)
+  with pytest.raises(ValueError, match="UTF-8 bytes do not fit"):
+    encode_text(tok, "abc", vocab_size=128)
+
+  class Big(ByteTokenizer):  # A tokenizer larger than the model (issue 14 defect 6).
+    def encode(self, text):
+      return [1, 2, 2**31 + 5]
+
+  with pytest.raises(ValueError, match=r"id 2147483653 at position 2, outside the model's"):
+    encode_text(Big(), "abc", vocab_size=cfg.vocab_size)
+
+
+def test_prepare_command_usage(capsys):
+  """The rebuild command named by every cache error parses (--force, nothing else)."""
+  assert weights.main(["weights", "prepare", "--bogus"]) == 2
+  assert "prepare [--force]" in capsys.readouterr().out
+  assert weights.REBUILD_COMMAND == "python -m hq_jax.weights prepare --force"

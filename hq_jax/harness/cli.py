@@ -5,9 +5,9 @@ and `--help` lists every field with its default."""
 from __future__ import annotations
 
 import datetime
-import json
-import os
+import functools
 import platform
+import sys
 
 import jax
 import ml_collections
@@ -20,6 +20,12 @@ COMMON_HELPS = {
     "block_size": "KV block size in tokens",
     "chunk_size": "prefill chunk (a multiple of block_size)",
     "dtype": "float32 | bfloat16",
+    "attention": "prefill/decode attention: auto (Pallas on a GPU, the XLA reference "
+                 "elsewhere), reference, pallas, pallas_interpret",
+    "decode_attention": "decode over shared prefixes: paged, dedup (read a shared prefix "
+                        "once), auto",
+    "overwrite": "replace this script's earlier outputs in --output_dir (else refused)",
+    "allow_long_context": "run requests longer than the model's max_position_embeddings",
 }
 REQUEST_TEXT_HELP = ("UTF-8 text the requests are cut from; empty = the shipped Wikipedia "
                      "articles")
@@ -60,44 +66,87 @@ def run_metadata() -> dict:
   """Where and when a result was produced (goes into every output file)."""
   dev = jax.devices()[0]
   return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "jax_version": jax.__version__, "platform": dev.platform,
-          "device": getattr(dev, "device_kind", str(dev)), "host": platform.node(),
-          "python": platform.python_version()}
+          "jax_version": jax.__version__, "backend": jax.default_backend(),
+          "platform": dev.platform, "device": getattr(dev, "device_kind", str(dev)),
+          "host": platform.node(), "python": platform.python_version()}
 
 
 def write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=1)
+  """Strict JSON (NaN/Inf refused), written atomically."""
+  from hq_jax.harness import outputs
+  outputs.write_json(path, obj)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Checks every flag a config has before anything is loaded or computed; each error
+  names its flag. (The sweeps check their own arguments again, for notebook callers.)"""
+  from hq_jax.harness import memory, outputs, workloads
+
+  def at_least(name, minimum):
+    if name in cfg and cfg[name] < minimum:
+      raise ValueError(f"--{name} must be >= {minimum}, got {cfg[name]}")
+
+  if "output_dir" in cfg:
+    outputs.check_output_dir(cfg.output_dir)
+  if "dtype" in cfg and cfg.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+  for name, minimum in (("block_size", 1), ("chunk_size", 1), ("seed", 0), ("max_seq_len", 0),
+                        ("repeats", 1), ("warmup", 0), ("num_tokens", 2)):
+    at_least(name, minimum)
+  if "chunk_size" in cfg and "block_size" in cfg and cfg.chunk_size % cfg.block_size:
+    raise ValueError(f"--chunk_size={cfg.chunk_size} must be a multiple of "
+                     f"--block_size={cfg.block_size}")
+  if "attention" in cfg and cfg.attention not in memory.ATTENTION:
+    raise ValueError(f"--attention must be one of {', '.join(memory.ATTENTION)}, got "
+                     f"{cfg.attention!r}")
+  if "decode_attention" in cfg and cfg.decode_attention not in memory.DECODE_ATTENTION:
+    raise ValueError(f"--decode_attention must be one of "
+                     f"{', '.join(memory.DECODE_ATTENTION)}, got {cfg.decode_attention!r}")
+  if "context_lengths" in cfg:
+    points = memory.check_grid(
+        context_lengths=cfg.context_lengths, concurrency=cfg.concurrency,
+        shared_prefix_fractions=cfg.shared_prefix_fractions,
+        num_prefixes=cfg.get("num_prefixes", (1,)))
+    longest = max(n for n, *_ in points)
+    if cfg.get("max_seq_len", 0) and cfg.max_seq_len < longest:
+      raise ValueError(f"--max_seq_len={cfg.max_seq_len} is below the longest "
+                       f"--context_lengths value {longest}")
+  if cfg.get("workloads", False):
+    workloads.check_sizes({k: cfg[k] for k in workloads.SIZE_MINIMUM})
+
+
+def exit_on_error(main):
+  """Wraps a script's main: an expected error (bad flag, bad file, failed check) ends the
+  script with one line naming the problem and status 1, not a traceback."""
+  from hq_jax import weights
+  from hq_jax.harness import outputs
+  from hq_jax.harness.memory import HarnessError
+  expected = (ValueError, FileNotFoundError, outputs.OutputError, HarnessError,
+              weights.WeightsError)
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except expected as e:
+      sys.exit(f"error: {e}")
+  return wrapped
 
 
 def load_model_and_stream(cfg):
   """(params, model config, token stream of the text) for a sweep config."""
   from absl import logging
 
-  from hq_jax import data, text_tokens, weights
-  from hq_jax.workloads import TokenStream
+  from hq_jax import data, tokenizer, weights
+  from hq_jax.harness.requests import TokenStream
 
   text = data.read_text(cfg.text_file)
   logging.info("loading model %s (%s)", cfg.model, cfg.dtype)
   params, model_cfg, tok = weights.load_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
-  if tok is None:
-    tok = _shipped_tokenizer_if_it_fits(model_cfg)
-  stream = TokenStream(text_tokens.tokenize(text, tok, model_cfg))
-  logging.info("text: %d tokens", len(stream))
+  ids = tokenizer.encode_text(tok, text, vocab_size=model_cfg.vocab_size)
+  stream = TokenStream(ids, model_cfg.vocab_size)
+  logging.info("text: %d tokens (%s)", len(stream), tok.name)
   return params, model_cfg, stream
-
-
-def _shipped_tokenizer_if_it_fits(model_cfg):
-  """Random-weight presets of the Qwen2.5 family read real Qwen2 token ids when available."""
-  from hq_jax import config, weights
-  # Decide from the preset's vocabulary before loading anything (`tiny` has 512 ids).
-  if model_cfg.vocab_size < config.get_config("coder-0.5b").vocab_size:
-    return None
-  try:
-    return weights.load_shipped()[2]
-  except (FileNotFoundError, ValueError):
-    return None
 
 
 def command_line() -> str:

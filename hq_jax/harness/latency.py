@@ -12,7 +12,6 @@ built outside the timed region. Reported: median, min and max.
 
 from __future__ import annotations
 
-import itertools
 import statistics
 import time
 from typing import Iterable
@@ -21,14 +20,29 @@ import jax
 
 from hq_jax.config import ModelConfig
 from hq_jax.engine import Engine
-from hq_jax.harness.memory import make_cache, run_requests
+from hq_jax.harness.memory import (HarnessError, attention_name, check_context_limit,
+                                   check_grid, make_cache, make_engine, point_requests,
+                                   run_requests)
+from hq_jax.harness.requests import TokenStream, shared_prefix_tokens
 from hq_jax.kv.paged import KVLayout
-from hq_jax.workloads import TokenStream, grid_requests, shared_prefix_tokens
 
 COLUMNS = ("mode", "model", "context_length", "concurrency", "shared_prefix_tokens",
            "cached_tokens", "computed_tokens", "repeats", "ttft_ms_median", "ttft_ms_min",
            "ttft_ms_max", "decode_step_ms_median", "decode_step_ms_min", "decode_step_ms_max",
-           "platform")
+           "platform", "attention", "decode_attention")
+
+
+def check_row(row: dict) -> None:
+  """Raises HarnessError for a latency row that cannot be a measurement: a range that does
+  not hold its median, or cached + computed tokens that are not the request."""
+  where = f"{row['mode']} row context_length={row['context_length']}"
+  for what in ("ttft_ms", "decode_step_ms"):
+    lo, mid, hi = row[f"{what}_min"], row[f"{what}_median"], row[f"{what}_max"]
+    if not 0 <= lo <= mid <= hi:
+      raise HarnessError(f"{where}: {what}_min/median/max {lo}/{mid}/{hi} are not ordered")
+  if row["cached_tokens"] + row["computed_tokens"] != row["context_length"]:
+    raise HarnessError(f"{where}: cached_tokens {row['cached_tokens']} + computed_tokens "
+                       f"{row['computed_tokens']} != context_length {row['context_length']}")
 
 
 def _summary(values_s):
@@ -40,9 +54,9 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
               context_length: int, concurrency: int, shared_prefix_fraction: float,
               repeats: int, warmup: int, seed: int) -> list[dict]:
   # One extra request: hq_warm's "previous" request shares the prefix, not the suffix.
-  reqs = grid_requests(stream, context_length=context_length, concurrency=concurrency + 1,
-                       shared_prefix_fraction=shared_prefix_fraction,
-                       block_size=layout.block_size, seed=seed)
+  reqs = point_requests(stream, context_length=context_length, concurrency=concurrency + 1,
+                        shared_prefix_fraction=shared_prefix_fraction, num_prefixes=1,
+                        block_size=layout.block_size, seed=seed)
   warmer, target, batch = reqs[0], reqs[1], reqs[1:]
   p = shared_prefix_tokens(context_length, shared_prefix_fraction, layout.block_size)
 
@@ -67,8 +81,10 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
     steps = []
     for i in range(warmup + repeats):
       t0 = time.perf_counter()
-      cache, logits = engine.decode(cache, slots, [1] * len(slots))
+      cache, out = engine.decode(cache, slots, [1] * len(slots))
+      logits = getattr(out, "logits", out)  # A DecodeResult, or the logits themselves.
       logits.block_until_ready()
+      used = getattr(out, "attention", None) or getattr(engine, "last_decode_attention", None)
       if i >= warmup:
         steps.append(time.perf_counter() - t0)
     ttft, dec = _summary(times), _summary(steps)
@@ -78,20 +94,37 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
         "cached_tokens": res.cached_tokens, "computed_tokens": res.computed_tokens,
         "repeats": repeats, "ttft_ms_median": ttft[0], "ttft_ms_min": ttft[1],
         "ttft_ms_max": ttft[2], "decode_step_ms_median": dec[0], "decode_step_ms_min": dec[1],
-        "decode_step_ms_max": dec[2], "platform": jax.devices()[0].platform})
+        "decode_step_ms_max": dec[2], "platform": jax.devices()[0].platform,
+        "attention": attention_name(engine), "decode_attention": used or engine.decode_attention})
+    check_row(rows[-1])
   return rows
 
 
 def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
           context_lengths: Iterable[int], concurrency: Iterable[int],
           shared_prefix_fractions: Iterable[float], block_size: int = 16, chunk_size: int = 64,
-          repeats: int = 5, warmup: int = 1, seed: int = 0, progress=None) -> list[dict]:
-  if repeats < 1 or warmup < 0:
-    raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+          repeats: int = 5, warmup: int = 1, seed: int = 0, attention: str = "auto",
+          decode_attention: str = "paged", allow_long_context: bool = False,
+          progress=None) -> list[dict]:
+  """Every grid point; all flags, the context limit and the requests are checked first."""
+  if repeats < 1:
+    raise ValueError(f"--repeats must be >= 1, got {repeats}")
+  if warmup < 0:
+    raise ValueError(f"--warmup must be >= 0, got {warmup}")
+  points = [(n, c, f) for n, c, f, _ in check_grid(
+      context_lengths=context_lengths, concurrency=concurrency,
+      shared_prefix_fractions=shared_prefix_fractions)]
+  # Decode appends warmup + repeats tokens after the prompt.
+  check_context_limit(cfg, max(n for n, _, _ in points) + warmup + repeats + 1,
+                      "--context_lengths", allow_long_context)
+  for n, c, f in points:
+    point_requests(stream, context_length=n, concurrency=c + 1, shared_prefix_fraction=f,
+                   num_prefixes=1, block_size=block_size, seed=seed)
   layout = KVLayout.from_config(cfg, block_size)
-  engine = Engine(params, cfg, chunk_size=chunk_size)
+  engine = make_engine(params, cfg, chunk_size=chunk_size, attention=attention,
+                       decode_attention=decode_attention)
   rows = []
-  for n, c, f in itertools.product(context_lengths, concurrency, shared_prefix_fractions):
+  for n, c, f in points:
     rows += run_point(engine, layout, stream, model=model, context_length=n, concurrency=c,
                       shared_prefix_fraction=f, repeats=repeats, warmup=warmup, seed=seed)
     if progress is not None:

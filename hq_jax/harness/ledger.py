@@ -26,10 +26,18 @@ def bit_identical(ppl: dict | None) -> dict:
   if not ppl:
     return _claim(claim, UNTESTED, "no perplexity run")
   d = ppl["max_abs_logit_diff"]
-  ok = d["full_prefill"] == 0.0 and d["prefix_reuse"] == 0.0
+  # Exact: no entry where dense == HQ is false (NaN counts as a difference). A file without
+  # the counts is judged by its max |diff|, which is 0.0 only when finite and equal.
+  counts = ppl.get("logit_mismatches")
+  if counts is not None:
+    ok = counts["full_prefill"] == 0 and counts["prefix_reuse"] == 0
+    exact = (f"{counts['full_prefill']} and {counts['prefix_reuse']} differing logits; ")
+  else:
+    ok = all(isinstance(v, (int, float)) and v == 0.0 for v in d.values())
+    exact = ""
   return _claim(
       claim, SUPPORTED if ok else REFUTED,
-      f"max |dense - HQ| logit: {d['full_prefill']} (full prefill), {d['prefix_reuse']} "
+      f"{exact}max |dense - HQ| logit: {d['full_prefill']} (full prefill), {d['prefix_reuse']} "
       f"(prefix reuse, {ppl['prefix_reuse']['cached_tokens']} of {ppl['num_tokens']} tokens "
       f"skipped); perplexity {ppl['dense']['ppl']:.4f} vs {ppl['hq']['ppl']:.4f}",
       "perplexity.json")

@@ -10,8 +10,6 @@ seed harness's mistakes an error rather than a result:
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import statistics
 from typing import Iterable, Sequence
@@ -24,7 +22,9 @@ from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout
 from hq_jax.kv.stats import kv_stats
-from hq_jax.workloads import Request, TokenStream, grid_requests, shared_prefix_tokens
+from hq_jax.harness import outputs
+from hq_jax.harness.requests import (Request, TokenStream, check_grid_distinct, grid_requests,
+                                     shared_prefix_tokens)
 
 BACKENDS = ("dense", "hq")
 # Wall-clock columns: they vary between runs and are kept apart from the exact ones.
@@ -35,7 +35,9 @@ COLUMNS = (
     "block_size", "bytes_per_token", "max_seq_len", "kv_bytes_allocated", "kv_bytes_used",
     "kv_bytes_predicted", "physical_blocks", "logical_blocks", "reuse_factor",
     "metadata_bytes", "pool_bytes", "hit_tokens", "query_tokens", "computed_tokens",
-    "peak_device_bytes", "seed") + TIMING_COLUMNS
+    "peak_device_bytes", "seed", "attention") + TIMING_COLUMNS
+ATTENTION = ("auto", "reference", "pallas", "pallas_interpret")
+DECODE_ATTENTION = ("paged", "dedup", "auto")
 
 
 class HarnessError(RuntimeError):
@@ -61,6 +63,13 @@ def check_row(row: dict) -> None:
   """Raises HarnessError if a row shows one of the seed harness's accounting mistakes."""
   where = (f"{row['backend']} row context_length={row['context_length']} "
            f"concurrency={row['concurrency']}")
+  predicted = predicted_kv_bytes(
+      row["backend"], context_length=row["context_length"], concurrency=row["concurrency"],
+      shared_prefix_tokens=row["shared_prefix_tokens"], num_prefixes=row["num_prefixes"],
+      bytes_per_token=row["bytes_per_token"])
+  if row["kv_bytes_predicted"] != predicted:
+    raise HarnessError(f"{where}: kv_bytes_predicted {row['kv_bytes_predicted']} is not the "
+                       f"analytic prediction {predicted} from the row's own grid point")
   if row["tokens_per_request"] != row["context_length"]:
     raise HarnessError(
         f"{where}: requests have {row['tokens_per_request']} tokens but are labelled "
@@ -100,6 +109,65 @@ def _check_fits(layout: KVLayout, num_blocks: int, what: str) -> None:
                        f"{stats['bytes_limit'] / 1e9:.1f} GB: trim the grid")
 
 
+def make_engine(params, cfg: ModelConfig, *, chunk_size: int, attention: str = "auto",
+                decode_attention: str = "paged") -> Engine:
+  """An Engine running `attention`; `engine.attention` is the name of what really runs
+  ("auto" resolved: Pallas on a GPU, the XLA reference elsewhere), for the outputs."""
+  if attention not in ATTENTION:
+    raise ValueError(f"--attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+  if decode_attention not in DECODE_ATTENTION:
+    raise ValueError(f"--decode_attention must be one of {', '.join(DECODE_ATTENTION)}, got "
+                     f"{decode_attention!r}")
+  try:
+    engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
+                    decode_attention=decode_attention)
+  except (KeyError, ValueError):
+    if attention != "auto":
+      raise
+    # An Engine that does not resolve "auto" itself yet.
+    resolved = "pallas" if jax.default_backend() == "gpu" else "reference"
+    engine = Engine(params, cfg, chunk_size=chunk_size, attention=resolved,
+                    decode_attention=decode_attention)
+    if not isinstance(getattr(engine, "attention", None), str):
+      engine.attention = resolved
+  if not isinstance(getattr(engine, "attention", None), str):
+    engine.attention = attention
+  return engine
+
+
+def attention_name(engine: Engine) -> str:
+  """What attention an engine runs, for the outputs (also for an Engine built by hand)."""
+  name = getattr(engine, "attention", None)
+  if isinstance(name, str):
+    return name
+  from hq_jax import engine as engine_lib
+  fn = getattr(engine, "attention_fn", None)
+  return next((k for k, v in getattr(engine_lib, "ATTENTION_BACKENDS", {}).items() if v is fn),
+              "unknown")
+
+
+def check_positive(flag: str, values, *, minimum: int | float = 1) -> list:
+  """The values of a grid flag, refusing an empty list and values below `minimum`."""
+  values = list(values)
+  if not values:
+    raise ValueError(f"--{flag} is empty: give at least one value")
+  bad = [v for v in values if v < minimum]
+  if bad:
+    raise ValueError(f"--{flag}={','.join(str(v) for v in values)}: {bad[0]} is below "
+                     f"{minimum}")
+  return values
+
+
+def check_context_limit(cfg: ModelConfig, tokens: int, flag: str,
+                        allow_long_context: bool = False) -> None:
+  """Refuses requests longer than the model's trained context unless explicitly allowed
+  (RoPE positions past it run silently but mean nothing)."""
+  if tokens > cfg.max_position_embeddings and not allow_long_context:
+    raise ValueError(f"{flag}: requests of {tokens} tokens exceed {cfg.name}'s "
+                     f"max_position_embeddings {cfg.max_position_embeddings}; pass "
+                     "--allow_long_context to run them anyway")
+
+
 def make_cache(backend: str, layout: KVLayout, *, concurrency: int, context_length: int,
                max_seq_len: int):
   blocks = concurrency * layout.blocks_for(max_seq_len if backend == "dense" else context_length)
@@ -122,13 +190,26 @@ def run_requests(engine: Engine, cache, requests: Sequence[Request]):
   return cache, results
 
 
+def point_requests(stream: TokenStream, *, context_length: int, concurrency: int,
+                   shared_prefix_fraction: float, num_prefixes: int, block_size: int,
+                   seed: int) -> list[Request]:
+  """The requests of one grid point, refused up front if the text cannot make them distinct."""
+  requests = grid_requests(stream, context_length=context_length, concurrency=concurrency,
+                           shared_prefix_fraction=shared_prefix_fraction,
+                           num_prefixes=num_prefixes, block_size=block_size, seed=seed)
+  check_grid_distinct(
+      requests, block_size=block_size,
+      shared_tokens=shared_prefix_tokens(context_length, shared_prefix_fraction, block_size))
+  return requests
+
+
 def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: str,
               context_length: int, concurrency: int, shared_prefix_fraction: float,
               num_prefixes: int, max_seq_len: int, seed: int) -> list[dict]:
   """Both backends on the same requests at one grid point: one checked row each."""
-  requests = grid_requests(stream, context_length=context_length, concurrency=concurrency,
-                           shared_prefix_fraction=shared_prefix_fraction,
-                           num_prefixes=num_prefixes, block_size=layout.block_size, seed=seed)
+  requests = point_requests(stream, context_length=context_length, concurrency=concurrency,
+                            shared_prefix_fraction=shared_prefix_fraction,
+                            num_prefixes=num_prefixes, block_size=layout.block_size, seed=seed)
   p = shared_prefix_tokens(context_length, shared_prefix_fraction, layout.block_size)
   max_seq = max_seq_len or context_length
   rows = []
@@ -157,6 +238,7 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
         "pool_bytes": s.pool_bytes, "hit_tokens": s.hit_tokens, "query_tokens": s.query_tokens,
         "computed_tokens": sum(r.computed_tokens for r in results),
         "peak_device_bytes": device_peak_bytes(), "seed": seed,
+        "attention": attention_name(engine),
         "ttft_ms": round(1e3 * statistics.median(r.ttft_s for r in results), 3),
         "prefill_s": round(sum(r.ttft_s for r in results), 4),
     }
@@ -169,17 +251,30 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
           context_lengths: Iterable[int], concurrency: Iterable[int],
           shared_prefix_fractions: Iterable[float], num_prefixes: Iterable[int] = (1,),
           block_size: int = 16, chunk_size: int = 64, max_seq_len: int = 0, seed: int = 0,
-          progress=None, on_rows=None) -> list[dict]:
+          attention: str = "auto", decode_attention: str = "paged",
+          allow_long_context: bool = False, progress=None, on_rows=None) -> list[dict]:
   """The full grid; `progress` (e.g. a tqdm) is updated once per grid point, and
-  `on_rows(rows_so_far)` is called after each (to write partial results)."""
-  layout = KVLayout.from_config(cfg, block_size)
-  engine = Engine(params, cfg, chunk_size=chunk_size)
-  context_lengths = list(context_lengths)
+  `on_rows(rows_so_far)` is called after each (to write partial results). Every grid
+  value, the context limit and the requests of every point are checked before any
+  compute, so a bad grid fails at once rather than after the rows before it."""
+  points = check_grid(context_lengths=context_lengths, concurrency=concurrency,
+                      shared_prefix_fractions=shared_prefix_fractions,
+                      num_prefixes=num_prefixes)
+  context_lengths = [p[0] for p in points]
+  if max_seq_len < 0:
+    raise ValueError(f"--max_seq_len must be >= 0, got {max_seq_len}")
   if max_seq_len and max_seq_len < max(context_lengths):
-    raise ValueError(f"max_seq_len {max_seq_len} < context_length {max(context_lengths)}")
+    raise ValueError(f"--max_seq_len {max_seq_len} < context_length {max(context_lengths)}")
+  check_context_limit(cfg, max(max_seq_len, *context_lengths), "--context_lengths",
+                      allow_long_context)
+  for n, c, f, g in points:
+    point_requests(stream, context_length=n, concurrency=c, shared_prefix_fraction=f,
+                   num_prefixes=g, block_size=block_size, seed=seed)
+  layout = KVLayout.from_config(cfg, block_size)
+  engine = make_engine(params, cfg, chunk_size=chunk_size, attention=attention,
+                       decode_attention=decode_attention)
   rows = []
-  for n, c, f, g in itertools.product(context_lengths, concurrency, shared_prefix_fractions,
-                                      num_prefixes):
+  for n, c, f, g in points:
     rows += run_point(engine, layout, stream, model=model, context_length=n, concurrency=c,
                       shared_prefix_fraction=f, num_prefixes=g, max_seq_len=max_seq_len,
                       seed=seed)
@@ -190,31 +285,24 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
   return rows
 
 
+def check_grid(*, context_lengths, concurrency, shared_prefix_fractions,
+               num_prefixes=(1,)) -> list[tuple]:
+  """The grid points (context_length, concurrency, fraction, num_prefixes), every flag
+  checked: no empty list, no value below its minimum, fractions in [0, 1]."""
+  fracs = list(shared_prefix_fractions)
+  if not fracs:
+    raise ValueError("--shared_prefix_fractions is empty: give at least one value")
+  bad = [f for f in fracs if not 0.0 <= f <= 1.0]
+  if bad:
+    raise ValueError(f"--shared_prefix_fractions: {bad[0]} is not in [0, 1]")
+  return list(itertools.product(check_positive("context_lengths", context_lengths),
+                                check_positive("concurrency", concurrency), fracs,
+                                check_positive("num_prefixes", num_prefixes)))
+
+
 def to_csv(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
-  buf = io.StringIO()
-  w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-  w.writeheader()
-  for row in rows:
-    w.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
-  return buf.getvalue()
+  return outputs.to_csv(rows, columns)
 
 
-def read_csv(path: str) -> list[dict]:
-  """Rows back with numbers parsed (empty cells become None)."""
-  with open(path, newline="") as f:
-    return read_csv_text(f.read())
-
-
-def _parse(v: str):
-  if v == "":
-    return None
-  for kind in (int, float):
-    try:
-      return kind(v)
-    except ValueError:
-      pass
-  return v
-
-
-def read_csv_text(text: str) -> list[dict]:
-  return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+read_csv = outputs.read_csv
+read_csv_text = outputs.read_csv_text

@@ -16,35 +16,88 @@ import jax.numpy as jnp
 import numpy as np
 
 from hq_jax.config import ModelConfig
-from hq_jax.engine import Engine
+from hq_jax.harness.memory import attention_name, check_context_limit, make_engine
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout
 
 
-def token_nll(logits: jax.Array, token_ids) -> np.ndarray:
-  """NLL of token i+1 given tokens <= i, for each i: [len(token_ids) - 1] float64."""
-  ids = jnp.asarray(token_ids, jnp.int32)
-  logp = jax.nn.log_softmax(logits[:-1].astype(jnp.float32), axis=-1)
-  return np.asarray(-jnp.take_along_axis(logp, ids[1:, None], axis=-1)[:, 0], np.float64)
+@jax.jit
+def _chunk_nll(logits, next_ids):
+  """NLL of `next_ids` under one chunk of logits: [chunk, vocab] -> [chunk] float32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, next_ids[:, None], axis=-1)[:, 0]
+
+
+def token_nll(logits, token_ids, *, chunk: int = 512) -> np.ndarray:
+  """NLL of token i+1 given tokens <= i, for each i: [len(token_ids) - 1] float64.
+
+  `logits` ([tokens, vocab], on the host or the device) is scored `chunk` rows at a time,
+  padded to one shape (one compile), so the device never holds a [tokens, vocab] float32
+  log-softmax. Each row's result does not depend on the others, so the numbers are those
+  of a single whole-array log-softmax.
+  """
+  ids = np.asarray(token_ids, np.int32)
+  n = ids.size - 1
+  out = np.empty(n, np.float64)
+  for start in range(0, n, chunk):
+    stop = min(start + chunk, n)
+    rows = np.asarray(logits[start:stop])
+    nxt = ids[start + 1:stop + 1]
+    if stop - start < chunk:  # Pad the last chunk to the common shape.
+      rows = np.concatenate([rows, np.zeros((chunk - rows.shape[0], rows.shape[1]), rows.dtype)])
+      nxt = np.concatenate([nxt, np.zeros(chunk - nxt.size, np.int32)])
+    out[start:stop] = np.asarray(_chunk_nll(rows, nxt), np.float64)[:stop - start]
+  return out
 
 
 def ppl(nll: np.ndarray) -> float:
   return float(np.exp(np.mean(nll)))
 
 
-def _max_abs_diff(a, b) -> float:
-  return float(jnp.max(jnp.abs(a - b)))
+def logit_mismatches(a, b, *, chunk: int = 512) -> int:
+  """How many entries differ: counts every position where `a == b` is false, so a NaN on
+  either side (or both) is a difference, and bit-identical means exactly 0."""
+  if a.shape != b.shape:
+    raise ValueError(f"logit shapes differ: {a.shape} vs {b.shape}")
+  count = 0
+  for start in range(0, a.shape[0], chunk):
+    x, y = np.asarray(a[start:start + chunk]), np.asarray(b[start:start + chunk])
+    count += int(np.count_nonzero(~(x == y)))
+  return count
 
 
-def run(params, cfg: ModelConfig, token_ids, *, chunk_size: int = 64,
-        block_size: int = 16) -> dict:
-  ids = np.asarray(token_ids, np.int32)
-  n = ids.size
+def max_abs_diff(a, b, *, chunk: int = 512) -> float:
+  """max |a - b|, NaN-aware: NaN when either side holds a NaN (np.max propagates it, where a
+  NaN-dropping reduction would report 0.0 for a corrupted row); inf for an infinite gap."""
+  worst = 0.0
+  for start in range(0, a.shape[0], chunk):
+    x = np.asarray(a[start:start + chunk], np.float64)
+    y = np.asarray(b[start:start + chunk], np.float64)
+    if np.isnan(x).any() or np.isnan(y).any():
+      return float("nan")
+    with np.errstate(invalid="ignore"):
+      d = np.abs(x - y)
+    d = np.where(x == y, 0.0, d)  # Equal infinities are no difference; inf - inf is NaN.
+    worst = max(worst, float(np.max(d)) if d.size else 0.0)
+  return worst
+
+
+def run(params, cfg: ModelConfig, token_ids, *, chunk_size: int = 64, block_size: int = 16,
+        attention: str = "auto", allow_long_context: bool = False) -> dict:
+  raw = np.asarray(token_ids)
+  if raw.dtype.kind not in "iu":
+    raise ValueError(f"token ids must be integers, got dtype {raw.dtype}")
+  n = raw.size
   if n < 2:
     raise ValueError(f"perplexity needs at least 2 tokens, got {n}")
+  if raw.min() < 0 or raw.max() >= cfg.vocab_size:
+    bad = int(raw.min()) if raw.min() < 0 else int(raw.max())
+    raise ValueError(f"token id {bad} is outside {cfg.name}'s vocabulary [0, {cfg.vocab_size})")
+  ids = raw.astype(np.int32)
+  check_context_limit(cfg, n, "--num_tokens", allow_long_context)
   layout = KVLayout.from_config(cfg, block_size)
-  engine = Engine(params, cfg, chunk_size=chunk_size)
+  engine = make_engine(params, cfg, chunk_size=chunk_size, attention=attention)
 
   dense = DenseKVCache.for_requests(layout, max_requests=1, max_seq_len=n)
   _, d = engine.prefill(dense, ids)
@@ -60,15 +113,22 @@ def run(params, cfg: ModelConfig, token_ids, *, chunk_size: int = 64,
   _, r = engine.prefill(reuse, ids)
 
   dense_nll, hq_nll = token_nll(d.logits, ids), token_nll(h.logits, ids)
+  dense_reused = d.logits[r.first_position:]
   return {
       "num_tokens": int(n),
       "chunk_size": chunk_size,
       "block_size": block_size,
+      "attention": attention_name(engine),
       "dense": {"ppl": ppl(dense_nll), "nll": dense_nll.tolist()},
       "hq": {"ppl": ppl(hq_nll), "nll": hq_nll.tolist()},
       "max_abs_logit_diff": {
-          "full_prefill": _max_abs_diff(d.logits, h.logits),
-          "prefix_reuse": _max_abs_diff(d.logits[r.first_position:], r.logits),
+          "full_prefill": max_abs_diff(d.logits, h.logits),
+          "prefix_reuse": max_abs_diff(dense_reused, r.logits),
+      },
+      # The exact test behind "bit-identical": entries where dense == HQ is false.
+      "logit_mismatches": {
+          "full_prefill": logit_mismatches(d.logits, h.logits),
+          "prefix_reuse": logit_mismatches(dense_reused, r.logits),
       },
       "prefix_reuse": {"prefix_tokens": prefix, "cached_tokens": r.cached_tokens,
                        "computed_tokens": r.computed_tokens},

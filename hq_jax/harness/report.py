@@ -1,20 +1,38 @@
 """Turns a run directory into report.md: tables, PNG plots and the claims ledger.
 
 Reads whatever of these the directory holds: perplexity.json, memory_sweep.csv,
-latency.csv, workloads.csv (and run.json for provenance). Writes report.md,
-ledger.json and the plots next to them.
+latency.csv, workloads.csv, each with the run record of the script that wrote it
+(`<script>.run.json`, see harness/outputs.py). Writes report.md, ledger.json and the
+plots next to them.
+
+Nothing is cited unchecked: every file must carry the run id of its run record (so rows
+are never credited to another run's command), and every row is re-checked with the same
+`check_row` its sweep used. A file or row that fails is refused (ReportError naming the
+file, the row and the column), never reported: a ledger line above a tampered row would
+be a lie, and a partial report could be mistaken for a whole one.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 from matplotlib.figure import Figure
 
-from hq_jax.harness import ledger
-from hq_jax.harness.memory import read_csv
+from hq_jax.harness import latency, ledger, memory, outputs, workloads
+from hq_jax.harness.memory import HarnessError
+
+# file -> the check each of its rows must pass (the one its sweep ran)
+SOURCES: dict[str, Callable[[dict], None] | None] = {
+    "perplexity.json": None,
+    "memory_sweep.csv": memory.check_row,
+    "latency.csv": latency.check_row,
+    "workloads.csv": workloads.check_row,
+}
+
+
+class ReportError(ValueError):
+  """A run directory's files are inconsistent, tampered or from different runs."""
 
 
 def _figure():
@@ -32,19 +50,35 @@ def _save(fig, ax, path, *, grid_axis="both", legend_size=8):
 
 
 def _load(run_dir: str):
-  def opt_csv(name):
-    path = os.path.join(run_dir, name)
-    return read_csv(path) if os.path.exists(path) else []
-
-  def opt_json(name):
+  """(perplexity, memory rows, latency rows, workload rows, run records by script), each
+  file checked against its run record and each row against its sweep's `check_row`."""
+  if not os.path.isdir(run_dir):
+    raise ReportError(f"--run_dir={run_dir} is not a directory")
+  loaded: dict = {}
+  for name, check in SOURCES.items():
     path = os.path.join(run_dir, name)
     if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
-
-  return (opt_json("perplexity.json"), opt_csv("memory_sweep.csv"), opt_csv("latency.csv"),
-          opt_csv("workloads.csv"), opt_json("run.json"))
+      continue
+    content = outputs.read_json(path) if name.endswith(".json") else outputs.read_csv(path)
+    if check is not None:
+      for i, row in enumerate(content):
+        try:
+          check(row)
+        except (HarnessError, KeyError, TypeError) as e:
+          what = f"missing column {e}" if isinstance(e, KeyError) else str(e)
+          raise ReportError(f"{path} data row {i + 1}: {what}. The report cites only rows "
+                            "that pass the sweep's own checks: re-run the sweep") from e
+    loaded[name] = content
+  records = {}
+  try:
+    all_records = outputs.run_records(run_dir)
+    for name, content in loaded.items():
+      record = outputs.check_file_run(run_dir, name, content, all_records)
+      records[record.get("script", name)] = record
+  except outputs.OutputError as e:
+    raise ReportError(str(e)) from e
+  return (loaded.get("perplexity.json"), loaded.get("memory_sweep.csv", []),
+          loaded.get("latency.csv", []), loaded.get("workloads.csv", []), records)
 
 
 def _table(rows: Sequence[dict], columns: Sequence[str], first_index: bool = False) -> str:
@@ -124,18 +158,18 @@ def plot_ttft(lat, path):
 
 
 def write(run_dir: str) -> str:
-  ppl, mem, lat, work, run = _load(run_dir)
+  ppl, mem, lat, work, records = _load(run_dir)
   if not (ppl or mem or lat or work):
     raise FileNotFoundError(f"{run_dir} holds none of perplexity.json, memory_sweep.csv, "
                             "latency.csv, workloads.csv")
   claims = ledger.build(ppl, mem, lat)
-  with open(os.path.join(run_dir, "ledger.json"), "w") as f:
-    json.dump(claims, f, indent=1)
+  outputs.write_json(os.path.join(run_dir, "ledger.json"), claims)
   md = ["# hq-jax run report\n"]
-  if run:
-    md.append(f"Memory sweep produced {run.get('date')} on {run.get('device')} "
-              f"({run.get('platform')}), JAX {run.get('jax_version')}, by "
-              f"`{run.get('command', '')}`.\n")
+  for script, run in sorted(records.items()):
+    md.append(f"{script} run `{run.get(outputs.RUN_ID)}` produced {run.get('date')} on "
+              f"{run.get('device')} ({run.get('platform')}, JAX backend "
+              f"{run.get('backend', '?')}), JAX {run.get('jax_version')}, attention "
+              f"{run.get('attention', '?')}, by `{run.get('command', '')}`.\n")
   md.append("## Claims ledger\n")
   md.append("Each verdict is computed from the rows it cites (`file#N` = Nth data row).\n")
   md.append(_table(claims, ["claim", "supported", "verdict", "evidence"]))

@@ -10,15 +10,49 @@ Memory columns are the peak over the run (after each admission).
 from __future__ import annotations
 
 from hq_jax.config import ModelConfig
-from hq_jax.engine import Engine
-from hq_jax.harness.memory import make_cache
+from hq_jax.harness import requests as wl
+from hq_jax.harness.memory import (HarnessError, attention_name, check_context_limit,
+                                   make_cache, make_engine)
 from hq_jax.kv.paged import KVLayout
 from hq_jax.kv.stats import kv_stats
-from hq_jax import workloads as wl
 
 COLUMNS = ("workload", "backend", "model", "requests", "prompt_tokens", "kv_bytes_allocated",
            "kv_bytes_used", "physical_blocks", "logical_blocks", "reuse_factor", "hit_tokens",
-           "query_tokens", "hit_rate", "computed_tokens", "metadata_bytes")
+           "query_tokens", "hit_rate", "computed_tokens", "metadata_bytes", "attention")
+# Smallest valid value of each size (a system prompt may be empty; everything else not).
+SIZE_MINIMUM = {"users": 1, "system_tokens": 0, "user_tokens": 1, "examples": 1,
+                "example_tokens": 1, "turns": 1}
+
+
+def check_sizes(sizes: dict) -> None:
+  """Refuses a missing or too small workload size, naming its flag."""
+  for name, minimum in SIZE_MINIMUM.items():
+    if name not in sizes:
+      raise ValueError(f"workload size --{name} is missing")
+    if not isinstance(sizes[name], int) or sizes[name] < minimum:
+      raise ValueError(f"--{name} must be an integer >= {minimum}, got {sizes[name]!r}")
+
+
+def check_row(row: dict) -> None:
+  """Raises HarnessError for a workload row whose numbers contradict each other."""
+  where = f"{row['workload']} {row['backend']} row"
+  if row["kv_bytes_used"] > row["kv_bytes_allocated"]:
+    raise HarnessError(f"{where}: kv_bytes_used {row['kv_bytes_used']} exceeds "
+                       f"kv_bytes_allocated {row['kv_bytes_allocated']}")
+  if row["hit_tokens"] > row["query_tokens"] or row["computed_tokens"] > row["prompt_tokens"]:
+    raise HarnessError(f"{where}: hit_tokens/query_tokens {row['hit_tokens']}/"
+                       f"{row['query_tokens']} or computed_tokens/prompt_tokens "
+                       f"{row['computed_tokens']}/{row['prompt_tokens']} exceed their total")
+  if row["backend"] == "dense" and (row["reuse_factor"] != 1.0 or row["hit_tokens"]):
+    raise HarnessError(f"{where}: the dense cache never shares, yet reuse_factor "
+                       f"{row['reuse_factor']}, hit_tokens {row['hit_tokens']}")
+
+
+def longest_request(sizes: dict) -> int:
+  s = sizes
+  return max(s["system_tokens"] + s["user_tokens"],
+             s["examples"] * s["example_tokens"] + s["user_tokens"],
+             s["turns"] * s["user_tokens"])
 
 
 def build(stream: wl.TokenStream, sizes: dict, seed: int) -> dict[str, tuple[list, bool]]:
@@ -37,11 +71,16 @@ def build(stream: wl.TokenStream, sizes: dict, seed: int) -> dict[str, tuple[lis
 
 
 def run(params, cfg: ModelConfig, stream: wl.TokenStream, *, model: str, sizes: dict,
-        block_size: int = 16, chunk_size: int = 64, seed: int = 0) -> list[dict]:
+        block_size: int = 16, chunk_size: int = 64, seed: int = 0, attention: str = "auto",
+        decode_attention: str = "paged", allow_long_context: bool = False) -> list[dict]:
+  check_sizes(sizes)
+  check_context_limit(cfg, longest_request(sizes), "the workload sizes", allow_long_context)
+  workloads = build(stream, sizes, seed)
   layout = KVLayout.from_config(cfg, block_size)
-  engine = Engine(params, cfg, chunk_size=chunk_size)
+  engine = make_engine(params, cfg, chunk_size=chunk_size, attention=attention,
+                       decode_attention=decode_attention)
   rows = []
-  for name, (requests, sequential) in build(stream, sizes, seed).items():
+  for name, (requests, sequential) in workloads.items():
     longest = max(len(r) for r in requests)
     for backend in ("dense", "hq"):
       cache = make_cache(backend, layout, concurrency=len(requests), context_length=longest,
@@ -64,5 +103,7 @@ def run(params, cfg: ModelConfig, stream: wl.TokenStream, *, model: str, sizes: 
           "reuse_factor": round(peak.reuse_factor, 6), "hit_tokens": end.hit_tokens,
           "query_tokens": end.query_tokens,
           "hit_rate": round(end.hit_tokens / end.query_tokens, 6),
-          "computed_tokens": computed, "metadata_bytes": end.metadata_bytes})
+          "computed_tokens": computed, "metadata_bytes": end.metadata_bytes,
+          "attention": attention_name(engine)})
+      check_row(rows[-1])
   return rows

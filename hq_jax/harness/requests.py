@@ -1,4 +1,4 @@
-"""Request generators built from real text.
+"""Requests for the harness, cut from real text: the grid and the named workloads.
 
 All requests are slices of one token stream (the shipped Wikipedia articles, or any
 text). A request of the memory grid has exactly `context_length` tokens: a shared
@@ -12,6 +12,7 @@ large sweep needs more tokens than the text has.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 
@@ -29,8 +30,15 @@ class Request:
 class TokenStream:
   """Deterministic slices of a token stream: `take(offset, n)` wraps around."""
 
-  def __init__(self, ids: np.ndarray):
-    ids = np.asarray(ids, np.int32)
+  def __init__(self, ids: np.ndarray, vocab_size: int | None = None):
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+      raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)
+                     or ids.max() > np.iinfo(np.int32).max):
+      bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+      raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    ids = ids.astype(np.int32)
     if ids.size < 64:
       raise ValueError(f"the text has only {ids.size} tokens; need at least 64")
     self.ids = ids
@@ -70,6 +78,36 @@ def grid_requests(stream: TokenStream, *, context_length: int, concurrency: int,
     out.append(Request(np.concatenate([prefixes[g], suffix]).astype(np.int32),
                        group=g if p else -1))
   return out
+
+
+def check_grid_distinct(requests: Sequence[Request], *, shared_tokens: int,
+                        block_size: int) -> None:
+  """Raises ValueError when two requests would share a whole block beyond their common
+  prefix: a text so repetitive that slices at distinct offsets are equal. The memory
+  prediction assumes they differ, so the sweep would otherwise fail later with a
+  misleading accounting error. (Block identity chains, so comparing the first whole block
+  after the shared prefix is enough.)"""
+  seen: dict[tuple, int] = {}
+  if shared_tokens >= block_size:
+    for i, r in enumerate(requests):  # Distinct prefixes must differ from their first block.
+      key = ("prefix", r.tokens[:block_size].tobytes())
+      if key in seen and requests[seen[key]].group != r.group:
+        raise ValueError(_repetitive(seen[key], i))
+      seen.setdefault(key, i)
+  for i, r in enumerate(requests):
+    first = r.tokens[shared_tokens:shared_tokens + block_size]
+    if first.size < block_size:
+      continue  # A partial block is never shared.
+    key = (r.group if shared_tokens else -1, first.tobytes())
+    if key in seen:
+      raise ValueError(_repetitive(seen[key], i))
+    seen[key] = i
+
+
+def _repetitive(i: int, j: int) -> str:
+  return (f"the text is too repetitive for distinct requests: requests {i} and {j} would be "
+          "equal beyond their shared prefix (slices at different offsets hold the same "
+          "tokens); use a longer, less repetitive --text_file")
 
 
 # ------------------------------------------------------------- named workloads
