@@ -29,13 +29,14 @@ test: $(STAMP) data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The main job on this CPU machine: the shipped model on real text, both caches.
+# --overwrite: a re-run replaces the previous demo's outputs (each script's own files).
 DEMO_DIR ?= runs/demo
 demo: $(STAMP) data
-	$(PY) scripts/perplexity.py --num_tokens=512 --output_dir=$(DEMO_DIR)
+	$(PY) scripts/perplexity.py --num_tokens=512 --output_dir=$(DEMO_DIR) --overwrite
 	$(PY) scripts/memory_sweep.py --model=shipped --context_lengths=128,256,512 \
-	  --concurrency=1,4 --shared_prefix_fractions=0.5 --output_dir=$(DEMO_DIR)
+	  --concurrency=1,4 --shared_prefix_fractions=0.5 --output_dir=$(DEMO_DIR) --overwrite
 	$(PY) scripts/latency.py --model=shipped --context_lengths=256 --concurrency=4 \
-	  --repeats=3 --output_dir=$(DEMO_DIR)
+	  --repeats=3 --output_dir=$(DEMO_DIR) --overwrite
 	$(PY) scripts/report.py --run_dir=$(DEMO_DIR)
 
 clean-venv:

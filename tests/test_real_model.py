@@ -78,7 +78,6 @@ def test_concurrent_requests_sharing_a_prefix_bit_identical(shipped, golden):
     mismatches += perplexity.logit_mismatches(d.logits[h.first_position:], h.logits)
   dense, dl = engine.decode(dense, [0, 1, 2], [11, 12, 13])
   hq, hl = engine.decode(hq, [0, 1, 2], [11, 12, 13])
-  # decode returns the logits, or a DecodeResult holding them.
-  mismatches += perplexity.logit_mismatches(getattr(dl, "logits", dl), getattr(hl, "logits", hl))
+  mismatches += perplexity.logit_mismatches(dl.logits, hl.logits)
   print(f"concurrent shared prefix: {mismatches} differing logits")
   assert mismatches == 0

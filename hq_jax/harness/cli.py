@@ -80,6 +80,7 @@ def write_json(path: str, obj) -> None:
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Checks every flag a config has before anything is loaded or computed; each error
   names its flag. (The sweeps check their own arguments again, for notebook callers.)"""
+  from hq_jax.engine import ATTENTION, DECODE_ATTENTION
   from hq_jax.harness import memory, outputs, workloads
 
   def at_least(name, minimum):
@@ -96,12 +97,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if "chunk_size" in cfg and "block_size" in cfg and cfg.chunk_size % cfg.block_size:
     raise ValueError(f"--chunk_size={cfg.chunk_size} must be a multiple of "
                      f"--block_size={cfg.block_size}")
-  if "attention" in cfg and cfg.attention not in memory.ATTENTION:
-    raise ValueError(f"--attention must be one of {', '.join(memory.ATTENTION)}, got "
+  if "attention" in cfg and cfg.attention not in ATTENTION:
+    raise ValueError(f"--attention must be one of {', '.join(ATTENTION)}, got "
                      f"{cfg.attention!r}")
-  if "decode_attention" in cfg and cfg.decode_attention not in memory.DECODE_ATTENTION:
+  if "decode_attention" in cfg and cfg.decode_attention not in DECODE_ATTENTION:
     raise ValueError(f"--decode_attention must be one of "
-                     f"{', '.join(memory.DECODE_ATTENTION)}, got {cfg.decode_attention!r}")
+                     f"{', '.join(DECODE_ATTENTION)}, got {cfg.decode_attention!r}")
   if "context_lengths" in cfg:
     points = memory.check_grid(
         context_lengths=cfg.context_lengths, concurrency=cfg.concurrency,

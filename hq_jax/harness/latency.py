@@ -82,9 +82,8 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
     for i in range(warmup + repeats):
       t0 = time.perf_counter()
       cache, out = engine.decode(cache, slots, [1] * len(slots))
-      logits = getattr(out, "logits", out)  # A DecodeResult, or the logits themselves.
-      logits.block_until_ready()
-      used = getattr(out, "attention", None) or getattr(engine, "last_decode_attention", None)
+      out.logits.block_until_ready()
+      used = out.attention
       if i >= warmup:
         steps.append(time.perf_counter() - t0)
     ttft, dec = _summary(times), _summary(steps)

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import jax
 
 from hq_jax.config import ModelConfig
-from hq_jax.engine import Engine
+from hq_jax.engine import ATTENTION, DECODE_ATTENTION, Engine
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout
@@ -36,8 +36,6 @@ COLUMNS = (
     "kv_bytes_predicted", "physical_blocks", "logical_blocks", "reuse_factor",
     "metadata_bytes", "pool_bytes", "hit_tokens", "query_tokens", "computed_tokens",
     "peak_device_bytes", "seed", "attention") + TIMING_COLUMNS
-ATTENTION = ("auto", "reference", "pallas", "pallas_interpret")
-DECODE_ATTENTION = ("paged", "dedup", "auto")
 
 
 class HarnessError(RuntimeError):
@@ -118,21 +116,8 @@ def make_engine(params, cfg: ModelConfig, *, chunk_size: int, attention: str = "
   if decode_attention not in DECODE_ATTENTION:
     raise ValueError(f"--decode_attention must be one of {', '.join(DECODE_ATTENTION)}, got "
                      f"{decode_attention!r}")
-  try:
-    engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
-                    decode_attention=decode_attention)
-  except (KeyError, ValueError):
-    if attention != "auto":
-      raise
-    # An Engine that does not resolve "auto" itself yet.
-    resolved = "pallas" if jax.default_backend() == "gpu" else "reference"
-    engine = Engine(params, cfg, chunk_size=chunk_size, attention=resolved,
-                    decode_attention=decode_attention)
-    if not isinstance(getattr(engine, "attention", None), str):
-      engine.attention = resolved
-  if not isinstance(getattr(engine, "attention", None), str):
-    engine.attention = attention
-  return engine
+  return Engine(params, cfg, chunk_size=chunk_size, attention=attention,
+                decode_attention=decode_attention)
 
 
 def attention_name(engine: Engine) -> str:
