@@ -226,13 +226,16 @@ class Engine:
     if len(set(slots)) != len(slots):
       raise CacheError(f"decode got a slot twice: {slots}")
     self._check_cache(cache)
-    cache = cache.append_batch(slots, [int(t) for t in tokens])
+    # With donation the caller hands the cache over (its pools die here), so the metadata
+    # may be updated in place too: host work per step then does not grow with the pool.
+    cache = cache.append_batch(slots, [int(t) for t in tokens], consume=self.donate)
     lens = [int(cache.req_lens[s]) for s in slots]
     view, used = self._decode_view(cache, slots, lens)
     padded = np.zeros((view.positions.shape[0], 1), np.int32)
     padded[:len(slots), 0] = tokens
     out, cache = self._step(cache, padded, view)
-    return cache.commit_batch(slots, lens), DecodeResult(_first_rows(out, len(slots)), used)
+    return (cache.commit_batch(slots, lens, consume=self.donate),
+            DecodeResult(_first_rows(out, len(slots)), used))
 
   def generate(self, cache: PagedCache, prompt: Sequence[int], steps: int, *, salt: int = 0):
     """Greedy decoding of `steps` tokens after `prompt`: (cache, slot, new token ids)."""

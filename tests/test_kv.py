@@ -213,3 +213,40 @@ def test_batched_decode_bookkeeping_equals_one_slot_at_a_time(tiny_layout, backe
     assert int(seq.registered.sum()) > int(c.registered.sum())  # Slot 1's block filled.
   with pytest.raises(CacheError, match="appears twice"):
     c.append_batch([0, 0], [1, 2])
+
+
+def test_consumed_decode_bookkeeping_equals_copying(tiny_layout):
+  """append_batch / commit_batch with consume=True (in place, the engine on a GPU) give the
+  same cache as the copying path over a decode run that allocates, fills, registers and
+  evicts blocks; a step the pool cannot take is refused before anything changes."""
+  def build():
+    c = DedupKVCache.init(tiny_layout, num_blocks=14, max_requests=4, max_seq_len=96)
+    for n, shift in ((20, 0), (33, 0), (17, 1)):  # two share a first block
+      c, s = c.admit((np.arange(n) + shift) % 7)
+      c = c.commit(s, n)
+    c, s = c.admit(np.arange(40) % 5)
+    c = c.commit(s, 40).release(s)  # cached, refcount-0 blocks: evicted when needed
+    return c
+  copying, consumed = build(), build()
+  slots = [0, 1, 2]
+  for step in range(30):
+    toks = [step % 7, (step + 1) % 7, (step + 2) % 7]
+    copying = copying.append_batch(slots, toks)
+    consumed = consumed.append_batch(slots, toks, consume=True)
+    lens = [int(copying.req_lens[s]) for s in slots]
+    copying = copying.commit_batch(slots, lens)
+    consumed = consumed.commit_batch(slots, lens, consume=True)
+    chex.assert_trees_all_equal(_snapshot(consumed), _snapshot(copying))
+  assert int(copying.block_gen.max()) > 1  # blocks were evicted and reused on the way
+  full = copying
+  while int(np.sum(np.asarray(full.refcount) == 0)) >= 3:
+    full = full.append_batch(slots, [1, 1, 1]).commit_batch(
+        slots, [int(full.req_lens[s]) + 1 for s in slots])
+  # Append until some slot needs a block the pool no longer has: refused, nothing changed.
+  before = _snapshot(full)
+  with pytest.raises(CacheError, match="pool too small|is full"):
+    for _ in range(16):
+      full = full.append_batch(slots, [2, 2, 2], consume=True)
+      full = full.commit_batch(slots, [int(full.req_lens[s]) for s in slots], consume=True)
+      before = _snapshot(full)
+  chex.assert_trees_all_equal(_snapshot(full), before)

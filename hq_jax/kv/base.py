@@ -139,8 +139,11 @@ class PagedCache:
     """Marks the K/V of the first `num_tokens` tokens of `slot` as written."""
     return self.commit_batch([slot], [num_tokens])
 
-  def commit_batch(self, slots: Sequence[int], num_tokens: Sequence[int]):
-    """`commit` for several slots at once (one decode step): all checked before any change."""
+  def commit_batch(self, slots: Sequence[int], num_tokens: Sequence[int], *,
+                   consume: bool = False):
+    """`commit` for several slots at once (one decode step): all checked before any change.
+    `consume` lets a cache update its metadata in place (the HQ cache: see its `_meta`)."""
+    del consume  # the base arrays are per request: a copy is cheap
     slots, num_tokens = [int(s) for s in slots], [int(n) for n in num_tokens]
     self._check_distinct(slots, len(num_tokens))
     for slot, n in zip(slots, num_tokens):
@@ -150,8 +153,10 @@ class PagedCache:
                          f"[{int(self.seq_lens[slot])}, {int(self.req_lens[slot])}]")
     return dataclasses.replace(self, seq_lens=updated(self.seq_lens, slots, num_tokens))
 
-  def append_batch(self, slots: Sequence[int], tokens: Sequence[int]):
+  def append_batch(self, slots: Sequence[int], tokens: Sequence[int], *,
+                   consume: bool = False):
     """Extends each slot by one token (one decode step); the cache is unchanged on error."""
+    del consume  # see commit_batch
     self._check_distinct(list(slots), len(tokens))
     cache = self
     for slot, token in zip(slots, tokens):

@@ -81,7 +81,12 @@ class DedupKVCache(PagedCache):
         hash_bits=hash_bits)
 
   # ------------------------------------------------------------ host planning
-  def _meta(self) -> "_Meta":
+  def _meta(self, consume: bool = False) -> "_Meta":
+    """Writable metadata: copies, or (consume) this cache's own arrays, for a caller that
+    hands the cache over and never uses it again (the engine on a GPU, whose pools are
+    donated anyway): a decode step then costs O(batch), not a copy of every array."""
+    if consume:
+      return _Meta(self, {name: getattr(self, name) for name in _META_FIELDS})
     return _Meta(self, {name: np.array(getattr(self, name)) for name in _META_FIELDS})
 
   def admit(self, tokens, salt: int = 0) -> tuple["DedupKVCache", int]:
@@ -120,15 +125,16 @@ class DedupKVCache(PagedCache):
     m.a["query_tokens"] += prompt.size
     return m.build(), slot
 
-  def commit_batch(self, slots, num_tokens) -> "DedupKVCache":
-    """Marks K/V written and registers the blocks that became full (see `commit`)."""
+  def commit_batch(self, slots, num_tokens, *, consume: bool = False) -> "DedupKVCache":
+    """Marks K/V written and registers the blocks that became full (see `commit`).
+    `consume`: update this cache's arrays in place (see `_meta`)."""
     old = {s: int(self.seq_lens[s]) for s in slots if 0 <= s < self.max_requests}
     cache = super().commit_batch(slots, num_tokens)
     bs = self.block_size
     grown = [(s, n) for s, n in zip(slots, num_tokens) if n // bs > old[s] // bs]
     if not grown:
       return cache
-    m = cache._meta()
+    m = cache._meta(consume)
     index = _Index(m.a, self.hash_bits)
     for slot, n in grown:
       m.register_full_blocks(index, slot, old[slot] // bs, n // bs, self.hash_bits)
@@ -138,12 +144,19 @@ class DedupKVCache(PagedCache):
     """Extends a request by one (decoded) token, allocating a private block when needed."""
     return self.append_batch([slot], [token])
 
-  def append_batch(self, slots, tokens) -> "DedupKVCache":
-    """`append` for a whole decode step with one copy of the metadata."""
+  def append_batch(self, slots, tokens, *, consume: bool = False) -> "DedupKVCache":
+    """`append` for a whole decode step with one copy of the metadata (none with
+    `consume`: see `_meta`). Everything is checked before anything changes."""
     self._check_distinct(list(slots), len(tokens))
     lens = [self._check_append(s, t) for s, t in zip(slots, tokens)]
-    m = self._meta()
     bs = self.block_size
+    need = sum(n % bs == 0 for n in lens)
+    if need:
+      can = int(np.sum(np.asarray(self.refcount) == 0))  # free or cached: allocatable
+      if can < need:
+        raise CacheError(f"pool too small: this decode step needs {need} new blocks but only "
+                         f"{can} of {self.num_blocks} can be had")
+    m = self._meta(consume)
     for slot, token, n in zip(slots, tokens, lens):
       if n % bs == 0:
         (b,) = m.allocate(1, n + 1)
@@ -247,7 +260,8 @@ class _Meta:
     """Takes `need` blocks: never-registered free ones first, then evicts cached LRU ones."""
     a = self.a
     free = np.flatnonzero(~a["registered"] & (a["refcount"] == 0))
-    cached = self.cached_lru_order()
+    # The LRU order (a sort over cached blocks) only when free blocks do not suffice.
+    cached = self.cached_lru_order() if free.size < need else np.zeros((0,), np.int64)
     if free.size + cached.size < need:
       pinned = int(np.sum(a["refcount"] > 0))
       raise CacheError(
@@ -263,24 +277,46 @@ class _Meta:
 
 
 class _Index:
-  """Hash -> registered blocks, derived from the cache arrays (never stored separately)."""
+  """Hash -> registered blocks, derived from the cache arrays (never stored separately).
+
+  A few lookups (a decode step registering the blocks it filled) scan the hash column
+  (O(num_blocks), vectorized); many (admitting a long prompt) sort it once
+  (O(num_blocks log num_blocks)) and binary-search. Either way a candidate is verified
+  against the current arrays, and no two registered blocks share an identity, so both
+  find the same block.
+  """
+
+  _SCANS_BEFORE_SORT = 8
 
   def __init__(self, a: dict[str, np.ndarray], bits: int):
     self.a, self.bits = a, bits
+    self.keys = self.ids = None  # the sorted index, built on demand
+    self.scans = 0
+    self.added: dict[int, list[int]] = {}  # registered after the sort
+
+  def _sort(self) -> None:
+    a = self.a
     ids = np.flatnonzero(a["registered"])
     keys = a["block_hash"][ids]
     order = np.argsort(keys, kind="stable")
     self.keys, self.ids = keys[order], ids[order]
-    self.added: dict[int, list[int]] = {}
 
   def add(self, h: int, block: int) -> None:
-    self.added.setdefault(h, []).append(block)
+    if self.keys is not None:
+      self.added.setdefault(h, []).append(block)
 
   def find(self, salt: int, parent: int, parent_gen: int, tokens: np.ndarray) -> int | None:
     a = self.a
     h = block_hash(salt, parent, parent_gen, tokens, self.bits)
-    lo, hi = np.searchsorted(self.keys, h, "left"), np.searchsorted(self.keys, h, "right")
-    for b in list(self.ids[lo:hi]) + self.added.get(h, []):
+    if self.keys is None and self.scans < self._SCANS_BEFORE_SORT:
+      self.scans += 1
+      candidates = np.flatnonzero((a["block_hash"] == h) & a["registered"])
+    else:
+      if self.keys is None:
+        self._sort()
+      lo, hi = np.searchsorted(self.keys, h, "left"), np.searchsorted(self.keys, h, "right")
+      candidates = list(self.ids[lo:hi]) + self.added.get(h, [])
+    for b in candidates:
       # Verify: a hash match alone is never trusted.
       if (a["registered"][b] and a["block_salt"][b] == salt and a["block_parent"][b] == parent
           and a["block_parent_gen"][b] == parent_gen
