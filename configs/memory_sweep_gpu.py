@@ -15,7 +15,10 @@ def get_config():
   c.context_lengths = [4096, 16384, 32768, 131072]
   c.concurrency = [1, 8, 64]
   c.shared_prefix_fractions = [0.0, 0.5, 0.9]
-  c.chunk_size = 512
+  # Prefill chunk for the H200: docs/benchmarks.md (e2e_bench, 2026-11-29) measured time
+  # to first token at 0.26 / 0.36 / 0.40 of the bf16 peak with 2k / 8k / 16k chunks (0.5B
+  # shape, 32k tokens) and 0.72 with 4k chunks (7B, 16k); prefix reuse skips whole chunks.
+  c.chunk_size = 4096
   c.dtype = "bfloat16"
   c.attention = "pallas"  # The kernel under test; "auto" would pick it too, but say so.
   # 131072 tokens exceed the presets' max_position_embeddings (32768; Qwen2.5 reaches 128k
