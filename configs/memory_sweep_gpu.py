@@ -15,9 +15,10 @@ def get_config():
   c.context_lengths = [4096, 16384, 32768, 131072]
   c.concurrency = [1, 8, 64]
   c.shared_prefix_fractions = [0.0, 0.5, 0.9]
-  # Prefill chunk for the H200: docs/benchmarks.md (e2e_bench, 2026-11-29) measured time
-  # to first token at 0.26 / 0.36 / 0.40 of the bf16 peak with 2k / 8k / 16k chunks (0.5B
-  # shape, 32k tokens) and 0.72 with 4k chunks (7B, 16k); prefix reuse skips whole chunks.
+  # Prefill chunk for the H200 (docs/benchmarks.md, e2e_bench, 2026-11-29): time to first
+  # token reached 0.72 of the bf16 peak with 4k chunks (7B shape, 16k tokens) and 0.40 with
+  # 16k chunks (0.5B, 32k; 0.26 / 0.36 with 2k / 8k in runs before the GEMM change). Prefix
+  # reuse skips whole chunks, so larger chunks reuse less of a short shared prefix.
   c.chunk_size = 4096
   c.dtype = "bfloat16"
   c.attention = "pallas"  # The kernel under test; "auto" would pick it too, but say so.
