@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test demo install data clean-venv
+.PHONY: test test-deep demo install data clean-venv
 
 $(STAMP): pyproject.toml
 	@base=$$(scripts/find_python.sh) || exit 1; \
@@ -27,6 +27,11 @@ data: $(STAMP)
 
 test: $(STAMP) data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The same suite with the deeper settings `make test` trims to stay under 10 minutes on the
+# 2-core box: 40 random programs per cache state machine, every unjitted model variant.
+test-deep: $(STAMP) data
+	HQ_JAX_DEEP_TESTS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The main job on this CPU machine: the shipped model on real text, both caches.
 # --overwrite: a re-run replaces the previous demo's outputs (each script's own files).

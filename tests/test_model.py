@@ -1,5 +1,7 @@
 """The Flax model on `tiny`: incremental decoding equals one full prefill, jitted or not."""
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -18,10 +20,15 @@ def _contiguous_view(start, n, table):
 
 class IncrementalDecodeTest(chex.TestCase, parameterized.TestCase):
 
+  # Unjitted, every config costs ~10 s on the 2-core box and repeats its jitted twin; the
+  # unjitted run of all four is in `make test-deep` (HQ_JAX_DEEP_TESTS=1), one in `make test`.
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("untied", False, 2), ("tied", True, 2), ("mha", False, 4),
                                   ("gqa4", False, 1))
   def test_prefill_then_decode_matches_full_prefill(self, tied, kv_heads):
+    if (not os.environ.get("HQ_JAX_DEEP_TESTS") and "without_jit" in self._testMethodName
+        and not self._testMethodName.endswith("untied__without_jit")):
+      self.skipTest("unjitted twin of a jitted case; run with HQ_JAX_DEEP_TESTS=1")
     cfg = config.get_config("tiny", tie_word_embeddings=tied, num_kv_heads=kv_heads)
     params = model.init_params(cfg, jax.random.key(1), scale=0.1)
     step = self.variant(lambda p, pools, tok, view: model.Qwen2(cfg).apply(
