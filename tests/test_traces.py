@@ -246,6 +246,19 @@ def test_script(tmp_path):
   assert header.endswith("ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,prefill_tokens_per_s_measured")
   assert (out / "trace_replay.csv").read_text().splitlines()[1].endswith(",,,,")
   assert all(r["checked_by_simulator"] for r in summary["capacity"])
+  # The report's ledger carries the replay's verdict, recomputed from the CSV rows; a
+  # tampered row (a hit count no replay gave) is refused.
+  from hq_jax.harness import report
+  with open(report.write(str(out))) as f:
+    assert summary["ledger_row"]["verdict"] in f.read()
+  csv_lines = (out / "trace_replay.csv").read_text().splitlines()
+  cells = csv_lines[4].split(",")
+  col = csv_lines[0].split(",").index("computed_prefill_tokens")
+  cells[col] = "1"
+  (out / "trace_replay.csv").write_text("\n".join(csv_lines[:4] + [",".join(cells)]
+                                                   + csv_lines[5:]) + "\n")
+  with pytest.raises(report.ReportError, match="ledger row is not what"):
+    report.write(str(out))
   # Errors name the flag or the file and line, before anything is written.
   proc = run(f"--trace={trace}", "--no_model", f"--output_dir={out}")
   assert proc.returncode != 0 and "--output_dir" in proc.stderr and "--overwrite" in proc.stderr

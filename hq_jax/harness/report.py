@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 from matplotlib.figure import Figure
 
-from hq_jax.harness import latency, ledger, memory, outputs, workloads
+from hq_jax.harness import latency, ledger, memory, outputs, traces, workloads
 from hq_jax.harness.memory import HarnessError
 
 # file -> the check each of its rows must pass (the one its sweep ran)
@@ -79,6 +79,27 @@ def _load(run_dir: str):
     raise ReportError(str(e)) from e
   return (loaded.get("perplexity.json"), loaded.get("memory_sweep.csv", []),
           loaded.get("latency.csv", []), loaded.get("workloads.csv", []), records)
+
+
+def _trace_claim(run_dir: str) -> dict | None:
+  """The trace replay's ledger row (scripts/trace_replay.py), recomputed from the rows of
+  trace_replay.csv, never copied from summary.json; None if the directory holds no replay.
+  A summary.json whose verdict differs from what its CSV gives is refused."""
+  path = os.path.join(run_dir, "trace_replay.csv")
+  if not os.path.exists(path):
+    return None
+  try:
+    rows = outputs.read_csv(path)
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = outputs.read_json(summary_path) if os.path.exists(summary_path) else {}
+    name = os.path.basename(summary.get("trace", {}).get("path", "")) or "replayed"
+    claim = traces.ledger_row(rows, name)
+  except (outputs.OutputError, KeyError, TypeError, ZeroDivisionError) as e:
+    raise ReportError(f"{path}: not a trace replay the report can check ({e})") from e
+  if summary.get("ledger_row") not in (None, claim):
+    raise ReportError(f"{summary_path}: its ledger row is not what {path} gives; the report "
+                      "cites only verdicts it recomputes from rows: re-run the replay")
+  return claim
 
 
 def _table(rows: Sequence[dict], columns: Sequence[str], first_index: bool = False) -> str:
@@ -159,10 +180,11 @@ def plot_ttft(lat, path):
 
 def write(run_dir: str) -> str:
   ppl, mem, lat, work, records = _load(run_dir)
-  if not (ppl or mem or lat or work):
+  trace_claim = _trace_claim(run_dir)
+  if not (ppl or mem or lat or work or trace_claim):
     raise FileNotFoundError(f"{run_dir} holds none of perplexity.json, memory_sweep.csv, "
-                            "latency.csv, workloads.csv")
-  claims = ledger.build(ppl, mem, lat)
+                            "latency.csv, workloads.csv, trace_replay.csv")
+  claims = ledger.build(ppl, mem, lat) + ([trace_claim] if trace_claim else [])
   outputs.write_json(os.path.join(run_dir, "ledger.json"), claims)
   md = ["# hq-jax run report\n"]
   for script, run in sorted(records.items()):
