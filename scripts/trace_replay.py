@@ -10,7 +10,6 @@ DIR/summary.json (strict JSON: config, command, rows, and the ledger row). Model
 adds TTFT percentiles. docs/traces.md walks through one replay.
 """
 
-import json
 import math
 import os
 import sys
@@ -23,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import trace_replay as default_config
-from hq_jax.harness import cli, trace_outputs, traces
+from hq_jax.harness import cli, outputs, trace_outputs, traces
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(ROOT, "configs", "trace_replay.py"),
@@ -63,8 +62,10 @@ def validate(cfg):
   from hq_jax.engine import ATTENTION
   from hq_jax.kv.paged import KVLayout
   _check(bool(cfg.output_dir), "output_dir", "is required")
-  _check(not (os.path.isdir(cfg.output_dir) and os.listdir(cfg.output_dir)) or cfg.overwrite,
-         "output_dir", f"{cfg.output_dir} is not empty; pass --overwrite to write into it")
+  try:
+    outputs.check_output_dir(cfg.output_dir)
+  except outputs.OutputError as e:
+    raise app.UsageError(str(e)) from None
   _check(cfg.trace_format in traces.FORMATS, "trace_format",
          f"{cfg.trace_format!r} is not one of {sorted(traces.FORMATS)}")
   try:
@@ -110,6 +111,35 @@ def validate(cfg):
   return model_cfg, layout, os.path.abspath(path)
 
 
+def _replay(run, cfg, requests, layout, replay_cfg, make_backend, trace_path):
+  """Replays every budget, writes the run's outputs; returns (rows, capacity, summary)."""
+  bar = lambda desc: tqdm.tqdm(total=len(requests), desc=desc, unit="req", mininterval=1.0)
+  rows = trace_outputs.run_budgets(
+      requests, cfg.kv_budget_gb, model=cfg.model, bytes_per_block=layout.bytes_per_block,
+      block_size=cfg.block_size, cfg=replay_cfg, make_backend=make_backend,
+      progress_factory=bar)
+  capacity = trace_outputs.capacity_rows(
+      model=cfg.model, budgets_gb=cfg.kv_budget_gb, bytes_per_block=layout.bytes_per_block,
+      block_size=cfg.block_size, context_lengths=cfg.capacity_context_lengths,
+      shared_fractions=cfg.capacity_shared_fractions)
+  run.write_csv("trace_replay.csv", rows, trace_outputs.COLUMNS)
+  run.write_csv("capacity.csv", capacity, trace_outputs.CAPACITY_COLUMNS)
+  name = os.path.basename(trace_path)
+  trace_outputs.plot(rows, run.path("trace_replay.png"),
+                     f"{name}: {len(requests)} requests, {cfg.model} KV shape, "
+                     f"block {cfg.block_size}, concurrency <= {cfg.max_concurrency}")
+  prompt = sum(r.input_length for r in requests)
+  summary = {
+      "command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata(),
+      "trace": {"path": trace_path, "requests": len(requests), "prompt_tokens": prompt,
+                "direct_hit_ratio": traces.direct_hit_tokens(requests) / prompt},
+      "bytes_per_block": layout.bytes_per_block, "rows": rows, "capacity": capacity,
+      "ledger_row": traces.ledger_row(rows, name)}
+  run.write_json("summary.json", summary)  # strict JSON, with the run id
+  run.finish()
+  return rows, capacity, summary
+
+
 def main(argv):
   del argv
   cfg = cli.resolve(_CONFIG.value)
@@ -134,34 +164,17 @@ def main(argv):
     make_backend = trace_outputs.real_cache_factory(
         layout, requests, replay_cfg, vocab_size=model_cfg.vocab_size, seed=cfg.seed,
         engine=engine)
-  os.makedirs(cfg.output_dir, exist_ok=True)
-  bar = lambda desc: tqdm.tqdm(total=len(requests), desc=desc, unit="req", mininterval=1.0)
-  rows = trace_outputs.run_budgets(
-      requests, cfg.kv_budget_gb, model=cfg.model, bytes_per_block=layout.bytes_per_block,
-      block_size=cfg.block_size, cfg=replay_cfg, make_backend=make_backend,
-      progress_factory=bar)
-  capacity = trace_outputs.capacity_rows(
-      model=cfg.model, budgets_gb=cfg.kv_budget_gb, bytes_per_block=layout.bytes_per_block,
-      block_size=cfg.block_size, context_lengths=cfg.capacity_context_lengths,
-      shared_fractions=cfg.capacity_shared_fractions)
-  out = lambda name: os.path.join(cfg.output_dir, name)
-  with open(out("trace_replay.csv"), "w") as f:
-    f.write(trace_outputs.to_csv(rows))
-  with open(out("capacity.csv"), "w") as f:
-    f.write(trace_outputs.to_csv(capacity, trace_outputs.CAPACITY_COLUMNS))
-  name = os.path.basename(trace_path)
-  trace_outputs.plot(rows, out("trace_replay.png"),
-                     f"{name}: {len(requests)} requests, {cfg.model} KV shape, "
-                     f"block {cfg.block_size}, concurrency <= {cfg.max_concurrency}")
-  prompt = sum(r.input_length for r in requests)
-  summary = {
-      "command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata(),
-      "trace": {"path": trace_path, "requests": len(requests), "prompt_tokens": prompt,
-                "direct_hit_ratio": traces.direct_hit_tokens(requests) / prompt},
-      "bytes_per_block": layout.bytes_per_block, "rows": rows, "capacity": capacity,
-      "ledger_row": traces.ledger_row(rows, name)}
-  with open(out("summary.json"), "w") as f:
-    json.dump(summary, f, indent=1, allow_nan=False)
+  files = ["trace_replay.csv", "capacity.csv", "trace_replay.png", "summary.json"]
+  # The run refuses earlier outputs without --overwrite and locks the directory while it
+  # writes; a failure marks its record failed. Its errors name the flag.
+  try:
+    with outputs.Run(cfg.output_dir, "trace_replay", files, overwrite=cfg.overwrite,
+                     record={"command": cli.command_line(), **cli.run_metadata()}) as run:
+      rows, capacity, summary = _replay(run, cfg, requests, layout, replay_cfg, make_backend,
+                                        trace_path)
+  except outputs.OutputError as e:
+    raise app.UsageError(str(e)) from None
+  name, prompt = os.path.basename(trace_path), summary["trace"]["prompt_tokens"]
   print(f"trace {name}: {len(requests)} requests, {prompt:,} prompt tokens, direct chain "
         f"hit ratio {100 * summary['trace']['direct_hit_ratio']:.2f}%")
   for r in rows:

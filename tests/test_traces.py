@@ -243,8 +243,12 @@ def test_script(tmp_path):
   assert summary["ledger_row"]["supported"] in ("yes", "mixed", "no")
   assert (out / "trace_replay.png").stat().st_size > 0
   header = (out / "trace_replay.csv").read_text().splitlines()[0]
-  assert header.endswith("ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,prefill_tokens_per_s_measured")
-  assert (out / "trace_replay.csv").read_text().splitlines()[1].endswith(",,,,")
+  assert header.endswith("ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,prefill_tokens_per_s_measured,"
+                         "run_id")
+  run_id = summary["run_id"]  # the CSV rows and the summary carry this run's id
+  assert (out / "trace_replay.csv").read_text().splitlines()[1].endswith(f",,,,{run_id}")
+  record = json.loads((out / "trace_replay.run.json").read_text())
+  assert record["run_id"] == run_id and record["status"] == "complete"
   assert all(r["checked_by_simulator"] for r in summary["capacity"])
   # The report's ledger carries the replay's verdict, recomputed from the CSV rows; a
   # tampered row (a hit count no replay gave) is refused.

@@ -280,6 +280,12 @@ class Run:
     write_json(path, {**obj, RUN_ID: self.run_id})
     return path
 
+  def write_text(self, name: str, text: str) -> str:
+    """A declared text output (Markdown), written atomically."""
+    path = self._check_name(name)
+    _atomic_write(path, text)
+    return path
+
   def finish(self, **extra: Any) -> None:
     """Marks the run record complete (a report refuses rows of unfinished runs)."""
     self.record.update(extra, status="complete")

@@ -1,13 +1,12 @@
 """Trace replay over several budgets, the capacity grid, and their CSV / plot outputs.
 
-`scripts/trace_replay.py` is a thin shell around `run_budgets`, `capacity_rows`,
-`to_csv` and `plot`; a notebook can call them directly.
+`scripts/trace_replay.py` is a thin shell around `run_budgets`, `capacity_rows` and
+`plot` (its CSV and JSON go through `hq_jax.harness.outputs`, as every script's do); a
+notebook can call them directly.
 """
 
 from __future__ import annotations
 
-import io
-import math
 from typing import Callable, Sequence
 
 from hq_jax.harness import traces
@@ -133,22 +132,6 @@ def capacity_rows(*, model: str, budgets_gb: Sequence[float], bytes_per_block: i
                          hq_over_dense=hq / dense if dense else "",
                          checked_by_simulator=checked))
   return rows
-
-
-def _fmt(v) -> str:
-  if v is None:
-    return ""
-  if isinstance(v, float):
-    return f"{v:.6g}" if math.isfinite(v) else ""
-  return str(v)
-
-
-def to_csv(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
-  out = io.StringIO()
-  out.write(",".join(columns) + "\n")
-  for r in rows:
-    out.write(",".join(_fmt(r.get(c)) for c in columns) + "\n")
-  return out.getvalue()
 
 
 def plot(rows: Sequence[dict], path: str, title: str) -> None:
