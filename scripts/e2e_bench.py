@@ -6,11 +6,10 @@
 Runs `Engine` on seeded weights at Qwen2.5 shapes and prints each measured time beside its
 floor (weights + K/V over the in-run XLA read rate for decode; FLOPs over the in-run bf16
 matmul rate for prefill). Logic and method: hq_jax/harness/e2e_bench.py. Writes
-e2e_bench.csv and e2e_bench.md.
+e2e_bench.csv, e2e_bench.md and the run record e2e_bench.run.json.
 """
 
-import csv
-import json
+import dataclasses
 import os
 import sys
 
@@ -18,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from absl import app, flags
 
-from hq_jax.harness import e2e_bench
+from hq_jax.harness import cli, e2e_bench, outputs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Where e2e_bench.csv and e2e_bench.md go (required).")
@@ -35,14 +34,17 @@ flags.DEFINE_float("dedup_shared_fraction", 0.9,
                    "Also decode on HQ with this shared fraction, paged and dedup (0: skip).")
 flags.DEFINE_integer("block_size", 16, "KV block size in tokens.")
 flags.DEFINE_integer("seed", 0, "Seed of weights, tokens and K/V.")
+flags.DEFINE_bool("overwrite", False, "Replace this script's earlier outputs in --output_dir.")
 
 
 def main(argv):
   del argv
   if not FLAGS.output_dir:
     raise app.UsageError("--output_dir is required")
-  if os.path.isfile(FLAGS.output_dir):
-    raise app.UsageError(f"--output_dir {FLAGS.output_dir} is a file")
+  try:
+    outputs.check_output_dir(FLAGS.output_dir)
+  except outputs.OutputError as e:
+    raise app.UsageError(str(e))
   try:
     decode = e2e_bench.parse_points(FLAGS.decode, "decode")
     prefill = e2e_bench.parse_points(FLAGS.prefill, "prefill")
@@ -53,22 +55,22 @@ def main(argv):
     raise app.UsageError("--steps, --reps and --prefill_repeats must be >= 1")
   if not 0 <= FLAGS.dedup_shared_fraction < 1:
     raise app.UsageError("--dedup_shared_fraction must be in [0, 1)")
-  os.makedirs(FLAGS.output_dir, exist_ok=True)
-  ceilings, rows = e2e_bench.run(
-      decode_points=decode, prefill_points=prefill, attention=FLAGS.attention,
-      dtype=FLAGS.dtype, steps=FLAGS.steps, reps=FLAGS.reps,
-      prefill_repeats=FLAGS.prefill_repeats, chunk_sizes=chunks,
-      dedup_shared_fraction=FLAGS.dedup_shared_fraction, block_size=FLAGS.block_size,
-      seed=FLAGS.seed, log=lambda m: print(m, flush=True))
-  with open(os.path.join(FLAGS.output_dir, "e2e_bench.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, e2e_bench.COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-  text = e2e_bench.markdown(ceilings, rows)
-  with open(os.path.join(FLAGS.output_dir, "e2e_bench.md"), "w") as f:
-    f.write(text)
-  with open(os.path.join(FLAGS.output_dir, "run.json"), "w") as f:
-    json.dump({"argv": sys.argv, "ceilings": ceilings.__dict__}, f, indent=1)
+  files = ["e2e_bench.csv", "e2e_bench.md"]
+  try:
+    with outputs.Run(FLAGS.output_dir, "e2e_bench", files, overwrite=FLAGS.overwrite,
+                     record={"command": cli.command_line(), **cli.run_metadata()}) as run:
+      ceilings, rows = e2e_bench.run(
+          decode_points=decode, prefill_points=prefill, attention=FLAGS.attention,
+          dtype=FLAGS.dtype, steps=FLAGS.steps, reps=FLAGS.reps,
+          prefill_repeats=FLAGS.prefill_repeats, chunk_sizes=chunks,
+          dedup_shared_fraction=FLAGS.dedup_shared_fraction, block_size=FLAGS.block_size,
+          seed=FLAGS.seed, log=lambda m: print(m, flush=True))
+      run.write_csv("e2e_bench.csv", rows, e2e_bench.COLUMNS)
+      text = e2e_bench.markdown(ceilings, rows)
+      run.write_text("e2e_bench.md", text)
+      run.finish(ceilings=dataclasses.asdict(ceilings))
+  except outputs.OutputError as e:
+    raise app.UsageError(str(e))
   print(text)
 
 

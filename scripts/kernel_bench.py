@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from absl import app, flags
 
-from hq_jax.harness import kernel_bench
+from hq_jax.harness import cli, kernel_bench, outputs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "runs/kernel_bench", "Where CSV and Markdown go.")
@@ -40,6 +40,7 @@ flags.DEFINE_list("shared_sweep", ["1024:512:8", "8192:512:16", "16384:256:32"],
 flags.DEFINE_list("shared_configs", ["q64k64", "q64k64f", "q128k128x8k", "q128k128x8kf"],
                   "Dedup tuning configs (names in hq_jax.harness.shared_prefix.CONFIGS); "
                   "the fastest per point is reported.")
+flags.DEFINE_bool("overwrite", False, "Replace this script's earlier outputs in --output_dir.")
 flags.DEFINE_integer("shared_check_requests", 16,
                      "Requests per shared point checked against the float32 reference.")
 
@@ -59,9 +60,10 @@ def main(argv):
         seed=FLAGS.seed, stock=FLAGS.stock, xla=FLAGS.xla,
         prefill_check_tokens=FLAGS.prefill_check_tokens, shared_points=FLAGS.shared_points,
         shared_sweep=FLAGS.shared_sweep, shared_configs=FLAGS.shared_configs,
-        shared_check_requests=FLAGS.shared_check_requests,
+        shared_check_requests=FLAGS.shared_check_requests, overwrite=FLAGS.overwrite,
+        record={"command": cli.command_line(), **cli.run_metadata()},
         log=lambda m: print(m, flush=True))
-  except ValueError as e:
+  except (ValueError, outputs.OutputError) as e:
     raise app.UsageError(str(e))
 
 

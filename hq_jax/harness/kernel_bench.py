@@ -19,18 +19,16 @@ ideal byte ratio C (P + S) / (P + C S). Method in `hq_jax/harness/shared_prefix.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import itertools
-import os
 import time
 import warnings
 
 import jax
 import jax.numpy as jnp
 
-from hq_jax.harness import shared_prefix
+from hq_jax.harness import outputs, shared_prefix
 from hq_jax.harness.gpu_timing import device_ms, kernel_breakdown, rel_err
 from hq_jax.harness.shared_prefix import attention_shape, kernel_args
 from hq_jax.kv.paged import AttentionView, paged_attention_xla
@@ -264,18 +262,21 @@ FIELDS = ["shape", "mode", "batch", "context", "kernel", "config", "time_us", "t
           "tflop_s", "rel_err", "bytes", "flops", "error", "kernels"]
 
 
-def write(rows, output_dir: str):
-  os.makedirs(output_dir, exist_ok=True)
-  with open(os.path.join(output_dir, "kernel_bench.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-  with open(os.path.join(output_dir, "kernel_bench.md"), "w") as f:
-    f.write(f"{time.strftime('%Y-%m-%d')} on {jax.devices()[0].device_kind}, "
-            f"JAX {jax.__version__}\n\n" + markdown(rows))
+OUTPUTS = ["kernel_bench.csv", "kernel_bench.md", "kernel_bench_shared.csv"]
 
 
-def bench_shared(output_dir: str, *, points, sweep, shapes, configs, seed: int,
+def _header() -> str:
+  return f"{time.strftime('%Y-%m-%d')} on {jax.devices()[0].device_kind}, JAX {jax.__version__}\n\n"
+
+
+def write(rows, run: outputs.Run, shared_text: str = "") -> None:
+  """The rows so far (rewritten after every point, so a cut run keeps what it measured)."""
+  run.write_csv("kernel_bench.csv", [{k: r.get(k) for k in FIELDS} for r in rows], FIELDS)
+  run.write_text("kernel_bench.md", _header() + (markdown(rows) if rows else "")
+                 + ("\n" + shared_text if shared_text else ""))
+
+
+def bench_shared(run: outputs.Run, *, points, sweep, shapes, configs, seed: int,
                  block_size: int, reps: int, check_requests: int) -> str:
   """Shared-prefix section: dedup vs paged per point and shape; CSV + Markdown text."""
   rows = []
@@ -294,11 +295,9 @@ def bench_shared(output_dir: str, *, points, sweep, shapes, configs, seed: int,
           continue
         if row is not None:
           rows.append(row)
-          with open(os.path.join(output_dir, "kernel_bench_shared.csv"), "w",
-                    newline="") as f:
-            w = csv.DictWriter(f, shared_prefix.COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+          run.write_csv("kernel_bench_shared.csv",
+                        [{k: r.get(k) for k in shared_prefix.COLUMNS} for r in rows],
+                        shared_prefix.COLUMNS)
   threshold = shared_prefix.auto_threshold(rows)
   text = ("## Shared-prefix decode: dedup vs paged (device time per call, ms)\n\n"
           + shared_prefix.markdown(rows)
@@ -315,8 +314,9 @@ def run(output_dir: str, *, shapes, cases, sections=SECTIONS, prefill_tokens=(32
         block_size: int = 16, reps: int = 20, seed: int = 0, stock: bool = True,
         xla: bool = True, prefill_check_tokens: int = 2048, shared_points=(),
         shared_sweep=(), shared_configs=(), shared_check_requests: int = 16,
-        log=print) -> list[dict]:
-  """Every section asked for; writes kernel_bench.csv/.md (and the shared-prefix files)."""
+        overwrite: bool = False, record: dict | None = None, log=print) -> list[dict]:
+  """Every section asked for; writes kernel_bench.csv/.md and kernel_bench_shared.csv through
+  the one output module (run id, run record, lock; earlier outputs need `overwrite`)."""
   unknown = set(sections) - set(SECTIONS)
   if unknown:
     raise ValueError(f"unknown sections {sorted(unknown)}; use {', '.join(SECTIONS)}")
@@ -325,29 +325,30 @@ def run(output_dir: str, *, shapes, cases, sections=SECTIONS, prefill_tokens=(32
     raise ValueError(f"unknown shared configs {bad}; known: {', '.join(shared_prefix.CONFIGS)}")
   for shape in shapes:
     attention_shape(shape)  # an unknown preset fails here, before any work
-  os.makedirs(output_dir, exist_ok=True)
-  log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-  key = jax.random.key(seed)
-  rows: list[dict] = []
-  for shape in shapes:
-    for batch, context in cases if "decode" in sections else ():
-      log(f"{shape} decode {batch}x{context}")
-      key, sub = jax.random.split(key)
-      bench_decode(shape, batch, context, sub, rows, block_size=block_size, reps=reps,
-                   stock=stock, xla=xla)
-      write(rows, output_dir)
-    for n in prefill_tokens if "prefill" in sections else ():
-      log(f"{shape} prefill {n}")
-      key, sub = jax.random.split(key)
-      bench_prefill(shape, int(n), sub, rows, block_size=block_size,
-                    check_tokens=prefill_check_tokens, reps=reps)
-      write(rows, output_dir)
-  if rows:
-    log(markdown(rows))
-  if "shared" in sections:
-    text = bench_shared(output_dir, points=shared_points, sweep=shared_sweep, shapes=shapes,
-                        configs=shared_configs, seed=seed, block_size=block_size, reps=reps,
-                        check_requests=shared_check_requests)
-    with open(os.path.join(output_dir, "kernel_bench.md"), "a") as f:
-      f.write("\n" + text)
+  with outputs.Run(output_dir, "kernel_bench", OUTPUTS, overwrite=overwrite,
+                   record=record) as out:
+    log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    key = jax.random.key(seed)
+    rows: list[dict] = []
+    for shape in shapes:
+      for batch, context in cases if "decode" in sections else ():
+        log(f"{shape} decode {batch}x{context}")
+        key, sub = jax.random.split(key)
+        bench_decode(shape, batch, context, sub, rows, block_size=block_size, reps=reps,
+                     stock=stock, xla=xla)
+        write(rows, out)
+      for n in prefill_tokens if "prefill" in sections else ():
+        log(f"{shape} prefill {n}")
+        key, sub = jax.random.split(key)
+        bench_prefill(shape, int(n), sub, rows, block_size=block_size,
+                      check_tokens=prefill_check_tokens, reps=reps)
+        write(rows, out)
+    if rows:
+      log(markdown(rows))
+    if "shared" in sections:
+      text = bench_shared(out, points=shared_points, sweep=shared_sweep, shapes=shapes,
+                          configs=shared_configs, seed=seed, block_size=block_size, reps=reps,
+                          check_requests=shared_check_requests)
+      write(rows, out, text)
+    out.finish()
   return rows
