@@ -186,3 +186,30 @@ def test_steady_decode_loop_never_recompiles(tiny, tiny_layout, decode_attention
   finally:
     jax.monitoring.clear_event_listeners()
   assert compiles == [], f"{len(compiles)} compilations in a steady decode loop"
+
+
+def test_donating_engine_equals_copying_engine(tiny, tiny_layout):
+  """The engine as it runs on a GPU (pools donated, HQ metadata updated in place) gives the
+  same logits and the same cache as the copying engine, over prefills and decode steps that
+  allocate and register blocks."""
+  params, cfg = tiny
+  rng = np.random.default_rng(11)
+  prefix = rng.integers(0, cfg.vocab_size, 40)
+  reqs = [np.r_[prefix, rng.integers(0, cfg.vocab_size, n)] for n in (9, 30, 3)]
+  results = []
+  for donate in (False, True):
+    engine = Engine(params, cfg, chunk_size=16, donate=donate)
+    outs = []
+    for cache in _caches(tiny_layout):
+      slots = []
+      for r in reqs:
+        cache, res = engine.prefill(cache, r, logits="last")
+        slots.append(res.slot)
+        outs.append(np.asarray(res.last_logits))
+      for step in range(20):
+        cache, out = engine.decode(cache, slots, [step % cfg.vocab_size] * 3)
+        outs.append(np.asarray(out.logits))
+      outs.append(jax.tree.map(np.asarray, cache))
+    results.append(outs)
+  for copying, donating in zip(*results):
+    jax.tree.map(np.testing.assert_array_equal, copying, donating)
