@@ -63,6 +63,10 @@ def test_acceptance_invocation_rows_match_the_formula(sweep_csv):
       assert r["kv_bytes_allocated"] == c * r["max_seq_len"] * tok
     else:
       assert r["kv_bytes_used"] == (p // 16 + c * (n - p) // 16) * blk
+      # HQ's pool holds what the requests need (not c * n): a row's pool shows the saving.
+      # (Sizes here are whole blocks, so the pool is exactly what it holds.)
+      assert r["pool_bytes"] == r["kv_bytes_used"]
+      assert c == 1 or r["pool_bytes"] < c * n * tok
     assert r["peak_device_bytes"] is None  # CPU reports none: left empty, not invented.
     assert r["attention"] == "reference"  # What ran: "auto" is the XLA reference on CPU.
     assert r["ttft_ms"] > 0

@@ -153,16 +153,36 @@ def check_context_limit(cfg: ModelConfig, tokens: int, flag: str,
                      "--allow_long_context to run them anyway")
 
 
+def hq_blocks_needed(layout: KVLayout, *, concurrency: int, context_length: int,
+                     shared_prefix_tokens: int, num_prefixes: int) -> int:
+  """Blocks an HQ cache needs for a grid point's requests: each distinct (block-aligned)
+  shared prefix once, plus every request's own suffix (its partial last block included)."""
+  groups = min(num_prefixes, concurrency) if shared_prefix_tokens else 0
+  return (groups * (shared_prefix_tokens // layout.block_size)
+          + concurrency * layout.blocks_for(context_length - shared_prefix_tokens))
+
+
 def make_cache(backend: str, layout: KVLayout, *, concurrency: int, context_length: int,
-               max_seq_len: int):
-  blocks = concurrency * layout.blocks_for(max_seq_len if backend == "dense" else context_length)
+               max_seq_len: int, shared_prefix_tokens: int | None = None,
+               num_prefixes: int = 1):
+  """A cache for one grid point. Dense reserves max_seq_len per request. HQ's pool holds
+  what the point's requests need when `shared_prefix_tokens` is given (the memory sweep:
+  so a row's pool, and its device memory, can show what sharing saves), else enough for no
+  sharing at all (latency, workloads: room for decode steps, never an eviction)."""
+  if backend == "dense":
+    blocks = concurrency * layout.blocks_for(max_seq_len)
+  elif shared_prefix_tokens is None:
+    blocks = concurrency * layout.blocks_for(context_length)
+  else:
+    blocks = hq_blocks_needed(layout, concurrency=concurrency, context_length=context_length,
+                              shared_prefix_tokens=shared_prefix_tokens,
+                              num_prefixes=num_prefixes)
   _check_fits(layout, blocks, f"{backend} at {concurrency} x {context_length} tokens")
   if backend == "dense":
     return DenseKVCache.for_requests(layout, max_requests=concurrency, max_seq_len=max_seq_len)
   if backend == "hq":
-    # Enough blocks for no sharing at all: the pool never forces an eviction.
-    return DedupKVCache.init(layout, num_blocks=concurrency * layout.blocks_for(context_length),
-                             max_requests=concurrency, max_seq_len=max_seq_len)
+    return DedupKVCache.init(layout, num_blocks=blocks, max_requests=concurrency,
+                             max_seq_len=max_seq_len)
   raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -201,7 +221,8 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
   for backend in BACKENDS:
     def fresh():
       return make_cache(backend, layout, concurrency=concurrency,
-                        context_length=context_length, max_seq_len=max_seq)
+                        context_length=context_length, max_seq_len=max_seq,
+                        shared_prefix_tokens=p, num_prefixes=num_prefixes)
     # Compile this point's shapes on a throwaway cache, so ttft_ms is not compile time.
     engine.prefill(fresh(), requests[0].tokens, logits="last")
     cache, results = run_requests(engine, fresh(), requests)
