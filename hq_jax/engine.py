@@ -154,15 +154,16 @@ class Engine:
                        f"model needs {want[0]} x {want[1]} x {want[2]}: build the cache "
                        "with KVLayout.from_config(cfg)")
 
-  def _step(self, cache: PagedCache, tokens: np.ndarray, view, attention_fn=None):
+  def _step(self, cache: PagedCache, tokens: np.ndarray, view):
     logits, pools = self._forward(self.params, cache.pools, jnp.asarray(tokens, jnp.int32),
-                                  view, cfg=self.cfg,
-                                  attention_fn=attention_fn or self._attention_fn)
+                                  view, cfg=self.cfg, attention_fn=self._attention_fn)
     return logits, cache.with_pools(pools)
 
   def _decode_view(self, cache: PagedCache, slots, lens) -> tuple[AttentionView, str]:
     """The decode view (batch padded to its bucket), with the plan attached for dedup."""
-    view = cache.view(slots, [n - 1 for n in lens], 1, pad_to=decode_bucket(len(slots)))
+    host = cache.host_view(slots, [n - 1 for n in lens], 1,
+                           pad_to=decode_bucket(len(slots)))
+    view = jax.device_put(host)
     if self.decode_attention == "paged":
       return view, "paged"
     if self._planner is None or self._planner.block_size != cache.block_size:
@@ -171,13 +172,8 @@ class Engine:
       self._planner = sharing.SharingPlanner(
           cache.block_size, requests_per_tile=config.requests_per_tile(group))
     # The planner caches the plan until the batch's shared full blocks change. It reads
-    # the host copy of the tables (never the device view: no device round trip per step).
-    bucket = view.positions.shape[0]
-    tables = np.zeros((bucket, cache.max_blocks_per_seq), np.int32)
-    tables[:len(slots)] = np.maximum(np.asarray(cache.block_tables)[slots], 0)
-    kv_lens = np.zeros((bucket,), np.int32)
-    kv_lens[:len(slots)] = lens
-    plan, summary = self._planner.plan(tables, kv_lens)
+    # the host view (never the device one: no device round trip per step).
+    plan, summary = self._planner.plan(host.block_tables, host.kv_lens)
     if self.decode_attention == "auto" and summary.saved_tokens < self.auto_min_saved_tokens:
       return view, "paged"
     return dataclasses.replace(view, sharing=plan), "dedup"

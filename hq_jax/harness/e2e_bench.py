@@ -102,7 +102,7 @@ def decode_batch(cfg, *, backend: str, batch: int, context: int, shared_fraction
 
 
 def bench_decode(engine: Engine, cache, slots, *, steps: int, ceilings: Ceilings,
-                 reps: int, wall_clock: bool = False) -> dict:
+                 reps: int) -> dict:
   """Wall time per decode step over `steps` steps, device time of one step, roofline."""
   cfg = engine.cfg
   layout = cache.layout
@@ -247,7 +247,7 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
                                     shared_fraction=frac, steps=steps + 2,
                                     block_size=block_size, seed=seed)
         res, cache = bench_decode(engine, cache, slots, steps=steps, ceilings=ceilings,
-                                  reps=reps, wall_clock=wall_clock)
+                                  reps=reps)
         del cache
         row = dict(model=name, kind="decode", batch=batch, context=context,
                    backend=f"{backend}{'' if not frac else f' {frac:.0%} shared'}",

@@ -179,7 +179,13 @@ class PagedCache:
   # ------------------------------------------------------------------ reads
   def view(self, slots: Sequence[int], start: Sequence[int], chunk: int, *,
            pad_to: int | None = None) -> AttentionView:
-    """The attention view for `chunk` query tokens of each slot from position `start[b]`.
+    """`host_view` on the device, its arrays moved in one transfer call."""
+    return jax.device_put(self.host_view(slots, start, chunk, pad_to=pad_to))
+
+  def host_view(self, slots: Sequence[int], start: Sequence[int], chunk: int, *,
+                pad_to: int | None = None) -> AttentionView:
+    """The attention view, as numpy arrays, for `chunk` query tokens of each slot from
+    position `start[b]` (host planning reads it; `view` puts it on the device).
 
     A token is written only if its position is in [seq_lens, req_lens): K/V already
     held (a cache hit, or an earlier chunk) is never overwritten. `pad_to` adds rows that
@@ -206,11 +212,8 @@ class PagedCache:
     oob = self.num_blocks * bs
     write = np.where(writable & (blk >= 0), blk * bs + pos % bs, oob).astype(np.int32)
     kv_lens = np.minimum(first + chunk, req).astype(np.int32)
-    # One transfer call for the four arrays (each step's host cost counts in decode).
-    pos, tables, write, kv_lens = jax.device_put(
-        [pos.astype(np.int32), np.maximum(tables, 0), write, kv_lens])
-    return AttentionView(positions=pos, block_tables=tables, write_slots=write,
-                         kv_lens=kv_lens)
+    return AttentionView(positions=pos.astype(np.int32), block_tables=np.maximum(tables, 0),
+                         write_slots=write, kv_lens=kv_lens)
 
   def read_kv(self, slot: int) -> tuple[jax.Array, jax.Array]:
     """The written K and V of a request: [layers, seq_len, kv_heads, head_dim] each."""
