@@ -112,12 +112,14 @@ class Engine:
   def __init__(self, params, cfg: ModelConfig, *, chunk_size: int = 64,
                attention: str = "auto", donate: bool | None = None,
                decode_attention: str = "paged",
-               auto_min_saved_tokens: int = AUTO_MIN_SAVED_TOKENS):
+               auto_min_saved_tokens: int = AUTO_MIN_SAVED_TOKENS, on_step=None):
     """attention: one of ATTENTION ("auto": the Pallas kernels on a GPU, XLA elsewhere).
     decode_attention: "paged" (exact, the default: bit-identical for dense and HQ),
     "dedup" (shared runs of blocks read once for all their requests; equal to paged within
     float rounding, not bit-exact) or "auto" (dedup when the batch's sharing plan saves at
-    least `auto_min_saved_tokens` K/V tokens per kv head, else paged)."""
+    least `auto_min_saved_tokens` K/V tokens per kv head, else paged).
+    on_step: called as on_step(jitted_fn, args, kwargs) before every jitted model step
+    (e.g. `harness.device_memory.PeakTracker`, which reads the step's compiled memory)."""
     if chunk_size <= 0:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if decode_attention not in DECODE_ATTENTION:
@@ -133,6 +135,7 @@ class Engine:
     # not reuse the cache it passed in. Off on CPU so tests can compare old and new.
     self.donate = jax.default_backend() != "cpu" if donate is None else donate
     self._forward = model_lib.forward_donating if self.donate else model_lib.forward
+    self.on_step = on_step
 
   def _check_tokens(self, tokens) -> np.ndarray:
     arr = np.asarray(tokens)
@@ -155,8 +158,11 @@ class Engine:
                        "with KVLayout.from_config(cfg)")
 
   def _step(self, cache: PagedCache, tokens: np.ndarray, view):
-    logits, pools = self._forward(self.params, cache.pools, jnp.asarray(tokens, jnp.int32),
-                                  view, cfg=self.cfg, attention_fn=self._attention_fn)
+    args = (self.params, cache.pools, jnp.asarray(tokens, jnp.int32), view)
+    kwargs = dict(cfg=self.cfg, attention_fn=self._attention_fn)
+    if self.on_step is not None:
+      self.on_step(self._forward, args, kwargs)
+    logits, pools = self._forward(*args, **kwargs)
     return logits, cache.with_pools(pools)
 
   def _decode_view(self, cache: PagedCache, slots, lens) -> tuple[AttentionView, str]:

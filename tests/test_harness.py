@@ -67,9 +67,24 @@ def test_acceptance_invocation_rows_match_the_formula(sweep_csv):
       # (Sizes here are whole blocks, so the pool is exactly what it holds.)
       assert r["pool_bytes"] == r["kv_bytes_used"]
       assert c == 1 or r["pool_bytes"] < c * n * tok
-    assert r["peak_device_bytes"] is None  # CPU reports none: left empty, not invented.
+    # The row's own peak (XLA's accounting): at least its pool, and the pool's copy in the
+    # step's outputs (no donation on CPU).
+    assert r["peak_device_bytes"] >= 2 * r["pool_bytes"]
+    assert r["process_peak_bytes"] is None  # CPU's allocator reports none: left empty.
     assert r["attention"] == "reference"  # What ran: "auto" is the XLA reference on CPU.
     assert r["ttft_ms"] > 0
+
+
+def test_peak_device_bytes_is_the_rows_own(sweep_csv):
+  rows = memory.read_csv_text(sweep_csv)
+  for n, c in [(1024, 8), (256, 8)]:
+    dense, hq = [next(r for r in rows if r["backend"] == b and r["context_length"] == n
+                      and r["concurrency"] == c) for b in ("dense", "hq")]
+    # Sharing 3/4 of every request: HQ's pool, and so its peak, is the smaller one, though
+    # its row ran after dense's (a process-wide running peak could never go down).
+    assert hq["peak_device_bytes"] < dense["peak_device_bytes"]
+    assert dense["peak_device_bytes"] - hq["peak_device_bytes"] >= (
+        dense["pool_bytes"] - hq["pool_bytes"])
 
 
 def test_same_seed_gives_byte_identical_csv(sweep_csv, tmp_path):
@@ -164,6 +179,17 @@ def test_latency_and_report(tiny_setup, tmp_path, sweep_dir):
   assert by_claim["HQ stored KV is flat in context length"]["supported"] == ledger.REFUTED
   assert by_claim["Every request has exactly its context_length label's tokens"][
       "supported"] == ledger.SUPPORTED
+  assert by_claim["Peak device memory during prefill is reduced"][
+      "supported"] == ledger.SUPPORTED
+
+
+def test_ledger_peak_claim_needs_per_row_peaks_and_can_refute(sweep_csv):
+  rows = memory.read_csv_text(sweep_csv)
+  assert ledger.peak_memory(rows)["supported"] == ledger.SUPPORTED
+  blank = [dict(r, peak_device_bytes=None) for r in rows]
+  assert ledger.peak_memory(blank)["supported"] == ledger.UNTESTED
+  swapped = [dict(r, peak_device_bytes=(1 if r["backend"] == "dense" else 2)) for r in rows]
+  assert ledger.peak_memory(swapped)["supported"] == ledger.REFUTED
 
 
 def _copy_sweep(sweep_dir, to):

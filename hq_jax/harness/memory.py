@@ -22,7 +22,7 @@ from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout
 from hq_jax.kv.stats import kv_stats
-from hq_jax.harness import outputs
+from hq_jax.harness import device_memory, outputs
 from hq_jax.harness.requests import (Request, TokenStream, check_grid_distinct, grid_requests,
                                      shared_prefix_tokens)
 
@@ -35,7 +35,7 @@ COLUMNS = (
     "block_size", "bytes_per_token", "max_seq_len", "kv_bytes_allocated", "kv_bytes_used",
     "kv_bytes_predicted", "physical_blocks", "logical_blocks", "reuse_factor",
     "metadata_bytes", "pool_bytes", "hit_tokens", "query_tokens", "computed_tokens",
-    "peak_device_bytes", "seed", "attention") + TIMING_COLUMNS
+    "peak_device_bytes", "process_peak_bytes", "seed", "attention") + TIMING_COLUMNS
 
 
 class HarnessError(RuntimeError):
@@ -92,12 +92,6 @@ def check_row(row: dict) -> None:
                        f"{row['reuse_factor']}")
 
 
-def device_peak_bytes() -> int | None:
-  """The device's own peak allocation so far, where the platform reports it (GPU); else None."""
-  stats = jax.devices()[0].memory_stats()
-  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
 def _check_fits(layout: KVLayout, num_blocks: int, what: str) -> None:
   """Refuses a pool the device cannot hold, before trying to allocate it."""
   stats = jax.devices()[0].memory_stats() or {}
@@ -108,7 +102,7 @@ def _check_fits(layout: KVLayout, num_blocks: int, what: str) -> None:
 
 
 def make_engine(params, cfg: ModelConfig, *, chunk_size: int, attention: str = "auto",
-                decode_attention: str = "paged") -> Engine:
+                decode_attention: str = "paged", on_step=None) -> Engine:
   """An Engine running `attention`; `engine.attention` is the name of what really runs
   ("auto" resolved: Pallas on a GPU, the XLA reference elsewhere), for the outputs."""
   if attention not in ATTENTION:
@@ -117,7 +111,7 @@ def make_engine(params, cfg: ModelConfig, *, chunk_size: int, attention: str = "
     raise ValueError(f"--decode_attention must be one of {', '.join(DECODE_ATTENTION)}, got "
                      f"{decode_attention!r}")
   return Engine(params, cfg, chunk_size=chunk_size, attention=attention,
-                decode_attention=decode_attention)
+                decode_attention=decode_attention, on_step=on_step)
 
 
 def attention_name(engine: Engine) -> str:
@@ -210,8 +204,12 @@ def point_requests(stream: TokenStream, *, context_length: int, concurrency: int
 
 def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: str,
               context_length: int, concurrency: int, shared_prefix_fraction: float,
-              num_prefixes: int, max_seq_len: int, seed: int) -> list[dict]:
-  """Both backends on the same requests at one grid point: one checked row each."""
+              num_prefixes: int, max_seq_len: int, seed: int,
+              tracker: device_memory.PeakTracker | None = None) -> list[dict]:
+  """Both backends on the same requests at one grid point: one checked row each.
+
+  With `tracker` (the engine's `on_step` hook), a row's peak_device_bytes is the peak
+  during that row alone: the previous row's cache is gone before it starts."""
   requests = point_requests(stream, context_length=context_length, concurrency=concurrency,
                             shared_prefix_fraction=shared_prefix_fraction,
                             num_prefixes=num_prefixes, block_size=layout.block_size, seed=seed)
@@ -225,6 +223,8 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
                         shared_prefix_tokens=p, num_prefixes=num_prefixes)
     # Compile this point's shapes on a throwaway cache, so ttft_ms is not compile time.
     engine.prefill(fresh(), requests[0].tokens, logits="last")
+    if tracker is not None:
+      tracker.start()
     cache, results = run_requests(engine, fresh(), requests)
     s = kv_stats(cache)
     row = {
@@ -243,11 +243,13 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
         "reuse_factor": round(s.reuse_factor, 6), "metadata_bytes": s.metadata_bytes,
         "pool_bytes": s.pool_bytes, "hit_tokens": s.hit_tokens, "query_tokens": s.query_tokens,
         "computed_tokens": sum(r.computed_tokens for r in results),
-        "peak_device_bytes": device_peak_bytes(), "seed": seed,
+        "peak_device_bytes": tracker.peak if tracker is not None else None,
+        "process_peak_bytes": device_memory.process_peak_bytes(), "seed": seed,
         "attention": attention_name(engine),
         "ttft_ms": round(1e3 * statistics.median(r.ttft_s for r in results), 3),
         "prefill_s": round(sum(r.ttft_s for r in results), 4),
     }
+    del cache, results  # before the next backend's pool exists
     check_row(row)
     rows.append(row)
   return rows
@@ -277,13 +279,14 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
     point_requests(stream, context_length=n, concurrency=c, shared_prefix_fraction=f,
                    num_prefixes=g, block_size=block_size, seed=seed)
   layout = KVLayout.from_config(cfg, block_size)
+  tracker = device_memory.PeakTracker()
   engine = make_engine(params, cfg, chunk_size=chunk_size, attention=attention,
-                       decode_attention=decode_attention)
+                       decode_attention=decode_attention, on_step=tracker)
   rows = []
   for n, c, f, g in points:
     rows += run_point(engine, layout, stream, model=model, context_length=n, concurrency=c,
                       shared_prefix_fraction=f, num_prefixes=g, max_seq_len=max_seq_len,
-                      seed=seed)
+                      seed=seed, tracker=tracker)
     if progress is not None:
       progress.update(1)
     if on_rows is not None:
