@@ -157,8 +157,10 @@ class Engine:
                        f"model needs {want[0]} x {want[1]} x {want[2]}: build the cache "
                        "with KVLayout.from_config(cfg)")
 
-  def _step(self, cache: PagedCache, tokens: np.ndarray, view):
+  def _step(self, cache: PagedCache, tokens: np.ndarray, view, logits_at=None):
     args = (self.params, cache.pools, jnp.asarray(tokens, jnp.int32), view)
+    if logits_at is not None:  # only these rows' logits: [B, 1, vocab]
+      args += (jnp.asarray(logits_at, jnp.int32),)
     kwargs = dict(cfg=self.cfg, attention_fn=self._attention_fn)
     if self.on_step is not None:
       self.on_step(self._forward, args, kwargs)
@@ -204,10 +206,13 @@ class Engine:
       chunk = np.zeros((1, c), np.int32)
       valid = min(c, n - start)
       chunk[0, :valid] = prompt[start:start + valid]
-      out, cache = self._step(cache, chunk, cache.view([slot], [start], c))
       if logits == "all":
+        out, cache = self._step(cache, chunk, cache.view([slot], [start], c))
         kept.append(np.asarray(out[0, :valid]))  # to the host: one chunk on the device
-      last = out[0, valid - 1]
+        last = out[0, valid - 1]
+      else:  # the vocabulary projection of the chunk's last token only
+        out, cache = self._step(cache, chunk, cache.view([slot], [start], c), [valid - 1])
+        last = out[0, 0]
     cache = cache.commit(slot, n)
     last = last.block_until_ready()
     ttft = time.perf_counter() - t0

@@ -61,6 +61,23 @@ def test_dense_and_hq_bit_identical(tiny, tiny_layout, chunk):
     tokens = [int(t) for t in jnp.argmax(hl.logits, axis=-1)]
 
 
+def test_last_logits_project_only_the_last_token(tiny, tiny_layout):
+  """logits="last" projects one row per chunk: the same prediction as the full chunk's last
+  row (within float rounding: another matmul shape), bit-identical between the caches."""
+  params, cfg = tiny
+  engine = Engine(params, cfg, chunk_size=32)
+  prompt = np.random.default_rng(5).integers(0, cfg.vocab_size, 75)
+  lasts = []
+  for cache in _caches(tiny_layout):
+    _, full = engine.prefill(cache, prompt, logits="all")
+    _, last = engine.prefill(cache, prompt, logits="last")
+    assert last.logits is None and last.last_logits.shape == (cfg.vocab_size,)
+    np.testing.assert_allclose(last.last_logits, full.logits[-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(full.last_logits, full.logits[-1])
+    lasts.append(np.asarray(last.last_logits))
+  np.testing.assert_array_equal(*lasts)
+
+
 def test_reuse_changes_nothing_but_the_work(tiny, tiny_layout):
   """The same prompt twice on HQ: second prefill computes only its last chunk."""
   params, cfg = tiny

@@ -7,7 +7,9 @@ time, the floor it is measured against, from ceilings measured in the same run:
 
   decode roofline = (parameter bytes + K/V bytes the step references) / XLA read rate,
                     the read rate of a jitted sum over a 2 GiB bfloat16 array (device time);
-  prefill floor   = (2 * params * tokens + causal attention FLOPs) / bf16 matmul peak,
+  prefill floor   = (the prefill's necessary FLOPs: 2 * non-embedding params * tokens, the
+                    vocabulary projection of the last token, causal attention) / bf16
+                    matmul peak,
                     with the peak from the datasheet-free in-run 8192^3 bf16 matmul.
 
 Each decode point also reports the device time of one step without host work (steps run
@@ -155,9 +157,14 @@ def _donated_step_ms(params, pools, tokens, view, *, cfg, attention_fn, reps: in
 
 
 def prefill_flops(cfg, n_params: int, tokens: int) -> float:
-  """2 * params * tokens (every weight once per token) + causal attention (QK^T and PV)."""
+  """The FLOPs a prefill must do: every weight matrix of the layers once per token, the
+  vocabulary projection once (only the last token's prediction is needed), and causal
+  attention (QK^T and PV). The embedding table (and an untied lm_head) is excluded from the
+  per-token count: a lookup is no matmul, and the engine projects the last token only."""
   attn = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * tokens * (tokens + 1) / 2
-  return 2 * n_params * tokens + attn
+  vocab = cfg.vocab_size * cfg.hidden_size
+  tables = vocab * (1 if cfg.tie_word_embeddings else 2)
+  return 2 * (n_params - tables) * tokens + 2 * vocab + attn
 
 
 def bench_prefill(engine: Engine, *, tokens: int, block_size: int, ceilings: Ceilings,
