@@ -53,7 +53,8 @@ def test_from_gguf_metadata():
 def test_sweep_configs_take_the_attention_flags():
   """Issue 11 item 1: every config names its attention; the GPU configs use Pallas."""
   import importlib
-  for name in ("latency", "memory_sweep", "perplexity", "memory_sweep_gpu", "perplexity_gpu"):
+  for name in ("latency", "memory_sweep", "perplexity", "latency_gpu", "memory_sweep_gpu",
+               "perplexity_gpu"):
     c = importlib.import_module(f"configs.{name}").get_config()
     gpu = name.endswith("_gpu")
     assert c.attention == ("pallas" if gpu else "auto"), name
