@@ -68,11 +68,13 @@ def test_last_logits_project_only_the_last_token(tiny, tiny_layout):
   engine = Engine(params, cfg, chunk_size=32)
   prompt = np.random.default_rng(5).integers(0, cfg.vocab_size, 75)
   lasts = []
+  # GPU float32 matmuls may round through TF32, shape-dependently.
+  tol = 1e-5 if jax.default_backend() == "cpu" else 2e-2
   for cache in _caches(tiny_layout):
     _, full = engine.prefill(cache, prompt, logits="all")
     _, last = engine.prefill(cache, prompt, logits="last")
     assert last.logits is None and last.last_logits.shape == (cfg.vocab_size,)
-    np.testing.assert_allclose(last.last_logits, full.logits[-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(last.last_logits, full.logits[-1], rtol=tol, atol=tol)
     np.testing.assert_array_equal(full.last_logits, full.logits[-1])
     lasts.append(np.asarray(last.last_logits))
   np.testing.assert_array_equal(*lasts)
