@@ -21,11 +21,13 @@ def get_config():
   c.max_concurrency = 64
   c.max_output_tokens = 0
   c.max_requests = 0
+  c.window_s = 0.0
   c.time_scale = 1.0
   c.prefill_tokens_per_s = 10_000.0
   c.decode_tokens_per_s = 30.0
   c.capacity_context_lengths = [4096, 32768]
   c.capacity_shared_fractions = [0.5, 0.9]
+  c.time_limit_s = 0.0
   c.seed = 0
   c.output_dir = ""
   c.overwrite = False

@@ -187,8 +187,11 @@ class Engine:
     return dataclasses.replace(view, sharing=plan), "dedup"
 
   def prefill(self, cache: PagedCache, tokens: Sequence[int], *, salt: int = 0,
-              logits: str = "all") -> tuple[PagedCache, PrefillResult]:
-    """Admits a prompt and computes its K/V; returns (new cache, result)."""
+              logits: str = "all", slot: int | None = None) -> tuple[PagedCache, PrefillResult]:
+    """Admits a prompt and computes its K/V; returns (new cache, result).
+
+    `slot`: the caller already admitted `tokens` there (`cache.admit`, e.g. to check the
+    fit or pass admission options first), so only the prefill runs here."""
     if logits not in ("all", "last"):
       raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
     if self.chunk_size % cache.block_size:
@@ -197,7 +200,11 @@ class Engine:
     self._check_cache(cache)
     prompt = self._check_tokens(tokens)
     t0 = time.perf_counter()
-    cache, slot = cache.admit(prompt, salt)
+    if slot is None:
+      cache, slot = cache.admit(prompt, salt)
+    elif not (0 <= slot < cache.max_requests and bool(cache.active[slot])
+              and int(cache.req_lens[slot]) == prompt.size):
+      raise CacheError(f"slot {slot} does not hold a just-admitted prompt of {prompt.size} tokens")
     n, c = prompt.size, self.chunk_size
     hit = int(cache.seq_lens[slot])
     first_chunk = min(hit // c, (n - 1) // c)

@@ -13,6 +13,7 @@ adds TTFT percentiles. docs/traces.md walks through one replay.
 import math
 import os
 import sys
+import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -22,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import trace_replay as default_config
-from hq_jax.harness import cli, outputs, trace_outputs, traces
+from hq_jax.harness import cli, outputs, trace_outputs, trace_serving, traces
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(ROOT, "configs", "trace_replay.py"),
@@ -39,11 +40,14 @@ cli.define_flags(default_config.get_config(), {
     "max_concurrency": "requests holding KV at once (and cache slots)",
     "max_output_tokens": "cap on generated tokens per request; 0 = the trace's output_length",
     "max_requests": "replay only the first N requests; 0 = all",
+    "window_s": "replay only the requests arriving in the trace's first S seconds; 0 = all",
     "time_scale": "arrival times are multiplied by this (< 1 compresses the trace)",
     "prefill_tokens_per_s": "time model: computed prefill tokens per second",
     "decode_tokens_per_s": "time model: generated tokens per second of one request",
     "capacity_context_lengths": "capacity grid: tokens per request",
     "capacity_shared_fractions": "capacity grid: shared prefix fraction, in [0, 1)",
+    "time_limit_s": "model mode: after this many seconds (from the start, shared evenly by "
+                    "the rows) stop admitting, finish, write outputs marked partial; 0 = none",
     "seed": "seed of the synthesized tokens and of random weights",
     "output_dir": "where the outputs go (required; must be empty unless --overwrite)",
     "overwrite": "allow writing into a non-empty --output_dir",
@@ -99,7 +103,7 @@ def validate(cfg):
       raise app.UsageError(str(e)) from None
   for name in ("max_concurrency", "time_scale", "prefill_tokens_per_s", "decode_tokens_per_s"):
     _check(cfg[name] > 0 and math.isfinite(cfg[name]), name, f"{cfg[name]} must be positive")
-  for name in ("max_output_tokens", "max_requests"):
+  for name in ("max_output_tokens", "max_requests", "window_s", "time_limit_s"):
     _check(cfg[name] >= 0, name, f"{cfg[name]} must be >= 0 (0 = no limit)")
   _check(all(n > 0 for n in cfg.capacity_context_lengths), "capacity_context_lengths",
          f"{cfg.capacity_context_lengths} must be positive")
@@ -111,13 +115,13 @@ def validate(cfg):
   return model_cfg, layout, os.path.abspath(path)
 
 
-def _replay(run, cfg, requests, layout, replay_cfg, make_backend, trace_path):
+def _replay(run, cfg, requests, layout, replay_cfg, make_backend, trace_path, deadline):
   """Replays every budget, writes the run's outputs; returns (rows, capacity, summary)."""
   bar = lambda desc: tqdm.tqdm(total=len(requests), desc=desc, unit="req", mininterval=1.0)
   rows = trace_outputs.run_budgets(
       requests, cfg.kv_budget_gb, model=cfg.model, bytes_per_block=layout.bytes_per_block,
       block_size=cfg.block_size, cfg=replay_cfg, make_backend=make_backend,
-      progress_factory=bar)
+      progress_factory=bar, deadline=deadline)
   capacity = trace_outputs.capacity_rows(
       model=cfg.model, budgets_gb=cfg.kv_budget_gb, bytes_per_block=layout.bytes_per_block,
       block_size=cfg.block_size, context_lengths=cfg.capacity_context_lengths,
@@ -134,20 +138,26 @@ def _replay(run, cfg, requests, layout, replay_cfg, make_backend, trace_path):
       "trace": {"path": trace_path, "requests": len(requests), "prompt_tokens": prompt,
                 "direct_hit_ratio": traces.direct_hit_tokens(requests) / prompt},
       "bytes_per_block": layout.bytes_per_block, "rows": rows, "capacity": capacity,
+      # True when --time_limit_s stopped a model-mode row early: its requests are a prefix.
+      "partial": any(r["partial"] for r in rows),
       "ledger_row": traces.ledger_row(rows, name)}
   run.write_json("summary.json", summary)  # strict JSON, with the run id
-  run.finish()
+  run.finish(partial=summary["partial"])
   return rows, capacity, summary
 
 
 def main(argv):
   del argv
+  t_start = time.perf_counter()
   cfg = cli.resolve(_CONFIG.value)
   model_cfg, layout, trace_path = validate(cfg)
   try:
     requests = traces.load_trace(trace_path, cfg.trace_format, cfg.max_requests)
   except traces.TraceError as e:
     raise app.UsageError(f"--trace: {e}") from None
+  if cfg.window_s:
+    requests = [r for r in requests if r.arrival_s < cfg.window_s]
+    _check(bool(requests), "window_s", f"no request arrives in the first {cfg.window_s:g} s")
   replay_cfg = traces.ReplayConfig(
       max_concurrency=cfg.max_concurrency, max_output_tokens=cfg.max_output_tokens,
       prefill_tokens_per_s=cfg.prefill_tokens_per_s,
@@ -161,9 +171,10 @@ def main(argv):
     from hq_jax.engine import Engine
     params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
     engine = Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention)
-    make_backend = trace_outputs.real_cache_factory(
+    make_backend = trace_serving.make_factory(
         layout, requests, replay_cfg, vocab_size=model_cfg.vocab_size, seed=cfg.seed,
         engine=engine)
+  deadline = t_start + cfg.time_limit_s if cfg.time_limit_s else None
   files = ["trace_replay.csv", "capacity.csv", "trace_replay.png", "summary.json"]
   # The run refuses earlier outputs without --overwrite and locks the directory while it
   # writes; a failure marks its record failed. Its errors name the flag.
@@ -171,19 +182,26 @@ def main(argv):
     with outputs.Run(cfg.output_dir, "trace_replay", files, overwrite=cfg.overwrite,
                      record={"command": cli.command_line(), **cli.run_metadata()}) as run:
       rows, capacity, summary = _replay(run, cfg, requests, layout, replay_cfg, make_backend,
-                                        trace_path)
+                                        trace_path, deadline)
   except outputs.OutputError as e:
     raise app.UsageError(str(e)) from None
   name, prompt = os.path.basename(trace_path), summary["trace"]["prompt_tokens"]
   print(f"trace {name}: {len(requests)} requests, {prompt:,} prompt tokens, direct chain "
         f"hit ratio {100 * summary['trace']['direct_hit_ratio']:.2f}%")
   for r in rows:
-    ttft = (f"  TTFT p50/p90/p99 {r['ttft_p50_ms']:.1f}/{r['ttft_p90_ms']:.1f}/"
-            f"{r['ttft_p99_ms']:.1f} ms" if r["ttft_p50_ms"] is not None else "")
     print(f"{r['backend']:13s} {r['kv_budget_gb']:7g} GB  hit {100 * r['hit_ratio']:6.2f}%  "
           f"computed {r['computed_prefill_tokens']:>12,}  evicted {r['evicted_blocks']:>9,}  "
           f"peak {r['peak_kv_bytes_used'] / 1e9:7.2f} GB  mean conc "
-          f"{r['mean_concurrency']:5.1f}  skipped {r['skipped_requests']}{ttft}")
+          f"{r['mean_concurrency']:5.1f}  skipped {r['skipped_requests']}")
+  timed = [r for r in rows if r["ttft_p50_ms"] is not None]
+  if timed:
+    print(f"\n{'backend':13s} {'budget':>7s} {'requests':>8s} {'TTFT p50':>9s} {'p90':>9s} "
+          f"{'p99 (ms)':>9s} {'prefill tok/s':>13s} {'decode steps':>12s}")
+    for r in timed:
+      print(f"{r['backend']:13s} {r['kv_budget_gb']:5g} GB {r['requests']:8d} "
+            f"{r['ttft_p50_ms']:9.1f} {r['ttft_p90_ms']:9.1f} {r['ttft_p99_ms']:9.1f} "
+            f"{r['prefill_tokens_per_s_measured']:13,.0f} {r['decode_steps']:12d}"
+            + ("  PARTIAL (--time_limit_s)" if r["partial"] else ""))
   print(f"ledger: {summary['ledger_row']['supported']}: {summary['ledger_row']['verdict']}")
   print(f"wrote {cfg.output_dir}/trace_replay.csv, capacity.csv, trace_replay.png, summary.json")
 

@@ -72,6 +72,28 @@ def test_metadata_bytes_per_block_is_constant(tiny_layout):
   assert (per_block[1] - per_block[0]) / 16 == 4 + 1 + 4 + 4 + 4 + 4 + 4 + 16 * 4 + 4
 
 
+def test_dense_reserve_tokens(tiny_layout):
+  """A dense request may reserve only its own prompt + output (the trace replay's serving
+  mode); the default stays max_seq_len, and appending past a reservation is an error."""
+  c = DenseKVCache.init(tiny_layout, num_blocks=6, max_requests=4, max_seq_len=MAX_SEQ)
+  with pytest.raises(CacheError, match="pool too small"):
+    c.admit(np.arange(20))  # max_seq_len's blocks do not fit in 6
+  c, a = c.admit(np.arange(20), reserve_tokens=40)  # 3 blocks
+  c, b = c.admit(np.arange(5), reserve_tokens=48)  # 3 blocks: the pool is full
+  assert kv_stats(c).kv_bytes_allocated == 6 * tiny_layout.bytes_per_block
+  assert set(c.block_tables[a][:3]) | set(c.block_tables[b][:3]) == set(range(6))
+  with pytest.raises(CacheError, match="pool too small"):
+    c.admit([1], reserve_tokens=1)
+  for t in range(28):
+    c = c.append(a, t)
+  with pytest.raises(CacheError, match="reservation of 48 tokens"):
+    c.append(a, 0)
+  with pytest.raises(CacheError, match="reserve_tokens=3 must be in"):
+    c.release(b).admit(np.arange(5), reserve_tokens=3)
+  c, s = c.release(a).admit(np.arange(5), reserve_tokens=17)
+  assert (c.block_tables[s] >= 0).sum() == 2
+
+
 def _admit_commit(cache, tokens, salt=0):
   cache, slot = cache.admit(np.asarray(tokens), salt)
   return cache.commit(slot, len(tokens)), slot

@@ -199,28 +199,94 @@ def test_missing_file_and_unknown_format(tmp_path):
 
 
 # ------------------------------------------------------------------- model and script
-def test_model_mode_on_tiny(tiny):
-  """Model mode: the same replay through Engine prefill/decode on real caches."""
+def _serve(tiny, reqs, rcfg, budgets=(0.0,), chunk=64, deadline=None):
   from hq_jax.engine import Engine
-  from hq_jax.harness import trace_outputs
+  from hq_jax.harness import trace_outputs, trace_serving
   params, cfg = tiny
-  reqs = [_req(0, [1], 200, 2, 0.0), _req(1, [1], 300, 2, 0.1), _req(2, [2], 150, 1, 0.2)]
   layout = KVLayout.from_config(cfg, block_size=16)
+  engine = Engine(params, cfg, chunk_size=chunk, attention="reference")
+  backends = {}
+  factory = trace_serving.make_factory(layout, reqs, rcfg, vocab_size=cfg.vocab_size,
+                                       seed=0, engine=engine)
+
+  def make(name, nb):
+    backends[name] = factory(name, nb)
+    return backends[name]
+  rows = trace_outputs.run_budgets(reqs, list(budgets), model="tiny",
+                                   bytes_per_block=layout.bytes_per_block, block_size=16,
+                                   cfg=rcfg, make_backend=make, deadline=deadline)
+  return rows, backends, engine
+
+
+def test_model_mode_on_tiny(tiny):
+  """Model mode: continuous batching through Engine prefill/decode on real caches."""
+  reqs = [_req(0, [1], 200, 2, 0.0), _req(1, [1], 300, 2, 0.1), _req(2, [2], 150, 1, 0.2)]
   rcfg = ReplayConfig(max_concurrency=2)
-  engine = Engine(params, cfg, chunk_size=64, attention="reference")
-  make = trace_outputs.real_cache_factory(layout, reqs, rcfg, vocab_size=cfg.vocab_size,
-                                          seed=0, engine=engine)
-  rows = trace_outputs.run_budgets(reqs, [0.0], model="tiny", bytes_per_block=1,
-                                   block_size=16, cfg=rcfg, make_backend=make)
+  rows, backends, _ = _serve(tiny, reqs, rcfg)
   by = {r["backend"]: r for r in rows}
+  # The warm-up (every decode batch size compiled first) left nothing behind.
+  cache = backends["dense"].cache
+  assert not cache.active.any() and trace_serving_held(cache) == 0
   assert by["hq_unbounded"]["hit_tokens"] == 192  # 12 full blocks of request 0's 200 tokens
   assert by["hq_unbounded"]["computed_prefill_tokens"] == 200 + (300 - 192) + 150
   assert by["dense"]["hit_tokens"] == 0 and by["dense"]["computed_prefill_tokens"] == 650
-  assert all(r["ttft_p50_ms"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] for r in rows)
-  assert all(r["prefill_tokens_per_s_measured"] > 0 for r in rows)
-  sim = trace_outputs.run_budgets(reqs, [0.0], model="tiny", bytes_per_block=1, block_size=16,
-                                  cfg=rcfg, make_backend=trace_outputs.simulator_factory(16))
+  dense = by["dense"]
+  assert dense["ttft_p50_ms"] > 0 and dense["ttft_p99_ms"] >= dense["ttft_p50_ms"]
+  assert dense["prefill_tokens_per_s_measured"] > 0 and dense["partial"] is False
+  assert dense["requests"] == 3 and dense["decode_steps"] >= 1
+  sim = trace_outputs_rows(reqs, rcfg)
   assert [r["hit_tokens"] for r in sim] == [r["hit_tokens"] for r in rows]
+
+
+def trace_serving_held(cache):
+  from hq_jax.harness import trace_serving
+  return trace_serving.held_blocks(cache)
+
+
+def trace_outputs_rows(reqs, rcfg):
+  from hq_jax.harness import trace_outputs
+  return trace_outputs.run_budgets(reqs, [0.0], model="tiny", bytes_per_block=1, block_size=16,
+                                   cfg=rcfg, make_backend=trace_outputs.simulator_factory(16))
+
+
+def test_batched_decode_matches_one_request_at_a_time(tiny):
+  """Continuous batching gives every request the greedy tokens it gets alone, with the
+  simulator's hit accounting, on a budget that forces HQ to evict; dense reserves only
+  each request's own tokens, so it runs requests concurrently."""
+  from hq_jax.kv.dense import DenseKVCache
+  params, cfg = tiny
+  reqs = [_req(0, [1, 2], 700, 5, 0.0), _req(1, [1, 3], 600, 3, 0.0),
+          _req(2, [1, 2, 4], 1100, 6, 0.0), _req(3, [5], 90, 1, 0.0),
+          _req(4, [7, 8, 9], 1500, 2, 0.0), _req(5, [1, 2], 800, 4, 0.0),
+          _req(6, [6], 300, 2, 0.0)]
+  rcfg = ReplayConfig(max_concurrency=4)
+  layout = KVLayout.from_config(cfg, block_size=16)
+  budget = 100.5 * layout.bytes_per_block / 1e9  # 100 blocks: request 4 alone needs 94
+  rows, backends, engine = _serve(tiny, reqs, rcfg, budgets=(budget,), chunk=128)
+  by = {r["backend"]: r for r in rows}
+  assert by["hq"]["evicted_blocks"] > 0 and by["hq"]["hit_tokens"] > 0
+  assert by["dense"]["peak_concurrency"] > 1  # not one max_seq_len reservation each
+  assert by["dense"]["decode_steps"] < sum(r.output_length - 1 for r in reqs)  # batched
+  for name in ("dense", "hq"):
+    assert all(np.isfinite([by[name]["ttft_p50_ms"], by[name]["ttft_p99_ms"]]))
+    assert by[name]["requests"] == len(reqs)
+    for r in reqs:
+      alone = DenseKVCache.init(layout, num_blocks=100, max_requests=1, max_seq_len=1600)
+      prompt = traces.request_tokens(r, vocab_size=cfg.vocab_size)
+      _, _, want = engine.generate(alone, prompt, r.output_length)
+      assert backends[name].generated[r.index] == want, (name, r.index)
+  # Hits skip whole cached chunks only.
+  assert by["hq"]["computed_prefill_tokens"] < by["dense"]["computed_prefill_tokens"]
+
+
+def test_time_limit_marks_rows_partial(tiny):
+  import time
+  reqs = [_req(i, [i], 100, 2, 0.01 * i) for i in range(6)]
+  rows, _, _ = _serve(tiny, reqs, ReplayConfig(max_concurrency=2),
+                      deadline=time.perf_counter())
+  dense = {r["backend"]: r for r in rows}["dense"]
+  assert dense["partial"] is True and dense["requests"] < len(reqs)
+  assert {r["backend"]: r for r in rows}["hq_unbounded"]["partial"] is False
 
 
 def test_script(tmp_path):
@@ -243,10 +309,12 @@ def test_script(tmp_path):
   assert summary["ledger_row"]["supported"] in ("yes", "mixed", "no")
   assert (out / "trace_replay.png").stat().st_size > 0
   header = (out / "trace_replay.csv").read_text().splitlines()[0]
-  assert header.endswith("ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,prefill_tokens_per_s_measured,"
-                         "run_id")
+  assert header.endswith("decode_steps,partial,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,"
+                         "prefill_tokens_per_s_measured,run_id")
   run_id = summary["run_id"]  # the CSV rows and the summary carry this run's id
-  assert (out / "trace_replay.csv").read_text().splitlines()[1].endswith(f",,,,{run_id}")
+  assert (out / "trace_replay.csv").read_text().splitlines()[1].endswith(
+      f",,False,,,,,{run_id}")
+  assert summary["partial"] is False
   record = json.loads((out / "trace_replay.run.json").read_text())
   assert record["run_id"] == run_id and record["status"] == "complete"
   assert all(r["checked_by_simulator"] for r in summary["capacity"])

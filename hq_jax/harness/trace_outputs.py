@@ -7,6 +7,7 @@ notebook can call them directly.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 from hq_jax.harness import traces
@@ -18,7 +19,7 @@ COLUMNS = ("model", "block_size", "kv_budget_gb", "num_blocks", "backend", "requ
            "skipped_requests", "prompt_tokens", "hit_tokens", "hit_ratio",
            "computed_prefill_tokens", "evicted_blocks", "peak_kv_bytes_used",
            "mean_kv_bytes_used", "mean_concurrency", "peak_concurrency", "replay_span_s",
-           "mean_queue_wait_s", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
+           "mean_queue_wait_s", "decode_steps", "partial", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
            "prefill_tokens_per_s_measured")
 CAPACITY_COLUMNS = ("model", "block_size", "kv_budget_gb", "num_blocks", "context_length",
                     "shared_prefix_fraction", "shared_blocks", "dense_admitted",
@@ -49,22 +50,39 @@ def simulator_factory(block_size: int) -> BackendFactory:
 
 def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *,
                 model: str, bytes_per_block: int, block_size: int, cfg: ReplayConfig,
-                make_backend: BackendFactory, progress_factory=None) -> list[dict]:
+                make_backend: BackendFactory, progress_factory=None,
+                deadline: float | None = None) -> list[dict]:
   """One row per (backend, budget): dense and hq at each budget, hq_unbounded once.
 
   Budget 0 means unbounded: it gives the dense row without a pool limit and the
-  hq_unbounded row (the upper bound on prefix hits).
+  hq_unbounded row (the upper bound on prefix hits). A backend with its own `replay`
+  (model mode: `trace_serving.ServingBackend`) runs that; the others the simulator's
+  `traces.replay`. `deadline` (a `time.perf_counter()` value) is shared out evenly among
+  the model-mode rows still to run: each gets the time left / the rows left.
   """
   plan = [("hq_unbounded", 0.0)]
   for b in budgets_gb:
     plan += [("dense", b)] + ([("hq", b)] if b else [])
   rows = []
-  for name, budget in plan:
-    nb = pool_blocks(budget, bytes_per_block)
+  backends = [(name, budget, pool_blocks(budget, bytes_per_block)) for name, budget in plan]
+  serving_left = None
+  for i, (name, budget, nb) in enumerate(backends):
+    backend = make_backend(name, nb)
     bar = progress_factory(f"{name} @ {budget:g} GB") if progress_factory else None
     try:
-      row = traces.replay(requests, make_backend(name, nb), cfg,
-                          bytes_per_block=bytes_per_block, progress=bar)
+      if hasattr(backend, "replay"):
+        if serving_left is None:  # the model-mode rows: all but the simulated unbounded one
+          serving_left = sum(n != "hq_unbounded" for n, _, _ in backends[i:])
+        row_deadline = None
+        if deadline is not None:
+          now = time.perf_counter()
+          row_deadline = now + max(0.0, deadline - now) / serving_left
+        serving_left -= 1
+        row = backend.replay(requests, cfg, bytes_per_block=bytes_per_block, progress=bar,
+                             deadline=row_deadline)
+      else:
+        row = traces.replay(requests, backend, cfg, bytes_per_block=bytes_per_block,
+                            progress=bar)
     finally:
       if bar is not None:
         bar.close()
@@ -166,46 +184,3 @@ def plot(rows: Sequence[dict], path: str, title: str) -> None:
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-
-
-def _warm_up(engine, cache, max_hold: int):
-  """Compiles the prefill and decode steps for this pool shape, so TTFTs exclude it.
-
-  The throwaway request is released (and its blocks evicted) before the replay: the
-  pool is back to all free; only its junk K/V remains, which nothing can read.
-  """
-  import numpy as np
-  length = min(engine.chunk_size + 1, max_hold - 1)  # two chunks' shapes, then one decode
-  need = (cache.max_blocks_per_seq if cache.backend == "dense" else
-          -(-(length + 1) // cache.block_size))
-  if length < 1 or need > cache.num_blocks:
-    return cache  # Checked first: a failed step could leave donated (dead) pools behind.
-  warm, res = engine.prefill(cache, np.zeros(length, np.int32), logits="last")
-  warm, _ = engine.decode(warm, [res.slot], [0])
-  warm = warm.release(res.slot)
-  return warm.evict() if warm.backend == "hq" else warm
-
-
-def real_cache_factory(layout, requests: Sequence[TraceRequest], cfg: ReplayConfig, *,
-                       vocab_size: int, seed: int, engine=None) -> BackendFactory:
-  """Real caches for model mode: pools from the budget; budget 0 holds the whole slice.
-
-  The dense cache reserves max_seq_len (the slice's longest request) per request, as
-  `DenseKVCache` does today; the simulator's dense reserves each request's own length.
-  """
-  from hq_jax.kv.dedup import DedupKVCache
-  from hq_jax.kv.dense import DenseKVCache
-  max_hold = max(r.input_length + cfg.output_tokens(r) for r in requests)
-  everything = max(sum(layout.blocks_for(r.input_length + cfg.output_tokens(r))
-                       for r in requests),
-                   cfg.max_concurrency * layout.blocks_for(max_hold))
-
-  def make(name, num_blocks):
-    kind = DenseKVCache if name == "dense" else DedupKVCache
-    cache = kind.init(layout, num_blocks=num_blocks or everything,
-                      max_requests=cfg.max_concurrency, max_seq_len=max_hold)
-    if engine is not None:
-      cache = _warm_up(engine, cache, max_hold)
-    return traces.RealCacheBackend(cache, vocab_size=vocab_size, seed=seed, engine=engine,
-                                   name=name)
-  return make

@@ -190,8 +190,6 @@ class Admission:
   handle: object  # what `release` needs
   hit_tokens: int  # prompt tokens found cached (whole cache blocks)
   evicted_blocks: int  # cached blocks evicted to make room
-  computed_tokens: int | None = None  # prefill tokens run through a model (model mode)
-  ttft_s: float | None = None  # measured time to first token (model mode)
 
 
 class Backend(Protocol):
@@ -324,18 +322,15 @@ class DenseSimulator:
 
 
 class RealCacheBackend:
-  """Drives a real `DedupKVCache` / `DenseKVCache` through the replay (tests, model mode).
+  """Drives a real `DedupKVCache` / `DenseKVCache` through `replay` without a model (tests).
 
-  Without an engine a request's prompt is admitted and committed and its generated tokens
-  (`decode_tokens`) appended at once, the order `HQSimulator` assumes. With an engine
-  the prompt is prefilled by the model (TTFT measured) and decoded greedily; the fit is
-  first checked on a throwaway copy (cache operations are pure), so a request that does
-  not fit never half-runs.
+  A request's prompt is admitted and committed and its generated tokens (`decode_tokens`)
+  appended at once, the order `HQSimulator` assumes. Model mode (continuous batching
+  through `Engine`) is `trace_serving.ServingBackend`.
   """
 
-  def __init__(self, cache, *, vocab_size: int, seed: int = 0, engine=None,
-               name: str | None = None):
-    self.cache, self.vocab_size, self.seed, self.engine = cache, vocab_size, seed, engine
+  def __init__(self, cache, *, vocab_size: int, seed: int = 0, name: str | None = None):
+    self.cache, self.vocab_size, self.seed = cache, vocab_size, seed
     self.name = name or cache.backend
     self.block_size = cache.block_size
     self.evicted = 0
@@ -355,8 +350,9 @@ class RealCacheBackend:
     return (hold_tokens <= self.cache.max_seq_len
             and self._blocks_per_request(hold_tokens) <= self.cache.num_blocks)
 
-  def _run_without_model(self, cache, req, hold_tokens):
+  def try_admit(self, req: TraceRequest, hold_tokens: int) -> Admission | None:
     from hq_jax.kv.base import CacheError
+    before = cache = self.cache
     prompt = request_tokens(req, vocab_size=self.vocab_size, seed=self.seed)
     try:
       cache, slot = cache.admit(prompt)
@@ -372,17 +368,6 @@ class RealCacheBackend:
       if "pool too small" in str(e):
         return None
       raise
-    return cache, slot, hit
-
-  def try_admit(self, req: TraceRequest, hold_tokens: int) -> Admission | None:
-    before = self.cache
-    done = self._run_without_model(before, req, hold_tokens)
-    if done is None:
-      return None
-    cache, slot, hit = done
-    computed = ttft = None
-    if self.engine is not None:
-      cache, slot, hit, computed, ttft = self._run_model(before, req, hold_tokens)
     evicted = 0
     if before.backend == "hq":
       was_cached = np.asarray(before.registered) & (np.asarray(before.refcount) == 0)
@@ -390,17 +375,7 @@ class RealCacheBackend:
                                          np.asarray(before.block_gen))))
     self.evicted += evicted
     self.cache = cache
-    return Admission(slot, hit, evicted, computed, ttft)
-
-  def _run_model(self, cache, req, hold_tokens):
-    import jax.numpy as jnp
-    prompt = request_tokens(req, vocab_size=self.vocab_size, seed=self.seed)
-    cache, res = self.engine.prefill(cache, prompt, logits="last")
-    tok = int(jnp.argmax(res.last_logits))
-    for _ in range(hold_tokens - req.input_length):
-      cache, step = self.engine.decode(cache, [res.slot], [tok])
-      tok = int(jnp.argmax(step.logits[0]))
-    return cache, res.slot, res.hit_tokens, res.computed_tokens, res.ttft_s
+    return Admission(slot, hit, evicted)
 
   def release(self, handle) -> None:
     self.cache = self.cache.release(handle)
@@ -444,8 +419,7 @@ def replay(requests: Sequence[TraceRequest], backend, cfg: ReplayConfig, *,
   queue: collections.deque[TraceRequest] = collections.deque()
   running: list[tuple[float, int, object]] = []  # heap of (finish, request index, handle)
   acc = dict(requests=0, skipped=0, prompt=0, hit=0, computed=0, peak_blocks=0,
-             peak_conc=0, block_s=0.0, conc_s=0.0, wait_s=0.0, model_computed=0)
-  ttfts: list[float] = []
+             peak_conc=0, block_s=0.0, conc_s=0.0, wait_s=0.0)
   t_last, t_first = None, None
   nxt, total = 0, len(requests)
   held = backend.held_blocks  # read once per change: a real cache's count is not free
@@ -474,16 +448,12 @@ def replay(requests: Sequence[TraceRequest], backend, cfg: ReplayConfig, *,
       if adm is None:
         return  # Head-of-line: wait for a release.
       queue.popleft()
-      computed = (req.input_length - adm.hit_tokens if adm.computed_tokens is None
-                  else adm.computed_tokens)
+      computed = req.input_length - adm.hit_tokens
       acc["requests"] += 1
       acc["prompt"] += req.input_length
       acc["hit"] += adm.hit_tokens
       acc["computed"] += computed
       acc["wait_s"] += t - req.arrival_s * cfg.time_scale
-      if adm.ttft_s is not None:
-        ttfts.append(adm.ttft_s)
-        acc["model_computed"] += computed
       duration = (computed / cfg.prefill_tokens_per_s
                   + cfg.output_tokens(req) / cfg.decode_tokens_per_s)
       heapq.heappush(running, (t + duration, req.index, adm.handle))
@@ -514,8 +484,6 @@ def replay(requests: Sequence[TraceRequest], backend, cfg: ReplayConfig, *,
     admit_waiting(t)
 
   span = (t_last - t_first) if t_last is not None and t_last > t_first else 0.0
-  pct = (lambda q: float(np.percentile(np.asarray(ttfts) * 1000, q))) if ttfts else (
-      lambda q: None)
   return dict(
       backend=backend.name, requests=acc["requests"], skipped_requests=acc["skipped"],
       prompt_tokens=acc["prompt"], hit_tokens=acc["hit"],
@@ -526,8 +494,8 @@ def replay(requests: Sequence[TraceRequest], backend, cfg: ReplayConfig, *,
       mean_concurrency=acc["conc_s"] / span if span else 0.0,
       peak_concurrency=acc["peak_conc"], replay_span_s=span,
       mean_queue_wait_s=acc["wait_s"] / acc["requests"] if acc["requests"] else 0.0,
-      prefill_tokens_per_s_measured=(acc["model_computed"] / sum(ttfts)) if ttfts else None,
-      ttft_p50_ms=pct(50), ttft_p90_ms=pct(90), ttft_p99_ms=pct(99))
+      decode_steps=None, partial=False, prefill_tokens_per_s_measured=None,
+      ttft_p50_ms=None, ttft_p90_ms=None, ttft_p99_ms=None)
 
 
 # ---------------------------------------------------------------------------- ledger

@@ -89,12 +89,15 @@ class DedupKVCache(PagedCache):
       return _Meta(self, {name: getattr(self, name) for name in _META_FIELDS})
     return _Meta(self, {name: np.array(getattr(self, name)) for name in _META_FIELDS})
 
-  def admit(self, tokens, salt: int = 0) -> tuple["DedupKVCache", int]:
+  def admit(self, tokens, salt: int = 0, *,
+            reserve_tokens: int | None = None) -> tuple["DedupKVCache", int]:
     """Admits a prompt: references its longest cached chain of full blocks, allocates the rest.
 
-    Returns (cache, slot). `seq_lens[slot]` is the number of cached (hit) tokens: their
+    Returns (cache, slot). `reserve_tokens` is accepted for interface parity with the
+    dense cache and ignored: HQ allocates a block when a token first needs it. `seq_lens[slot]` is the number of cached (hit) tokens: their
     K/V is already there; the caller computes and writes the rest, then `commit`s.
     """
+    del reserve_tokens
     prompt = self._check_prompt(tokens)
     salt = _check_salt(salt)
     m = self._meta()

@@ -1,5 +1,9 @@
 """Dense paged cache: each request reserves blocks for `max_seq_len` tokens at admission.
 
+(Or, with `admit(..., reserve_tokens=n)`, for its own n tokens, as vLLM without prefix
+caching does for a request whose output length is known: the trace replay's serving
+mode. The memory sweep keeps the max_seq_len reservation.)
+
 This is the seed's dense backend done honestly: the reservation is its *allocation*
 (`kv_bytes_allocated`), the tokens it has written are its *use* (`kv_bytes_used`).
 Nothing is shared between requests. Free blocks are derived from the block tables
@@ -34,13 +38,19 @@ class DenseKVCache(PagedCache):
     return cls.init(layout, num_blocks=max_requests * layout.blocks_for(max_seq_len),
                     max_requests=max_requests, max_seq_len=max_seq_len)
 
-  def admit(self, tokens, salt: int = 0) -> tuple["DenseKVCache", int]:
-    """Reserves `max_seq_len` worth of blocks for a new request; returns (cache, slot).
+  def admit(self, tokens, salt: int = 0, *,
+            reserve_tokens: int | None = None) -> tuple["DenseKVCache", int]:
+    """Reserves blocks for a new request; returns (cache, slot).
 
-    `salt` is accepted for interface parity; nothing is ever shared here.
+    The reservation covers `max_seq_len` tokens, or `reserve_tokens` (the prompt plus the
+    tokens it will generate; at least the prompt, at most max_seq_len): appending past it
+    is an error. `salt` is accepted for interface parity; nothing is ever shared here.
     """
     del salt
     prompt = self._check_prompt(tokens)
+    if reserve_tokens is not None and not prompt.size <= reserve_tokens <= self.max_seq_len:
+      raise CacheError(f"reserve_tokens={reserve_tokens} must be in [{prompt.size} (the "
+                       f"prompt), {self.max_seq_len} (max_seq_len)]")
     active = np.asarray(self.active)
     slot = self._free_slot(active)
     tables = np.asarray(self.block_tables)
@@ -48,14 +58,17 @@ class DenseKVCache(PagedCache):
     held = tables[active]
     used[held[held >= 0]] = True
     free = np.flatnonzero(~used)
-    need = self.max_blocks_per_seq
+    need = (self.max_blocks_per_seq if reserve_tokens is None else
+            -(-reserve_tokens // self.block_size))
     if free.size < need:
+      what = (f"max_seq_len {self.max_seq_len}" if reserve_tokens is None else
+              f"reserve_tokens {reserve_tokens}")
       raise CacheError(
-          f"pool too small: a dense request reserves {need} blocks (max_seq_len "
-          f"{self.max_seq_len}), only {free.size} of {self.num_blocks} are free")
+          f"pool too small: a dense request reserves {need} blocks ({what}), only "
+          f"{free.size} of {self.num_blocks} are free")
     return dataclasses.replace(
         self,
-        block_tables=updated(self.block_tables, slot, free[:need]),
+        block_tables=updated(self.block_tables, (slot, slice(0, need)), free[:need]),
         req_lens=updated(self.req_lens, slot, prompt.size),
         seq_lens=updated(self.seq_lens, slot, 0),
         active=updated(self.active, slot, True),
@@ -64,6 +77,9 @@ class DenseKVCache(PagedCache):
   def append(self, slot: int, token: int) -> "DenseKVCache":
     """Extends a request by one (decoded) token; its K/V is written by the next step."""
     n = self._check_append(slot, token)
+    if n % self.block_size == 0 and int(self.block_tables[slot, n // self.block_size]) < 0:
+      raise CacheError(f"slot {slot} is full: its reservation of {n} tokens "
+                       "(admit's reserve_tokens) is used up")
     return dataclasses.replace(self, req_lens=updated(self.req_lens, slot, n + 1))
 
   def release(self, slot: int) -> "DenseKVCache":
