@@ -199,12 +199,12 @@ def test_missing_file_and_unknown_format(tmp_path):
 
 
 # ------------------------------------------------------------------- model and script
-def _serve(tiny, reqs, rcfg, budgets=(0.0,), chunk=64, deadline=None):
+def _serve(tiny, reqs, rcfg, budgets=(0.0,), chunk=64, deadline=None, donate=None):
   from hq_jax.engine import Engine
   from hq_jax.harness import trace_outputs, trace_serving
   params, cfg = tiny
   layout = KVLayout.from_config(cfg, block_size=16)
-  engine = Engine(params, cfg, chunk_size=chunk, attention="reference")
+  engine = Engine(params, cfg, chunk_size=chunk, attention="reference", donate=donate)
   backends = {}
   factory = trace_serving.make_factory(layout, reqs, rcfg, vocab_size=cfg.vocab_size,
                                        seed=0, engine=engine)
@@ -262,7 +262,8 @@ def test_batched_decode_matches_one_request_at_a_time(tiny):
   rcfg = ReplayConfig(max_concurrency=4)
   layout = KVLayout.from_config(cfg, block_size=16)
   budget = 100.5 * layout.bytes_per_block / 1e9  # 100 blocks: request 4 alone needs 94
-  rows, backends, engine = _serve(tiny, reqs, rcfg, budgets=(budget,), chunk=128)
+  # Donating, as on a GPU: the engine then updates the cache metadata in place too.
+  rows, backends, engine = _serve(tiny, reqs, rcfg, budgets=(budget,), chunk=128, donate=True)
   by = {r["backend"]: r for r in rows}
   assert by["hq"]["evicted_blocks"] > 0 and by["hq"]["hit_tokens"] > 0
   assert by["dense"]["peak_concurrency"] > 1  # not one max_seq_len reservation each
@@ -360,3 +361,27 @@ def test_time_scale_and_output_cap():
   assert squeezed["peak_concurrency"] > SLOW.max_concurrency
   with pytest.raises(ValueError, match="time_scale"):
     ReplayConfig(time_scale=0.0)
+
+
+def test_script_model_mode_on_tiny(tmp_path):
+  """The CLI's model mode end to end: window, time limit, outputs and the printed table."""
+  import subprocess
+  import sys
+  root = os.path.join(os.path.dirname(__file__), "..")
+  lines = [_line(0, 100, 3, (0,)), _line(200, 600, 2, (0, 1)), _line(400, 80, 1, (2,)),
+           _line(9000, 50, 1, (3,))]  # the last arrives after --window_s
+  trace = _write(tmp_path / "t.jsonl", lines)
+  out = tmp_path / "out"
+  proc = subprocess.run(
+      [sys.executable, "scripts/trace_replay.py", f"--trace={trace}", "--model=tiny",
+       "--dtype=float32", "--attention=reference", "--chunk_size=64", "--window_s=5",
+       "--kv_budget_gb=0.001", "--max_concurrency=2", "--time_limit_s=300",
+       f"--output_dir={out}", "--capacity_context_lengths=256"],
+      cwd=root, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["partial"] is False and summary["trace"]["requests"] == 3
+  rows = {r["backend"]: r for r in summary["rows"]}
+  assert rows["dense"]["requests"] == rows["hq"]["requests"] == 3
+  assert rows["hq"]["hit_tokens"] == 96 and rows["hq"]["ttft_p99_ms"] > 0
+  assert "TTFT p50" in proc.stdout and "prefill tok/s" in proc.stdout
