@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from hq_jax.harness import traces
+from hq_jax.harness import trace_outputs, trace_serving, traces
 from hq_jax.harness.traces import HQSimulator, DenseSimulator, ReplayConfig, TraceRequest
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.paged import KVLayout
@@ -201,7 +201,6 @@ def test_missing_file_and_unknown_format(tmp_path):
 # ------------------------------------------------------------------- model and script
 def _serve(tiny, reqs, rcfg, budgets=(0.0,), chunk=64, deadline=None, donate=None):
   from hq_jax.engine import Engine
-  from hq_jax.harness import trace_outputs, trace_serving
   params, cfg = tiny
   layout = KVLayout.from_config(cfg, block_size=16)
   engine = Engine(params, cfg, chunk_size=chunk, attention="reference", donate=donate)
@@ -226,7 +225,7 @@ def test_model_mode_on_tiny(tiny):
   by = {r["backend"]: r for r in rows}
   # The warm-up (every decode batch size compiled first) left nothing behind.
   cache = backends["dense"].cache
-  assert not cache.active.any() and trace_serving_held(cache) == 0
+  assert not cache.active.any() and trace_serving.held_blocks(cache) == 0
   assert by["hq_unbounded"]["hit_tokens"] == 192  # 12 full blocks of request 0's 200 tokens
   assert by["hq_unbounded"]["computed_prefill_tokens"] == 200 + (300 - 192) + 150
   assert by["dense"]["hit_tokens"] == 0 and by["dense"]["computed_prefill_tokens"] == 650
@@ -234,19 +233,9 @@ def test_model_mode_on_tiny(tiny):
   assert dense["ttft_p50_ms"] > 0 and dense["ttft_p99_ms"] >= dense["ttft_p50_ms"]
   assert dense["prefill_tokens_per_s_measured"] > 0 and dense["partial"] is False
   assert dense["requests"] == 3 and dense["decode_steps"] >= 1
-  sim = trace_outputs_rows(reqs, rcfg)
+  sim = trace_outputs.run_budgets(reqs, [0.0], model="tiny", bytes_per_block=1, block_size=16,
+                                  cfg=rcfg, make_backend=trace_outputs.simulator_factory(16))
   assert [r["hit_tokens"] for r in sim] == [r["hit_tokens"] for r in rows]
-
-
-def trace_serving_held(cache):
-  from hq_jax.harness import trace_serving
-  return trace_serving.held_blocks(cache)
-
-
-def trace_outputs_rows(reqs, rcfg):
-  from hq_jax.harness import trace_outputs
-  return trace_outputs.run_budgets(reqs, [0.0], model="tiny", bytes_per_block=1, block_size=16,
-                                   cfg=rcfg, make_backend=trace_outputs.simulator_factory(16))
 
 
 def test_batched_decode_matches_one_request_at_a_time(tiny):
