@@ -220,7 +220,8 @@ class Engine:
       else:  # the vocabulary projection of the chunk's last token only
         out, cache = self._step(cache, chunk, cache.view([slot], [start], c), [valid - 1])
         last = out[0, 0]
-    cache = cache.commit(slot, n)
+    # With donation the metadata is updated in place, as in decode (the cache is consumed).
+    cache = cache.commit_batch([slot], [n], consume=self.donate)
     last = last.block_until_ready()
     ttft = time.perf_counter() - t0
     return cache, PrefillResult(
