@@ -1,0 +1,431 @@
+"""Paged grouped-query CHUNKED-PREFILL attention as a Mosaic GPU (plgpu) kernel for Hopper.
+
+Parts, as in `paged_attention_mgpu.py` (the decode kernel, whose page layout, pipeline and
+version shims this reuses): the kernel body (`_prefill_kernel`), the jitted wrapper
+`paged_prefill_attention_mgpu` with its `TuningConfig`, a float32
+`paged_prefill_attention_reference` on this file's interface, and `main()`: the H200
+check-and-time table (`python -m pallas_kernels.paged_prefill_mgpu`). A leaf: jax, numpy,
+the standard library and `paged_attention_mgpu` only.
+
+Interface and semantics of `paged_attention.paged_attention` for T >= 1 query tokens: q
+[B, T, H, D]; pools of ALL layers [L, num_blocks, block_size, K, D]; block tables [B, MB];
+positions [B, T]; kv_lens [B]; `layer` (int or traced). Query token t of request b sees the
+logical keys j <= positions[b, t] and j < kv_lens[b]; a token that sees no key gives 0.
+
+Rows: the G = H / K query heads of kv head h and the T tokens form the rows of both matmuls,
+row r = t * G + g (the wrapper lays q out as [B, K, T * G, D], padded to tiles of 64 rows,
+and the output back: two XLA copies of q's size). One program (one warpgroup computing;
+with `warp_specialized` a second one only issues TMA copies) per (request, kv head, tile of
+64 rows); programs of the last row tiles (the most keys, causal) start first.
+
+Pages: the wrapper views the pools (free, no copy) as 2-D [L * num_blocks * block_size,
+K * D]; the page of (layer, physical block p, kv head h) is the box rows [(layer *
+num_blocks + p) * block_size, +block_size), columns [h * D, +D): one TMA copy per page, the
+page id read from the block table in GMEM. A pipeline step is `pages_per_step` pages
+(block_kv keys) of K and of V into one of `max_concurrent_steps` SMEM slots, refilled as
+soon as its step is done.
+
+Math per step: S = Q K^T (wgmma, f32), online softmax in log2 units (exp2, log2(e) folded
+into the scale), O += P V (wgmma; P through SMEM by default, from registers with
+`p_in_registers`, compiled only: the interpreter takes wgmma operands from SMEM only).
+
+Causal: per row tile the wrapper computes (from positions and kv_lens only) hi = min(kv_len,
+max position + 1) over its rows, the number of steps ceil(hi / block_kv) (steps entirely
+past the tile's last position are never loaded) and the number of leading steps every row
+of the tile sees whole (no mask). Only the remaining (diagonal) steps mask: key < hi and
+key <= the row's position (scores for the max, probabilities after exp2), and zero the V
+rows of keys >= hi in SMEM before PV (garbage there, even NaN, times a zero probability
+would still be NaN). Keys below hi are below kv_len: written cache, finite (as in the
+Triton kernel).
+
+Reduction order: every tile walks its keys from 0 in steps of block_kv at fixed logical
+offsets, no splits: the bits of a request's output depend on its own q, positions, kv_len
+and logical K/V only, not on which physical blocks hold its pages nor on its batch
+neighbours (tests/test_paged_prefill_mgpu.py checks both). Padding rows (past T * G) get
+position -1; they never reach the output.
+
+Status: correct in the Mosaic GPU interpreter on CPU (jax 0.12); lowers for `cuda` on a CPU
+machine (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`) at the 0.5B and 7B
+shapes; not yet compiled or timed on the H200 (`main()` does both).
+Not done: splits of long key ranges (a short chunk after a long context runs B * K * tiles
+programs over the whole context), two computing warpgroups per tile (FA3's ping-pong; here
+two programs per SM overlap instead, the default configs fit two in SMEM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import numpy as np
+
+from pallas_kernels.paged_attention_mgpu import SMEM_PER_SM, SWIZZLE, _kernel_call, _round_up
+
+BLOCK_Q = 64  # query rows per program: one warpgroup's wgmma
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+  """Tile sizes of the prefill kernel; the reduction order depends on block_kv only.
+
+  pages_per_step: pages (of block_size tokens) per pipeline step; block_kv = pages_per_step *
+    block_size keys must be a multiple of 64 (the K dimension of the PV wgmma in bf16).
+  max_concurrent_steps: SMEM slots of K/V, i.e. steps in flight (>= 2 to overlap).
+  p_in_registers: feed P to the PV wgmma from registers (compiled GPU only).
+  warp_specialized: a second warpgroup only issues the TMA copies.
+  """
+
+  pages_per_step: int = 4
+  max_concurrent_steps: int = 2
+  p_in_registers: bool = False
+  warp_specialized: bool = False
+
+  def __post_init__(self):
+    if self.pages_per_step < 1:
+      raise ValueError(f"pages_per_step must be >= 1, got {self.pages_per_step}")
+    if self.max_concurrent_steps < 1:
+      raise ValueError(f"max_concurrent_steps must be >= 1, got {self.max_concurrent_steps}")
+
+  def block_kv(self, block_size: int) -> int:
+    block_kv = self.pages_per_step * block_size
+    if block_kv % 64:
+      raise ValueError(f"pages_per_step * block_size = {block_kv} must be a multiple of 64 "
+                       "(the K dimension of the PV wgmma)")
+    return block_kv
+
+
+# Not tuned on the H200 yet. Both fit two programs on an SM (smem_bytes: 88 KiB each), so
+# one program's softmax overlaps the other's wgmma.
+DEFAULT_D64 = TuningConfig(pages_per_step=8, max_concurrent_steps=2)  # block_kv 128
+DEFAULT_D128 = TuningConfig(pages_per_step=4, max_concurrent_steps=2)  # block_kv 64
+
+
+def default_config(head_dim: int) -> TuningConfig:
+  return DEFAULT_D128 if head_dim >= 128 else DEFAULT_D64
+
+
+def smem_bytes(config: TuningConfig, head_dim: int, block_size: int = 16,
+               itemsize: int = 2) -> int:
+  """SMEM of one program (Mosaic adds a few KiB: barriers, alignment): the q/out tile, the
+  K/V slots, P, the row positions."""
+  block_kv = config.pages_per_step * block_size
+  return ((BLOCK_Q * head_dim + 2 * config.max_concurrent_steps * block_kv * head_dim
+           + (0 if config.p_in_registers else BLOCK_Q * block_kv)) * itemsize + BLOCK_Q * 4)
+
+
+# ----------------------------------------------------------------------------- kernel
+def _prefill_kernel(
+    layer_ref,  # [1] int32 (GMEM)
+    tiles_ref,  # [B, NT, 3] int32: (key steps, unmasked leading steps, hi) per row tile
+    row_pos_ref,  # [B, NT * 64] int32: position of each query row, -1 for padding rows
+    tables_ref,  # [B, MB] int32
+    q_ref,  # [B, K, NT * 64, D] rows r = t * G + g
+    k_ref,  # [L * NB * block_size, K * D] (all layers' pools, 2-D view)
+    v_ref,  # [L * NB * block_size, K * D]
+    out_ref,  # [B, K, NT * 64, D]
+    *, num_blocks: int, block_size: int, pages_per_step: int, max_concurrent_steps: int,
+    p_in_registers: bool, warp_specialized: bool, scale: float):
+  b = lax.axis_index("b")
+  h = lax.axis_index("h")
+  num_tiles = tiles_ref.shape[1]
+  tile = num_tiles - 1 - lax.axis_index("r")  # the last tiles see the most keys: first
+  num_tables = tables_ref.shape[1]
+  head_dim = q_ref.shape[-1]
+  dtype = q_ref.dtype
+  block_kv = pages_per_step * block_size
+  slots = max_concurrent_steps
+  rows = pl.ds(tile * BLOCK_Q, BLOCK_Q)
+
+  num_steps = tiles_ref[b, tile, 0]  # key steps [0, num_steps) hold a visible key
+  num_full = tiles_ref[b, tile, 1]  # steps [0, num_full): every key seen by every row
+  hi = tiles_ref[b, tile, 2]  # keys >= hi are seen by no row of the tile
+  page_base = layer_ref[0] * num_blocks  # first physical block of this layer
+
+  tiled = (plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)),
+           plgpu.SwizzleTransform(SWIZZLE))
+  kv_smem = lambda: plgpu.SMEM((slots, block_kv, head_dim), dtype, transforms=tiled)
+  p_smem_type = (None if p_in_registers
+                 else plgpu.SMEM((BLOCK_Q, block_kv), dtype, transforms=tiled))
+  kv_barriers = lambda: plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=slots)
+  qo_smem_type = plgpu.SMEM((BLOCK_Q, head_dim), dtype, transforms=tiled)
+  pos_smem_type = plgpu.SMEM((BLOCK_Q,), jnp.int32)
+  q_barrier_type = plgpu.Barrier(num_arrivals=2, num_barriers=1)  # q tile and positions
+
+  def pages_of(step):
+    """The physical blocks (rows of the 2-D pools / block_size) of step's pages."""
+    first_page = step * pages_per_step
+    # Pages past the table (the last step of a short table) read its last entry: any
+    # valid block will do, the step's mask drops those keys.
+    return [page_base + tables_ref[b, jnp.minimum(first_page + i, num_tables - 1)]
+            for i in range(pages_per_step)]
+
+  def issue(kv, slot, pages):
+    """TMA copies of one step's pages of K and V into slot (one copy per page)."""
+    k_smem, v_smem, k_barriers, v_barriers = kv
+    for i, page in enumerate(pages):
+      src = (pl.ds(page * block_size, block_size), pl.ds(h * head_dim, head_dim))
+      dst = (slot, pl.ds(i * block_size, block_size))
+      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_barriers.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[dst], v_barriers.at[slot])
+
+  def prefetch(kv):
+    for i in range(slots):  # fill the pipeline
+      @pl.when(i < num_steps)
+      def _prefetch():
+        issue(kv, i, pages_of(i))
+
+  def load_q(qo_smem, pos_smem, q_barrier):
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], qo_smem, q_barrier.at[0])
+    plgpu.copy_gmem_to_smem(row_pos_ref.at[b, rows], pos_smem, q_barrier.at[0])
+    plgpu.barrier_wait(q_barrier.at[0])
+
+  def consume(qo_smem, pos_smem, kv, p_smem, step_done, *, load_next_pages: bool):
+    """The key loop; step_done(i, slot, next_pages) runs once a step's wgmmas are done."""
+    k_smem, v_smem, k_barriers, v_barriers = kv
+    row_pos = plgpu.load(pos_smem, layout=plgpu.Layout.WGMMA.reduce(1))  # [64] int32
+
+    def step(i, carry, *, masked: bool):
+      acc, m, l = carry  # [64, D], [64], [64] float32
+      slot = lax.rem(i, slots)
+      # The table loads for the refill at the end of this step, issued now so their latency
+      # hides behind this step's matmuls (clamped: always in bounds).
+      next_pages = pages_of(i + slots) if load_next_pages else None
+      plgpu.barrier_wait(k_barriers.at[slot])
+
+      def compute_qk(acc_ref):
+        plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+        return acc_ref[...]
+
+      scores = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
+      scores = scores * scale  # [64, block_kv], log2 units
+      if masked:
+        num_below_hi = hi - i * block_kv  # keys of this step below hi
+        cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1,
+                                      layout=plgpu.Layout.WGMMA)
+        keys = cols + i * block_kv
+        visible = (cols < num_below_hi) & (
+            keys <= lax.broadcast_in_dim(row_pos, (BLOCK_Q, block_kv), [0]))
+        m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
+      else:
+        m_tile = jnp.max(scores, axis=1)
+      m_new = jnp.maximum(m, m_tile)
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet
+      alpha = jnp.exp2(m - m_safe)
+      p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
+      if masked:
+        p = jnp.where(visible, p, 0.0)  # exp2 of a hidden (even NaN) score is dropped
+      l = alpha * l + jnp.sum(p, axis=1)
+      if not p_in_registers:
+        p_smem[...] = p.astype(dtype)
+
+      plgpu.barrier_wait(v_barriers.at[slot])
+      if masked:  # V rows of keys >= hi may hold NaN; 0 * NaN would poison acc
+        v_rows = plgpu.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0,
+                                        layout=plgpu.Layout.WGMMA)
+        v_slot = v_smem.at[slot]
+        v_slot[...] = jnp.where(v_rows < num_below_hi, v_slot[...], 0).astype(dtype)
+      plgpu.commit_smem()  # the P (and V) stores, before the wgmma reads them
+
+      def compute_pv(acc_ref):
+        plgpu.wgmma(acc_ref, p.astype(dtype) if p_in_registers else p_smem, v_smem.at[slot])
+        return acc_ref[...]
+
+      pv = pl.run_scoped(compute_pv, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
+      acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + pv
+      step_done(i, slot, next_pages)  # both wgmmas are done: the slot may be refilled
+      return acc, m_new, l
+
+    init = (
+        plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+        plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
+                          plgpu.Layout.WGMMA.reduce(1)),
+        plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
+    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), init)
+    return lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True), carry)
+
+  def store(acc, l, qo_smem):
+    """acc / l (0 for a row that saw no key) through the q tile's SMEM to the output."""
+    l_safe = jnp.where(l == 0.0, 1.0, l)  # such a row has acc = 0
+    qo_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, h, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  if not warp_specialized:
+    # One warpgroup issues the copies and computes: a slot is refilled at the end of the
+    # step that consumed it.
+    def body(qo_smem, pos_smem, k_smem, v_smem, p_smem, q_barrier, k_barriers, v_barriers):
+      kv = (k_smem, v_smem, k_barriers, v_barriers)
+      prefetch(kv)  # before the q wait: K/V latency overlaps q's
+      load_q(qo_smem, pos_smem, q_barrier)
+
+      def refill(i, slot, next_pages):
+        @pl.when(i + slots < num_steps)
+        def _refill():
+          issue(kv, slot, next_pages)
+
+      acc, _, l = consume(qo_smem, pos_smem, kv, p_smem, refill, load_next_pages=True)
+      store(acc, l, qo_smem)
+
+    pl.run_scoped(body, qo_smem_type, pos_smem_type, kv_smem(), kv_smem(), p_smem_type,
+                  q_barrier_type, kv_barriers(), kv_barriers())
+    return
+
+  # Warp specialized: warpgroup 1 only issues copies (a slot as soon as warpgroup 0 says it
+  # is consumed), warpgroup 0 only computes.
+  def ws_body(qo_smem, pos_smem, k_smem, v_smem, p_smem, q_barrier, k_barriers, v_barriers,
+              consumed):
+    kv = (k_smem, v_smem, k_barriers, v_barriers)
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 0)
+    def _compute():
+      load_q(qo_smem, pos_smem, q_barrier)
+
+      def release(i, slot, _):
+        @pl.when(i + slots < num_steps)  # only the slots the producer will refill
+        def _release():
+          plgpu.barrier_arrive(consumed.at[slot])
+
+      acc, _, l = consume(qo_smem, pos_smem, kv, p_smem, release, load_next_pages=False)
+      store(acc, l, qo_smem)
+
+    @pl.when(wg == 1)
+    def _memory():
+      prefetch(kv)
+
+      def refill(j, _):  # step j + slots goes where step j was
+        slot = lax.rem(j, slots)
+        pages = pages_of(j + slots)  # loaded before the wait: latency hidden behind it
+        plgpu.barrier_wait(consumed.at[slot])
+        issue(kv, slot, pages)
+
+      lax.fori_loop(0, jnp.maximum(num_steps - slots, 0), refill, None)
+
+  pl.run_scoped(ws_body, qo_smem_type, pos_smem_type, kv_smem(), kv_smem(), p_smem_type,
+                q_barrier_type, kv_barriers(), kv_barriers(),
+                plgpu.Barrier(num_barriers=slots), collective_axes="wg")
+
+
+# ---------------------------------------------------------------------------- wrapper
+def check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens) -> None:
+  if q.ndim != 4:
+    raise ValueError(f"q must be [B, T, H, D], got {q.shape}")
+  if k_pool.ndim != 5 or k_pool.shape != v_pool.shape:
+    raise ValueError(f"k_pool {k_pool.shape} / v_pool {v_pool.shape} must be equal "
+                     "[L, num_blocks, block_size, K, D]")
+  b, t, nh, d = q.shape
+  nk, dk = k_pool.shape[3:]
+  if dk != d or nh % nk:
+    raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}")
+  if q.dtype != k_pool.dtype or q.dtype != v_pool.dtype:
+    raise ValueError(f"q, k_pool, v_pool dtypes differ: {q.dtype}, {k_pool.dtype}, "
+                     f"{v_pool.dtype}")
+  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise NotImplementedError(f"bf16 or f16 only (wgmma operands), got {q.dtype}")
+  if d % 64:
+    raise ValueError(f"head_dim must be a multiple of 64, got {d}")
+  if (block_tables.ndim != 2 or block_tables.shape[0] != b or positions.shape != (b, t)
+      or kv_lens.shape != (b,)):
+    raise ValueError(f"block_tables {block_tables.shape}, positions {positions.shape}, "
+                     f"kv_lens {kv_lens.shape} do not fit q {q.shape}")
+
+
+def tile_bounds(positions, kv_lens, group: int, num_tiles: int, block_kv: int):
+  """Per-row positions [B, NT * 64] (-1 past T * G) and per-row-tile (key steps, unmasked
+  leading steps, hi) [B, NT, 3], from positions [B, T] and kv_lens [B] only."""
+  b, t = positions.shape
+  rows = jnp.arange(num_tiles * BLOCK_Q, dtype=jnp.int32)
+  valid = rows < t * group
+  row_pos = jnp.where(valid[None], positions[:, jnp.minimum(rows // group, t - 1)], -1)
+  by_tile = row_pos.reshape(b, num_tiles, BLOCK_Q)
+  kv_len = kv_lens[:, None]
+  hi = jnp.clip(jnp.max(by_tile, axis=-1) + 1, 0, kv_len)  # [B, NT]
+  num_steps = (hi + block_kv - 1) // block_kv
+  # Keys below visible_end are seen by every real row of the tile (padding rows compute
+  # on them too; they never reach the output).
+  big = jnp.iinfo(jnp.int32).max
+  visible_end = jnp.min(jnp.where(valid.reshape(num_tiles, BLOCK_Q)[None], by_tile + 1, big),
+                        axis=-1)
+  visible_end = jnp.clip(visible_end, 0, kv_len)
+  num_full = jnp.minimum(visible_end // block_kv, num_steps)
+  return row_pos, jnp.stack([num_steps, num_full, hi], axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def paged_prefill_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
+                                 block_tables: jax.Array, positions: jax.Array,
+                                 kv_lens: jax.Array, layer=0, *,
+                                 config: TuningConfig | None = None,
+                                 interpret=False) -> jax.Array:
+  """Attention of q [B, T, H, D] over layer `layer` of pools [L, NB, bs, K, D].
+
+  Query t of request b attends to logical keys j <= positions[b, t] and j < kv_lens[b]
+  through block_tables [B, MB] (entries past a request's blocks must be valid block ids).
+  Returns [B, T, H, D] in q's dtype (0 for a token that sees no key); softmax and sums in
+  float32. `interpret`: False (compile for the GPU), or a `plgpu.InterpretGPUParams` (CPU).
+  """
+  check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens)
+  b, t, nh, d = q.shape
+  nl, nb, bs, nk, _ = k_pool.shape
+  group = nh // nk
+  config = config or default_config(d)
+  block_kv = config.block_kv(bs)
+  if interpret and config.p_in_registers:
+    raise NotImplementedError("p_in_registers=True runs compiled only: the Mosaic GPU "
+                              "interpreter takes wgmma operands from SMEM")
+  num_tiles = pl.cdiv(t * group, BLOCK_Q)
+  num_rows = num_tiles * BLOCK_Q
+
+  # Rows r = t * G + g of kv head h, padded with zeros to whole tiles.
+  q_rows = q.reshape(b, t, nk, group, d).transpose(0, 2, 1, 3, 4).reshape(b, nk, t * group, d)
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, num_rows - t * group), (0, 0)))
+  row_pos, tiles = tile_bounds(positions.astype(jnp.int32), kv_lens.astype(jnp.int32),
+                               group, num_tiles, block_kv)
+  # Free views: a page of one kv head is a 2-D box [bs, D] of these.
+  k2 = k_pool.reshape(nl * nb * bs, nk * d)
+  v2 = v_pool.reshape(nl * nb * bs, nk * d)
+  layer = jnp.asarray(layer, jnp.int32).reshape(1)
+
+  kernel = functools.partial(
+      _prefill_kernel, num_blocks=nb, block_size=bs, pages_per_step=config.pages_per_step,
+      max_concurrent_steps=config.max_concurrent_steps, p_in_registers=config.p_in_registers,
+      warp_specialized=config.warp_specialized, scale=d ** -0.5 * math.log2(math.e))
+  threads = dict(num_threads=2, thread_name="wg") if config.warp_specialized else {}
+  call = _kernel_call(
+      kernel, jax.ShapeDtypeStruct((b, nk, num_rows, d), q.dtype), interpret=interpret or None,
+      grid=(num_tiles, nk, b), grid_names=("r", "h", "b"), **threads,
+      compiler_params=plgpu.CompilerParams(approx_math=True))
+  out = call(layer, tiles, row_pos, block_tables.astype(jnp.int32), q_rows, k2, v2)
+  out = out[:, :, :t * group].reshape(b, nk, t, group, d).transpose(0, 2, 1, 3, 4)
+  return out.reshape(b, t, nh, d)
+
+
+# -------------------------------------------------------------------------- reference
+def paged_prefill_attention_reference(q, k_pool, v_pool, block_tables, positions, kv_lens,
+                                      layer=0):
+  """float32 oracle on the kernel's interface: gather the layer's blocks in logical order,
+  token t of request b attends to keys j <= positions[b, t] and j < kv_lens[b] (hidden keys,
+  even NaN, drop out; a token that sees no key gives 0)."""
+  b, t, nh, d = q.shape
+  nk = k_pool.shape[3]
+  gather = lambda pool: pool[layer][block_tables].reshape(b, -1, nk, d).astype(jnp.float32)
+  k, v = gather(k_pool), gather(v_pool)  # [B, S, K, D]
+  keys = jnp.arange(k.shape[1], dtype=jnp.int32)
+  visible = ((keys[None, None] <= positions[:, :, None])
+             & (keys[None, None] < kv_lens[:, None, None]))  # [B, T, S]
+  qg = q.astype(jnp.float32).reshape(b, t, nk, nh // nk, d)  # [B, T, K, G, D]
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=lax.Precision.HIGHEST) * d ** -0.5
+  mask = visible[:, None, None]  # [B, 1, 1, T, S]
+  scores = jnp.where(mask, scores, -jnp.inf)
+  probs = jnp.where(mask, jnp.exp(scores - jnp.max(scores, -1, keepdims=True)), 0.0)
+  probs = probs / jnp.maximum(jnp.sum(probs, -1, keepdims=True), 1e-30)
+  v = jnp.where(visible.any(1)[:, :, None, None], v, 0.0)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=lax.Precision.HIGHEST)
+  return out.reshape(b, t, nh, d)
