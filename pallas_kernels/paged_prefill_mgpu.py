@@ -429,3 +429,169 @@ def paged_prefill_attention_reference(q, k_pool, v_pool, block_tables, positions
   v = jnp.where(visible.any(1)[:, :, None, None], v, 0.0)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=lax.Precision.HIGHEST)
   return out.reshape(b, t, nh, d)
+
+
+# ------------------------------------------------------------------- H200 check + time
+SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, head_dim)
+CONTEXT = 32768  # tokens of the causal prefill
+CHUNK = 4096  # query tokens per chunked-prefill call
+LAYER = 1  # the timed layer (of 2): the kernel reads it out of the all-layers pool
+
+
+def random_inputs(key, shape, context=None, *, num_layers=2, block_size=16,
+                  dtype=jnp.bfloat16):
+  """One request of `context` tokens: q for every token [1, context, H, D], pools holding
+  its K/V at a random placement of the blocks (block 0 never assigned), its block table."""
+  nh, nk, d = SHAPES[shape]
+  num_pages = (context or CONTEXT) // block_size
+  kq, kk, kv, kp = jax.random.split(key, 4)
+  pool_shape = (num_layers, 1 + num_pages, block_size, nk, d)
+  q = jax.random.normal(kq, (1, num_pages * block_size, nh, d), dtype)
+  k_pool = jax.random.normal(kk, pool_shape, dtype)
+  v_pool = jax.random.normal(kv, pool_shape, dtype)
+  tables = (1 + jax.random.permutation(kp, num_pages)).reshape(1, num_pages)
+  return q, k_pool, v_pool, tables.astype(jnp.int32)
+
+
+def chunk_at_end(attend, q_all, k_pool, v_pool, tables):
+  """The last CHUNK tokens of the context as one call (its first tokens cached)."""
+  n = q_all.shape[1]
+  positions = jnp.arange(n - CHUNK, n, dtype=jnp.int32)[None]
+  return attend(q_all[:, n - CHUNK:], k_pool, v_pool, tables, positions,
+                jnp.full((1,), n, jnp.int32), LAYER)
+
+
+def chunked_prefill(attend, q_all, k_pool, v_pool, tables):
+  """The whole causal prefill as n / CHUNK calls, chunk c seeing keys [0, (c + 1) CHUNK)."""
+  outs = []
+  for c in range(q_all.shape[1] // CHUNK):
+    positions = jnp.arange(c * CHUNK, (c + 1) * CHUNK, dtype=jnp.int32)[None]
+    outs.append(attend(q_all[:, c * CHUNK:(c + 1) * CHUNK], k_pool, v_pool, tables,
+                       positions, jnp.full((1,), (c + 1) * CHUNK, jnp.int32), LAYER))
+  return jnp.concatenate(outs, axis=1)
+
+
+def causal_flops(positions, num_heads: int, head_dim: int) -> float:
+  """QK^T and PV multiply-adds of the keys each token sees: 4 * H * D * sum(pos + 1)."""
+  return 4.0 * num_heads * head_dim * float(np.sum(np.asarray(positions, np.float64) + 1))
+
+
+def main_configs(head_dim: int) -> tuple[TuningConfig, ...]:
+  """The default (compiled and correct on the H200 in the decode kernel's form) and the
+  GPU-only variants: P from registers, a memory warpgroup, the other step size."""
+  base = default_config(head_dim)
+  other = dataclasses.replace(base, pages_per_step=4 if base.pages_per_step == 8 else 8)
+  fast = dict(p_in_registers=True, warp_specialized=True)
+  return (base, dataclasses.replace(base, p_in_registers=True),
+          dataclasses.replace(base, warp_specialized=True), dataclasses.replace(base, **fast),
+          dataclasses.replace(other, **fast))
+
+
+def main(shapes=tuple(SHAPES), reps: int = 5) -> None:
+  """Per shape, a 4k-token chunk at the end of a 32k context and the full 32k causal
+  prefill in 4k chunks: our Mosaic GPU kernel (several configs), the Triton
+  `paged_attention` on the same inputs, and jax's `attention_mgpu` on the same 32k causal
+  work over contiguous K/V (float16: its SMEM tiles are float16). Each is first checked
+  against the float32 reference on 256 query tokens (relative L2 error), then timed by
+  CUPTI (device time of every kernel a call launches; ours includes the q/out relayouts).
+  A variant that fails prints its error and the table goes on."""
+  from jax.experimental.mosaic.gpu import profiler  # GPU only
+  from jax.experimental.pallas.ops.gpu import attention_mgpu
+  from pallas_kernels import paged_attention as triton_paged  # the Triton kernels
+
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+  rows = []
+
+  def timed(label, fn, args, flops, check_tokens, ref_args):
+    """Checks fn's output rows check_tokens (absolute tokens) vs the reference, times it."""
+    try:
+      fn = jax.jit(fn)
+      out = fn(*args)
+      q_all, k_pool, v_pool, tables = ref_args
+      tok = jnp.asarray(check_tokens, jnp.int32)
+      offset = CONTEXT - out.shape[1]  # out holds tokens [offset, CONTEXT)
+      ref = paged_prefill_attention_reference(
+          q_all[:, tok], k_pool, v_pool, tables, tok[None],
+          jnp.full((1,), CONTEXT, jnp.int32), LAYER)
+      got = out[:, tok - offset].astype(jnp.float32)
+      err = float(jnp.linalg.norm((got - ref).ravel()) / jnp.linalg.norm(ref.ravel()))
+      if not err < 2e-2:
+        raise AssertionError(f"relative L2 error {err:.2e} vs the f32 reference")
+      jax.block_until_ready(fn(*args))
+      ms = float(np.median([profiler.measure(fn)(*args)[1] for _ in range(reps)]))
+      rows.append((label, ms, flops / ms / 1e9, err))
+      print(f"  {label}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, err {err:.1e}",
+            flush=True)
+      return out
+    except Exception as e:  # noqa: BLE001 - report and go on
+      rows.append((label, None, None, None))
+      print(f"  {label}: FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+      return None
+
+  for shape in shapes:
+    nh, nk, d = SHAPES[shape]
+    inputs = random_inputs(jax.random.key(len(shape)), shape)
+    q_all, k_pool, v_pool, tables = inputs
+    rng = np.random.default_rng(0)
+    end_tokens = np.sort(np.concatenate([  # 256 tokens to check, the last 64 among them
+        rng.choice(np.arange(CONTEXT - CHUNK, CONTEXT - 64), min(192, CHUNK - 64), replace=False),
+        np.arange(CONTEXT - 64, CONTEXT)]))
+    all_tokens = np.sort(np.concatenate([
+        rng.choice(np.arange(64, CONTEXT - 64), min(192, CONTEXT - 128), replace=False),
+        np.arange(32), np.arange(CONTEXT - 32, CONTEXT)]))
+    end_flops = causal_flops(np.arange(CONTEXT - CHUNK, CONTEXT), nh, d)
+    all_flops = causal_flops(np.arange(CONTEXT), nh, d)
+    workloads = ((f"{CHUNK} at end of {CONTEXT}", chunk_at_end, end_flops, end_tokens),
+                 (f"{CONTEXT} in {CHUNK} chunks", chunked_prefill, all_flops, all_tokens))
+    print(f"== {shape} (H={nh}, K={nk}, D={d}), bf16, page 16", flush=True)
+
+    # jax's attention_mgpu: contiguous K/V (the pool's pages in logical order), causal.
+    contiguous = lambda pool: pool[LAYER][tables[0]].reshape(1, CONTEXT, nk, d)
+    mgpu_args = (q_all.astype(jnp.float16), contiguous(k_pool).astype(jnp.float16),
+                 contiguous(v_pool).astype(jnp.float16))
+    mgpu_best = None
+    for block_kv in (64, 128):
+      config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv,
+                                           max_concurrent_steps=2, causal=True)
+      label = f"{shape} | {CONTEXT} causal, contiguous | attention_mgpu block_kv={block_kv}"
+      timed(label, functools.partial(attention_mgpu.attention, config=config), mgpu_args,
+            all_flops, all_tokens, inputs)
+      if rows[-1][1] is not None and (mgpu_best is None or rows[-1][2] > mgpu_best):
+        mgpu_best = rows[-1][2]
+
+    for name, workload, flops, tokens in workloads:
+      for config in main_configs(d):
+        attend = functools.partial(paged_prefill_attention_mgpu, config=config)
+        label = (f"{shape} | {name} | mosaic pages_per_step={config.pages_per_step} "
+                 f"slots={config.max_concurrent_steps} p_reg={int(config.p_in_registers)} "
+                 f"ws={int(config.warp_specialized)}")
+        out = timed(label, functools.partial(workload, attend), inputs, flops, tokens, inputs)
+        if out is not None and config == default_config(d) and workload is chunk_at_end:
+          # Same bits at another physical placement of the same pages.
+          perm = np.concatenate([[0], 1 + rng.permutation(k_pool.shape[1] - 1)])
+          inv = jnp.asarray(np.argsort(perm), jnp.int32)
+          moved = jax.jit(functools.partial(workload, attend))(
+              q_all, k_pool[:, perm], v_pool[:, perm], inv[tables])
+          same = bool(jnp.array_equal(moved, out))
+          print(f"  same bits at another placement: {same}", flush=True)
+      timed(f"{shape} | {name} | triton paged_attention (default config)",
+            functools.partial(workload, triton_paged.paged_attention), inputs, flops, tokens,
+            inputs)
+
+    print(f"\n| {shape} | workload | kernel | ms | TFLOP/s | / attention_mgpu | rel err |")
+    for label, ms, tflops, err in rows:
+      if not label.startswith(shape):
+        continue
+      _, name, kernel = label.split(" | ")
+      if ms is None:
+        print(f"| | {name} | {kernel} | FAILED | | | |")
+        continue
+      ratio = f"{tflops / mgpu_best:.2f}" if mgpu_best else "n/a"
+      print(f"| | {name} | {kernel} | {ms:.2f} | {tflops:.0f} | {ratio} | {err:.1e} |")
+    print(flush=True)
+
+
+if __name__ == "__main__":
+  # python -m pallas_kernels.paged_prefill_mgpu [0.5b|7b ...]
+  import sys
+  main(shapes=tuple(a for a in sys.argv[1:] if a in SHAPES) or tuple(SHAPES))
