@@ -67,30 +67,38 @@ import numpy as np
 
 from pallas_kernels.paged_attention_mgpu import SMEM_PER_SM, SWIZZLE, _kernel_call, _round_up
 
-BLOCK_Q = 64  # query rows per program: one warpgroup's wgmma
+BLOCK_Q = 64  # query rows per computing warpgroup: one wgmma's M
 
 
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
-  """Tile sizes of the prefill kernel; the reduction order depends on block_kv only.
+  """Tile sizes of the prefill kernel; the reduction order depends on block_kv only (the
+  other knobs change the schedule, not a bit of the output).
 
   pages_per_step: pages (of block_size tokens) per pipeline step; block_kv = pages_per_step *
     block_size keys must be a multiple of 64 (the K dimension of the PV wgmma in bf16).
   max_concurrent_steps: SMEM slots of K/V, i.e. steps in flight (>= 2 to overlap).
   p_in_registers: feed P to the PV wgmma from registers (compiled GPU only).
-  warp_specialized: a second warpgroup only issues the TMA copies.
+  warp_specialized: a separate warpgroup only issues the TMA copies.
+  compute_wgs: computing warpgroups per program (1 or 2; 2 needs warp_specialized), each
+    with its own tile of 64 query rows, sharing the K/V slots (as attention_mgpu).
   """
 
   pages_per_step: int = 4
   max_concurrent_steps: int = 2
   p_in_registers: bool = False
   warp_specialized: bool = False
+  compute_wgs: int = 1
 
   def __post_init__(self):
     if self.pages_per_step < 1:
       raise ValueError(f"pages_per_step must be >= 1, got {self.pages_per_step}")
     if self.max_concurrent_steps < 1:
       raise ValueError(f"max_concurrent_steps must be >= 1, got {self.max_concurrent_steps}")
+    if self.compute_wgs not in (1, 2):
+      raise ValueError(f"compute_wgs must be 1 or 2, got {self.compute_wgs}")
+    if self.compute_wgs == 2 and not self.warp_specialized:
+      raise ValueError("compute_wgs=2 needs warp_specialized=True (a memory warpgroup)")
 
   def block_kv(self, block_size: int) -> int:
     block_kv = self.pages_per_step * block_size
@@ -112,16 +120,19 @@ def default_config(head_dim: int) -> TuningConfig:
 
 def smem_bytes(config: TuningConfig, head_dim: int, block_size: int = 16,
                itemsize: int = 2) -> int:
-  """SMEM of one program (Mosaic adds a few KiB: barriers, alignment): the q/out tile, the
-  K/V slots, P, the row positions."""
+  """SMEM of one program (Mosaic adds ~3 KiB: barriers, alignment): per computing
+  warpgroup the q/out tile, P and the row positions; the K/V slots."""
   block_kv = config.pages_per_step * block_size
-  return ((BLOCK_Q * head_dim + 2 * config.max_concurrent_steps * block_kv * head_dim
-           + (0 if config.p_in_registers else BLOCK_Q * block_kv)) * itemsize + BLOCK_Q * 4)
+  per_wg = ((BLOCK_Q * head_dim + (0 if config.p_in_registers else BLOCK_Q * block_kv))
+            * itemsize + BLOCK_Q * 4)
+  return (config.compute_wgs * per_wg
+          + 2 * config.max_concurrent_steps * block_kv * head_dim * itemsize)
 
 
 # ----------------------------------------------------------------------------- kernel
 def _prefill_kernel(
     layer_ref,  # [1] int32 (GMEM)
+    kv_lens_ref,  # [B] int32
     tiles_ref,  # [B, NT, 3] int32: (key steps, unmasked leading steps, hi) per row tile
     row_pos_ref,  # [B, NT * 64] int32: position of each query row, -1 for padding rows
     tables_ref,  # [B, MB] int32
@@ -130,32 +141,35 @@ def _prefill_kernel(
     v_ref,  # [L * NB * block_size, K * D]
     out_ref,  # [B, K, NT * 64, D]
     *, num_blocks: int, block_size: int, pages_per_step: int, max_concurrent_steps: int,
-    p_in_registers: bool, warp_specialized: bool, scale: float):
+    p_in_registers: bool, warp_specialized: bool, compute_wgs: int, scale: float):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
-  num_tiles = tiles_ref.shape[1]
-  tile = num_tiles - 1 - lax.axis_index("r")  # the last tiles see the most keys: first
+  num_programs = tiles_ref.shape[1] // compute_wgs
+  program = num_programs - 1 - lax.axis_index("r")  # the last tiles see the most keys: first
   num_tables = tables_ref.shape[1]
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
   block_kv = pages_per_step * block_size
   slots = max_concurrent_steps
-  rows = pl.ds(tile * BLOCK_Q, BLOCK_Q)
-
-  num_steps = tiles_ref[b, tile, 0]  # key steps [0, num_steps) hold a visible key
-  num_full = tiles_ref[b, tile, 1]  # steps [0, num_full): every key seen by every row
-  hi = tiles_ref[b, tile, 2]  # keys >= hi are seen by no row of the tile
   page_base = layer_ref[0] * num_blocks  # first physical block of this layer
+  kv_len = kv_lens_ref[b]
+  # The one step that holds both keys < kv_len and keys >= kv_len (garbage in the pool,
+  # even NaN): its V rows >= kv_len are zeroed in SMEM before PV. -1: no such step.
+  partial_step = jnp.where(kv_len % block_kv != 0, kv_len // block_kv, -1)
+  # Steps each computing warpgroup's tile needs; the slots hold the longest.
+  tile_steps = [tiles_ref[b, program * compute_wgs + w, 0] for w in range(compute_wgs)]
+  num_steps = functools.reduce(jnp.maximum, tile_steps)
 
   tiled = (plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)),
            plgpu.SwizzleTransform(SWIZZLE))
   kv_smem = lambda: plgpu.SMEM((slots, block_kv, head_dim), dtype, transforms=tiled)
-  p_smem_type = (None if p_in_registers
-                 else plgpu.SMEM((BLOCK_Q, block_kv), dtype, transforms=tiled))
+  p_smem_type = (None if p_in_registers else
+                 plgpu.SMEM((compute_wgs, BLOCK_Q, block_kv), dtype, transforms=tiled))
   kv_barriers = lambda: plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=slots)
-  qo_smem_type = plgpu.SMEM((BLOCK_Q, head_dim), dtype, transforms=tiled)
-  pos_smem_type = plgpu.SMEM((BLOCK_Q,), jnp.int32)
-  q_barrier_type = plgpu.Barrier(num_arrivals=2, num_barriers=1)  # q tile and positions
+  qo_smem_type = plgpu.SMEM((compute_wgs, BLOCK_Q, head_dim), dtype, transforms=tiled)
+  pos_smem_type = plgpu.SMEM((compute_wgs, BLOCK_Q), jnp.int32)
+  # Per computing warpgroup: its q tile and its row positions (2 copies).
+  q_barrier_type = plgpu.Barrier(num_arrivals=2, num_barriers=compute_wgs)
 
   def pages_of(step):
     """The physical blocks (rows of the 2-D pools / block_size) of step's pages."""
@@ -180,14 +194,22 @@ def _prefill_kernel(
       def _prefetch():
         issue(kv, i, pages_of(i))
 
-  def load_q(qo_smem, pos_smem, q_barrier):
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], qo_smem, q_barrier.at[0])
-    plgpu.copy_gmem_to_smem(row_pos_ref.at[b, rows], pos_smem, q_barrier.at[0])
-    plgpu.barrier_wait(q_barrier.at[0])
+  def compute(w, qo_smem, pos_smem, q_barrier, kv, p_smem, step_done, zero_v, *,
+              load_next_pages: bool):
+    """Computing warpgroup w (traced or static): its tile's key loop, then its output.
 
-  def consume(qo_smem, pos_smem, kv, p_smem, step_done, *, load_next_pages: bool):
-    """The key loop; step_done(i, slot, next_pages) runs once a step's wgmmas are done."""
+    step_done(i, slot, next_pages) runs once step i's wgmmas are done (the slot may be
+    refilled); zero_v(i, slot) zeroes the V rows >= kv_len of step i == partial_step.
+    """
     k_smem, v_smem, k_barriers, v_barriers = kv
+    tile = program * compute_wgs + w
+    rows = pl.ds(tile * BLOCK_Q, BLOCK_Q)
+    num_tile_steps = tiles_ref[b, tile, 0]  # key steps [0, .) hold a key some row sees
+    num_full = tiles_ref[b, tile, 1]  # steps [0, .): every key seen by every row
+    hi = tiles_ref[b, tile, 2]  # keys >= hi are seen by no row of the tile
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], qo_smem, q_barrier)
+    plgpu.copy_gmem_to_smem(row_pos_ref.at[b, rows], pos_smem, q_barrier)
+    plgpu.barrier_wait(q_barrier)
     row_pos = plgpu.load(pos_smem, layout=plgpu.Layout.WGMMA.reduce(1))  # [64] int32
 
     def step(i, carry, *, masked: bool):
@@ -204,12 +226,11 @@ def _prefill_kernel(
 
       scores = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
       scores = scores * scale  # [64, block_kv], log2 units
-      if masked:
-        num_below_hi = hi - i * block_kv  # keys of this step below hi
+      if masked:  # key < hi (hence < kv_len) and key <= the row's position
         cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1,
                                       layout=plgpu.Layout.WGMMA)
         keys = cols + i * block_kv
-        visible = (cols < num_below_hi) & (
+        visible = (keys < hi) & (
             keys <= lax.broadcast_in_dim(row_pos, (BLOCK_Q, block_kv), [0]))
         m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
       else:
@@ -225,11 +246,8 @@ def _prefill_kernel(
         p_smem[...] = p.astype(dtype)
 
       plgpu.barrier_wait(v_barriers.at[slot])
-      if masked:  # V rows of keys >= hi may hold NaN; 0 * NaN would poison acc
-        v_rows = plgpu.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0,
-                                        layout=plgpu.Layout.WGMMA)
-        v_slot = v_smem.at[slot]
-        v_slot[...] = jnp.where(v_rows < num_below_hi, v_slot[...], 0).astype(dtype)
+      if masked:  # only a masked step can be the partial one (it holds a key >= hi)
+        zero_v(i, slot)
       plgpu.commit_smem()  # the P (and V) stores, before the wgmma reads them
 
       def compute_pv(acc_ref):
@@ -247,15 +265,22 @@ def _prefill_kernel(
                           plgpu.Layout.WGMMA.reduce(1)),
         plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
     carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), init)
-    return lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True), carry)
+    acc, _, l = lax.fori_loop(num_full, num_tile_steps, functools.partial(step, masked=True),
+                              carry)
 
-  def store(acc, l, qo_smem):
-    """acc / l (0 for a row that saw no key) through the q tile's SMEM to the output."""
-    l_safe = jnp.where(l == 0.0, 1.0, l)  # such a row has acc = 0
+    # acc / l (0 for a row that saw no key: it has acc = 0) through the q tile's SMEM.
+    l_safe = jnp.where(l == 0.0, 1.0, l)
     qo_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, h, rows])
     plgpu.wait_smem_to_gmem(0)
+    return num_tile_steps
+
+  def zero_rows_past_kv_len(v_smem, i, slot):
+    v_rows = plgpu.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0,
+                                    layout=plgpu.Layout.WGMMA)
+    v_slot = v_smem.at[slot]
+    v_slot[...] = jnp.where(v_rows < kv_len - i * block_kv, v_slot[...], 0).astype(dtype)
 
   if not warp_specialized:
     # One warpgroup issues the copies and computes: a slot is refilled at the end of the
@@ -263,41 +288,74 @@ def _prefill_kernel(
     def body(qo_smem, pos_smem, k_smem, v_smem, p_smem, q_barrier, k_barriers, v_barriers):
       kv = (k_smem, v_smem, k_barriers, v_barriers)
       prefetch(kv)  # before the q wait: K/V latency overlaps q's
-      load_q(qo_smem, pos_smem, q_barrier)
 
       def refill(i, slot, next_pages):
         @pl.when(i + slots < num_steps)
         def _refill():
           issue(kv, slot, next_pages)
 
-      acc, _, l = consume(qo_smem, pos_smem, kv, p_smem, refill, load_next_pages=True)
-      store(acc, l, qo_smem)
+      def zero_v(i, slot):
+        pl.when(i == partial_step)(lambda: zero_rows_past_kv_len(v_smem, i, slot))
+
+      compute(0, qo_smem.at[0], pos_smem.at[0], q_barrier.at[0], kv,
+              None if p_smem is None else p_smem.at[0], refill, zero_v, load_next_pages=True)
 
     pl.run_scoped(body, qo_smem_type, pos_smem_type, kv_smem(), kv_smem(), p_smem_type,
                   q_barrier_type, kv_barriers(), kv_barriers())
     return
 
-  # Warp specialized: warpgroup 1 only issues copies (a slot as soon as warpgroup 0 says it
-  # is consumed), warpgroup 0 only computes.
+  # Warp specialized: warpgroups 0..compute_wgs-1 compute, one tile each; the last one only
+  # issues copies, refilling a slot once every computing warpgroup released it.
   def ws_body(qo_smem, pos_smem, k_smem, v_smem, p_smem, q_barrier, k_barriers, v_barriers,
-              consumed):
+              consumed, zeroed):
     kv = (k_smem, v_smem, k_barriers, v_barriers)
     wg = lax.axis_index("wg")
 
-    @pl.when(wg == 0)
+    @pl.when(wg < compute_wgs)
     def _compute():
-      load_q(qo_smem, pos_smem, q_barrier)
+      if compute_wgs == 2:
+        plgpu.set_max_registers(232, action="increase")  # as attention_mgpu
 
       def release(i, slot, _):
         @pl.when(i + slots < num_steps)  # only the slots the producer will refill
         def _release():
           plgpu.barrier_arrive(consumed.at[slot])
 
-      acc, _, l = consume(qo_smem, pos_smem, kv, p_smem, release, load_next_pages=False)
-      store(acc, l, qo_smem)
+      def zero_v(i, slot):
+        @pl.when(i == partial_step)
+        def _zero():
+          if compute_wgs == 1:
+            zero_rows_past_kv_len(v_smem, i, slot)
+            return
+          # The V slot is shared: when both warpgroups use this step, warpgroup 0 zeroes
+          # and both meet at `zeroed` (once per program) before either reads it.
+          other_steps = tiles_ref[b, program * 2 + 1 - wg, 0]
+          both = other_steps > i
+          pl.when((wg == 0) | ~both)(lambda: zero_rows_past_kv_len(v_smem, i, slot))
 
-    @pl.when(wg == 1)
+          @pl.when(both)
+          def _meet():
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(zeroed)
+            plgpu.barrier_wait(zeroed)
+
+      done = compute(wg, qo_smem.at[wg], pos_smem.at[wg], q_barrier.at[wg], kv,
+                     None if p_smem is None else p_smem.at[wg], release, zero_v,
+                     load_next_pages=False)
+
+      # Steps only the other warpgroup needs: wait for each (so this warpgroup never
+      # releases a slot twice within one fill) and release it.
+      @pl.loop(done, num_steps)
+      def _drain(i):
+        slot = lax.rem(i, slots)
+        plgpu.barrier_wait(k_barriers.at[slot])
+        plgpu.barrier_wait(v_barriers.at[slot])
+        release(i, slot, None)
+
+    @pl.when(wg == compute_wgs)
     def _memory():
+      if compute_wgs == 2:
+        plgpu.set_max_registers(40, action="decrease")
       prefetch(kv)
 
       def refill(j, _):  # step j + slots goes where step j was
@@ -310,7 +368,8 @@ def _prefill_kernel(
 
   pl.run_scoped(ws_body, qo_smem_type, pos_smem_type, kv_smem(), kv_smem(), p_smem_type,
                 q_barrier_type, kv_barriers(), kv_barriers(),
-                plgpu.Barrier(num_barriers=slots), collective_axes="wg")
+                plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=slots),
+                plgpu.Barrier(num_arrivals=compute_wgs), collective_axes="wg")
 
 
 # ---------------------------------------------------------------------------- wrapper
@@ -380,7 +439,8 @@ def paged_prefill_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Ar
   if interpret and config.p_in_registers:
     raise NotImplementedError("p_in_registers=True runs compiled only: the Mosaic GPU "
                               "interpreter takes wgmma operands from SMEM")
-  num_tiles = pl.cdiv(t * group, BLOCK_Q)
+  # Row tiles of 64, a whole number of programs of compute_wgs tiles each.
+  num_tiles = _round_up(pl.cdiv(t * group, BLOCK_Q), config.compute_wgs)
   num_rows = num_tiles * BLOCK_Q
 
   # Rows r = t * G + g of kv head h, padded with zeros to whole tiles.
@@ -396,13 +456,16 @@ def paged_prefill_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Ar
   kernel = functools.partial(
       _prefill_kernel, num_blocks=nb, block_size=bs, pages_per_step=config.pages_per_step,
       max_concurrent_steps=config.max_concurrent_steps, p_in_registers=config.p_in_registers,
-      warp_specialized=config.warp_specialized, scale=d ** -0.5 * math.log2(math.e))
-  threads = dict(num_threads=2, thread_name="wg") if config.warp_specialized else {}
+      warp_specialized=config.warp_specialized, compute_wgs=config.compute_wgs,
+      scale=d ** -0.5 * math.log2(math.e))
+  threads = (dict(num_threads=config.compute_wgs + 1, thread_name="wg")
+             if config.warp_specialized else {})
   call = _kernel_call(
       kernel, jax.ShapeDtypeStruct((b, nk, num_rows, d), q.dtype), interpret=interpret or None,
-      grid=(num_tiles, nk, b), grid_names=("r", "h", "b"), **threads,
+      grid=(num_tiles // config.compute_wgs, nk, b), grid_names=("r", "h", "b"), **threads,
       compiler_params=plgpu.CompilerParams(approx_math=True))
-  out = call(layer, tiles, row_pos, block_tables.astype(jnp.int32), q_rows, k2, v2)
+  out = call(layer, kv_lens.astype(jnp.int32), tiles, row_pos,
+             block_tables.astype(jnp.int32), q_rows, k2, v2)
   out = out[:, :, :t * group].reshape(b, nk, t, group, d).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, t, nh, d)
 

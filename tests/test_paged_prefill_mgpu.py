@@ -137,6 +137,20 @@ class PagedPrefillMgpuTest(parameterized.TestCase):
       ws = self.attend(*inputs, config=dataclasses.replace(SMALL, warp_specialized=True))
       np.testing.assert_array_equal(np.asarray(ws, np.float32), out)
 
+  @parameterized.parameters(2, 3)
+  def test_two_computing_warpgroups(self, slots):
+    # 168 rows: 3 tiles + 1 padding tile = 2 programs of 2 tiles sharing K/V slots. In
+    # program 0 both tiles use the step holding kv_len (warpgroup 0 zeroes V past it, both
+    # meet before PV); in program 1 only tile 2 has keys (the padding tile drains). Same
+    # bits as one warpgroup per tile.
+    inputs = make_inputs(11, lens=[24, 150, 41, 200], new=[24, 24, 9, 24], num_tokens=24,
+                         max_blocks=13)
+    config = dataclasses.replace(SMALL, max_concurrent_steps=slots, warp_specialized=True,
+                                 compute_wgs=2)
+    out = self.check(inputs, layer=1, config=config)
+    one = self.attend(*inputs, 1, config=SMALL)
+    np.testing.assert_array_equal(np.asarray(one, np.float32), out)
+
   def test_decode_rows_and_empty_request(self):
     # T = 1 (decode through the prefill kernel; the query before the end of its cache) and
     # kv_len 0 (nothing visible: zeros, not NaN).
@@ -192,6 +206,8 @@ class ConfigTest(absltest.TestCase):
       pp.TuningConfig(pages_per_step=2).block_kv(BLOCK_SIZE)
     with self.assertRaisesRegex(ValueError, "max_concurrent_steps"):
       pp.TuningConfig(max_concurrent_steps=0)
+    with self.assertRaisesRegex(ValueError, "warp_specialized"):
+      pp.TuningConfig(compute_wgs=2)
 
   def test_defaults_fit_two_programs_per_sm(self):
     # Mosaic GPU lays the defaults out in 93,224 bytes (lowered for cuda on a CPU, jax 0.12).
@@ -212,7 +228,8 @@ class ConfigTest(absltest.TestCase):
 
 class CudaLoweringTest(parameterized.TestCase):
   """Pallas -> Mosaic GPU lowering (layouts, transforms, SMEM fit) on a CPU machine, at the
-  real shapes: 4096 tokens after a 28k prefix, default and GPU-only configs."""
+  real shapes: 4096 tokens after a 28k prefix, default and GPU-only configs (P in registers,
+  a memory warpgroup, two computing warpgroups)."""
 
   @parameterized.parameters("0.5b", "7b")
   def test_lowers_for_cuda(self, shape):
@@ -222,7 +239,9 @@ class CudaLoweringTest(parameterized.TestCase):
     args = (s((1, 4096, nh, d), jnp.bfloat16), pool, pool, s((1, 2048), jnp.int32),
             s((1, 4096), jnp.int32), s((1,), jnp.int32), s((), jnp.int32))
     base = pp.default_config(d)
-    for config in (base, dataclasses.replace(base, p_in_registers=True, warp_specialized=True)):
+    for config in (base, dataclasses.replace(base, p_in_registers=True, warp_specialized=True),
+                   dataclasses.replace(base, p_in_registers=True, warp_specialized=True,
+                                       compute_wgs=2)):
       fn = functools.partial(pp.paged_prefill_attention_mgpu, config=config)
       text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
       self.assertIn("mosaic_gpu", text)
