@@ -539,34 +539,52 @@ def causal_flops(positions, num_heads: int, head_dim: int) -> float:
   return 4.0 * num_heads * head_dim * float(np.sum(np.asarray(positions, np.float64) + 1))
 
 
-def main_configs(head_dim: int) -> tuple[TuningConfig, ...]:
-  """The default (compiled and correct on the H200 in the decode kernel's form) and the
-  GPU-only variants: P from registers, a memory warpgroup, the other step size."""
+def main_configs(head_dim: int) -> tuple[tuple[TuningConfig, ...], tuple[TuningConfig, ...]]:
+  """(first, later): the default (the form the decode kernel compiled and ran right on the
+  H200) and variants whose parts also ran there; then the variants with two computing
+  warpgroups, run after every shape's first set (a hang there loses less)."""
   base = default_config(head_dim)
-  other = dataclasses.replace(base, pages_per_step=4 if base.pages_per_step == 8 else 8)
-  fast = dict(p_in_registers=True, warp_specialized=True)
-  return (base, dataclasses.replace(base, p_in_registers=True),
-          dataclasses.replace(base, warp_specialized=True), dataclasses.replace(base, **fast),
-          dataclasses.replace(other, **fast))
+  first = (base, dataclasses.replace(base, p_in_registers=True),
+           dataclasses.replace(base, p_in_registers=True, warp_specialized=True))
+  two = dict(warp_specialized=True, compute_wgs=2, max_concurrent_steps=2)
+  later = (TuningConfig(pages_per_step=8, p_in_registers=True, **two),
+           TuningConfig(pages_per_step=4, p_in_registers=True, **two))
+  return first, later
 
 
-def main(shapes=tuple(SHAPES), reps: int = 5) -> None:
+def _config_name(config: TuningConfig) -> str:
+  return (f"mosaic pages/step={config.pages_per_step} slots={config.max_concurrent_steps} "
+          f"p_reg={int(config.p_in_registers)} ws={int(config.warp_specialized)} "
+          f"wgs={config.compute_wgs}")
+
+
+def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0) -> None:
   """Per shape, a 4k-token chunk at the end of a 32k context and the full 32k causal
   prefill in 4k chunks: our Mosaic GPU kernel (several configs), the Triton
   `paged_attention` on the same inputs, and jax's `attention_mgpu` on the same 32k causal
   work over contiguous K/V (float16: its SMEM tiles are float16). Each is first checked
   against the float32 reference on 256 query tokens (relative L2 error), then timed by
   CUPTI (device time of every kernel a call launches; ours includes the q/out relayouts).
-  A variant that fails prints its error and the table goes on."""
+  A variant that fails prints its error and the run goes on; one that runs longer than
+  watchdog_s (a hang) prints its name and ends the process."""
+  import os
+  import threading
   from jax.experimental.mosaic.gpu import profiler  # GPU only
   from jax.experimental.pallas.ops.gpu import attention_mgpu
   from pallas_kernels import paged_attention as triton_paged  # the Triton kernels
 
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-  rows = []
+  rows = []  # (shape, workload, kernel, ms, TFLOP/s, rel err)
 
-  def timed(label, fn, args, flops, check_tokens, ref_args):
-    """Checks fn's output rows check_tokens (absolute tokens) vs the reference, times it."""
+  def timed(shape, workload, kernel, fn, args, flops, check_tokens, ref_args):
+    """Checks fn's output at check_tokens (absolute tokens) vs the reference, times it."""
+    def hung():
+      print(f"  {shape} | {workload} | {kernel}: no result after {watchdog_s:.0f} s, "
+            "stopping", flush=True)
+      os._exit(3)
+
+    watchdog = threading.Timer(watchdog_s, hung)
+    watchdog.start()
     try:
       fn = jax.jit(fn)
       out = fn(*args)
@@ -582,76 +600,92 @@ def main(shapes=tuple(SHAPES), reps: int = 5) -> None:
         raise AssertionError(f"relative L2 error {err:.2e} vs the f32 reference")
       jax.block_until_ready(fn(*args))
       ms = float(np.median([profiler.measure(fn)(*args)[1] for _ in range(reps)]))
-      rows.append((label, ms, flops / ms / 1e9, err))
-      print(f"  {label}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, err {err:.1e}",
-            flush=True)
+      rows.append((shape, workload, kernel, ms, flops / ms / 1e9, err))
+      print(f"  {shape} | {workload} | {kernel}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, "
+            f"err {err:.1e}", flush=True)
       return out
     except Exception as e:  # noqa: BLE001 - report and go on
-      rows.append((label, None, None, None))
-      print(f"  {label}: FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+      rows.append((shape, workload, kernel, None, None, None))
+      print(f"  {shape} | {workload} | {kernel}: FAILED {type(e).__name__}: {str(e)[:1500]}",
+            flush=True)
       return None
+    finally:
+      watchdog.cancel()
 
+  cases = {}
   for shape in shapes:
     nh, nk, d = SHAPES[shape]
     inputs = random_inputs(jax.random.key(len(shape)), shape)
-    q_all, k_pool, v_pool, tables = inputs
     rng = np.random.default_rng(0)
     end_tokens = np.sort(np.concatenate([  # 256 tokens to check, the last 64 among them
-        rng.choice(np.arange(CONTEXT - CHUNK, CONTEXT - 64), min(192, CHUNK - 64), replace=False),
+        rng.choice(np.arange(CONTEXT - CHUNK, CONTEXT - 64), min(192, CHUNK - 64),
+                   replace=False),
         np.arange(CONTEXT - 64, CONTEXT)]))
     all_tokens = np.sort(np.concatenate([
-        rng.choice(np.arange(64, CONTEXT - 64), min(192, CONTEXT - 128), replace=False),
+        rng.choice(np.arange(32, CONTEXT - 32), min(192, CONTEXT - 64), replace=False),
         np.arange(32), np.arange(CONTEXT - 32, CONTEXT)]))
-    end_flops = causal_flops(np.arange(CONTEXT - CHUNK, CONTEXT), nh, d)
-    all_flops = causal_flops(np.arange(CONTEXT), nh, d)
-    workloads = ((f"{CHUNK} at end of {CONTEXT}", chunk_at_end, end_flops, end_tokens),
-                 (f"{CONTEXT} in {CHUNK} chunks", chunked_prefill, all_flops, all_tokens))
-    print(f"== {shape} (H={nh}, K={nk}, D={d}), bf16, page 16", flush=True)
+    workloads = (
+        (f"{CHUNK} at end of {CONTEXT}", chunk_at_end,
+         causal_flops(np.arange(CONTEXT - CHUNK, CONTEXT), nh, d), end_tokens),
+        (f"{CONTEXT} in {CHUNK} chunks", chunked_prefill,
+         causal_flops(np.arange(CONTEXT), nh, d), all_tokens))
+    cases[shape] = (inputs, workloads, rng)
 
-    # jax's attention_mgpu: contiguous K/V (the pool's pages in logical order), causal.
-    contiguous = lambda pool: pool[LAYER][tables[0]].reshape(1, CONTEXT, nk, d)
-    mgpu_args = (q_all.astype(jnp.float16), contiguous(k_pool).astype(jnp.float16),
-                 contiguous(v_pool).astype(jnp.float16))
-    mgpu_best = None
-    for block_kv in (64, 128):
-      config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv,
-                                           max_concurrent_steps=2, causal=True)
-      label = f"{shape} | {CONTEXT} causal, contiguous | attention_mgpu block_kv={block_kv}"
-      timed(label, functools.partial(attention_mgpu.attention, config=config), mgpu_args,
-            all_flops, all_tokens, inputs)
-      if rows[-1][1] is not None and (mgpu_best is None or rows[-1][2] > mgpu_best):
-        mgpu_best = rows[-1][2]
-
+  def run_ours(shape, configs):
+    inputs, workloads, rng = cases[shape]
+    q_all, k_pool, v_pool, tables = inputs
     for name, workload, flops, tokens in workloads:
-      for config in main_configs(d):
+      for config in configs:
         attend = functools.partial(paged_prefill_attention_mgpu, config=config)
-        label = (f"{shape} | {name} | mosaic pages_per_step={config.pages_per_step} "
-                 f"slots={config.max_concurrent_steps} p_reg={int(config.p_in_registers)} "
-                 f"ws={int(config.warp_specialized)}")
-        out = timed(label, functools.partial(workload, attend), inputs, flops, tokens, inputs)
-        if out is not None and config == default_config(d) and workload is chunk_at_end:
+        out = timed(shape, name, _config_name(config), functools.partial(workload, attend),
+                    inputs, flops, tokens, inputs)
+        if out is not None and config == default_config(SHAPES[shape][2]):
           # Same bits at another physical placement of the same pages.
           perm = np.concatenate([[0], 1 + rng.permutation(k_pool.shape[1] - 1)])
           inv = jnp.asarray(np.argsort(perm), jnp.int32)
           moved = jax.jit(functools.partial(workload, attend))(
               q_all, k_pool[:, perm], v_pool[:, perm], inv[tables])
-          same = bool(jnp.array_equal(moved, out))
-          print(f"  same bits at another placement: {same}", flush=True)
-      timed(f"{shape} | {name} | triton paged_attention (default config)",
+          print(f"  same bits at another placement: {bool(jnp.array_equal(moved, out))}",
+                flush=True)
+
+  for shape in shapes:
+    nh, nk, d = SHAPES[shape]
+    inputs, workloads, _ = cases[shape]
+    q_all, k_pool, v_pool, tables = inputs
+    print(f"== {shape} (H={nh}, K={nk}, D={d}), bf16, page 16", flush=True)
+    # jax's attention_mgpu: contiguous K/V (the pool's pages in logical order), causal.
+    contiguous = lambda pool: pool[LAYER][tables[0]].reshape(1, CONTEXT, nk, d)
+    mgpu_args = (q_all.astype(jnp.float16), contiguous(k_pool).astype(jnp.float16),
+                 contiguous(v_pool).astype(jnp.float16))
+    for block_kv in (64, 128):
+      config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv,
+                                           max_concurrent_steps=2, causal=True)
+      timed(shape, f"{CONTEXT} causal, contiguous", f"attention_mgpu block_kv={block_kv}",
+            functools.partial(attention_mgpu.attention, config=config), mgpu_args,
+            workloads[1][2], workloads[1][3], inputs)
+    del mgpu_args
+    for name, workload, flops, tokens in workloads:
+      timed(shape, name, "triton paged_attention (default config)",
             functools.partial(workload, triton_paged.paged_attention), inputs, flops, tokens,
             inputs)
+    run_ours(shape, main_configs(d)[0])
+  for shape in shapes:
+    print(f"== {shape}: two computing warpgroups", flush=True)
+    run_ours(shape, main_configs(SHAPES[shape][2])[1])
 
+  for shape in shapes:
+    mgpu = [r[4] for r in rows if r[0] == shape and r[2].startswith("attention_mgpu")
+            and r[3] is not None]
+    best = max(mgpu) if mgpu else None
     print(f"\n| {shape} | workload | kernel | ms | TFLOP/s | / attention_mgpu | rel err |")
-    for label, ms, tflops, err in rows:
-      if not label.startswith(shape):
-        continue
-      _, name, kernel = label.split(" | ")
+    print("|---|---|---|---|---|---|---|")
+    for _, workload, kernel, ms, tflops, err in (r for r in rows if r[0] == shape):
       if ms is None:
-        print(f"| | {name} | {kernel} | FAILED | | | |")
+        print(f"| | {workload} | {kernel} | FAILED | | | |")
         continue
-      ratio = f"{tflops / mgpu_best:.2f}" if mgpu_best else "n/a"
-      print(f"| | {name} | {kernel} | {ms:.2f} | {tflops:.0f} | {ratio} | {err:.1e} |")
-    print(flush=True)
+      ratio = f"{tflops / best:.2f}" if best else "n/a"
+      print(f"| | {workload} | {kernel} | {ms:.2f} | {tflops:.0f} | {ratio} | {err:.1e} |")
+  print(flush=True)
 
 
 if __name__ == "__main__":
