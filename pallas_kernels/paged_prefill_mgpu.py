@@ -14,16 +14,18 @@ logical keys j <= positions[b, t] and j < kv_lens[b]; a token that sees no key g
 
 Rows: the G = H / K query heads of kv head h and the T tokens form the rows of both matmuls,
 row r = t * G + g (the wrapper lays q out as [B, K, T * G, D], padded to tiles of 64 rows,
-and the output back: two XLA copies of q's size). One program (one warpgroup computing;
-with `warp_specialized` a second one only issues TMA copies) per (request, kv head, tile of
-64 rows); programs of the last row tiles (the most keys, causal) start first.
+and the output back: two XLA copies of q's size, about 1% of a 4k chunk's time). A
+program is one computing warpgroup per tile of 64 rows (`compute_wgs` = 2: two warpgroups,
+two adjacent tiles, sharing the K/V slots, as attention_mgpu), plus with
+`warp_specialized` a warpgroup that only issues TMA copies. Grid (row programs, kv heads,
+requests); programs of the last row tiles (the most keys, causal) start first.
 
 Pages: the wrapper views the pools (free, no copy) as 2-D [L * num_blocks * block_size,
 K * D]; the page of (layer, physical block p, kv head h) is the box rows [(layer *
 num_blocks + p) * block_size, +block_size), columns [h * D, +D): one TMA copy per page, the
 page id read from the block table in GMEM. A pipeline step is `pages_per_step` pages
 (block_kv keys) of K and of V into one of `max_concurrent_steps` SMEM slots, refilled as
-soon as its step is done.
+soon as its step is done (by every computing warpgroup).
 
 Math per step: S = Q K^T (wgmma, f32), online softmax in log2 units (exp2, log2(e) folded
 into the scale), O += P V (wgmma; P through SMEM by default, from registers with
@@ -31,25 +33,32 @@ into the scale), O += P V (wgmma; P through SMEM by default, from registers with
 
 Causal: per row tile the wrapper computes (from positions and kv_lens only) hi = min(kv_len,
 max position + 1) over its rows, the number of steps ceil(hi / block_kv) (steps entirely
-past the tile's last position are never loaded) and the number of leading steps every row
-of the tile sees whole (no mask). Only the remaining (diagonal) steps mask: key < hi and
-key <= the row's position (scores for the max, probabilities after exp2), and zero the V
-rows of keys >= hi in SMEM before PV (garbage there, even NaN, times a zero probability
-would still be NaN). Keys below hi are below kv_len: written cache, finite (as in the
-Triton kernel).
+past the tile's last position are never loaded, nor computed) and the number of leading
+steps every real row of the tile sees whole (no mask). Only the remaining (diagonal) steps
+mask, per row: key < hi and key <= the row's position (on the max and on the
+probabilities after exp2, so a hidden score, even NaN, drops out). The one step holding
+kv_len (when kv_len is not a multiple of block_kv) also zeroes the V rows of keys >= kv_len
+in SMEM before PV: garbage there, even NaN, times a zero probability would still be NaN
+(with two computing warpgroups, warpgroup 0 zeroes and both meet at a barrier before PV).
+Keys below kv_len are written cache, finite (as the Triton kernel assumes too). A warpgroup
+whose tile needs fewer steps than its neighbour's waits for and releases the rest.
 
 Reduction order: every tile walks its keys from 0 in steps of block_kv at fixed logical
 offsets, no splits: the bits of a request's output depend on its own q, positions, kv_len
-and logical K/V only, not on which physical blocks hold its pages nor on its batch
-neighbours (tests/test_paged_prefill_mgpu.py checks both). Padding rows (past T * G) get
-position -1; they never reach the output.
+and logical K/V and on block_kv only, not on which physical blocks hold its pages, its
+batch neighbours, the table width, the slots, warp specialization or compute_wgs
+(tests/test_paged_prefill_mgpu.py checks these). Padding rows (past T * G) get position
+-1; they never reach the output.
 
-Status: correct in the Mosaic GPU interpreter on CPU (jax 0.12); lowers for `cuda` on a CPU
-machine (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`) at the 0.5B and 7B
-shapes; not yet compiled or timed on the H200 (`main()` does both).
+Status: correct in the Mosaic GPU interpreter on CPU with jax 0.12 and 0.11.2 (races,
+out-of-bounds reads and uninitialized SMEM checked); lowers for `cuda` on a CPU machine
+(`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`) at the 0.5B and 7B shapes,
+every config of `main_configs`, both versions; not yet compiled or timed on the H200
+(`main()` does both). API differences between the versions: those of
+paged_attention_mgpu (`_kernel_call`); nothing else used here differs.
 Not done: splits of long key ranges (a short chunk after a long context runs B * K * tiles
-programs over the whole context), two computing warpgroups per tile (FA3's ping-pong; here
-two programs per SM overlap instead, the default configs fit two in SMEM).
+programs over the whole context); FA3's ping-pong schedule barrier between the two
+computing warpgroups (attention_mgpu has one); tuning.
 """
 
 from __future__ import annotations

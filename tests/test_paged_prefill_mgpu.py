@@ -228,8 +228,8 @@ class ConfigTest(absltest.TestCase):
 
 class CudaLoweringTest(parameterized.TestCase):
   """Pallas -> Mosaic GPU lowering (layouts, transforms, SMEM fit) on a CPU machine, at the
-  real shapes: 4096 tokens after a 28k prefix, default and GPU-only configs (P in registers,
-  a memory warpgroup, two computing warpgroups)."""
+  real shapes: 4096 tokens after a 28k prefix, every config main() times (P in registers,
+  a memory warpgroup, two computing warpgroups: GPU only)."""
 
   @parameterized.parameters("0.5b", "7b")
   def test_lowers_for_cuda(self, shape):
@@ -238,10 +238,7 @@ class CudaLoweringTest(parameterized.TestCase):
     pool = s((2, 2049, BLOCK_SIZE, nk, d), jnp.bfloat16)
     args = (s((1, 4096, nh, d), jnp.bfloat16), pool, pool, s((1, 2048), jnp.int32),
             s((1, 4096), jnp.int32), s((1,), jnp.int32), s((), jnp.int32))
-    base = pp.default_config(d)
-    for config in (base, dataclasses.replace(base, p_in_registers=True, warp_specialized=True),
-                   dataclasses.replace(base, p_in_registers=True, warp_specialized=True,
-                                       compute_wgs=2)):
+    for config in sum(pp.main_configs(d), ()):  # every config main() runs on the GPU
       fn = functools.partial(pp.paged_prefill_attention_mgpu, config=config)
       text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
       self.assertIn("mosaic_gpu", text)
