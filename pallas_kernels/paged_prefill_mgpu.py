@@ -16,7 +16,8 @@ Rows: the G = H / K query heads of kv head h and the T tokens form the rows of b
 row r = t * G + g (the wrapper lays q out as [B, K, T * G, D], padded to tiles of 64 rows,
 and the output back: two XLA copies of q's size, about 1% of a 4k chunk's time). A
 program is one computing warpgroup per tile of 64 rows (`compute_wgs` = 2: two warpgroups,
-two adjacent tiles, sharing the K/V slots, as attention_mgpu), plus with
+two adjacent tiles, sharing the K/V slots, as attention_mgpu; `schedule_barrier` adds its
+ping-pong: they take turns, one's softmax under the other's wgmmas), plus with
 `warp_specialized` a warpgroup that only issues TMA copies. Grid (row programs, kv heads,
 requests); programs of the last row tiles (the most keys, causal) start first.
 
@@ -57,8 +58,9 @@ every config of `main_configs`, both versions; not yet compiled or timed on the 
 (`main()` does both). API differences between the versions: those of
 paged_attention_mgpu (`_kernel_call`); nothing else used here differs.
 Not done: splits of long key ranges (a short chunk after a long context runs B * K * tiles
-programs over the whole context); FA3's ping-pong schedule barrier between the two
-computing warpgroups (attention_mgpu has one); tuning.
+programs over the whole context); tuning (main() times a handful of configs); the default
+is the form the decode kernel ran right on the H200 (one warpgroup, P through SMEM), until
+main()'s table says which variant is fastest and right.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class TuningConfig:
   warp_specialized: a separate warpgroup only issues the TMA copies.
   compute_wgs: computing warpgroups per program (1 or 2; 2 needs warp_specialized), each
     with its own tile of 64 query rows, sharing the K/V slots (as attention_mgpu).
+  schedule_barrier: with compute_wgs=2, FA3's ping-pong (as attention_mgpu): the two
+    warpgroups take turns, one's softmax while the other's wgmmas run. Needs >= 2 slots.
   """
 
   pages_per_step: int = 4
@@ -98,6 +102,7 @@ class TuningConfig:
   p_in_registers: bool = False
   warp_specialized: bool = False
   compute_wgs: int = 1
+  schedule_barrier: bool = False
 
   def __post_init__(self):
     if self.pages_per_step < 1:
@@ -108,6 +113,8 @@ class TuningConfig:
       raise ValueError(f"compute_wgs must be 1 or 2, got {self.compute_wgs}")
     if self.compute_wgs == 2 and not self.warp_specialized:
       raise ValueError("compute_wgs=2 needs warp_specialized=True (a memory warpgroup)")
+    if self.schedule_barrier and (self.compute_wgs != 2 or self.max_concurrent_steps < 2):
+      raise ValueError("schedule_barrier needs compute_wgs=2 and max_concurrent_steps >= 2")
 
   def block_kv(self, block_size: int) -> int:
     block_kv = self.pages_per_step * block_size
@@ -150,7 +157,8 @@ def _prefill_kernel(
     v_ref,  # [L * NB * block_size, K * D]
     out_ref,  # [B, K, NT * 64, D]
     *, num_blocks: int, block_size: int, pages_per_step: int, max_concurrent_steps: int,
-    p_in_registers: bool, warp_specialized: bool, compute_wgs: int, scale: float):
+    p_in_registers: bool, warp_specialized: bool, compute_wgs: int, schedule_barrier: bool,
+    scale: float):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   num_programs = tiles_ref.shape[1] // compute_wgs
@@ -204,11 +212,12 @@ def _prefill_kernel(
         issue(kv, i, pages_of(i))
 
   def compute(w, qo_smem, pos_smem, q_barrier, kv, p_smem, step_done, zero_v, *,
-              load_next_pages: bool):
+              load_next_pages: bool, turn=None):
     """Computing warpgroup w (traced or static): its tile's key loop, then its output.
 
     step_done(i, slot, next_pages) runs once step i's wgmmas are done (the slot may be
     refilled); zero_v(i, slot) zeroes the V rows >= kv_len of step i == partial_step.
+    turn: the schedule barrier (two rounds a step), or None.
     """
     k_smem, v_smem, k_barriers, v_barriers = kv
     tile = program * compute_wgs + w
@@ -220,6 +229,8 @@ def _prefill_kernel(
     plgpu.copy_gmem_to_smem(row_pos_ref.at[b, rows], pos_smem, q_barrier)
     plgpu.barrier_wait(q_barrier)
     row_pos = plgpu.load(pos_smem, layout=plgpu.Layout.WGMMA.reduce(1))  # [64] int32
+    if turn is not None:
+      pl.when(w == 1)(functools.partial(take_turn, turn))  # warpgroup 0 goes first
 
     def step(i, carry, *, masked: bool):
       acc, m, l = carry  # [64, D], [64], [64] float32
@@ -231,6 +242,8 @@ def _prefill_kernel(
 
       def compute_qk(acc_ref):
         plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+        if turn is not None:
+          take_turn(turn)  # QK^T issued: the other warpgroup's softmax may end
         return acc_ref[...]
 
       scores = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
@@ -254,9 +267,13 @@ def _prefill_kernel(
       if not p_in_registers:
         p_smem[...] = p.astype(dtype)
 
+      if turn is not None:
+        plgpu.barrier_arrive(turn)  # softmax done
       plgpu.barrier_wait(v_barriers.at[slot])
       if masked:  # only a masked step can be the partial one (it holds a key >= hi)
         zero_v(i, slot)
+      if turn is not None:
+        plgpu.barrier_wait(turn)  # the other warpgroup's QK^T issued: tensor cores free
       plgpu.commit_smem()  # the P (and V) stores, before the wgmma reads them
 
       def compute_pv(acc_ref):
@@ -284,6 +301,10 @@ def _prefill_kernel(
     plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, h, rows])
     plgpu.wait_smem_to_gmem(0)
     return num_tile_steps
+
+  def take_turn(turn):
+    plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(turn)
 
   def zero_rows_past_kv_len(v_smem, i, slot):
     v_rows = plgpu.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0,
@@ -316,7 +337,7 @@ def _prefill_kernel(
   # Warp specialized: warpgroups 0..compute_wgs-1 compute, one tile each; the last one only
   # issues copies, refilling a slot once every computing warpgroup released it.
   def ws_body(qo_smem, pos_smem, k_smem, v_smem, p_smem, q_barrier, k_barriers, v_barriers,
-              consumed, zeroed):
+              consumed, zeroed, turn):
     kv = (k_smem, v_smem, k_barriers, v_barriers)
     wg = lax.axis_index("wg")
 
@@ -337,7 +358,9 @@ def _prefill_kernel(
             zero_rows_past_kv_len(v_smem, i, slot)
             return
           # The V slot is shared: when both warpgroups use this step, warpgroup 0 zeroes
-          # and both meet at `zeroed` (once per program) before either reads it.
+          # and both meet at `zeroed` (once per program) before either reads it. (With the
+          # schedule barrier both reach this point: each passed its turn's arrive, neither
+          # waits on its end yet.)
           other_steps = tiles_ref[b, program * 2 + 1 - wg, 0]
           both = other_steps > i
           pl.when((wg == 0) | ~both)(lambda: zero_rows_past_kv_len(v_smem, i, slot))
@@ -350,7 +373,7 @@ def _prefill_kernel(
 
       done = compute(wg, qo_smem.at[wg], pos_smem.at[wg], q_barrier.at[wg], kv,
                      None if p_smem is None else p_smem.at[wg], release, zero_v,
-                     load_next_pages=False)
+                     load_next_pages=False, turn=turn)
 
       # Steps only the other warpgroup needs: wait for each (so this warpgroup never
       # releases a slot twice within one fill) and release it.
@@ -360,6 +383,12 @@ def _prefill_kernel(
         plgpu.barrier_wait(k_barriers.at[slot])
         plgpu.barrier_wait(v_barriers.at[slot])
         release(i, slot, None)
+        if turn is not None:  # a step's two turns, as if computed
+          take_turn(turn)
+          take_turn(turn)
+
+      if turn is not None:
+        pl.when(wg == 0)(functools.partial(take_turn, turn))  # warpgroup 1's first turn
 
     @pl.when(wg == compute_wgs)
     def _memory():
@@ -378,7 +407,9 @@ def _prefill_kernel(
   pl.run_scoped(ws_body, qo_smem_type, pos_smem_type, kv_smem(), kv_smem(), p_smem_type,
                 q_barrier_type, kv_barriers(), kv_barriers(),
                 plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=slots),
-                plgpu.Barrier(num_arrivals=compute_wgs), collective_axes="wg")
+                plgpu.Barrier(num_arrivals=compute_wgs),
+                plgpu.Barrier(num_arrivals=2) if schedule_barrier else None,
+                collective_axes="wg")
 
 
 # ---------------------------------------------------------------------------- wrapper
@@ -466,7 +497,7 @@ def paged_prefill_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Ar
       _prefill_kernel, num_blocks=nb, block_size=bs, pages_per_step=config.pages_per_step,
       max_concurrent_steps=config.max_concurrent_steps, p_in_registers=config.p_in_registers,
       warp_specialized=config.warp_specialized, compute_wgs=config.compute_wgs,
-      scale=d ** -0.5 * math.log2(math.e))
+      schedule_barrier=config.schedule_barrier, scale=d ** -0.5 * math.log2(math.e))
   threads = (dict(num_threads=config.compute_wgs + 1, thread_name="wg")
              if config.warp_specialized else {})
   call = _kernel_call(
@@ -553,18 +584,18 @@ def main_configs(head_dim: int) -> tuple[tuple[TuningConfig, ...], tuple[TuningC
   H200) and variants whose parts also ran there; then the variants with two computing
   warpgroups, run after every shape's first set (a hang there loses less)."""
   base = default_config(head_dim)
-  first = (base, dataclasses.replace(base, p_in_registers=True),
-           dataclasses.replace(base, p_in_registers=True, warp_specialized=True))
-  two = dict(warp_specialized=True, compute_wgs=2, max_concurrent_steps=2)
-  later = (TuningConfig(pages_per_step=8, p_in_registers=True, **two),
-           TuningConfig(pages_per_step=4, p_in_registers=True, **two))
+  first = (base, dataclasses.replace(base, p_in_registers=True, warp_specialized=True))
+  two = dict(warp_specialized=True, compute_wgs=2, max_concurrent_steps=2, p_in_registers=True)
+  later = (TuningConfig(pages_per_step=8, **two),
+           TuningConfig(pages_per_step=8, schedule_barrier=True, **two),
+           TuningConfig(pages_per_step=4, schedule_barrier=True, **two))
   return first, later
 
 
 def _config_name(config: TuningConfig) -> str:
   return (f"mosaic pages/step={config.pages_per_step} slots={config.max_concurrent_steps} "
           f"p_reg={int(config.p_in_registers)} ws={int(config.warp_specialized)} "
-          f"wgs={config.compute_wgs}")
+          f"wgs={config.compute_wgs} sched={int(config.schedule_barrier)}")
 
 
 def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0) -> None:

@@ -137,16 +137,17 @@ class PagedPrefillMgpuTest(parameterized.TestCase):
       ws = self.attend(*inputs, config=dataclasses.replace(SMALL, warp_specialized=True))
       np.testing.assert_array_equal(np.asarray(ws, np.float32), out)
 
-  @parameterized.parameters(2, 3)
-  def test_two_computing_warpgroups(self, slots):
+  @parameterized.parameters((2, False), (2, True), (3, True))
+  def test_two_computing_warpgroups(self, slots, schedule_barrier):
     # 168 rows: 3 tiles + 1 padding tile = 2 programs of 2 tiles sharing K/V slots. In
     # program 0 both tiles use the step holding kv_len (warpgroup 0 zeroes V past it, both
     # meet before PV); in program 1 only tile 2 has keys (the padding tile drains). Same
-    # bits as one warpgroup per tile.
+    # bits as one warpgroup per tile, with or without the ping-pong schedule barrier (a
+    # protocol error there hangs the interpreter).
     inputs = make_inputs(11, lens=[24, 150, 41, 200], new=[24, 24, 9, 24], num_tokens=24,
                          max_blocks=13)
     config = dataclasses.replace(SMALL, max_concurrent_steps=slots, warp_specialized=True,
-                                 compute_wgs=2)
+                                 compute_wgs=2, schedule_barrier=schedule_barrier)
     out = self.check(inputs, layer=1, config=config)
     one = self.attend(*inputs, 1, config=SMALL)
     np.testing.assert_array_equal(np.asarray(one, np.float32), out)
@@ -208,6 +209,8 @@ class ConfigTest(absltest.TestCase):
       pp.TuningConfig(max_concurrent_steps=0)
     with self.assertRaisesRegex(ValueError, "warp_specialized"):
       pp.TuningConfig(compute_wgs=2)
+    with self.assertRaisesRegex(ValueError, "schedule_barrier"):
+      pp.TuningConfig(warp_specialized=True, schedule_barrier=True)
 
   def test_defaults_fit_two_programs_per_sm(self):
     # Mosaic GPU lays the defaults out in 93,224 bytes (lowered for cuda on a CPU, jax 0.12).
