@@ -701,7 +701,7 @@ def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0) -> None
       config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv,
                                            max_concurrent_steps=2, causal=True)
       timed(shape, f"{CONTEXT} causal, contiguous", f"attention_mgpu block_kv={block_kv}",
-            functools.partial(attention_mgpu.attention, config=config), mgpu_args,
+            lambda q, k, v, config=config: attention_mgpu.attention(q, k, v, config), mgpu_args,
             workloads[1][2], workloads[1][3], inputs)
     del mgpu_args
     for name, workload, flops, tokens in workloads:
