@@ -388,7 +388,8 @@ def _prefill_kernel(
           take_turn(turn)
 
       if turn is not None:
-        pl.when(wg == 0)(functools.partial(take_turn, turn))  # warpgroup 1's first turn
+        # Pairs with the extra turn warpgroup 1 takes before its loop.
+        pl.when(wg == 0)(functools.partial(take_turn, turn))
 
     @pl.when(wg == compute_wgs)
     def _memory():
