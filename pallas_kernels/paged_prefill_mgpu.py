@@ -1,0 +1,735 @@
+"""Paged grouped-query CHUNKED-PREFILL attention as a Mosaic GPU (plgpu) kernel for Hopper.
+
+Parts, as in `paged_attention_mgpu.py` (the decode kernel, whose page layout, pipeline and
+version shims this reuses): the kernel body (`_prefill_kernel`), the jitted wrapper
+`paged_prefill_attention_mgpu` with its `TuningConfig`, a float32
+`paged_prefill_attention_reference` on this file's interface, and `main()`: the H200
+check-and-time table (`python -m pallas_kernels.paged_prefill_mgpu`). A leaf: jax, numpy,
+the standard library and `paged_attention_mgpu` only.
+
+Interface and semantics of `paged_attention.paged_attention` for T >= 1 query tokens: q
+[B, T, H, D]; pools of ALL layers [L, num_blocks, block_size, K, D]; block tables [B, MB];
+positions [B, T]; kv_lens [B]; `layer` (int or traced). Query token t of request b sees the
+logical keys j <= positions[b, t] and j < kv_lens[b]; a token that sees no key gives 0.
+
+Rows: the G = H / K query heads of kv head h and the T tokens form the rows of both matmuls,
+row r = t * G + g (the wrapper lays q out as [B, K, T * G, D], padded to tiles of 64 rows,
+and the output back: two XLA copies of q's size, about 1% of a 4k chunk's time). A
+program is one computing warpgroup per tile of 64 rows (`compute_wgs` = 2: two warpgroups,
+two adjacent tiles, sharing the K/V slots, as attention_mgpu; `schedule_barrier` adds its
+ping-pong: they take turns, one's softmax under the other's wgmmas), plus with
+`warp_specialized` a warpgroup that only issues TMA copies. Grid (row programs, kv heads,
+requests); programs of the last row tiles (the most keys, causal) start first.
+
+Pages: the wrapper views the pools (free, no copy) as 2-D [L * num_blocks * block_size,
+K * D]; the page of (layer, physical block p, kv head h) is the box rows [(layer *
+num_blocks + p) * block_size, +block_size), columns [h * D, +D): one TMA copy per page, the
+page id read from the block table in GMEM. A pipeline step is `pages_per_step` pages
+(block_kv keys) of K and of V into one of `max_concurrent_steps` SMEM slots, refilled as
+soon as its step is done (by every computing warpgroup).
+
+Math per step: S = Q K^T (wgmma, f32), online softmax in log2 units (exp2, log2(e) folded
+into the scale), O += P V (wgmma; P through SMEM by default, from registers with
+`p_in_registers`, compiled only: the interpreter takes wgmma operands from SMEM only).
+
+Causal: per row tile the wrapper computes (from positions and kv_lens only) hi = min(kv_len,
+max position + 1) over its rows, the number of steps ceil(hi / block_kv) (steps entirely
+past the tile's last position are never loaded, nor computed) and the number of leading
+steps every real row of the tile sees whole (no mask). Only the remaining (diagonal) steps
+mask, per row: key < hi and key <= the row's position (on the max and on the
+probabilities after exp2, so a hidden score, even NaN, drops out). The one step holding
+kv_len (when kv_len is not a multiple of block_kv) also zeroes the V rows of keys >= kv_len
+in SMEM before PV: garbage there, even NaN, times a zero probability would still be NaN
+(with two computing warpgroups, warpgroup 0 zeroes and both meet at a barrier before PV).
+Keys below kv_len are written cache, finite (as the Triton kernel assumes too). A warpgroup
+whose tile needs fewer steps than its neighbour's waits for and releases the rest.
+
+Reduction order: every tile walks its keys from 0 in steps of block_kv at fixed logical
+offsets, no splits: the bits of a request's output depend on its own q, positions, kv_len
+and logical K/V and on block_kv only, not on which physical blocks hold its pages, its
+batch neighbours, the table width, the slots, warp specialization or compute_wgs
+(tests/test_paged_prefill_mgpu.py checks these). Padding rows (past T * G) get position
+-1; they never reach the output.
+
+Status: correct in the Mosaic GPU interpreter on CPU with jax 0.12 and 0.11.2 (races,
+out-of-bounds reads and uninitialized SMEM checked); lowers for `cuda` on a CPU machine
+(`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`) at the 0.5B and 7B shapes,
+every config of `main_configs`, both versions; not yet compiled or timed on the H200
+(`main()` does both). API differences between the versions: those of
+paged_attention_mgpu (`_kernel_call`); nothing else used here differs.
+Not done: splits of long key ranges (a short chunk after a long context runs B * K * tiles
+programs over the whole context); tuning (main() times a handful of configs); the default
+is the form the decode kernel ran right on the H200 (one warpgroup, P through SMEM), until
+main()'s table says which variant is fastest and right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import numpy as np
+
+from pallas_kernels.paged_attention_mgpu import SMEM_PER_SM, SWIZZLE, _kernel_call, _round_up
+
+BLOCK_Q = 64  # query rows per computing warpgroup: one wgmma's M
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+  """Tile sizes of the prefill kernel; the reduction order depends on block_kv only (the
+  other knobs change the schedule, not a bit of the output).
+
+  pages_per_step: pages (of block_size tokens) per pipeline step; block_kv = pages_per_step *
+    block_size keys must be a multiple of 64 (the K dimension of the PV wgmma in bf16).
+  max_concurrent_steps: SMEM slots of K/V, i.e. steps in flight (>= 2 to overlap).
+  p_in_registers: feed P to the PV wgmma from registers (compiled GPU only).
+  warp_specialized: a separate warpgroup only issues the TMA copies.
+  compute_wgs: computing warpgroups per program (1 or 2; 2 needs warp_specialized), each
+    with its own tile of 64 query rows, sharing the K/V slots (as attention_mgpu).
+  schedule_barrier: with compute_wgs=2, FA3's ping-pong (as attention_mgpu): the two
+    warpgroups take turns, one's softmax while the other's wgmmas run. Needs >= 2 slots.
+  """
+
+  pages_per_step: int = 4
+  max_concurrent_steps: int = 2
+  p_in_registers: bool = False
+  warp_specialized: bool = False
+  compute_wgs: int = 1
+  schedule_barrier: bool = False
+
+  def __post_init__(self):
+    if self.pages_per_step < 1:
+      raise ValueError(f"pages_per_step must be >= 1, got {self.pages_per_step}")
+    if self.max_concurrent_steps < 1:
+      raise ValueError(f"max_concurrent_steps must be >= 1, got {self.max_concurrent_steps}")
+    if self.compute_wgs not in (1, 2):
+      raise ValueError(f"compute_wgs must be 1 or 2, got {self.compute_wgs}")
+    if self.compute_wgs == 2 and not self.warp_specialized:
+      raise ValueError("compute_wgs=2 needs warp_specialized=True (a memory warpgroup)")
+    if self.schedule_barrier and (self.compute_wgs != 2 or self.max_concurrent_steps < 2):
+      raise ValueError("schedule_barrier needs compute_wgs=2 and max_concurrent_steps >= 2")
+
+  def block_kv(self, block_size: int) -> int:
+    block_kv = self.pages_per_step * block_size
+    if block_kv % 64:
+      raise ValueError(f"pages_per_step * block_size = {block_kv} must be a multiple of 64 "
+                       "(the K dimension of the PV wgmma)")
+    return block_kv
+
+
+# Not tuned on the H200 yet. Both fit two programs on an SM (smem_bytes: 88 KiB each), so
+# one program's softmax overlaps the other's wgmma.
+DEFAULT_D64 = TuningConfig(pages_per_step=8, max_concurrent_steps=2)  # block_kv 128
+DEFAULT_D128 = TuningConfig(pages_per_step=4, max_concurrent_steps=2)  # block_kv 64
+
+
+def default_config(head_dim: int) -> TuningConfig:
+  return DEFAULT_D128 if head_dim >= 128 else DEFAULT_D64
+
+
+def smem_bytes(config: TuningConfig, head_dim: int, block_size: int = 16,
+               itemsize: int = 2) -> int:
+  """SMEM of one program (Mosaic adds ~3 KiB: barriers, alignment): per computing
+  warpgroup the q/out tile, P and the row positions; the K/V slots."""
+  block_kv = config.pages_per_step * block_size
+  per_wg = ((BLOCK_Q * head_dim + (0 if config.p_in_registers else BLOCK_Q * block_kv))
+            * itemsize + BLOCK_Q * 4)
+  return (config.compute_wgs * per_wg
+          + 2 * config.max_concurrent_steps * block_kv * head_dim * itemsize)
+
+
+# ----------------------------------------------------------------------------- kernel
+def _prefill_kernel(
+    layer_ref,  # [1] int32 (GMEM)
+    kv_lens_ref,  # [B] int32
+    tiles_ref,  # [B, NT, 3] int32: (key steps, unmasked leading steps, hi) per row tile
+    row_pos_ref,  # [B, NT * 64] int32: position of each query row, -1 for padding rows
+    tables_ref,  # [B, MB] int32
+    q_ref,  # [B, K, NT * 64, D] rows r = t * G + g
+    k_ref,  # [L * NB * block_size, K * D] (all layers' pools, 2-D view)
+    v_ref,  # [L * NB * block_size, K * D]
+    out_ref,  # [B, K, NT * 64, D]
+    *, num_blocks: int, block_size: int, pages_per_step: int, max_concurrent_steps: int,
+    p_in_registers: bool, warp_specialized: bool, compute_wgs: int, schedule_barrier: bool,
+    scale: float):
+  b = lax.axis_index("b")
+  h = lax.axis_index("h")
+  num_programs = tiles_ref.shape[1] // compute_wgs
+  program = num_programs - 1 - lax.axis_index("r")  # the last tiles see the most keys: first
+  num_tables = tables_ref.shape[1]
+  head_dim = q_ref.shape[-1]
+  dtype = q_ref.dtype
+  block_kv = pages_per_step * block_size
+  slots = max_concurrent_steps
+  page_base = layer_ref[0] * num_blocks  # first physical block of this layer
+  kv_len = kv_lens_ref[b]
+  # The one step that holds both keys < kv_len and keys >= kv_len (garbage in the pool,
+  # even NaN): its V rows >= kv_len are zeroed in SMEM before PV. -1: no such step.
+  partial_step = jnp.where(kv_len % block_kv != 0, kv_len // block_kv, -1)
+  # Steps each computing warpgroup's tile needs; the slots hold the longest.
+  tile_steps = [tiles_ref[b, program * compute_wgs + w, 0] for w in range(compute_wgs)]
+  num_steps = functools.reduce(jnp.maximum, tile_steps)
+
+  tiled = (plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)),
+           plgpu.SwizzleTransform(SWIZZLE))
+  kv_smem = lambda: plgpu.SMEM((slots, block_kv, head_dim), dtype, transforms=tiled)
+  p_smem_type = (None if p_in_registers else
+                 plgpu.SMEM((compute_wgs, BLOCK_Q, block_kv), dtype, transforms=tiled))
+  kv_barriers = lambda: plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=slots)
+  qo_smem_type = plgpu.SMEM((compute_wgs, BLOCK_Q, head_dim), dtype, transforms=tiled)
+  pos_smem_type = plgpu.SMEM((compute_wgs, BLOCK_Q), jnp.int32)
+  # Per computing warpgroup: its q tile and its row positions (2 copies).
+  q_barrier_type = plgpu.Barrier(num_arrivals=2, num_barriers=compute_wgs)
+
+  def pages_of(step):
+    """The physical blocks (rows of the 2-D pools / block_size) of step's pages."""
+    first_page = step * pages_per_step
+    # Pages past the table (the last step of a short table) read its last entry: any
+    # valid block will do, the step's mask drops those keys.
+    return [page_base + tables_ref[b, jnp.minimum(first_page + i, num_tables - 1)]
+            for i in range(pages_per_step)]
+
+  def issue(kv, slot, pages):
+    """TMA copies of one step's pages of K and V into slot (one copy per page)."""
+    k_smem, v_smem, k_barriers, v_barriers = kv
+    for i, page in enumerate(pages):
+      src = (pl.ds(page * block_size, block_size), pl.ds(h * head_dim, head_dim))
+      dst = (slot, pl.ds(i * block_size, block_size))
+      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_barriers.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[dst], v_barriers.at[slot])
+
+  def prefetch(kv):
+    for i in range(slots):  # fill the pipeline
+      @pl.when(i < num_steps)
+      def _prefetch():
+        issue(kv, i, pages_of(i))
+
+  def compute(w, qo_smem, pos_smem, q_barrier, kv, p_smem, step_done, zero_v, *,
+              load_next_pages: bool, turn=None):
+    """Computing warpgroup w (traced or static): its tile's key loop, then its output.
+
+    step_done(i, slot, next_pages) runs once step i's wgmmas are done (the slot may be
+    refilled); zero_v(i, slot) zeroes the V rows >= kv_len of step i == partial_step.
+    turn: the schedule barrier (two rounds a step), or None.
+    """
+    k_smem, v_smem, k_barriers, v_barriers = kv
+    tile = program * compute_wgs + w
+    rows = pl.ds(tile * BLOCK_Q, BLOCK_Q)
+    num_tile_steps = tiles_ref[b, tile, 0]  # key steps [0, .) hold a key some row sees
+    num_full = tiles_ref[b, tile, 1]  # steps [0, .): every key seen by every row
+    hi = tiles_ref[b, tile, 2]  # keys >= hi are seen by no row of the tile
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], qo_smem, q_barrier)
+    plgpu.copy_gmem_to_smem(row_pos_ref.at[b, rows], pos_smem, q_barrier)
+    plgpu.barrier_wait(q_barrier)
+    row_pos = plgpu.load(pos_smem, layout=plgpu.Layout.WGMMA.reduce(1))  # [64] int32
+    if turn is not None:
+      pl.when(w == 1)(functools.partial(take_turn, turn))  # warpgroup 0 goes first
+
+    def step(i, carry, *, masked: bool):
+      acc, m, l = carry  # [64, D], [64], [64] float32
+      slot = lax.rem(i, slots)
+      # The table loads for the refill at the end of this step, issued now so their latency
+      # hides behind this step's matmuls (clamped: always in bounds).
+      next_pages = pages_of(i + slots) if load_next_pages else None
+      plgpu.barrier_wait(k_barriers.at[slot])
+
+      def compute_qk(acc_ref):
+        plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+        if turn is not None:
+          take_turn(turn)  # QK^T issued: the other warpgroup's softmax may end
+        return acc_ref[...]
+
+      scores = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
+      scores = scores * scale  # [64, block_kv], log2 units
+      if masked:  # key < hi (hence < kv_len) and key <= the row's position
+        cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1,
+                                      layout=plgpu.Layout.WGMMA)
+        keys = cols + i * block_kv
+        visible = (keys < hi) & (
+            keys <= lax.broadcast_in_dim(row_pos, (BLOCK_Q, block_kv), [0]))
+        m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
+      else:
+        m_tile = jnp.max(scores, axis=1)
+      m_new = jnp.maximum(m, m_tile)
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet
+      alpha = jnp.exp2(m - m_safe)
+      p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
+      if masked:
+        p = jnp.where(visible, p, 0.0)  # exp2 of a hidden (even NaN) score is dropped
+      l = alpha * l + jnp.sum(p, axis=1)
+      if not p_in_registers:
+        p_smem[...] = p.astype(dtype)
+
+      if turn is not None:
+        plgpu.barrier_arrive(turn)  # softmax done
+      plgpu.barrier_wait(v_barriers.at[slot])
+      if masked:  # only a masked step can be the partial one (it holds a key >= hi)
+        zero_v(i, slot)
+      if turn is not None:
+        plgpu.barrier_wait(turn)  # the other warpgroup's QK^T issued: tensor cores free
+      plgpu.commit_smem()  # the P (and V) stores, before the wgmma reads them
+
+      def compute_pv(acc_ref):
+        plgpu.wgmma(acc_ref, p.astype(dtype) if p_in_registers else p_smem, v_smem.at[slot])
+        return acc_ref[...]
+
+      pv = pl.run_scoped(compute_pv, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
+      acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + pv
+      step_done(i, slot, next_pages)  # both wgmmas are done: the slot may be refilled
+      return acc, m_new, l
+
+    init = (
+        plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+        plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
+                          plgpu.Layout.WGMMA.reduce(1)),
+        plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
+    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), init)
+    acc, _, l = lax.fori_loop(num_full, num_tile_steps, functools.partial(step, masked=True),
+                              carry)
+
+    # acc / l (0 for a row that saw no key: it has acc = 0) through the q tile's SMEM.
+    l_safe = jnp.where(l == 0.0, 1.0, l)
+    qo_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, h, rows])
+    plgpu.wait_smem_to_gmem(0)
+    return num_tile_steps
+
+  def take_turn(turn):
+    plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(turn)
+
+  def zero_rows_past_kv_len(v_smem, i, slot):
+    v_rows = plgpu.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0,
+                                    layout=plgpu.Layout.WGMMA)
+    v_slot = v_smem.at[slot]
+    v_slot[...] = jnp.where(v_rows < kv_len - i * block_kv, v_slot[...], 0).astype(dtype)
+
+  if not warp_specialized:
+    # One warpgroup issues the copies and computes: a slot is refilled at the end of the
+    # step that consumed it.
+    def body(qo_smem, pos_smem, k_smem, v_smem, p_smem, q_barrier, k_barriers, v_barriers):
+      kv = (k_smem, v_smem, k_barriers, v_barriers)
+      prefetch(kv)  # before the q wait: K/V latency overlaps q's
+
+      def refill(i, slot, next_pages):
+        @pl.when(i + slots < num_steps)
+        def _refill():
+          issue(kv, slot, next_pages)
+
+      def zero_v(i, slot):
+        pl.when(i == partial_step)(lambda: zero_rows_past_kv_len(v_smem, i, slot))
+
+      compute(0, qo_smem.at[0], pos_smem.at[0], q_barrier.at[0], kv,
+              None if p_smem is None else p_smem.at[0], refill, zero_v, load_next_pages=True)
+
+    pl.run_scoped(body, qo_smem_type, pos_smem_type, kv_smem(), kv_smem(), p_smem_type,
+                  q_barrier_type, kv_barriers(), kv_barriers())
+    return
+
+  # Warp specialized: warpgroups 0..compute_wgs-1 compute, one tile each; the last one only
+  # issues copies, refilling a slot once every computing warpgroup released it.
+  def ws_body(qo_smem, pos_smem, k_smem, v_smem, p_smem, q_barrier, k_barriers, v_barriers,
+              consumed, zeroed, turn):
+    kv = (k_smem, v_smem, k_barriers, v_barriers)
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < compute_wgs)
+    def _compute():
+      if compute_wgs == 2:
+        plgpu.set_max_registers(232, action="increase")  # as attention_mgpu
+
+      def release(i, slot, _):
+        @pl.when(i + slots < num_steps)  # only the slots the producer will refill
+        def _release():
+          plgpu.barrier_arrive(consumed.at[slot])
+
+      def zero_v(i, slot):
+        @pl.when(i == partial_step)
+        def _zero():
+          if compute_wgs == 1:
+            zero_rows_past_kv_len(v_smem, i, slot)
+            return
+          # The V slot is shared: when both warpgroups use this step, warpgroup 0 zeroes
+          # and both meet at `zeroed` (once per program) before either reads it. (With the
+          # schedule barrier both reach this point: each passed its turn's arrive, neither
+          # waits on its end yet.)
+          other_steps = tiles_ref[b, program * 2 + 1 - wg, 0]
+          both = other_steps > i
+          pl.when((wg == 0) | ~both)(lambda: zero_rows_past_kv_len(v_smem, i, slot))
+
+          @pl.when(both)
+          def _meet():
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(zeroed)
+            plgpu.barrier_wait(zeroed)
+
+      done = compute(wg, qo_smem.at[wg], pos_smem.at[wg], q_barrier.at[wg], kv,
+                     None if p_smem is None else p_smem.at[wg], release, zero_v,
+                     load_next_pages=False, turn=turn)
+
+      # Steps only the other warpgroup needs: wait for each (so this warpgroup never
+      # releases a slot twice within one fill) and release it.
+      @pl.loop(done, num_steps)
+      def _drain(i):
+        slot = lax.rem(i, slots)
+        plgpu.barrier_wait(k_barriers.at[slot])
+        plgpu.barrier_wait(v_barriers.at[slot])
+        release(i, slot, None)
+        if turn is not None:  # a step's two turns, as if computed
+          take_turn(turn)
+          take_turn(turn)
+
+      if turn is not None:
+        # Pairs with the extra turn warpgroup 1 takes before its loop.
+        pl.when(wg == 0)(functools.partial(take_turn, turn))
+
+    @pl.when(wg == compute_wgs)
+    def _memory():
+      if compute_wgs == 2:
+        plgpu.set_max_registers(40, action="decrease")
+      prefetch(kv)
+
+      def refill(j, _):  # step j + slots goes where step j was
+        slot = lax.rem(j, slots)
+        pages = pages_of(j + slots)  # loaded before the wait: latency hidden behind it
+        plgpu.barrier_wait(consumed.at[slot])
+        issue(kv, slot, pages)
+
+      lax.fori_loop(0, jnp.maximum(num_steps - slots, 0), refill, None)
+
+  pl.run_scoped(ws_body, qo_smem_type, pos_smem_type, kv_smem(), kv_smem(), p_smem_type,
+                q_barrier_type, kv_barriers(), kv_barriers(),
+                plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=slots),
+                plgpu.Barrier(num_arrivals=compute_wgs),
+                plgpu.Barrier(num_arrivals=2) if schedule_barrier else None,
+                collective_axes="wg")
+
+
+# ---------------------------------------------------------------------------- wrapper
+def check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens) -> None:
+  if q.ndim != 4:
+    raise ValueError(f"q must be [B, T, H, D], got {q.shape}")
+  if k_pool.ndim != 5 or k_pool.shape != v_pool.shape:
+    raise ValueError(f"k_pool {k_pool.shape} / v_pool {v_pool.shape} must be equal "
+                     "[L, num_blocks, block_size, K, D]")
+  b, t, nh, d = q.shape
+  nk, dk = k_pool.shape[3:]
+  if dk != d or nh % nk:
+    raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}")
+  if q.dtype != k_pool.dtype or q.dtype != v_pool.dtype:
+    raise ValueError(f"q, k_pool, v_pool dtypes differ: {q.dtype}, {k_pool.dtype}, "
+                     f"{v_pool.dtype}")
+  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise NotImplementedError(f"bf16 or f16 only (wgmma operands), got {q.dtype}")
+  if d % 64:
+    raise ValueError(f"head_dim must be a multiple of 64, got {d}")
+  if (block_tables.ndim != 2 or block_tables.shape[0] != b or positions.shape != (b, t)
+      or kv_lens.shape != (b,)):
+    raise ValueError(f"block_tables {block_tables.shape}, positions {positions.shape}, "
+                     f"kv_lens {kv_lens.shape} do not fit q {q.shape}")
+
+
+def tile_bounds(positions, kv_lens, group: int, num_tiles: int, block_kv: int):
+  """Per-row positions [B, NT * 64] (-1 past T * G) and per-row-tile (key steps, unmasked
+  leading steps, hi) [B, NT, 3], from positions [B, T] and kv_lens [B] only."""
+  b, t = positions.shape
+  rows = jnp.arange(num_tiles * BLOCK_Q, dtype=jnp.int32)
+  valid = rows < t * group
+  row_pos = jnp.where(valid[None], positions[:, jnp.minimum(rows // group, t - 1)], -1)
+  by_tile = row_pos.reshape(b, num_tiles, BLOCK_Q)
+  kv_len = kv_lens[:, None]
+  hi = jnp.clip(jnp.max(by_tile, axis=-1) + 1, 0, kv_len)  # [B, NT]
+  num_steps = (hi + block_kv - 1) // block_kv
+  # Keys below visible_end are seen by every real row of the tile (padding rows compute
+  # on them too; they never reach the output).
+  big = jnp.iinfo(jnp.int32).max
+  visible_end = jnp.min(jnp.where(valid.reshape(num_tiles, BLOCK_Q)[None], by_tile + 1, big),
+                        axis=-1)
+  visible_end = jnp.clip(visible_end, 0, kv_len)
+  num_full = jnp.minimum(visible_end // block_kv, num_steps)
+  return row_pos, jnp.stack([num_steps, num_full, hi], axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def paged_prefill_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
+                                 block_tables: jax.Array, positions: jax.Array,
+                                 kv_lens: jax.Array, layer=0, *,
+                                 config: TuningConfig | None = None,
+                                 interpret=False) -> jax.Array:
+  """Attention of q [B, T, H, D] over layer `layer` of pools [L, NB, bs, K, D].
+
+  Query t of request b attends to logical keys j <= positions[b, t] and j < kv_lens[b]
+  through block_tables [B, MB] (entries past a request's blocks must be valid block ids).
+  Returns [B, T, H, D] in q's dtype (0 for a token that sees no key); softmax and sums in
+  float32. `interpret`: False (compile for the GPU), or a `plgpu.InterpretGPUParams` (CPU).
+  """
+  check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens)
+  b, t, nh, d = q.shape
+  nl, nb, bs, nk, _ = k_pool.shape
+  group = nh // nk
+  config = config or default_config(d)
+  block_kv = config.block_kv(bs)
+  if interpret and config.p_in_registers:
+    raise NotImplementedError("p_in_registers=True runs compiled only: the Mosaic GPU "
+                              "interpreter takes wgmma operands from SMEM")
+  # Row tiles of 64, a whole number of programs of compute_wgs tiles each.
+  num_tiles = _round_up(pl.cdiv(t * group, BLOCK_Q), config.compute_wgs)
+  num_rows = num_tiles * BLOCK_Q
+
+  # Rows r = t * G + g of kv head h, padded with zeros to whole tiles.
+  q_rows = q.reshape(b, t, nk, group, d).transpose(0, 2, 1, 3, 4).reshape(b, nk, t * group, d)
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, num_rows - t * group), (0, 0)))
+  row_pos, tiles = tile_bounds(positions.astype(jnp.int32), kv_lens.astype(jnp.int32),
+                               group, num_tiles, block_kv)
+  # Free views: a page of one kv head is a 2-D box [bs, D] of these.
+  k2 = k_pool.reshape(nl * nb * bs, nk * d)
+  v2 = v_pool.reshape(nl * nb * bs, nk * d)
+  layer = jnp.asarray(layer, jnp.int32).reshape(1)
+
+  kernel = functools.partial(
+      _prefill_kernel, num_blocks=nb, block_size=bs, pages_per_step=config.pages_per_step,
+      max_concurrent_steps=config.max_concurrent_steps, p_in_registers=config.p_in_registers,
+      warp_specialized=config.warp_specialized, compute_wgs=config.compute_wgs,
+      schedule_barrier=config.schedule_barrier, scale=d ** -0.5 * math.log2(math.e))
+  threads = (dict(num_threads=config.compute_wgs + 1, thread_name="wg")
+             if config.warp_specialized else {})
+  call = _kernel_call(
+      kernel, jax.ShapeDtypeStruct((b, nk, num_rows, d), q.dtype), interpret=interpret or None,
+      grid=(num_tiles // config.compute_wgs, nk, b), grid_names=("r", "h", "b"), **threads,
+      compiler_params=plgpu.CompilerParams(approx_math=True))
+  out = call(layer, kv_lens.astype(jnp.int32), tiles, row_pos,
+             block_tables.astype(jnp.int32), q_rows, k2, v2)
+  out = out[:, :, :t * group].reshape(b, nk, t, group, d).transpose(0, 2, 1, 3, 4)
+  return out.reshape(b, t, nh, d)
+
+
+# -------------------------------------------------------------------------- reference
+def paged_prefill_attention_reference(q, k_pool, v_pool, block_tables, positions, kv_lens,
+                                      layer=0):
+  """float32 oracle on the kernel's interface: gather the layer's blocks in logical order,
+  token t of request b attends to keys j <= positions[b, t] and j < kv_lens[b] (hidden keys,
+  even NaN, drop out; a token that sees no key gives 0)."""
+  b, t, nh, d = q.shape
+  nk = k_pool.shape[3]
+  gather = lambda pool: pool[layer][block_tables].reshape(b, -1, nk, d).astype(jnp.float32)
+  k, v = gather(k_pool), gather(v_pool)  # [B, S, K, D]
+  keys = jnp.arange(k.shape[1], dtype=jnp.int32)
+  visible = ((keys[None, None] <= positions[:, :, None])
+             & (keys[None, None] < kv_lens[:, None, None]))  # [B, T, S]
+  qg = q.astype(jnp.float32).reshape(b, t, nk, nh // nk, d)  # [B, T, K, G, D]
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=lax.Precision.HIGHEST) * d ** -0.5
+  mask = visible[:, None, None]  # [B, 1, 1, T, S]
+  scores = jnp.where(mask, scores, -jnp.inf)
+  probs = jnp.where(mask, jnp.exp(scores - jnp.max(scores, -1, keepdims=True)), 0.0)
+  probs = probs / jnp.maximum(jnp.sum(probs, -1, keepdims=True), 1e-30)
+  v = jnp.where(visible.any(1)[:, :, None, None], v, 0.0)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=lax.Precision.HIGHEST)
+  return out.reshape(b, t, nh, d)
+
+
+# ------------------------------------------------------------------- H200 check + time
+SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, head_dim)
+CONTEXT = 32768  # tokens of the causal prefill
+CHUNK = 4096  # query tokens per chunked-prefill call
+LAYER = 1  # the timed layer (of 2): the kernel reads it out of the all-layers pool
+
+
+def random_inputs(key, shape, context=None, *, num_layers=2, block_size=16,
+                  dtype=jnp.bfloat16):
+  """One request of `context` tokens: q for every token [1, context, H, D], pools holding
+  its K/V at a random placement of the blocks (block 0 never assigned), its block table."""
+  nh, nk, d = SHAPES[shape]
+  num_pages = (context or CONTEXT) // block_size
+  kq, kk, kv, kp = jax.random.split(key, 4)
+  pool_shape = (num_layers, 1 + num_pages, block_size, nk, d)
+  q = jax.random.normal(kq, (1, num_pages * block_size, nh, d), dtype)
+  k_pool = jax.random.normal(kk, pool_shape, dtype)
+  v_pool = jax.random.normal(kv, pool_shape, dtype)
+  tables = (1 + jax.random.permutation(kp, num_pages)).reshape(1, num_pages)
+  return q, k_pool, v_pool, tables.astype(jnp.int32)
+
+
+def chunk_at_end(attend, q_all, k_pool, v_pool, tables):
+  """The last CHUNK tokens of the context as one call (its first tokens cached)."""
+  n = q_all.shape[1]
+  positions = jnp.arange(n - CHUNK, n, dtype=jnp.int32)[None]
+  return attend(q_all[:, n - CHUNK:], k_pool, v_pool, tables, positions,
+                jnp.full((1,), n, jnp.int32), LAYER)
+
+
+def chunked_prefill(attend, q_all, k_pool, v_pool, tables):
+  """The whole causal prefill as n / CHUNK calls, chunk c seeing keys [0, (c + 1) CHUNK)."""
+  outs = []
+  for c in range(q_all.shape[1] // CHUNK):
+    positions = jnp.arange(c * CHUNK, (c + 1) * CHUNK, dtype=jnp.int32)[None]
+    outs.append(attend(q_all[:, c * CHUNK:(c + 1) * CHUNK], k_pool, v_pool, tables,
+                       positions, jnp.full((1,), (c + 1) * CHUNK, jnp.int32), LAYER))
+  return jnp.concatenate(outs, axis=1)
+
+
+def causal_flops(positions, num_heads: int, head_dim: int) -> float:
+  """QK^T and PV multiply-adds of the keys each token sees: 4 * H * D * sum(pos + 1)."""
+  return 4.0 * num_heads * head_dim * float(np.sum(np.asarray(positions, np.float64) + 1))
+
+
+def main_configs(head_dim: int) -> tuple[tuple[TuningConfig, ...], tuple[TuningConfig, ...]]:
+  """(first, later): the default (the form the decode kernel compiled and ran right on the
+  H200) and variants whose parts also ran there; then the variants with two computing
+  warpgroups, run after every shape's first set (a hang there loses less)."""
+  base = default_config(head_dim)
+  first = (base, dataclasses.replace(base, p_in_registers=True, warp_specialized=True))
+  two = dict(warp_specialized=True, compute_wgs=2, max_concurrent_steps=2, p_in_registers=True)
+  later = (TuningConfig(pages_per_step=8, **two),
+           TuningConfig(pages_per_step=8, schedule_barrier=True, **two),
+           TuningConfig(pages_per_step=4, schedule_barrier=True, **two))
+  return first, later
+
+
+def _config_name(config: TuningConfig) -> str:
+  return (f"mosaic pages/step={config.pages_per_step} slots={config.max_concurrent_steps} "
+          f"p_reg={int(config.p_in_registers)} ws={int(config.warp_specialized)} "
+          f"wgs={config.compute_wgs} sched={int(config.schedule_barrier)}")
+
+
+def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0) -> None:
+  """Per shape, a 4k-token chunk at the end of a 32k context and the full 32k causal
+  prefill in 4k chunks: our Mosaic GPU kernel (several configs), the Triton
+  `paged_attention` on the same inputs, and jax's `attention_mgpu` on the same 32k causal
+  work over contiguous K/V (float16: its SMEM tiles are float16). Each is first checked
+  against the float32 reference on 256 query tokens (relative L2 error), then timed by
+  CUPTI (device time of every kernel a call launches; ours includes the q/out relayouts).
+  A variant that fails prints its error and the run goes on; one that runs longer than
+  watchdog_s (a hang) prints its name and ends the process."""
+  import os
+  import threading
+  from jax.experimental.mosaic.gpu import profiler  # GPU only
+  from jax.experimental.pallas.ops.gpu import attention_mgpu
+  from pallas_kernels import paged_attention as triton_paged  # the Triton kernels
+
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+  rows = []  # (shape, workload, kernel, ms, TFLOP/s, rel err)
+
+  def timed(shape, workload, kernel, fn, args, flops, check_tokens, ref_args):
+    """Checks fn's output at check_tokens (absolute tokens) vs the reference, times it."""
+    def hung():
+      print(f"  {shape} | {workload} | {kernel}: no result after {watchdog_s:.0f} s, "
+            "stopping", flush=True)
+      os._exit(3)
+
+    watchdog = threading.Timer(watchdog_s, hung)
+    watchdog.start()
+    try:
+      fn = jax.jit(fn)
+      out = fn(*args)
+      q_all, k_pool, v_pool, tables = ref_args
+      tok = jnp.asarray(check_tokens, jnp.int32)
+      offset = CONTEXT - out.shape[1]  # out holds tokens [offset, CONTEXT)
+      ref = paged_prefill_attention_reference(
+          q_all[:, tok], k_pool, v_pool, tables, tok[None],
+          jnp.full((1,), CONTEXT, jnp.int32), LAYER)
+      got = out[:, tok - offset].astype(jnp.float32)
+      err = float(jnp.linalg.norm((got - ref).ravel()) / jnp.linalg.norm(ref.ravel()))
+      if not err < 2e-2:
+        raise AssertionError(f"relative L2 error {err:.2e} vs the f32 reference")
+      jax.block_until_ready(fn(*args))
+      ms = float(np.median([profiler.measure(fn)(*args)[1] for _ in range(reps)]))
+      rows.append((shape, workload, kernel, ms, flops / ms / 1e9, err))
+      print(f"  {shape} | {workload} | {kernel}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, "
+            f"err {err:.1e}", flush=True)
+      return out
+    except Exception as e:  # noqa: BLE001 - report and go on
+      rows.append((shape, workload, kernel, None, None, None))
+      print(f"  {shape} | {workload} | {kernel}: FAILED {type(e).__name__}: {str(e)[:1500]}",
+            flush=True)
+      return None
+    finally:
+      watchdog.cancel()
+
+  cases = {}
+  for shape in shapes:
+    nh, nk, d = SHAPES[shape]
+    inputs = random_inputs(jax.random.key(len(shape)), shape)
+    rng = np.random.default_rng(0)
+    end_tokens = np.sort(np.concatenate([  # 256 tokens to check, the last 64 among them
+        rng.choice(np.arange(CONTEXT - CHUNK, CONTEXT - 64), min(192, CHUNK - 64),
+                   replace=False),
+        np.arange(CONTEXT - 64, CONTEXT)]))
+    all_tokens = np.sort(np.concatenate([
+        rng.choice(np.arange(32, CONTEXT - 32), min(192, CONTEXT - 64), replace=False),
+        np.arange(32), np.arange(CONTEXT - 32, CONTEXT)]))
+    workloads = (
+        (f"{CHUNK} at end of {CONTEXT}", chunk_at_end,
+         causal_flops(np.arange(CONTEXT - CHUNK, CONTEXT), nh, d), end_tokens),
+        (f"{CONTEXT} in {CHUNK} chunks", chunked_prefill,
+         causal_flops(np.arange(CONTEXT), nh, d), all_tokens))
+    cases[shape] = (inputs, workloads, rng)
+
+  def run_ours(shape, configs):
+    inputs, workloads, rng = cases[shape]
+    q_all, k_pool, v_pool, tables = inputs
+    for name, workload, flops, tokens in workloads:
+      for config in configs:
+        attend = functools.partial(paged_prefill_attention_mgpu, config=config)
+        out = timed(shape, name, _config_name(config), functools.partial(workload, attend),
+                    inputs, flops, tokens, inputs)
+        if out is not None and config == default_config(SHAPES[shape][2]):
+          # Same bits at another physical placement of the same pages.
+          perm = np.concatenate([[0], 1 + rng.permutation(k_pool.shape[1] - 1)])
+          inv = jnp.asarray(np.argsort(perm), jnp.int32)
+          moved = jax.jit(functools.partial(workload, attend))(
+              q_all, k_pool[:, perm], v_pool[:, perm], inv[tables])
+          print(f"  same bits at another placement: {bool(jnp.array_equal(moved, out))}",
+                flush=True)
+
+  for shape in shapes:
+    nh, nk, d = SHAPES[shape]
+    inputs, workloads, _ = cases[shape]
+    q_all, k_pool, v_pool, tables = inputs
+    print(f"== {shape} (H={nh}, K={nk}, D={d}), bf16, page 16", flush=True)
+    # jax's attention_mgpu: contiguous K/V (the pool's pages in logical order), causal.
+    contiguous = lambda pool: pool[LAYER][tables[0]].reshape(1, CONTEXT, nk, d)
+    mgpu_args = (q_all.astype(jnp.float16), contiguous(k_pool).astype(jnp.float16),
+                 contiguous(v_pool).astype(jnp.float16))
+    for block_kv in (64, 128):
+      config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv,
+                                           max_concurrent_steps=2, causal=True)
+      timed(shape, f"{CONTEXT} causal, contiguous", f"attention_mgpu block_kv={block_kv}",
+            lambda q, k, v, config=config: attention_mgpu.attention(q, k, v, config), mgpu_args,
+            workloads[1][2], workloads[1][3], inputs)
+    del mgpu_args
+    for name, workload, flops, tokens in workloads:
+      timed(shape, name, "triton paged_attention (default config)",
+            functools.partial(workload, triton_paged.paged_attention), inputs, flops, tokens,
+            inputs)
+    run_ours(shape, main_configs(d)[0])
+  for shape in shapes:
+    print(f"== {shape}: two computing warpgroups", flush=True)
+    run_ours(shape, main_configs(SHAPES[shape][2])[1])
+
+  for shape in shapes:
+    mgpu = [r[4] for r in rows if r[0] == shape and r[2].startswith("attention_mgpu")
+            and r[3] is not None]
+    best = max(mgpu) if mgpu else None
+    print(f"\n| {shape} | workload | kernel | ms | TFLOP/s | / attention_mgpu | rel err |")
+    print("|---|---|---|---|---|---|---|")
+    for _, workload, kernel, ms, tflops, err in (r for r in rows if r[0] == shape):
+      if ms is None:
+        print(f"| | {workload} | {kernel} | FAILED | | | |")
+        continue
+      ratio = f"{tflops / best:.2f}" if best else "n/a"
+      print(f"| | {workload} | {kernel} | {ms:.2f} | {tflops:.0f} | {ratio} | {err:.1e} |")
+  print(flush=True)
+
+
+if __name__ == "__main__":
+  # python -m pallas_kernels.paged_prefill_mgpu [0.5b|7b ...]
+  import sys
+  main(shapes=tuple(a for a in sys.argv[1:] if a in SHAPES) or tuple(SHAPES))

@@ -1,0 +1,251 @@
+"""Mosaic GPU paged chunked-prefill kernel vs the float32 reference; bit-exactness across
+placements, batches and table widths; it lowers for cuda at the 0.5B and 7B shapes.
+
+`PagedPrefillMgpuTest` runs the kernel compiled (skipped without a GPU); the subclass
+`PagedPrefillMgpuInterpretTest` runs the same bodies in the Mosaic GPU interpreter on CPU,
+which also fails on races, out-of-bounds reads, and reads NaN from uninitialized SMEM.
+"""
+
+import dataclasses
+import functools
+
+from absl.testing import absltest, parameterized
+import chex
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import numpy as np
+
+from pallas_kernels import paged_prefill_mgpu as pp
+from pallas_kernels.paged_attention import paged_attention_reference
+
+TOL = 2e-2  # relative L2 error of bf16 vs the f32 reference
+BLOCK_SIZE = 16
+# 64 keys per step (4 pages), 2 slots: every slot refilled on contexts past 128 keys.
+SMALL = pp.TuningConfig(pages_per_step=4, max_concurrent_steps=2)
+# 128 keys per step, 3 slots (more slots than steps on short contexts).
+WIDE = pp.TuningConfig(pages_per_step=8, max_concurrent_steps=3)
+SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, head_dim)
+
+
+def make_inputs(seed, *, lens, new, num_tokens, shape="0.5b", max_blocks=12, num_layers=2,
+                shuffle=False):
+  """Random bf16 q and pools of all layers; request b holds kv_lens[b] keys at random blocks,
+  the last new[b] of them are its chunk's tokens (positions kv_len - new .. kv_len - 1); the
+  chunk's other num_tokens - new[b] tokens are padding (position -1).
+
+  Block 0 of every layer is all NaN and never assigned; table entries past a request's
+  blocks point to random blocks (block 0 among them), and the slots past each request's
+  length hold NaN: any read of them that reaches the output shows as NaN. `shuffle`
+  permutes each request's real tokens (a position per row, not a range).
+  """
+  nh, nk, d = SHAPES[shape]
+  rng = np.random.default_rng(seed)
+  batch = len(lens)
+  kv_lens = np.asarray(lens, np.int32)
+  num_blocks = 1 + sum(-(-n // BLOCK_SIZE) for n in lens) + 3
+  pool_shape = (num_layers, num_blocks, BLOCK_SIZE, nk, d)
+  k = rng.standard_normal(pool_shape).astype(np.float32)
+  v = rng.standard_normal(pool_shape).astype(np.float32)
+  tables = rng.integers(0, num_blocks, (batch, max_blocks)).astype(np.int32)
+  free = rng.permutation(np.arange(1, num_blocks))
+  for b, n in enumerate(kv_lens):
+    used = -(-n // BLOCK_SIZE)
+    tables[b, :used], free = free[:used], free[used:]
+    if used:
+      k[:, tables[b, used - 1], n % BLOCK_SIZE or BLOCK_SIZE:] = np.nan
+      v[:, tables[b, used - 1], n % BLOCK_SIZE or BLOCK_SIZE:] = np.nan
+  k[:, 0] = v[:, 0] = np.nan
+  for p in free:  # blocks no request holds
+    k[:, p] = v[:, p] = np.nan
+  q = rng.standard_normal((batch, num_tokens, nh, d)).astype(np.float32)
+  positions = np.full((batch, num_tokens), -1, np.int32)
+  for b, (n, c) in enumerate(zip(kv_lens, new)):
+    chunk = np.arange(n - c, n, dtype=np.int32)
+    positions[b, :c] = rng.permutation(chunk) if shuffle else chunk
+  bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+  return (bf(q), bf(k), bf(v), jnp.asarray(tables), jnp.asarray(positions),
+          jnp.asarray(kv_lens))
+
+
+def rel_err(out, ref):
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+def relabel(k, v, tables, seed):
+  """The same logical content at another physical placement of the blocks."""
+  num_blocks = k.shape[1]
+  perm = np.concatenate([[0], 1 + np.random.default_rng(seed).permutation(num_blocks - 1)])
+  inv = np.argsort(perm)  # new block inv[p] holds old block p
+  return k[:, perm], v[:, perm], jnp.asarray(inv[np.asarray(tables)].astype(np.int32))
+
+
+class PagedPrefillMgpuTest(parameterized.TestCase):
+  INTERPRET = False
+
+  def setUp(self):
+    super().setUp()
+    if not self.INTERPRET and jax.default_backend() != "gpu":
+      self.skipTest("compiled Mosaic GPU kernels need a GPU")
+
+  @property
+  def interpret(self):
+    if not self.INTERPRET:
+      return False
+    return plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise",
+                                    uninitialized_memory="nan")
+
+  def attend(self, q, k, v, tables, positions, kv_lens, layer=0, config=SMALL):
+    return pp.paged_prefill_attention_mgpu(q, k, v, tables, positions, kv_lens, layer,
+                                           config=config, interpret=self.interpret)
+
+  def check(self, inputs, layer=0, config=SMALL):
+    """Against the shared f32 reference on real tokens; padding tokens give exact 0."""
+    out = self.attend(*inputs, layer, config=config)
+    chex.assert_shape(out, inputs[0].shape)
+    self.assertEqual(out.dtype, jnp.bfloat16)
+    out = np.asarray(out, np.float32)
+    self.assertFalse(np.isnan(out).any())
+    real = np.asarray(inputs[4]) >= 0  # [B, T]
+    ref = np.asarray(paged_attention_reference(*inputs, layer))
+    self.assertLess(rel_err(out[real], ref[real]), TOL)
+    np.testing.assert_array_equal(out[~real], 0)
+    return out
+
+  @parameterized.parameters("0.5b", "7b")
+  def test_chunk_after_cached_prefix(self, shape):
+    # 24 tokens x 7 heads = 168 rows: 3 row tiles with unmasked and diagonal steps; a chunk
+    # from 0 (no prefix), one after a prefix ending mid-page, a short chunk (padding
+    # tokens), one that fills the table.
+    inputs = make_inputs(1, lens=[24, 150, 41, 192], new=[24, 24, 9, 24], num_tokens=24,
+                         shape=shape)
+    self.check(inputs, layer=1)
+
+  def test_positions_per_row(self):
+    # Each row masks at its own position (shuffled chunk), 3 slots over 128-key steps.
+    inputs = make_inputs(2, lens=[170, 60], new=[20, 20], num_tokens=20, shuffle=True)
+    self.check(inputs, config=WIDE)
+
+  @parameterized.parameters(False, True)
+  def test_deep_pipeline(self, warp_specialized):
+    # 8 key steps through 2 slots: every slot refilled several times; warp specialized
+    # (a memory warpgroup issues the copies) gives the same bits.
+    inputs = make_inputs(7, lens=[450, 300], new=[6, 6], num_tokens=6, max_blocks=32)
+    out = self.check(inputs)
+    if warp_specialized:
+      ws = self.attend(*inputs, config=dataclasses.replace(SMALL, warp_specialized=True))
+      np.testing.assert_array_equal(np.asarray(ws, np.float32), out)
+
+  @parameterized.parameters((2, False), (2, True), (3, True))
+  def test_two_computing_warpgroups(self, slots, schedule_barrier):
+    # 168 rows: 3 tiles + 1 padding tile = 2 programs of 2 tiles sharing K/V slots. In
+    # program 0 both tiles use the step holding kv_len (warpgroup 0 zeroes V past it, both
+    # meet before PV); in program 1 only tile 2 has keys (the padding tile drains). Same
+    # bits as one warpgroup per tile, with or without the ping-pong schedule barrier (a
+    # protocol error there hangs the interpreter).
+    inputs = make_inputs(11, lens=[24, 150, 41, 200], new=[24, 24, 9, 24], num_tokens=24,
+                         max_blocks=13)
+    config = dataclasses.replace(SMALL, max_concurrent_steps=slots, warp_specialized=True,
+                                 compute_wgs=2, schedule_barrier=schedule_barrier)
+    out = self.check(inputs, layer=1, config=config)
+    one = self.attend(*inputs, 1, config=SMALL)
+    np.testing.assert_array_equal(np.asarray(one, np.float32), out)
+
+  def test_decode_rows_and_empty_request(self):
+    # T = 1 (decode through the prefill kernel; the query before the end of its cache) and
+    # kv_len 0 (nothing visible: zeros, not NaN).
+    q, k, v, tables, positions, kv_lens = make_inputs(9, lens=[0, 70, 100], new=[0, 1, 1],
+                                                      num_tokens=1)
+    positions = positions.at[2, 0].set(60)  # keys 61..99 hold real data, hidden
+    self.check((q, k, v, tables, positions, kv_lens))
+
+  def test_traced_layer(self):
+    inputs = make_inputs(4, lens=[33, 120], new=[8, 8], num_tokens=8, num_layers=3)
+    fn = jax.jit(functools.partial(self.attend, config=SMALL))
+    outs = []
+    for layer in range(3):
+      out = fn(*inputs, jnp.int32(layer))
+      self.assertLess(rel_err(out, paged_attention_reference(*inputs, layer)), TOL)
+      outs.append(np.asarray(out, np.float32))
+    self.assertFalse(np.array_equal(outs[0], outs[1]))
+
+  def test_placement_and_batch_give_same_bits(self):
+    q, k, v, tables, positions, kv_lens = make_inputs(5, lens=[20, 140, 77, 192],
+                                                      new=[20, 12, 16, 16], num_tokens=16 + 4)
+    inputs = (q, k, v, tables, positions, kv_lens)
+    out = self.check(inputs)
+    # Another physical placement of the same logical blocks.
+    k2, v2, tables2 = relabel(k, v, tables, seed=6)
+    out2 = self.attend(q, k2, v2, tables2, positions, kv_lens)
+    np.testing.assert_array_equal(np.asarray(out2, np.float32), out)
+    # Each request alone, with a wider table (entries past its blocks: block 0, all NaN).
+    wide = jnp.concatenate([tables, jnp.zeros_like(tables)], axis=1)
+    for b in (1, 3):
+      one = self.attend(q[b:b + 1], k, v, wide[b:b + 1], positions[b:b + 1],
+                        kv_lens[b:b + 1])
+      np.testing.assert_array_equal(np.asarray(one, np.float32)[0], out[b])
+
+
+class PagedPrefillMgpuInterpretTest(PagedPrefillMgpuTest):
+  INTERPRET = True
+
+
+class ReferenceTest(absltest.TestCase):
+
+  def test_own_reference_matches_shared(self):
+    inputs = make_inputs(8, lens=[24, 150], new=[24, 24], num_tokens=24, shuffle=True)
+    own = pp.paged_prefill_attention_reference(*inputs, 1)
+    np.testing.assert_allclose(own, paged_attention_reference(*inputs, 1), rtol=1e-5,
+                               atol=1e-6)
+
+
+class ConfigTest(absltest.TestCase):
+
+  def test_rejects_bad_tiles(self):
+    with self.assertRaisesRegex(ValueError, "multiple of 64"):
+      pp.TuningConfig(pages_per_step=2).block_kv(BLOCK_SIZE)
+    with self.assertRaisesRegex(ValueError, "max_concurrent_steps"):
+      pp.TuningConfig(max_concurrent_steps=0)
+    with self.assertRaisesRegex(ValueError, "warp_specialized"):
+      pp.TuningConfig(compute_wgs=2)
+    with self.assertRaisesRegex(ValueError, "schedule_barrier"):
+      pp.TuningConfig(warp_specialized=True, schedule_barrier=True)
+
+  def test_defaults_fit_two_programs_per_sm(self):
+    # Mosaic GPU lays the defaults out in 93,224 bytes (lowered for cuda on a CPU, jax 0.12).
+    for d in (64, 128):
+      self.assertLessEqual(2 * (pp.smem_bytes(pp.default_config(d), d) + 4096),
+                           pp.SMEM_PER_SM)
+
+  def test_tile_bounds(self):
+    # 3 tokens x G = 2 heads = 6 rows in one 64-row tile; token 1 is padding.
+    positions = jnp.asarray([[130, -1, 5]], jnp.int32)
+    row_pos, tiles = pp.tile_bounds(positions, jnp.asarray([100], jnp.int32), group=2,
+                                    num_tiles=1, block_kv=64)
+    np.testing.assert_array_equal(row_pos[0, :7], [130, 130, -1, -1, 5, 5, -1])
+    # hi = min(kv_len, 131) = 100: 2 steps; the padding token (-1) does not make the
+    # smallest real position: 6 // 64 = 0 unmasked steps.
+    np.testing.assert_array_equal(tiles, [[[2, 0, 100]]])
+
+
+class CudaLoweringTest(parameterized.TestCase):
+  """Pallas -> Mosaic GPU lowering (layouts, transforms, SMEM fit) on a CPU machine, at the
+  real shapes: 4096 tokens after a 28k prefix, every config main() times (P in registers,
+  a memory warpgroup, two computing warpgroups: GPU only)."""
+
+  @parameterized.parameters("0.5b", "7b")
+  def test_lowers_for_cuda(self, shape):
+    nh, nk, d = SHAPES[shape]
+    s = jax.ShapeDtypeStruct
+    pool = s((2, 2049, BLOCK_SIZE, nk, d), jnp.bfloat16)
+    args = (s((1, 4096, nh, d), jnp.bfloat16), pool, pool, s((1, 2048), jnp.int32),
+            s((1, 4096), jnp.int32), s((1,), jnp.int32), s((), jnp.int32))
+    for config in sum(pp.main_configs(d), ()):  # every config main() runs on the GPU
+      fn = functools.partial(pp.paged_prefill_attention_mgpu, config=config)
+      text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+      self.assertIn("mosaic_gpu", text)
+
+
+if __name__ == "__main__":
+  absltest.main()
