@@ -114,3 +114,16 @@ def test_truncated_files_name_themselves(tmp_path):
   csv_path.write_bytes(b"x\n\xff\xfe\n")
   with pytest.raises(OutputError, match=rf"{csv_path} is not UTF-8"):
     outputs.read_csv(str(csv_path))
+
+
+def test_run_metadata_names_the_code(monkeypatch):
+  """A GPU figure names its commit: the run record carries it, from git or, where the tree
+  travels without .git, from $HQ_JAX_COMMIT."""
+  from hq_jax.harness import cli
+  monkeypatch.setenv("HQ_JAX_COMMIT", "abc1234")
+  assert cli.run_metadata()["commit"] == "abc1234"
+  monkeypatch.delenv("HQ_JAX_COMMIT")
+  head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        cwd=os.path.dirname(__file__))
+  if head.returncode == 0:  # a git checkout (CI's clean clone is one)
+    assert cli.code_version().split("-")[0] == head.stdout.strip()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import os
 import platform
 import sys
 
@@ -62,10 +63,29 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def code_version() -> str | None:
+  """The commit the code came from: `$HQ_JAX_COMMIT` (set it where the tree travels without
+  its .git, e.g. a device machine), else `git rev-parse` of this checkout (with "-dirty" if
+  tracked files differ), else None."""
+  import subprocess
+  if os.environ.get("HQ_JAX_COMMIT"):
+    return os.environ["HQ_JAX_COMMIT"]
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                          capture_output=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           text=True, capture_output=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return head + ("-dirty" if dirty else "") if head else None
+
+
 def run_metadata() -> dict:
-  """Where and when a result was produced (goes into every output file)."""
+  """Where, when and from which code a result was produced (goes into every output file)."""
   dev = jax.devices()[0]
   return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "commit": code_version(),
           "jax_version": jax.__version__, "backend": jax.default_backend(),
           "platform": dev.platform, "device": getattr(dev, "device_kind", str(dev)),
           "host": platform.node(), "python": platform.python_version()}
