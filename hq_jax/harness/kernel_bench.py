@@ -1,4 +1,4 @@
-"""Paged attention on the GPU: our Pallas kernel vs the stock JAX kernel vs the XLA path.
+"""Paged attention on the GPU: our Pallas kernels vs the stock JAX kernel vs the XLA path.
 
 The logic behind `scripts/kernel_bench.py` (arguments explicit, so a notebook can call it).
 
@@ -7,10 +7,13 @@ Decode, per shape (a preset of hq_jax.config: its query heads, kv heads and head
 reference on fresh random inputs, then timed with CUPTI (device time of all kernels the call
 launches, median of `reps` after warm-up). Each timed call runs two independent request
 sets over disjoint halves of the pool, so no call finds its K/V in L2. Effective bandwidth =
-bytes of K/V referenced + q + out, over time.
+bytes of K/V referenced + q + out, over time. "ours" is the Triton-lowered kernel the engine
+runs; "mosaic" our Mosaic GPU kernel of the same interface (`paged_attention_mgpu.py`,
+default config).
 
-Prefill: our kernel on one chunk of N causal tokens (block tables, GQA rows) vs JAX's
-Mosaic GPU `attention_mgpu` (contiguous, causal, float16 in JAX 0.11.2) on the same N.
+Prefill: our kernels (Triton "ours", Mosaic GPU "mosaic": `paged_prefill_mgpu.py`) on one
+chunk of N causal tokens (block tables, GQA rows) vs JAX's Mosaic GPU `attention_mgpu`
+(contiguous, causal, float16 in JAX 0.11.2) on the same N.
 
 Shared prefix (issue #5): per (shared, unique, batch) point, the dedup kernel vs our paged
 kernel on the same batch, and paged on unshared copies of the prefix; the ratio beside the
@@ -33,6 +36,8 @@ from hq_jax.harness.gpu_timing import device_ms, kernel_breakdown, rel_err
 from hq_jax.harness.shared_prefix import attention_shape, kernel_args
 from hq_jax.kv.paged import AttentionView, paged_attention_xla
 from pallas_kernels import paged_attention as pa
+from pallas_kernels import paged_attention_mgpu as pam
+from pallas_kernels import paged_prefill_mgpu as ppm
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -140,6 +145,9 @@ def bench_decode(shape: str, batch: int, context: int, key, rows: list[dict], *,
         _pair(_with_view(functools.partial(pa.paged_attention, config=cfg))), case.q, case.k,
         case.v, *case.views, calls=2, reps=reps)
     print(f"    kernels of the best ({cfg}), per call: {best['kernels']}", flush=True)
+  # Our Mosaic GPU decode kernel (default config): pools with a layer axis of 1 (free).
+  run("mosaic", lambda q, k, v, view: pam.paged_decode_attention_mgpu(
+      q, k[None], v[None], *kernel_args(view)), "default", case.k, case.v, (check.k, check.v))
   if stock:
     to_stock = jax.jit(lambda p: p.transpose(2, 0, 1, 3))
     sk, sv = to_stock(case.k), to_stock(case.v)
@@ -203,6 +211,8 @@ def bench_prefill(shape: str, n: int, key, rows: list[dict], *, block_size: int 
   for cfg in OUR_PREFILL_GRID:
     run("ours", jax.jit(lambda q, k, v, kp, vp, view, cfg=cfg: pa.paged_attention(
         q, kp, vp, *kernel_args(view), config=cfg)), cfg, jnp.bfloat16, ours_ref)
+  run("mosaic", jax.jit(lambda q, k, v, kp, vp, view: ppm.paged_prefill_attention_mgpu(
+      q, kp[None], vp[None], *kernel_args(view))), "default", jnp.bfloat16, ours_ref)
   mgpu_ref = jax.jit(lambda q, k, v, kp, vp, view: mgpu.attention_reference(q, k, v,
                                                                            causal=True))
   for bkv in (64, 128):
@@ -224,30 +234,33 @@ def best_rows(rows):
 
 def markdown(rows) -> str:
   best = best_rows(rows)
-  out = ["| shape | batch x context | ours (us) | ours TB/s | stock (us) | stock TB/s | "
-         "XLA (us) | XLA TB/s | ours / stock | ours vs 3.4 TB/s |",
-         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  out = ["| shape | batch x context | ours (us) | ours TB/s | Mosaic (us) | Mosaic TB/s | "
+         "stock (us) | stock TB/s | XLA (us) | XLA TB/s | ours / stock | ours vs 3.4 TB/s |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   cases = sorted({k[:4] for k in best if k[1] == "decode"}, key=lambda k: (k[0], -k[2]))
   for shape, _, b, c in cases:
     get = lambda kernel: best.get((shape, "decode", b, c, kernel))
-    ours, stock, xla = get("ours"), get("stock"), get("xla")
+    ours, mosaic, stock, xla = get("ours"), get("mosaic"), get("stock"), get("xla")
     f = lambda r, k, fmt: format(r[k], fmt) if r else "n/a"
     speedup = f"{stock['time_us'] / ours['time_us']:.2f}x" if ours and stock else "n/a"
     target = f"{ours['tb_s'] / 3.4:.0%}" if ours else "n/a"
     out.append(f"| {shape} | {b}x{c} | {f(ours, 'time_us', '.1f')} | {f(ours, 'tb_s', '.2f')} "
+               f"| {f(mosaic, 'time_us', '.1f')} | {f(mosaic, 'tb_s', '.2f')} "
                f"| {f(stock, 'time_us', '.1f')} | {f(stock, 'tb_s', '.2f')} | "
                f"{f(xla, 'time_us', '.1f')} | {f(xla, 'tb_s', '.2f')} | {speedup} | {target} |")
   pre = sorted({k[:4] for k in best if k[1] == "prefill"})
   if pre:
-    out += ["", "| shape | causal tokens | ours (us) | ours TFLOP/s | attention_mgpu (us) | "
-            "mgpu TFLOP/s | ours / mgpu time |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    out += ["", "| shape | causal tokens | ours (us) | ours TFLOP/s | Mosaic (us) | "
+            "Mosaic TFLOP/s | attention_mgpu (us) | mgpu TFLOP/s | ours / mgpu time | "
+            "Mosaic / mgpu time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for shape, _, b, c in pre:
-      ours, mg = best.get((shape, "prefill", b, c, "ours")), best.get((shape, "prefill", b, c,
-                                                                        "mgpu"))
+      ours, mos, mg = (best.get((shape, "prefill", b, c, k)) for k in ("ours", "mosaic", "mgpu"))
       f = lambda r, k, fmt: format(r[k], fmt) if r else "n/a"
-      ratio = f"{ours['time_us'] / mg['time_us']:.2f}" if ours and mg else "n/a"
+      ratio = lambda a: f"{a['time_us'] / mg['time_us']:.2f}" if a and mg else "n/a"
       out.append(f"| {shape} | {c} | {f(ours, 'time_us', '.0f')} | {f(ours, 'tflop_s', '.0f')} "
-                 f"| {f(mg, 'time_us', '.0f')} | {f(mg, 'tflop_s', '.0f')} | {ratio} |")
+                 f"| {f(mos, 'time_us', '.0f')} | {f(mos, 'tflop_s', '.0f')} "
+                 f"| {f(mg, 'time_us', '.0f')} | {f(mg, 'tflop_s', '.0f')} | {ratio(ours)} | "
+                 f"{ratio(mos)} |")
   out += ["", "Best configs:", ""]
   out += [f"- {k[0]} {k[1]} {k[2]}x{k[3]} {k[4]}: `{r['config']}`" for k, r in best.items()]
   split = [(k, r) for k, r in best.items() if r.get("kernels")]
