@@ -478,3 +478,126 @@ def shared_part_mgpu(q, k_pool, v_pool, block_tables, kv_lens, plan: SharingPlan
   return _item_partials(_shared_q(q[:, 0], plan, nk), k2, v2, layer,
                         _shared_items(plan, kv_lens), part=shared, num_blocks=nb,
                         block_size=bs, config=config, interpret=False)
+
+
+# ------------------------------------------------------------------- H200 check + time
+SHAPE_7B = (28, 4, 128)  # (query heads, kv heads, head_dim)
+POINTS = ((32768, 256, 128), (4096, 512, 64), (0, 4096, 64))  # (shared, own, requests)
+
+
+def _pow2(n: int) -> int:
+  return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def single_prefix_plan(shared_blocks, own_tokens: int, batch: int, block_size: int, *,
+                       requests_per_tile: int) -> SharingPlan:
+  """The plan `hq_jax.kv.sharing.build_plan` makes when every request holds the blocks
+  `shared_blocks` first and then `own_tokens` keys of its own (built here so this module
+  stays a leaf; the tests compare it with build_plan's)."""
+  shared_blocks = np.asarray(shared_blocks, np.int32)
+  nsb, rpt = shared_blocks.size, requests_per_tile
+  node_tables = np.zeros((1, _pow2(nsb)), np.int32)
+  node_tables[0, :nsb] = shared_blocks
+  num_tiles = -(-batch // rpt)
+  tile_reqs = np.full((_pow2(num_tiles), rpt), -1, np.int32)
+  tile_reqs.reshape(-1)[:batch] = np.arange(batch)
+  return SharingPlan(
+      node_tables=jnp.asarray(node_tables),
+      node_lens=jnp.asarray([nsb * block_size], jnp.int32),
+      tile_node=jnp.zeros((_pow2(num_tiles),), jnp.int32), tile_reqs=jnp.asarray(tile_reqs),
+      req_rows=jnp.arange(batch, dtype=jnp.int32).reshape(batch, 1),
+      private_start=jnp.full((batch,), nsb * block_size, jnp.int32),
+      requests_per_tile=rpt, private_tokens_hint=max(_pow2(own_tokens), 1024),
+      has_shared=nsb > 0 and batch > 1)
+
+
+def shared_prefix_inputs(key, shared: int, own: int, batch: int, *, shape=SHAPE_7B,
+                         num_layers: int = 2, block_size: int = 16, dtype=jnp.bfloat16):
+  """Fresh random decode inputs: every request reads `shared` keys stored once, then `own`
+  keys of its own; blocks at a random placement (block 0 never assigned)."""
+  nh, nk, d = shape
+  nsb, nob = shared // block_size, -(-own // block_size)
+  num_blocks = 1 + nsb + batch * nob
+  kq, kk, kv, kp = jax.random.split(key, 4)
+  pool_shape = (num_layers, num_blocks, block_size, nk, d)
+  q = jax.random.normal(kq, (batch, 1, nh, d), dtype)
+  k_pool = jax.random.normal(kk, pool_shape, dtype)
+  v_pool = jax.random.normal(kv, pool_shape, dtype)
+  ids = np.asarray(1 + jax.random.permutation(kp, num_blocks - 1), np.int32)
+  shared_ids, own_ids = ids[:nsb], ids[nsb:].reshape(batch, nob)
+  tables = np.concatenate([np.broadcast_to(shared_ids, (batch, nsb)), own_ids], axis=1)
+  kv_lens = jnp.full((batch,), shared + own, jnp.int32)
+  return (q, k_pool, v_pool, jnp.asarray(tables), (kv_lens - 1)[:, None], kv_lens), shared_ids
+
+
+def _reference(q, k_pool, v_pool, tables, positions, kv_lens, layer):
+  """float32 paged oracle, 8 requests at a time (the whole batch in f32 would not fit)."""
+  one = lambda a: pm.paged_decode_attention_reference(
+      a[0][None], k_pool, v_pool, a[1][None], a[2][None], a[3][None], layer)[0]
+  return jax.lax.map(one, (q, tables, positions, kv_lens), batch_size=8)
+
+
+def main(points=POINTS, reps: int = 5) -> None:
+  """At the 7B shape, for each point: checks every kernel against the float32 oracle, then
+  times it by CUPTI (device time of every kernel a call launches). Each timed call runs
+  layers 0 and 1 (disjoint K/V) and counts half. Prints one row per Mosaic config."""
+  from jax.experimental.mosaic.gpu import profiler  # GPU only
+
+  nh, nk, d = SHAPE_7B
+  group = nh // nk
+  configs = {"default": DEFAULT, "p_regs": dataclasses.replace(DEFAULT, p_in_registers=True)}
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; shape H={nh} K={nk} "
+        f"D={d}, bf16, block 16; us per call (layer pair / 2)", flush=True)
+  print(f"{'shared,own,reqs':>18} {'config':>8} | {'mosaic dedup':>12} {'triton dedup':>12} "
+        f"{'triton paged':>12} {'mosaic paged':>12} | {'shared part':>11} {'TFLOP/s':>8} "
+        f"| {'err':>7}", flush=True)
+
+  def timed(fn, inputs, ref):
+    """(us per layer, relative L2 error of layer 1) after checking it."""
+    out = jax.block_until_ready(fn(*inputs, 1))
+    if ref is not None:
+      err = float(jnp.linalg.norm((out.astype(jnp.float32) - ref).ravel())
+                  / jnp.linalg.norm(ref.ravel()))
+      if not err < 2e-2:
+        raise AssertionError(f"relative L2 error {err:.2e} vs the f32 reference")
+    else:
+      err = float("nan")
+    pair = jax.jit(lambda *a: (fn(*a, 0), fn(*a, 1)))
+    jax.block_until_ready(pair(*inputs))
+    ms = float(np.median([profiler.measure(pair)(*inputs)[1] for _ in range(reps)]))
+    return ms * 1e3 / 2, err
+
+  def safe(label, fn, inputs, ref):
+    try:
+      return timed(fn, inputs, ref)
+    except Exception as e:  # noqa: BLE001 - report and go on
+      print(f"  {label} FAILED: {type(e).__name__}: {str(e)[:1500]}", flush=True)
+      return float("nan"), float("nan")
+
+  for shared, own, batch in points:
+    inputs, shared_ids = shared_prefix_inputs(jax.random.key(shared + own + batch), shared,
+                                              own, batch)
+    ref = jax.block_until_ready(jax.jit(_reference)(*inputs, 1))
+    tri_plan = single_prefix_plan(shared_ids, own, batch, 16,
+                                  requests_per_tile=da.default_config(d).requests_per_tile(group))
+    tri_dedup, _ = safe("triton dedup", lambda *a: da.dedup_attention(*a[:6], tri_plan, a[6]), inputs, ref)
+    tri_paged, _ = safe("triton paged", lambda *a: paged_attention(*a), inputs, ref)
+    mg_paged, _ = safe("mosaic paged", lambda *a: pm.paged_decode_attention_mgpu(*a), inputs, ref)
+    flop = 4 * shared * batch * nh * d  # QK^T and PV of the shared keys, every request
+    for name, config in configs.items():
+      plan = single_prefix_plan(shared_ids, own, batch, 16,
+                                requests_per_tile=config.requests_per_tile(group))
+      fn = jax.jit(functools.partial(dedup_attention_mgpu, config=config))
+      us, err = safe(f"mosaic dedup {name}", lambda *a, fn=fn, plan=plan: fn(*a[:6], plan, a[6]), inputs, ref)
+      part_us = float("nan")
+      if plan.has_shared:
+        part = jax.jit(functools.partial(shared_part_mgpu, config=config))
+        part_us, _ = safe(f"shared part {name}", lambda *a, part=part, plan=plan: part(
+            a[0], a[1], a[2], a[3], a[5], plan, a[6])[1], inputs, None)
+      print(f"{f'{shared},{own},{batch}':>18} {name:>8} | {us:12.1f} {tri_dedup:12.1f} "
+            f"{tri_paged:12.1f} {mg_paged:12.1f} | {part_us:11.1f} "
+            f"{flop / part_us / 1e6 if flop else float('nan'):8.1f} | {err:7.1e}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

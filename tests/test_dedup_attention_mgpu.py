@@ -174,6 +174,23 @@ class DedupMgpuInterpretTest(DedupMgpuTest):
   INTERPRET = True
 
 
+class MainInputsTest(parameterized.TestCase):
+
+  @parameterized.parameters((9, 0), (18, 40), (9, 16))
+  def test_single_prefix_plan_is_the_planners(self, rpt, own):
+    inputs, shared_ids = dm.shared_prefix_inputs(jax.random.key(0), 64, own, 11,
+                                                 shape=SHAPES["0.5b"])
+    tables, lens = np.asarray(inputs[3]), np.asarray(inputs[5])
+    got = dm.single_prefix_plan(shared_ids, own, 11, BS, requests_per_tile=rpt)
+    want = sharing.build_plan(tables, lens, BS, requests_per_tile=rpt)[0]
+    chex.assert_trees_all_equal(got, want)
+
+  def test_main_reference(self):
+    inputs, _ = dm.shared_prefix_inputs(jax.random.key(1), 32, 20, 3, shape=SHAPES["0.5b"])
+    self.assertLess(rel_err(dm._reference(*inputs, 1), paged_attention_reference(*inputs, 1)),
+                    1e-5)
+
+
 class LoweringTest(parameterized.TestCase):
 
   @parameterized.parameters("0.5b", "7b")
