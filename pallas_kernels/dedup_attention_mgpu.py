@@ -77,17 +77,23 @@ class TuningConfig:
     count is raised until a launch has min_programs programs, at most max_splits.
   max_concurrent_steps: SMEM slots of K/V (steps in flight).
   p_in_registers: P from registers into the PV wgmma (compiled GPU only).
+  shared_warpgroups: compute warpgroups per shared program. 2: a tile holds twice the
+    requests (two 64-row halves), both halves read the same K/V slots (half the SMEM fills
+    per FLOP of one) and alternate between wgmma and softmax (the schedule of jax's
+    attention_mgpu); the first also issues the TMA copies.
+  triton_merge: merge with dedup_attention's Triton kernel instead of plain jnp (the same
+    order, other bits; shared_warpgroups = 1 only; the deprecated Triton lowering needs a
+    GPU even to lower).
   """
 
   pages_per_step: int = 4
   shared_kv_split: int = 2048
   private_kv_split: int = 1024
-  max_concurrent_steps: int = 3
+  max_concurrent_steps: int = 2
   min_programs: int = 264  # 2 x the 132 SMs of an H200
   max_splits: int = 64
   p_in_registers: bool = False
-  # Merge with dedup_attention's Triton kernel instead of plain jnp (the same order; other
-  # bits). The Triton lowering is deprecated and needs a GPU even to lower.
+  shared_warpgroups: int = 1
   triton_merge: bool = False
 
   def __post_init__(self):
@@ -97,6 +103,13 @@ class TuningConfig:
     for name in ("shared_kv_split", "private_kv_split"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.shared_warpgroups not in (1, 2):
+      raise ValueError(f"shared_warpgroups must be 1 or 2, got {self.shared_warpgroups}")
+    if self.shared_warpgroups == 2 and self.max_concurrent_steps < 2:
+      raise ValueError("two compute warpgroups refill a slot during the next step: "
+                       "max_concurrent_steps must be >= 2")
+    if self.triton_merge and self.shared_warpgroups != 1:
+      raise ValueError("triton_merge reads rows slot * G + g: shared_warpgroups=1 only")
 
   def block_kv(self, block_size: int) -> int:
     """Keys per step, checked against the page size (the config does not know it)."""
@@ -110,17 +123,30 @@ class TuningConfig:
                          f"block_kv={block_kv}")
     return block_kv
 
-  @staticmethod
-  def requests_per_tile(group: int) -> int:
-    """Requests whose G query heads fill one 64-row tile (what the planner needs)."""
+  def requests_per_tile(self, group: int) -> int:
+    """Requests whose G query heads fill a tile's 64-row halves (what the planner needs)."""
     if not 1 <= group <= WGMMA_ROWS:
       raise ValueError(f"a group of {group} query heads does not fit {WGMMA_ROWS} rows")
-    return WGMMA_ROWS // group
+    return self.shared_warpgroups * (WGMMA_ROWS // group)
 
 
-# Not tuned on the H200. SMEM at D = 128: K/V 2 x 3 slots x 64 keys x 128 x 2 B = 96 KiB,
-# q 16 KiB, P 8 KiB: two programs per SM.
+# Not tuned on the H200. SMEM at D = 128: K/V 2 x 2 slots x 64 keys x 128 x 2 B = 64 KiB,
+# q 16 KiB, P 8 KiB (the epilogue's 33 KiB reuses them): two programs per SM.
 DEFAULT = TuningConfig()
+# Two compute warpgroups on 126 rows (18 requests at G = 7), P from registers: q 32 KiB,
+# K/V 64 KiB, epilogue 64 KiB (allocated once for both warpgroups).
+DEFAULT_WS = TuningConfig(max_concurrent_steps=2, shared_warpgroups=2, p_in_registers=True)
+
+
+def tile_rows(rpt: int, group: int, warpgroups: int) -> tuple[int, int]:
+  """(requests per 64-row half, rows written per half): a tile's slot `slot` and head g sit
+  at row (slot // half) * rows + (slot % half) * G + g of its partials (slot * G + g with
+  one warpgroup)."""
+  half = -(-rpt // warpgroups)
+  if half * group > WGMMA_ROWS:
+    raise ValueError(f"the plan's tiles hold {rpt} requests x {group} heads, more than "
+                     f"{warpgroups} x {WGMMA_ROWS} rows")
+  return half, pm._round_up(half * group, ROW_PAD)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -130,19 +156,24 @@ def _items_kernel(
     item_start_ref,  # [I] int32: first key of the item in that row (block aligned)
     item_len_ref,  # [I] int32: keys of the item (0: nothing, e.g. a padding tile)
     tables_ref,  # [NT, MBt] int32: physical blocks
-    q_ref,  # [I, K, R, D]: each item's query rows for each kv head (R <= 64)
+    q_ref,  # [I, K, W * R, D]: each item's query rows per kv head, R (<= 64) per warpgroup
     k_ref,  # [L * NB * block_size, K * D] (all layers' pools, 2-D view)
     v_ref,  # [L * NB * block_size, K * D]
-    acc_out_ref,  # [I, K, S, R, D] f32
-    m_out_ref,  # [I, K, S, R] f32, log2 units
-    l_out_ref,  # [I, K, S, R] f32
+    acc_out_ref,  # [I, K, S, W * R, D] f32
+    m_out_ref,  # [I, K, S, W * R] f32, log2 units
+    l_out_ref,  # [I, K, S, W * R] f32
     *, num_blocks: int, block_size: int, pages_per_step: int, num_splits: int,
-    max_concurrent_steps: int, p_in_registers: bool, scale: float):
+    max_concurrent_steps: int, p_in_registers: bool, warpgroups: int, whole_pages: bool,
+    scale: float):
+  """Program (item i, kv head h, split s). whole_pages: the item's keys end on a page
+  boundary (shared nodes are full blocks), so a page is all visible or all past the item;
+  pages past it are read from the item's last page (real, finite data) and need no zeroing
+  in SMEM (with two compute warpgroups, one must not write a slot the other reads)."""
   i = lax.axis_index("i")
   h = lax.axis_index("h")
   s = lax.axis_index("s")
   num_tables = tables_ref.shape[1]
-  rows_out, head_dim = q_ref.shape[2], q_ref.shape[3]
+  rows_out, head_dim = q_ref.shape[2] // warpgroups, q_ref.shape[3]
   dtype = q_ref.dtype
   block_kv = pages_per_step * block_size
   slots = max_concurrent_steps
@@ -159,147 +190,246 @@ def _items_kernel(
   num_full = num_keys // block_kv  # steps whose every key is in the item: no mask
   page_base = layer_ref[0] * num_blocks  # first physical block of this layer
   first_page = (start + lo) // block_size  # start and lo are block aligned
+  # Pages past the item (the last step of a split) read its last page: a valid block whose
+  # keys the mask drops.
+  last_page = jnp.minimum((start + n + (block_size - 1)) // block_size - 1, num_tables - 1)
 
   tiled = (plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)),
            plgpu.SwizzleTransform(SWIZZLE))
   kv_smem = lambda: plgpu.SMEM((slots, block_kv, head_dim), dtype, transforms=tiled)
-  p_smem_type = (None if p_in_registers
-                 else plgpu.SMEM((WGMMA_ROWS, block_kv), dtype, transforms=tiled))
+  p_smem_type = (None if p_in_registers else
+                 plgpu.SMEM((warpgroups, WGMMA_ROWS, block_kv), dtype, transforms=tiled))
+  q_smem_type = plgpu.SMEM((warpgroups, WGMMA_ROWS, head_dim), dtype, transforms=tiled)
   kv_barriers = lambda: plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=slots)
-  out_smem = (plgpu.SMEM((WGMMA_ROWS, head_dim), jnp.float32),
-              plgpu.SMEM((WGMMA_ROWS,), jnp.float32), plgpu.SMEM((WGMMA_ROWS,), jnp.float32))
+  out_smem = (plgpu.SMEM((warpgroups, WGMMA_ROWS, head_dim), jnp.float32),
+              plgpu.SMEM((warpgroups, WGMMA_ROWS), jnp.float32),
+              plgpu.SMEM((warpgroups, WGMMA_ROWS), jnp.float32))
 
   def pages_of(step):
-    # Pages past the table (the last step of a short item) read its last entry: a valid
-    # block id; the step's mask drops those keys.
-    return [page_base + tables_ref[table, jnp.minimum(first_page + step * pages_per_step + p,
-                                                      num_tables - 1)]
-            for p in range(pages_per_step)]
+    return [page_base + tables_ref[table, jnp.minimum(
+        first_page + step * pages_per_step + p, last_page)] for p in range(pages_per_step)]
 
-  def issue(kv, slot, pages):
-    """TMA copies of one step's pages of K and V into slot (one copy per page)."""
+  def issue(kv, slot, pages, which=("k", "v")):
+    """TMA copies of one step's pages of K and/or V into slot (one copy per page)."""
     k_smem, v_smem, k_barriers, v_barriers = kv
     for p, page in enumerate(pages):
       src = (pl.ds(page * block_size, block_size), pl.ds(h * head_dim, head_dim))
       dst = (slot, pl.ds(p * block_size, block_size))
-      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_barriers.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[dst], v_barriers.at[slot])
+      if "k" in which:
+        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_barriers.at[slot])
+      if "v" in which:
+        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[dst], v_barriers.at[slot])
 
-  def body(q_smem, q_barrier):
-    # The item's R query rows of this kv head; rows R..63 of q_smem stay unwritten (each row
-    # of QK^T, softmax and PV depends on its own q row only, and is never written out).
-    plgpu.copy_gmem_to_smem(q_ref.at[i, h], q_smem.at[pl.ds(0, rows_out)], q_barrier.at[0])
-    plgpu.barrier_wait(q_barrier.at[0])
+  def load_q(q_smem, q_barrier, w):
+    # Rows [w * R, (w + 1) * R) of the item's q; rows R..63 of q_smem stay unwritten (each
+    # row of QK^T, softmax and PV depends on its own q row only, and is never written out).
+    plgpu.copy_gmem_to_smem(q_ref.at[i, h, pl.ds(w * rows_out, rows_out)],
+                            q_smem.at[pl.ds(0, rows_out)], q_barrier)
+    plgpu.barrier_wait(q_barrier)
 
-    def loop_scope(k_smem, v_smem, p_smem, k_barriers, v_barriers):
-      kv = (k_smem, v_smem, k_barriers, v_barriers)
+  def init_carry():
+    return (
+        plgpu.layout_cast(jnp.zeros((WGMMA_ROWS, head_dim), jnp.float32),
+                          plgpu.Layout.WGMMA),
+        plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32),
+                          plgpu.Layout.WGMMA.reduce(1)),
+        plgpu.layout_cast(jnp.zeros((WGMMA_ROWS,), jnp.float32),
+                          plgpu.Layout.WGMMA.reduce(1)))
+
+  def softmax(scores, m, l, j, masked):
+    """Online softmax of one step's scores [64, block_kv] (log2 units) -> (p, m, l, alpha)."""
+    if masked:
+      num_visible = num_keys - j * block_kv
+      cols = plgpu.broadcasted_iota(jnp.int32, (WGMMA_ROWS, block_kv), 1,
+                                    layout=plgpu.Layout.WGMMA)
+      visible = cols < num_visible
+      m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
+    else:
+      m_tile = jnp.max(scores, axis=1)
+    m_new = jnp.maximum(m, m_tile)
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
+    if masked:
+      p = jnp.where(visible, p, 0.0)  # a hidden (even NaN) score is dropped
+    return p, m_new, alpha * l + jnp.sum(p, axis=1), alpha
+
+  def qk(q_smem, k_slot):
+    def compute(acc_ref):
+      plgpu.wgmma(acc_ref, q_smem, k_slot.transpose((1, 0)))
+      return acc_ref[...]
+    return pl.run_scoped(compute, plgpu.ACC((WGMMA_ROWS, block_kv), jnp.float32)) * scale
+
+  def pv(p, p_smem, v_slot):
+    if not p_in_registers:
+      p_smem[...] = p.astype(dtype)
+      plgpu.commit_smem()  # the P stores, before the wgmma reads them
+
+    def compute(acc_ref):
+      plgpu.wgmma(acc_ref, p.astype(dtype) if p_in_registers else p_smem, v_slot)
+      return acc_ref[...]
+    return pl.run_scoped(compute, plgpu.ACC((WGMMA_ROWS, head_dim), jnp.float32))
+
+  def store(acc, m, l, acc_smem, m_smem, l_smem, w):
+    acc_smem[...] = acc
+    m_smem[...] = m
+    l_smem[...] = l
+    plgpu.commit_smem()
+    out_rows = pl.ds(w * rows_out, rows_out)
+    plgpu.copy_smem_to_gmem(acc_smem.at[pl.ds(0, rows_out)], acc_out_ref.at[i, h, s, out_rows])
+    plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, rows_out)], m_out_ref.at[i, h, s, out_rows])
+    plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, rows_out)], l_out_ref.at[i, h, s, out_rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  if warpgroups == 1:
+    # One warpgroup issues the copies and computes: a slot is refilled at the end of the
+    # step that consumed it.
+    def body(q_smem, q_barrier):
+      load_q(q_smem.at[0], q_barrier.at[0], 0)
+
+      def loop_scope(k_smem, v_smem, p_smem, k_barriers, v_barriers):
+        kv = (k_smem, v_smem, k_barriers, v_barriers)
+        for j in range(slots):  # fill the pipeline
+          @pl.when(j < num_steps)
+          def _prefetch():
+            issue(kv, j, pages_of(j))
+
+        def step(j, carry, *, masked: bool):
+          acc, m, l = carry  # [64, D], [64], [64] float32
+          slot = lax.rem(j, slots)
+          # Table loads for this slot's refill, issued now: their latency hides behind the
+          # matmuls (clamped: always in bounds).
+          next_pages = pages_of(j + slots)
+          plgpu.barrier_wait(k_barriers.at[slot])
+          scores = qk(q_smem.at[0], k_smem.at[slot])
+          p, m, l, alpha = softmax(scores, m, l, j, masked)
+          plgpu.barrier_wait(v_barriers.at[slot])
+          if masked and not whole_pages:  # keys past the item may be NaN; 0 * NaN = NaN
+            v_rows = plgpu.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0,
+                                            layout=plgpu.Layout.WGMMA)
+            v_slot = v_smem.at[slot]
+            v_slot[...] = jnp.where(v_rows < num_keys - j * block_kv, v_slot[...],
+                                    0).astype(dtype)
+            plgpu.commit_smem()
+          acc = (lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc
+                 + pv(p, None if p_smem is None else p_smem.at[0], v_smem.at[slot]))
+
+          @pl.when(j + slots < num_steps)  # both wgmmas are done: refill the slot
+          def _refill():
+            issue(kv, slot, next_pages)
+
+          return acc, m, l
+
+        carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False),
+                              init_carry())
+        return lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True),
+                             carry)
+
+      acc, m, l = pl.run_scoped(loop_scope, kv_smem(), kv_smem(), p_smem_type,
+                                kv_barriers(), kv_barriers())
+      # The epilogue's SMEM reuses the loop's (a later scope).
+      pl.run_scoped(lambda *refs: store(acc, m, l, *(r.at[0] for r in refs), 0), *out_smem)
+
+    pl.run_scoped(body, q_smem_type, plgpu.Barrier(num_barriers=1))
+    return
+
+  # Two compute warpgroups (rows [w * R, (w + 1) * R)) on the same K/V slots. Warpgroup 0
+  # also issues the copies: a slot is refilled once both have done PV on it, during the
+  # next step (so at least 2 slots; a third,
+  # copy-only warpgroup as in attention_mgpu deadlocks the CPU interpreter's thread pool on
+  # a 2-core machine). The schedule barrier makes them alternate (one in wgmma while the
+  # other is in softmax), as jax's attention_mgpu does; both run the same steps.
+  if not whole_pages:
+    raise NotImplementedError("two compute warpgroups need items of whole pages")
+
+  def ws_body(q_smem, k_smem, v_smem, p_smem, acc_smem, m_smem, l_smem, q_barriers,
+              k_barriers, v_barriers, consumed, schedule):
+    kv = (k_smem, v_smem, k_barriers, v_barriers)
+    wg = lax.axis_index("wg")
+
+    def schedule_barrier():
+      plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(schedule)
+
+    @pl.when(wg == 0)
+    def _prefetch():
       for j in range(slots):  # fill the pipeline
         @pl.when(j < num_steps)
-        def _prefetch():
+        def _issue():
           issue(kv, j, pages_of(j))
 
-      def step(j, carry, *, masked: bool):
-        acc, m, l = carry  # [64, D], [64], [64] float32
-        slot = lax.rem(j, slots)
-        # Table loads for this slot's refill, issued now: their latency hides behind the
-        # matmuls (clamped: always in bounds).
-        next_pages = pages_of(j + slots)
-        plgpu.barrier_wait(k_barriers.at[slot])
+    load_q(q_smem.at[wg], q_barriers.at[wg], wg)
+    pl.when(wg == 1)(schedule_barrier)
 
-        def compute_qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-          return acc_ref[...]
+    def step(j, carry, *, masked: bool):
+      acc, m, l = carry
+      slot = lax.rem(j, slots)
+      prev_pages = pages_of(j - 1 + slots)  # for warpgroup 0's refill; latency hidden
+      plgpu.barrier_wait(k_barriers.at[slot])
 
-        scores = pl.run_scoped(compute_qk, plgpu.ACC((WGMMA_ROWS, block_kv), jnp.float32))
-        scores = scores * scale  # [64, block_kv], log2 units
-        if masked:
-          num_visible = num_keys - j * block_kv
-          cols = plgpu.broadcasted_iota(jnp.int32, (WGMMA_ROWS, block_kv), 1,
-                                        layout=plgpu.Layout.WGMMA)
-          visible = cols < num_visible
-          m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
-        else:
-          m_tile = jnp.max(scores, axis=1)
-        m_new = jnp.maximum(m, m_tile)
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m - m_safe)
-        p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
-        if masked:
-          p = jnp.where(visible, p, 0.0)  # a hidden (even NaN) score is dropped
-        l = alpha * l + jnp.sum(p, axis=1)
-        if not p_in_registers:
-          p_smem[...] = p.astype(dtype)
+      def compute_qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
+        schedule_barrier()
+        return acc_ref[...]
 
-        plgpu.barrier_wait(v_barriers.at[slot])
-        if masked:  # keys past the item may hold NaN; 0 * NaN would poison acc
-          v_rows = plgpu.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0,
-                                          layout=plgpu.Layout.WGMMA)
-          v_slot = v_smem.at[slot]
-          v_slot[...] = jnp.where(v_rows < num_visible, v_slot[...], 0).astype(dtype)
-        plgpu.commit_smem()  # the P (and V) stores, before the wgmma reads them
+      scores = pl.run_scoped(compute_qk, plgpu.ACC((WGMMA_ROWS, block_kv), jnp.float32))
+      p, m, l, alpha = softmax(scores * scale, m, l, j, masked)
+      plgpu.barrier_arrive(schedule)  # softmax done
 
-        def compute_pv(acc_ref):
-          plgpu.wgmma(acc_ref, p.astype(dtype) if p_in_registers else p_smem,
-                      v_smem.at[slot])
-          return acc_ref[...]
+      # Warpgroup 0 refills the previous step's slot here, not after its own PV: warpgroup 1
+      # finishes that step's PV only after warpgroup 0's QK^T of this step (the schedule
+      # barrier), so waiting for it any earlier would deadlock.
+      @pl.when((wg == 0) & (j >= 1) & (j - 1 + slots < num_steps))
+      def _refill():
+        prev_slot = lax.rem(j + (slots - 1), slots)
+        plgpu.barrier_wait(consumed.at[prev_slot])  # both are done with step j - 1
+        issue(kv, prev_slot, prev_pages)
 
-        pv = pl.run_scoped(compute_pv, plgpu.ACC((WGMMA_ROWS, head_dim), jnp.float32))
-        acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + pv
+      plgpu.barrier_wait(v_barriers.at[slot])
+      plgpu.barrier_wait(schedule)  # the tensor cores are free
+      acc = (lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc
+             + pv(p, None if p_smem is None else p_smem.at[wg], v_smem.at[slot]))
 
-        @pl.when(j + slots < num_steps)  # both wgmmas are done: refill the slot
-        def _refill():
-          issue(kv, slot, next_pages)
+      @pl.when(j + slots < num_steps)  # the slot will be refilled with step j + slots
+      def _release():
+        plgpu.barrier_arrive(consumed.at[slot])
 
-        return acc, m_new, l
+      return acc, m, l
 
-      init = (
-          plgpu.layout_cast(jnp.zeros((WGMMA_ROWS, head_dim), jnp.float32),
-                            plgpu.Layout.WGMMA),
-          plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32),
-                            plgpu.Layout.WGMMA.reduce(1)),
-          plgpu.layout_cast(jnp.zeros((WGMMA_ROWS,), jnp.float32),
-                            plgpu.Layout.WGMMA.reduce(1)))
-      carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), init)
-      return lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), init_carry())
+    acc, m, l = lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True),
+                              carry)
+    pl.when(wg == 0)(schedule_barrier)
+    store(acc, m, l, acc_smem.at[wg], m_smem.at[wg], l_smem.at[wg], wg)
 
-    acc, m, l = pl.run_scoped(loop_scope, kv_smem(), kv_smem(), p_smem_type, kv_barriers(),
-                              kv_barriers())
-
-    def store(acc_smem, m_smem, l_smem):  # the epilogue's SMEM reuses the loop's
-      acc_smem[...] = acc
-      m_smem[...] = m
-      l_smem[...] = l
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(acc_smem.at[pl.ds(0, rows_out)], acc_out_ref.at[i, h, s])
-      plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, rows_out)], m_out_ref.at[i, h, s])
-      plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, rows_out)], l_out_ref.at[i, h, s])
-      plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(store, *out_smem)
-
-  pl.run_scoped(body, plgpu.SMEM((WGMMA_ROWS, head_dim), dtype, transforms=tiled),
-                plgpu.Barrier(num_barriers=1))
+  pl.run_scoped(ws_body, q_smem_type, kv_smem(), kv_smem(), p_smem_type, *out_smem,
+                plgpu.Barrier(num_barriers=warpgroups), kv_barriers(), kv_barriers(),
+                plgpu.Barrier(num_arrivals=warpgroups, num_barriers=slots),
+                plgpu.Barrier(num_arrivals=warpgroups), collective_axes="wg")
 
 
 def _item_partials(q_rows, k2, v2, layer, items, *, part: da._Part, num_blocks: int,
-                   block_size: int, config: TuningConfig, interpret):
-  """One launch over one kind of items: partials ([I, K, S, R, D], [I, K, S, R] x 2).
+                   block_size: int, config: TuningConfig, warpgroups: int,
+                   whole_pages: bool, interpret):
+  """One launch over one kind of items: partials ([I, K, S, W * R, D], [I, K, S, W * R] x 2).
 
-  q_rows [I, K, R, D]; items = (item_table [I], item_start [I], item_len [I], tables).
+  q_rows [I, K, W * R, D]; items = (item_table [I], item_start [I], item_len [I], tables).
   """
   num_items, nk, rows, d = q_rows.shape
   kernel = functools.partial(
       _items_kernel, num_blocks=num_blocks, block_size=block_size,
       pages_per_step=config.pages_per_step, num_splits=part.num_splits,
       max_concurrent_steps=config.max_concurrent_steps,
-      p_in_registers=config.p_in_registers, scale=d ** -0.5 * math.log2(math.e))
+      p_in_registers=config.p_in_registers, warpgroups=warpgroups, whole_pages=whole_pages,
+      scale=d ** -0.5 * math.log2(math.e))
   lead = (num_items, nk, part.num_splits, rows)
   out_type = (jax.ShapeDtypeStruct(lead + (d,), jnp.float32),
               jax.ShapeDtypeStruct(lead, jnp.float32), jax.ShapeDtypeStruct(lead, jnp.float32))
+  threads = dict(num_threads=warpgroups, thread_name="wg") if warpgroups > 1 else {}
   # Items fastest: a node's tiles read a split at about the same time (L2).
   call = pm._kernel_call(kernel, out_type, interpret=interpret or None,
                          grid=(num_items, nk, part.num_splits), grid_names=("i", "h", "s"),
-                         compiler_params=plgpu.CompilerParams(approx_math=True))
+                         compiler_params=plgpu.CompilerParams(approx_math=True), **threads)
   return call(layer, *(jnp.asarray(x, jnp.int32) for x in items), q_rows, k2, v2)
 
 
@@ -336,18 +466,20 @@ def _shared_items(plan: SharingPlan, kv_lens):
   return plan.tile_node, np.zeros((num_tiles,), np.int32), lens, plan.node_tables
 
 
-def _shared_q(q3, plan: SharingPlan, nk: int):
-  """[TL, K, R, D]: row slot * G + g of tile t = query head h * G + g of tile_reqs[t, slot]
-  (zeros for empty slots), R = RPT * G rounded up to 8."""
+def _shared_q(q3, plan: SharingPlan, nk: int, warpgroups: int):
+  """[TL, K, W * R, D]: tile t's query rows in `tile_rows` order (zeros for empty slots)."""
   b, nh, d = q3.shape
   group = nh // nk
   rpt = plan.requests_per_tile
-  reqs = plan.tile_reqs  # [TL, RPT]
-  qg = q3.reshape(b, nk, group, d)[jnp.maximum(reqs, 0)]  # [TL, RPT, K, G, D]
+  half, rows = tile_rows(rpt, group, warpgroups)
+  reqs = jnp.pad(plan.tile_reqs, ((0, 0), (0, warpgroups * half - rpt)), constant_values=-1)
+  qg = q3.reshape(b, nk, group, d)[jnp.maximum(reqs, 0)]  # [TL, W * half, K, G, D]
   qg = jnp.where((reqs >= 0)[:, :, None, None, None], qg, 0)
-  qg = qg.transpose(0, 2, 1, 3, 4).reshape(reqs.shape[0], nk, rpt * group, d)
-  rows = pm._round_up(rpt * group, ROW_PAD)
-  return jnp.pad(qg, ((0, 0), (0, 0), (0, rows - rpt * group), (0, 0)))
+  num_tiles = reqs.shape[0]
+  qg = qg.reshape(num_tiles, warpgroups, half, nk, group, d).transpose(0, 3, 1, 2, 4, 5)
+  qg = qg.reshape(num_tiles, nk, warpgroups, half * group, d)
+  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, rows - half * group), (0, 0)))
+  return qg.reshape(num_tiles, nk, warpgroups * rows, d)
 
 
 def _private_q(q3, nk: int):
@@ -401,36 +533,38 @@ def dedup_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
     pools = lambda p: p.reshape(-1, nb, bs, nk, d)
     return pm.paged_decode_attention_mgpu(q, pools(k_pool), pools(v_pool), block_tables,
                                           positions, kv_lens, layer[0], interpret=interpret)
-  rpt = plan.requests_per_tile
-  if rpt * group > WGMMA_ROWS:
-    raise ValueError(f"the plan's tiles hold {rpt} requests x {group} heads = {rpt * group} "
-                     f"rows, more than the {WGMMA_ROWS} rows of a tile")
+  warpgroups = config.shared_warpgroups
+  tile_rows(plan.requests_per_tile, group, warpgroups)  # validates the plan's tiles
   if plan.req_rows.shape[0] != b:
     raise ValueError(f"the plan is for {plan.req_rows.shape[0]} requests, q has {b}")
   q3 = q[:, 0]  # [B, H, D]
   shared, private = _parts(plan, b, block_tables.shape[1], nk, bs, config)
   launch = functools.partial(_item_partials, k2=k2, v2=v2, layer=layer, num_blocks=nb,
                              block_size=bs, config=config, interpret=interpret)
-  # 1. Shared runs: one item per tile of a node's requests.
-  s_raw = launch(_shared_q(q3, plan, nk), items=_shared_items(plan, kv_lens), part=shared)
+  # 1. Shared runs: one item per tile of a node's requests (nodes are full blocks).
+  s_raw = launch(_shared_q(q3, plan, nk, warpgroups), items=_shared_items(plan, kv_lens),
+                 part=shared, warpgroups=warpgroups, whole_pages=True)
   # 2. Private remainders: one item per request, keys [private_start, kv_len).
   p_items = (np.arange(b, dtype=np.int32), plan.private_start,
              jnp.maximum(kv_lens - plan.private_start, 0), block_tables)
-  p_raw = launch(_private_q(q3, nk), items=p_items, part=private)
+  p_raw = launch(_private_q(q3, nk), items=p_items, part=private, warpgroups=1,
+                 whole_pages=False)
   # 3. Each request's node partials, then its private partials, in a fixed order.
   if config.triton_merge:
     out = da._merge_partials(plan, kv_lens, s_raw, p_raw, shared=shared, private=private,
                              num_heads=nh, out_dtype=q.dtype, interpret=bool(interpret))
   else:
-    out = merge_partials(plan, s_raw, p_raw, group=group).astype(q.dtype)  # [B, K, G, D]
+    out = merge_partials(plan, s_raw, p_raw, group=group,
+                         warpgroups=warpgroups).astype(q.dtype)  # [B, K, G, D]
   return out.reshape(b, 1, nh, d)
 
 
-def merge_partials(plan: SharingPlan, s_raw, p_raw, *, group: int) -> jax.Array:
+def merge_partials(plan: SharingPlan, s_raw, p_raw, *, group: int,
+                   warpgroups: int = 1) -> jax.Array:
   """Exact log-sum-exp merge of each request's partials in plain jnp -> [B, K, G, D] f32.
 
   s_raw: shared partials (acc [TL, K, Ss, Rs, D], m, l [TL, K, Ss, Rs]); p_raw: private
-  ones [B, K, Sp, Rp(, D)]; m in log2 units. The order of `dedup_attention._merge_kernel`:
+  ones [B, K, Sp, Rp(, D)]; m in log2 units; shared rows in `tile_rows` order. The order of `dedup_attention._merge_kernel`:
   request b's nodes req_rows[b, d], d = 0, 1, ... (root to deepest), each over its splits in
   increasing order, then its private splits in increasing order; the max of m first (exact
   in any order), then the weighted sums as an unrolled chain of adds in that order (XLA
@@ -444,7 +578,9 @@ def merge_partials(plan: SharingPlan, s_raw, p_raw, *, group: int) -> jax.Array:
   has = rows >= 0
   r = jnp.maximum(rows, 0)
   tile = (r // rpt)[..., None]  # [B, DEP, 1]
-  row = (r % rpt)[..., None] * group + jnp.arange(group)  # [B, DEP, G]
+  half, rows_per_wg = tile_rows(rpt, group, warpgroups)
+  slot = (r % rpt)[..., None]
+  row = slot // half * rows_per_wg + slot % half * group + jnp.arange(group)  # [B, DEP, G]
   # Gather each request's node rows: [B, DEP, G, K, Ss(, D)] -> [B, DEP, K, G, Ss(, D)].
   take = lambda x: jnp.swapaxes(jnp.moveaxis(x, 3, 1)[tile, row], 2, 3)
   n_m = jnp.where(has[:, :, None, None, None], take(s_m), -jnp.inf)
@@ -475,9 +611,10 @@ def shared_part_mgpu(q, k_pool, v_pool, block_tables, kv_lens, plan: SharingPlan
   k2, v2, layer, nb = _pools_2d(k_pool, v_pool, layer)
   bs, nk = k_pool.shape[-3], k_pool.shape[-2]
   shared, _ = _parts(plan, q.shape[0], block_tables.shape[1], nk, bs, config)
-  return _item_partials(_shared_q(q[:, 0], plan, nk), k2, v2, layer,
-                        _shared_items(plan, kv_lens), part=shared, num_blocks=nb,
-                        block_size=bs, config=config, interpret=False)
+  return _item_partials(_shared_q(q[:, 0], plan, nk, config.shared_warpgroups), k2, v2,
+                        layer, _shared_items(plan, kv_lens), part=shared, num_blocks=nb,
+                        block_size=bs, config=config, warpgroups=config.shared_warpgroups,
+                        whole_pages=True, interpret=False)
 
 
 # ------------------------------------------------------------------- H200 check + time
@@ -545,7 +682,9 @@ def main(points=POINTS, reps: int = 5) -> None:
 
   nh, nk, d = SHAPE_7B
   group = nh // nk
-  configs = {"default": DEFAULT, "p_regs": dataclasses.replace(DEFAULT, p_in_registers=True)}
+  configs = {"default": DEFAULT, "p_regs": dataclasses.replace(DEFAULT, p_in_registers=True),
+             "ws2": DEFAULT_WS, "ws2_3slot": dataclasses.replace(DEFAULT_WS,
+                                                                max_concurrent_steps=3)}
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; shape H={nh} K={nk} "
         f"D={d}, bf16, block 16; us per call (layer pair / 2)", flush=True)
   print(f"{'shared,own,reqs':>18} {'config':>8} | {'mosaic dedup':>12} {'triton dedup':>12} "

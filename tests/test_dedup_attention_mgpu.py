@@ -28,8 +28,10 @@ BS = 16  # tokens per block
 SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128), "g2": (4, 2, 64)}  # (H, K, D)
 # Steps of 64 keys (4 pages) through 2 slots; nodes split into pieces of <= 64 keys, private
 # remainders of <= 64 keys; no extra splits to fill a GPU.
-SMALL = dm.TuningConfig(pages_per_step=4, shared_kv_split=64, private_kv_split=64,
+SMALL = dm.TuningConfig(pages_per_step=4, shared_kv_split=64, private_kv_split=128,
                         max_concurrent_steps=2, min_programs=1)
+# Two compute warpgroups per shared tile (18 requests at G = 7) and a copy warpgroup.
+SMALL_WS = dataclasses.replace(SMALL, shared_warpgroups=2)
 # One split of up to 512 keys per node: many steps through the 2 slots (each refilled).
 DEEP = dataclasses.replace(SMALL, shared_kv_split=512)
 
@@ -44,7 +46,7 @@ CASES = dict(  # ([(segment names, private tokens)], {segment: blocks})
 )
 
 
-def make_batch(seed, requests, segments, *, shape="0.5b", num_layers=2, max_blocks=24):
+def make_batch(seed, requests, segments, *, shape="0.5b", num_layers=2, max_blocks=12):
   """Random bf16 q and pools of all layers; each segment stored once (the same physical
   blocks for every request naming it), then each request's own blocks."""
   nh, nk, d = SHAPES[shape]
@@ -76,11 +78,11 @@ def make_batch(seed, requests, segments, *, shape="0.5b", num_layers=2, max_bloc
           jnp.asarray(kv_lens))
 
 
-def plan_for(inputs):
+def plan_for(inputs, config=SMALL):
   q, k, _, tables, _, kv_lens = inputs
   group = q.shape[2] // k.shape[-2]
   return sharing.build_plan(np.asarray(tables), np.asarray(kv_lens), BS,
-                            requests_per_tile=dm.TuningConfig.requests_per_tile(group))[0]
+                            requests_per_tile=config.requests_per_tile(group))[0]
 
 
 def rel_err(out, ref):
@@ -118,13 +120,14 @@ class DedupMgpuTest(parameterized.TestCase):
     self.assertLess(rel_err(ref, paged_attention_reference(*inputs, layer)), 1e-5)
     return np.asarray(out, np.float32)
 
-  @parameterized.parameters(("nested", "0.5b"), ("many_requests", "0.5b"), ("nested", "g2"),
-                            ("nested", "7b"))
-  def test_against_reference(self, case, shape):
+  @parameterized.parameters(("nested", "0.5b", SMALL), ("nested", "g2", SMALL),
+                            ("nested", "7b", SMALL), ("many_requests", "0.5b", SMALL_WS),
+                            ("nested", "7b", SMALL_WS))
+  def test_against_reference(self, case, shape, config):
     inputs = make_batch(0, *CASES[case], shape=shape)
-    plan = plan_for(inputs)
+    plan = plan_for(inputs, config)
     self.assertTrue(plan.has_shared)
-    self.check(inputs, plan)
+    self.check(inputs, plan, config=config)
 
   def test_triton_merge(self):
     # dedup_attention's Triton merge kernel over the same partials, in the same order.
@@ -134,20 +137,24 @@ class DedupMgpuTest(parameterized.TestCase):
     tri = self.check(inputs, plan, config=dataclasses.replace(SMALL, triton_merge=True))
     self.assertLess(rel_err(tri, out), 1e-2)
 
-  def test_deep_pipeline(self):
-    inputs = make_batch(1, *CASES["long_node"])
-    self.check(inputs, plan_for(inputs), config=DEEP)
+  @parameterized.parameters(1, 2)
+  def test_deep_pipeline(self, warpgroups):
+    config = dataclasses.replace(DEEP, shared_warpgroups=warpgroups)
+    inputs = make_batch(1, *CASES["long_node"], max_blocks=24)
+    self.check(inputs, plan_for(inputs, config), config=config)
 
-  def test_block_placement_changes_no_bit(self):
+  @parameterized.parameters(1, 2)
+  def test_block_placement_changes_no_bit(self, warpgroups):
     # The same logical batch at other physical block ids (so another node and tile order
     # in the plan): each request's partials and merge order are the same, so are its bits.
+    config = dataclasses.replace(SMALL, shared_warpgroups=warpgroups)
     q, k, v, tables, pos, lens = inputs = make_batch(2, *CASES["nested"])
-    out = self.check(inputs, plan_for(inputs))
+    out = self.check(inputs, plan_for(inputs, config), config=config)
     perm = np.r_[0, 1 + np.random.default_rng(0).permutation(k.shape[1] - 1)]
     k2 = jnp.zeros_like(k).at[:, perm].set(k)  # old block p now lives at perm[p]
     v2 = jnp.zeros_like(v).at[:, perm].set(v)
     moved = (q, k2, v2, jnp.asarray(perm[np.asarray(tables)], jnp.int32), pos, lens)
-    out2 = np.asarray(self.attend(moved, plan_for(moved)), np.float32)
+    out2 = np.asarray(self.attend(moved, plan_for(moved, config), config=config), np.float32)
     np.testing.assert_array_equal(out2, out)
 
   def test_nothing_shared_is_the_paged_kernel(self):
@@ -198,8 +205,9 @@ class LoweringTest(parameterized.TestCase):
     # Compiled mode (P through SMEM and from registers), the default tiles: Mosaic GPU
     # lowering runs on a CPU machine; only the SASS compile needs the GPU.
     inputs = make_batch(5, *CASES["nested"], shape=shape)
-    plan = plan_for(inputs)
-    for config in (dm.DEFAULT, dataclasses.replace(dm.DEFAULT, p_in_registers=True)):
+    for config in (dm.DEFAULT, dataclasses.replace(dm.DEFAULT, p_in_registers=True),
+                   dm.DEFAULT_WS):
+      plan = plan_for(inputs, config)
       f = functools.partial(dm.dedup_attention_mgpu, config=config)
       lowered = jax.jit(f).trace(*inputs, plan, 1).lower(lowering_platforms=("cuda",))
       self.assertIn("mosaic_gpu", lowered.as_text())
@@ -216,10 +224,13 @@ class ConfigTest(absltest.TestCase):
       dm.TuningConfig(max_concurrent_steps=0)
 
   def test_requests_per_tile(self):
-    self.assertEqual(dm.TuningConfig.requests_per_tile(7), 9)
-    self.assertEqual(dm.TuningConfig.requests_per_tile(2), 32)
+    self.assertEqual(SMALL.requests_per_tile(7), 9)
+    self.assertEqual(SMALL.requests_per_tile(2), 32)
+    self.assertEqual(SMALL_WS.requests_per_tile(7), 18)
     with self.assertRaises(ValueError):
-      dm.TuningConfig.requests_per_tile(65)
+      SMALL.requests_per_tile(65)
+    with self.assertRaisesRegex(ValueError, "triton_merge"):
+      dm.TuningConfig(shared_warpgroups=2, triton_merge=True)
 
   def test_rejects_plan_with_too_many_rows(self):
     inputs = make_batch(6, *CASES["many_requests"])
