@@ -2,45 +2,53 @@
 
 The Mosaic GPU counterpart of `dedup_attention.py` (same interface, same `SharingPlan`, same
 semantics; read that module's docstring first). Parts: the kernel body (`_items_kernel`), the
-jitted wrapper `dedup_attention_mgpu` with its `TuningConfig`, and `main()`, the H200
-check-and-time run (`python -m pallas_kernels.dedup_attention_mgpu`). The float32 oracle is
+jitted wrapper `dedup_attention_mgpu` with its `TuningConfig`, the merge (`merge_partials`,
+plain jnp), and `main()`, the H200 check-and-time run
+(`python -m pallas_kernels.dedup_attention_mgpu`). The float32 oracle is
 `dedup_attention.dedup_attention_reference` (the same decomposition). A leaf: jax, numpy,
 the standard library and pallas_kernels.* only.
 
 One kernel body serves both parts; an "item" reads keys [start, start + len) of one row of a
-block table against up to 64 query rows (one wgmma's M):
-  1. shared part: an item is a tile of a node's requests (plan.tile_reqs row): its rows are
-     slot * G + g for the requests_per_tile = 64 // G requests of the tile and the G query
-     heads of a kv head (G = 7: 9 requests, 63 rows), its table row the node's
-     (plan.node_tables), so a shared page is read once per tile, not once per request, and
-     QK^T and PV are 63-row matrix products;
+block table against its query rows:
+  1. shared part: an item is a tile of a node's requests (a plan.tile_reqs row) and its
+     table row the node's (plan.node_tables), so a shared page is read once per tile, not
+     once per request. A tile fills `shared_warpgroups` 64-row halves (one wgmma's M each):
+     64 // G requests x G query heads of a kv head per half (G = 7: 9 requests, 63 rows;
+     the planner's requests_per_tile = shared_warpgroups * (64 // G)). With two, both
+     warpgroups multiply the same K/V slots (half the SMEM fills per FLOP) and alternate
+     between wgmma and softmax by a schedule barrier, as jax's attention_mgpu does;
   2. private part: an item is a request, its rows its G query heads (padded to 8), its keys
-     [private_start, kv_len) of its own block table.
-Grid (item, kv head, split); one warpgroup per program. Pools of all layers are viewed (free
-reshape) as 2-D [L * NB * block_size, K * D], so the page of (layer, block, kv head) is one
-TMA box [block_size, D]; the page id is read from the table in GMEM. A step is
-pages_per_step pages of K and of V (2 * pages_per_step TMA copies) into one of
-max_concurrent_steps SMEM slots; a slot is refilled once the step that used it is done, so
-the next steps' copies fly while the warpgroup computes (the loop of
-`paged_attention_mgpu._decode_kernel`, with item-relative keys). Only the last step of a
-split can hold keys past the item: it masks their scores and zeroes their V rows in SMEM.
+     [private_start, kv_len) of its own block table; one warpgroup.
+Grid (item, kv head, split), items fastest (a node's tiles read a split at about the same
+time: L2). Pools of all layers are viewed (free reshape) as 2-D [L * NB * block_size, K * D],
+so the page of (layer, block, kv head) is one TMA box [block_size, D]; the page id is read
+from the table in GMEM. A step is pages_per_step pages of K and of V (2 * pages_per_step TMA
+copies) into one of max_concurrent_steps SMEM slots; a slot is refilled once the step that
+used it is done, so the next steps' copies fly while the warpgroups compute (the loop of
+`paged_attention_mgpu._decode_kernel` with item-relative keys). QK^T and PV are wgmma (bf16
+in, f32 accumulate); the online softmax is in log2 units. Only the last step of a split can
+hold keys past the item: their scores are masked; pages past the item are read from its
+last page, so for shared nodes (full blocks) those V rows are real finite data that a zero
+probability drops, while private items (a partial last page) zero them in SMEM.
 
 Splits: as in the Triton kernel, split s of an item of n keys covers [s * L, min(n, (s + 1) L))
-with L = cdiv(n, num_splits) rounded up to block_kv (`dedup_attention._split_len`), so the
-Triton merge reads exactly the splits that can be non-empty. Every program writes its
-float32 partial (acc [R, D], m [R] in log2 units, l [R]); an empty split writes (0, -inf, 0).
+with L = cdiv(n, num_splits) rounded up to block_kv (`dedup_attention._split_len`). Every
+program writes its float32 partial (acc [R, D], m [R] in log2 units, l [R]); an empty split
+writes (0, -inf, 0).
 
-Merge: the Triton merge kernel of `dedup_attention` (`_merge_partials`), unchanged: per
-request its nodes root to deepest, each over its splits in increasing order, then its
-private splits, max first then the weighted sums in that order. Every term is a function of
-the plan's logical structure and the request's keys only (a row of a wgmma depends on its
-own q row only), so a request's output does not depend on where its blocks live.
+Merge (`merge_partials`, XLA): per request its nodes root to deepest, each over its splits
+in increasing order, then its private splits; the max of m first, then the weighted sums as
+an unrolled chain in that order (the order of `dedup_attention._merge_kernel`, which
+`triton_merge=True` runs instead). Every term is a function of the plan's logical structure
+and the request's keys (a row of a wgmma depends on its own q row only), so a request's
+output does not depend on where its blocks live (tested bit for bit).
 
 Without a shared node (or without a plan) this is `paged_attention_mgpu` (decode), its bits;
-with T > 1 the Triton `paged_attention` (no Mosaic prefill kernel here).
+with T > 1 the Triton `paged_attention` (no Mosaic chunk kernel here).
 
-Status: correct in the Mosaic GPU interpreter on CPU (tests/test_dedup_attention_mgpu.py),
-lowers for `cuda` on a CPU machine; not yet compiled to SASS or timed on the H200.
+Status: correct in the Mosaic GPU interpreter on CPU with race detection (jax 0.12,
+tests/test_dedup_attention_mgpu.py), lowers for `cuda` on a CPU machine at both model
+shapes, one and two warpgroups; not yet compiled to SASS, run or timed on the H200.
 """
 
 from __future__ import annotations
