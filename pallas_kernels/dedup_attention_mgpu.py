@@ -571,13 +571,14 @@ def merge_partials(plan: SharingPlan, s_raw, p_raw, *, group: int,
                    warpgroups: int = 1) -> jax.Array:
   """Exact log-sum-exp merge of each request's partials in plain jnp -> [B, K, G, D] f32.
 
-  s_raw: shared partials (acc [TL, K, Ss, Rs, D], m, l [TL, K, Ss, Rs]); p_raw: private
-  ones [B, K, Sp, Rp(, D)]; m in log2 units; shared rows in `tile_rows` order. The order of `dedup_attention._merge_kernel`:
-  request b's nodes req_rows[b, d], d = 0, 1, ... (root to deepest), each over its splits in
-  increasing order, then its private splits in increasing order; the max of m first (exact
-  in any order), then the weighted sums as an unrolled chain of adds in that order (XLA
-  keeps the order of a chain, not of a jnp.sum). Empty splits and absent nodes are
-  (0, -inf, 0) and add exact zeros. A row with no visible key gives 0.
+  s_raw: shared partials (acc [TL, K, Ss, Rs, D], m, l [TL, K, Ss, Rs]), rows in
+  `tile_rows` order; p_raw: private ones [B, K, Sp, Rp(, D)]; m in log2 units. The order of
+  `dedup_attention._merge_kernel`: request b's nodes req_rows[b, d], d = 0, 1, ... (root to
+  deepest), each over its splits in increasing order, then its private splits in increasing
+  order; the max of m first (exact in any order), then the weighted sums as an unrolled
+  chain of adds in that order (XLA keeps the order of a chain, not of a jnp.sum). Empty
+  splits and absent nodes are (0, -inf, 0) and add exact zeros. A row with no visible key
+  gives 0.
   """
   s_acc, s_m, s_l = s_raw
   p_acc, p_m, p_l = p_raw
@@ -684,31 +685,33 @@ def _reference(q, k_pool, v_pool, tables, positions, kv_lens, layer):
 
 def main(points=POINTS, reps: int = 5) -> None:
   """At the 7B shape, for each point: checks every kernel against the float32 oracle, then
-  times it by CUPTI (device time of every kernel a call launches). Each timed call runs
-  layers 0 and 1 (disjoint K/V) and counts half. Prints one row per Mosaic config."""
+  times it by CUPTI (device time of every kernel a call launches, the XLA gathers and merge
+  included). Each timed call runs layers 0 and 1 (disjoint K/V) and counts half. One row per
+  Mosaic config: its dedup time beside the Triton dedup, Triton paged and Mosaic paged times
+  (the same for every row of a point), the shared launch alone and its TFLOP/s, the speedup
+  over the faster paged kernel and the ideal byte ratio (paged bytes / dedup bytes)."""
   from jax.experimental.mosaic.gpu import profiler  # GPU only
 
   nh, nk, d = SHAPE_7B
   group = nh // nk
   configs = {"default": DEFAULT, "p_regs": dataclasses.replace(DEFAULT, p_in_registers=True),
-             "ws2": DEFAULT_WS, "ws2_3slot": dataclasses.replace(DEFAULT_WS,
-                                                                max_concurrent_steps=3)}
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; shape H={nh} K={nk} "
-        f"D={d}, bf16, block 16; us per call (layer pair / 2)", flush=True)
-  print(f"{'shared,own,reqs':>18} {'config':>8} | {'mosaic dedup':>12} {'triton dedup':>12} "
-        f"{'triton paged':>12} {'mosaic paged':>12} | {'shared part':>11} {'TFLOP/s':>8} "
-        f"| {'err':>7}", flush=True)
+             "tmerge": dataclasses.replace(DEFAULT, triton_merge=True), "ws2": DEFAULT_WS,
+             "ws2_3slot": dataclasses.replace(DEFAULT_WS, max_concurrent_steps=3)}
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; H={nh} K={nk} D={d}, "
+        "bf16, block 16; us per call (layer pair / 2)", flush=True)
+  print(f"{'shared,own,reqs':>18} {'config':>9} | {'mosaic':>8} {'tri dedup':>9} "
+        f"{'tri paged':>9} {'mos paged':>9} | {'shared':>8} {'TFLOP/s':>7} | {'x paged':>7} "
+        f"{'ideal':>6} | {'err':>7}", flush=True)
 
   def timed(fn, inputs, ref):
     """(us per layer, relative L2 error of layer 1) after checking it."""
     out = jax.block_until_ready(fn(*inputs, 1))
+    err = float("nan")
     if ref is not None:
       err = float(jnp.linalg.norm((out.astype(jnp.float32) - ref).ravel())
                   / jnp.linalg.norm(ref.ravel()))
       if not err < 2e-2:
         raise AssertionError(f"relative L2 error {err:.2e} vs the f32 reference")
-    else:
-      err = float("nan")
     pair = jax.jit(lambda *a: (fn(*a, 0), fn(*a, 1)))
     jax.block_until_ready(pair(*inputs))
     ms = float(np.median([profiler.measure(pair)(*inputs)[1] for _ in range(reps)]))
@@ -722,29 +725,38 @@ def main(points=POINTS, reps: int = 5) -> None:
       return float("nan"), float("nan")
 
   for shared, own, batch in points:
+    point = f"{shared},{own},{batch}"
     inputs, shared_ids = shared_prefix_inputs(jax.random.key(shared + own + batch), shared,
                                               own, batch)
     ref = jax.block_until_ready(jax.jit(_reference)(*inputs, 1))
-    tri_plan = single_prefix_plan(shared_ids, own, batch, 16,
-                                  requests_per_tile=da.default_config(d).requests_per_tile(group))
-    tri_dedup, _ = safe("triton dedup", lambda *a: da.dedup_attention(*a[:6], tri_plan, a[6]), inputs, ref)
-    tri_paged, _ = safe("triton paged", lambda *a: paged_attention(*a), inputs, ref)
-    mg_paged, _ = safe("mosaic paged", lambda *a: pm.paged_decode_attention_mgpu(*a), inputs, ref)
+    plan_of = lambda rpt: single_prefix_plan(shared_ids, own, batch, 16, requests_per_tile=rpt)
+    tri_plan = plan_of(da.default_config(d).requests_per_tile(group))
+    tri_dedup, _ = safe("triton dedup", lambda *a: da.dedup_attention(*a[:6], tri_plan, a[6]),
+                        inputs, ref)
+    tri_paged, _ = safe("triton paged", paged_attention, inputs, ref)
+    mos_paged, _ = safe("mosaic paged", pm.paged_decode_attention_mgpu, inputs, ref)
+    best_paged = np.nanmin([tri_paged, mos_paged, np.inf])
     flop = 4 * shared * batch * nh * d  # QK^T and PV of the shared keys, every request
+    ideal = (shared + own) * batch / (shared + own * batch)
     for name, config in configs.items():
-      plan = single_prefix_plan(shared_ids, own, batch, 16,
-                                requests_per_tile=config.requests_per_tile(group))
+      plan = plan_of(config.requests_per_tile(group))
       fn = jax.jit(functools.partial(dedup_attention_mgpu, config=config))
-      us, err = safe(f"mosaic dedup {name}", lambda *a, fn=fn, plan=plan: fn(*a[:6], plan, a[6]), inputs, ref)
+      run = lambda *a, fn=fn, plan=plan: fn(*a[:6], plan, a[6])
+      us, err = safe(f"mosaic dedup {name}", run, inputs, ref)
       part_us = float("nan")
       if plan.has_shared:
         part = jax.jit(functools.partial(shared_part_mgpu, config=config))
         part_us, _ = safe(f"shared part {name}", lambda *a, part=part, plan=plan: part(
             a[0], a[1], a[2], a[3], a[5], plan, a[6])[1], inputs, None)
-      print(f"{f'{shared},{own},{batch}':>18} {name:>8} | {us:12.1f} {tri_dedup:12.1f} "
-            f"{tri_paged:12.1f} {mg_paged:12.1f} | {part_us:11.1f} "
-            f"{flop / part_us / 1e6 if flop else float('nan'):8.1f} | {err:7.1e}", flush=True)
+      tflops = flop / part_us / 1e6 if flop else float("nan")
+      print(f"{point:>18} {name:>9} | {us:8.1f} {tri_dedup:9.1f} {tri_paged:9.1f} "
+            f"{mos_paged:9.1f} | {part_us:8.1f} {tflops:7.1f} | {best_paged / us:7.2f} "
+            f"{ideal:6.2f} | {err:7.1e}", flush=True)
+      if not plan.has_shared:
+        break  # every config is the paged kernel
 
 
 if __name__ == "__main__":
-  main()
+  # python -m pallas_kernels.dedup_attention_mgpu [SHAREDxOWNxREQUESTS ...]
+  import sys
+  main(tuple(tuple(map(int, a.split("x"))) for a in sys.argv[1:]) or POINTS)
