@@ -67,8 +67,11 @@ import numpy as np
 from pallas_kernels import dedup_attention as da
 from pallas_kernels import paged_attention_mgpu as pm
 from pallas_kernels._common import check_inputs
-from pallas_kernels.dedup_attention import SharingPlan, dedup_attention_reference
+from pallas_kernels.dedup_attention import SharingPlan
 from pallas_kernels.paged_attention import paged_attention
+
+# The float32 oracle of the same decomposition (node partials, private partial, LSE merge).
+dedup_attention_reference = da.dedup_attention_reference
 
 WGMMA_ROWS = pm.WGMMA_ROWS  # 64 query rows per program
 ROW_PAD = pm.ROW_PAD
@@ -442,7 +445,7 @@ def _item_partials(q_rows, k2, v2, layer, items, *, part: da._Part, num_blocks: 
 
 
 # ---------------------------------------------------------------------------- wrapper
-def _check(q, k_pool, group):
+def _check(q, group):
   if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     raise NotImplementedError(f"bf16 or f16 only (wgmma operands), got {q.dtype}")
   if q.shape[-1] % 64:
@@ -466,9 +469,9 @@ def _parts(plan: SharingPlan, b: int, mb: int, nk: int, block_size: int,
   return shared, private
 
 
-def _shared_items(plan: SharingPlan, kv_lens):
-  """(item_table, item_start, item_len) of the shared tiles; a padding tile has length 0."""
-  del kv_lens
+def _shared_items(plan: SharingPlan):
+  """(item_table, item_start, item_len, tables) of the shared tiles; a padding tile (no
+  request in slot 0) has length 0."""
   num_tiles = plan.tile_node.shape[0]
   lens = jnp.where(plan.tile_reqs[:, 0] >= 0, plan.node_lens[plan.tile_node], 0)
   return plan.tile_node, np.zeros((num_tiles,), np.int32), lens, plan.node_tables
@@ -536,7 +539,7 @@ def dedup_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
   k2, v2, layer, nb = _pools_2d(k_pool, v_pool, layer)
   bs, nk = k_pool.shape[-3], k_pool.shape[-2]
   group = nh // nk
-  _check(q, k_pool, group)
+  _check(q, group)
   if plan is None or not plan.has_shared:
     pools = lambda p: p.reshape(-1, nb, bs, nk, d)
     return pm.paged_decode_attention_mgpu(q, pools(k_pool), pools(v_pool), block_tables,
@@ -550,7 +553,7 @@ def dedup_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
   launch = functools.partial(_item_partials, k2=k2, v2=v2, layer=layer, num_blocks=nb,
                              block_size=bs, config=config, interpret=interpret)
   # 1. Shared runs: one item per tile of a node's requests (nodes are full blocks).
-  s_raw = launch(_shared_q(q3, plan, nk, warpgroups), items=_shared_items(plan, kv_lens),
+  s_raw = launch(_shared_q(q3, plan, nk, warpgroups), items=_shared_items(plan),
                  part=shared, warpgroups=warpgroups, whole_pages=True)
   # 2. Private remainders: one item per request, keys [private_start, kv_len).
   p_items = (np.arange(b, dtype=np.int32), plan.private_start,
@@ -613,7 +616,7 @@ def merge_partials(plan: SharingPlan, s_raw, p_raw, *, group: int,
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def shared_part_mgpu(q, k_pool, v_pool, block_tables, kv_lens, plan: SharingPlan, layer, *,
+def shared_part_mgpu(q, k_pool, v_pool, block_tables, plan: SharingPlan, layer, *,
                      config: TuningConfig | None = None):
   """The shared launch alone (compiled), for timing its matrix work in `main`."""
   config = config or DEFAULT
@@ -621,7 +624,7 @@ def shared_part_mgpu(q, k_pool, v_pool, block_tables, kv_lens, plan: SharingPlan
   bs, nk = k_pool.shape[-3], k_pool.shape[-2]
   shared, _ = _parts(plan, q.shape[0], block_tables.shape[1], nk, bs, config)
   return _item_partials(_shared_q(q[:, 0], plan, nk, config.shared_warpgroups), k2, v2,
-                        layer, _shared_items(plan, kv_lens), part=shared, num_blocks=nb,
+                        layer, _shared_items(plan), part=shared, num_blocks=nb,
                         block_size=bs, config=config, warpgroups=config.shared_warpgroups,
                         whole_pages=True, interpret=False)
 
@@ -747,7 +750,7 @@ def main(points=POINTS, reps: int = 5) -> None:
       if plan.has_shared:
         part = jax.jit(functools.partial(shared_part_mgpu, config=config))
         part_us, _ = safe(f"shared part {name}", lambda *a, part=part, plan=plan: part(
-            a[0], a[1], a[2], a[3], a[5], plan, a[6])[1], inputs, None)
+            *a[:4], plan, a[6])[1], inputs, None)
       tflops = flop / part_us / 1e6 if flop else float("nan")
       print(f"{point:>18} {name:>9} | {us:8.1f} {tri_dedup:9.1f} {tri_paged:9.1f} "
             f"{mos_paged:9.1f} | {part_us:8.1f} {tflops:7.1f} | {best_paged / us:7.2f} "
