@@ -47,8 +47,10 @@ Without a shared node (or without a plan) this is `paged_attention_mgpu` (decode
 with T > 1 the Triton `paged_attention` (no Mosaic chunk kernel here).
 
 Status: correct in the Mosaic GPU interpreter on CPU with race detection (jax 0.12,
-tests/test_dedup_attention_mgpu.py), lowers for `cuda` on a CPU machine at both model
-shapes, one and two warpgroups; not yet compiled to SASS, run or timed on the H200.
+tests/test_dedup_attention_mgpu.py; also run once with jax 0.11.2), lowers for `cuda` on a
+CPU machine at both model shapes, one and two warpgroups, P through SMEM or registers, with
+both versions (the API used is paged_attention_mgpu's; `_kernel_call` bridges
+out_type/out_shape); not yet compiled to SASS, run or timed on the H200.
 """
 
 from __future__ import annotations
