@@ -23,7 +23,7 @@ def get_config():
   c.examples = 3
   c.example_tokens = 96
   c.turns = 4
-  c.attention = "auto"  # auto | reference | pallas | pallas_interpret (auto: Pallas on GPU).
+  c.attention = "auto"  # auto | reference | pallas | pallas_interpret | mosaic; auto: Pallas on GPU.
   c.decode_attention = "paged"  # paged | dedup | auto.
   c.allow_long_context = False  # Refuse requests past the model's max_position_embeddings.
   c.output_dir = ""

@@ -12,7 +12,7 @@ def get_config():
   c.block_size = 16
   c.dtype = "float32"
   c.seed = 0  # Random weights for presets.
-  c.attention = "auto"  # auto | reference | pallas | pallas_interpret (auto: Pallas on GPU).
+  c.attention = "auto"  # auto | reference | pallas | pallas_interpret | mosaic; auto: Pallas on GPU.
   c.decode_attention = "paged"  # paged | dedup | auto.
   c.allow_long_context = False  # Refuse requests past the model's max_position_embeddings.
   c.output_dir = ""

@@ -134,6 +134,23 @@ def default_config(head_dim: int) -> TuningConfig:
   return DEFAULT_D128 if head_dim >= 128 else DEFAULT_D64
 
 
+# The fastest variant of main() on the H200 (2026-11-29, JAX 0.11.2, commit 6f666e1,
+# docs/benchmarks.md): at D=128 (7B shape) two computing warpgroups, 8 pages per step,
+# P in registers, ping-pong, 568 TFLOP/s on a 32k causal prefill in 4k chunks (the Triton
+# kernel 362; the one-warpgroup default 428); at D=64 (0.5B) the one-warpgroup default, 264
+# (Triton 204; the two-warpgroup variants were not reached in that run). Same bits as every
+# other config with the same block_kv: the choice changes speed only.
+TUNED_D128 = TuningConfig(pages_per_step=8, max_concurrent_steps=2, p_in_registers=True,
+                          warp_specialized=True, compute_wgs=2, schedule_barrier=True)
+
+
+def tuned_config(head_dim: int, *, interpret: bool = False) -> TuningConfig:
+  """The engine's config: the fastest measured (above); for the interpreter, the same
+  schedule with P through SMEM (the interpreter's wgmma takes SMEM operands only)."""
+  config = TUNED_D128 if head_dim >= 128 else DEFAULT_D64
+  return dataclasses.replace(config, p_in_registers=False) if interpret else config
+
+
 def smem_bytes(config: TuningConfig, head_dim: int, block_size: int = 16,
                itemsize: int = 2) -> int:
   """SMEM of one program (Mosaic adds ~3 KiB: barriers, alignment): per computing

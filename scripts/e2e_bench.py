@@ -17,13 +17,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from absl import app, flags
 
+from hq_jax.engine import ATTENTION
 from hq_jax.harness import cli, e2e_bench, outputs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Where e2e_bench.csv and e2e_bench.md go (required).")
 flags.DEFINE_list("decode", ["7b:64x4096", "0.5b:8x32768"], "Decode points MODEL:BATCHxCONTEXT.")
 flags.DEFINE_list("prefill", ["7b:16384", "0.5b:32768"], "Prefill points MODEL:TOKENS.")
-flags.DEFINE_enum("attention", "auto", ["auto", "reference", "pallas", "pallas_interpret"],
+flags.DEFINE_enum("attention", "auto", list(ATTENTION),
                   "Attention backend (auto: the Pallas kernels on a GPU).")
 flags.DEFINE_string("dtype", "bfloat16", "Weights and K/V dtype.")
 flags.DEFINE_integer("steps", 20, "Timed decode steps per point (wall clock, last synced).")

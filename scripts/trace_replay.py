@@ -34,8 +34,8 @@ cli.define_flags(default_config.get_config(), {
     "no_model": "replay the caches' block policy only (fast, whole trace on CPU)",
     "model": "preset whose KV shape sets bytes per block (model mode: seeded weights)",
     "dtype": "KV / weight dtype: bytes per block follow it",
-    "attention": "model mode: auto | reference | pallas | pallas_interpret (auto: Pallas on "
-                 "a GPU)",
+    "attention": "model mode: auto | reference | pallas | pallas_interpret | mosaic "
+                 "(auto: Pallas on a GPU)",
     "kv_budget_gb": "KV pool budgets in GB (10^9 bytes); 0 = unbounded",
     "max_concurrency": "requests holding KV at once (and cache slots)",
     "max_output_tokens": "cap on generated tokens per request; 0 = the trace's output_length",
@@ -85,11 +85,11 @@ def validate(cfg):
          f"{cfg.chunk_size} is not a positive multiple of --block_size={cfg.block_size}")
   _check(cfg.attention in ATTENTION, "attention",
          f"{cfg.attention!r} is not one of {ATTENTION}")
-  if not cfg.no_model and cfg.attention == "pallas":
+  if not cfg.no_model and cfg.attention in ("pallas", "mosaic"):
     import jax
     _check(jax.default_backend() == "gpu", "attention",
-           f"pallas needs a GPU (backend here: {jax.default_backend()}); use reference or "
-           "pallas_interpret, or --no_model")
+           f"{cfg.attention} needs a GPU (backend here: {jax.default_backend()}); use "
+           "reference or pallas_interpret, or --no_model")
   _check(len(cfg.kv_budget_gb) > 0, "kv_budget_gb", "give at least one budget")
   _check(all(math.isfinite(b) and b >= 0 for b in cfg.kv_budget_gb), "kv_budget_gb",
          f"{cfg.kv_budget_gb} must be finite and >= 0")

@@ -259,3 +259,57 @@ class CudaLoweringTest(parameterized.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+
+def _d64_model():
+  from hq_jax import config as config_lib, model as model_lib
+  cfg = config_lib.ModelConfig(
+      name="tiny-d64", vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2,
+      num_heads=4, num_kv_heads=2, head_dim=64, rope_theta=10_000.0, dtype="bfloat16")
+  return model_lib.init_params(cfg, jax.random.key(3), scale=0.1), cfg
+
+
+def test_engine_attention_on_a_real_hq_view():
+  """The engine's adapter (`KernelAttention("mosaic_interpret")`) on the last chunk's view
+  of a real HQ cache (a table wider than the request's blocks, padding tokens past the
+  prompt; the interpreter raises on any out-of-bounds read): equal to the reference."""
+  from hq_jax.engine import KernelAttention
+  from hq_jax.kv.dedup import DedupKVCache
+  from hq_jax.kv.paged import KVLayout, KVPools
+  _, cfg = _d64_model()
+  layout = KVLayout.from_config(cfg, block_size=16)
+  cache = DedupKVCache.init(layout, num_blocks=12, max_requests=2, max_seq_len=128)
+  cache, slot = cache.admit(np.arange(70) % cfg.vocab_size)
+  view = cache.view([slot], [64], 64)  # the last chunk: 6 tokens, 70 keys, 5 of 8 blocks
+  rng = np.random.default_rng(5)
+  shape = cache.pools.k.shape
+  pools = KVPools(jnp.asarray(rng.standard_normal(shape), jnp.bfloat16),
+                  jnp.asarray(rng.standard_normal(shape), jnp.bfloat16))
+  q = jnp.asarray(rng.standard_normal((1, 64, cfg.num_heads, cfg.head_dim)), jnp.bfloat16)
+  out = KernelAttention("mosaic_interpret")(q, pools.k, pools.v, 1, view)
+  ref = KernelAttention("reference")(q, pools.k, pools.v, 1, view)
+  valid = np.asarray(view.positions[0]) >= 0
+  a = np.asarray(out, np.float32)[0, valid]
+  b = np.asarray(ref, np.float32)[0, valid]
+  assert np.isfinite(a).all()
+  assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2
+
+
+def test_engine_forward_with_mosaic_lowers_for_cuda():
+  """`Engine(attention="mosaic")`'s jitted step, layer scan included, lowers for a GPU on
+  this CPU machine (the SASS compile and the run need the H200)."""
+  from hq_jax import model as model_lib
+  from hq_jax.engine import KernelAttention
+  from hq_jax.kv.dense import DenseKVCache
+  from hq_jax.kv.paged import KVLayout
+  params, cfg = _d64_model()
+  cache = DenseKVCache.for_requests(KVLayout.from_config(cfg, 16), max_requests=2,
+                                    max_seq_len=96)
+  cache, slot = cache.admit(np.arange(40))
+  step = jax.jit(model_lib.forward.__wrapped__, static_argnames=("cfg", "attention_fn"))
+  lowered = step.trace(params, cache.pools, jnp.zeros((1, 32), jnp.int32),
+                       cache.view([slot], [0], 32), cfg=cfg,
+                       attention_fn=KernelAttention("mosaic")).lower(
+                           lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()

@@ -22,7 +22,8 @@ COMMON_HELPS = {
     "chunk_size": "prefill chunk (a multiple of block_size)",
     "dtype": "float32 | bfloat16",
     "attention": "prefill/decode attention: auto (Pallas on a GPU, the XLA reference "
-                 "elsewhere), reference, pallas, pallas_interpret",
+                 "elsewhere), reference, pallas, pallas_interpret, mosaic (prefill on the "
+                 "Mosaic GPU kernel: Hopper, bf16)",
     "decode_attention": "decode over shared prefixes: paged, dedup (read a shared prefix "
                         "once), auto",
     "overwrite": "replace this script's earlier outputs in --output_dir (else refused)",
