@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Tests run in this many worker processes (pytest-xdist): the 2-core box's two cores, which
+# keeps `make test` under 10 minutes there. PYTEST_WORKERS=0 runs them in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: test test-deep demo install data clean-venv
 
@@ -26,12 +29,12 @@ data: $(STAMP)
 	$(PY) -m hq_jax.weights prepare
 
 test: $(STAMP) data
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The same suite with the deeper settings `make test` trims to stay under 10 minutes on the
 # 2-core box: 40 random programs per cache state machine, every unjitted model variant.
 test-deep: $(STAMP) data
-	HQ_JAX_DEEP_TESTS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	HQ_JAX_DEEP_TESTS=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The main job on this CPU machine: the shipped model on real text, both caches.
 # --overwrite: a re-run replaces the previous demo's outputs (each script's own files).

@@ -98,10 +98,11 @@ class DedupMgpuTest(parameterized.TestCase):
     super().setUp()
     if not self.INTERPRET and jax.default_backend() != "gpu":
       self.skipTest("compiled Mosaic GPU kernels need a GPU")
-    # The interpreter is slow on the 2-core box: `make test` runs one case of each kind
-    # (one and two warpgroups against the reference, placement bits, a traced layer);
-    # `make test-deep` (HQ_JAX_DEEP_TESTS=1) runs them all. Compiled (GPU) runs all.
+    # The interpreter is slow on the 2-core box: `make test` runs the reference check at
+    # one shape and the placement bits; `make test-deep` (HQ_JAX_DEEP_TESTS=1) runs every
+    # case (two warpgroups, other shapes, a traced layer). Compiled (GPU) runs all.
     slow = ("test_against_reference1", "test_against_reference2", "test_against_reference3",
+            "test_against_reference4", "test_traced_layer",
             "test_deep_pipeline_one_or_two_warpgroups", "test_triton_merge")
     if (self.INTERPRET and not os.environ.get("HQ_JAX_DEEP_TESTS")
         and self._testMethodName in slow):

@@ -90,9 +90,10 @@ class PagedPrefillMgpuTest(parameterized.TestCase):
     if not self.INTERPRET and jax.default_backend() != "gpu":
       self.skipTest("compiled Mosaic GPU kernels need a GPU")
     # The interpreter is slow on the 2-core box: `make test` keeps a chunk after a cached
-    # prefix, placement and batch bits, decode rows and empty requests, and one two-warpgroup
-    # case; `make test-deep` (HQ_JAX_DEEP_TESTS=1) runs every variant. Compiled runs all.
-    slow = ("test_two_computing_warpgroups1", "test_two_computing_warpgroups2",
+    # prefix, placement and batch bits, decode rows and empty requests; `make test-deep`
+    # (HQ_JAX_DEEP_TESTS=1) runs every variant (two warpgroups among them). Compiled runs all.
+    slow = ("test_two_computing_warpgroups0", "test_two_computing_warpgroups1",
+            "test_two_computing_warpgroups2",
             "test_deep_pipeline0", "test_deep_pipeline1", "test_chunk_after_cached_prefix1",
             "test_positions_per_row", "test_traced_layer")
     if (self.INTERPRET and not os.environ.get("HQ_JAX_DEEP_TESTS")
