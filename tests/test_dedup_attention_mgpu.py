@@ -9,13 +9,11 @@ blocks, block 0 and slots past a request's length hold NaN, so any read of them 
 
 import dataclasses
 import functools
-import os
 
 from absl.testing import absltest, parameterized
 import chex
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
 from hq_jax.kv import sharing
@@ -24,9 +22,8 @@ from pallas_kernels import dedup_attention_mgpu as dm
 from pallas_kernels import paged_attention_mgpu as pm
 from pallas_kernels.paged_attention import paged_attention_reference
 
-TOL = 2e-2  # relative L2 error of bf16 vs the f32 reference
-BS = 16  # tokens per block
-SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128), "g2": (4, 2, 64)}  # (H, K, D)
+from mgpu_testing import SHAPES, TOL, MgpuTestCase, rel_err, relabel
+from mgpu_testing import BLOCK_SIZE as BS
 # Steps of 64 keys (4 pages) through 2 slots; nodes split into pieces of <= 64 keys, private
 # remainders of <= 64 keys; no extra splits to fill a GPU.
 SMALL = dm.TuningConfig(pages_per_step=4, shared_kv_split=64, private_kv_split=128,
@@ -86,34 +83,16 @@ def plan_for(inputs, config=SMALL):
                             requests_per_tile=config.requests_per_tile(group))[0]
 
 
-def rel_err(out, ref):
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  return np.linalg.norm(out - ref) / np.linalg.norm(ref)
 
 
-class DedupMgpuTest(parameterized.TestCase):
-  INTERPRET = False
-
-  def setUp(self):
-    super().setUp()
-    if not self.INTERPRET and jax.default_backend() != "gpu":
-      self.skipTest("compiled Mosaic GPU kernels need a GPU")
-    # The interpreter is slow on the 2-core box: `make test` runs the reference check at
-    # one shape and the placement bits; `make test-deep` (HQ_JAX_DEEP_TESTS=1) runs every
-    # case (two warpgroups, other shapes, a traced layer). Compiled (GPU) runs all.
-    slow = ("test_against_reference1", "test_against_reference2", "test_against_reference3",
-            "test_against_reference4", "test_traced_layer",
-            "test_deep_pipeline_one_or_two_warpgroups", "test_triton_merge")
-    if (self.INTERPRET and not os.environ.get("HQ_JAX_DEEP_TESTS")
-        and self._testMethodName in slow):
-      self.skipTest("slow interpreter variant; run with HQ_JAX_DEEP_TESTS=1")
-
-  @property
-  def interpret(self):
-    if not self.INTERPRET:
-      return False
-    return plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise",
-                                    uninitialized_memory="nan")
+class DedupMgpuTest(MgpuTestCase):
+  # The interpreter is slow on the 2-core box: `make test` runs the reference check at one
+  # shape and the placement bits; `make test-deep` runs every case (two warpgroups, other
+  # shapes, a traced layer). Compiled (GPU) runs all.
+  SLOW_INTERPRETED = ("test_against_reference1", "test_against_reference2",
+                      "test_against_reference3", "test_against_reference4",
+                      "test_traced_layer", "test_deep_pipeline_one_or_two_warpgroups",
+                      "test_triton_merge")
 
   def attend(self, inputs, plan, layer=1, config=SMALL):
     return dm.dedup_attention_mgpu(*inputs, plan, layer, config=config,
@@ -161,10 +140,8 @@ class DedupMgpuTest(parameterized.TestCase):
     config = SMALL_WS
     q, k, v, tables, pos, lens = inputs = make_batch(2, *CASES["nested"])
     out = self.check(inputs, plan_for(inputs, config), config=config)
-    perm = np.r_[0, 1 + np.random.default_rng(0).permutation(k.shape[1] - 1)]
-    k2 = jnp.zeros_like(k).at[:, perm].set(k)  # old block p now lives at perm[p]
-    v2 = jnp.zeros_like(v).at[:, perm].set(v)
-    moved = (q, k2, v2, jnp.asarray(perm[np.asarray(tables)], jnp.int32), pos, lens)
+    k2, v2, tables2 = relabel(k, v, tables, seed=0)
+    moved = (q, k2, v2, tables2, pos, lens)
     out2 = np.asarray(self.attend(moved, plan_for(moved, config), config=config), np.float32)
     np.testing.assert_array_equal(out2, out)
 

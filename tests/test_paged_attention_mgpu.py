@@ -13,50 +13,30 @@ from absl.testing import absltest, parameterized
 import chex
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
 from pallas_kernels import paged_attention_mgpu as pm
 from pallas_kernels.paged_attention import paged_attention_reference
 
-TOL = 2e-2  # relative L2 error of bf16 vs the f32 reference
-BLOCK_SIZE = 16
+from mgpu_testing import (BLOCK_SIZE, SHAPES, TOL, MgpuTestCase, paged_pools, rel_err,
+                          relabel)
+
 # Small steps and splits: 64 keys per step (4 pages), 128 keys per split, 2 slots.
 SMALL = pm.TuningConfig(pages_per_step=4, kv_split=128, max_concurrent_steps=2)
 # Many steps per split (8) through 2 slots: every slot is refilled several times.
 DEEP = pm.TuningConfig(pages_per_step=4, kv_split=512, max_concurrent_steps=2)
 # One step per split and 3 slots (more slots than steps: a partially filled pipeline).
 ONE_STEP = pm.TuningConfig(pages_per_step=4, kv_split=64, max_concurrent_steps=3)
-SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, head_dim)
 
 
 def make_inputs(seed, *, lens, shape="0.5b", max_blocks=12, num_layers=2, positions=None):
-  """Random bf16 q and pools of all layers; request b holds kv_lens[b] keys at random blocks.
-
-  Block 0 of every layer is all NaN and never assigned; table entries past a request's
-  blocks point to random blocks (block 0 among them), and the slots past each request's
-  length hold NaN: any read of them that reaches the output shows as NaN.
-  """
-  nh, nk, d = SHAPES[shape]
+  """Random bf16 q and poisoned pools of all layers (`mgpu_testing.paged_pools`); the
+  query of request b sits at positions[b] (default kv_lens[b] - 1)."""
+  nh, _, d = SHAPES[shape]
   rng = np.random.default_rng(seed)
-  batch = len(lens)
-  kv_lens = np.asarray(lens, np.int32)
-  num_blocks = 1 + sum(-(-n // BLOCK_SIZE) for n in lens) + 3
-  pool_shape = (num_layers, num_blocks, BLOCK_SIZE, nk, d)
-  k = rng.standard_normal(pool_shape).astype(np.float32)
-  v = rng.standard_normal(pool_shape).astype(np.float32)
-  tables = rng.integers(0, num_blocks, (batch, max_blocks)).astype(np.int32)
-  free = rng.permutation(np.arange(1, num_blocks))
-  for b, n in enumerate(kv_lens):
-    used = -(-n // BLOCK_SIZE)
-    tables[b, :used], free = free[:used], free[used:]
-    if used:
-      k[:, tables[b, used - 1], n % BLOCK_SIZE or BLOCK_SIZE:] = np.nan
-      v[:, tables[b, used - 1], n % BLOCK_SIZE or BLOCK_SIZE:] = np.nan
-  k[:, 0] = v[:, 0] = np.nan
-  for p in free:  # blocks no request holds
-    k[:, p] = v[:, p] = np.nan
-  q = rng.standard_normal((batch, 1, nh, d)).astype(np.float32)
+  k, v, tables, kv_lens = paged_pools(rng, lens, shape=shape, max_blocks=max_blocks,
+                                      num_layers=num_layers)
+  q = rng.standard_normal((len(lens), 1, nh, d)).astype(np.float32)
   pos = kv_lens - 1 if positions is None else np.asarray(positions, np.int32)
   bf = lambda x: jnp.asarray(x, jnp.bfloat16)
   return (bf(q), bf(k), bf(v), jnp.asarray(tables), jnp.asarray(pos[:, None]),
@@ -67,34 +47,7 @@ def reference(q, k, v, tables, positions, kv_lens, layer):
   return paged_attention_reference(q, k, v, tables, positions, kv_lens, layer)
 
 
-def rel_err(out, ref):
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  return np.linalg.norm(out - ref) / np.linalg.norm(ref)
-
-
-def relabel(k, v, tables, lens, seed):
-  """The same logical content at another physical placement of the blocks."""
-  num_blocks = k.shape[1]
-  perm = np.concatenate([[0], 1 + np.random.default_rng(seed).permutation(num_blocks - 1)])
-  inv = np.argsort(perm)  # new block inv[p] holds old block p
-  new_tables = inv[np.asarray(tables)].astype(np.int32)
-  return k[:, perm], v[:, perm], jnp.asarray(new_tables)
-
-
-class PagedDecodeMgpuTest(parameterized.TestCase):
-  INTERPRET = False
-
-  def setUp(self):
-    super().setUp()
-    if not self.INTERPRET and jax.default_backend() != "gpu":
-      self.skipTest("compiled Mosaic GPU kernels need a GPU")
-
-  @property
-  def interpret(self):
-    if not self.INTERPRET:
-      return False
-    return plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise",
-                                    uninitialized_memory="nan")
+class PagedDecodeMgpuTest(MgpuTestCase):
 
   def attend(self, q, k, v, tables, positions, kv_lens, layer=0, config=SMALL):
     return pm.paged_decode_attention_mgpu(q, k, v, tables, positions, kv_lens, layer,
@@ -154,7 +107,7 @@ class PagedDecodeMgpuTest(parameterized.TestCase):
     q, k, v, tables, positions, kv_lens = make_inputs(5, lens=[5, 140, 77, 192])
     out = np.asarray(self.check((q, k, v, tables, positions, kv_lens)), np.float32)
     # Another physical placement of the same logical blocks.
-    k2, v2, tables2 = relabel(k, v, tables, kv_lens, seed=6)
+    k2, v2, tables2 = relabel(k, v, tables, seed=6)
     out2 = self.attend(q, k2, v2, tables2, positions, kv_lens)
     np.testing.assert_array_equal(np.asarray(out2, np.float32), out)
     # Each request alone, with a wider table (one more split, past every length).

@@ -8,57 +8,36 @@ which also fails on races, out-of-bounds reads, and reads NaN from uninitialized
 
 import dataclasses
 import functools
-import os
 
 from absl.testing import absltest, parameterized
 import chex
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
 from pallas_kernels import paged_prefill_mgpu as pp
 from pallas_kernels.paged_attention import paged_attention_reference
 
-TOL = 2e-2  # relative L2 error of bf16 vs the f32 reference
-BLOCK_SIZE = 16
+from mgpu_testing import (BLOCK_SIZE, SHAPES, TOL, MgpuTestCase, paged_pools, rel_err,
+                          relabel)
+
 # 64 keys per step (4 pages), 2 slots: every slot refilled on contexts past 128 keys.
 SMALL = pp.TuningConfig(pages_per_step=4, max_concurrent_steps=2)
 # 128 keys per step, 3 slots (more slots than steps on short contexts).
 WIDE = pp.TuningConfig(pages_per_step=8, max_concurrent_steps=3)
-SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, head_dim)
 
 
 def make_inputs(seed, *, lens, new, num_tokens, shape="0.5b", max_blocks=12, num_layers=2,
                 shuffle=False):
-  """Random bf16 q and pools of all layers; request b holds kv_lens[b] keys at random blocks,
-  the last new[b] of them are its chunk's tokens (positions kv_len - new .. kv_len - 1); the
-  chunk's other num_tokens - new[b] tokens are padding (position -1).
-
-  Block 0 of every layer is all NaN and never assigned; table entries past a request's
-  blocks point to random blocks (block 0 among them), and the slots past each request's
-  length hold NaN: any read of them that reaches the output shows as NaN. `shuffle`
-  permutes each request's real tokens (a position per row, not a range).
-  """
-  nh, nk, d = SHAPES[shape]
+  """Random bf16 q and poisoned pools of all layers (`mgpu_testing.paged_pools`); the last
+  new[b] of request b's kv_lens[b] keys are its chunk's tokens (positions kv_len - new ..
+  kv_len - 1); the chunk's other num_tokens - new[b] tokens are padding (position -1).
+  `shuffle` permutes each request's real tokens (a position per row, not a range)."""
+  nh, _, d = SHAPES[shape]
   rng = np.random.default_rng(seed)
+  k, v, tables, kv_lens = paged_pools(rng, lens, shape=shape, max_blocks=max_blocks,
+                                      num_layers=num_layers)
   batch = len(lens)
-  kv_lens = np.asarray(lens, np.int32)
-  num_blocks = 1 + sum(-(-n // BLOCK_SIZE) for n in lens) + 3
-  pool_shape = (num_layers, num_blocks, BLOCK_SIZE, nk, d)
-  k = rng.standard_normal(pool_shape).astype(np.float32)
-  v = rng.standard_normal(pool_shape).astype(np.float32)
-  tables = rng.integers(0, num_blocks, (batch, max_blocks)).astype(np.int32)
-  free = rng.permutation(np.arange(1, num_blocks))
-  for b, n in enumerate(kv_lens):
-    used = -(-n // BLOCK_SIZE)
-    tables[b, :used], free = free[:used], free[used:]
-    if used:
-      k[:, tables[b, used - 1], n % BLOCK_SIZE or BLOCK_SIZE:] = np.nan
-      v[:, tables[b, used - 1], n % BLOCK_SIZE or BLOCK_SIZE:] = np.nan
-  k[:, 0] = v[:, 0] = np.nan
-  for p in free:  # blocks no request holds
-    k[:, p] = v[:, p] = np.nan
   q = rng.standard_normal((batch, num_tokens, nh, d)).astype(np.float32)
   positions = np.full((batch, num_tokens), -1, np.int32)
   for b, (n, c) in enumerate(zip(kv_lens, new)):
@@ -69,43 +48,14 @@ def make_inputs(seed, *, lens, new, num_tokens, shape="0.5b", max_blocks=12, num
           jnp.asarray(kv_lens))
 
 
-def rel_err(out, ref):
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  return np.linalg.norm(out - ref) / np.linalg.norm(ref)
-
-
-def relabel(k, v, tables, seed):
-  """The same logical content at another physical placement of the blocks."""
-  num_blocks = k.shape[1]
-  perm = np.concatenate([[0], 1 + np.random.default_rng(seed).permutation(num_blocks - 1)])
-  inv = np.argsort(perm)  # new block inv[p] holds old block p
-  return k[:, perm], v[:, perm], jnp.asarray(inv[np.asarray(tables)].astype(np.int32))
-
-
-class PagedPrefillMgpuTest(parameterized.TestCase):
-  INTERPRET = False
-
-  def setUp(self):
-    super().setUp()
-    if not self.INTERPRET and jax.default_backend() != "gpu":
-      self.skipTest("compiled Mosaic GPU kernels need a GPU")
-    # The interpreter is slow on the 2-core box: `make test` keeps a chunk after a cached
-    # prefix, placement and batch bits, decode rows and empty requests; `make test-deep`
-    # (HQ_JAX_DEEP_TESTS=1) runs every variant (two warpgroups among them). Compiled runs all.
-    slow = ("test_two_computing_warpgroups0", "test_two_computing_warpgroups1",
-            "test_two_computing_warpgroups2",
-            "test_deep_pipeline0", "test_deep_pipeline1", "test_chunk_after_cached_prefix1",
-            "test_positions_per_row", "test_traced_layer")
-    if (self.INTERPRET and not os.environ.get("HQ_JAX_DEEP_TESTS")
-        and self._testMethodName in slow):
-      self.skipTest("slow interpreter variant; run with HQ_JAX_DEEP_TESTS=1")
-
-  @property
-  def interpret(self):
-    if not self.INTERPRET:
-      return False
-    return plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise",
-                                    uninitialized_memory="nan")
+class PagedPrefillMgpuTest(MgpuTestCase):
+  # The interpreter is slow on the 2-core box: `make test` keeps a chunk after a cached
+  # prefix, placement and batch bits, decode rows and empty requests; `make test-deep`
+  # runs every variant (two warpgroups among them). Compiled runs all.
+  SLOW_INTERPRETED = ("test_two_computing_warpgroups0", "test_two_computing_warpgroups1",
+                      "test_two_computing_warpgroups2", "test_deep_pipeline0",
+                      "test_deep_pipeline1", "test_chunk_after_cached_prefix1",
+                      "test_positions_per_row", "test_traced_layer")
 
   def attend(self, q, k, v, tables, positions, kv_lens, layer=0, config=SMALL):
     return pp.paged_prefill_attention_mgpu(q, k, v, tables, positions, kv_lens, layer,
