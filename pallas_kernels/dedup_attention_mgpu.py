@@ -222,16 +222,8 @@ def _items_kernel(
     return [page_base + tables_ref[table, jnp.minimum(
         first_page + step * pages_per_step + p, last_page)] for p in range(pages_per_step)]
 
-  def issue(kv, slot, pages, which=("k", "v")):
-    """TMA copies of one step's pages of K and/or V into slot (one copy per page)."""
-    k_smem, v_smem, k_barriers, v_barriers = kv
-    for p, page in enumerate(pages):
-      src = (pl.ds(page * block_size, block_size), pl.ds(h * head_dim, head_dim))
-      dst = (slot, pl.ds(p * block_size, block_size))
-      if "k" in which:
-        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_barriers.at[slot])
-      if "v" in which:
-        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[dst], v_barriers.at[slot])
+  issue = functools.partial(pm.copy_pages, k_ref, v_ref, head=h, block_size=block_size,
+                            head_dim=head_dim)
 
   def load_q(q_smem, q_barrier, w):
     # Rows [w * R, (w + 1) * R) of the item's q; rows R..63 of q_smem stay unwritten (each
@@ -302,10 +294,7 @@ def _items_kernel(
 
       def loop_scope(k_smem, v_smem, p_smem, k_barriers, v_barriers):
         kv = (k_smem, v_smem, k_barriers, v_barriers)
-        for j in range(slots):  # fill the pipeline
-          @pl.when(j < num_steps)
-          def _prefetch():
-            issue(kv, j, pages_of(j))
+        pm.fill_pipeline(lambda j: issue(kv, j, pages_of(j)), slots, num_steps)
 
         def step(j, carry, *, masked: bool):
           acc, m, l = carry  # [64, D], [64], [64] float32
@@ -366,10 +355,7 @@ def _items_kernel(
 
     @pl.when(wg == 0)
     def _prefetch():
-      for j in range(slots):  # fill the pipeline
-        @pl.when(j < num_steps)
-        def _issue():
-          issue(kv, j, pages_of(j))
+      pm.fill_pipeline(lambda j: issue(kv, j, pages_of(j)), slots, num_steps)
 
     load_q(q_smem.at[wg], q_barriers.at[wg], wg)
     pl.when(wg == 1)(schedule_barrier)

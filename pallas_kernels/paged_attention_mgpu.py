@@ -141,6 +141,34 @@ def smem_bytes(config: TuningConfig, head_dim: int, block_size: int = 16,
 
 
 # ----------------------------------------------------------------------------- kernel
+def table_pages(tables_ref, row, first_page, page_base: int, pages_per_step: int):
+  """The physical blocks (rows of the 2-D pools / block_size) of pages_per_step consecutive
+  pages of a block-table row from first_page. Pages past the table (the last step of a short
+  range) read its last entry: any valid block will do, the step's mask drops those keys."""
+  last = tables_ref.shape[1] - 1
+  return [page_base + tables_ref[row, jnp.minimum(first_page + i, last)]
+          for i in range(pages_per_step)]
+
+
+def copy_pages(k_ref, v_ref, kv, slot, pages, *, head, block_size: int, head_dim: int):
+  """TMA copies of one pipeline step's pages of K and V (the 2-D pool views, kv head
+  `head`) into SMEM slot `slot`, one copy per page; the slot's barriers count them."""
+  k_smem, v_smem, k_barriers, v_barriers = kv
+  for i, page in enumerate(pages):
+    src = (pl.ds(page * block_size, block_size), pl.ds(head * head_dim, head_dim))
+    dst = (slot, pl.ds(i * block_size, block_size))
+    plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_barriers.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[dst], v_barriers.at[slot])
+
+
+def fill_pipeline(issue_step, slots: int, num_steps) -> None:
+  """Issues the copies of steps 0 .. slots - 1 (those that exist): a full pipeline."""
+  for i in range(slots):
+    @pl.when(i < num_steps)
+    def _prefetch():
+      issue_step(i)
+
+
 def _decode_kernel(
     layer_ref,  # [1] int32 (GMEM)
     kv_lens_ref,  # [B] int32
@@ -157,7 +185,6 @@ def _decode_kernel(
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   s = lax.axis_index("s")
-  num_tables = tables_ref.shape[1]
   rows_out, head_dim = q_ref.shape[2], q_ref.shape[3]
   dtype = q_ref.dtype
   block_kv = pages_per_step * block_size
@@ -181,27 +208,14 @@ def _decode_kernel(
               plgpu.SMEM((WGMMA_ROWS,), jnp.float32), plgpu.SMEM((WGMMA_ROWS,), jnp.float32))
 
   def pages_of(step):
-    """The physical blocks (rows of the 2-D pools / block_size) of step's pages."""
-    first_page = lo // block_size + step * pages_per_step
-    # Pages past the table (the last step of a short split) read its last entry: any valid
-    # block will do, the step's mask drops those keys.
-    return [page_base + tables_ref[b, jnp.minimum(first_page + i, num_tables - 1)]
-            for i in range(pages_per_step)]
+    return table_pages(tables_ref, b, lo // block_size + step * pages_per_step, page_base,
+                       pages_per_step)
 
-  def issue(kv, slot, pages):
-    """TMA copies of one step's pages of K and V into slot (one copy per page)."""
-    k_smem, v_smem, k_barriers, v_barriers = kv
-    for i, page in enumerate(pages):
-      src = (pl.ds(page * block_size, block_size), pl.ds(h * head_dim, head_dim))
-      dst = (slot, pl.ds(i * block_size, block_size))
-      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_barriers.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[dst], v_barriers.at[slot])
+  issue = functools.partial(copy_pages, k_ref, v_ref, head=h, block_size=block_size,
+                            head_dim=head_dim)
 
   def prefetch(kv):
-    for i in range(slots):  # fill the pipeline
-      @pl.when(i < num_steps)
-      def _prefetch():
-        issue(kv, i, pages_of(i))
+    fill_pipeline(lambda i: issue(kv, i, pages_of(i)), slots, num_steps)
 
   def load_q(q_smem, q_barrier):
     # The G (padded to R) query rows of this kv head; rows R..63 of q_smem stay unwritten.

@@ -76,7 +76,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
-from pallas_kernels.paged_attention_mgpu import SMEM_PER_SM, SWIZZLE, _kernel_call, _round_up
+from pallas_kernels.paged_attention_mgpu import (SMEM_PER_SM, SWIZZLE, _kernel_call, _round_up,
+                                                copy_pages, fill_pipeline, table_pages)
 
 BLOCK_Q = 64  # query rows per computing warpgroup: one wgmma's M
 
@@ -180,7 +181,6 @@ def _prefill_kernel(
   h = lax.axis_index("h")
   num_programs = tiles_ref.shape[1] // compute_wgs
   program = num_programs - 1 - lax.axis_index("r")  # the last tiles see the most keys: first
-  num_tables = tables_ref.shape[1]
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
   block_kv = pages_per_step * block_size
@@ -206,27 +206,13 @@ def _prefill_kernel(
   q_barrier_type = plgpu.Barrier(num_arrivals=2, num_barriers=compute_wgs)
 
   def pages_of(step):
-    """The physical blocks (rows of the 2-D pools / block_size) of step's pages."""
-    first_page = step * pages_per_step
-    # Pages past the table (the last step of a short table) read its last entry: any
-    # valid block will do, the step's mask drops those keys.
-    return [page_base + tables_ref[b, jnp.minimum(first_page + i, num_tables - 1)]
-            for i in range(pages_per_step)]
+    return table_pages(tables_ref, b, step * pages_per_step, page_base, pages_per_step)
 
-  def issue(kv, slot, pages):
-    """TMA copies of one step's pages of K and V into slot (one copy per page)."""
-    k_smem, v_smem, k_barriers, v_barriers = kv
-    for i, page in enumerate(pages):
-      src = (pl.ds(page * block_size, block_size), pl.ds(h * head_dim, head_dim))
-      dst = (slot, pl.ds(i * block_size, block_size))
-      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_barriers.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[dst], v_barriers.at[slot])
+  issue = functools.partial(copy_pages, k_ref, v_ref, head=h, block_size=block_size,
+                            head_dim=head_dim)
 
   def prefetch(kv):
-    for i in range(slots):  # fill the pipeline
-      @pl.when(i < num_steps)
-      def _prefetch():
-        issue(kv, i, pages_of(i))
+    fill_pipeline(lambda i: issue(kv, i, pages_of(i)), slots, num_steps)
 
   def compute(w, qo_smem, pos_smem, q_barrier, kv, p_smem, step_done, zero_v, *,
               load_next_pages: bool, turn=None):

@@ -208,11 +208,6 @@ class CudaLoweringTest(parameterized.TestCase):
       self.assertIn("mosaic_gpu", text)
 
 
-if __name__ == "__main__":
-  absltest.main()
-
-
-
 def _d64_model():
   from hq_jax import config as config_lib, model as model_lib
   cfg = config_lib.ModelConfig(
@@ -264,3 +259,7 @@ def test_engine_forward_with_mosaic_lowers_for_cuda():
                        attention_fn=KernelAttention("mosaic")).lower(
                            lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+if __name__ == "__main__":
+  absltest.main()
