@@ -27,6 +27,7 @@ from hq_jax.kv.base import CacheError, PagedCache
 from hq_jax.kv.paged import AttentionView, paged_attention_xla
 from pallas_kernels import dedup_attention as dedup_kernel
 from pallas_kernels import paged_attention as paged_kernel
+from pallas_kernels import paged_attention_mgpu as mosaic_decode
 from pallas_kernels import paged_prefill_mgpu as mosaic_prefill
 
 # "auto" = the Pallas kernels on a GPU, the XLA path elsewhere; "reference" = the XLA path
@@ -67,14 +68,6 @@ def _first_rows(logits: jax.Array, n: int) -> jax.Array:
   return logits[:n, 0]
 
 
-def _mosaic_interpret_params():
-  """The Mosaic GPU interpreter, strict: races, out-of-bounds reads and uninitialized
-  memory (read as NaN) all show."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  return plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise",
-                                  uninitialized_memory="nan")
-
-
 @dataclasses.dataclass(frozen=True)
 class KernelAttention:
   """The model's attention function for one backend (hashable: part of the jit key).
@@ -100,7 +93,7 @@ class KernelAttention:
       return mosaic_prefill.paged_prefill_attention_mgpu(
           q, k_pools, v_pools, view.block_tables, view.positions, view.kv_lens, layer,
           config=mosaic_prefill.tuned_config(q.shape[-1], interpret=interpret),
-          interpret=_mosaic_interpret_params() if interpret else False)
+          interpret=mosaic_decode.strict_interpreter() if interpret else False)
     if plan is not None:
       return dedup_kernel.dedup_attention(*args, plan, layer, interpret=interpret)
     return paged_kernel.paged_attention(*args, layer, interpret=interpret)
@@ -234,13 +227,12 @@ class Engine:
       chunk = np.zeros((1, c), np.int32)
       valid = min(c, n - start)
       chunk[0, :valid] = prompt[start:start + valid]
+      # logits="last": the vocabulary projection of the chunk's last token only.
+      at = None if logits == "all" else [valid - 1]
+      out, cache = self._step(cache, chunk, cache.view([slot], [start], c), at)
       if logits == "all":
-        out, cache = self._step(cache, chunk, cache.view([slot], [start], c))
         kept.append(np.asarray(out[0, :valid]))  # to the host: one chunk on the device
-        last = out[0, valid - 1]
-      else:  # the vocabulary projection of the chunk's last token only
-        out, cache = self._step(cache, chunk, cache.view([slot], [start], c), [valid - 1])
-        last = out[0, 0]
+      last = out[0, valid - 1] if at is None else out[0, 0]
     # With donation the metadata is updated in place, as in decode (the cache is consumed).
     cache = cache.commit_batch([slot], [n], consume=self.donate)
     last = last.block_until_ready()

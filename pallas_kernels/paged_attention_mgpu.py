@@ -141,6 +141,13 @@ def smem_bytes(config: TuningConfig, head_dim: int, block_size: int = 16,
 
 
 # ----------------------------------------------------------------------------- kernel
+def strict_interpreter():
+  """The Mosaic GPU interpreter (CPU) failing on races and out-of-bounds reads, with
+  uninitialized memory read as NaN: the `interpret` argument the tests pass."""
+  return plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise",
+                                  uninitialized_memory="nan")
+
+
 def table_pages(tables_ref, row, first_page, page_base: int, pages_per_step: int):
   """The physical blocks (rows of the 2-D pools / block_size) of pages_per_step consecutive
   pages of a block-table row from first_page. Pages past the table (the last step of a short

@@ -6,8 +6,9 @@ import os
 
 from absl.testing import parameterized
 import jax
-from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
+
+from pallas_kernels.paged_attention_mgpu import strict_interpreter
 
 TOL = 2e-2  # relative L2 error of bf16 vs the f32 reference
 BLOCK_SIZE = 16
@@ -52,13 +53,6 @@ def relabel(k, v, tables, seed):
   perm = np.concatenate([[0], 1 + np.random.default_rng(seed).permutation(num_blocks - 1)])
   inv = np.argsort(perm)  # new block inv[p] holds old block p
   return k[:, perm], v[:, perm], jax.numpy.asarray(inv[np.asarray(tables)].astype(np.int32))
-
-
-def strict_interpreter():
-  """The Mosaic GPU interpreter failing on races and out-of-bounds reads, with
-  uninitialized memory read as NaN."""
-  return plgpu.InterpretGPUParams(detect_races=True, out_of_bounds_reads="raise",
-                                  uninitialized_memory="nan")
 
 
 class MgpuTestCase(parameterized.TestCase):
