@@ -30,15 +30,18 @@ from pallas_kernels import paged_attention as paged_kernel
 from pallas_kernels import paged_attention_mgpu as mosaic_decode
 from pallas_kernels import paged_prefill_mgpu as mosaic_prefill
 
-# "auto" = the Pallas kernels on a GPU, the XLA path elsewhere; "reference" = the XLA path
-# (with a sharing plan: the float32 shared-prefix oracle); "pallas_interpret" = the kernels
-# through the Pallas interpreter (CPU tests). "mosaic": prefill chunks on the Mosaic GPU
-# kernel (`paged_prefill_mgpu`, Hopper, bf16, head_dim a multiple of 64; 1.3-1.6x the Triton
-# kernel's speed on the H200), decode on the Triton kernels (faster there); opt-in until the
-# engine has run compiled with it on a GPU. (`KernelAttention("mosaic_interpret")` runs the
-# kernel in the Mosaic GPU interpreter for tests; the interpreter's callbacks cannot run
-# inside the model's layer scan, so it is no engine option.)
-ATTENTION = ("auto", "reference", "pallas", "pallas_interpret", "mosaic")
+# "auto" = "pallas" on a GPU, "reference" (the XLA path; with a sharing plan the float32
+# shared-prefix oracle) elsewhere. "pallas" = the fastest correct kernels we have on this GPU:
+# prefill chunks on the Mosaic GPU kernel (`paged_prefill_mgpu`) where it runs (Hopper,
+# bf16/f16, head_dim a multiple of 64: 1.3-1.6x the Triton kernel on the H200), else on the
+# Triton kernel; decode on the Triton kernels (faster than our Mosaic decode kernels on every
+# H200 row measured; docs/benchmarks.md). "triton" = the Triton kernels throughout (the
+# fallback). "mosaic" = prefill on the Mosaic kernel always (an error where it cannot run),
+# decode on Triton. "pallas_interpret" = the Triton kernels through the Pallas interpreter
+# (CPU tests). (`KernelAttention("mosaic_interpret")` runs the Mosaic prefill kernel in the
+# Mosaic GPU interpreter for tests; its callbacks cannot run inside the model's layer scan,
+# so it is no engine option.)
+ATTENTION = ("auto", "reference", "pallas", "triton", "mosaic", "pallas_interpret")
 DECODE_ATTENTION = ("paged", "dedup", "auto")
 # decode_attention="auto" reads shared runs once when the plan saves at least this many
 # K/V tokens per kv head and layer (sum over nodes of tokens x (requests - 1)). From the
@@ -55,6 +58,17 @@ def resolve_attention(name: str) -> str:
   if name == "auto":
     return "pallas" if jax.default_backend() == "gpu" else "reference"
   return name
+
+
+def prefill_kernel(attention: str, cfg: ModelConfig, block_size: int = 16) -> str:
+  """What runs a prefill chunk's attention under the resolved backend `attention`:
+  "xla", "triton" or "mosaic" (the same rule as `KernelAttention`)."""
+  if attention == "reference":
+    return "xla"
+  if attention == "mosaic" or (attention == "pallas" and mosaic_prefill.supported(
+      cfg.jnp_dtype, cfg.head_dim, block_size)):
+    return "mosaic"
+  return "triton"
 
 
 def decode_bucket(batch: int) -> int:
@@ -77,7 +91,8 @@ class KernelAttention:
   and (decode with a sharing plan) the plan's arrays.
   """
 
-  backend: str  # "reference" | "pallas" | "pallas_interpret" | "mosaic" | "mosaic_interpret"
+  # "reference" | "pallas" | "triton" | "mosaic" | "pallas_interpret" | "mosaic_interpret"
+  backend: str
 
   def __call__(self, q, k_pools, v_pools, layer, view: AttentionView):
     plan = view.sharing if q.shape[1] == 1 else None
@@ -87,7 +102,10 @@ class KernelAttention:
         return dedup_kernel.dedup_attention_reference(*args, plan, layer)
       return paged_attention_xla(q, k_pools, v_pools, layer, view)
     interpret = self.backend.endswith("_interpret")
-    if self.backend.startswith("mosaic") and q.shape[1] > 1:
+    mosaic = self.backend.startswith("mosaic") or (
+        self.backend == "pallas"
+        and mosaic_prefill.supported(q.dtype, q.shape[-1], k_pools.shape[-3]))
+    if mosaic and q.shape[1] > 1:
       # (The view's tables name a valid block past a request's blocks, as this kernel needs:
       # its last step may copy a page past kv_len, then masked, its V rows zeroed.)
       return mosaic_prefill.paged_prefill_attention_mgpu(
@@ -141,6 +159,8 @@ class Engine:
                        f"{decode_attention!r}")
     self.params, self.cfg, self.chunk_size = params, cfg, chunk_size
     self.attention = resolve_attention(attention)  # what runs: never "auto"
+    # The prefill kernel "pallas" picks at 16-token pages (the default block size).
+    self.prefill_kernel = prefill_kernel(self.attention, cfg)
     self._attention_fn = KernelAttention(self.attention)
     self.decode_attention = decode_attention
     self.auto_min_saved_tokens = auto_min_saved_tokens

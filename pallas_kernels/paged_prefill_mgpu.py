@@ -152,6 +152,23 @@ def tuned_config(head_dim: int, *, interpret: bool = False) -> TuningConfig:
   return dataclasses.replace(config, p_in_registers=False) if interpret else config
 
 
+def supported(dtype, head_dim: int, block_size: int) -> bool:
+  """Whether `tuned_config` runs compiled here: a Hopper GPU (wgmma is sm_90a only),
+  bf16 / f16, head_dim a multiple of 64, pages that fill whole pipeline steps."""
+  dev = jax.devices()[0]
+  if dev.platform != "gpu" or getattr(dev, "compute_capability", None) != "9.0":
+    return False
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return False
+  if head_dim % 64:
+    return False
+  try:
+    tuned_config(head_dim).block_kv(block_size)
+  except ValueError:
+    return False
+  return True
+
+
 def smem_bytes(config: TuningConfig, head_dim: int, block_size: int = 16,
                itemsize: int = 2) -> int:
   """SMEM of one program (Mosaic adds ~3 KiB: barriers, alignment): per computing
@@ -697,9 +714,11 @@ def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0) -> None
     inputs, workloads, _ = cases[shape]
     q_all, k_pool, v_pool, tables = inputs
     print(f"== {shape} (H={nh}, K={nk}, D={d}), bf16, page 16", flush=True)
-    # jax's attention_mgpu: contiguous K/V (the pool's pages in logical order), causal.
+    # jax's attention_mgpu: contiguous K/V (the pool's pages in logical order), causal. It
+    # applies no softmax scale (its reference neither): q is pre-scaled by 1/sqrt(D).
     contiguous = lambda pool: pool[LAYER][tables[0]].reshape(1, CONTEXT, nk, d)
-    mgpu_args = (q_all.astype(jnp.float16), contiguous(k_pool).astype(jnp.float16),
+    mgpu_args = ((q_all * d ** -0.5).astype(jnp.float16),
+                 contiguous(k_pool).astype(jnp.float16),
                  contiguous(v_pool).astype(jnp.float16))
     for block_kv in (64, 128):
       config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv,

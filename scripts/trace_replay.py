@@ -23,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import trace_replay as default_config
-from hq_jax.harness import cli, outputs, trace_outputs, trace_serving, traces
+from hq_jax.harness import cli, memory, outputs, trace_outputs, trace_serving, traces
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(ROOT, "configs", "trace_replay.py"),
@@ -34,8 +34,8 @@ cli.define_flags(default_config.get_config(), {
     "no_model": "replay the caches' block policy only (fast, whole trace on CPU)",
     "model": "preset whose KV shape sets bytes per block (model mode: seeded weights)",
     "dtype": "KV / weight dtype: bytes per block follow it",
-    "attention": "model mode: auto | reference | pallas | pallas_interpret | mosaic "
-                 "(auto: Pallas on a GPU)",
+    "attention": "model mode: auto | reference | pallas | triton | mosaic | pallas_interpret "
+                 "(auto: pallas on a GPU)",
     "kv_budget_gb": "KV pool budgets in GB (10^9 bytes); 0 = unbounded",
     "max_concurrency": "requests holding KV at once (and cache slots)",
     "max_output_tokens": "cap on generated tokens per request; 0 = the trace's output_length",
@@ -85,7 +85,7 @@ def validate(cfg):
          f"{cfg.chunk_size} is not a positive multiple of --block_size={cfg.block_size}")
   _check(cfg.attention in ATTENTION, "attention",
          f"{cfg.attention!r} is not one of {ATTENTION}")
-  if not cfg.no_model and cfg.attention in ("pallas", "mosaic"):
+  if not cfg.no_model and cfg.attention in ("pallas", "triton", "mosaic"):
     import jax
     _check(jax.default_backend() == "gpu", "attention",
            f"{cfg.attention} needs a GPU (backend here: {jax.default_backend()}); use "
@@ -162,6 +162,7 @@ def main(argv):
       max_concurrency=cfg.max_concurrency, max_output_tokens=cfg.max_output_tokens,
       prefill_tokens_per_s=cfg.prefill_tokens_per_s,
       decode_tokens_per_s=cfg.decode_tokens_per_s, time_scale=cfg.time_scale)
+  ran = "none (--no_model)"
   if cfg.no_model:
     make_backend = trace_outputs.simulator_factory(cfg.block_size)
   else:
@@ -171,6 +172,7 @@ def main(argv):
     from hq_jax.engine import Engine
     params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
     engine = Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention)
+    ran = memory.attention_name(engine)
     make_backend = trace_serving.make_factory(
         layout, requests, replay_cfg, vocab_size=model_cfg.vocab_size, seed=cfg.seed,
         engine=engine)
@@ -180,7 +182,8 @@ def main(argv):
   # writes; a failure marks its record failed. Its errors name the flag.
   try:
     with outputs.Run(cfg.output_dir, "trace_replay", files, overwrite=cfg.overwrite,
-                     record={"command": cli.command_line(), **cli.run_metadata()}) as run:
+                     record={"command": cli.command_line(), **cli.run_metadata(),
+                             "attention": ran}) as run:
       rows, capacity, summary = _replay(run, cfg, requests, layout, replay_cfg, make_backend,
                                         trace_path, deadline)
   except outputs.OutputError as e:

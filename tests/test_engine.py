@@ -119,6 +119,23 @@ def test_auto_attention_is_the_reference_on_cpu(tiny):
   assert Engine(*tiny, attention="pallas_interpret").attention == "pallas_interpret"
 
 
+def test_pallas_picks_its_prefill_kernel_per_device(tiny):
+  """"pallas" = Mosaic GPU prefill only where it compiles (Hopper, bf16/f16, head_dim a
+  multiple of 64); "triton" never; "reference" runs XLA."""
+  from hq_jax.engine import prefill_kernel
+  params, cfg = tiny
+  hopper = (jax.default_backend() == "gpu"
+            and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
+  bf16_64 = dataclasses.replace(cfg, dtype="bfloat16", head_dim=64)
+  assert prefill_kernel("pallas", bf16_64) == ("mosaic" if hopper else "triton")
+  assert prefill_kernel("pallas", dataclasses.replace(bf16_64, head_dim=32)) == "triton"
+  assert prefill_kernel("pallas", dataclasses.replace(bf16_64, dtype="float32")) == "triton"
+  assert prefill_kernel("pallas", bf16_64, block_size=8) == "triton"  # 32-key steps
+  assert prefill_kernel("triton", bf16_64) == "triton"
+  assert prefill_kernel("mosaic", cfg) == "mosaic"
+  assert prefill_kernel("reference", bf16_64) == "xla"
+
+
 def test_cache_of_another_layout_is_refused(tiny, tiny_layout):
   params, cfg = tiny
   engine = Engine(params, cfg, chunk_size=16)

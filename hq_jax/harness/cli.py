@@ -21,9 +21,10 @@ COMMON_HELPS = {
     "block_size": "KV block size in tokens",
     "chunk_size": "prefill chunk (a multiple of block_size)",
     "dtype": "float32 | bfloat16",
-    "attention": "prefill/decode attention: auto (Pallas on a GPU, the XLA reference "
-                 "elsewhere), reference, pallas, pallas_interpret, mosaic (prefill on the "
-                 "Mosaic GPU kernel: Hopper, bf16)",
+    "attention": "prefill/decode attention: auto (pallas on a GPU, the XLA reference "
+                 "elsewhere), reference, pallas (the fastest of our kernels on this GPU: "
+                 "Mosaic GPU prefill on Hopper, Triton decode), triton (the Triton kernels "
+                 "only), mosaic (Mosaic GPU prefill always), pallas_interpret",
     "decode_attention": "decode over shared prefixes: paged, dedup (read a shared prefix "
                         "once), auto",
     "overwrite": "replace this script's earlier outputs in --output_dir (else refused)",

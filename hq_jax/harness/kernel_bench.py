@@ -211,8 +211,10 @@ def bench_prefill(shape: str, n: int, key, rows: list[dict], *, block_size: int 
   for cfg in OUR_PREFILL_GRID:
     run("ours", jax.jit(lambda q, k, v, kp, vp, view, cfg=cfg: pa.paged_attention(
         q, kp, vp, *kernel_args(view), config=cfg)), cfg, jnp.bfloat16, ours_ref)
+  mos_cfg = ppm.tuned_config(d)  # the engine's config
   run("mosaic", jax.jit(lambda q, k, v, kp, vp, view: ppm.paged_prefill_attention_mgpu(
-      q, kp[None], vp[None], *kernel_args(view))), "default", jnp.bfloat16, ours_ref)
+      q, kp[None], vp[None], *kernel_args(view), config=mos_cfg)), mos_cfg, jnp.bfloat16,
+      ours_ref)
   mgpu_ref = jax.jit(lambda q, k, v, kp, vp, view: mgpu.attention_reference(q, k, v,
                                                                            causal=True))
   for bkv in (64, 128):
@@ -302,7 +304,7 @@ def bench_shared(run: outputs.Run, *, points, sweep, shapes, configs, seed: int,
           row = shared_prefix.bench_point(
               shape, *parse(point), kind=kind, configs=configs, seed=seed + len(rows),
               block_size=block_size, reps=reps, check_requests=check_requests,
-              log=lambda m: print("   ", m, flush=True))
+              mosaic=True, log=lambda m: print("   ", m, flush=True))
         except Exception as e:  # noqa: BLE001 - a failing point is reported, not fatal
           print(f"    FAILED: {type(e).__name__}: {e}", flush=True)
           continue

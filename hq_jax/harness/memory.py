@@ -118,7 +118,8 @@ def attention_name(engine: Engine) -> str:
   """What attention an engine runs, for the outputs (also for an Engine built by hand)."""
   name = getattr(engine, "attention", None)
   if isinstance(name, str):
-    return name
+    # "pallas" picks its prefill kernel per GPU: say which one ran.
+    return f"pallas(prefill={engine.prefill_kernel})" if name == "pallas" else name
   from hq_jax import engine as engine_lib
   fn = getattr(engine, "attention_fn", None)
   return next((k for k, v in getattr(engine_lib, "ATTENTION_BACKENDS", {}).items() if v is fn),

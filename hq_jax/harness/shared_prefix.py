@@ -10,7 +10,10 @@ step of one layer, page 16, bf16, blocks shuffled in the pool, random values. Ti
                   (what non-shared decode reads, the baseline of FlashInfer's cascade and
                   Hydragen numbers); its output must equal `paged` to the bit, since the
                   logical content is the same (the kernel's placement independence);
-  dedup           `dedup_attention` under each tuning config of the grid (best kept).
+  dedup           `dedup_attention` under each tuning config of the grid (best kept);
+  mosaic          (with `mosaic=True`, compiled GPU only) the Mosaic GPU kernel
+                  `dedup_attention_mgpu` under each of MOSAIC_CONFIGS, best kept beside
+                  the Triton one (the engine's dedup decode runs the Triton kernel).
 
 Checks before timing: paged and dedup against the float32 reference on the first
 `check_requests` requests (relative L2 < 2e-2), dedup against paged on all. Timing: device
@@ -37,6 +40,7 @@ from hq_jax.harness.gpu_timing import device_ms, kernel_breakdown, rel_err
 from hq_jax.kv import sharing
 from hq_jax.kv.paged import AttentionView
 from pallas_kernels import dedup_attention as da
+from pallas_kernels import dedup_attention_mgpu as dam
 from pallas_kernels import paged_attention as pa
 
 def attention_shape(model: str) -> tuple[int, int, int]:
@@ -70,11 +74,14 @@ CONFIGS = {
                       shared_num_stages=2, shared_kv_split=8192, min_programs=128),
 }
 CONFIGS.update({f"{k}f": dataclasses.replace(c, fused=True) for k, c in list(CONFIGS.items())})
+# The Mosaic GPU kernel's configs: one computing warpgroup, and two on twice the requests.
+MOSAIC_CONFIGS = {"mgpu": dam.DEFAULT, "mgpu_ws2": dam.DEFAULT_WS}
 COLUMNS = ("kind", "shape", "shared", "unique", "batch", "config", "paged_ms",
            "paged_unshared_ms", "dedup_ms", "speedup", "speedup_vs_unshared", "ideal",
            "of_ideal", "saved_tokens", "plan_ms", "err_paged_vs_ref", "err_dedup_vs_ref",
            "err_dedup_vs_paged", "max_abs_vs_paged", "all_configs_ms", "dedup_kernels_us",
-           "paged_kernels_us")
+           "paged_kernels_us", "mosaic_ms", "mosaic_config", "mosaic_speedup",
+           "mosaic_of_ideal", "err_mosaic_vs_ref", "mosaic_all_configs_ms")
 
 
 def make_batch(seed: int, shared: int, unique: int, batch: int, nh: int, nk: int, d: int,
@@ -117,8 +124,9 @@ def make_batch(seed: int, shared: int, unique: int, batch: int, nh: int, nk: int
 def bench_point(shape: str, shared: int, unique: int, batch: int, *, kind: str,
                 configs: list[str], seed: int, block_size: int = 16, reps: int = 10,
                 check_requests: int = 16, unshared: bool = True,
-                interpret: bool = False, log=print) -> dict | None:
-  """One row: the best dedup config's time beside paged (and paged on unshared copies)."""
+                interpret: bool = False, mosaic: bool = False, log=print) -> dict | None:
+  """One row: the best dedup config's time beside paged (and paged on unshared copies);
+  with `mosaic`, the best Mosaic GPU dedup config's too (mosaic_* columns)."""
   nh, nk, d = attention_shape(shape)
   bs = block_size
   q, (k, v, view, tables, lens), (ku, vu, viewu) = make_batch(
@@ -177,6 +185,9 @@ def bench_point(shape: str, shared: int, unique: int, batch: int, *, kind: str,
           saved_tokens=summary.saved_tokens, plan_ms=round(plan_ms, 2),
           err_paged_vs_ref=f"{err_paged:.1e}", err_dedup_vs_ref=f"{err_ref:.1e}",
           err_dedup_vs_paged=f"{err_vs_paged:.1e}", max_abs_vs_paged=f"{max_abs:.1e}")
+  if best is not None and mosaic and not interpret:
+    best.update(_bench_mosaic(q, k, v, view, tables, lens, ref, n, nh // nk, bs, reps=reps,
+                              ideal=summary.ideal_byte_ratio, paged_ms=t_paged, log=log))
   if best is not None:
     best["all_configs_ms"] = " ".join(f"{k}={v}" for k, v in times.items())
     if not interpret:
@@ -186,6 +197,34 @@ def bench_point(shape: str, shared: int, unique: int, batch: int, *, kind: str,
           lambda q, k, v, view: pa.paged_attention(q, k, v, *kernel_args(view)), q, k, v,
           view)
     log(str(best))
+  return best
+
+
+def _bench_mosaic(q, k, v, view, tables, lens, ref, n: int, group: int, bs: int, *,
+                  reps: int, ideal: float, paged_ms: float, log=print) -> dict:
+  """The mosaic_* columns: each Mosaic config checked against the reference, timed."""
+  times, best = {}, {}
+  for name, cfg in MOSAIC_CONFIGS.items():
+    try:
+      plan, _ = sharing.build_plan(tables, lens, bs,
+                                   requests_per_tile=cfg.requests_per_tile(group))
+      fn = lambda q, k, v, view, plan, cfg=cfg: dam.dedup_attention_mgpu(
+          q, k, v, *kernel_args(view), plan, config=cfg)
+      out = fn(q, k, v, view, plan)
+      err = rel_err(out[:n], ref)
+      if not err < 2e-2:
+        raise AssertionError(f"rel err vs reference {err:.2e}")
+      t = device_ms(fn, q, k, v, view, plan, reps=reps)
+    except Exception as e:  # noqa: BLE001 - one failing config must not lose the others
+      log(f"FAILED mosaic {name}: {type(e).__name__}: {str(e)[:300]}")
+      continue
+    times[name] = round(t, 4)
+    if not best or t < best["mosaic_ms"]:
+      best = dict(mosaic_ms=round(t, 4), mosaic_config=name,
+                  mosaic_speedup=round(paged_ms / t, 2),
+                  mosaic_of_ideal=round(paged_ms / t / ideal, 2),
+                  err_mosaic_vs_ref=f"{err:.1e}")
+  best["mosaic_all_configs_ms"] = " ".join(f"{k}={v}" for k, v in times.items())
   return best
 
 
@@ -202,6 +241,8 @@ def markdown(rows: list[dict]) -> str:
   cols = ["shape", "shared", "unique", "batch", "paged_ms", "paged_unshared_ms", "dedup_ms",
           "speedup", "speedup_vs_unshared", "ideal", "of_ideal", "saved_tokens", "config",
           "err_dedup_vs_ref", "max_abs_vs_paged"]
+  if any("mosaic_ms" in r for r in rows):
+    cols += ["mosaic_ms", "mosaic_speedup", "mosaic_of_ideal", "mosaic_config"]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+  lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
   return "\n".join(lines)
