@@ -54,8 +54,9 @@ batch neighbours, the table width, the slots, warp specialization or compute_wgs
 Status: correct in the Mosaic GPU interpreter on CPU with jax 0.12 and 0.11.2 (races,
 out-of-bounds reads and uninitialized SMEM checked); lowers for `cuda` on a CPU machine
 (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`) at the 0.5B and 7B shapes,
-every config of `main_configs`, both versions; not yet compiled or timed on the H200
-(`main()` does both). API differences between the versions: those of
+every config of `main_configs`, both versions; compiled, tested and timed on the H200
+(`main()`, docs/benchmarks.md): 1.3-1.6x the Triton kernel, 0.57-0.86x `attention_mgpu`, the
+engine's prefill under `--attention=pallas` on Hopper. API differences between the versions: those of
 paged_attention_mgpu (`_kernel_call`); nothing else used here differs.
 Not done: splits of long key ranges (a short chunk after a long context runs B * K * tiles
 programs over the whole context); tuning (main() times a handful of configs); the default

@@ -15,9 +15,10 @@ Prefill: our kernels (Triton "ours", Mosaic GPU "mosaic": `paged_prefill_mgpu.py
 chunk of N causal tokens (block tables, GQA rows) vs JAX's Mosaic GPU `attention_mgpu`
 (contiguous, causal, float16 in JAX 0.11.2) on the same N.
 
-Shared prefix (issue #5): per (shared, unique, batch) point, the dedup kernel vs our paged
-kernel on the same batch, and paged on unshared copies of the prefix; the ratio beside the
-ideal byte ratio C (P + S) / (P + C S). Method in `hq_jax/harness/shared_prefix.py`.
+Shared prefix (issue #5): per (shared, unique, batch) point, the dedup kernel (Triton; the
+Mosaic GPU one in the mosaic_* columns) vs our paged kernel on the same batch, and paged on
+unshared copies of the prefix; the ratio beside the ideal byte ratio C (P + S) / (P + C S).
+Method in `hq_jax/harness/shared_prefix.py`.
 """
 
 from __future__ import annotations
