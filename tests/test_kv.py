@@ -116,6 +116,30 @@ def test_hash_collisions_never_reuse_wrong_blocks(tiny_layout):
     assert kv_stats(c).physical_blocks == 5
 
 
+@pytest.mark.parametrize("bits", [2, 32])
+def test_scanned_and_bucketed_lookups_find_the_same_blocks(tiny_layout, monkeypatch, bits):
+  """A long prompt's hit chain through the bucketed index (from the first lookup) and
+  through scans only: the same cache, with hashes that collide (2 bits) or not."""
+  from hq_jax.kv import dedup
+  rng = np.random.default_rng(bits)
+  prefix = rng.integers(0, 50, 40 * 16)  # 40 blocks: more lookups than the scan budget
+  prompts = [np.r_[prefix[:k * 16], rng.integers(0, 50, 24)] for k in (40, 40, 25, 3)]
+  results = []
+  for scans in (0, 10**9):
+    monkeypatch.setattr(dedup._Index, "_SCANS_BEFORE_INDEX", scans)
+    c = DedupKVCache.init(tiny_layout, num_blocks=256, max_requests=8, max_seq_len=1024,
+                          hash_bits=bits)
+    for p in prompts:
+      c, _ = _admit_commit(c, p)
+    results.append(c)
+  a, b = results
+  for name in ("block_tables", "refcount", "registered", "block_hash", "block_parent"):
+    np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)))
+  t = np.asarray(a.block_tables)
+  assert (t[1, :40] == t[0, :40]).all() and (t[2, :25] == t[0, :25]).all()
+  assert int(np.asarray(a.hit_tokens)) == (40 + 25 + 3) * 16
+
+
 def test_salt_isolates_tenants(tiny_layout):
   c = DedupKVCache.init(tiny_layout, num_blocks=32, max_requests=4, max_seq_len=MAX_SEQ)
   c, s0 = _admit_commit(c, np.arange(32), salt=7)

@@ -294,44 +294,48 @@ class _Index:
   """Hash -> registered blocks, derived from the cache arrays (never stored separately).
 
   A few lookups (a decode step registering the blocks it filled) scan the hash column
-  (O(num_blocks), vectorized); many (admitting a long prompt) sort it once
-  (O(num_blocks log num_blocks)) and binary-search. Either way a candidate is verified
-  against the current arrays, and no two registered blocks share an identity, so both
-  find the same block.
+  (O(num_blocks), vectorized); many (admitting a long prompt) first bucket the registered
+  blocks by the hash's low 16 bits, once (a radix argsort, O(num_blocks)), then look in one
+  bucket. Either way a candidate is verified against the current arrays, and no two
+  registered blocks share an identity, so both find the same block.
   """
 
-  # A scan of the hash column costs about 1/80 of sorting it (numpy, 10^5 blocks).
-  _SCANS_BEFORE_SORT = 64
+  # Measured on the 2-core CPU box at 162,760 blocks: a scan 0.03 ms, bucketing 3 ms (a
+  # comparison argsort of the hashes, the index before, 11 ms).
+  _SCANS_BEFORE_INDEX = 32  # about a third of the build in scans, then build
+  _BUCKET_BITS = 16
 
   def __init__(self, a: dict[str, np.ndarray], bits: int):
     self.a, self.bits = a, bits
-    self.keys = self.ids = None  # the sorted index, built on demand
+    self.ids = self.starts = None  # the bucket index, built on demand
     self.scans = 0
-    self.added: dict[int, list[int]] = {}  # registered after the sort
+    self.added: dict[int, list[int]] = {}  # registered after the index was built
 
-  def _sort(self) -> None:
+  def _build(self) -> None:
     a = self.a
     ids = np.flatnonzero(a["registered"])
-    keys = a["block_hash"][ids]
-    order = np.argsort(keys, kind="stable")
-    self.keys, self.ids = keys[order], ids[order]
+    buckets = (a["block_hash"][ids] & np.uint32((1 << self._BUCKET_BITS) - 1)).astype(np.uint16)
+    self.ids = ids[np.argsort(buckets, kind="stable")]  # a radix sort for 16-bit keys
+    self.starts = np.zeros((1 << self._BUCKET_BITS) + 1, np.int64)
+    np.cumsum(np.bincount(buckets, minlength=1 << self._BUCKET_BITS), out=self.starts[1:])
 
   def add(self, h: int, block: int) -> None:
-    if self.keys is not None:
+    if self.ids is not None:
       self.added.setdefault(int(h), []).append(block)
 
   def find(self, salt: int, parent: int, parent_gen: int, tokens: np.ndarray) -> int | None:
     a = self.a
     h = np.uint32(block_hash(salt, parent, parent_gen, tokens, self.bits))  # the column's
     # dtype: a Python int would make numpy convert the whole column on every comparison.
-    if self.keys is None and self.scans < self._SCANS_BEFORE_SORT:
+    if self.ids is None and self.scans < self._SCANS_BEFORE_INDEX:
       self.scans += 1
       candidates = np.flatnonzero((a["block_hash"] == h) & a["registered"])
     else:
-      if self.keys is None:
-        self._sort()
-      lo, hi = np.searchsorted(self.keys, h, "left"), np.searchsorted(self.keys, h, "right")
-      candidates = list(self.ids[lo:hi]) + self.added.get(int(h), [])
+      if self.ids is None:
+        self._build()
+      bucket = int(h) & ((1 << self._BUCKET_BITS) - 1)
+      in_bucket = self.ids[self.starts[bucket]:self.starts[bucket + 1]]
+      candidates = list(in_bucket[a["block_hash"][in_bucket] == h]) + self.added.get(int(h), [])
     for b in candidates:
       # Verify: a hash match alone is never trusted.
       if (a["registered"][b] and a["block_salt"][b] == salt and a["block_parent"][b] == parent
