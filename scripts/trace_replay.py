@@ -199,11 +199,12 @@ def main(argv):
   timed = [r for r in rows if r["ttft_p50_ms"] is not None]
   if timed:
     print(f"\n{'backend':13s} {'budget':>7s} {'requests':>8s} {'TTFT p50':>9s} {'p90':>9s} "
-          f"{'p99 (ms)':>9s} {'prefill tok/s':>13s} {'decode steps':>12s}")
+          f"{'p99 (ms)':>9s} {'prefill tok/s':>13s} {'decode steps':>12s} {'admit ms':>8s}")
     for r in timed:
       print(f"{r['backend']:13s} {r['kv_budget_gb']:5g} GB {r['requests']:8d} "
             f"{r['ttft_p50_ms']:9.1f} {r['ttft_p90_ms']:9.1f} {r['ttft_p99_ms']:9.1f} "
-            f"{r['prefill_tokens_per_s_measured']:13,.0f} {r['decode_steps']:12d}"
+            f"{r['prefill_tokens_per_s_measured']:13,.0f} {r['decode_steps']:12d} "
+            f"{r['host_admit_ms_mean']:8.2f}"
             + ("  PARTIAL (--time_limit_s)" if r["partial"] else ""))
   print(f"ledger: {summary['ledger_row']['supported']}: {summary['ledger_row']['verdict']}")
   print(f"wrote {cfg.output_dir}/trace_replay.csv, capacity.csv, trace_replay.png, summary.json")

@@ -232,6 +232,7 @@ def test_model_mode_on_tiny(tiny):
   dense = by["dense"]
   assert dense["ttft_p50_ms"] > 0 and dense["ttft_p99_ms"] >= dense["ttft_p50_ms"]
   assert dense["prefill_tokens_per_s_measured"] > 0 and dense["partial"] is False
+  assert dense["host_admit_ms_mean"] > 0
   assert dense["requests"] == 3 and dense["decode_steps"] >= 1
   sim = trace_outputs.run_budgets(reqs, [0.0], model="tiny", bytes_per_block=1, block_size=16,
                                   cfg=rcfg, make_backend=trace_outputs.simulator_factory(16))
@@ -300,10 +301,10 @@ def test_script(tmp_path):
   assert (out / "trace_replay.png").stat().st_size > 0
   header = (out / "trace_replay.csv").read_text().splitlines()[0]
   assert header.endswith("decode_steps,partial,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,"
-                         "prefill_tokens_per_s_measured,run_id")
+                         "prefill_tokens_per_s_measured,host_admit_ms_mean,run_id")
   run_id = summary["run_id"]  # the CSV rows and the summary carry this run's id
   assert (out / "trace_replay.csv").read_text().splitlines()[1].endswith(
-      f",,False,,,,,{run_id}")
+      f",,False,,,,,,{run_id}")
   assert summary["partial"] is False
   record = json.loads((out / "trace_replay.run.json").read_text())
   assert record["run_id"] == run_id and record["status"] == "complete"

@@ -159,6 +159,7 @@ class ServingBackend:
         future = sum(self._blocks_to_come(int(self.cache.req_lens[s]), r.final_len)
                      for s, r in running.items())
         admitted = self._try_admit(req, prompt, hold, future)
+        acc["admit_s"] += time.perf_counter() - t_admit  # host: tokens, fit check, admission
         if admitted is None:
           break  # Head of line: wait for a release.
         queue.popleft()
@@ -230,6 +231,7 @@ class ServingBackend:
         mean_queue_wait_s=acc["wait_s"] / n if n else 0.0,
         decode_steps=acc["decode_steps"], partial=partial,
         prefill_tokens_per_s_measured=acc["computed"] / prefill_s if prefill_s else None,
+        host_admit_ms_mean=1000 * acc["admit_s"] / n if n else None,
         ttft_p50_ms=pct(50), ttft_p90_ms=pct(90), ttft_p99_ms=pct(99))
 
 

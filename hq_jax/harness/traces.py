@@ -495,7 +495,7 @@ def replay(requests: Sequence[TraceRequest], backend, cfg: ReplayConfig, *,
       peak_concurrency=acc["peak_conc"], replay_span_s=span,
       mean_queue_wait_s=acc["wait_s"] / acc["requests"] if acc["requests"] else 0.0,
       decode_steps=None, partial=False, prefill_tokens_per_s_measured=None,
-      ttft_p50_ms=None, ttft_p90_ms=None, ttft_p99_ms=None)
+      host_admit_ms_mean=None, ttft_p50_ms=None, ttft_p90_ms=None, ttft_p99_ms=None)
 
 
 # ---------------------------------------------------------------------------- ledger
