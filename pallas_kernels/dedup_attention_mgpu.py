@@ -234,32 +234,15 @@ def _items_kernel(
                             q_smem.at[pl.ds(0, rows_out)], q_barrier)
     plgpu.barrier_wait(q_barrier)
 
-  def init_carry():
-    return (
-        plgpu.layout_cast(jnp.zeros((WGMMA_ROWS, head_dim), jnp.float32),
-                          plgpu.Layout.WGMMA),
-        plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32),
-                          plgpu.Layout.WGMMA.reduce(1)),
-        plgpu.layout_cast(jnp.zeros((WGMMA_ROWS,), jnp.float32),
-                          plgpu.Layout.WGMMA.reduce(1)))
-
   def softmax(scores, m, l, j, masked):
     """Online softmax of one step's scores [64, block_kv] (log2 units) -> (p, m, l, alpha)."""
+    visible = None
     if masked:
       num_visible = num_keys - j * block_kv
       cols = plgpu.broadcasted_iota(jnp.int32, (WGMMA_ROWS, block_kv), 1,
                                     layout=plgpu.Layout.WGMMA)
       visible = cols < num_visible
-      m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
-    else:
-      m_tile = jnp.max(scores, axis=1)
-    m_new = jnp.maximum(m, m_tile)
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
-    if masked:
-      p = jnp.where(visible, p, 0.0)  # a hidden (even NaN) score is dropped
-    return p, m_new, alpha * l + jnp.sum(p, axis=1), alpha
+    return pm.online_softmax(scores, m, l, visible)
 
   def qk(q_smem, k_slot):
     def compute(acc_ref):
@@ -325,7 +308,7 @@ def _items_kernel(
           return acc, m, l
 
         carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False),
-                              init_carry())
+                              pm.initial_carry(WGMMA_ROWS, head_dim))
         return lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True),
                              carry)
 
@@ -397,7 +380,8 @@ def _items_kernel(
 
       return acc, m, l
 
-    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), init_carry())
+    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False),
+                          pm.initial_carry(WGMMA_ROWS, head_dim))
     acc, m, l = lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True),
                               carry)
     pl.when(wg == 0)(schedule_barrier)

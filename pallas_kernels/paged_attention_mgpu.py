@@ -4,8 +4,8 @@ Parts, as in `paged_attention.py`: the kernel body (`_decode_kernel`), the jitte
 `paged_decode_attention_mgpu` with its `TuningConfig`, the exact split merge (`merge_splits`,
 plain jnp), a float32 `paged_decode_attention_reference` on this file's interface (the tests
 also check against `paged_attention.paged_attention_reference`), and `main()`: the H200
-check-and-time sweep (`python -m pallas_kernels.paged_attention_mgpu [--sweep]`). A leaf:
-jax, numpy and the standard library only.
+check-and-time sweep (`python -m pallas_kernels.paged_attention_mgpu [--sweep]`). Imports
+jax, numpy, the standard library and `_common` (its input checks) only.
 
 Layout: q [B, 1, H, D]; pools of ALL layers [L, num_blocks, block_size, K, D]; block tables
 [B, MB]; positions [B, 1]; kv_lens [B]; `layer` picks the layer (may be traced). The
@@ -62,6 +62,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
+
+from pallas_kernels import _common as common
 
 WGMMA_ROWS = 64  # rows of one warpgroup's wgmma: the G query heads are padded to this
 ROW_PAD = 8  # partial outputs keep G rows rounded up to this (one (8, x) TMA tile)
@@ -177,6 +179,34 @@ def fill_pipeline(issue_step, slots: int, num_steps) -> None:
       issue_step(i)
 
 
+def initial_carry(rows: int, head_dim: int):
+  """(acc, m, l) of the online softmax before any key: zeros, -inf, zeros, in the layouts
+  of a warpgroup's wgmma accumulator ([rows, head_dim]) and its row reductions ([rows])."""
+  return (
+      plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+      plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32),
+                        plgpu.Layout.WGMMA.reduce(1)),
+      plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
+
+
+def online_softmax(scores, m, l, visible=None):
+  """One key step of the online softmax, log2 units: scores [R, N] (scaled), the running
+  row max m and sum l [R] -> (p [R, N] float32, new m, new l, alpha = the factor the old
+  accumulator takes). `visible` [R, N] bool, or None for a step whose keys every row sees:
+  a hidden score (even NaN) gets p = 0; a row that has seen no key keeps m = -inf, p = 0."""
+  if visible is None:
+    m_tile = jnp.max(scores, axis=1)
+  else:
+    m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
+  m_new = jnp.maximum(m, m_tile)
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet
+  alpha = jnp.exp2(m - m_safe)
+  p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)  # exp2 of a hidden (even NaN) score is dropped
+  return p, m_new, alpha * l + jnp.sum(p, axis=1), alpha
+
+
 def _decode_kernel(
     layer_ref,  # [1] int32 (GMEM)
     kv_lens_ref,  # [B] int32
@@ -248,21 +278,13 @@ def _decode_kernel(
 
       scores = pl.run_scoped(compute_qk, plgpu.ACC((WGMMA_ROWS, block_kv), jnp.float32))
       scores = scores * scale  # [64, block_kv], log2 units
+      visible = None
       if masked:
         num_visible = num_keys - i * block_kv  # keys of this step that exist and are seen
         cols = plgpu.broadcasted_iota(jnp.int32, (WGMMA_ROWS, block_kv), 1,
                                       layout=plgpu.Layout.WGMMA)
         visible = cols < num_visible
-        m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
-      else:
-        m_tile = jnp.max(scores, axis=1)
-      m_new = jnp.maximum(m, m_tile)
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet
-      alpha = jnp.exp2(m - m_safe)
-      p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
-      if masked:
-        p = jnp.where(visible, p, 0.0)  # exp2 of a hidden (even NaN) score is dropped
-      l = alpha * l + jnp.sum(p, axis=1)
+      p, m_new, l, alpha = online_softmax(scores, m, l, visible)
       if not p_in_registers:
         p_smem[...] = p.astype(dtype)
 
@@ -283,13 +305,8 @@ def _decode_kernel(
       step_done(i, slot, next_pages)  # both wgmmas are done: the slot may be refilled
       return acc, m_new, l
 
-    init = (
-        plgpu.layout_cast(jnp.zeros((WGMMA_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA),
-        plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32),
-                          plgpu.Layout.WGMMA.reduce(1)),
-        plgpu.layout_cast(jnp.zeros((WGMMA_ROWS,), jnp.float32),
-                          plgpu.Layout.WGMMA.reduce(1)))
-    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), init)
+    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False),
+                          initial_carry(WGMMA_ROWS, head_dim))
     return lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True), carry)
 
   def store(acc, m, l, acc_smem, m_smem, l_smem):
@@ -389,16 +406,18 @@ def merge_splits(acc, m, l):
 
 
 # ---------------------------------------------------------------------------- wrapper
-def check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens) -> None:
-  if q.ndim != 4 or q.shape[1] != 1:
+def check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens, *,
+                 decode: bool = True) -> None:
+  """The Triton kernels' shape checks (`_common.check_inputs`) and what the Mosaic GPU
+  kernels add: pools of all layers [L, NB, bs, K, D], one bf16 or f16 dtype (wgmma
+  operands), head_dim a multiple of 64; decode: one token per request, G <= 64 rows."""
+  common.check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens)
+  b, t, nh, d = q.shape
+  if decode and t != 1:
     raise ValueError(f"q must be [B, 1, H, D] (decode), got {q.shape}")
-  if k_pool.ndim != 5 or k_pool.shape != v_pool.shape:
-    raise ValueError(f"k_pool {k_pool.shape} / v_pool {v_pool.shape} must be equal "
-                     "[L, num_blocks, block_size, K, D]")
-  b, _, nh, d = q.shape
-  nk, dk = k_pool.shape[3:]
-  if dk != d or nh % nk:
-    raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}")
+  if k_pool.ndim != 5:
+    raise ValueError(f"k_pool {k_pool.shape} must be all layers' [L, num_blocks, block_size, "
+                     "K, D]")
   if q.dtype != k_pool.dtype or q.dtype != v_pool.dtype:
     raise ValueError(f"q, k_pool, v_pool dtypes differ: {q.dtype}, {k_pool.dtype}, "
                      f"{v_pool.dtype}")
@@ -406,12 +425,8 @@ def check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens) -> None:
     raise NotImplementedError(f"bf16 or f16 only (wgmma operands), got {q.dtype}")
   if d % 64:
     raise ValueError(f"head_dim must be a multiple of 64, got {d}")
-  if nh // nk > WGMMA_ROWS:
-    raise ValueError(f"GQA group {nh // nk} > {WGMMA_ROWS} rows of one wgmma")
-  if (block_tables.ndim != 2 or block_tables.shape[0] != b or positions.shape != (b, 1)
-      or kv_lens.shape != (b,)):
-    raise ValueError(f"block_tables {block_tables.shape}, positions {positions.shape}, "
-                     f"kv_lens {kv_lens.shape} do not fit batch {b}")
+  if decode and nh // k_pool.shape[3] > WGMMA_ROWS:
+    raise ValueError(f"GQA group {nh // k_pool.shape[3]} > {WGMMA_ROWS} rows of one wgmma")
 
 
 def _kernel_call(body, out_type, *, interpret, **kwargs):

@@ -78,7 +78,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
 from pallas_kernels.paged_attention_mgpu import (SMEM_PER_SM, SWIZZLE, _kernel_call, _round_up,
-                                                copy_pages, fill_pipeline, table_pages)
+                                                check_inputs, copy_pages, fill_pipeline,
+                                                initial_carry, online_softmax, table_pages)
 
 BLOCK_Q = 64  # query rows per computing warpgroup: one wgmma's M
 
@@ -269,22 +270,14 @@ def _prefill_kernel(
 
       scores = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
       scores = scores * scale  # [64, block_kv], log2 units
+      visible = None
       if masked:  # key < hi (hence < kv_len) and key <= the row's position
         cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1,
                                       layout=plgpu.Layout.WGMMA)
         keys = cols + i * block_kv
         visible = (keys < hi) & (
             keys <= lax.broadcast_in_dim(row_pos, (BLOCK_Q, block_kv), [0]))
-        m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
-      else:
-        m_tile = jnp.max(scores, axis=1)
-      m_new = jnp.maximum(m, m_tile)
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet
-      alpha = jnp.exp2(m - m_safe)
-      p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
-      if masked:
-        p = jnp.where(visible, p, 0.0)  # exp2 of a hidden (even NaN) score is dropped
-      l = alpha * l + jnp.sum(p, axis=1)
+      p, m_new, l, alpha = online_softmax(scores, m, l, visible)
       if not p_in_registers:
         p_smem[...] = p.astype(dtype)
 
@@ -306,12 +299,8 @@ def _prefill_kernel(
       step_done(i, slot, next_pages)  # both wgmmas are done: the slot may be refilled
       return acc, m_new, l
 
-    init = (
-        plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA),
-        plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
-                          plgpu.Layout.WGMMA.reduce(1)),
-        plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
-    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), init)
+    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False),
+                          initial_carry(BLOCK_Q, head_dim))
     acc, _, l = lax.fori_loop(num_full, num_tile_steps, functools.partial(step, masked=True),
                               carry)
 
@@ -435,29 +424,6 @@ def _prefill_kernel(
 
 
 # ---------------------------------------------------------------------------- wrapper
-def check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens) -> None:
-  if q.ndim != 4:
-    raise ValueError(f"q must be [B, T, H, D], got {q.shape}")
-  if k_pool.ndim != 5 or k_pool.shape != v_pool.shape:
-    raise ValueError(f"k_pool {k_pool.shape} / v_pool {v_pool.shape} must be equal "
-                     "[L, num_blocks, block_size, K, D]")
-  b, t, nh, d = q.shape
-  nk, dk = k_pool.shape[3:]
-  if dk != d or nh % nk:
-    raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}")
-  if q.dtype != k_pool.dtype or q.dtype != v_pool.dtype:
-    raise ValueError(f"q, k_pool, v_pool dtypes differ: {q.dtype}, {k_pool.dtype}, "
-                     f"{v_pool.dtype}")
-  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    raise NotImplementedError(f"bf16 or f16 only (wgmma operands), got {q.dtype}")
-  if d % 64:
-    raise ValueError(f"head_dim must be a multiple of 64, got {d}")
-  if (block_tables.ndim != 2 or block_tables.shape[0] != b or positions.shape != (b, t)
-      or kv_lens.shape != (b,)):
-    raise ValueError(f"block_tables {block_tables.shape}, positions {positions.shape}, "
-                     f"kv_lens {kv_lens.shape} do not fit q {q.shape}")
-
-
 def tile_bounds(positions, kv_lens, group: int, num_tiles: int, block_kv: int):
   """Per-row positions [B, NT * 64] (-1 past T * G) and per-row-tile (key steps, unmasked
   leading steps, hi) [B, NT, 3], from positions [B, T] and kv_lens [B] only."""
@@ -492,7 +458,7 @@ def paged_prefill_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Ar
   Returns [B, T, H, D] in q's dtype (0 for a token that sees no key); softmax and sums in
   float32. `interpret`: False (compile for the GPU), or a `plgpu.InterpretGPUParams` (CPU).
   """
-  check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens)
+  check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens, decode=False)
   b, t, nh, d = q.shape
   nl, nb, bs, nk, _ = k_pool.shape
   group = nh // nk
