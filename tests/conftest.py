@@ -9,6 +9,15 @@ import pytest
 from hq_jax import config, model
 from hq_jax.kv.paged import KVLayout
 
+# CPU computations run inline on the calling thread. The Mosaic GPU interpreter runs each
+# warpgroup of a kernel as a jitted computation on its own Python thread, and their barrier
+# callbacks block; dispatched asynchronously, those computations and callbacks share XLA's
+# CPU thread pools (two threads each on the 2-core CI machine), and a kernel with two
+# warpgroups could deadlock there (test_block_placement_changes_no_bit hung in 2 of 3 runs
+# of the Mosaic and engine test files; 0 of 5 with this setting).
+# Set before any test touches the CPU client, which reads the flag when it is created.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
+
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "coder05b_wiki512.json")
 
 
