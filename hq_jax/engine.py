@@ -60,15 +60,20 @@ def resolve_attention(name: str) -> str:
   return name
 
 
+def _mosaic_prefill(backend: str, dtype, head_dim: int, block_size: int) -> bool:
+  """Whether `backend` runs prefill chunks on the Mosaic GPU kernel: "mosaic" (and its
+  interpreter) always, "pallas" where that kernel compiles."""
+  return backend.startswith("mosaic") or (
+      backend == "pallas" and mosaic_prefill.supported(dtype, head_dim, block_size))
+
+
 def prefill_kernel(attention: str, cfg: ModelConfig, block_size: int = 16) -> str:
   """What runs a prefill chunk's attention under the resolved backend `attention`:
-  "xla", "triton" or "mosaic" (the same rule as `KernelAttention`)."""
+  "xla", "triton" or "mosaic" (`KernelAttention`'s rule)."""
   if attention == "reference":
     return "xla"
-  if attention == "mosaic" or (attention == "pallas" and mosaic_prefill.supported(
-      cfg.jnp_dtype, cfg.head_dim, block_size)):
-    return "mosaic"
-  return "triton"
+  return ("mosaic" if _mosaic_prefill(attention, cfg.jnp_dtype, cfg.head_dim, block_size)
+          else "triton")
 
 
 def decode_bucket(batch: int) -> int:
@@ -102,10 +107,8 @@ class KernelAttention:
         return dedup_kernel.dedup_attention_reference(*args, plan, layer)
       return paged_attention_xla(q, k_pools, v_pools, layer, view)
     interpret = self.backend.endswith("_interpret")
-    mosaic = self.backend.startswith("mosaic") or (
-        self.backend == "pallas"
-        and mosaic_prefill.supported(q.dtype, q.shape[-1], k_pools.shape[-3]))
-    if mosaic and q.shape[1] > 1:
+    if q.shape[1] > 1 and _mosaic_prefill(self.backend, q.dtype, q.shape[-1],
+                                          k_pools.shape[-3]):
       # (The view's tables name a valid block past a request's blocks, as this kernel needs:
       # its last step may copy a page past kv_len, then masked, its V rows zeroed.)
       return mosaic_prefill.paged_prefill_attention_mgpu(
