@@ -38,35 +38,39 @@ SMALL_FUSED = dataclasses.replace(SMALL, fused=True)
 
 
 def make_batch(seed, requests, segments, *, kv_heads=2, group=2, head_dim=32,
-               dtype=jnp.float32, max_blocks=24):
+               dtype=jnp.float32, max_blocks=24, num_layers=None, block_size=BS):
   """requests: [(segment names, private tokens)]; segments: {name: blocks}.
 
   Each segment is stored once (the same physical blocks for every request that names it);
   a request's table is its segments in order, then its own blocks for the private tokens.
+  Pools are one layer's [NB, bs, K, D], or all layers' [L, NB, bs, K, D] with num_layers;
+  block 0, unused blocks and slots past a request's length hold NaN.
   """
   rng = np.random.default_rng(seed)
   batch = len(requests)
-  need = sum(segments.values()) + sum(-(-p // BS) for _, p in requests)
+  need = sum(segments.values()) + sum(-(-p // block_size) for _, p in requests)
   num_blocks = 1 + need + 3
   free = list(rng.permutation(np.arange(1, num_blocks)))
   seg_blocks = {name: [int(free.pop()) for _ in range(n)] for name, n in segments.items()}
-  shape = (num_blocks, BS, kv_heads, head_dim)
+  shape = (num_blocks, block_size, kv_heads, head_dim)
+  shape = shape if num_layers is None else (num_layers, *shape)
   k = rng.standard_normal(shape).astype(np.float32)
   v = rng.standard_normal(shape).astype(np.float32)
-  k[0] = v[0] = np.nan
+  k[..., 0, :, :, :] = v[..., 0, :, :, :] = np.nan
   tables = np.zeros((batch, max_blocks), np.int32)
   kv_lens = np.zeros((batch,), np.int32)
   used = set()
   for b, (names, private) in enumerate(requests):
     row = [blk for n in names for blk in seg_blocks[n]]
-    own = [int(free.pop()) for _ in range(-(-private // BS))]
+    own = [int(free.pop()) for _ in range(-(-private // block_size))]
     tables[b, :len(row) + len(own)] = row + own
-    kv_lens[b] = len(row) * BS + private
+    kv_lens[b] = len(row) * block_size + private
     used.update(row + own)
-    if private % BS:
-      k[own[-1], private % BS:] = v[own[-1], private % BS:] = np.nan
+    if private % block_size:
+      tail = (..., own[-1], slice(private % block_size, None), slice(None), slice(None))
+      k[tail] = v[tail] = np.nan
   for blk in set(range(1, num_blocks)) - used:
-    k[blk] = v[blk] = np.nan
+    k[..., blk, :, :, :] = v[..., blk, :, :, :] = np.nan
   q = rng.standard_normal((batch, 1, kv_heads * group, head_dim)).astype(np.float32)
   view = AttentionView(positions=jnp.asarray(kv_lens[:, None] - 1),
                        block_tables=jnp.asarray(tables),

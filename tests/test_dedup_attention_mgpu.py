@@ -24,6 +24,7 @@ from pallas_kernels.paged_attention import paged_attention_reference
 
 from mgpu_testing import SHAPES, TOL, MgpuTestCase, rel_err, relabel
 from mgpu_testing import BLOCK_SIZE as BS
+from test_dedup_attention import make_batch as triton_batch
 # Steps of 64 keys (4 pages) through 2 slots; nodes split into pieces of <= 64 keys, private
 # remainders of <= 64 keys; no extra splits to fill a GPU.
 SMALL = dm.TuningConfig(pages_per_step=4, shared_kv_split=64, private_kv_split=128,
@@ -45,35 +46,13 @@ CASES = dict(  # ([(segment names, private tokens)], {segment: blocks})
 
 
 def make_batch(seed, requests, segments, *, shape="0.5b", num_layers=2, max_blocks=12):
-  """Random bf16 q and pools of all layers; each segment stored once (the same physical
-  blocks for every request naming it), then each request's own blocks."""
+  """The Triton dedup tests' batch (segments stored once, NaN wherever no request may
+  read) at a model shape, all layers' pools, bf16, as the kernels' plain arrays."""
   nh, nk, d = SHAPES[shape]
-  rng = np.random.default_rng(seed)
-  batch = len(requests)
-  need = sum(segments.values()) + sum(-(-p // BS) for _, p in requests)
-  num_blocks = 1 + need + 3
-  free = list(rng.permutation(np.arange(1, num_blocks)))
-  seg_blocks = {name: [int(free.pop()) for _ in range(n)] for name, n in segments.items()}
-  shape5 = (num_layers, num_blocks, BS, nk, d)
-  k = rng.standard_normal(shape5).astype(np.float32)
-  v = rng.standard_normal(shape5).astype(np.float32)
-  tables = np.zeros((batch, max_blocks), np.int32)
-  kv_lens = np.zeros((batch,), np.int32)
-  used = set()
-  for b, (names, private) in enumerate(requests):
-    row = [blk for n in names for blk in seg_blocks[n]]
-    own = [int(free.pop()) for _ in range(-(-private // BS))]
-    tables[b, :len(row) + len(own)] = row + own
-    kv_lens[b] = len(row) * BS + private
-    used.update(row + own)
-    if private % BS:
-      k[:, own[-1], private % BS:] = v[:, own[-1], private % BS:] = np.nan
-  for blk in {0} | (set(range(1, num_blocks)) - used):
-    k[:, blk] = v[:, blk] = np.nan
-  q = rng.standard_normal((batch, 1, nh, d)).astype(np.float32)
-  bf = lambda x: jnp.asarray(x, jnp.bfloat16)
-  return (bf(q), bf(k), bf(v), jnp.asarray(tables), jnp.asarray(kv_lens[:, None] - 1),
-          jnp.asarray(kv_lens))
+  q, k, v, view = triton_batch(seed, requests, segments, kv_heads=nk, group=nh // nk,
+                               head_dim=d, dtype=jnp.bfloat16, max_blocks=max_blocks,
+                               num_layers=num_layers, block_size=BS)
+  return q, k, v, view.block_tables, view.positions, view.kv_lens
 
 
 def plan_for(inputs, config=SMALL):
