@@ -71,7 +71,9 @@ class DedupMgpuTest(MgpuTestCase):
   SLOW_INTERPRETED = ("test_against_reference1", "test_against_reference2",
                       "test_against_reference3", "test_against_reference4",
                       "test_traced_layer", "test_deep_pipeline_one_or_two_warpgroups",
-                      "test_triton_merge")
+                      "test_triton_merge",
+                      # two warpgroups: can deadlock the 2-core box (tests/conftest.py)
+                      "test_block_placement_changes_no_bit")
 
   def attend(self, inputs, plan, layer=1, config=SMALL):
     return dm.dedup_attention_mgpu(*inputs, plan, layer, config=config,
