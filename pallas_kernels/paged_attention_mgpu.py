@@ -189,19 +189,25 @@ def initial_carry(rows: int, head_dim: int):
       plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
 
 
-def online_softmax(scores, m, l, visible=None):
-  """One key step of the online softmax, log2 units: scores [R, N] (scaled), the running
-  row max m and sum l [R] -> (p [R, N] float32, new m, new l, alpha = the factor the old
-  accumulator takes). `visible` [R, N] bool, or None for a step whose keys every row sees:
-  a hidden score (even NaN) gets p = 0; a row that has seen no key keeps m = -inf, p = 0."""
+def online_softmax(scores, m, l, visible=None, *, scale=None):
+  """One key step of the online softmax, log2 units: scores [R, N], the running row max m
+  and sum l [R] -> (p [R, N] float32, new m, new l, alpha = the factor the old accumulator
+  takes). scores are in log2 units, or raw with `scale` (> 0) the factor to them: then the
+  max is taken before scaling (the same value: rounding is monotonic) and the scale rides
+  in exp2's argument, one multiply-add per score instead of a multiply pass. `visible`
+  [R, N] bool, or None for a step whose keys every row sees: a hidden score (even NaN)
+  gets p = 0; a row that has seen no key keeps m = -inf, p = 0."""
   if visible is None:
     m_tile = jnp.max(scores, axis=1)
   else:
     m_tile = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1)
+  if scale is not None:
+    m_tile = m_tile * scale
   m_new = jnp.maximum(m, m_tile)
   m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet
   alpha = jnp.exp2(m - m_safe)
-  p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
+  scaled = scores if scale is None else scores * scale
+  p = jnp.exp2(scaled - lax.broadcast_in_dim(m_safe, scores.shape, [0]))
   if visible is not None:
     p = jnp.where(visible, p, 0.0)  # exp2 of a hidden (even NaN) score is dropped
   return p, m_new, alpha * l + jnp.sum(p, axis=1), alpha

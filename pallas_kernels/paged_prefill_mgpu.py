@@ -195,7 +195,7 @@ def _prefill_kernel(
     out_ref,  # [B, K, NT * 64, D]
     *, num_blocks: int, block_size: int, pages_per_step: int, max_concurrent_steps: int,
     p_in_registers: bool, warp_specialized: bool, compute_wgs: int, schedule_barrier: bool,
-    scale: float):
+    scale: float, interpreted: bool):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   num_programs = tiles_ref.shape[1] // compute_wgs
@@ -269,17 +269,22 @@ def _prefill_kernel(
         return acc_ref[...]
 
       scores = pl.run_scoped(compute_qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
-      scores = scores * scale  # [64, block_kv], log2 units
-      visible = None
+      visible = None  # scores: [64, block_kv], unscaled
       if masked:  # key < hi (hence < kv_len) and key <= the row's position
         cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1,
                                       layout=plgpu.Layout.WGMMA)
         keys = cols + i * block_kv
         visible = (keys < hi) & (
             keys <= lax.broadcast_in_dim(row_pos, (BLOCK_Q, block_kv), [0]))
-      p, m_new, l, alpha = online_softmax(scores, m, l, visible)
+      p, m_new, l, alpha = online_softmax(scores, m, l, visible, scale=scale)
+      # All of the step's vector work before the turn ends, as attention_mgpu: the rescaled
+      # accumulator (PV accumulates into it) and P in the input dtype; the barrier keeps the
+      # compiler from sinking any of it past the turn, under the other warpgroup's wgmmas.
+      acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc
+      p = p.astype(dtype)
+      acc, m_new, l, p = lax.optimization_barrier((acc, m_new, l, p))
       if not p_in_registers:
-        p_smem[...] = p.astype(dtype)
+        p_smem[...] = p
 
       if turn is not None:
         plgpu.barrier_arrive(turn)  # softmax done
@@ -291,11 +296,18 @@ def _prefill_kernel(
       plgpu.commit_smem()  # the P (and V) stores, before the wgmma reads them
 
       def compute_pv(acc_ref):
-        plgpu.wgmma(acc_ref, p.astype(dtype) if p_in_registers else p_smem, v_smem.at[slot])
-        return acc_ref[...]
+        plgpu.wgmma(acc_ref, p if p_in_registers else p_smem, v_smem.at[slot])
 
-      pv = pl.run_scoped(compute_pv, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
-      acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + pv
+      if interpreted:  # the interpreter has no run_state: PV into a fresh accumulator
+        acc = acc + pl.run_scoped(lambda acc_ref: (compute_pv(acc_ref), acc_ref[...])[1],
+                                  plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
+      else:  # PV accumulates into the rescaled accumulator, as attention_mgpu
+        def accumulate_pv(acc_ref):
+          acc_ref[...] = acc
+          compute_pv(acc_ref)
+          return acc_ref[...]
+
+        acc = pl.run_scoped(accumulate_pv, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
       step_done(i, slot, next_pages)  # both wgmmas are done: the slot may be refilled
       return acc, m_new, l
 
@@ -485,7 +497,8 @@ def paged_prefill_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Ar
       _prefill_kernel, num_blocks=nb, block_size=bs, pages_per_step=config.pages_per_step,
       max_concurrent_steps=config.max_concurrent_steps, p_in_registers=config.p_in_registers,
       warp_specialized=config.warp_specialized, compute_wgs=config.compute_wgs,
-      schedule_barrier=config.schedule_barrier, scale=d ** -0.5 * math.log2(math.e))
+      schedule_barrier=config.schedule_barrier, scale=d ** -0.5 * math.log2(math.e),
+      interpreted=bool(interpret))
   threads = (dict(num_threads=config.compute_wgs + 1, thread_name="wg")
              if config.warp_specialized else {})
   call = _kernel_call(
@@ -577,6 +590,9 @@ def main_configs(head_dim: int) -> tuple[tuple[TuningConfig, ...], tuple[TuningC
   later = (TuningConfig(pages_per_step=8, **two),
            TuningConfig(pages_per_step=8, schedule_barrier=True, **two),
            TuningConfig(pages_per_step=4, schedule_barrier=True, **two))
+  if head_dim < 128:  # D = 64: the softmax weighs most; also three slots
+    later += (TuningConfig(pages_per_step=8, schedule_barrier=True,
+                           **dict(two, max_concurrent_steps=3)),)
   return first, later
 
 
