@@ -127,8 +127,9 @@ class TuningConfig:
     return block_kv
 
 
-# Not tuned on the H200 yet. Both fit two programs on an SM (smem_bytes: 88 KiB each), so
-# one program's softmax overlaps the other's wgmma.
+# The simplest schedule (one warpgroup, no memory warpgroup): the kernel's default and
+# main()'s baseline; the engine runs `tuned_config` below. Both fit two programs on an SM
+# (smem_bytes: 88 KiB each), so one program's softmax overlaps the other's wgmma.
 DEFAULT_D64 = TuningConfig(pages_per_step=8, max_concurrent_steps=2)  # block_kv 128
 DEFAULT_D128 = TuningConfig(pages_per_step=4, max_concurrent_steps=2)  # block_kv 64
 
@@ -137,21 +138,27 @@ def default_config(head_dim: int) -> TuningConfig:
   return DEFAULT_D128 if head_dim >= 128 else DEFAULT_D64
 
 
-# The fastest variant of main() on the H200 (2026-11-29, JAX 0.11.2, commit 6f666e1,
-# docs/benchmarks.md): at D=128 (7B shape) two computing warpgroups, 8 pages per step,
-# P in registers, ping-pong, 568 TFLOP/s on a 32k causal prefill in 4k chunks (the Triton
-# kernel 362; the one-warpgroup default 428); at D=64 (0.5B) the one-warpgroup default, 264
-# (Triton 204; the two-warpgroup variants were not reached in that run). Same bits as every
-# other config with the same block_kv: the choice changes speed only.
+# The fastest variant of main() on the H200 per head_dim (docs/benchmarks.md): two
+# computing warpgroups with FA3's ping-pong, 8 pages per step, P in registers. D=128 (7B
+# shape; 2026-11-29, JAX 0.11.2, commit 6f666e1): 568 TFLOP/s on a 32k causal prefill in 4k
+# chunks (Triton 362; one warpgroup 428). D=64 (0.5B; same day, commit 3657e5e): with three
+# slots 340 (two slots 337; one warpgroup 269; Triton 203; attention_mgpu 463). Same bits as
+# every other config with the same block_kv: the choice changes speed only.
 TUNED_D128 = TuningConfig(pages_per_step=8, max_concurrent_steps=2, p_in_registers=True,
                           warp_specialized=True, compute_wgs=2, schedule_barrier=True)
+TUNED_D64 = dataclasses.replace(TUNED_D128, max_concurrent_steps=3)
 
 
 def tuned_config(head_dim: int, *, interpret: bool = False) -> TuningConfig:
-  """The engine's config: the fastest measured (above); for the interpreter, the same
-  schedule with P through SMEM (the interpreter's wgmma takes SMEM operands only)."""
-  config = TUNED_D128 if head_dim >= 128 else DEFAULT_D64
-  return dataclasses.replace(config, p_in_registers=False) if interpret else config
+  """The engine's config: the fastest measured (above). For the interpreter, the same bits
+  (same block_kv) from one warpgroup with P through SMEM: the interpreter's wgmma takes SMEM
+  operands only, and it runs each warpgroup as a thread (slow, and on a 2-core machine the
+  blocking barrier callbacks of several can starve XLA's CPU thread pools)."""
+  config = TUNED_D128 if head_dim >= 128 else TUNED_D64
+  if interpret:
+    return TuningConfig(pages_per_step=config.pages_per_step,
+                        max_concurrent_steps=config.max_concurrent_steps)
+  return config
 
 
 def supported(dtype, head_dim: int, block_size: int) -> bool:
