@@ -362,3 +362,20 @@ def test_token_stream_refuses_ids_outside_the_vocabulary():
     TokenStream(np.array([0, 600] * 40), 512)
   with pytest.raises(ValueError, match="must be integers"):
     TokenStream(np.zeros(100, np.float32), 512)
+
+
+def test_a_pool_that_fills_the_device_exactly_is_allowed_one_block_more_is_refused(monkeypatch):
+  """The fit check compares the pool's bytes (K and V counted once) with the device's
+  limit: 64 x 128k tokens of the 0.5B shape (103 GB) fit an H200's 138 GB."""
+  layout = KVLayout(num_layers=24, num_kv_heads=2, head_dim=64, block_size=16, dtype="bfloat16")
+  blocks = 64 * layout.blocks_for(131072)
+  limit = blocks * layout.bytes_per_block
+
+  class Device:
+    def memory_stats(self):
+      return {"bytes_limit": limit}
+
+  monkeypatch.setattr(memory.jax, "devices", lambda: [Device()])
+  memory._check_fits(layout, blocks, "dense at 64 x 131072 tokens")  # exactly fits
+  with pytest.raises(HarnessError, match="needs a 103.1 GB K/V pool"):
+    memory._check_fits(layout, blocks + 1, "dense at 64 x 131072 tokens")

@@ -93,9 +93,10 @@ def check_row(row: dict) -> None:
 
 
 def _check_fits(layout: KVLayout, num_blocks: int, what: str) -> None:
-  """Refuses a pool the device cannot hold, before trying to allocate it."""
+  """Refuses a pool the device cannot hold, before trying to allocate it (bytes_per_block
+  counts K and V already)."""
   stats = jax.devices()[0].memory_stats() or {}
-  need = 2 * num_blocks * layout.bytes_per_block
+  need = num_blocks * layout.bytes_per_block
   if "bytes_limit" in stats and need > stats["bytes_limit"]:
     raise HarnessError(f"{what} needs a {need / 1e9:.1f} GB K/V pool; the device holds "
                        f"{stats['bytes_limit'] / 1e9:.1f} GB: trim the grid")
