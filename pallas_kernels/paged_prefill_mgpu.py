@@ -55,13 +55,14 @@ Status: correct in the Mosaic GPU interpreter on CPU with jax 0.12 and 0.11.2 (r
 out-of-bounds reads and uninitialized SMEM checked); lowers for `cuda` on a CPU machine
 (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`) at the 0.5B and 7B shapes,
 every config of `main_configs`, both versions; compiled, tested and timed on the H200
-(`main()`, docs/benchmarks.md): 1.3-1.6x the Triton kernel, 0.57-0.86x `attention_mgpu`, the
-engine's prefill under `--attention=pallas` on Hopper. API differences between the versions: those of
+(`main()`, docs/benchmarks.md): with `tuned_config` 1.6-1.7x the Triton kernel, 0.73x (D=64)
+and 0.82x (D=128) `attention_mgpu` (commit 3657e5e), the engine's prefill under
+`--attention=pallas` on Hopper. API differences between the versions: those of
 paged_attention_mgpu (`_kernel_call`); nothing else used here differs.
 Not done: splits of long key ranges (a short chunk after a long context runs B * K * tiles
-programs over the whole context); tuning (main() times a handful of configs); the default
-is the form the decode kernel ran right on the H200 (one warpgroup, P through SMEM), until
-main()'s table says which variant is fastest and right.
+programs over the whole context); tuning beyond the handful of configs main() times. The
+kernel's default config is the simplest schedule (one warpgroup, P through SMEM); the
+engine runs `tuned_config`, the fastest main() measured.
 """
 
 from __future__ import annotations
