@@ -296,3 +296,42 @@ def test_consumed_decode_bookkeeping_equals_copying(tiny_layout):
       full = full.commit_batch(slots, [int(full.req_lens[s]) for s in slots], consume=True)
       before = _snapshot(full)
   chex.assert_trees_all_equal(_snapshot(full), before)
+
+
+@pytest.mark.parametrize("bits", [0, 32])
+def test_chain_held_by_a_request_finds_what_the_walk_finds(tiny_layout, monkeypatch, bits):
+  """Admission's fast path (verify an active request's table in one pass) against the
+  block-by-block walk alone: the same cache after prompts that share all, part or none of
+  an active or released request's chain, a chain that diverges mid-way, and (0 bits)
+  hashes that all collide."""
+  from hq_jax.kv import dedup
+  rng = np.random.default_rng(bits)
+  base = rng.integers(0, 50, 30 * 16)
+  other = base.copy()
+  other[12 * 16 + 3] = 99  # diverges in block 12
+  prompts = [np.r_[base, rng.integers(0, 50, 7)], base[:20 * 16], np.r_[other, 1, 2],
+             np.r_[base[:25 * 16], rng.integers(0, 50, 40)], np.r_[base[:16], [77] * 16],
+             base[:5]]
+  walk_only = lambda a, first, prompt, salt, bs: [first]
+  results, fast_hits = [], []
+  for patch in (False, True):
+    if patch:
+      monkeypatch.setattr(dedup, "_chain_held_by_a_request", walk_only)
+    c = DedupKVCache.init(tiny_layout, num_blocks=256, max_requests=8, max_seq_len=1024,
+                          hash_bits=bits)
+    for i, p in enumerate(prompts):
+      if not patch and i and p.size >= 16:  # admission looks up full blocks only
+        a = {name: np.asarray(getattr(c, name)) for name in dedup._META_FIELDS}
+        first = int(np.asarray(c.block_tables)[0, 0])
+        fast_hits.append(len(dedup._chain_held_by_a_request(a, first, p, 0, 16)))
+      c, slot = _admit_commit(c, p)
+      if i == 1:
+        c = c.release(slot)  # its chain stays cached, but no table holds it
+    results.append(c)
+  for name in dedup._META_FIELDS:
+    np.testing.assert_array_equal(np.asarray(getattr(results[0], name)),
+                                  np.asarray(getattr(results[1], name)), err_msg=name)
+  # The fast path verified these many blocks of the first request's table per prompt:
+  # all 20, the 12 before the divergence, 25 (the released request's table is gone), and
+  # only the first block of a prompt whose second block differs.
+  assert fast_hits == [20, 12, 25, 1]

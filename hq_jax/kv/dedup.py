@@ -106,7 +106,14 @@ class DedupKVCache(PagedCache):
     n_blocks = -(-prompt.size // bs)
     index = _Index(m.a, self.hash_bits)
     hits, parent, pgen = [], -1, 0
-    for i in range(prompt.size // bs):
+    n_full = prompt.size // bs
+    first = index.find(salt, -1, 0, prompt[:bs]) if n_full else None
+    if first is not None:
+      # Fast path: a request being served with the same first block may hold the chain;
+      # its table is verified in one vectorized pass, the walk below goes on from there.
+      hits = _chain_held_by_a_request(m.a, first, prompt, salt, bs)
+      parent, pgen = hits[-1], int(m.a["block_gen"][hits[-1]])
+    for i in range(len(hits), n_full if first is not None else 0):
       found = index.find(salt, parent, pgen, prompt[i * bs:(i + 1) * bs])
       if found is None:
         break
@@ -200,6 +207,30 @@ class DedupKVCache(PagedCache):
   def cached_free_blocks(self) -> int:
     """Registered blocks no request holds: reusable until evicted."""
     return int(np.sum(np.asarray(self.registered) & (np.asarray(self.refcount) == 0)))
+
+
+def _chain_held_by_a_request(a: dict[str, np.ndarray], first: int, prompt: np.ndarray,
+                             salt: int, bs: int) -> list[int]:
+  """The prompt's hit chain as far as an active request's block table holds it: of the
+  active requests whose table starts with `first` (the prompt's verified first block), the
+  longest table; its blocks checked in one vectorized pass exactly as `_Index.find` checks
+  a candidate (registered, salt, parent, parent's generation, tokens), up to the first
+  that fails. No two registered blocks share an identity, so these are the blocks the
+  block-by-block walk would find. Returns at least [first]."""
+  rows = np.flatnonzero(a["active"] & (a["block_tables"][:, 0] == first))
+  if rows.size == 0:
+    return [first]
+  row = rows[np.argmax(a["req_lens"][rows])]
+  n = min(prompt.size // bs, -(-int(a["req_lens"][row]) // bs))
+  guess = a["block_tables"][row, :n].astype(np.int64)
+  safe = np.maximum(guess, 0)  # entries are valid ids; -1 would only index, then fail
+  parents = np.concatenate([[-1], guess[:-1]])
+  parent_gens = np.concatenate([[0], a["block_gen"][safe[:-1]]])
+  ok = ((guess >= 0) & a["registered"][safe] & (a["block_salt"][safe] == salt)
+        & (a["block_parent"][safe] == parents) & (a["block_parent_gen"][safe] == parent_gens)
+        & (a["block_tokens"][safe] == prompt[:n * bs].reshape(n, bs)).all(axis=1))
+  length = n if ok.all() else int(np.argmin(ok))
+  return [int(b) for b in guess[:max(length, 1)]]
 
 
 def _check_salt(salt) -> int:
