@@ -299,9 +299,9 @@ def test_consumed_decode_bookkeeping_equals_copying(tiny_layout):
 
 
 @pytest.mark.parametrize("bits", [0, 32])
-def test_chain_held_by_a_request_finds_what_the_walk_finds(tiny_layout, monkeypatch, bits):
-  """Admission's fast path (verify an active request's table in one pass) against the
-  block-by-block walk alone: the same cache after prompts that share all, part or none of
+def test_guessed_chain_finds_what_the_walk_finds(tiny_layout, monkeypatch, bits):
+  """Admission's fast path (verify guessed continuations: an active request's table,
+  consecutive block ids) against the block-by-block walk alone: the same cache after prompts that share all, part or none of
   an active or released request's chain, a chain that diverges mid-way, and (0 bits)
   hashes that all collide."""
   from hq_jax.kv import dedup
@@ -316,22 +316,60 @@ def test_chain_held_by_a_request_finds_what_the_walk_finds(tiny_layout, monkeypa
   results, fast_hits = [], []
   for patch in (False, True):
     if patch:
-      monkeypatch.setattr(dedup, "_chain_held_by_a_request", walk_only)
+      monkeypatch.setattr(dedup, "_guessed_chain", walk_only)
     c = DedupKVCache.init(tiny_layout, num_blocks=256, max_requests=8, max_seq_len=1024,
                           hash_bits=bits)
     for i, p in enumerate(prompts):
       if not patch and i and p.size >= 16:  # admission looks up full blocks only
         a = {name: np.asarray(getattr(c, name)) for name in dedup._META_FIELDS}
         first = int(np.asarray(c.block_tables)[0, 0])
-        fast_hits.append(len(dedup._chain_held_by_a_request(a, first, p, 0, 16)))
+        fast_hits.append(len(dedup._guessed_chain(a, first, p, 0, 16)))
       c, slot = _admit_commit(c, p)
       if i == 1:
         c = c.release(slot)  # its chain stays cached, but no table holds it
+    for slot in range(8):  # every request leaves: the chains stay cached, no table holds them
+      if bool(np.asarray(c.active)[slot]):
+        c = c.release(slot)
+    if not patch:
+      a = {name: np.asarray(getattr(c, name)) for name in dedup._META_FIELDS}
+      fast_hits.append(len(dedup._guessed_chain(a, first, prompts[0], 0, 16)))
+    c, _ = _admit_commit(c, prompts[0])
     results.append(c)
   for name in dedup._META_FIELDS:
     np.testing.assert_array_equal(np.asarray(getattr(results[0], name)),
                                   np.asarray(getattr(results[1], name)), err_msg=name)
   # The fast path verified these many blocks of the first request's table per prompt:
-  # all 20, the 12 before the divergence, 25 (the released request's table is gone), and
-  # only the first block of a prompt whose second block differs.
-  assert fast_hits == [20, 12, 25, 1]
+  # all 20, the 12 before the divergence, 25 (the released request's table is gone), only
+  # the first block of a prompt whose second block differs; with no request left, the
+  # first prompt's 30 blocks through consecutive ids (allocated in one run).
+  assert fast_hits == [20, 12, 25, 1, 30]
+  assert int(np.asarray(results[0].hit_tokens)) == (20 + 12 + 25 + 1 + 30) * 16
+
+
+def test_a_block_with_equal_tokens_but_another_parent_is_no_hit(tiny_layout):
+  """A guessed continuation (here the next block id) whose tokens, salt and parent's
+  generation match but whose parent differs must not be taken: after another prefix the
+  same 16 tokens have other K/V."""
+  p, q, x = np.arange(16), np.arange(100, 116), np.arange(200, 216)
+  c = DedupKVCache.init(tiny_layout, num_blocks=32, max_requests=4, max_seq_len=MAX_SEQ)
+  c, _ = _admit_commit(c, p)  # block 0: P
+  c, _ = _admit_commit(c, q)  # block 1: Q
+  c, sb = _admit_commit(c, np.r_[p, x])  # P hits block 0; X after P is block 2
+  assert tuple(np.asarray(c.block_tables)[sb, :2]) == (0, 2)
+  c, sc = _admit_commit(c, np.r_[q, x])  # Q is block 1; X after Q is not block 2
+  t = np.asarray(c.block_tables)
+  assert t[sc, 0] == 1 and t[sc, 1] not in (0, 1, 2)
+  assert int(np.asarray(c.hit_tokens)) == 32  # P once, Q once
+
+
+def test_a_guessed_block_under_an_older_generation_of_its_parent_is_no_hit(tiny_layout):
+  """`_verified_run` checks the parent's generation as `find` does: a child registered
+  under its parent's earlier life (the parent evicted and reallocated since) is refused."""
+  from hq_jax.kv import dedup
+  p, x = np.arange(16), np.arange(200, 216)
+  c = DedupKVCache.init(tiny_layout, num_blocks=32, max_requests=4, max_seq_len=MAX_SEQ)
+  c, _ = _admit_commit(c, np.r_[p, x])  # blocks 0 (P) and 1 (X after P)
+  a = {name: np.array(getattr(c, name)) for name in dedup._META_FIELDS}
+  assert dedup._verified_run(a, [1], 0, x[None], 0) == [1]
+  a["block_gen"][0] += 1  # block 0 reallocated: X's registration is stale
+  assert dedup._verified_run(a, [1], 0, x[None], 0) == []

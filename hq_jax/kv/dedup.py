@@ -109,9 +109,9 @@ class DedupKVCache(PagedCache):
     n_full = prompt.size // bs
     first = index.find(salt, -1, 0, prompt[:bs]) if n_full else None
     if first is not None:
-      # Fast path: a request being served with the same first block may hold the chain;
-      # its table is verified in one vectorized pass, the walk below goes on from there.
-      hits = _chain_held_by_a_request(m.a, first, prompt, salt, bs)
+      # Fast path: guessed continuations, verified in vectorized passes; the walk below
+      # goes on from where they stop.
+      hits = _guessed_chain(m.a, first, prompt, salt, bs)
       parent, pgen = hits[-1], int(m.a["block_gen"][hits[-1]])
     for i in range(len(hits), n_full if first is not None else 0):
       found = index.find(salt, parent, pgen, prompt[i * bs:(i + 1) * bs])
@@ -209,28 +209,47 @@ class DedupKVCache(PagedCache):
     return int(np.sum(np.asarray(self.registered) & (np.asarray(self.refcount) == 0)))
 
 
-def _chain_held_by_a_request(a: dict[str, np.ndarray], first: int, prompt: np.ndarray,
-                             salt: int, bs: int) -> list[int]:
-  """The prompt's hit chain as far as an active request's block table holds it: of the
-  active requests whose table starts with `first` (the prompt's verified first block), the
-  longest table; its blocks checked in one vectorized pass exactly as `_Index.find` checks
-  a candidate (registered, salt, parent, parent's generation, tokens), up to the first
-  that fails. No two registered blocks share an identity, so these are the blocks the
-  block-by-block walk would find. Returns at least [first]."""
+def _guessed_chain(a: dict[str, np.ndarray], first: int, prompt: np.ndarray, salt: int,
+                   bs: int) -> list[int]:
+  """The prompt's hit chain from its verified first block `first`, as far as two cheap
+  guesses reach: the table of the active request that starts with `first` and holds most
+  blocks (requests being served with the same prefix), then consecutive block ids (a chain
+  allocated in one run: `allocate` hands out free blocks in id order). Each guess is
+  checked by `_verified_run` exactly as `_Index.find` checks a candidate, and no two
+  registered blocks share an identity, so these are the blocks the walk would find; the
+  walk goes on from the end. Returns at least [first]."""
+  n_full = prompt.size // bs
+  blocks = prompt[:n_full * bs].reshape(n_full, bs)
+  chain = [first]
   rows = np.flatnonzero(a["active"] & (a["block_tables"][:, 0] == first))
-  if rows.size == 0:
-    return [first]
-  row = rows[np.argmax(a["req_lens"][rows])]
-  n = min(prompt.size // bs, -(-int(a["req_lens"][row]) // bs))
-  guess = a["block_tables"][row, :n].astype(np.int64)
-  safe = np.maximum(guess, 0)  # entries are valid ids; -1 would only index, then fail
-  parents = np.concatenate([[-1], guess[:-1]])
-  parent_gens = np.concatenate([[0], a["block_gen"][safe[:-1]]])
+  if rows.size:
+    row = rows[np.argmax(a["req_lens"][rows])]
+    n = min(n_full, -(-int(a["req_lens"][row]) // bs))
+    chain += _verified_run(a, a["block_tables"][row, 1:n], first, blocks[1:n], salt)
+  last, done = chain[-1], len(chain)
+  n = min(n_full - done, a["registered"].size - 1 - last)
+  if n > 0:
+    chain += _verified_run(a, np.arange(last + 1, last + 1 + n), last,
+                           blocks[done:done + n], salt)
+  return chain
+
+
+def _verified_run(a: dict[str, np.ndarray], guess, parent: int, blocks: np.ndarray,
+                  salt: int) -> list[int]:
+  """The leading blocks of `guess` [n] that continue a chain after the registered block
+  `parent` with the tokens `blocks` [n, bs]: each registered, with this salt, its parent
+  the block before it (and that block's current generation), its tokens equal. Vectorized."""
+  guess = np.asarray(guess, np.int64)
+  if guess.size == 0:
+    return []
+  safe = np.maximum(guess, 0)  # a -1 entry fails below; it only must not index badly
+  parents = np.concatenate([[parent], guess[:-1]])
   ok = ((guess >= 0) & a["registered"][safe] & (a["block_salt"][safe] == salt)
-        & (a["block_parent"][safe] == parents) & (a["block_parent_gen"][safe] == parent_gens)
-        & (a["block_tokens"][safe] == prompt[:n * bs].reshape(n, bs)).all(axis=1))
-  length = n if ok.all() else int(np.argmin(ok))
-  return [int(b) for b in guess[:max(length, 1)]]
+        & (a["block_parent"][safe] == parents)
+        & (a["block_parent_gen"][safe] == a["block_gen"][np.maximum(parents, 0)])
+        & (a["block_tokens"][safe] == blocks).all(axis=1))
+  n = guess.size if ok.all() else int(np.argmin(ok))
+  return [int(b) for b in guess[:n]]
 
 
 def _check_salt(salt) -> int:
