@@ -306,16 +306,16 @@ def _prefill_kernel(
       def compute_pv(acc_ref):
         plgpu.wgmma(acc_ref, p if p_in_registers else p_smem, v_smem.at[slot])
 
-      if interpreted:  # the interpreter has no run_state: PV into a fresh accumulator
-        acc = acc + pl.run_scoped(lambda acc_ref: (compute_pv(acc_ref), acc_ref[...])[1],
-                                  plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
-      else:  # PV accumulates into the rescaled accumulator, as attention_mgpu
-        def accumulate_pv(acc_ref):
+      def accumulate_pv(acc_ref):
+        if not interpreted:  # PV accumulates into the rescaled accumulator, as attention_mgpu
           acc_ref[...] = acc
-          compute_pv(acc_ref)
-          return acc_ref[...]
+        compute_pv(acc_ref)
+        return acc_ref[...]
 
-        acc = pl.run_scoped(accumulate_pv, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
+      # The interpreter cannot store to a wgmma accumulator: there PV goes into a fresh
+      # (zero) one and is added (other rounding, as deterministic).
+      pv = pl.run_scoped(accumulate_pv, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
+      acc = acc + pv if interpreted else pv
       step_done(i, slot, next_pages)  # both wgmmas are done: the slot may be refilled
       return acc, m_new, l
 
