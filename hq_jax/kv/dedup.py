@@ -105,20 +105,19 @@ class DedupKVCache(PagedCache):
     bs = self.block_size
     n_blocks = -(-prompt.size // bs)
     index = _Index(m.a, self.hash_bits)
-    hits, parent, pgen = [], -1, 0
+    hits = []
     n_full = prompt.size // bs
     first = index.find(salt, -1, 0, prompt[:bs]) if n_full else None
     if first is not None:
-      # Fast path: guessed continuations, verified in vectorized passes; the walk below
-      # goes on from where they stop.
+      # Guessed continuations, verified in vectorized passes; then block by block.
       hits = _guessed_chain(m.a, first, prompt, salt, bs)
-      parent, pgen = hits[-1], int(m.a["block_gen"][hits[-1]])
-    for i in range(len(hits), n_full if first is not None else 0):
-      found = index.find(salt, parent, pgen, prompt[i * bs:(i + 1) * bs])
-      if found is None:
-        break
-      hits.append(found)
-      parent, pgen = found, int(m.a["block_gen"][found])
+      for i in range(len(hits), n_full):
+        parent = hits[-1]
+        found = index.find(salt, parent, int(m.a["block_gen"][parent]),
+                           prompt[i * bs:(i + 1) * bs])
+        if found is None:
+          break
+        hits.append(found)
     m.a["refcount"][hits] += 1
     new = m.allocate(n_blocks - len(hits), prompt.size)
     for j, b in enumerate(new):
@@ -387,7 +386,8 @@ class _Index:
       in_bucket = self.ids[self.starts[bucket]:self.starts[bucket + 1]]
       candidates = list(in_bucket[a["block_hash"][in_bucket] == h]) + self.added.get(int(h), [])
     for b in candidates:
-      # Verify: a hash match alone is never trusted.
+      # Verify: a hash match alone is never trusted. (`_verified_run` is the same test,
+      # vectorized over a guessed run; one scalar candidate is faster checked like this.)
       if (a["registered"][b] and a["block_salt"][b] == salt and a["block_parent"][b] == parent
           and a["block_parent_gen"][b] == parent_gen
           and np.array_equal(a["block_tokens"][b], tokens)):
