@@ -2,8 +2,10 @@
 
 Run once per model shape (--model=0.5b, --model=7b). The largest points hold
 64 x 128k tokens of dense K/V: 64 * 131072 * 57344 B = 481 GB for the 7B shape in
-bfloat16, more than one H200 has, so trim the grid to what fits (the sweep errors
-before allocating a pool that cannot exist).
+bfloat16, more than one H200 has: the sweep skips a point whose dense pool does not fit
+beside the weights (`memory.unfit_points`), prints why and lists it in run.json
+("skipped_points"), and runs the rest. For the 7B shape's 32k x 64 point (120 GB of K/V
+beside 15 GB of weights) give XLA_PYTHON_CLIENT_MEM_FRACTION=0.95.
 """
 
 from configs import memory_sweep

@@ -63,21 +63,32 @@ def main(argv):
     # After every grid point, so an interrupted sweep keeps what it measured (its run
     # record stays "running": the report refuses it).
     write = lambda rows: run.write_csv("memory_sweep.csv", rows, memory.COLUMNS)
+    skipped = []
+
+    def skip(point, reason):
+      skipped.append(dict(zip(("context_length", "concurrency", "shared_prefix_fraction",
+                               "num_prefixes"), point), reason=reason))
+      tqdm.tqdm.write(f"skipped (does not fit): {reason}")
+
     with tqdm.tqdm(total=points, desc="memory sweep", unit="point") as bar:
       rows = memory.sweep(params, model_cfg, stream, model=cfg.model,
                           context_lengths=cfg.context_lengths, concurrency=cfg.concurrency,
                           shared_prefix_fractions=cfg.shared_prefix_fractions,
                           num_prefixes=cfg.num_prefixes, max_seq_len=cfg.max_seq_len,
-                          progress=bar, on_rows=write, **engine_args)
+                          progress=bar, on_rows=write, on_skip=skip, **engine_args)
+    if not rows:
+      raise memory.HarnessError(f"no grid point fits on the device ({len(skipped)} skipped: "
+                                f"{skipped[0]['reason']})")
     path = write(rows)
-    print(f"wrote {path} ({len(rows)} rows, every kv_bytes_used equal to its prediction)")
+    print(f"wrote {path} ({len(rows)} rows, every kv_bytes_used equal to its prediction"
+          f"{f'; {len(skipped)} points skipped, see run.json' if skipped else ''})")
     if cfg.workloads:
       sizes = {k: cfg[k] for k in workloads.SIZE_MINIMUM}
       wrows = workloads.run(params, model_cfg, stream, model=cfg.model, sizes=sizes,
                             **engine_args)
       print(f"wrote {run.write_csv('workloads.csv', wrows, workloads.COLUMNS)}")
     run.finish(attention=rows[0]["attention"], decode_attention=cfg.decode_attention,
-               rows={"memory_sweep.csv": len(rows)})
+               rows={"memory_sweep.csv": len(rows)}, skipped_points=skipped)
 
 
 if __name__ == "__main__":

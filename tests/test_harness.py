@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -106,6 +107,26 @@ def _point(tiny_setup, **kw):
               num_prefixes=1, max_seq_len=0, seed=0)
   args.update(kw)
   return memory.run_point(engine, layout, stream, **args)
+
+
+def test_a_points_timed_prefills_never_compile(tiny_setup, monkeypatch):
+  """run_point warms up on one chunk only; every prefill it then times (dense and HQ, a
+  prefix found cached, chunks skipped) must run executables that chunk compiled."""
+  real, compiles = memory.run_requests, []
+
+  def counted(*args, **kwargs):
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: compiles.append(event)
+        if event == "/jax/core/compile/backend_compile_duration" else None)
+    try:
+      return real(*args, **kwargs)
+    finally:
+      jax.monitoring.clear_event_listeners()
+
+  monkeypatch.setattr(memory, "run_requests", counted)
+  dense, hq = _point(tiny_setup, context_length=160, concurrency=3, shared_prefix_fraction=0.5)
+  assert hq["computed_tokens"] < dense["computed_tokens"]  # chunks were skipped
+  assert compiles == [], f"{len(compiles)} compilations in a point's timed prefills"
 
 
 def test_seed_mistake_dense_allocation_reported_as_use(tiny_setup):
@@ -379,3 +400,48 @@ def test_a_pool_that_fills_the_device_exactly_is_allowed_one_block_more_is_refus
   memory._check_fits(layout, blocks, "dense at 64 x 131072 tokens")  # exactly fits
   with pytest.raises(HarnessError, match="needs a 103.1 GB K/V pool"):
     memory._check_fits(layout, blocks + 1, "dense at 64 x 131072 tokens")
+
+
+def test_points_that_do_not_fit_beside_the_weights_are_named_not_run(monkeypatch):
+  """The 7B shape at 32k x 64 (120 GB of dense K/V) beside 15 GB of weights: the sweep
+  skips a point whose dense pool does not fit in what the weights and a step's headroom
+  leave, and says why; one block less than that room fits."""
+  layout = KVLayout(num_layers=28, num_kv_heads=4, head_dim=128, block_size=16,
+                    dtype="bfloat16")
+  weights = 15_200_000_000
+  need = 64 * layout.blocks_for(32768) * layout.bytes_per_block
+  limit = weights + memory.STEP_HEADROOM_BYTES + need
+
+  class Device:
+    def memory_stats(self):
+      return {"bytes_limit": limit}
+
+  monkeypatch.setattr(memory.jax, "devices", lambda: [Device()])
+  monkeypatch.setattr(memory.device_memory, "live_bytes", lambda: weights)
+  points = [(32768, 64, 0.9, 1), (32768, 8, 0.9, 1), (4096, 64, 0.0, 1)]
+  assert memory.unfit_points(points, layout, 0) == {}  # exactly fits
+  # 16 more tokens of dense reservation per request (max_seq_len, every point): one
+  # block each, and the points of 64 requests no longer fit.
+  unfit = memory.unfit_points(points, layout, 32768 + 16)
+  assert list(unfit) == [(32768, 64, 0.9, 1), (4096, 64, 0.0, 1)]
+  assert unfit[(32768, 64, 0.9, 1)].startswith(
+      "64 x 32768 tokens: the dense pool needs 120.32 GB; 120.26 GB are free")
+  del Device.memory_stats  # a platform without a limit (CPU): nothing is skipped
+  Device.memory_stats = lambda self: None
+  assert memory.unfit_points(points, layout, 0) == {}
+
+
+def test_the_sweep_runs_every_point_but_the_skipped_ones(tiny, tiny_setup, monkeypatch):
+  params, cfg = tiny
+  _, _, stream = tiny_setup
+  ran, skipped = [], []
+  monkeypatch.setattr(memory, "run_point",
+                      lambda *a, context_length, concurrency, **k:
+                      ran.append((context_length, concurrency)) or [])
+  monkeypatch.setattr(memory, "unfit_points",
+                      lambda points, *a: {p: "too big" for p in points if p[1] == 4})
+  memory.sweep(params, cfg, stream, model="tiny", context_lengths=[64, 128],
+               concurrency=[2, 4], shared_prefix_fractions=[0.5],
+               on_skip=lambda point, reason: skipped.append((point, reason)))
+  assert ran == [(64, 2), (128, 2)]
+  assert skipped == [((64, 4, 0.5, 1), "too big"), ((128, 4, 0.5, 1), "too big")]

@@ -102,6 +102,30 @@ def _check_fits(layout: KVLayout, num_blocks: int, what: str) -> None:
                        f"{stats['bytes_limit'] / 1e9:.1f} GB: trim the grid")
 
 
+# Room a grid point leaves beside its K/V pool and the weights: a prefill step's scratch
+# (the 7B shape's 4k-token chunk needs well under this) and the allocator's rounding.
+STEP_HEADROOM_BYTES = 2 << 30
+
+
+def unfit_points(points, layout: KVLayout, max_seq_len: int) -> dict[tuple, str]:
+  """The grid points whose largest pool (dense's reservation; HQ's is never larger) does
+  not fit beside what the device already holds (the weights) and STEP_HEADROOM_BYTES,
+  each with the reason; none where the platform reports no memory limit (CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return {}
+  room = stats["bytes_limit"] - device_memory.live_bytes() - STEP_HEADROOM_BYTES
+  unfit = {}
+  for point in points:
+    n, c = point[:2]
+    need = c * layout.blocks_for(max_seq_len or n) * layout.bytes_per_block
+    if need > room:
+      unfit[point] = (f"{c} x {n} tokens: the dense pool needs {need / 1e9:.2f} GB; "
+                      f"{room / 1e9:.2f} GB are free beside the weights and "
+                      f"{STEP_HEADROOM_BYTES / 2**30:.0f} GiB of step headroom")
+  return unfit
+
+
 def make_engine(params, cfg: ModelConfig, *, chunk_size: int, attention: str = "auto",
                 decode_attention: str = "paged", on_step=None) -> Engine:
   """An Engine running `attention`; `engine.attention` is the name of what really runs
@@ -223,8 +247,10 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
       return make_cache(backend, layout, concurrency=concurrency,
                         context_length=context_length, max_seq_len=max_seq,
                         shared_prefix_tokens=p, num_prefixes=num_prefixes)
-    # Compile this point's shapes on a throwaway cache, so ttft_ms is not compile time.
-    engine.prefill(fresh(), requests[0].tokens, logits="last")
+    # Compile this point's shapes on a throwaway cache, so ttft_ms is not compile time:
+    # one chunk is enough (every chunk of every request runs the same executable; a test
+    # counts compilations), and a whole 128k-token request would cost seconds per row.
+    engine.prefill(fresh(), requests[0].tokens[:engine.chunk_size], logits="last")
     if tracker is not None:
       tracker.start()
     cache, results = run_requests(engine, fresh(), requests)
@@ -262,11 +288,15 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
           shared_prefix_fractions: Iterable[float], num_prefixes: Iterable[int] = (1,),
           block_size: int = 16, chunk_size: int = 64, max_seq_len: int = 0, seed: int = 0,
           attention: str = "auto", decode_attention: str = "paged",
-          allow_long_context: bool = False, progress=None, on_rows=None) -> list[dict]:
+          allow_long_context: bool = False, progress=None, on_rows=None,
+          on_skip=None) -> list[dict]:
   """The full grid; `progress` (e.g. a tqdm) is updated once per grid point, and
   `on_rows(rows_so_far)` is called after each (to write partial results). Every grid
   value, the context limit and the requests of every point are checked before any
-  compute, so a bad grid fails at once rather than after the rows before it."""
+  compute, so a bad grid fails at once rather than after the rows before it. A point
+  whose pools cannot fit on the device (`unfit_points`) is skipped, both backends, and
+  `on_skip(point, reason)` is called for it before any compute (point = (context_length,
+  concurrency, shared_prefix_fraction, num_prefixes))."""
   points = check_grid(context_lengths=context_lengths, concurrency=concurrency,
                       shared_prefix_fractions=shared_prefix_fractions,
                       num_prefixes=num_prefixes)
@@ -281,11 +311,19 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
     point_requests(stream, context_length=n, concurrency=c, shared_prefix_fraction=f,
                    num_prefixes=g, block_size=block_size, seed=seed)
   layout = KVLayout.from_config(cfg, block_size)
+  unfit = unfit_points(points, layout, max_seq_len)
+  for point, reason in unfit.items():
+    if on_skip is not None:
+      on_skip(point, reason)
   tracker = device_memory.PeakTracker()
   engine = make_engine(params, cfg, chunk_size=chunk_size, attention=attention,
                        decode_attention=decode_attention, on_step=tracker)
   rows = []
   for n, c, f, g in points:
+    if (n, c, f, g) in unfit:
+      if progress is not None:
+        progress.update(1)
+      continue
     rows += run_point(engine, layout, stream, model=model, context_length=n, concurrency=c,
                       shared_prefix_fraction=f, num_prefixes=g, max_seq_len=max_seq_len,
                       seed=seed, tracker=tracker)
