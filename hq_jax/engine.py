@@ -238,7 +238,8 @@ class Engine:
     prompt = self._check_tokens(tokens)
     t0 = time.perf_counter()
     if slot is None:
-      cache, slot = cache.admit(prompt, salt)
+      # With donation the metadata is updated in place (the cache is consumed), as below.
+      cache, slot = cache.admit(prompt, salt, consume=self.donate)
     elif not (0 <= slot < cache.max_requests and bool(cache.active[slot])
               and int(cache.req_lens[slot]) == prompt.size):
       raise CacheError(f"slot {slot} does not hold a just-admitted prompt of {prompt.size} tokens")

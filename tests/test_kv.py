@@ -298,6 +298,44 @@ def test_consumed_decode_bookkeeping_equals_copying(tiny_layout):
   chex.assert_trees_all_equal(_snapshot(full), before)
 
 
+def test_consumed_admission_equals_copying_and_refuses_before_any_change(tiny_layout):
+  """admit(consume=True) (in place: the engine on a GPU) gives the same cache as the copying
+  admit over prompts that hit an active chain, a released one, nothing, and that must evict;
+  a prompt the pool cannot take (after its hits are counted as held), a bad salt and a full
+  slot table are refused with the cache unchanged."""
+  rng = np.random.default_rng(3)
+  base = rng.integers(0, 50, 6 * 16)
+  prompts = [np.r_[base, [1, 2, 3]], base[:4 * 16], rng.integers(0, 50, 40),
+             np.r_[base[:5 * 16], rng.integers(0, 50, 30)], rng.integers(0, 50, 70)]
+  caches = []
+  for consume in (False, True):
+    c = DedupKVCache.init(tiny_layout, num_blocks=24, max_requests=4, max_seq_len=512)
+    for i, p in enumerate(prompts):
+      c, slot = c.admit(p, consume=consume)
+      c = c.commit(slot, p.size)
+      if i in (1, 2):
+        c = c.release(slot)  # cached, refcount-0 blocks: hit or evicted later
+      caches.append(_snapshot(c))
+  n = len(prompts)
+  for copied, consumed in zip(caches[:n], caches[n:]):
+    chex.assert_trees_all_equal(consumed, copied)
+  assert int(c.hit_tokens) > 0 and int(c.block_gen.max()) > 1  # hits, and evictions
+  before = _snapshot(c)
+  free = int(np.sum(np.asarray(c.refcount) == 0))
+  # Hits its 6 cached blocks (held by request 0), then needs free + 1 more: too many.
+  too_big = np.r_[base, rng.integers(0, 50, (free + 1) * 16)]
+  for fn, message in [(lambda: c.admit(too_big, consume=True), "pool too small"),
+                      (lambda: c.admit(base, salt="x", consume=True), "salt must be an int")]:
+    with pytest.raises(CacheError, match=message):
+      fn()
+    chex.assert_trees_all_equal(_snapshot(c), before)
+  c, _ = c.admit(base[:16], consume=True)  # the fourth slot
+  before = _snapshot(c)
+  with pytest.raises(CacheError, match="no free request slot"):
+    c.admit(base, consume=True)
+  chex.assert_trees_all_equal(_snapshot(c), before)
+
+
 @pytest.mark.parametrize("bits", [0, 32])
 def test_guessed_chain_finds_what_the_walk_finds(tiny_layout, monkeypatch, bits):
   """Admission's fast path (verify guessed continuations: an active request's table,

@@ -89,37 +89,51 @@ class DedupKVCache(PagedCache):
       return _Meta(self, {name: getattr(self, name) for name in _META_FIELDS})
     return _Meta(self, {name: np.array(getattr(self, name)) for name in _META_FIELDS})
 
-  def admit(self, tokens, salt: int = 0, *,
-            reserve_tokens: int | None = None) -> tuple["DedupKVCache", int]:
+  def admit(self, tokens, salt: int = 0, *, reserve_tokens: int | None = None,
+            consume: bool = False) -> tuple["DedupKVCache", int]:
     """Admits a prompt: references its longest cached chain of full blocks, allocates the rest.
 
     Returns (cache, slot). `reserve_tokens` is accepted for interface parity with the
     dense cache and ignored: HQ allocates a block when a token first needs it. `seq_lens[slot]` is the number of cached (hit) tokens: their
     K/V is already there; the caller computes and writes the rest, then `commit`s.
+    `consume`: update this cache's arrays in place (see `_meta`): admission then costs
+    O(prompt) plus a few vectorized scans, not a copy of every array. Everything is
+    checked before anything changes, so on error the cache is unchanged either way.
     """
     del reserve_tokens
     prompt = self._check_prompt(tokens)
     salt = _check_salt(salt)
-    m = self._meta()
-    slot = self._free_slot(m.a["active"])
+    a = {name: getattr(self, name) for name in _META_FIELDS}  # read only, until the checks pass
+    slot = self._free_slot(a["active"])
     bs = self.block_size
     n_blocks = -(-prompt.size // bs)
-    index = _Index(m.a, self.hash_bits)
+    index = _Index(a, self.hash_bits)
     hits = []
     n_full = prompt.size // bs
     first = index.find(salt, -1, 0, prompt[:bs]) if n_full else None
     if first is not None:
       # Guessed continuations, verified in vectorized passes; then block by block.
-      hits = _guessed_chain(m.a, first, prompt, salt, bs)
+      hits = _guessed_chain(a, first, prompt, salt, bs)
       for i in range(len(hits), n_full):
         parent = hits[-1]
-        found = index.find(salt, parent, int(m.a["block_gen"][parent]),
+        found = index.find(salt, parent, int(a["block_gen"][parent]),
                            prompt[i * bs:(i + 1) * bs])
         if found is None:
           break
         hits.append(found)
+    # The fit, before any change: every block no request holds can be had (free, or cached
+    # and evicted), except the hits, which this request is about to hold.
+    need = n_blocks - len(hits)
+    unheld = a["refcount"] == 0
+    room = int(np.count_nonzero(unheld)) - int(np.count_nonzero(unheld[hits]))
+    if need > room:
+      raise CacheError(
+          f"pool too small: a request of {prompt.size} tokens needs {need} new blocks but "
+          f"only {room} of {unheld.size} can be had "
+          f"({unheld.size - int(np.count_nonzero(unheld))} pinned by active requests)")
+    m = self._meta(consume)
     m.a["refcount"][hits] += 1
-    new = m.allocate(n_blocks - len(hits), prompt.size)
+    new = m.allocate(need, prompt.size)
     for j, b in enumerate(new):
       chunk = prompt[(len(hits) + j) * bs:(len(hits) + j + 1) * bs]
       m.a["block_tokens"][b, :chunk.size] = chunk

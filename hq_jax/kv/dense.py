@@ -38,15 +38,16 @@ class DenseKVCache(PagedCache):
     return cls.init(layout, num_blocks=max_requests * layout.blocks_for(max_seq_len),
                     max_requests=max_requests, max_seq_len=max_seq_len)
 
-  def admit(self, tokens, salt: int = 0, *,
-            reserve_tokens: int | None = None) -> tuple["DenseKVCache", int]:
+  def admit(self, tokens, salt: int = 0, *, reserve_tokens: int | None = None,
+            consume: bool = False) -> tuple["DenseKVCache", int]:
     """Reserves blocks for a new request; returns (cache, slot).
 
     The reservation covers `max_seq_len` tokens, or `reserve_tokens` (the prompt plus the
     tokens it will generate; at least the prompt, at most max_seq_len): appending past it
-    is an error. `salt` is accepted for interface parity; nothing is ever shared here.
+    is an error. `salt` and `consume` are accepted for interface parity; nothing is ever
+    shared here, and the arrays are per request (a copy is cheap).
     """
-    del salt
+    del salt, consume
     prompt = self._check_prompt(tokens)
     if reserve_tokens is not None and not prompt.size <= reserve_tokens <= self.max_seq_len:
       raise CacheError(f"reserve_tokens={reserve_tokens} must be in [{prompt.size} (the "
