@@ -15,9 +15,10 @@ logical keys j <= positions[b, t] and j < kv_lens[b]; a token that sees no key g
 Rows: the G = H / K query heads of kv head h and the T tokens form the rows of both matmuls,
 row r = t * G + g (the wrapper lays q out as [B, K, T * G, D], padded to tiles of 64 rows,
 and the output back: two XLA copies of q's size, about 1% of a 4k chunk's time). A
-program is one computing warpgroup per tile of 64 rows (`compute_wgs` = 2: two warpgroups,
-two adjacent tiles, sharing the K/V slots, as attention_mgpu; `schedule_barrier` adds its
-ping-pong: they take turns, one's softmax under the other's wgmmas), plus with
+program is one computing warpgroup per tile of 64 rows (`compute_wgs` = 2 or 3: that many
+warpgroups on adjacent tiles, sharing the K/V slots, as attention_mgpu (2) and FA3 at
+head_dim 64 (3); `schedule_barrier` adds attention_mgpu's ping-pong for 2: they take turns,
+one's softmax under the other's wgmmas), plus with
 `warp_specialized` a warpgroup that only issues TMA copies. Grid (row programs, kv heads,
 requests); programs of the last row tiles (the most keys, causal) start first.
 
@@ -40,7 +41,8 @@ mask, per row: key < hi and key <= the row's position (on the max and on the
 probabilities after exp2, so a hidden score, even NaN, drops out). The one step holding
 kv_len (when kv_len is not a multiple of block_kv) also zeroes the V rows of keys >= kv_len
 in SMEM before PV: garbage there, even NaN, times a zero probability would still be NaN
-(with two computing warpgroups, warpgroup 0 zeroes and both meet at a barrier before PV).
+(with several computing warpgroups, warpgroup 0 zeroes and they meet at a barrier before
+PV).
 Keys below kv_len are written cache, finite (as the Triton kernel assumes too). A warpgroup
 whose tile needs fewer steps than its neighbour's waits for and releases the rest.
 
@@ -62,7 +64,10 @@ paged_attention_mgpu (`_kernel_call`); nothing else used here differs.
 Not done: splits of long key ranges (a short chunk after a long context runs B * K * tiles
 programs over the whole context); tuning beyond the handful of configs main() times. The
 kernel's default config is the simplest schedule (one warpgroup, P through SMEM); the
-engine runs `tuned_config`, the fastest main() measured.
+engine runs `tuned_config`, the fastest main() measured. Three computing warpgroups
+(192 rows per step, FA3's tile at head_dim 64, without its intra-warpgroup overlap) pass
+the interpreter and lower for cuda with both versions (2026-11-29); not yet timed on the
+H200, so not the engine's choice.
 """
 
 from __future__ import annotations
@@ -83,6 +88,10 @@ from pallas_kernels.paged_attention_mgpu import (SMEM_PER_SM, SWIZZLE, _kernel_c
                                                 initial_carry, online_softmax, table_pages)
 
 BLOCK_Q = 64  # query rows per computing warpgroup: one wgmma's M
+# Registers per thread (computing, memory warpgroup) by computing warpgroups, within the
+# 64K of an SM: 2 as attention_mgpu (2 x 232 + 40 = 504 per lane of 128), 3 as FA3 at
+# head_dim 64 (3 x 160 + 32 = 512).
+REGISTERS = {2: (232, 40), 3: (160, 32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +104,9 @@ class TuningConfig:
   max_concurrent_steps: SMEM slots of K/V, i.e. steps in flight (>= 2 to overlap).
   p_in_registers: feed P to the PV wgmma from registers (compiled GPU only).
   warp_specialized: a separate warpgroup only issues the TMA copies.
-  compute_wgs: computing warpgroups per program (1 or 2; 2 needs warp_specialized), each
-    with its own tile of 64 query rows, sharing the K/V slots (as attention_mgpu).
+  compute_wgs: computing warpgroups per program (1, 2 or 3; more than 1 needs
+    warp_specialized), each with its own tile of 64 query rows, sharing the K/V slots (as
+    attention_mgpu; 3 as FA3 at head_dim 64: 192 rows per K/V step).
   schedule_barrier: with compute_wgs=2, FA3's ping-pong (as attention_mgpu): the two
     warpgroups take turns, one's softmax while the other's wgmmas run. Needs >= 2 slots.
   """
@@ -113,10 +123,11 @@ class TuningConfig:
       raise ValueError(f"pages_per_step must be >= 1, got {self.pages_per_step}")
     if self.max_concurrent_steps < 1:
       raise ValueError(f"max_concurrent_steps must be >= 1, got {self.max_concurrent_steps}")
-    if self.compute_wgs not in (1, 2):
-      raise ValueError(f"compute_wgs must be 1 or 2, got {self.compute_wgs}")
-    if self.compute_wgs == 2 and not self.warp_specialized:
-      raise ValueError("compute_wgs=2 needs warp_specialized=True (a memory warpgroup)")
+    if self.compute_wgs not in (1, 2, 3):
+      raise ValueError(f"compute_wgs must be 1, 2 or 3, got {self.compute_wgs}")
+    if self.compute_wgs > 1 and not self.warp_specialized:
+      raise ValueError(f"compute_wgs={self.compute_wgs} needs warp_specialized=True (a "
+                       "memory warpgroup)")
     if self.schedule_barrier and (self.compute_wgs != 2 or self.max_concurrent_steps < 2):
       raise ValueError("schedule_barrier needs compute_wgs=2 and max_concurrent_steps >= 2")
 
@@ -373,13 +384,22 @@ def _prefill_kernel(
 
     @pl.when(wg < compute_wgs)
     def _compute():
-      if compute_wgs == 2:
-        plgpu.set_max_registers(232, action="increase")  # as attention_mgpu
+      if compute_wgs > 1:  # as attention_mgpu (2) and FA3 at head_dim 64 (3)
+        plgpu.set_max_registers(REGISTERS[compute_wgs][0], action="increase")
 
       def release(i, slot, _):
         @pl.when(i + slots < num_steps)  # only the slots the producer will refill
         def _release():
           plgpu.barrier_arrive(consumed.at[slot])
+
+      def zero_and_meet(i, slot):
+        """Warpgroup 0 zeroes the shared V slot, then every computing warpgroup meets at
+        `zeroed` before any reads it: each passes step partial_step exactly once, in its
+        key loop (a masked step) or in the drain below."""
+        pl.when(wg == 0)(lambda: zero_rows_past_kv_len(v_smem, i, slot))
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(zeroed)
+        plgpu.barrier_wait(zeroed)
 
       def zero_v(i, slot):
         @pl.when(i == partial_step)
@@ -387,10 +407,13 @@ def _prefill_kernel(
           if compute_wgs == 1:
             zero_rows_past_kv_len(v_smem, i, slot)
             return
-          # The V slot is shared: when both warpgroups use this step, warpgroup 0 zeroes
-          # and both meet at `zeroed` (once per program) before either reads it. (With the
-          # schedule barrier both reach this point: each passed its turn's arrive, neither
-          # waits on its end yet.)
+          if not schedule_barrier:
+            zero_and_meet(i, slot)
+            return
+          # Ping-pong (two warpgroups): a warpgroup in the drain takes turns, so only those
+          # that use this step meet. When both do, warpgroup 0 zeroes and both meet at
+          # `zeroed` (once per program): each passed its turn's arrive, neither waits on
+          # its end yet.
           other_steps = tiles_ref[b, program * 2 + 1 - wg, 0]
           both = other_steps > i
           pl.when((wg == 0) | ~both)(lambda: zero_rows_past_kv_len(v_smem, i, slot))
@@ -412,6 +435,8 @@ def _prefill_kernel(
         slot = lax.rem(i, slots)
         plgpu.barrier_wait(k_barriers.at[slot])
         plgpu.barrier_wait(v_barriers.at[slot])
+        if compute_wgs > 1 and not schedule_barrier:
+          pl.when(i == partial_step)(lambda: zero_and_meet(i, slot))
         release(i, slot, None)
         if turn is not None:  # a step's two turns, as if computed
           take_turn(turn)
@@ -423,8 +448,8 @@ def _prefill_kernel(
 
     @pl.when(wg == compute_wgs)
     def _memory():
-      if compute_wgs == 2:
-        plgpu.set_max_registers(40, action="decrease")
+      if compute_wgs > 1:
+        plgpu.set_max_registers(REGISTERS[compute_wgs][1], action="decrease")
       prefetch(kv)
 
       def refill(j, _):  # step j + slots goes where step j was
@@ -598,9 +623,11 @@ def main_configs(head_dim: int) -> tuple[tuple[TuningConfig, ...], tuple[TuningC
   later = (TuningConfig(pages_per_step=8, **two),
            TuningConfig(pages_per_step=8, schedule_barrier=True, **two),
            TuningConfig(pages_per_step=4, schedule_barrier=True, **two))
-  if head_dim < 128:  # D = 64: the softmax weighs most; also three slots
+  if head_dim < 128:  # D = 64: the softmax weighs most; three slots; three warpgroups
     later += (TuningConfig(pages_per_step=8, schedule_barrier=True,
-                           **dict(two, max_concurrent_steps=3)),)
+                           **dict(two, max_concurrent_steps=3)),
+              TuningConfig(pages_per_step=8, **dict(two, compute_wgs=3,
+                                                    max_concurrent_steps=3)))
   return first, later
 
 

@@ -52,8 +52,9 @@ class PagedPrefillMgpuTest(MgpuTestCase):
   # The interpreter is slow on the 2-core box: `make test` keeps a chunk after a cached
   # prefix, placement and batch bits, decode rows and empty requests; `make test-deep`
   # runs every variant (two warpgroups among them). Compiled runs all.
-  SLOW_INTERPRETED = ("test_two_computing_warpgroups0", "test_two_computing_warpgroups1",
-                      "test_two_computing_warpgroups2", "test_deep_pipeline0",
+  SLOW_INTERPRETED = ("test_computing_warpgroups0", "test_computing_warpgroups1",
+                      "test_computing_warpgroups2", "test_computing_warpgroups3",
+                      "test_deep_pipeline0",
                       "test_deep_pipeline1", "test_chunk_after_cached_prefix1",
                       "test_positions_per_row", "test_traced_layer")
 
@@ -98,17 +99,18 @@ class PagedPrefillMgpuTest(MgpuTestCase):
       ws = self.attend(*inputs, config=dataclasses.replace(SMALL, warp_specialized=True))
       np.testing.assert_array_equal(np.asarray(ws, np.float32), out)
 
-  @parameterized.parameters((2, False), (2, True), (3, True))
-  def test_two_computing_warpgroups(self, slots, schedule_barrier):
-    # 168 rows: 3 tiles + 1 padding tile = 2 programs of 2 tiles sharing K/V slots. In
-    # program 0 both tiles use the step holding kv_len (warpgroup 0 zeroes V past it, both
-    # meet before PV); in program 1 only tile 2 has keys (the padding tile drains). Same
-    # bits as one warpgroup per tile, with or without the ping-pong schedule barrier (a
-    # protocol error there hangs the interpreter).
+  @parameterized.parameters((2, 2, False), (2, 2, True), (2, 3, True), (3, 3, False))
+  def test_computing_warpgroups(self, wgs, slots, schedule_barrier):
+    # 168 rows: 3 row tiles sharing K/V slots, as 2 programs of 2 (a padding tile added) or
+    # one of 3. The step holding kv_len has its V zeroed past it by warpgroup 0 before PV:
+    # kv_len 200 (positions 176-199), tile 0 needs 3 steps, tiles 1-2 the 4th, which holds
+    # kv_len; kv_len 41: one real tile, the others drain. Same bits as one warpgroup per
+    # tile, with or without the ping-pong schedule barrier (a protocol error there hangs
+    # the interpreter).
     inputs = make_inputs(11, lens=[24, 150, 41, 200], new=[24, 24, 9, 24], num_tokens=24,
                          max_blocks=13)
     config = dataclasses.replace(SMALL, max_concurrent_steps=slots, warp_specialized=True,
-                                 compute_wgs=2, schedule_barrier=schedule_barrier)
+                                 compute_wgs=wgs, schedule_barrier=schedule_barrier)
     out = self.check(inputs, layer=1, config=config)
     one = self.attend(*inputs, 1, config=SMALL)
     np.testing.assert_array_equal(np.asarray(one, np.float32), out)
