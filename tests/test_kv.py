@@ -261,6 +261,27 @@ def test_batched_decode_bookkeeping_equals_one_slot_at_a_time(tiny_layout, backe
     c.append_batch([0, 0], [1, 2])
 
 
+def test_a_step_where_several_slots_need_blocks_equals_one_slot_at_a_time(tiny_layout):
+  """append_batch allocates a step's new blocks at once: the same blocks, in slot order, as
+  one allocation per slot, also when the free blocks run out mid-step and cached ones are
+  evicted in LRU order."""
+  c = DedupKVCache.init(tiny_layout, num_blocks=9, max_requests=4, max_seq_len=64)
+  for seed in (1, 2):  # two released chains of 2 blocks: cached, evictable (LRU)
+    c, s = c.admit(np.random.default_rng(seed).integers(0, 50, 32))
+    c = c.commit(s, 32).release(s)
+  for n in (16, 32, 16):  # 1 + 2 + 1 blocks: 1 of 9 blocks free, 4 cached
+    c, s = c.admit(np.random.default_rng(n + s).integers(0, 50, n))
+    c = c.commit(s, n)
+  assert int(np.sum(~c.registered & (c.refcount == 0))) == 1 and c.cached_free_blocks() == 4
+  slots, tokens = [2, 0, 1], [5, 6, 7]  # every slot at a block boundary: 3 new blocks
+  one_by_one = c
+  for s, t in zip(slots, tokens):
+    one_by_one = one_by_one.append(s, t)
+  batched = c.append_batch(slots, tokens)
+  chex.assert_trees_all_equal(_snapshot(batched), _snapshot(one_by_one))
+  assert batched.cached_free_blocks() == 2  # two cached blocks were evicted
+
+
 def test_consumed_decode_bookkeeping_equals_copying(tiny_layout):
   """append_batch / commit_batch with consume=True (in place, the engine on a GPU) give the
   same cache as the copying path over a decode run that allocates, fills, registers and

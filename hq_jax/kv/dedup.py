@@ -175,14 +175,17 @@ class DedupKVCache(PagedCache):
     bs = self.block_size
     need = sum(n % bs == 0 for n in lens)
     if need:
-      can = int(np.sum(np.asarray(self.refcount) == 0))  # free or cached: allocatable
+      can = int(np.count_nonzero(np.asarray(self.refcount) == 0))  # free or cached
       if can < need:
         raise CacheError(f"pool too small: this decode step needs {need} new blocks but only "
                          f"{can} of {self.num_blocks} can be had")
     m = self._meta(consume)
+    # One allocation for the step (one scan of the pool): the blocks, in the order one
+    # allocation per slot would hand them out.
+    fresh = iter(m.allocate(need, max(lens) + 1) if need else ())
     for slot, token, n in zip(slots, tokens, lens):
       if n % bs == 0:
-        (b,) = m.allocate(1, n + 1)
+        b = next(fresh)
         m.a["block_salt"][b] = m.a["salts"][slot]
         m.a["block_tables"][slot, n // bs] = b
       b = int(m.a["block_tables"][slot, n // bs])
