@@ -392,14 +392,17 @@ def _prefill_kernel(
         def _release():
           plgpu.barrier_arrive(consumed.at[slot])
 
-      def zero_and_meet(i, slot):
-        """Warpgroup 0 zeroes the shared V slot, then every computing warpgroup meets at
-        `zeroed` before any reads it: each passes step partial_step exactly once, in its
-        key loop (a masked step) or in the drain below."""
-        pl.when(wg == 0)(lambda: zero_rows_past_kv_len(v_smem, i, slot))
+      def meet():  # at `zeroed`, once per program, after the zeroing's stores
         plgpu.commit_smem()
         plgpu.barrier_arrive(zeroed)
         plgpu.barrier_wait(zeroed)
+
+      def zero_and_meet(i, slot):
+        """Warpgroup 0 zeroes the shared V slot, then every computing warpgroup meets before
+        any reads it: each passes step partial_step exactly once, in its key loop (a masked
+        step) or in the drain below."""
+        pl.when(wg == 0)(lambda: zero_rows_past_kv_len(v_smem, i, slot))
+        meet()
 
       def zero_v(i, slot):
         @pl.when(i == partial_step)
@@ -417,12 +420,7 @@ def _prefill_kernel(
           other_steps = tiles_ref[b, program * 2 + 1 - wg, 0]
           both = other_steps > i
           pl.when((wg == 0) | ~both)(lambda: zero_rows_past_kv_len(v_smem, i, slot))
-
-          @pl.when(both)
-          def _meet():
-            plgpu.commit_smem()
-            plgpu.barrier_arrive(zeroed)
-            plgpu.barrier_wait(zeroed)
+          pl.when(both)(meet)
 
       done = compute(wg, qo_smem.at[wg], pos_smem.at[wg], q_barrier.at[wg], kv,
                      None if p_smem is None else p_smem.at[wg], release, zero_v,
