@@ -350,6 +350,21 @@ def test_consumed_admission_equals_copying_and_refuses_before_any_change(tiny_la
     with pytest.raises(CacheError, match=message):
       fn()
     chex.assert_trees_all_equal(_snapshot(c), before)
+  # keep_free: blocks that must stay allocatable after admission (a server's running
+  # requests will need them). A 2-block prompt hitting nothing fits with free - 2 kept free,
+  # not with one more.
+  fresh = rng.integers(50, 99, 32)
+  for fn, message in [(lambda: c.admit(fresh, keep_free=free - 1, consume=True),
+                       f"needs 2 new blocks and {free - 1} kept free but only {free} "),
+                      (lambda: c.admit(fresh, keep_free=-1, consume=True), "keep_free")]:
+    with pytest.raises(CacheError, match=message):
+      fn()
+    chex.assert_trees_all_equal(_snapshot(c), before)
+  kept, s = c.admit(fresh, keep_free=free - 2)
+  assert int(np.sum(np.asarray(kept.refcount) == 0)) == free - 2
+  # release in place equals the copying release.
+  chex.assert_trees_all_equal(_snapshot(kept.release(s, consume=True)),
+                              _snapshot(c.admit(fresh)[0].release(s)))
   c, _ = c.admit(base[:16], consume=True)  # the fourth slot
   before = _snapshot(c)
   with pytest.raises(CacheError, match="no free request slot"):

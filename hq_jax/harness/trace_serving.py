@@ -90,22 +90,20 @@ class ServingBackend:
     return -(-final_len // bs) - -(-now_len // bs)
 
   def _try_admit(self, req: TraceRequest, prompt: np.ndarray, hold: int, future: int):
-    """(cache, slot) with `req` admitted, or None if it does not fit now."""
+    """(cache, slot) with `req` admitted, or None if it does not fit now (the cache then
+    unchanged). HQ admits in place: the replay owns its cache."""
     from hq_jax.kv.base import CacheError
     cache = self.cache
     try:
       if cache.backend == "dense":
         return cache.admit(prompt, reserve_tokens=hold)
-      new, slot = cache.admit(prompt)
+      # HQ: the pool must still supply the running requests' future blocks and this one's.
+      need = future + self._blocks_to_come(req.input_length, max(hold - 1, req.input_length))
+      return cache.admit(prompt, keep_free=need, consume=True)
     except CacheError as e:
       if "pool too small" in str(e):
         return None
       raise
-    # HQ: the pool must still supply the running requests' future blocks and this one's.
-    need = future + self._blocks_to_come(req.input_length, max(hold - 1, req.input_length))
-    if need and int(np.count_nonzero(np.asarray(new.refcount) == 0)) < need:
-      return None
-    return new, slot
 
   def replay(self, requests: Sequence[TraceRequest], cfg: ReplayConfig, *,
              bytes_per_block: int, progress=None, deadline: float | None = None) -> dict:
@@ -131,7 +129,7 @@ class ServingBackend:
       t_last = t
 
     def release(slot):
-      self.cache = self.cache.release(slot)
+      self.cache = self.cache.release(slot, consume=True)  # the replay owns its cache
       del running[slot]
 
     while True:
@@ -154,6 +152,9 @@ class ServingBackend:
           if progress is not None:
             progress.update(1)
           continue
+        # Before admission, which may evict (in place): to count evictions. Not host
+        # admission time: the snapshot is the replay's own bookkeeping.
+        before = _cached_mask(self.cache)
         t_admit = time.perf_counter()
         prompt = traces.request_tokens(req, vocab_size=self.vocab_size, seed=self.seed)
         future = sum(self._blocks_to_come(int(self.cache.req_lens[s]), r.final_len)
@@ -164,7 +165,6 @@ class ServingBackend:
           break  # Head of line: wait for a release.
         queue.popleft()
         advance()
-        before = _cached_mask(self.cache)
         cache, slot = admitted
         cache, res = engine.prefill(cache, prompt, logits="last", slot=slot)
         first = int(np.argmax(np.asarray(res.last_logits)))  # waits for the prefill

@@ -90,17 +90,21 @@ class DedupKVCache(PagedCache):
     return _Meta(self, {name: np.array(getattr(self, name)) for name in _META_FIELDS})
 
   def admit(self, tokens, salt: int = 0, *, reserve_tokens: int | None = None,
-            consume: bool = False) -> tuple["DedupKVCache", int]:
+            keep_free: int = 0, consume: bool = False) -> tuple["DedupKVCache", int]:
     """Admits a prompt: references its longest cached chain of full blocks, allocates the rest.
 
     Returns (cache, slot). `reserve_tokens` is accepted for interface parity with the
     dense cache and ignored: HQ allocates a block when a token first needs it. `seq_lens[slot]` is the number of cached (hit) tokens: their
     K/V is already there; the caller computes and writes the rest, then `commit`s.
-    `consume`: update this cache's arrays in place (see `_meta`): admission then costs
-    O(prompt) plus a few vectorized scans, not a copy of every array. Everything is
-    checked before anything changes, so on error the cache is unchanged either way.
+    `keep_free`: blocks that must stay allocatable afterwards (a server's running requests
+    will need them), else "pool too small". `consume`: update this cache's arrays in place
+    (see `_meta`): admission then costs O(prompt) plus a few vectorized scans, not a copy of
+    every array. Everything is checked before anything changes, so on error the cache is
+    unchanged either way.
     """
     del reserve_tokens
+    if isinstance(keep_free, bool) or not isinstance(keep_free, (int, np.integer)) or keep_free < 0:
+      raise CacheError(f"keep_free must be an int >= 0, got {keep_free!r}")
     prompt = self._check_prompt(tokens)
     salt = _check_salt(salt)
     a = {name: getattr(self, name) for name in _META_FIELDS}  # read only, until the checks pass
@@ -126,10 +130,11 @@ class DedupKVCache(PagedCache):
     need = n_blocks - len(hits)
     unheld = a["refcount"] == 0
     room = int(np.count_nonzero(unheld)) - int(np.count_nonzero(unheld[hits]))
-    if need > room:
+    if need + keep_free > room:
+      kept = f" and {keep_free} kept free" if keep_free else ""
       raise CacheError(
-          f"pool too small: a request of {prompt.size} tokens needs {need} new blocks but "
-          f"only {room} of {unheld.size} can be had "
+          f"pool too small: a request of {prompt.size} tokens needs {need} new blocks{kept} "
+          f"but only {room} of {unheld.size} can be had "
           f"({unheld.size - int(np.count_nonzero(unheld))} pinned by active requests)")
     m = self._meta(consume)
     m.a["refcount"][hits] += 1
@@ -194,10 +199,11 @@ class DedupKVCache(PagedCache):
       m.a["req_lens"][slot] = n + 1
     return m.build()
 
-  def release(self, slot: int) -> "DedupKVCache":
-    """Drops the request's references. Registered blocks stay cached (LRU); private ones free."""
+  def release(self, slot: int, *, consume: bool = False) -> "DedupKVCache":
+    """Drops the request's references. Registered blocks stay cached (LRU); private ones free.
+    `consume`: update this cache's arrays in place (see `_meta`)."""
     self._check_slot(slot)
-    m = self._meta()
+    m = self._meta(consume)
     n_blocks = -(-int(m.a["req_lens"][slot]) // self.block_size)
     blocks = [int(b) for b in m.a["block_tables"][slot, :n_blocks]]
     m.a["refcount"][blocks] -= 1

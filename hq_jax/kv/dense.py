@@ -83,8 +83,10 @@ class DenseKVCache(PagedCache):
                        "(admit's reserve_tokens) is used up")
     return dataclasses.replace(self, req_lens=updated(self.req_lens, slot, n + 1))
 
-  def release(self, slot: int) -> "DenseKVCache":
-    """Frees the request's reservation (its K/V is simply abandoned)."""
+  def release(self, slot: int, *, consume: bool = False) -> "DenseKVCache":
+    """Frees the request's reservation (its K/V is simply abandoned). `consume` is accepted
+    for interface parity (the arrays are per request: a copy is cheap)."""
+    del consume
     self._check_slot(slot)
     return dataclasses.replace(
         self,
