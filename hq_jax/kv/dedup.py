@@ -103,7 +103,8 @@ class DedupKVCache(PagedCache):
     unchanged either way.
     """
     del reserve_tokens
-    if isinstance(keep_free, bool) or not isinstance(keep_free, (int, np.integer)) or keep_free < 0:
+    if (isinstance(keep_free, bool) or not isinstance(keep_free, (int, np.integer))
+        or keep_free < 0):
       raise CacheError(f"keep_free must be an int >= 0, got {keep_free!r}")
     prompt = self._check_prompt(tokens)
     salt = _check_salt(salt)
