@@ -94,8 +94,9 @@ class DedupKVCache(PagedCache):
     """Admits a prompt: references its longest cached chain of full blocks, allocates the rest.
 
     Returns (cache, slot). `reserve_tokens` is accepted for interface parity with the
-    dense cache and ignored: HQ allocates a block when a token first needs it. `seq_lens[slot]` is the number of cached (hit) tokens: their
-    K/V is already there; the caller computes and writes the rest, then `commit`s.
+    dense cache and ignored: HQ allocates a block when a token first needs it.
+    `seq_lens[slot]` is the number of cached (hit) tokens: their K/V is already there; the
+    caller computes and writes the rest, then `commit`s.
     `keep_free`: blocks that must stay allocatable afterwards (a server's running requests
     will need them), else "pool too small". `consume`: update this cache's arrays in place
     (see `_meta`): admission then costs O(prompt) plus a few vectorized scans, not a copy of
