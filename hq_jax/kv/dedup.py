@@ -127,20 +127,12 @@ class DedupKVCache(PagedCache):
         if found is None:
           break
         hits.append(found)
-    # The fit, before any change: every block no request holds can be had (free, or cached
-    # and evicted), except the hits, which this request is about to hold.
     need = n_blocks - len(hits)
-    unheld = a["refcount"] == 0
-    room = int(np.count_nonzero(unheld)) - int(np.count_nonzero(unheld[hits]))
-    if need + keep_free > room:
-      kept = f" and {keep_free} kept free" if keep_free else ""
-      raise CacheError(
-          f"pool too small: a request of {prompt.size} tokens needs {need} new blocks{kept} "
-          f"but only {room} of {unheld.size} can be had "
-          f"({unheld.size - int(np.count_nonzero(unheld))} pinned by active requests)")
+    _check_room(a["refcount"], need, f"a request of {prompt.size} tokens", hits=hits,
+                keep_free=keep_free)
     m = self._meta(consume)
     m.a["refcount"][hits] += 1
-    new = m.allocate(need, prompt.size)
+    new = m.allocate(need)
     for j, b in enumerate(new):
       chunk = prompt[(len(hits) + j) * bs:(len(hits) + j + 1) * bs]
       m.a["block_tokens"][b, :chunk.size] = chunk
@@ -182,14 +174,11 @@ class DedupKVCache(PagedCache):
     bs = self.block_size
     need = sum(n % bs == 0 for n in lens)
     if need:
-      can = int(np.count_nonzero(np.asarray(self.refcount) == 0))  # free or cached
-      if can < need:
-        raise CacheError(f"pool too small: this decode step needs {need} new blocks but only "
-                         f"{can} of {self.num_blocks} can be had")
+      _check_room(np.asarray(self.refcount), need, "this decode step")
     m = self._meta(consume)
     # One allocation for the step (one scan of the pool): the blocks, in the order one
     # allocation per slot would hand them out.
-    fresh = iter(m.allocate(need, max(lens) + 1) if need else ())
+    fresh = iter(m.allocate(need) if need else ())
     for slot, token, n in zip(slots, tokens, lens):
       if n % bs == 0:
         b = next(fresh)
@@ -276,6 +265,21 @@ def _verified_run(a: dict[str, np.ndarray], guess, parent: int, blocks: np.ndarr
   return [int(b) for b in guess[:n]]
 
 
+def _check_room(refcount: np.ndarray, need: int, what: str, *, hits=(),
+                keep_free: int = 0) -> None:
+  """Refuses, before any change, `need` new blocks (and `keep_free` left allocatable after)
+  that the pool cannot supply: every block no request holds can be had (free, or cached and
+  evicted), except `hits`, which the request is about to hold."""
+  unheld = refcount == 0
+  room = int(np.count_nonzero(unheld)) - int(np.count_nonzero(unheld[list(hits)]))
+  if need + keep_free > room:
+    kept = f" and {keep_free} kept free" if keep_free else ""
+    raise CacheError(
+        f"pool too small: {what} needs {need} new blocks{kept} but only {room} of "
+        f"{unheld.size} can be had ({unheld.size - int(np.count_nonzero(unheld))} pinned by "
+        "active requests)")
+
+
 def _check_salt(salt) -> int:
   if isinstance(salt, bool) or not isinstance(salt, (int, np.integer)):
     raise CacheError(f"salt must be an int (a tenant id), got {type(salt).__name__}")
@@ -344,18 +348,14 @@ class _Meta:
     a["block_parent_gen"][blocks] = 0
     a["block_tokens"][blocks] = -1
 
-  def allocate(self, need: int, request_tokens: int) -> list[int]:
-    """Takes `need` blocks: never-registered free ones first, then evicts cached LRU ones."""
+  def allocate(self, need: int) -> list[int]:
+    """Takes `need` blocks: never-registered free ones first, then evicts cached LRU ones.
+    The caller has checked, before any change, that the pool has them (`_check_room`)."""
     a = self.a
     free = np.flatnonzero(~a["registered"] & (a["refcount"] == 0))
     # The LRU order (a sort over cached blocks) only when free blocks do not suffice.
     cached = self.cached_lru_order() if free.size < need else np.zeros((0,), np.int64)
-    if free.size + cached.size < need:
-      pinned = int(np.sum(a["refcount"] > 0))
-      raise CacheError(
-          f"pool too small: a request of {request_tokens} tokens needs {need} new blocks but "
-          f"only {free.size + cached.size} of {a['refcount'].size} can be had "
-          f"({pinned} pinned by active requests)")
+    assert free.size + cached.size >= need, "allocate without _check_room"
     taken = list(free[:need]) + list(cached[:max(0, need - free.size)])
     taken = [int(b) for b in taken]
     self.unregister(taken)
