@@ -57,17 +57,16 @@ Status: correct in the Mosaic GPU interpreter on CPU with jax 0.12 and 0.11.2 (r
 out-of-bounds reads and uninitialized SMEM checked); lowers for `cuda` on a CPU machine
 (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`) at the 0.5B and 7B shapes,
 every config of `main_configs`, both versions; compiled, tested and timed on the H200
-(`main()`, docs/benchmarks.md): with `tuned_config` 1.6-1.7x the Triton kernel, 0.73x (D=64)
-and 0.82x (D=128) `attention_mgpu` (commit 3657e5e), the engine's prefill under
-`--attention=pallas` on Hopper. API differences between the versions: those of
+(`main()`, docs/benchmarks.md): `tuned_config` (three computing warpgroups) runs a 32k causal
+prefill at 0.97x (D=64) and 0.95x (D=128) `attention_mgpu`'s TFLOP/s in 16k chunks, 0.79x /
+0.90x in 4k chunks (commit 6bd42a1); the engine's prefill under `--attention=pallas` on
+Hopper. API differences between the versions: those of
 paged_attention_mgpu (`_kernel_call`); nothing else used here differs.
 Not done: splits of long key ranges (a short chunk after a long context runs B * K * tiles
 programs over the whole context); tuning beyond the handful of configs main() times. The
 kernel's default config is the simplest schedule (one warpgroup, P through SMEM); the
-engine runs `tuned_config`, the fastest main() measured. Three computing warpgroups
-(192 rows per step, FA3's tile at head_dim 64, without its intra-warpgroup overlap) pass
-the interpreter and lower for cuda with both versions (2026-11-29); not yet timed on the
-H200, so not the engine's choice.
+engine runs `tuned_config`, the fastest measured: three computing warpgroups (192 rows per
+step, FA3's tile at head_dim 64, without its intra-warpgroup overlap), at both head_dims.
 """
 
 from __future__ import annotations
@@ -150,15 +149,15 @@ def default_config(head_dim: int) -> TuningConfig:
   return DEFAULT_D128 if head_dim >= 128 else DEFAULT_D64
 
 
-# The fastest variant of main() on the H200 per head_dim (docs/benchmarks.md): two
-# computing warpgroups with FA3's ping-pong, 8 pages per step, P in registers. D=128 (7B
-# shape; 2026-11-29, JAX 0.11.2, commit 6f666e1): 568 TFLOP/s on a 32k causal prefill in 4k
-# chunks (Triton 362; one warpgroup 428). D=64 (0.5B; same day, commit 3657e5e): with three
-# slots 340 (two slots 337; one warpgroup 269; Triton 203; attention_mgpu 463). Same bits as
-# every other config with the same block_kv: the choice changes speed only.
-TUNED_D128 = TuningConfig(pages_per_step=8, max_concurrent_steps=2, p_in_registers=True,
-                          warp_specialized=True, compute_wgs=2, schedule_barrier=True)
-TUNED_D64 = dataclasses.replace(TUNED_D128, max_concurrent_steps=3)
+# The fastest variant measured on the H200, both head_dims (2026-11-29, JAX 0.11.2, commit
+# 6bd42a1; a 32k causal prefill through the pool, `.gpu`-style script beside jax's
+# attention_mgpu in the same run, docs/benchmarks.md): three computing warpgroups (192 rows
+# per K/V step), 8 pages per step, two slots, P in registers. In 16k chunks 455 TFLOP/s at
+# D=64 (attention_mgpu 467: 0.97x) and 642 at D=128 (675: 0.95x); in 4k chunks 369 / 608
+# (0.79x / 0.90x). The two-warpgroup ping-pong configs it replaces: 393 / 579 in 16k chunks.
+# Same bits as every other config with the same block_kv: the choice changes speed only.
+TUNED = TuningConfig(pages_per_step=8, max_concurrent_steps=2, p_in_registers=True,
+                     warp_specialized=True, compute_wgs=3)
 
 
 def tuned_config(head_dim: int, *, interpret: bool = False) -> TuningConfig:
@@ -166,7 +165,8 @@ def tuned_config(head_dim: int, *, interpret: bool = False) -> TuningConfig:
   (same block_kv) from one warpgroup with P through SMEM: the interpreter's wgmma takes SMEM
   operands only, and it runs each warpgroup as a thread (slow, and on a 2-core machine the
   blocking barrier callbacks of several can starve XLA's CPU thread pools)."""
-  config = TUNED_D128 if head_dim >= 128 else TUNED_D64
+  del head_dim  # one config is the fastest at both head_dims measured (64 and 128)
+  config = TUNED
   if interpret:
     return TuningConfig(pages_per_step=config.pages_per_step,
                         max_concurrent_steps=config.max_concurrent_steps)
@@ -621,12 +621,12 @@ def main_configs(head_dim: int) -> tuple[tuple[TuningConfig, ...], tuple[TuningC
   later = (TuningConfig(pages_per_step=8, **two),
            TuningConfig(pages_per_step=8, schedule_barrier=True, **two),
            TuningConfig(pages_per_step=4, schedule_barrier=True, **two))
-  if head_dim < 128:  # D = 64: the softmax weighs most; three slots; three warpgroups
+  if head_dim < 128:  # D = 64: the softmax weighs most; three slots
     later += (TuningConfig(pages_per_step=8, schedule_barrier=True,
                            **dict(two, max_concurrent_steps=3)),
               TuningConfig(pages_per_step=8, **dict(two, compute_wgs=3,
                                                     max_concurrent_steps=3)))
-  return first, later
+  return first, later + (TUNED,)  # three computing warpgroups, two slots
 
 
 def _config_name(config: TuningConfig) -> str:

@@ -54,6 +54,7 @@ class PagedPrefillMgpuTest(MgpuTestCase):
   # runs every variant (two warpgroups among them). Compiled runs all.
   SLOW_INTERPRETED = ("test_computing_warpgroups0", "test_computing_warpgroups1",
                       "test_computing_warpgroups2", "test_computing_warpgroups3",
+                      "test_computing_warpgroups4",
                       "test_deep_pipeline0",
                       "test_deep_pipeline1", "test_chunk_after_cached_prefix1",
                       "test_positions_per_row", "test_traced_layer")
@@ -99,7 +100,8 @@ class PagedPrefillMgpuTest(MgpuTestCase):
       ws = self.attend(*inputs, config=dataclasses.replace(SMALL, warp_specialized=True))
       np.testing.assert_array_equal(np.asarray(ws, np.float32), out)
 
-  @parameterized.parameters((2, 2, False), (2, 2, True), (2, 3, True), (3, 3, False))
+  @parameterized.parameters((2, 2, False), (2, 2, True), (2, 3, True), (3, 3, False),
+                            (3, 2, False))
   def test_computing_warpgroups(self, wgs, slots, schedule_barrier):
     # 168 rows: 3 row tiles sharing K/V slots, as 2 programs of 2 (a padding tile added) or
     # one of 3. The step holding kv_len has its V zeroed past it by warpgroup 0 before PV:
@@ -180,6 +182,13 @@ class ConfigTest(absltest.TestCase):
     for d in (64, 128):
       self.assertLessEqual(2 * (pp.smem_bytes(pp.default_config(d), d) + 4096),
                            pp.SMEM_PER_SM)
+
+  def test_tuned_config_fits_an_sm(self):
+    # The engine's config at both head_dims measured (Mosaic's own check is on the GPU).
+    for d in (64, 128):
+      self.assertLessEqual(pp.smem_bytes(pp.tuned_config(d), d) + 4096, pp.SMEM_PER_SM)
+    self.assertEqual(pp.tuned_config(64).block_kv(BLOCK_SIZE),
+                     pp.tuned_config(64, interpret=True).block_kv(BLOCK_SIZE))
 
   def test_tile_bounds(self):
     # 3 tokens x G = 2 heads = 6 rows in one 64-row tile; token 1 is padding.
