@@ -42,8 +42,9 @@ physical placement of pages changes a bit of a request's output.
 Status: correct in the Mosaic GPU interpreter on CPU, jax 0.12 and 0.11.2
 (tests/test_paged_attention_mgpu.py); lowers for `cuda` on a CPU machine with both versions
 (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`); compiled, checked and timed
-on the H200 (its tests pass there; 0.72-0.9x the Triton kernel's speed, so the engine decodes
-on Triton: docs/benchmarks.md, "Mosaic GPU decode kernel").
+on the H200 (its tests pass there). With the defaults below 0.87-0.94x the Triton kernel's
+speed at 64 x 4k and 8 x 32k (Triton timed in earlier runs) and 1.1x at 0.5B 1 x 128k, so
+the engine decodes on Triton: docs/benchmarks.md, "Mosaic GPU decode kernel".
 API notes (checked in jax 0.11.2 and 0.12.0 here): a transposed ref is `ref.transpose(perm)`
 (`plgpu.transpose_ref`, used by 0.11-era examples, is deprecated in both); `plgpu.kernel`
 takes `out_type` (earlier versions `out_shape`: `_kernel_call` falls back to it); both have
@@ -114,11 +115,15 @@ class TuningConfig:
     return block_kv
 
 
-# Not tuned on the H200 yet. SMEM per program: K/V 2 * slots * block_kv * D * 2 bytes
-# = 64 KiB for both defaults, q 8 / 16 KiB, P 16 / 8 KiB: 88 KiB, so two programs fit on
-# an SM (227 KiB), each with 2 steps (2 x 32 KiB of K/V) in flight. The epilogue's f32 tile
-# reuses the loop's SMEM (a later run_scoped).
-DEFAULT_D64 = TuningConfig(pages_per_step=8, kv_split=512, max_concurrent_steps=2)
+# SMEM per program: K/V 2 * slots * block_kv * D * 2 bytes = 64 KiB for both defaults, q
+# 8 / 16 KiB, P 16 / 8 KiB: 88 KiB, so two programs fit on an SM (227 KiB), each with 2
+# steps (2 x 32 KiB of K/V) in flight. The epilogue's f32 tile reuses the loop's SMEM (a
+# later run_scoped). A sweep of 13 configs on the H200 (2026-11-29, JAX 0.11.2, commit
+# 6bd42a1, docs/benchmarks.md): at D=64, 1024-key splits beat 512 at every point (64 x 4k
+# 48.7 -> 42.8 us, the best measured; 8 x 32k 59.1 -> 49.5, best 45.9; 1 x 128k 54.1 ->
+# 35.4, best 34.5); at D=128 no config fitting two programs on an SM beat the default by
+# more than 2% (one 8-page, 2048-key config, a program per SM, 2-7%).
+DEFAULT_D64 = TuningConfig(pages_per_step=8, kv_split=1024, max_concurrent_steps=2)
 DEFAULT_D128 = TuningConfig(pages_per_step=4, kv_split=512, max_concurrent_steps=2)
 
 
