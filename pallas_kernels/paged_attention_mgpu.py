@@ -522,11 +522,20 @@ def paged_decode_attention_reference(q, k_pool, v_pool, block_tables, positions,
 # ------------------------------------------------------------------- H200 check + time
 SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, head_dim)
 POINTS = ((64, 4096), (8, 32768), (1, 131072))  # (batch, context)
-SWEEP = tuple(
-    TuningConfig(pages_per_step=p, kv_split=split, max_concurrent_steps=slots,
-                 p_in_registers=reg, warp_specialized=ws)
-    for ws in (False, True) for p in (4, 8) for slots in (2, 3, 4)
-    for split in (512, 1024, 2048) for reg in (False, True))
+# `--sweep`: what one device call can time (about 9 s per config and point). The first GPU
+# sweep (2026-11-29, docs/benchmarks.md) found occupancy (programs per SM) worth more than
+# pipeline depth and longer splits better; these are its best and the untried configs that
+# fit four (D = 64) or two (D = 128) programs on an SM. main() drops those too big for SMEM.
+SWEEP = (
+    TuningConfig(pages_per_step=8, kv_split=1024, max_concurrent_steps=2),
+    TuningConfig(pages_per_step=8, kv_split=2048, max_concurrent_steps=2),
+    TuningConfig(pages_per_step=4, kv_split=2048, max_concurrent_steps=4),
+    TuningConfig(pages_per_step=4, kv_split=1024, max_concurrent_steps=2),
+    TuningConfig(pages_per_step=4, kv_split=2048, max_concurrent_steps=2),
+    TuningConfig(pages_per_step=4, kv_split=4096, max_concurrent_steps=2),
+    TuningConfig(pages_per_step=4, kv_split=2048, max_concurrent_steps=2, p_in_registers=True),
+    TuningConfig(pages_per_step=8, kv_split=2048, max_concurrent_steps=2, p_in_registers=True),
+)
 
 
 def random_inputs(key, batch, context, shape, *, num_layers=2, block_size=16,
