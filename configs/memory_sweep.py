@@ -14,6 +14,7 @@ def get_config():
   c.max_seq_len = 0  # Dense reservation per request; 0 = the request's context_length.
   c.block_size = 16
   c.chunk_size = 64
+  c.chunk_size_at = []  # "CONTEXT:CHUNK": another prefill chunk at that context length.
   c.dtype = "float32"
   c.seed = 0
   c.workloads = True  # Also run system-prompt / few-shot / multi-turn workloads.

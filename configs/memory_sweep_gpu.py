@@ -22,6 +22,11 @@ def get_config():
   # 16k chunks (0.5B, 32k; 0.26 / 0.36 with 2k / 8k in runs before the GEMM change). Prefix
   # reuse skips whole chunks, so larger chunks reuse less of a short shared prefix.
   c.chunk_size = 4096
+  # At 128k, 16k chunks skip the same tokens as 4k chunks at these fractions (65,536 and
+  # 114,688 of a request's shared prefix) and ran a 0.5B 128k prompt 12% faster on the H200
+  # (2,318 -> 2,044 ms at 585bf24, docs/benchmarks.md). Each row records its chunk;
+  # --chunk_size_at= (empty) runs every point at --chunk_size.
+  c.chunk_size_at = ["131072:16384"]
   c.dtype = "bfloat16"
   c.attention = "pallas"  # The kernel under test; "auto" would pick it too, but say so.
   # 131072 tokens exceed the presets' max_position_embeddings (32768; Qwen2.5 reaches 128k

@@ -33,6 +33,8 @@ cli.define_flags(default_config.get_config(), {
                                "(rounded down to whole blocks)",
     "num_prefixes": "distinct shared prefixes; request i carries prefix i % num_prefixes",
     "max_seq_len": "dense reservation per request; 0 = its context_length",
+    "chunk_size_at": "CONTEXT:CHUNK pairs: the points of that context length prefill in that "
+                     "chunk instead of --chunk_size (each row records its chunk)",
     "seed": "seed of request offsets in the text and of random weights",
     "workloads": "also run the system-prompt, few-shot and multi-turn workloads",
     "users": "workloads: concurrent users / requests",
@@ -75,7 +77,7 @@ def main(argv):
                           context_lengths=cfg.context_lengths, concurrency=cfg.concurrency,
                           shared_prefix_fractions=cfg.shared_prefix_fractions,
                           num_prefixes=cfg.num_prefixes, max_seq_len=cfg.max_seq_len,
-                          progress=bar, on_rows=write, on_skip=skip, **engine_args)
+                          chunk_size_at=cfg.chunk_size_at, progress=bar, on_rows=write, on_skip=skip, **engine_args)
     if not rows:
       raise memory.HarnessError(f"no grid point fits on the device ({len(skipped)} skipped: "
                                 f"{skipped[0]['reason']})")

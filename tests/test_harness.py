@@ -319,6 +319,11 @@ def _no_compute(monkeypatch):
     (dict(num_prefixes=[-1]), r"--num_prefixes"),
     (dict(context_lengths=[4160]), r"exceed tiny's max_position_embeddings 4096.*"
                                    r"--allow_long_context"),
+    (dict(chunk_size_at=["64:24"]), r"--chunk_size_at: '64:24' needs .* multiple of "
+                                    r"--block_size=16"),
+    (dict(chunk_size_at=["64-32"]), r"--chunk_size_at: '64-32' is not CONTEXT:CHUNK"),
+    (dict(chunk_size_at=["64:32", "64:48"]), r"names context length 64 twice"),
+    (dict(chunk_size=40), r"--chunk_size=40 must be a positive multiple of --block_size=16"),
 ])
 def test_sweep_checks_every_flag_before_any_compute(tiny, tiny_setup, monkeypatch, grid,
                                                     message):
@@ -429,6 +434,24 @@ def test_points_that_do_not_fit_beside_the_weights_are_named_not_run(monkeypatch
   del Device.memory_stats  # a platform without a limit (CPU): nothing is skipped
   Device.memory_stats = lambda self: None
   assert memory.unfit_points(points, layout, 0) == {}
+
+
+def test_chunk_size_at_gives_a_context_length_its_own_chunk(tiny, tiny_setup):
+  """Each point prefills in its context length's chunk, says so in its row, and skips what
+  that chunk allows (whole chunks of cached tokens): of a 256-token request sharing 128
+  tokens, HQ's second request skips all 128 at chunk 32 but only 96 at chunk 96."""
+  params, cfg = tiny
+  _, _, stream = tiny_setup
+  rows = memory.sweep(params, cfg, stream, model="tiny", context_lengths=[128, 256],
+                      concurrency=[2], shared_prefix_fractions=[0.5], chunk_size=32,
+                      chunk_size_at=["256:96"])
+  chunk = {(r["context_length"], r["backend"]): r["chunk_size"] for r in rows}
+  assert chunk == {(128, "dense"): 32, (128, "hq"): 32, (256, "dense"): 96,
+                   (256, "hq"): 96}
+  computed = {(r["context_length"], r["backend"]): r["computed_tokens"] for r in rows}
+  assert computed == {(128, "dense"): 256, (128, "hq"): 256 - 64, (256, "dense"): 512,
+                      (256, "hq"): 512 - 96}
+  assert "chunk_size" in memory.COLUMNS
 
 
 def test_the_sweep_runs_every_point_but_the_skipped_ones(tiny, tiny_setup, monkeypatch):

@@ -119,6 +119,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if "chunk_size" in cfg and "block_size" in cfg and cfg.chunk_size % cfg.block_size:
     raise ValueError(f"--chunk_size={cfg.chunk_size} must be a multiple of "
                      f"--block_size={cfg.block_size}")
+  if "chunk_size_at" in cfg:
+    memory.parse_chunk_size_at(cfg.chunk_size_at, block_size=cfg.block_size)
   if "attention" in cfg and cfg.attention not in ATTENTION:
     raise ValueError(f"--attention must be one of {', '.join(ATTENTION)}, got "
                      f"{cfg.attention!r}")

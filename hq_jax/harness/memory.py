@@ -32,7 +32,7 @@ TIMING_COLUMNS = ("ttft_ms", "prefill_s")
 COLUMNS = (
     "backend", "model", "context_length", "tokens_per_request", "concurrency",
     "shared_prefix_fraction", "num_prefixes", "shared_prefix_tokens", "unique_suffix_tokens",
-    "block_size", "bytes_per_token", "max_seq_len", "kv_bytes_allocated", "kv_bytes_used",
+    "block_size", "chunk_size", "bytes_per_token", "max_seq_len", "kv_bytes_allocated", "kv_bytes_used",
     "kv_bytes_predicted", "physical_blocks", "logical_blocks", "reuse_factor",
     "metadata_bytes", "pool_bytes", "hit_tokens", "query_tokens", "computed_tokens",
     "peak_device_bytes", "process_peak_bytes", "seed", "attention") + TIMING_COLUMNS
@@ -261,7 +261,7 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
         "concurrency": concurrency, "shared_prefix_fraction": shared_prefix_fraction,
         "num_prefixes": num_prefixes, "shared_prefix_tokens": p,
         "unique_suffix_tokens": context_length - p, "block_size": layout.block_size,
-        "bytes_per_token": layout.bytes_per_token, "max_seq_len": max_seq,
+        "chunk_size": engine.chunk_size, "bytes_per_token": layout.bytes_per_token, "max_seq_len": max_seq,
         "kv_bytes_allocated": s.kv_bytes_allocated, "kv_bytes_used": s.kv_bytes_used,
         "kv_bytes_predicted": predicted_kv_bytes(
             backend, context_length=context_length, concurrency=concurrency,
@@ -286,17 +286,23 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
 def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
           context_lengths: Iterable[int], concurrency: Iterable[int],
           shared_prefix_fractions: Iterable[float], num_prefixes: Iterable[int] = (1,),
-          block_size: int = 16, chunk_size: int = 64, max_seq_len: int = 0, seed: int = 0,
-          attention: str = "auto", decode_attention: str = "paged",
-          allow_long_context: bool = False, progress=None, on_rows=None,
-          on_skip=None) -> list[dict]:
+          block_size: int = 16, chunk_size: int = 64, chunk_size_at: Iterable[str] = (),
+          max_seq_len: int = 0, seed: int = 0, attention: str = "auto",
+          decode_attention: str = "paged", allow_long_context: bool = False, progress=None,
+          on_rows=None, on_skip=None) -> list[dict]:
   """The full grid; `progress` (e.g. a tqdm) is updated once per grid point, and
   `on_rows(rows_so_far)` is called after each (to write partial results). Every grid
   value, the context limit and the requests of every point are checked before any
   compute, so a bad grid fails at once rather than after the rows before it. A point
   whose pools cannot fit on the device (`unfit_points`) is skipped, both backends, and
   `on_skip(point, reason)` is called for it before any compute (point = (context_length,
-  concurrency, shared_prefix_fraction, num_prefixes))."""
+  concurrency, shared_prefix_fraction, num_prefixes)). `chunk_size_at` ("CONTEXT:CHUNK"
+  strings, `parse_chunk_size_at`) gives the points of a context length another prefill
+  chunk than `chunk_size`; each row records its chunk."""
+  chunks = parse_chunk_size_at(chunk_size_at, block_size=block_size)
+  if chunk_size < 1 or chunk_size % block_size:
+    raise ValueError(f"--chunk_size={chunk_size} must be a positive multiple of "
+                     f"--block_size={block_size}")
   points = check_grid(context_lengths=context_lengths, concurrency=concurrency,
                       shared_prefix_fractions=shared_prefix_fractions,
                       num_prefixes=num_prefixes)
@@ -316,15 +322,22 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
     if on_skip is not None:
       on_skip(point, reason)
   tracker = device_memory.PeakTracker()
-  engine = make_engine(params, cfg, chunk_size=chunk_size, attention=attention,
-                       decode_attention=decode_attention, on_step=tracker)
+  engines = {}  # one per chunk size, made when first needed
+
+  def engine_for(n):
+    chunk = chunks.get(n, chunk_size)
+    if chunk not in engines:
+      engines[chunk] = make_engine(params, cfg, chunk_size=chunk, attention=attention,
+                                   decode_attention=decode_attention, on_step=tracker)
+    return engines[chunk]
+
   rows = []
   for n, c, f, g in points:
     if (n, c, f, g) in unfit:
       if progress is not None:
         progress.update(1)
       continue
-    rows += run_point(engine, layout, stream, model=model, context_length=n, concurrency=c,
+    rows += run_point(engine_for(n), layout, stream, model=model, context_length=n, concurrency=c,
                       shared_prefix_fraction=f, num_prefixes=g, max_seq_len=max_seq_len,
                       seed=seed, tracker=tracker)
     if progress is not None:
@@ -332,6 +345,26 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
     if on_rows is not None:
       on_rows(rows)
   return rows
+
+
+def parse_chunk_size_at(specs: Iterable[str], *, block_size: int) -> dict[int, int]:
+  """{context_length: prefill chunk} from "CONTEXT:CHUNK" strings (e.g. "131072:16384");
+  a chunk must be a positive multiple of block_size, a context length may appear once."""
+  out = {}
+  for spec in specs:
+    parts = str(spec).split(":")
+    try:
+      context, chunk = (int(x) for x in parts)
+    except ValueError:
+      raise ValueError(f"--chunk_size_at: {spec!r} is not CONTEXT:CHUNK (two integers, "
+                       "e.g. 131072:16384)") from None
+    if context < 1 or chunk < 1 or chunk % block_size:
+      raise ValueError(f"--chunk_size_at: {spec!r} needs a positive context length and a "
+                       f"chunk that is a positive multiple of --block_size={block_size}")
+    if context in out:
+      raise ValueError(f"--chunk_size_at names context length {context} twice")
+    out[context] = chunk
+  return out
 
 
 def check_grid(*, context_lengths, concurrency, shared_prefix_fractions,
