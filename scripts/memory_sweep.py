@@ -77,7 +77,8 @@ def main(argv):
                           context_lengths=cfg.context_lengths, concurrency=cfg.concurrency,
                           shared_prefix_fractions=cfg.shared_prefix_fractions,
                           num_prefixes=cfg.num_prefixes, max_seq_len=cfg.max_seq_len,
-                          chunk_size_at=cfg.chunk_size_at, progress=bar, on_rows=write, on_skip=skip, **engine_args)
+                          chunk_size_at=cfg.chunk_size_at, progress=bar, on_rows=write,
+                          on_skip=skip, **engine_args)
     if not rows:
       raise memory.HarnessError(f"no grid point fits on the device ({len(skipped)} skipped: "
                                 f"{skipped[0]['reason']})")

@@ -32,8 +32,8 @@ TIMING_COLUMNS = ("ttft_ms", "prefill_s")
 COLUMNS = (
     "backend", "model", "context_length", "tokens_per_request", "concurrency",
     "shared_prefix_fraction", "num_prefixes", "shared_prefix_tokens", "unique_suffix_tokens",
-    "block_size", "chunk_size", "bytes_per_token", "max_seq_len", "kv_bytes_allocated", "kv_bytes_used",
-    "kv_bytes_predicted", "physical_blocks", "logical_blocks", "reuse_factor",
+    "block_size", "chunk_size", "bytes_per_token", "max_seq_len", "kv_bytes_allocated",
+    "kv_bytes_used", "kv_bytes_predicted", "physical_blocks", "logical_blocks", "reuse_factor",
     "metadata_bytes", "pool_bytes", "hit_tokens", "query_tokens", "computed_tokens",
     "peak_device_bytes", "process_peak_bytes", "seed", "attention") + TIMING_COLUMNS
 
@@ -261,7 +261,8 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
         "concurrency": concurrency, "shared_prefix_fraction": shared_prefix_fraction,
         "num_prefixes": num_prefixes, "shared_prefix_tokens": p,
         "unique_suffix_tokens": context_length - p, "block_size": layout.block_size,
-        "chunk_size": engine.chunk_size, "bytes_per_token": layout.bytes_per_token, "max_seq_len": max_seq,
+        "chunk_size": engine.chunk_size, "bytes_per_token": layout.bytes_per_token,
+        "max_seq_len": max_seq,
         "kv_bytes_allocated": s.kv_bytes_allocated, "kv_bytes_used": s.kv_bytes_used,
         "kv_bytes_predicted": predicted_kv_bytes(
             backend, context_length=context_length, concurrency=concurrency,
@@ -337,9 +338,9 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
       if progress is not None:
         progress.update(1)
       continue
-    rows += run_point(engine_for(n), layout, stream, model=model, context_length=n, concurrency=c,
-                      shared_prefix_fraction=f, num_prefixes=g, max_seq_len=max_seq_len,
-                      seed=seed, tracker=tracker)
+    rows += run_point(engine_for(n), layout, stream, model=model, context_length=n,
+                      concurrency=c, shared_prefix_fraction=f, num_prefixes=g,
+                      max_seq_len=max_seq_len, seed=seed, tracker=tracker)
     if progress is not None:
       progress.update(1)
     if on_rows is not None:
