@@ -588,21 +588,21 @@ def random_inputs(key, shape, context=None, *, num_layers=2, block_size=16,
   return q, k_pool, v_pool, tables.astype(jnp.int32)
 
 
-def chunk_at_end(attend, q_all, k_pool, v_pool, tables):
-  """The last CHUNK tokens of the context as one call (its first tokens cached)."""
+def chunk_at_end(attend, q_all, k_pool, v_pool, tables, *, chunk: int = CHUNK):
+  """The last `chunk` tokens of the context as one call (its first tokens cached)."""
   n = q_all.shape[1]
-  positions = jnp.arange(n - CHUNK, n, dtype=jnp.int32)[None]
-  return attend(q_all[:, n - CHUNK:], k_pool, v_pool, tables, positions,
+  positions = jnp.arange(n - chunk, n, dtype=jnp.int32)[None]
+  return attend(q_all[:, n - chunk:], k_pool, v_pool, tables, positions,
                 jnp.full((1,), n, jnp.int32), LAYER)
 
 
-def chunked_prefill(attend, q_all, k_pool, v_pool, tables):
-  """The whole causal prefill as n / CHUNK calls, chunk c seeing keys [0, (c + 1) CHUNK)."""
+def chunked_prefill(attend, q_all, k_pool, v_pool, tables, *, chunk: int = CHUNK):
+  """The whole causal prefill as n / chunk calls, call c seeing keys [0, (c + 1) chunk)."""
   outs = []
-  for c in range(q_all.shape[1] // CHUNK):
-    positions = jnp.arange(c * CHUNK, (c + 1) * CHUNK, dtype=jnp.int32)[None]
-    outs.append(attend(q_all[:, c * CHUNK:(c + 1) * CHUNK], k_pool, v_pool, tables,
-                       positions, jnp.full((1,), (c + 1) * CHUNK, jnp.int32), LAYER))
+  for c in range(q_all.shape[1] // chunk):
+    positions = jnp.arange(c * chunk, (c + 1) * chunk, dtype=jnp.int32)[None]
+    outs.append(attend(q_all[:, c * chunk:(c + 1) * chunk], k_pool, v_pool, tables,
+                       positions, jnp.full((1,), (c + 1) * chunk, jnp.int32), LAYER))
   return jnp.concatenate(outs, axis=1)
 
 
@@ -635,15 +635,22 @@ def _config_name(config: TuningConfig) -> str:
           f"wgs={config.compute_wgs} sched={int(config.schedule_barrier)}")
 
 
-def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0) -> None:
-  """Per shape, a 4k-token chunk at the end of a 32k context and the full 32k causal
-  prefill in 4k chunks: our Mosaic GPU kernel (several configs), the Triton
-  `paged_attention` on the same inputs, and jax's `attention_mgpu` on the same 32k causal
-  work over contiguous K/V (float16: its SMEM tiles are float16). Each is first checked
-  against the float32 reference on 256 query tokens (relative L2 error), then timed by
-  CUPTI (device time of every kernel a call launches; ours includes the q/out relayouts).
-  A variant that fails prints its error and the run goes on; one that runs longer than
-  watchdog_s (a hang) prints its name and ends the process."""
+def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0,
+         chunks=(CHUNK,), tuned_only: bool = False) -> None:
+  """Per shape, a chunks[0]-token chunk at the end of a 32k context and the full 32k causal
+  prefill in chunks of each size in `chunks`: our Mosaic GPU kernel (`main_configs`, or
+  with `tuned_only` the engine's `TUNED` alone), the Triton `paged_attention` on the same
+  inputs, and jax's `attention_mgpu` on the same 32k causal work over contiguous K/V
+  (float16: its SMEM tiles are float16). Each is first checked against the float32
+  reference on 256 query tokens (relative L2 error), then timed by CUPTI (device time of
+  every kernel a call launches; ours includes the q/out relayouts); each of our configs'
+  32k prefills must give the same bits at every chunk size. A variant that fails prints
+  its error and the run goes on; one that runs longer than watchdog_s (a hang) prints its
+  name and ends the process."""
+  bad = [c for c in chunks if c < 256 or CONTEXT % c]
+  if bad or not chunks:
+    raise ValueError(f"chunks must divide {CONTEXT} and be >= 256 (256 tokens are checked), "
+                     f"got {list(chunks)}")
   import os
   import threading
   from jax.experimental.mosaic.gpu import profiler  # GPU only
@@ -694,28 +701,35 @@ def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0) -> None
     nh, nk, d = SHAPES[shape]
     inputs = random_inputs(jax.random.key(len(shape)), shape)
     rng = np.random.default_rng(0)
+    end = chunks[0]
     end_tokens = np.sort(np.concatenate([  # 256 tokens to check, the last 64 among them
-        rng.choice(np.arange(CONTEXT - CHUNK, CONTEXT - 64), min(192, CHUNK - 64),
+        rng.choice(np.arange(CONTEXT - end, CONTEXT - 64), min(192, end - 64),
                    replace=False),
         np.arange(CONTEXT - 64, CONTEXT)]))
     all_tokens = np.sort(np.concatenate([
         rng.choice(np.arange(32, CONTEXT - 32), min(192, CONTEXT - 64), replace=False),
         np.arange(32), np.arange(CONTEXT - 32, CONTEXT)]))
     workloads = (
-        (f"{CHUNK} at end of {CONTEXT}", chunk_at_end,
-         causal_flops(np.arange(CONTEXT - CHUNK, CONTEXT), nh, d), end_tokens),
-        (f"{CONTEXT} in {CHUNK} chunks", chunked_prefill,
-         causal_flops(np.arange(CONTEXT), nh, d), all_tokens))
+        (f"{end} at end of {CONTEXT}", functools.partial(chunk_at_end, chunk=end),
+         causal_flops(np.arange(CONTEXT - end, CONTEXT), nh, d), end_tokens),
+    ) + tuple((f"{CONTEXT} in {c} chunks", functools.partial(chunked_prefill, chunk=c),
+               causal_flops(np.arange(CONTEXT), nh, d), all_tokens) for c in chunks)
     cases[shape] = (inputs, workloads, rng)
 
   def run_ours(shape, configs):
     inputs, workloads, rng = cases[shape]
     q_all, k_pool, v_pool, tables = inputs
+    whole = {}  # config -> its first 32k prefill's output
     for name, workload, flops, tokens in workloads:
       for config in configs:
         attend = functools.partial(paged_prefill_attention_mgpu, config=config)
         out = timed(shape, name, _config_name(config), functools.partial(workload, attend),
                     inputs, flops, tokens, inputs)
+        if out is not None and workload.func is chunked_prefill:
+          if config in whole:
+            print(f"  same bits as in {workloads[1][0].split()[-2]} chunks: "
+                  f"{bool(jnp.array_equal(out, whole[config]))}", flush=True)
+          whole.setdefault(config, out)
         if out is not None and config == default_config(SHAPES[shape][2]):
           # Same bits at another physical placement of the same pages.
           perm = np.concatenate([[0], 1 + rng.permutation(k_pool.shape[1] - 1)])
@@ -747,9 +761,9 @@ def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0) -> None
       timed(shape, name, "triton paged_attention (default config)",
             functools.partial(workload, triton_paged.paged_attention), inputs, flops, tokens,
             inputs)
-    run_ours(shape, main_configs(d)[0])
-  for shape in shapes:
-    print(f"== {shape}: two computing warpgroups", flush=True)
+    run_ours(shape, (TUNED,) if tuned_only else main_configs(d)[0])
+  for shape in () if tuned_only else shapes:
+    print(f"== {shape}: two or three computing warpgroups", flush=True)
     run_ours(shape, main_configs(SHAPES[shape][2])[1])
 
   for shape in shapes:
@@ -768,6 +782,10 @@ def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0) -> None
 
 
 if __name__ == "__main__":
-  # python -m pallas_kernels.paged_prefill_mgpu [0.5b|7b ...]
+  # python -m pallas_kernels.paged_prefill_mgpu [0.5b|7b ...] [--chunks=4096,16384] [--tuned]
   import sys
-  main(shapes=tuple(a for a in sys.argv[1:] if a in SHAPES) or tuple(SHAPES))
+  args = sys.argv[1:]
+  chunk_args = [a.split("=", 1)[1] for a in args if a.startswith("--chunks=")]
+  main(shapes=tuple(a for a in args if a in SHAPES) or tuple(SHAPES),
+       chunks=tuple(int(c) for c in chunk_args[-1].split(",")) if chunk_args else (CHUNK,),
+       tuned_only="--tuned" in args)
