@@ -558,10 +558,19 @@ def random_inputs(key, batch, context, shape, *, num_layers=2, block_size=16,
 def main(sweep: bool = False, shapes=tuple(SHAPES), points=POINTS, reps: int = 5) -> None:
   """Checks each config against the float32 reference, then times it by CUPTI (device time
   of every kernel a call launches: the q pad and the split merge count). Each timed call
-  runs layers 0 and 1 (disjoint K/V, together larger than L2) and counts half."""
+  runs layers 0 and 1 (disjoint K/V, together larger than L2) and counts half. Each row
+  also gives its rate as a fraction of an XLA reduction's read rate measured first in the
+  same process (a jitted float32 sum over 2 GiB of bf16: the decode target's yardstick)."""
   from jax.experimental.mosaic.gpu import profiler  # GPU only
 
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+  big = jax.random.normal(jax.random.key(1), (1 << 30,), jnp.bfloat16)
+  read_sum = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+  jax.block_until_ready(read_sum(big))
+  read_ms = float(np.median([profiler.measure(read_sum)(big)[1] for _ in range(reps)]))
+  read_tb_s = big.nbytes / read_ms / 1e9
+  del big
+  print(f"XLA read rate {read_tb_s:.2f} TB/s", flush=True)
   for shape in shapes:
     nh, nk, d = SHAPES[shape]
     configs = (default_config(d),) + tuple(  # the sweep's configs that fit in SMEM
@@ -590,7 +599,8 @@ def main(sweep: bool = False, shapes=tuple(SHAPES), points=POINTS, reps: int = 5
           ms = float(np.median([profiler.measure(pair)(*inputs)[1] for _ in range(reps)]))
           us = ms * 1e3 / 2
           print(f"{shape} {batch}x{context} {config}: {us:.1f} us, "
-                f"{kv_bytes / us / 1e6:.2f} TB/s, err {err:.1e}", flush=True)
+                f"{kv_bytes / us / 1e6:.2f} TB/s = {kv_bytes / us / 1e6 / read_tb_s:.2f} of "
+                f"the read rate, err {err:.1e}", flush=True)
         except Exception as e:  # noqa: BLE001 - report and go on with the next config
           print(f"{shape} {batch}x{context} {config}: FAILED {type(e).__name__}: "
                 f"{str(e)[:2000]}", flush=True)
