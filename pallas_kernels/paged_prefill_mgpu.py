@@ -47,11 +47,20 @@ Keys below kv_len are written cache, finite (as the Triton kernel assumes too). 
 whose tile needs fewer steps than its neighbour's waits for and releases the rest.
 
 Reduction order: every tile walks its keys from 0 in steps of block_kv at fixed logical
-offsets, no splits: the bits of a request's output depend on its own q, positions, kv_len
-and logical K/V and on block_kv only, not on which physical blocks hold its pages, its
-batch neighbours, the table width, the slots, warp specialization or compute_wgs
+offsets: the bits of a request's output depend on its own q, positions, kv_len and logical
+K/V and on block_kv only, not on which physical blocks hold its pages, its batch
+neighbours, the table width, the slots, warp specialization or compute_wgs
 (tests/test_paged_prefill_mgpu.py checks these). Padding rows (past T * G) get position
 -1; they never reach the output.
+
+Key splits (`kv_splits` > 1; a config option, not the engine's yet): a row program's key
+steps are cut into kv_splits contiguous shares (L = cdiv(its steps, kv_splits)), one
+program each, for more programs where a chunk has too few to fill the GPU (three
+computing warpgroups take the whole register file: one program per SM). Each writes its
+rows' acc / l in q's dtype with m and l; `merge_kv_splits` combines them exactly, in
+increasing split order. The boundaries depend on the program's rows, so the bits then also
+depend on how the chunk's tokens fall into programs (a function of logical positions
+only: dense and HQ, any placement and any batch still agree, other chunk sizes do not).
 
 Status: correct in the Mosaic GPU interpreter on CPU with jax 0.12 and 0.11.2 (races,
 out-of-bounds reads and uninitialized SMEM checked); lowers for `cuda` on a CPU machine
@@ -62,8 +71,9 @@ prefill at 0.97x (D=64) and 0.95x (D=128) `attention_mgpu`'s TFLOP/s in 16k chun
 0.90x in 4k chunks (commit 6bd42a1); the engine's prefill under `--attention=pallas` on
 Hopper. API differences between the versions: those of
 paged_attention_mgpu (`_kernel_call`); nothing else used here differs.
-Not done: splits of long key ranges (a short chunk after a long context runs B * K * tiles
-programs over the whole context); tuning beyond the handful of configs main() times. The
+Not done: timing the key splits on the H200 (they pass the interpreter with one and two
+computing warpgroups, and lower for cuda with three); tuning beyond the handful of configs
+main() times. The
 kernel's default config is the simplest schedule (one warpgroup, P through SMEM); the
 engine runs `tuned_config`, the fastest measured: three computing warpgroups (192 rows per
 step, FA3's tile at head_dim 64, without its intra-warpgroup overlap), at both head_dims.
@@ -108,6 +118,13 @@ class TuningConfig:
     attention_mgpu; 3 as FA3 at head_dim 64: 192 rows per K/V step).
   schedule_barrier: with compute_wgs=2, FA3's ping-pong (as attention_mgpu): the two
     warpgroups take turns, one's softmax while the other's wgmmas run. Needs >= 2 slots.
+  kv_splits: programs per row program, each over a contiguous share of its key steps
+    (split s: steps [s * L, (s + 1) * L), L = cdiv(the program's steps, kv_splits)), merged
+    exactly in increasing split order outside the kernel. More programs where a chunk has
+    too few to fill the GPU; 1 = none. The boundaries depend on the program's rows (their
+    positions), so with kv_splits > 1 the bits also depend on how the chunk's tokens fall
+    into programs: still a function of logical positions only (the same for dense and HQ,
+    any placement, any batch), but not the same at every chunk size.
   """
 
   pages_per_step: int = 4
@@ -116,6 +133,7 @@ class TuningConfig:
   warp_specialized: bool = False
   compute_wgs: int = 1
   schedule_barrier: bool = False
+  kv_splits: int = 1
 
   def __post_init__(self):
     if self.pages_per_step < 1:
@@ -129,6 +147,8 @@ class TuningConfig:
                        "memory warpgroup)")
     if self.schedule_barrier and (self.compute_wgs != 2 or self.max_concurrent_steps < 2):
       raise ValueError("schedule_barrier needs compute_wgs=2 and max_concurrent_steps >= 2")
+    if self.kv_splits < 1:
+      raise ValueError(f"kv_splits must be >= 1, got {self.kv_splits}")
 
   def block_kv(self, block_size: int) -> int:
     block_kv = self.pages_per_step * block_size
@@ -197,7 +217,7 @@ def smem_bytes(config: TuningConfig, head_dim: int, block_size: int = 16,
   block_kv = config.pages_per_step * block_size
   per_wg = ((BLOCK_Q * head_dim + (0 if config.p_in_registers else BLOCK_Q * block_kv))
             * itemsize + BLOCK_Q * 4)
-  return (config.compute_wgs * per_wg
+  return (config.compute_wgs * (per_wg + (2 * BLOCK_Q * 4 if config.kv_splits > 1 else 0))
           + 2 * config.max_concurrent_steps * block_kv * head_dim * itemsize)
 
 
@@ -211,14 +231,19 @@ def _prefill_kernel(
     q_ref,  # [B, K, NT * 64, D] rows r = t * G + g
     k_ref,  # [L * NB * block_size, K * D] (all layers' pools, 2-D view)
     v_ref,  # [L * NB * block_size, K * D]
-    out_ref,  # [B, K, NT * 64, D]
-    *, num_blocks: int, block_size: int, pages_per_step: int, max_concurrent_steps: int,
+    *out_refs,  # out [B, K, NT * 64, D]; with S splits [B, K, S, NT * 64, D], m, l
+    #             [B, K, S, NT * 64] (m in log2 units)
+    num_blocks: int, block_size: int, pages_per_step: int, max_concurrent_steps: int,
     p_in_registers: bool, warp_specialized: bool, compute_wgs: int, schedule_barrier: bool,
-    scale: float, interpreted: bool):
+    kv_splits: int, scale: float, interpreted: bool):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   num_programs = tiles_ref.shape[1] // compute_wgs
-  program = num_programs - 1 - lax.axis_index("r")  # the last tiles see the most keys: first
+  if kv_splits == 1:
+    program = num_programs - 1 - lax.axis_index("r")  # the last tiles see the most keys: first
+  else:  # a row program's splits are adjacent in the grid
+    program = num_programs - 1 - lax.axis_index("r") // kv_splits
+    split = lax.rem(lax.axis_index("r"), kv_splits)
   head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
   block_kv = pages_per_step * block_size
@@ -231,6 +256,16 @@ def _prefill_kernel(
   # Steps each computing warpgroup's tile needs; the slots hold the longest.
   tile_steps = [tiles_ref[b, program * compute_wgs + w, 0] for w in range(compute_wgs)]
   num_steps = functools.reduce(jnp.maximum, tile_steps)
+  # Loop indices below count steps from this program's first one (`absolute` maps them to
+  # key steps); without splits the two are the same.
+  if kv_splits == 1:
+    absolute = in_split = lambda steps: steps
+  else:  # split `split` holds the program's steps [lo, lo + split_len)
+    split_len = (num_steps + kv_splits - 1) // kv_splits
+    lo = split * split_len
+    absolute = lambda i: lo + i
+    in_split = lambda steps: jnp.clip(steps - lo, 0, split_len)  # a count of steps
+    num_steps = in_split(num_steps)
 
   tiled = (plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)),
            plgpu.SwizzleTransform(SWIZZLE))
@@ -240,6 +275,9 @@ def _prefill_kernel(
   kv_barriers = lambda: plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=slots)
   qo_smem_type = plgpu.SMEM((compute_wgs, BLOCK_Q, head_dim), dtype, transforms=tiled)
   pos_smem_type = plgpu.SMEM((compute_wgs, BLOCK_Q), jnp.int32)
+  # With splits: each computing warpgroup's partial m and l (float32 rows) on their way out.
+  ml_smem_type = (plgpu.SMEM((compute_wgs, 2, BLOCK_Q), jnp.float32) if kv_splits > 1
+                  else None)
   # Per computing warpgroup: its q tile and its row positions (2 copies).
   q_barrier_type = plgpu.Barrier(num_arrivals=2, num_barriers=compute_wgs)
 
@@ -250,21 +288,24 @@ def _prefill_kernel(
                             head_dim=head_dim)
 
   def prefetch(kv):
-    fill_pipeline(lambda i: issue(kv, i, pages_of(i)), slots, num_steps)
+    fill_pipeline(lambda i: issue(kv, i, pages_of(absolute(i))), slots, num_steps)
 
-  def compute(w, qo_smem, pos_smem, q_barrier, kv, p_smem, step_done, zero_v, *,
+  def compute(w, qo_smem, pos_smem, ml_smem, q_barrier, kv, p_smem, step_done, zero_v, *,
               load_next_pages: bool, turn=None):
     """Computing warpgroup w (traced or static): its tile's key loop, then its output.
 
     step_done(i, slot, next_pages) runs once step i's wgmmas are done (the slot may be
-    refilled); zero_v(i, slot) zeroes the V rows >= kv_len of step i == partial_step.
-    turn: the schedule barrier (two rounds a step), or None.
+    refilled); zero_v(a, slot) zeroes the V rows >= kv_len of key step a == partial_step.
+    turn: the schedule barrier (two rounds a step), or None. With splits, ml_smem holds the
+    partial's m and l on their way out.
     """
     k_smem, v_smem, k_barriers, v_barriers = kv
     tile = program * compute_wgs + w
     rows = pl.ds(tile * BLOCK_Q, BLOCK_Q)
-    num_tile_steps = tiles_ref[b, tile, 0]  # key steps [0, .) hold a key some row sees
-    num_full = tiles_ref[b, tile, 1]  # steps [0, .): every key seen by every row
+    # Counted from the program's first step: steps [0, .) hold a key some row sees; steps
+    # [0, num_full): every key seen by every row.
+    num_tile_steps = in_split(tiles_ref[b, tile, 0])
+    num_full = in_split(tiles_ref[b, tile, 1])
     hi = tiles_ref[b, tile, 2]  # keys >= hi are seen by no row of the tile
     plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], qo_smem, q_barrier)
     plgpu.copy_gmem_to_smem(row_pos_ref.at[b, rows], pos_smem, q_barrier)
@@ -276,9 +317,10 @@ def _prefill_kernel(
     def step(i, carry, *, masked: bool):
       acc, m, l = carry  # [64, D], [64], [64] float32
       slot = lax.rem(i, slots)
+      a = absolute(i)  # the key step
       # The table loads for the refill at the end of this step, issued now so their latency
       # hides behind this step's matmuls (clamped: always in bounds).
-      next_pages = pages_of(i + slots) if load_next_pages else None
+      next_pages = pages_of(a + slots) if load_next_pages else None
       plgpu.barrier_wait(k_barriers.at[slot])
 
       def compute_qk(acc_ref):
@@ -292,7 +334,7 @@ def _prefill_kernel(
       if masked:  # key < hi (hence < kv_len) and key <= the row's position
         cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), 1,
                                       layout=plgpu.Layout.WGMMA)
-        keys = cols + i * block_kv
+        keys = cols + a * block_kv
         visible = (keys < hi) & (
             keys <= lax.broadcast_in_dim(row_pos, (BLOCK_Q, block_kv), [0]))
       p, m_new, l, alpha = online_softmax(scores, m, l, visible, scale=scale)
@@ -309,7 +351,7 @@ def _prefill_kernel(
         plgpu.barrier_arrive(turn)  # softmax done
       plgpu.barrier_wait(v_barriers.at[slot])
       if masked:  # only a masked step can be the partial one (it holds a key >= hi)
-        zero_v(i, slot)
+        zero_v(a, slot)
       if turn is not None:
         plgpu.barrier_wait(turn)  # the other warpgroup's QK^T issued: tensor cores free
       plgpu.commit_smem()  # the P (and V) stores, before the wgmma reads them
@@ -332,14 +374,23 @@ def _prefill_kernel(
 
     carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False),
                           initial_carry(BLOCK_Q, head_dim))
-    acc, _, l = lax.fori_loop(num_full, num_tile_steps, functools.partial(step, masked=True),
+    acc, m, l = lax.fori_loop(num_full, num_tile_steps, functools.partial(step, masked=True),
                               carry)
 
-    # acc / l (0 for a row that saw no key: it has acc = 0) through the q tile's SMEM.
+    # acc / l (0 for a row that saw no key: it has acc = 0) through the q tile's SMEM; with
+    # splits also m (log2 units) and l, for the merge.
     l_safe = jnp.where(l == 0.0, 1.0, l)
     qo_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+    if kv_splits > 1:
+      ml_smem.at[0][...] = m
+      ml_smem.at[1][...] = l
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, h, rows])
+    if kv_splits == 1:
+      plgpu.copy_smem_to_gmem(qo_smem, out_refs[0].at[b, h, rows])
+    else:
+      plgpu.copy_smem_to_gmem(qo_smem, out_refs[0].at[b, h, split, rows])
+      plgpu.copy_smem_to_gmem(ml_smem.at[0], out_refs[1].at[b, h, split, rows])
+      plgpu.copy_smem_to_gmem(ml_smem.at[1], out_refs[2].at[b, h, split, rows])
     plgpu.wait_smem_to_gmem(0)
     return num_tile_steps
 
@@ -356,7 +407,8 @@ def _prefill_kernel(
   if not warp_specialized:
     # One warpgroup issues the copies and computes: a slot is refilled at the end of the
     # step that consumed it.
-    def body(qo_smem, pos_smem, k_smem, v_smem, p_smem, q_barrier, k_barriers, v_barriers):
+    def body(qo_smem, pos_smem, ml_smem, k_smem, v_smem, p_smem, q_barrier, k_barriers,
+             v_barriers):
       kv = (k_smem, v_smem, k_barriers, v_barriers)
       prefetch(kv)  # before the q wait: K/V latency overlaps q's
 
@@ -368,17 +420,18 @@ def _prefill_kernel(
       def zero_v(i, slot):
         pl.when(i == partial_step)(lambda: zero_rows_past_kv_len(v_smem, i, slot))
 
-      compute(0, qo_smem.at[0], pos_smem.at[0], q_barrier.at[0], kv,
-              None if p_smem is None else p_smem.at[0], refill, zero_v, load_next_pages=True)
+      compute(0, qo_smem.at[0], pos_smem.at[0], None if ml_smem is None else ml_smem.at[0],
+              q_barrier.at[0], kv, None if p_smem is None else p_smem.at[0], refill, zero_v,
+              load_next_pages=True)
 
-    pl.run_scoped(body, qo_smem_type, pos_smem_type, kv_smem(), kv_smem(), p_smem_type,
-                  q_barrier_type, kv_barriers(), kv_barriers())
+    pl.run_scoped(body, qo_smem_type, pos_smem_type, ml_smem_type, kv_smem(), kv_smem(),
+                  p_smem_type, q_barrier_type, kv_barriers(), kv_barriers())
     return
 
   # Warp specialized: warpgroups 0..compute_wgs-1 compute, one tile each; the last one only
   # issues copies, refilling a slot once every computing warpgroup released it.
-  def ws_body(qo_smem, pos_smem, k_smem, v_smem, p_smem, q_barrier, k_barriers, v_barriers,
-              consumed, zeroed, turn):
+  def ws_body(qo_smem, pos_smem, ml_smem, k_smem, v_smem, p_smem, q_barrier, k_barriers,
+              v_barriers, consumed, zeroed, turn):
     kv = (k_smem, v_smem, k_barriers, v_barriers)
     wg = lax.axis_index("wg")
 
@@ -422,7 +475,8 @@ def _prefill_kernel(
           pl.when((wg == 0) | ~both)(lambda: zero_rows_past_kv_len(v_smem, i, slot))
           pl.when(both)(meet)
 
-      done = compute(wg, qo_smem.at[wg], pos_smem.at[wg], q_barrier.at[wg], kv,
+      done = compute(wg, qo_smem.at[wg], pos_smem.at[wg],
+                     None if ml_smem is None else ml_smem.at[wg], q_barrier.at[wg], kv,
                      None if p_smem is None else p_smem.at[wg], release, zero_v,
                      load_next_pages=False, turn=turn)
 
@@ -434,7 +488,8 @@ def _prefill_kernel(
         plgpu.barrier_wait(k_barriers.at[slot])
         plgpu.barrier_wait(v_barriers.at[slot])
         if compute_wgs > 1 and not schedule_barrier:
-          pl.when(i == partial_step)(lambda: zero_and_meet(i, slot))
+          a = absolute(i)
+          pl.when(a == partial_step)(lambda: zero_and_meet(a, slot))
         release(i, slot, None)
         if turn is not None:  # a step's two turns, as if computed
           take_turn(turn)
@@ -452,14 +507,14 @@ def _prefill_kernel(
 
       def refill(j, _):  # step j + slots goes where step j was
         slot = lax.rem(j, slots)
-        pages = pages_of(j + slots)  # loaded before the wait: latency hidden behind it
+        pages = pages_of(absolute(j) + slots)  # loaded before the wait: latency hidden
         plgpu.barrier_wait(consumed.at[slot])
         issue(kv, slot, pages)
 
       lax.fori_loop(0, jnp.maximum(num_steps - slots, 0), refill, None)
 
-  pl.run_scoped(ws_body, qo_smem_type, pos_smem_type, kv_smem(), kv_smem(), p_smem_type,
-                q_barrier_type, kv_barriers(), kv_barriers(),
+  pl.run_scoped(ws_body, qo_smem_type, pos_smem_type, ml_smem_type, kv_smem(), kv_smem(),
+                p_smem_type, q_barrier_type, kv_barriers(), kv_barriers(),
                 plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=slots),
                 plgpu.Barrier(num_arrivals=compute_wgs),
                 plgpu.Barrier(num_arrivals=2) if schedule_barrier else None,
@@ -524,22 +579,48 @@ def paged_prefill_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Ar
   v2 = v_pool.reshape(nl * nb * bs, nk * d)
   layer = jnp.asarray(layer, jnp.int32).reshape(1)
 
+  splits = config.kv_splits
   kernel = functools.partial(
       _prefill_kernel, num_blocks=nb, block_size=bs, pages_per_step=config.pages_per_step,
       max_concurrent_steps=config.max_concurrent_steps, p_in_registers=config.p_in_registers,
       warp_specialized=config.warp_specialized, compute_wgs=config.compute_wgs,
-      schedule_barrier=config.schedule_barrier, scale=d ** -0.5 * math.log2(math.e),
-      interpreted=bool(interpret))
+      schedule_barrier=config.schedule_barrier, kv_splits=splits,
+      scale=d ** -0.5 * math.log2(math.e), interpreted=bool(interpret))
   threads = (dict(num_threads=config.compute_wgs + 1, thread_name="wg")
              if config.warp_specialized else {})
+  if splits == 1:
+    out_type = jax.ShapeDtypeStruct((b, nk, num_rows, d), q.dtype)
+  else:  # per split: acc / l in q's dtype, m (log2 units) and l
+    out_type = (jax.ShapeDtypeStruct((b, nk, splits, num_rows, d), q.dtype),
+                jax.ShapeDtypeStruct((b, nk, splits, num_rows), jnp.float32),
+                jax.ShapeDtypeStruct((b, nk, splits, num_rows), jnp.float32))
   call = _kernel_call(
-      kernel, jax.ShapeDtypeStruct((b, nk, num_rows, d), q.dtype), interpret=interpret or None,
-      grid=(num_tiles // config.compute_wgs, nk, b), grid_names=("r", "h", "b"), **threads,
-      compiler_params=plgpu.CompilerParams(approx_math=True))
+      kernel, out_type, interpret=interpret or None,
+      grid=(num_tiles // config.compute_wgs * splits, nk, b), grid_names=("r", "h", "b"),
+      **threads, compiler_params=plgpu.CompilerParams(approx_math=True))
   out = call(layer, kv_lens.astype(jnp.int32), tiles, row_pos,
              block_tables.astype(jnp.int32), q_rows, k2, v2)
+  if splits > 1:
+    out = merge_kv_splits(*out).astype(q.dtype)
   out = out[:, :, :t * group].reshape(b, nk, t, group, d).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, t, nh, d)
+
+
+def merge_kv_splits(out, m, l):
+  """The exact merge of per-split partials: out [B, K, S, R, D] (each split's acc / l), m
+  (log2 units) and l [B, K, S, R] -> [B, K, R, D] float32. Split s weighs l_s * 2^(m_s - M),
+  M the rows' max m; the sums run as an unrolled chain in increasing s (a fixed order, not a
+  reduction XLA may reorder). An empty split (m = -inf, l = 0) weighs exactly 0; a row that
+  saw no key gives 0."""
+  big = functools.reduce(jnp.maximum, [m[:, :, i] for i in range(m.shape[2])])
+  big = jnp.where(big == -jnp.inf, 0.0, big)
+  num, den = None, None
+  for i in range(m.shape[2]):
+    w = l[:, :, i] * jnp.exp2(m[:, :, i] - big)  # [B, K, R]
+    term = w[..., None] * out[:, :, i].astype(jnp.float32)
+    num = term if num is None else num + term
+    den = w if den is None else den + w
+  return num / jnp.where(den == 0.0, 1.0, den)[..., None]
 
 
 # -------------------------------------------------------------------------- reference
@@ -626,25 +707,34 @@ def main_configs(head_dim: int) -> tuple[tuple[TuningConfig, ...], tuple[TuningC
                            **dict(two, max_concurrent_steps=3)),
               TuningConfig(pages_per_step=8, **dict(two, compute_wgs=3,
                                                     max_concurrent_steps=3)))
-  return first, later + (TUNED,)  # three computing warpgroups, two slots
+  # Three computing warpgroups, two slots (the engine's); then with 2 and 4 key splits per
+  # row program (more programs where a chunk has too few to fill the GPU).
+  return first, later + tuned_variants()
+
+
+def tuned_variants() -> tuple[TuningConfig, ...]:
+  """The engine's config and its key-split variants (main(tuned_only=True) times these)."""
+  return tuple(dataclasses.replace(TUNED, kv_splits=s) for s in (1, 2, 4))
 
 
 def _config_name(config: TuningConfig) -> str:
   return (f"mosaic pages/step={config.pages_per_step} slots={config.max_concurrent_steps} "
           f"p_reg={int(config.p_in_registers)} ws={int(config.warp_specialized)} "
-          f"wgs={config.compute_wgs} sched={int(config.schedule_barrier)}")
+          f"wgs={config.compute_wgs} sched={int(config.schedule_barrier)}"
+          f"{f' splits={config.kv_splits}' if config.kv_splits > 1 else ''}")
 
 
 def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0,
          chunks=(CHUNK,), tuned_only: bool = False) -> None:
   """Per shape, a chunks[0]-token chunk at the end of a 32k context and the full 32k causal
   prefill in chunks of each size in `chunks`: our Mosaic GPU kernel (`main_configs`, or
-  with `tuned_only` the engine's `TUNED` alone), the Triton `paged_attention` on the same
-  inputs, and jax's `attention_mgpu` on the same 32k causal work over contiguous K/V
-  (float16: its SMEM tiles are float16). Each is first checked against the float32
-  reference on 256 query tokens (relative L2 error), then timed by CUPTI (device time of
-  every kernel a call launches; ours includes the q/out relayouts); each of our configs'
-  32k prefills must give the same bits at every chunk size. A variant that fails prints
+  with `tuned_only` the engine's `TUNED` and its split variants), the Triton
+  `paged_attention` on the same inputs, and jax's `attention_mgpu` on the same 32k causal
+  work over contiguous K/V (float16: its SMEM tiles are float16). Each is first checked
+  against the float32 reference on 256 query tokens (relative L2 error), then timed by
+  CUPTI (device time of every kernel a call launches; ours includes the q/out relayouts);
+  each of our configs without splits must give the same bits at every chunk size (with
+  splits, the boundaries move with the chunk's rows). A variant that fails prints
   its error and the run goes on; one that runs longer than watchdog_s (a hang) prints its
   name and ends the process."""
   bad = [c for c in chunks if c < 256 or CONTEXT % c]
@@ -725,7 +815,7 @@ def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0,
         attend = functools.partial(paged_prefill_attention_mgpu, config=config)
         out = timed(shape, name, _config_name(config), functools.partial(workload, attend),
                     inputs, flops, tokens, inputs)
-        if out is not None and workload.func is chunked_prefill:
+        if out is not None and workload.func is chunked_prefill and config.kv_splits == 1:
           if config in whole:
             print(f"  same bits as in {workloads[1][0].split()[-2]} chunks: "
                   f"{bool(jnp.array_equal(out, whole[config]))}", flush=True)
@@ -761,7 +851,7 @@ def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0,
       timed(shape, name, "triton paged_attention (default config)",
             functools.partial(workload, triton_paged.paged_attention), inputs, flops, tokens,
             inputs)
-    run_ours(shape, (TUNED,) if tuned_only else main_configs(d)[0])
+    run_ours(shape, tuned_variants() if tuned_only else main_configs(d)[0])
   for shape in () if tuned_only else shapes:
     print(f"== {shape}: two or three computing warpgroups", flush=True)
     run_ours(shape, main_configs(SHAPES[shape][2])[1])
