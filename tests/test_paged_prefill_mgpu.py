@@ -54,7 +54,7 @@ class PagedPrefillMgpuTest(MgpuTestCase):
   # runs every variant (two warpgroups among them). Compiled runs all.
   SLOW_INTERPRETED = ("test_computing_warpgroups0", "test_computing_warpgroups1",
                       "test_computing_warpgroups2", "test_computing_warpgroups3",
-                      "test_computing_warpgroups4", "test_kv_splits1",
+                      "test_computing_warpgroups4", "test_kv_splits1", "test_kv_splits2",
                       "test_deep_pipeline0",
                       "test_deep_pipeline1", "test_chunk_after_cached_prefix1",
                       "test_positions_per_row", "test_traced_layer")
@@ -117,8 +117,8 @@ class PagedPrefillMgpuTest(MgpuTestCase):
     one = self.attend(*inputs, 1, config=SMALL)
     np.testing.assert_array_equal(np.asarray(one, np.float32), out)
 
-  @parameterized.parameters((1, 3), (2, 2), (3, 2))
-  def test_kv_splits(self, wgs, splits):
+  @parameterized.parameters((1, 3, False), (2, 2, False), (2, 2, True), (3, 2, False))
+  def test_kv_splits(self, wgs, splits, schedule_barrier):
     # A program's key steps in `splits` shares, merged exactly outside the kernel: against
     # the reference; empty splits (kv_len 41: one step) and a split holding the partial
     # step (kv_len 450); other placements and a request alone give the same bits.
@@ -131,7 +131,8 @@ class PagedPrefillMgpuTest(MgpuTestCase):
                          max_blocks=32)
     config = dataclasses.replace(SMALL, kv_splits=splits)
     if wgs > 1:
-      config = dataclasses.replace(config, warp_specialized=True, compute_wgs=wgs)
+      config = dataclasses.replace(config, warp_specialized=True, compute_wgs=wgs,
+                                   schedule_barrier=schedule_barrier)
     out = self.check(inputs, layer=1, config=config)
     q, k, v, tables, positions, kv_lens = inputs
     k2, v2, tables2 = relabel(k, v, tables, seed=13)
