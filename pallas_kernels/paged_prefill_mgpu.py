@@ -73,10 +73,10 @@ Hopper. API differences between the versions: those of
 paged_attention_mgpu (`_kernel_call`); nothing else used here differs.
 Not done: timing the key splits on the H200 (they pass the interpreter with one and two
 computing warpgroups, and lower for cuda with three); tuning beyond the handful of configs
-main() times. The
-kernel's default config is the simplest schedule (one warpgroup, P through SMEM); the
-engine runs `tuned_config`, the fastest measured: three computing warpgroups (192 rows per
-step, FA3's tile at head_dim 64, without its intra-warpgroup overlap), at both head_dims.
+main() times. The kernel's default config is the simplest schedule (one warpgroup, P
+through SMEM); the engine runs `tuned_config`, the fastest measured: three computing
+warpgroups (192 rows per step, FA3's tile at head_dim 64, without its intra-warpgroup
+overlap), at both head_dims.
 """
 
 from __future__ import annotations
