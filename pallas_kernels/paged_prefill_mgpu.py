@@ -817,7 +817,7 @@ def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0,
                     inputs, flops, tokens, inputs)
         if out is not None and workload.func is chunked_prefill and config.kv_splits == 1:
           if config in whole:
-            print(f"  same bits as in {workloads[1][0].split()[-2]} chunks: "
+            print(f"  same bits as in {chunks[0]} chunks: "
                   f"{bool(jnp.array_equal(out, whole[config]))}", flush=True)
           whole.setdefault(config, out)
         if out is not None and config == default_config(SHAPES[shape][2]):
