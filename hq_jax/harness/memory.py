@@ -334,17 +334,14 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
 
   rows = []
   for n, c, f, g in points:
-    if (n, c, f, g) in unfit:
-      if progress is not None:
-        progress.update(1)
-      continue
-    rows += run_point(engine_for(n), layout, stream, model=model, context_length=n,
-                      concurrency=c, shared_prefix_fraction=f, num_prefixes=g,
-                      max_seq_len=max_seq_len, seed=seed, tracker=tracker)
+    if (n, c, f, g) not in unfit:
+      rows += run_point(engine_for(n), layout, stream, model=model, context_length=n,
+                        concurrency=c, shared_prefix_fraction=f, num_prefixes=g,
+                        max_seq_len=max_seq_len, seed=seed, tracker=tracker)
+      if on_rows is not None:
+        on_rows(rows)
     if progress is not None:
       progress.update(1)
-    if on_rows is not None:
-      on_rows(rows)
   return rows
 
 
