@@ -266,10 +266,9 @@ def _decode_kernel(
   def prefetch(kv):
     fill_pipeline(lambda i: issue(kv, i, pages_of(i)), slots, num_steps)
 
-  def load_q(q_smem, q_barrier):
+  def issue_q(q_smem, q_barrier):
     # The G (padded to R) query rows of this kv head; rows R..63 of q_smem stay unwritten.
     plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem.at[pl.ds(0, rows_out)], q_barrier.at[0])
-    plgpu.barrier_wait(q_barrier.at[0])
 
   def consume(q_smem, kv, p_smem, step_done, *, load_next_pages: bool):
     """The key loop; step_done(i, slot, next_pages) runs once a step's wgmmas are done."""
@@ -335,11 +334,12 @@ def _decode_kernel(
     # One warpgroup issues the copies and computes: a slot is refilled at the end of the
     # step that consumed it.
     def body(q_smem, q_barrier):
-      load_q(q_smem, q_barrier)
+      issue_q(q_smem, q_barrier)
 
       def loop_scope(k_smem, v_smem, p_smem, k_barriers, v_barriers):
         kv = (k_smem, v_smem, k_barriers, v_barriers)
-        prefetch(kv)
+        prefetch(kv)  # in flight together with q: one memory latency before the loop
+        plgpu.barrier_wait(q_barrier.at[0])
 
         def refill(i, slot, next_pages):
           @pl.when(i + slots < num_steps)
@@ -366,7 +366,8 @@ def _decode_kernel(
 
     @pl.when(wg == 0)
     def _compute():
-      load_q(q_smem, q_barrier)
+      issue_q(q_smem, q_barrier)
+      plgpu.barrier_wait(q_barrier.at[0])
 
       def release(i, slot, _):
         @pl.when(i + slots < num_steps)  # only the slots the producer will refill
