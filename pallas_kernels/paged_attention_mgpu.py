@@ -561,8 +561,10 @@ def main(sweep: bool = False, shapes=tuple(SHAPES), points=POINTS, reps: int = 5
   of every kernel a call launches: the q pad and the split merge count). Each timed call
   runs layers 0 and 1 (disjoint K/V, together larger than L2) and counts half. Each row
   also gives its rate as a fraction of an XLA reduction's read rate measured first in the
-  same process (a jitted float32 sum over 2 GiB of bf16: the decode target's yardstick)."""
+  same process (a jitted float32 sum over 2 GiB of bf16: the decode target's yardstick).
+  The Triton kernel (the engine's decode, default config) is timed first at every point."""
   from jax.experimental.mosaic.gpu import profiler  # GPU only
+  from pallas_kernels import paged_attention as triton_paged  # the comparison, main() only
 
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
   big = jax.random.normal(jax.random.key(1), (1 << 30,), jnp.bfloat16)
@@ -576,13 +578,18 @@ def main(sweep: bool = False, shapes=tuple(SHAPES), points=POINTS, reps: int = 5
     nh, nk, d = SHAPES[shape]
     configs = (default_config(d),) + tuple(  # the sweep's configs that fit in SMEM
         c for c in (SWEEP if sweep else ()) if smem_bytes(c, d) + 4096 <= SMEM_PER_SM)
+    # The Triton kernel (the engine's decode) first, on the same inputs in the same run.
+    kernels = [("triton paged_attention (engine's decode)", triton_paged.paged_attention)]
+    kernels += [(str(c), functools.partial(paged_decode_attention_mgpu, config=c))
+                for c in configs]
+    widen = max(c.kv_split for c in configs) // 16  # table entries: one more, empty, split
     for batch, context in points:
       inputs = random_inputs(jax.random.key(batch * 7 + context), batch, context, shape)
       ref = paged_decode_attention_reference(*inputs, 1)
       kv_bytes = 2 * batch * context * nk * d * 2  # K and V, bf16, read once
-      for config in configs:
+      for name, kernel in kernels:
         try:
-          fn = jax.jit(functools.partial(paged_decode_attention_mgpu, config=config))
+          fn = jax.jit(kernel)
           out = fn(*inputs, 1)
           err = float(jnp.linalg.norm((out.astype(jnp.float32) - ref).ravel())
                       / jnp.linalg.norm(ref.ravel()))
@@ -590,8 +597,7 @@ def main(sweep: bool = False, shapes=tuple(SHAPES), points=POINTS, reps: int = 5
             raise AssertionError(f"relative L2 error {err:.2e} vs the f32 reference")
           # Same bits for a request alone, with a wider table (one more, empty, split).
           q, kp, vp, tables, pos, lens = inputs
-          wide = jnp.concatenate(
-              [tables[:1], jnp.ones((1, config.kv_split // 16), jnp.int32)], axis=1)
+          wide = jnp.concatenate([tables[:1], jnp.ones((1, widen), jnp.int32)], axis=1)
           alone = fn(q[:1], kp, vp, wide, pos[:1], lens[:1], 1)
           if not bool(jnp.array_equal(alone, out[:1])):
             raise AssertionError("request 0 alone gives other bits than in the batch")
@@ -599,11 +605,11 @@ def main(sweep: bool = False, shapes=tuple(SHAPES), points=POINTS, reps: int = 5
           jax.block_until_ready(pair(*inputs))
           ms = float(np.median([profiler.measure(pair)(*inputs)[1] for _ in range(reps)]))
           us = ms * 1e3 / 2
-          print(f"{shape} {batch}x{context} {config}: {us:.1f} us, "
+          print(f"{shape} {batch}x{context} {name}: {us:.1f} us, "
                 f"{kv_bytes / us / 1e6:.2f} TB/s = {kv_bytes / us / 1e6 / read_tb_s:.2f} of "
                 f"the read rate, err {err:.1e}", flush=True)
         except Exception as e:  # noqa: BLE001 - report and go on with the next config
-          print(f"{shape} {batch}x{context} {config}: FAILED {type(e).__name__}: "
+          print(f"{shape} {batch}x{context} {name}: FAILED {type(e).__name__}: "
                 f"{str(e)[:2000]}", flush=True)
 
 

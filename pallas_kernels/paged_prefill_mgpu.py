@@ -53,7 +53,7 @@ neighbours, the table width, the slots, warp specialization or compute_wgs
 (tests/test_paged_prefill_mgpu.py checks these). Padding rows (past T * G) get position
 -1; they never reach the output.
 
-Key splits (`kv_splits` > 1; a config option, not the engine's yet): a row program's key
+Key splits (`kv_splits` > 1; the engine's at head_dim 64, `TUNED_KV_SPLITS`): a row program's key
 steps are cut into kv_splits contiguous shares (L = cdiv(its steps, kv_splits)), one
 program each, for more programs where a chunk has too few to fill the GPU (three
 computing warpgroups take the whole register file: one program per SM). Each writes its
@@ -66,17 +66,16 @@ Status: correct in the Mosaic GPU interpreter on CPU with jax 0.12 and 0.11.2 (r
 out-of-bounds reads and uninitialized SMEM checked); lowers for `cuda` on a CPU machine
 (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`) at the 0.5B and 7B shapes,
 every config of `main_configs`, both versions; compiled, tested and timed on the H200
-(`main()`, docs/benchmarks.md): `tuned_config` (three computing warpgroups) runs a 32k causal
-prefill at 0.97x (D=64) and 0.95x (D=128) `attention_mgpu`'s TFLOP/s in 16k chunks, 0.79x /
-0.90x in 4k chunks (commit 6bd42a1); the engine's prefill under `--attention=pallas` on
-Hopper. API differences between the versions: those of
+(`main()`, docs/benchmarks.md): `tuned_config` (three computing warpgroups; two key
+splits at D=64) runs a 32k causal prefill at 0.98x (D=64) and 0.98x (D=128)
+`attention_mgpu`'s TFLOP/s in 16k chunks, 0.89x / 0.92x in 4k chunks (commit 4ef84ce, the
+compiled tests pass there, the three-warpgroup key splits among them); the engine's prefill
+under `--attention=pallas` on Hopper. API differences between the versions: those of
 paged_attention_mgpu (`_kernel_call`); nothing else used here differs.
-Not done: timing the key splits on the H200 (they pass the interpreter with one and two
-computing warpgroups, and lower for cuda with three); tuning beyond the handful of configs
-main() times. The kernel's default config is the simplest schedule (one warpgroup, P
-through SMEM); the engine runs `tuned_config`, the fastest measured: three computing
-warpgroups (192 rows per step, FA3's tile at head_dim 64, without its intra-warpgroup
-overlap), at both head_dims.
+Not done: tuning beyond the handful of configs main() times. The kernel's default config
+is the simplest schedule (one warpgroup, P through SMEM); the engine runs `tuned_config`,
+the fastest measured: three computing warpgroups (192 rows per step, FA3's tile at head_dim
+64, without its intra-warpgroup overlap), at both head_dims.
 """
 
 from __future__ import annotations
@@ -175,21 +174,30 @@ def default_config(head_dim: int) -> TuningConfig:
 # per K/V step), 8 pages per step, two slots, P in registers. In 16k chunks 455 TFLOP/s at
 # D=64 (attention_mgpu 467: 0.97x) and 642 at D=128 (675: 0.95x); in 4k chunks 369 / 608
 # (0.79x / 0.90x). The two-warpgroup ping-pong configs it replaces: 393 / 579 in 16k chunks.
-# Same bits as every other config with the same block_kv: the choice changes speed only.
+# Same bits as every other config with the same block_kv and no key splits.
 TUNED = TuningConfig(pages_per_step=8, max_concurrent_steps=2, p_in_registers=True,
                      warp_specialized=True, compute_wgs=3)
+# Key splits per head_dim, timed on the H200 (2026-11-29, JAX 0.11.2, commit 4ef84ce,
+# `python -m pallas_kernels.paged_prefill_mgpu 0.5b 7b --chunks=4096,16384 --tuned`): at D=64
+# two splits take a 32k causal prefill in 4k chunks from 367 to 413 TFLOP/s (0.79x -> 0.89x
+# attention_mgpu; a 4k chunk is 300 row programs, 2.3 waves of one program per SM) and
+# leave 16k chunks unchanged (454); four: 403 / 441. At D=128 splits were slower (4k chunks
+# 605 -> 585, 16k 644 -> 633).
+TUNED_KV_SPLITS = {64: 2, 128: 1}
 
 
 def tuned_config(head_dim: int, *, interpret: bool = False) -> TuningConfig:
-  """The engine's config: the fastest measured (above). For the interpreter, the same bits
-  (same block_kv) from one warpgroup with P through SMEM: the interpreter's wgmma takes SMEM
-  operands only, and it runs each warpgroup as a thread (slow, and on a 2-core machine the
-  blocking barrier callbacks of several can starve XLA's CPU thread pools)."""
-  del head_dim  # one config is the fastest at both head_dims measured (64 and 128)
-  config = TUNED
+  """The engine's config: the fastest measured (above). For the interpreter, the same
+  schedule of keys (block_kv, kv_splits) from one warpgroup with P through SMEM: the
+  interpreter's wgmma takes SMEM operands only, and it runs each warpgroup as a thread
+  (slow, and on a 2-core machine the blocking barrier callbacks of several can starve XLA's
+  CPU thread pools). Without splits that is the same bits as on the GPU; with splits the
+  boundaries follow a program's rows (64 here, 192 there), so the bits differ."""
+  config = dataclasses.replace(TUNED, kv_splits=TUNED_KV_SPLITS.get(head_dim, 1))
   if interpret:
     return TuningConfig(pages_per_step=config.pages_per_step,
-                        max_concurrent_steps=config.max_concurrent_steps)
+                        max_concurrent_steps=config.max_concurrent_steps,
+                        kv_splits=config.kv_splits)
   return config
 
 
