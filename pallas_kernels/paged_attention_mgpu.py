@@ -576,8 +576,8 @@ def main(sweep: bool = False, shapes=tuple(SHAPES), points=POINTS, reps: int = 5
   print(f"XLA read rate {read_tb_s:.2f} TB/s", flush=True)
   for shape in shapes:
     nh, nk, d = SHAPES[shape]
-    configs = (default_config(d),) + tuple(  # the sweep's configs that fit in SMEM
-        c for c in (SWEEP if sweep else ()) if smem_bytes(c, d) + 4096 <= SMEM_PER_SM)
+    configs = tuple(dict.fromkeys((default_config(d),) + tuple(  # the sweep's that fit
+        c for c in (SWEEP if sweep else ()) if smem_bytes(c, d) + 4096 <= SMEM_PER_SM)))
     # The Triton kernel (the engine's decode) first, on the same inputs in the same run.
     kernels = [("triton paged_attention (engine's decode)", triton_paged.paged_attention)]
     kernels += [(str(c), functools.partial(paged_decode_attention_mgpu, config=c))
