@@ -32,15 +32,16 @@ from pallas_kernels import paged_prefill_mgpu as mosaic_prefill
 
 # "auto" = "pallas" on a GPU, "reference" (the XLA path; with a sharing plan the float32
 # shared-prefix oracle) elsewhere. "pallas" = the fastest correct kernels we have on this GPU:
-# prefill chunks on the Mosaic GPU kernel (`paged_prefill_mgpu`) where it runs (Hopper,
-# bf16/f16, head_dim a multiple of 64: 1.3-1.6x the Triton kernel on the H200), else on the
-# Triton kernel; decode on the Triton kernels (faster than our Mosaic decode kernels on every
-# H200 row measured; docs/benchmarks.md). "triton" = the Triton kernels throughout (the
-# fallback). "mosaic" = prefill on the Mosaic kernel always (an error where it cannot run),
-# decode on Triton. "pallas_interpret" = the Triton kernels through the Pallas interpreter
-# (CPU tests). (`KernelAttention("mosaic_interpret")` runs the Mosaic prefill kernel in the
-# Mosaic GPU interpreter for tests; its callbacks cannot run inside the model's layer scan,
-# so it is no engine option.)
+# prefill chunks and paged decode on the Mosaic GPU kernels (`paged_prefill_mgpu`,
+# `paged_attention_mgpu`) where they run (Hopper, bf16/f16, head_dim a multiple of 64:
+# prefill 1.3-1.6x, decode 1.03-1.36x the Triton kernels on the H200; docs/benchmarks.md),
+# else on the Triton kernels; shared-prefix (dedup) decode on the Triton kernel (the Mosaic
+# one is not wired in). "triton" = the Triton kernels throughout (the fallback). "mosaic" =
+# prefill and paged decode on the Mosaic kernels always (an error where they cannot run).
+# "pallas_interpret" = the Triton kernels through the Pallas interpreter (CPU tests).
+# (`KernelAttention("mosaic_interpret")` runs the Mosaic kernels in the Mosaic GPU
+# interpreter for tests; its callbacks cannot run inside the model's layer scan, so it is
+# no engine option.)
 ATTENTION = ("auto", "reference", "pallas", "triton", "mosaic", "pallas_interpret")
 DECODE_ATTENTION = ("paged", "dedup", "auto")
 # decode_attention="auto" reads shared runs once when the plan saves at least this many
@@ -67,6 +68,13 @@ def _mosaic_prefill(backend: str, dtype, head_dim: int, block_size: int) -> bool
       backend == "pallas" and mosaic_prefill.supported(dtype, head_dim, block_size))
 
 
+def _mosaic_decode(backend: str, dtype, head_dim: int, block_size: int, group: int) -> bool:
+  """Whether `backend` runs paged decode on the Mosaic GPU kernel: "mosaic" (and its
+  interpreter) always, "pallas" where that kernel compiles."""
+  return backend.startswith("mosaic") or (
+      backend == "pallas" and mosaic_decode.supported(dtype, head_dim, block_size, group))
+
+
 def prefill_kernel(attention: str, cfg: ModelConfig, block_size: int = 16) -> str:
   """What runs a prefill chunk's attention under the resolved backend `attention`:
   "xla", "triton" or "mosaic" (`KernelAttention`'s rule)."""
@@ -74,6 +82,16 @@ def prefill_kernel(attention: str, cfg: ModelConfig, block_size: int = 16) -> st
     return "xla"
   return ("mosaic" if _mosaic_prefill(attention, cfg.jnp_dtype, cfg.head_dim, block_size)
           else "triton")
+
+
+def decode_kernel(attention: str, cfg: ModelConfig, block_size: int = 16) -> str:
+  """What runs a paged decode step's attention (no sharing plan) under the resolved backend
+  `attention`: "xla", "triton" or "mosaic" (`KernelAttention`'s rule)."""
+  if attention == "reference":
+    return "xla"
+  group = cfg.num_heads // cfg.num_kv_heads
+  return ("mosaic" if _mosaic_decode(attention, cfg.jnp_dtype, cfg.head_dim, block_size,
+                                     group) else "triton")
 
 
 def decode_bucket(batch: int) -> int:
@@ -117,6 +135,11 @@ class KernelAttention:
           interpret=mosaic_decode.strict_interpreter() if interpret else False)
     if plan is not None:
       return dedup_kernel.dedup_attention(*args, plan, layer, interpret=interpret)
+    if q.shape[1] == 1 and _mosaic_decode(self.backend, q.dtype, q.shape[-1],
+                                          k_pools.shape[-3], q.shape[2] // k_pools.shape[-2]):
+      return mosaic_decode.paged_decode_attention_mgpu(
+          *args, layer,
+          interpret=mosaic_decode.strict_interpreter() if interpret else False)
     return paged_kernel.paged_attention(*args, layer, interpret=interpret)
 
 
@@ -162,8 +185,9 @@ class Engine:
                        f"{decode_attention!r}")
     self.params, self.cfg, self.chunk_size = params, cfg, chunk_size
     self.attention = resolve_attention(attention)  # what runs: never "auto"
-    # The prefill kernel "pallas" picks at 16-token pages (the default block size).
+    # The prefill and paged decode kernels "pallas" picks at 16-token pages (the default).
     self.prefill_kernel = prefill_kernel(self.attention, cfg)
+    self.decode_kernel = decode_kernel(self.attention, cfg)
     self._attention_fn = KernelAttention(self.attention)
     self.decode_attention = decode_attention
     self.auto_min_saved_tokens = auto_min_saved_tokens

@@ -42,9 +42,10 @@ physical placement of pages changes a bit of a request's output.
 Status: correct in the Mosaic GPU interpreter on CPU, jax 0.12 and 0.11.2
 (tests/test_paged_attention_mgpu.py); lowers for `cuda` on a CPU machine with both versions
 (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`); compiled, checked and timed
-on the H200 (its tests pass there). With the defaults below 0.87-0.94x the Triton kernel's
-speed at 64 x 4k and 8 x 32k (Triton timed in earlier runs) and 1.1x at 0.5B 1 x 128k, so
-the engine decodes on Triton: docs/benchmarks.md, "Mosaic GPU decode kernel".
+on the H200 (its tests pass there). With the defaults below it beats the Triton kernel at
+every point of the sweep, both shapes (1.03-1.36x, the same run), so it is the engine's
+paged decode under `--attention=pallas` on Hopper: docs/benchmarks.md, "Mosaic GPU decode
+kernel".
 API notes (checked in jax 0.11.2 and 0.12.0 here): a transposed ref is `ref.transpose(perm)`
 (`plgpu.transpose_ref`, used by 0.11-era examples, is deprecated in both); `plgpu.kernel`
 takes `out_type` (earlier versions `out_shape`: `_kernel_call` falls back to it); both have
@@ -118,13 +119,14 @@ class TuningConfig:
 # SMEM per program: K/V 2 * slots * block_kv * D * 2 bytes = 64 KiB for both defaults, q
 # 8 / 16 KiB, P 16 / 8 KiB: 88 KiB, so two programs fit on an SM (227 KiB), each with 2
 # steps (2 x 32 KiB of K/V) in flight. The epilogue's f32 tile reuses the loop's SMEM (a
-# later run_scoped). A sweep of 13 configs on the H200 (2026-11-29, JAX 0.11.2, commit
-# 6bd42a1, docs/benchmarks.md): at D=64, 1024-key splits beat 512 at every point (64 x 4k
-# 48.7 -> 42.8 us, the best measured; 8 x 32k 59.1 -> 49.5, best 45.9; 1 x 128k 54.1 ->
-# 35.4, best 34.5); at D=128 no config fitting two programs on an SM beat the default by
-# more than 2% (one 8-page, 2048-key config, a program per SM, 2-7%).
-DEFAULT_D64 = TuningConfig(pages_per_step=8, kv_split=1024, max_concurrent_steps=2)
-DEFAULT_D128 = TuningConfig(pages_per_step=4, kv_split=512, max_concurrent_steps=2)
+# later run_scoped). Chosen by the second H200 sweep (2026-11-30, JAX 0.11.2, commit
+# dc02070, `python -m pallas_kernels.paged_attention_mgpu --sweep`, the Triton kernel timed
+# in the same run; docs/benchmarks.md): longer splits won at both head_dims. D=64, 2048-key
+# splits: 38.6 / 41.6 / 33.7 us at 64 x 4k / 8 x 32k / 1 x 128k (0.76 / 0.70 / 0.43 of the
+# read rate; Triton 39.7 / 44.0 / 42.4). D=128, 4096-key splits of 4-page steps: 130.6 /
+# 128.9 / 79.5 us (0.90 / 0.91 / 0.74; Triton 139.9 / 143.0 / 108.3).
+DEFAULT_D64 = TuningConfig(pages_per_step=8, kv_split=2048, max_concurrent_steps=2)
+DEFAULT_D128 = TuningConfig(pages_per_step=4, kv_split=4096, max_concurrent_steps=2)
 
 
 def default_config(head_dim: int) -> TuningConfig:
@@ -439,6 +441,24 @@ def check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens, *,
     raise ValueError(f"head_dim must be a multiple of 64, got {d}")
   if decode and nh // k_pool.shape[3] > WGMMA_ROWS:
     raise ValueError(f"GQA group {nh // k_pool.shape[3]} > {WGMMA_ROWS} rows of one wgmma")
+
+
+def supported(dtype, head_dim: int, block_size: int, group: int) -> bool:
+  """Whether the default config runs compiled here: a Hopper GPU (wgmma is sm_90a only),
+  bf16 / f16, head_dim a multiple of 64, pages that fill whole pipeline steps, and a GQA
+  group (query heads per kv head) within one wgmma's rows."""
+  dev = jax.devices()[0]
+  if dev.platform != "gpu" or getattr(dev, "compute_capability", None) != "9.0":
+    return False
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return False
+  if head_dim % 64 or group > WGMMA_ROWS:
+    return False
+  try:
+    default_config(head_dim).block_kv(block_size)
+  except ValueError:
+    return False
+  return True
 
 
 def _kernel_call(body, out_type, *, interpret, **kwargs):

@@ -137,6 +137,33 @@ def test_pallas_picks_its_prefill_kernel_per_device(tiny):
   assert prefill_kernel("reference", bf16_64) == "xla"
 
 
+def test_pallas_picks_mosaic_decode_where_it_compiles(tiny, monkeypatch):
+  """"pallas" decodes on the Mosaic GPU kernel on Hopper (bf16/f16, head_dim a multiple of
+  64, 16-token pages, a GQA group within one wgmma), else on Triton; "mosaic" always,
+  "triton" never, "reference" on XLA. The device is faked as an H200 so the rule runs here."""
+  import types
+  from hq_jax.engine import decode_kernel
+  params, cfg = tiny
+  bf16_64 = dataclasses.replace(cfg, dtype="bfloat16", head_dim=64)
+  assert decode_kernel("pallas", bf16_64) == (  # the real device
+      "mosaic" if (jax.default_backend() == "gpu" and getattr(
+          jax.devices()[0], "compute_capability", None) == "9.0") else "triton")
+  h200 = types.SimpleNamespace(platform="gpu", compute_capability="9.0")
+  monkeypatch.setattr(jax, "devices", lambda *a, **k: [h200])
+  assert decode_kernel("pallas", bf16_64) == "mosaic"
+  assert decode_kernel("pallas", dataclasses.replace(bf16_64, head_dim=32)) == "triton"
+  assert decode_kernel("pallas", dataclasses.replace(bf16_64, dtype="float32")) == "triton"
+  assert decode_kernel("pallas", bf16_64, block_size=4) == "triton"  # 32-key steps
+  wide_group = dataclasses.replace(bf16_64, num_heads=bf16_64.num_kv_heads * 72)
+  assert decode_kernel("pallas", wide_group) == "triton"  # 72 rows > one wgmma's 64
+  assert decode_kernel("triton", bf16_64) == "triton"
+  assert decode_kernel("mosaic", cfg) == "mosaic"
+  assert decode_kernel("reference", bf16_64) == "xla"
+  monkeypatch.setattr(jax, "devices", lambda *a, **k: [
+      types.SimpleNamespace(platform="gpu", compute_capability="8.0")])  # an A100
+  assert decode_kernel("pallas", bf16_64) == "triton"
+
+
 def test_cache_of_another_layout_is_refused(tiny, tiny_layout):
   params, cfg = tiny
   engine = Engine(params, cfg, chunk_size=16)

@@ -257,7 +257,8 @@ if __name__ == "__main__":
 def test_engine_backend_dense_and_hq_bit_identical(tiny, tiny_layout, attention):
   """The engine with the kernel (interpreted; compiled on a GPU): dense and HQ (prefix
   reuse) agree to the bit, and both match the reference backend within rounding. "mosaic"
-  (and "pallas" on Hopper) runs prefill on the Mosaic GPU kernel: bf16, head_dim 64."""
+  (and "pallas" on Hopper) runs prefill and decode on the Mosaic GPU kernels: bf16,
+  head_dim 64."""
   from hq_jax.engine import Engine
   from hq_jax.kv.dedup import DedupKVCache
   from hq_jax.kv.dense import DenseKVCache
@@ -284,12 +285,14 @@ def test_engine_backend_dense_and_hq_bit_identical(tiny, tiny_layout, attention)
   assert dl.attention == hl.attention == "paged"
   np.testing.assert_array_equal(np.asarray(dl.logits), np.asarray(hl.logits))
   ref = Engine(params, cfg, chunk_size=32)
-  _, r = ref.prefill(DenseKVCache.for_requests(tiny_layout, max_requests=2, max_seq_len=128),
-                     reqs[1])
+  rcache, r = ref.prefill(
+      DenseKVCache.for_requests(tiny_layout, max_requests=2, max_seq_len=128), reqs[1])
   if cfg.dtype == "bfloat16":  # bf16 activations: rounding, not a tolerance on every logit
-    got, want = np.asarray(d.logits, np.float32), np.asarray(r.logits, np.float32)
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
-    assert engine.prefill_kernel == "mosaic"
+    _, rl = ref.decode(rcache, [r.slot], [5])
+    for got, want in ((d.logits, r.logits), (dl.logits, rl.logits)):
+      got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+      assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
+    assert engine.prefill_kernel == engine.decode_kernel == "mosaic"
   else:
     atol = 1e-4 if jax.default_backend() == "cpu" else 5e-2  # GPU matmuls default to TF32
     np.testing.assert_allclose(np.asarray(d.logits), np.asarray(r.logits), atol=atol)

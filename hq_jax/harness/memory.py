@@ -143,8 +143,11 @@ def attention_name(engine: Engine) -> str:
   """What attention an engine runs, for the outputs (also for an Engine built by hand)."""
   name = getattr(engine, "attention", None)
   if isinstance(name, str):
-    # "pallas" picks its prefill kernel per GPU: say which one ran.
-    return f"pallas(prefill={engine.prefill_kernel})" if name == "pallas" else name
+    # "pallas" picks its prefill and paged decode kernels per GPU: say which ran.
+    if name == "pallas":
+      return (f"pallas(prefill={engine.prefill_kernel},"
+              f"decode={getattr(engine, 'decode_kernel', 'triton')})")
+    return name
   from hq_jax import engine as engine_lib
   fn = getattr(engine, "attention_fn", None)
   return next((k for k, v in getattr(engine_lib, "ATTENTION_BACKENDS", {}).items() if v is fn),
