@@ -545,8 +545,9 @@ SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, he
 POINTS = ((64, 4096), (8, 32768), (1, 131072))  # (batch, context)
 # `--sweep`: what one device call can time (about 9 s per config and point). The first GPU
 # sweep (2026-11-29, docs/benchmarks.md) found occupancy (programs per SM) worth more than
-# pipeline depth and longer splits better; these are its best and the untried configs that
-# fit four (D = 64) or two (D = 128) programs on an SM. main() drops those too big for SMEM.
+# pipeline depth and longer splits better; the second (2026-11-30, commit dc02070) timed
+# these, its best and the configs that fit four (D = 64) or two (D = 128) programs on an SM:
+# the defaults above come from it. main() drops those too big for SMEM.
 SWEEP = (
     TuningConfig(pages_per_step=8, kv_split=1024, max_concurrent_steps=2),
     TuningConfig(pages_per_step=8, kv_split=2048, max_concurrent_steps=2),

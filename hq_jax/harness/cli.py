@@ -23,8 +23,9 @@ COMMON_HELPS = {
     "dtype": "float32 | bfloat16",
     "attention": "prefill/decode attention: auto (pallas on a GPU, the XLA reference "
                  "elsewhere), reference, pallas (the fastest of our kernels on this GPU: "
-                 "Mosaic GPU prefill on Hopper, Triton decode), triton (the Triton kernels "
-                 "only), mosaic (Mosaic GPU prefill always), pallas_interpret",
+                 "Mosaic GPU prefill and paged decode on Hopper, else Triton; dedup decode "
+                 "on Triton), triton (the Triton kernels only), mosaic (Mosaic GPU prefill "
+                 "and paged decode always), pallas_interpret",
     "decode_attention": "decode over shared prefixes: paged, dedup (read a shared prefix "
                         "once), auto",
     "overwrite": "replace this script's earlier outputs in --output_dir (else refused)",
