@@ -34,7 +34,7 @@ from pallas_kernels import paged_prefill_mgpu as mosaic_prefill
 # shared-prefix oracle) elsewhere. "pallas" = the fastest correct kernels we have on this GPU:
 # prefill chunks and paged decode on the Mosaic GPU kernels (`paged_prefill_mgpu`,
 # `paged_attention_mgpu`) where they run (Hopper, bf16/f16, head_dim a multiple of 64:
-# prefill 1.3-1.6x, decode 1.03-1.36x the Triton kernels on the H200; docs/benchmarks.md),
+# prefill 1.3-1.6x, decode 1.03-1.44x the Triton kernels on the H200; docs/benchmarks.md),
 # else on the Triton kernels; shared-prefix (dedup) decode on the Triton kernel (the Mosaic
 # one is not wired in). "triton" = the Triton kernels throughout (the fallback). "mosaic" =
 # prefill and paged decode on the Mosaic kernels always (an error where they cannot run).

@@ -43,7 +43,7 @@ Status: correct in the Mosaic GPU interpreter on CPU, jax 0.12 and 0.11.2
 (tests/test_paged_attention_mgpu.py); lowers for `cuda` on a CPU machine with both versions
 (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`); compiled, checked and timed
 on the H200 (its tests pass there). With the defaults below it beats the Triton kernel at
-every point of the sweep, both shapes (1.03-1.36x, the same run), so it is the engine's
+every point of the sweep, both shapes (1.03-1.44x, the same run), so it is the engine's
 paged decode under `--attention=pallas` on Hopper: docs/benchmarks.md, "Mosaic GPU decode
 kernel".
 API notes (checked in jax 0.11.2 and 0.12.0 here): a transposed ref is `ref.transpose(perm)`
@@ -123,10 +123,15 @@ class TuningConfig:
 # dc02070, `python -m pallas_kernels.paged_attention_mgpu --sweep`, the Triton kernel timed
 # in the same run; docs/benchmarks.md): longer splits won at both head_dims. D=64, 2048-key
 # splits: 38.6 / 41.6 / 33.7 us at 64 x 4k / 8 x 32k / 1 x 128k (0.76 / 0.70 / 0.43 of the
-# read rate; Triton 39.7 / 44.0 / 42.4). D=128, 4096-key splits of 4-page steps: 130.6 /
-# 128.9 / 79.5 us (0.90 / 0.91 / 0.74; Triton 139.9 / 143.0 / 108.3).
+# read rate; Triton 39.7 / 44.0 / 42.4). D=128, 2048-key splits of 4-page steps: 132.5 /
+# 135.2 / 75.0 us (0.88 / 0.87 / 0.78; Triton 139.9 / 143.0 / 108.3). 4096-key splits were
+# faster at the first two points (130.6 / 128.9 us) and slower at 1 x 128k (79.5), but a
+# (request, kv head) is one program per split: at small batches and short contexts (1 x 4k:
+# 4 programs at 4096, 8 at 2048, 16 for the Triton kernel's 1024) a long split leaves most
+# SMs idle, and the sweep's points do not show that. 2048 keeps every measured point ahead
+# of Triton with half the parallelism loss (not measured at small batches).
 DEFAULT_D64 = TuningConfig(pages_per_step=8, kv_split=2048, max_concurrent_steps=2)
-DEFAULT_D128 = TuningConfig(pages_per_step=4, kv_split=4096, max_concurrent_steps=2)
+DEFAULT_D128 = TuningConfig(pages_per_step=4, kv_split=2048, max_concurrent_steps=2)
 
 
 def default_config(head_dim: int) -> TuningConfig:
