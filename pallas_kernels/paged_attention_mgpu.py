@@ -89,6 +89,14 @@ class TuningConfig:
     through SMEM. Compiled GPU only: the interpreter takes wgmma operands from SMEM only.
   warp_specialized: a second warpgroup only issues the TMA copies (refilling a slot as soon
     as the computing warpgroup releases it); the epilogue's SMEM is then not shared.
+  fold_kv_heads: one program per (request, split) for ALL K kv heads instead of one per kv
+    head: a page of every head is one [block_size, K * D] box (one TMA copy, K * D * 2 bytes
+    per row instead of D * 2), and the K * G query rows form a block-diagonal q [K * G, K * D]
+    (row of head h holds its q in columns h*D..(h+1)*D, zeros elsewhere), so one QK^T gives
+    every row its own head's scores; of the PV product [K * G, K * D] each row keeps its own
+    head's columns. Twice (K times) the matrix work of a per-head program, on K times the
+    bytes per copy: for small heads (D = 64), it runs like a D = K * D kernel. Needs K * G <=
+    64 rows and K * D <= 256 (one wgmma's N).
   """
 
   pages_per_step: int = 4
@@ -96,6 +104,7 @@ class TuningConfig:
   max_concurrent_steps: int = 2
   p_in_registers: bool = False
   warp_specialized: bool = False
+  fold_kv_heads: bool = False
 
   def __post_init__(self):
     if self.pages_per_step < 1:
@@ -142,10 +151,13 @@ SMEM_PER_SM = 227 * 1024  # bytes a Hopper SM gives its blocks (Mosaic checks 23
 
 
 def smem_bytes(config: TuningConfig, head_dim: int, block_size: int = 16,
-               itemsize: int = 2) -> int:
+               itemsize: int = 2, num_kv_heads: int = 1) -> int:
   """SMEM of one program, as Mosaic GPU lays it out (it adds 2-4 KiB: barriers, alignment):
   q + K/V slots + P during the loop; the epilogue's f32 tile reuses that space, except
-  warp specialized (one allocation for both warpgroups)."""
+  warp specialized (one allocation for both warpgroups). With fold_kv_heads a program's
+  head_dim is num_kv_heads * head_dim."""
+  if config.fold_kv_heads:
+    head_dim *= num_kv_heads
   block_kv = config.pages_per_step * block_size
   loop = (WGMMA_ROWS * head_dim + 2 * config.max_concurrent_steps * block_kv * head_dim
           + (0 if config.p_in_registers else WGMMA_ROWS * block_kv)) * itemsize
@@ -448,6 +460,16 @@ def check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens, *,
     raise ValueError(f"GQA group {nh // k_pool.shape[3]} > {WGMMA_ROWS} rows of one wgmma")
 
 
+def check_fold(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+  """`fold_kv_heads` puts all H query heads in one wgmma's rows and all K * D columns in its
+  N dimension."""
+  if num_heads > WGMMA_ROWS:
+    raise ValueError(f"fold_kv_heads: {num_heads} query heads > {WGMMA_ROWS} rows of one "
+                     "wgmma")
+  if num_kv_heads * head_dim > 256:
+    raise ValueError(f"fold_kv_heads: K * D = {num_kv_heads * head_dim} > 256 (one wgmma's N)")
+
+
 def supported(dtype, head_dim: int, block_size: int, group: int) -> bool:
   """Whether the default config runs compiled here: a Hopper GPU (wgmma is sm_90a only),
   bf16 / f16, head_dim a multiple of 64, pages that fill whole pipeline steps, and a GQA
@@ -497,6 +519,14 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Arr
                               "interpreter takes wgmma operands from SMEM")
   mb = block_tables.shape[1]
   num_splits = pl.cdiv(mb * bs, config.kv_split)
+  scale = d ** -0.5 * math.log2(math.e)
+  if config.fold_kv_heads:
+    # One "kv head" of K * D columns whose K * G rows are the block-diagonal q (below).
+    check_fold(nh, nk, d)
+    q_heads = q.reshape(b, nk, group, 1, d)
+    own = (jnp.arange(nk)[:, None] == jnp.arange(nk)[None, :])[None, :, None, :, None]
+    q = jnp.where(own, q_heads, jnp.zeros((), q.dtype)).reshape(b, 1, nh, nk * d)
+    nk, group, d = 1, nh, nk * d
   rows = _round_up(group, ROW_PAD)
 
   # q rows of kv head h are its G query heads, padded to R rows (tiny: B * K * R * D).
@@ -510,7 +540,7 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Arr
       _decode_kernel, num_blocks=nb, block_size=bs, pages_per_step=config.pages_per_step,
       kv_split=config.kv_split, max_concurrent_steps=config.max_concurrent_steps,
       p_in_registers=config.p_in_registers, warp_specialized=config.warp_specialized,
-      scale=d ** -0.5 * math.log2(math.e))
+      scale=scale)
   out_type = (jax.ShapeDtypeStruct((b, nk, num_splits, rows, d), jnp.float32),
               jax.ShapeDtypeStruct((b, nk, num_splits, rows), jnp.float32),
               jax.ShapeDtypeStruct((b, nk, num_splits, rows), jnp.float32))
@@ -522,6 +552,12 @@ def paged_decode_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Arr
   acc, m, l = call(layer, kv_lens.astype(jnp.int32), positions.astype(jnp.int32),
                    block_tables.astype(jnp.int32), q_rows, k2, v2)
   out = merge_splits(acc, m, l)[:, :, :group]  # [B, K, G, D]
+  if config.fold_kv_heads:  # [B, 1, H, K0 * D0]: row h*G0 + g keeps columns h*D0..(h+1)*D0
+    nk0 = k_pool.shape[3]
+    d0 = d // nk0
+    out = out.reshape(b, nk0, nh // nk0, nk0, d0)
+    out = jnp.stack([out[:, h, :, h] for h in range(nk0)], axis=1)  # [B, K0, G0, D0]
+    return out.reshape(b, 1, nh, d0).astype(q.dtype)
   return out.reshape(b, 1, nh, d).astype(q.dtype)
 
 
@@ -550,18 +586,19 @@ SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, he
 POINTS = ((64, 4096), (8, 32768), (1, 131072))  # (batch, context)
 # `--sweep`: what one device call can time (about 9 s per config and point). The first GPU
 # sweep (2026-11-29, docs/benchmarks.md) found occupancy (programs per SM) worth more than
-# pipeline depth and longer splits better; the second (2026-11-30, commit dc02070) timed
-# these, its best and the configs that fit four (D = 64) or two (D = 128) programs on an SM:
-# the defaults above come from it. main() drops those too big for SMEM.
+# pipeline depth and longer splits better; the second (2026-11-30, commit dc02070) gave the
+# defaults above. This one: the defaults' neighbours and the untimed fold_kv_heads configs
+# (0.5B: K * D = 128, the tiles of the D = 128 configs). main() drops those that do not fit.
 SWEEP = (
-    TuningConfig(pages_per_step=8, kv_split=1024, max_concurrent_steps=2),
     TuningConfig(pages_per_step=8, kv_split=2048, max_concurrent_steps=2),
-    TuningConfig(pages_per_step=4, kv_split=2048, max_concurrent_steps=4),
     TuningConfig(pages_per_step=4, kv_split=1024, max_concurrent_steps=2),
     TuningConfig(pages_per_step=4, kv_split=2048, max_concurrent_steps=2),
     TuningConfig(pages_per_step=4, kv_split=4096, max_concurrent_steps=2),
-    TuningConfig(pages_per_step=4, kv_split=2048, max_concurrent_steps=2, p_in_registers=True),
-    TuningConfig(pages_per_step=8, kv_split=2048, max_concurrent_steps=2, p_in_registers=True),
+    TuningConfig(pages_per_step=4, kv_split=512, max_concurrent_steps=2, fold_kv_heads=True),
+    TuningConfig(pages_per_step=4, kv_split=1024, max_concurrent_steps=2, fold_kv_heads=True),
+    TuningConfig(pages_per_step=4, kv_split=2048, max_concurrent_steps=2, fold_kv_heads=True),
+    TuningConfig(pages_per_step=4, kv_split=1024, max_concurrent_steps=2, fold_kv_heads=True,
+                 p_in_registers=True),
 )
 
 
@@ -603,7 +640,9 @@ def main(sweep: bool = False, shapes=tuple(SHAPES), points=POINTS, reps: int = 5
   for shape in shapes:
     nh, nk, d = SHAPES[shape]
     configs = tuple(dict.fromkeys((default_config(d),) + tuple(  # the sweep's that fit
-        c for c in (SWEEP if sweep else ()) if smem_bytes(c, d) + 4096 <= SMEM_PER_SM)))
+        c for c in (SWEEP if sweep else ())
+        if smem_bytes(c, d, num_kv_heads=nk) + 4096 <= SMEM_PER_SM
+        and (not c.fold_kv_heads or (nh <= WGMMA_ROWS and nk * d <= 256)))))
     # The Triton kernel (the engine's decode) first, on the same inputs in the same run.
     kernels = [("triton paged_attention (engine's decode)", triton_paged.paged_attention)]
     kernels += [(str(c), functools.partial(paged_decode_attention_mgpu, config=c))

@@ -121,6 +121,28 @@ class PagedDecodeMgpuTest(MgpuTestCase):
       np.testing.assert_array_equal(np.asarray(one, np.float32)[0], out[b])
 
 
+  @parameterized.parameters("0.5b", "g2")
+  def test_fold_kv_heads(self, shape):
+    # All kv heads in one program: against the reference (an empty request, a single key,
+    # partial steps, a query before the end of its cache), and the same bits at another
+    # placement and for a request alone with a wider table.
+    fold = dataclasses.replace(SMALL, fold_kv_heads=True)
+    q, k, v, tables, positions, kv_lens = make_inputs(
+        11, lens=[0, 1, 70, 170, 192], positions=[-1, 0, 69, 120, 191], shape=shape)
+    out = np.asarray(self.attend(q, k, v, tables, positions, kv_lens, 1, config=fold),
+                     np.float32)
+    np.testing.assert_array_equal(out[0], 0)
+    ref = reference(q, k, v, tables, positions, kv_lens, 1)
+    self.assertFalse(np.isnan(out).any())
+    self.assertLess(rel_err(out[1:], np.asarray(ref)[1:]), TOL)
+    k2, v2, tables2 = relabel(k, v, tables, seed=12)
+    out2 = self.attend(q, k2, v2, tables2, positions, kv_lens, 1, config=fold)
+    np.testing.assert_array_equal(np.asarray(out2, np.float32), out)
+    wide = jnp.concatenate([tables, jnp.zeros_like(tables)], axis=1)
+    one = self.attend(q[3:4], k, v, wide[3:4], positions[3:4], kv_lens[3:4], 1, config=fold)
+    np.testing.assert_array_equal(np.asarray(one, np.float32)[0], out[3])
+
+
 class PagedDecodeMgpuInterpretTest(PagedDecodeMgpuTest):
   INTERPRET = True
 
@@ -150,6 +172,16 @@ class ConfigTest(absltest.TestCase):
       pm.TuningConfig(pages_per_step=4, kv_split=96).block_kv(BLOCK_SIZE)
     with self.assertRaisesRegex(ValueError, "max_concurrent_steps"):
       pm.TuningConfig(max_concurrent_steps=0)
+
+  def test_fold_kv_heads_limits(self):
+    fold = pm.TuningConfig(pages_per_step=4, kv_split=512, fold_kv_heads=True)
+    q, k, v, tables, positions, kv_lens = make_inputs(0, lens=[5], shape="7b")
+    with self.assertRaisesRegex(ValueError, "K \\* D = 512 > 256"):
+      pm.paged_decode_attention_mgpu(q, k, v, tables, positions, kv_lens, config=fold,
+                                     interpret=pm.strict_interpreter())
+    # The 0.5B shape folded has the SMEM of a D = 128 program.
+    self.assertEqual(pm.smem_bytes(fold, 64, num_kv_heads=2),
+                     pm.smem_bytes(pm.TuningConfig(pages_per_step=4, kv_split=512), 128))
 
   def test_defaults_fit_two_programs_per_sm(self):
     # Mosaic GPU lays the defaults out in 92,200 bytes (lowered for cuda on a CPU, jax 0.12).
