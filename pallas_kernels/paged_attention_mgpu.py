@@ -32,6 +32,10 @@ issuing the TMA copies) per (request, kv head, split of the key sequence):
     request's blocks): that step masks the scores and zeroes those rows of V in SMEM before
     PV (a NaN times a zero probability would still be NaN).
 
+`fold_kv_heads` (a config option, not yet timed on the GPU): one program per (request,
+split) for all kv heads, its K * G rows the block-diagonal q over K * D columns (a page of
+every head is one TMA box); see `TuningConfig`.
+
 Splits: fixed logical boundaries [s * kv_split, (s + 1) * kv_split); every program writes its
 partial (acc [R, D], m [R], l [R], float32, R = G rounded up to 8 rows), an empty split
 writes (0, -inf, 0). The wrapper merges them with an exact log-sum-exp in increasing split
