@@ -643,10 +643,19 @@ def main(sweep: bool = False, shapes=tuple(SHAPES), points=POINTS, reps: int = 5
   print(f"XLA read rate {read_tb_s:.2f} TB/s", flush=True)
   for shape in shapes:
     nh, nk, d = SHAPES[shape]
-    configs = tuple(dict.fromkeys((default_config(d),) + tuple(  # the sweep's that fit
-        c for c in (SWEEP if sweep else ())
-        if smem_bytes(c, d, num_kv_heads=nk) + 4096 <= SMEM_PER_SM
-        and (not c.fold_kv_heads or (nh <= WGMMA_ROWS and nk * d <= 256)))))
+
+    def fits(c):  # in SMEM, and within check_fold's limits when folding
+      if smem_bytes(c, d, num_kv_heads=nk) + 4096 > SMEM_PER_SM:
+        return False
+      try:
+        if c.fold_kv_heads:
+          check_fold(nh, nk, d)
+      except ValueError:
+        return False
+      return True
+
+    configs = tuple(dict.fromkeys(
+        (default_config(d),) + tuple(c for c in (SWEEP if sweep else ()) if fits(c))))
     # The Triton kernel (the engine's decode) first, on the same inputs in the same run.
     kernels = [("triton paged_attention (engine's decode)", triton_paged.paged_attention)]
     kernels += [(str(c), functools.partial(paged_decode_attention_mgpu, config=c))

@@ -145,8 +145,7 @@ def attention_name(engine: Engine) -> str:
   if isinstance(name, str):
     # "pallas" picks its prefill and paged decode kernels per GPU: say which ran.
     if name == "pallas":
-      return (f"pallas(prefill={engine.prefill_kernel},"
-              f"decode={getattr(engine, 'decode_kernel', 'triton')})")
+      return f"pallas(prefill={engine.prefill_kernel},decode={engine.decode_kernel})"
     return name
   from hq_jax import engine as engine_lib
   fn = getattr(engine, "attention_fn", None)
