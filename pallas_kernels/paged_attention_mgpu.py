@@ -474,16 +474,19 @@ def check_fold(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
     raise ValueError(f"fold_kv_heads: K * D = {num_kv_heads * head_dim} > 256 (one wgmma's N)")
 
 
-def supported(dtype, head_dim: int, block_size: int, group: int) -> bool:
-  """Whether the default config runs compiled here: a Hopper GPU (wgmma is sm_90a only),
-  bf16 / f16, head_dim a multiple of 64, pages that fill whole pipeline steps, and a GQA
-  group (query heads per kv head) within one wgmma's rows."""
+def compiles_here(dtype, head_dim: int) -> bool:
+  """What every Mosaic kernel here needs to run compiled: a Hopper GPU (wgmma is sm_90a
+  only), bf16 / f16 operands, head_dim a multiple of 64."""
   dev = jax.devices()[0]
-  if dev.platform != "gpu" or getattr(dev, "compute_capability", None) != "9.0":
-    return False
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return False
-  if head_dim % 64 or group > WGMMA_ROWS:
+  return (dev.platform == "gpu" and getattr(dev, "compute_capability", None) == "9.0"
+          and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and head_dim % 64 == 0)
+
+
+def supported(dtype, head_dim: int, block_size: int, group: int) -> bool:
+  """Whether the default config runs compiled here (`compiles_here`), with pages that fill
+  whole pipeline steps and a GQA group (query heads per kv head) within one wgmma's rows."""
+  if not compiles_here(dtype, head_dim) or group > WGMMA_ROWS:
     return False
   try:
     default_config(head_dim).block_kv(block_size)

@@ -92,8 +92,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import numpy as np
 
 from pallas_kernels.paged_attention_mgpu import (SMEM_PER_SM, SWIZZLE, _kernel_call, _round_up,
-                                                check_inputs, copy_pages, fill_pipeline,
-                                                initial_carry, online_softmax, table_pages)
+                                                check_inputs, compiles_here, copy_pages,
+                                                fill_pipeline, initial_carry, online_softmax,
+                                                table_pages)
 
 BLOCK_Q = 64  # query rows per computing warpgroup: one wgmma's M
 # Registers per thread (computing, memory warpgroup) by computing warpgroups, within the
@@ -202,14 +203,9 @@ def tuned_config(head_dim: int, *, interpret: bool = False) -> TuningConfig:
 
 
 def supported(dtype, head_dim: int, block_size: int) -> bool:
-  """Whether `tuned_config` runs compiled here: a Hopper GPU (wgmma is sm_90a only),
-  bf16 / f16, head_dim a multiple of 64, pages that fill whole pipeline steps."""
-  dev = jax.devices()[0]
-  if dev.platform != "gpu" or getattr(dev, "compute_capability", None) != "9.0":
-    return False
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return False
-  if head_dim % 64:
+  """Whether `tuned_config` runs compiled here (`paged_attention_mgpu.compiles_here`),
+  with pages that fill whole pipeline steps."""
+  if not compiles_here(dtype, head_dim):
     return False
   try:
     tuned_config(head_dim).block_kv(block_size)
