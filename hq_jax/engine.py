@@ -32,12 +32,15 @@ from pallas_kernels import paged_prefill_mgpu as mosaic_prefill
 
 # "auto" = "pallas" on a GPU, "reference" (the XLA path; with a sharing plan the float32
 # shared-prefix oracle) elsewhere. "pallas" = the fastest correct kernels we have on this GPU:
-# prefill chunks and paged decode on the Mosaic GPU kernels (`paged_prefill_mgpu`,
-# `paged_attention_mgpu`) where they run (Hopper, bf16/f16, head_dim a multiple of 64:
-# prefill 1.3-1.6x, decode 1.03-1.44x the Triton kernels on the H200; docs/benchmarks.md),
-# else on the Triton kernels; shared-prefix (dedup) decode on the Triton kernel (the Mosaic
-# one is not wired in). "triton" = the Triton kernels throughout (the fallback). "mosaic" =
-# prefill and paged decode on the Mosaic kernels always (an error where they cannot run).
+# prefill chunks on the Mosaic GPU kernel (`paged_prefill_mgpu`) where it runs (Hopper,
+# bf16/f16, head_dim a multiple of 64: 1.3-1.6x the Triton kernel on the H200), else on
+# Triton; paged and shared-prefix (dedup) decode on the Triton kernels. The Mosaic decode
+# kernel (`paged_attention_mgpu`) is 1.03-1.44x the Triton one at 64 x 4k, 8 x 32k and
+# 1 x 128k but 0.5x at 1 and 8 requests of 4k and 0.86x at 64 x 4,112 (0.5B shape; H200,
+# docs/benchmarks.md), end to end no faster at the benchmark points; its split length is a
+# static config (bits must not depend on the batch), so it cannot switch by batch size.
+# "triton" = the Triton kernels throughout (the fallback). "mosaic" = prefill and paged
+# decode on the Mosaic kernels always (an error where they cannot run).
 # "pallas_interpret" = the Triton kernels through the Pallas interpreter (CPU tests).
 # (`KernelAttention("mosaic_interpret")` runs the Mosaic kernels in the Mosaic GPU
 # interpreter for tests; its callbacks cannot run inside the model's layer scan, so it is
@@ -68,11 +71,10 @@ def _mosaic_prefill(backend: str, dtype, head_dim: int, block_size: int) -> bool
       backend == "pallas" and mosaic_prefill.supported(dtype, head_dim, block_size))
 
 
-def _mosaic_decode(backend: str, dtype, head_dim: int, block_size: int, group: int) -> bool:
+def _mosaic_decode(backend: str) -> bool:
   """Whether `backend` runs paged decode on the Mosaic GPU kernel: "mosaic" (and its
-  interpreter) always, "pallas" where that kernel compiles."""
-  return backend.startswith("mosaic") or (
-      backend == "pallas" and mosaic_decode.supported(dtype, head_dim, block_size, group))
+  interpreter) only; "pallas" decodes on Triton (see ATTENTION's comment)."""
+  return backend.startswith("mosaic")
 
 
 def prefill_kernel(attention: str, cfg: ModelConfig, block_size: int = 16) -> str:
@@ -84,14 +86,13 @@ def prefill_kernel(attention: str, cfg: ModelConfig, block_size: int = 16) -> st
           else "triton")
 
 
-def decode_kernel(attention: str, cfg: ModelConfig, block_size: int = 16) -> str:
+def decode_kernel(attention: str) -> str:
   """What runs a paged decode step's attention (no sharing plan) under the resolved backend
-  `attention`: "xla", "triton" or "mosaic" (`KernelAttention`'s rule)."""
+  `attention`: "xla", "triton" or "mosaic" (`KernelAttention`'s rule; unlike prefill's, it
+  depends on the backend alone: ATTENTION's comment)."""
   if attention == "reference":
     return "xla"
-  group = cfg.num_heads // cfg.num_kv_heads
-  return ("mosaic" if _mosaic_decode(attention, cfg.jnp_dtype, cfg.head_dim, block_size,
-                                     group) else "triton")
+  return "mosaic" if _mosaic_decode(attention) else "triton"
 
 
 def decode_bucket(batch: int) -> int:
@@ -135,8 +136,7 @@ class KernelAttention:
           interpret=mosaic_decode.strict_interpreter() if interpret else False)
     if plan is not None:
       return dedup_kernel.dedup_attention(*args, plan, layer, interpret=interpret)
-    if q.shape[1] == 1 and _mosaic_decode(self.backend, q.dtype, q.shape[-1],
-                                          k_pools.shape[-3], q.shape[2] // k_pools.shape[-2]):
+    if q.shape[1] == 1 and _mosaic_decode(self.backend):
       return mosaic_decode.paged_decode_attention_mgpu(
           *args, layer,
           interpret=mosaic_decode.strict_interpreter() if interpret else False)
@@ -187,7 +187,7 @@ class Engine:
     self.attention = resolve_attention(attention)  # what runs: never "auto"
     # The prefill and paged decode kernels "pallas" picks at 16-token pages (the default).
     self.prefill_kernel = prefill_kernel(self.attention, cfg)
-    self.decode_kernel = decode_kernel(self.attention, cfg)
+    self.decode_kernel = decode_kernel(self.attention)
     self._attention_fn = KernelAttention(self.attention)
     self.decode_attention = decode_attention
     self.auto_min_saved_tokens = auto_min_saved_tokens

@@ -47,9 +47,10 @@ Status: correct in the Mosaic GPU interpreter on CPU, jax 0.12 and 0.11.2
 (tests/test_paged_attention_mgpu.py); lowers for `cuda` on a CPU machine with both versions
 (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`); compiled, checked and timed
 on the H200 (its tests pass there). With the defaults below it beats the Triton kernel at
-every point of the sweep, both shapes (1.03-1.44x, the same run), so it is the engine's
-paged decode under `--attention=pallas` on Hopper: docs/benchmarks.md, "Mosaic GPU decode
-kernel".
+every point of the sweep, both shapes (1.03-1.44x, the same run), but runs at half its
+speed at 1 and 8 requests of 4k tokens and ties or loses just past a split boundary
+(64 x 4,112), so the engine decodes on it under `--attention=mosaic` only:
+docs/benchmarks.md, "Decode at small batches".
 API notes (checked in jax 0.11.2 and 0.12.0 here): a transposed ref is `ref.transpose(perm)`
 (`plgpu.transpose_ref`, used by 0.11-era examples, is deprecated in both); `plgpu.kernel`
 takes `out_type` (earlier versions `out_shape`: `_kernel_call` falls back to it); both have
@@ -141,8 +142,10 @@ class TuningConfig:
 # faster at the first two points (130.6 / 128.9 us) and slower at 1 x 128k (79.5), but a
 # (request, kv head) is one program per split: at small batches and short contexts (1 x 4k:
 # 4 programs at 4096, 8 at 2048, 16 for the Triton kernel's 1024) a long split leaves most
-# SMs idle, and the sweep's points do not show that. 2048 keeps every measured point ahead
-# of Triton with half the parallelism loss (not measured at small batches).
+# SMs idle, and the sweep's points do not show that. 2048 keeps every sweep point ahead of
+# Triton. Measured at small batches later (2026-11-30, commit 9ffa3b4): at 1 x 4k and 8 x 4k
+# these defaults take 25.2 / 25.5 us (0.5B) and 35.1 / 36.7 us (7B) against Triton's 12.0 /
+# 13.1 and 17.3 / 27.1; the fold_kv_heads configs of SWEEP did not beat DEFAULT_D64 either.
 DEFAULT_D64 = TuningConfig(pages_per_step=8, kv_split=2048, max_concurrent_steps=2)
 DEFAULT_D128 = TuningConfig(pages_per_step=4, kv_split=2048, max_concurrent_steps=2)
 
@@ -481,18 +484,6 @@ def compiles_here(dtype, head_dim: int) -> bool:
   return (dev.platform == "gpu" and getattr(dev, "compute_capability", None) == "9.0"
           and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
           and head_dim % 64 == 0)
-
-
-def supported(dtype, head_dim: int, block_size: int, group: int) -> bool:
-  """Whether the default config runs compiled here (`compiles_here`), with pages that fill
-  whole pipeline steps and a GQA group (query heads per kv head) within one wgmma's rows."""
-  if not compiles_here(dtype, head_dim) or group > WGMMA_ROWS:
-    return False
-  try:
-    default_config(head_dim).block_kv(block_size)
-  except ValueError:
-    return False
-  return True
 
 
 def _kernel_call(body, out_type, *, interpret, **kwargs):

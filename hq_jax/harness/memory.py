@@ -143,7 +143,7 @@ def attention_name(engine: Engine) -> str:
   """What attention an engine runs, for the outputs (also for an Engine built by hand)."""
   name = getattr(engine, "attention", None)
   if isinstance(name, str):
-    # "pallas" picks its prefill and paged decode kernels per GPU: say which ran.
+    # "pallas" picks its prefill kernel per GPU: say which kernels ran.
     if name == "pallas":
       return f"pallas(prefill={engine.prefill_kernel},decode={engine.decode_kernel})"
     return name
