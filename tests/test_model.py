@@ -87,4 +87,7 @@ def test_init_params_is_seeded():
   chex.assert_trees_all_equal(a, b)
   assert not np.array_equal(a["embed"]["embedding"], c["embed"]["embedding"])
   shapes = jax.tree.map(lambda x: x.shape, model.abstract_params(config.get_config("7b")))
-  assert shapes["layers"]["attn"]["k_proj"]["kernel"] == (28, 3584, 512)
+  # q, k, v and gate, up are fused (`model.fused_parts`): one GEMM each.
+  assert shapes["layers"]["attn"]["qkv_proj"]["kernel"] == (28, 3584, 3584 + 2 * 512)
+  assert shapes["layers"]["attn"]["qkv_proj"]["bias"] == (28, 3584 + 2 * 512)
+  assert shapes["layers"]["mlp"]["gate_up_proj"]["kernel"] == (28, 3584, 2 * 18944)

@@ -104,6 +104,19 @@ def test_hf_single_file_and_sharded(tiny, tmp_path):
     weights.load_hf(str(sharded))
 
 
+def test_hf_tensor_of_the_wrong_shape_is_named(tiny, tmp_path):
+  """A part of a fused projection (here one layer's k_proj) of the wrong shape: one
+  WeightsError naming that tensor, not a numpy error from stacking or concatenating."""
+  params, cfg = tiny
+  state = weights.to_state_dict(params, cfg)
+  name = f"model.layers.{cfg.num_layers - 1}.self_attn.k_proj.weight"
+  state[name] = state[name][:-1]
+  (tmp_path / "config.json").write_text(json.dumps(_hf_config(cfg)))
+  save_file(state, str(tmp_path / "model.safetensors"))
+  with pytest.raises(WeightsError, match=f"tensor {name} has shape"):
+    weights.load_hf(str(tmp_path))
+
+
 def test_orbax_round_trip(tiny, tmp_path):
   params, cfg = tiny
   weights.save_params(str(tmp_path / "ckpt"), params)
