@@ -71,12 +71,6 @@ def _mosaic_prefill(backend: str, dtype, head_dim: int, block_size: int) -> bool
       backend == "pallas" and mosaic_prefill.supported(dtype, head_dim, block_size))
 
 
-def _mosaic_decode(backend: str) -> bool:
-  """Whether `backend` runs paged decode on the Mosaic GPU kernel: "mosaic" (and its
-  interpreter) only; "pallas" decodes on Triton (see ATTENTION's comment)."""
-  return backend.startswith("mosaic")
-
-
 def prefill_kernel(attention: str, cfg: ModelConfig, block_size: int = 16) -> str:
   """What runs a prefill chunk's attention under the resolved backend `attention`:
   "xla", "triton" or "mosaic" (`KernelAttention`'s rule)."""
@@ -88,11 +82,12 @@ def prefill_kernel(attention: str, cfg: ModelConfig, block_size: int = 16) -> st
 
 def decode_kernel(attention: str) -> str:
   """What runs a paged decode step's attention (no sharing plan) under the resolved backend
-  `attention`: "xla", "triton" or "mosaic" (`KernelAttention`'s rule; unlike prefill's, it
-  depends on the backend alone: ATTENTION's comment)."""
+  `attention` (or "mosaic_interpret"): "xla", "triton" or "mosaic". Unlike prefill's, the
+  rule depends on the backend alone: "mosaic" (and its interpreter) only, "pallas" decodes
+  on Triton (ATTENTION's comment)."""
   if attention == "reference":
     return "xla"
-  return "mosaic" if _mosaic_decode(attention) else "triton"
+  return "mosaic" if attention.startswith("mosaic") else "triton"
 
 
 def decode_bucket(batch: int) -> int:
@@ -136,7 +131,7 @@ class KernelAttention:
           interpret=mosaic_decode.strict_interpreter() if interpret else False)
     if plan is not None:
       return dedup_kernel.dedup_attention(*args, plan, layer, interpret=interpret)
-    if q.shape[1] == 1 and _mosaic_decode(self.backend):
+    if q.shape[1] == 1 and decode_kernel(self.backend) == "mosaic":
       return mosaic_decode.paged_decode_attention_mgpu(
           *args, layer,
           interpret=mosaic_decode.strict_interpreter() if interpret else False)
@@ -185,7 +180,7 @@ class Engine:
                        f"{decode_attention!r}")
     self.params, self.cfg, self.chunk_size = params, cfg, chunk_size
     self.attention = resolve_attention(attention)  # what runs: never "auto"
-    # The prefill and paged decode kernels "pallas" picks at 16-token pages (the default).
+    # The kernels that run (the prefill's is picked at 16-token pages, the default).
     self.prefill_kernel = prefill_kernel(self.attention, cfg)
     self.decode_kernel = decode_kernel(self.attention)
     self._attention_fn = KernelAttention(self.attention)

@@ -53,14 +53,15 @@ neighbours, the table width, the slots, warp specialization or compute_wgs
 (tests/test_paged_prefill_mgpu.py checks these). Padding rows (past T * G) get position
 -1; they never reach the output.
 
-Key splits (`kv_splits` > 1; the engine's at head_dim 64, `TUNED_KV_SPLITS`): a row program's key
-steps are cut into kv_splits contiguous shares (L = cdiv(its steps, kv_splits)), one
-program each, for more programs where a chunk has too few to fill the GPU (three
-computing warpgroups take the whole register file: one program per SM). Each writes its
-rows' acc / l in q's dtype with m and l; `merge_kv_splits` combines them exactly, in
-increasing split order. The boundaries depend on the program's rows, so the bits then also
-depend on how the chunk's tokens fall into programs (a function of logical positions
-only: dense and HQ, any placement and any batch still agree, other chunk sizes do not).
+Key splits (`kv_splits` > 1; the engine's at head_dim 64, `TUNED_KV_SPLITS`): a row
+program's key steps are cut into kv_splits contiguous shares (L = cdiv(its steps,
+kv_splits)), one program each, for more programs where a chunk has too few to fill the GPU
+(three computing warpgroups take the whole register file: one program per SM). Each writes
+its rows' acc / l in q's dtype with m and l; `paged_attention_mgpu.merge_splits` combines
+them exactly, in increasing split order. The boundaries depend on the program's rows, so the
+bits then also depend on how the chunk's tokens fall into programs (a function of logical
+positions only: dense and HQ, any placement and any batch still agree, other chunk sizes do
+not).
 
 Status: correct in the Mosaic GPU interpreter on CPU with jax 0.12 and 0.11.2 (races,
 out-of-bounds reads and uninitialized SMEM checked); lowers for `cuda` on a CPU machine
@@ -93,8 +94,8 @@ import numpy as np
 
 from pallas_kernels.paged_attention_mgpu import (SMEM_PER_SM, SWIZZLE, _kernel_call, _round_up,
                                                 check_inputs, compiles_here, copy_pages,
-                                                fill_pipeline, initial_carry, online_softmax,
-                                                table_pages)
+                                                fill_pipeline, initial_carry, merge_splits,
+                                                online_softmax, table_pages)
 
 BLOCK_Q = 64  # query rows per computing warpgroup: one wgmma's M
 # Registers per thread (computing, memory warpgroup) by computing warpgroups, within the
@@ -604,27 +605,11 @@ def paged_prefill_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Ar
       **threads, compiler_params=plgpu.CompilerParams(approx_math=True))
   out = call(layer, kv_lens.astype(jnp.int32), tiles, row_pos,
              block_tables.astype(jnp.int32), q_rows, k2, v2)
-  if splits > 1:
-    out = merge_kv_splits(*out).astype(q.dtype)
+  if splits > 1:  # the partials are normalized (acc / l): the decode kernel's merge of acc
+    normed, m, l = out
+    out = merge_splits(normed.astype(jnp.float32) * l[..., None], m, l).astype(q.dtype)
   out = out[:, :, :t * group].reshape(b, nk, t, group, d).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, t, nh, d)
-
-
-def merge_kv_splits(out, m, l):
-  """The exact merge of per-split partials: out [B, K, S, R, D] (each split's acc / l), m
-  (log2 units) and l [B, K, S, R] -> [B, K, R, D] float32. Split s weighs l_s * 2^(m_s - M),
-  M the rows' max m; the sums run as an unrolled chain in increasing s (a fixed order, not a
-  reduction XLA may reorder). An empty split (m = -inf, l = 0) weighs exactly 0; a row that
-  saw no key gives 0."""
-  big = functools.reduce(jnp.maximum, [m[:, :, i] for i in range(m.shape[2])])
-  big = jnp.where(big == -jnp.inf, 0.0, big)
-  num, den = None, None
-  for i in range(m.shape[2]):
-    w = l[:, :, i] * jnp.exp2(m[:, :, i] - big)  # [B, K, R]
-    term = w[..., None] * out[:, :, i].astype(jnp.float32)
-    num = term if num is None else num + term
-    den = w if den is None else den + w
-  return num / jnp.where(den == 0.0, 1.0, den)[..., None]
 
 
 # -------------------------------------------------------------------------- reference

@@ -23,8 +23,8 @@ COMMON_HELPS = {
     "dtype": "float32 | bfloat16",
     "attention": "prefill/decode attention: auto (pallas on a GPU, the XLA reference "
                  "elsewhere), reference, pallas (the fastest of our kernels on this GPU: "
-                 "Mosaic GPU prefill and paged decode on Hopper, else Triton; dedup decode "
-                 "on Triton), triton (the Triton kernels only), mosaic (Mosaic GPU prefill "
+                 "Mosaic GPU prefill on Hopper, else Triton; paged and dedup decode on "
+                 "Triton), triton (the Triton kernels only), mosaic (Mosaic GPU prefill "
                  "and paged decode always), pallas_interpret",
     "decode_attention": "decode over shared prefixes: paged, dedup (read a shared prefix "
                         "once), auto",
