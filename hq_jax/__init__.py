@@ -4,7 +4,7 @@ The public surface; everything else is reachable through its module.
 """
 
 from hq_jax.config import ModelConfig, get_config
-from hq_jax.engine import Engine
+from hq_jax.serve.engine import Engine
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout

@@ -378,7 +378,7 @@ class PlannerTest(parameterized.TestCase):
 def test_engine_decode_dedup_matches_paged(tiny, tiny_layout, attention):
   """HQ cache, three requests on one 64-token prefix: dedup decode = paged within rounding;
   auto mode picks dedup above its threshold and paged below it."""
-  from hq_jax.engine import Engine
+  from hq_jax.serve.engine import Engine
   if attention == "pallas" and jax.default_backend() != "gpu":
     pytest.skip("the compiled Pallas GPU kernels need a GPU")
   params, cfg = tiny
@@ -408,7 +408,7 @@ def test_engine_decode_dedup_matches_paged(tiny, tiny_layout, attention):
 
 
 def test_engine_rejects_unknown_decode_attention(tiny):
-  from hq_jax.engine import Engine
+  from hq_jax.serve.engine import Engine
   with pytest.raises(ValueError, match="decode_attention"):
     Engine(*tiny, decode_attention="cascade")
 

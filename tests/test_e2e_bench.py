@@ -4,7 +4,7 @@ from scripts/e2e_bench.py on the H200; here its rows, floors and flag checks are
 import pytest
 
 from hq_jax import config
-from hq_jax.harness import e2e_bench
+from hq_jax.bench import e2e as e2e_bench
 
 
 def test_rows_and_floors_on_tiny():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hq_jax import model as model_lib
-from hq_jax.engine import Engine, decode_bucket, resolve_attention
+from hq_jax.serve.engine import Engine, decode_bucket, resolve_attention
 from hq_jax.kv.base import CacheError
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
@@ -123,7 +123,7 @@ def test_auto_attention_is_the_reference_on_cpu(tiny):
 def test_pallas_picks_its_prefill_kernel_per_device(tiny):
   """"pallas" = Mosaic GPU prefill only where it compiles (Hopper, bf16/f16, head_dim a
   multiple of 64); "triton" never; "reference" runs XLA."""
-  from hq_jax.engine import prefill_kernel
+  from hq_jax.serve.engine import prefill_kernel
   params, cfg = tiny
   hopper = (jax.default_backend() == "gpu"
             and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
@@ -143,7 +143,7 @@ def test_decode_kernel_per_backend(tiny, monkeypatch):
   the batch); "mosaic" decodes on Mosaic, "triton" on Triton, "reference" on XLA. The
   prefill rule still picks Mosaic on the faked H200."""
   import types
-  from hq_jax.engine import decode_kernel, prefill_kernel
+  from hq_jax.serve.engine import decode_kernel, prefill_kernel
   params, cfg = tiny
   bf16_64 = dataclasses.replace(cfg, dtype="bfloat16", head_dim=64)
   h200 = types.SimpleNamespace(platform="gpu", compute_capability="9.0")

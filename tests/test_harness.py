@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from hq_jax.engine import Engine
-from hq_jax.harness import ledger, memory, outputs, report
-from hq_jax.harness.memory import HarnessError
+from hq_jax.serve.engine import Engine
+from hq_jax.study import errors, ledger, memory, outputs, report
+from hq_jax.study.errors import HarnessError
 from hq_jax.kv.paged import KVLayout
-from hq_jax.harness.requests import TokenStream
+from hq_jax.study.requests import TokenStream
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -176,7 +176,7 @@ def test_ledger_refutes_a_logit_difference():
 
 
 def test_latency_and_report(tiny_setup, tmp_path, sweep_dir):
-  from hq_jax.harness import latency
+  from hq_jax.study import latency
   engine, layout, stream = tiny_setup
   rows = latency.run_point(engine, layout, stream, model="tiny", context_length=128,
                            concurrency=2, shared_prefix_fraction=0.5, repeats=2, warmup=1,
@@ -266,7 +266,7 @@ def test_report_refuses_rows_of_another_run(sweep_dir, tmp_path):
 
 def test_exact_logit_comparison_counts_nan_as_a_difference():
   """Issue 14 defect 3: the max-abs-diff helper could call a NaN logit bit-identical."""
-  from hq_jax.harness import perplexity
+  from hq_jax.study import perplexity
   a = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)
   b = a.copy()
   assert perplexity.logit_mismatches(a, b) == 0 and perplexity.max_abs_diff(a, b) == 0.0
@@ -295,7 +295,7 @@ def test_chunked_nll_equals_the_whole_array_log_softmax(tiny):
   """token_nll scores one chunk at a time; the numbers are those of the whole array."""
   import jax
   import jax.numpy as jnp
-  from hq_jax.harness import perplexity
+  from hq_jax.study import perplexity
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(300, 512)).astype(np.float32) * 4
   ids = rng.integers(0, 512, size=300)
@@ -343,9 +343,9 @@ def test_sweep_checks_every_flag_before_any_compute(tiny, tiny_setup, monkeypatc
 def test_long_context_is_allowed_only_when_asked(tiny):
   _, cfg = tiny
   with pytest.raises(ValueError, match="--allow_long_context"):
-    memory.check_context_limit(cfg, 4097, "--context_lengths")
-  memory.check_context_limit(cfg, 4096, "--context_lengths")
-  memory.check_context_limit(cfg, 4160, "--context_lengths", allow_long_context=True)
+    errors.check_context_limit(cfg, 4097, "--context_lengths")
+  errors.check_context_limit(cfg, 4096, "--context_lengths")
+  errors.check_context_limit(cfg, 4160, "--context_lengths", allow_long_context=True)
 
 
 def test_repetitive_text_is_refused_up_front(tiny, monkeypatch):
@@ -358,7 +358,7 @@ def test_repetitive_text_is_refused_up_front(tiny, monkeypatch):
     memory.sweep(params, cfg, stream, model="tiny", context_lengths=[128], concurrency=[4],
                  shared_prefix_fractions=[0.5])
   assert not calls
-  from hq_jax.harness import latency
+  from hq_jax.study import latency
   with pytest.raises(ValueError, match="too repetitive"):
     latency.sweep(params, cfg, stream, model="tiny", context_lengths=[128], concurrency=[4],
                   shared_prefix_fractions=[0.5])
@@ -367,7 +367,7 @@ def test_repetitive_text_is_refused_up_front(tiny, monkeypatch):
 def test_latency_and_workload_flags(tiny, tiny_setup):
   """Issue 14 defect 7: `--concurrency=0` raised IndexError, `--system_tokens=-5` was
   accepted, `--users=0` failed after the sweep."""
-  from hq_jax.harness import latency, workloads
+  from hq_jax.study import latency, workloads
   params, cfg = tiny
   _, _, stream = tiny_setup
   with pytest.raises(ValueError, match=r"--concurrency=0: 0 is below 1"):

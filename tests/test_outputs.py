@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from hq_jax.harness import outputs
-from hq_jax.harness.outputs import OutputError
+from hq_jax.study import outputs
+from hq_jax.study.outputs import OutputError
 
 
 def test_strict_json_refuses_nan_and_infinity(tmp_path):
@@ -119,7 +119,7 @@ def test_truncated_files_name_themselves(tmp_path):
 def test_run_metadata_names_the_code(monkeypatch):
   """A GPU figure names its commit: the run record carries it, from git or, where the tree
   travels without .git, from $HQ_JAX_COMMIT."""
-  from hq_jax.harness import cli
+  from hq_jax.study import cli
   monkeypatch.setenv("HQ_JAX_COMMIT", "abc1234")
   assert cli.run_metadata()["commit"] == "abc1234"
   monkeypatch.delenv("HQ_JAX_COMMIT")

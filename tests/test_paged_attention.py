@@ -259,7 +259,7 @@ def test_engine_backend_dense_and_hq_bit_identical(tiny, tiny_layout, attention)
   reuse) agree to the bit, and both match the reference backend within rounding. "mosaic"
   runs prefill and decode on the Mosaic GPU kernels, "pallas" on Hopper prefill on Mosaic
   and decode on Triton: bf16, head_dim 64."""
-  from hq_jax.engine import Engine
+  from hq_jax.serve.engine import Engine
   from hq_jax.kv.dedup import DedupKVCache
   from hq_jax.kv.dense import DenseKVCache
   if attention != "pallas_interpret" and jax.default_backend() != "gpu":

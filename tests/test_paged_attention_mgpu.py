@@ -211,7 +211,7 @@ def test_engine_decode_on_a_real_hq_view():
   real HQ cache, padded to a bucket of 2 rows (the padding row has no keys; the table is
   wider than the request's blocks; the interpreter raises on out-of-bounds reads): the real
   row equals the reference, the padding row reads nothing and gives zeros."""
-  from hq_jax.engine import KernelAttention
+  from hq_jax.serve.engine import KernelAttention
   from hq_jax.kv.dedup import DedupKVCache
   from hq_jax.kv.paged import KVLayout
   cfg = _d64_config()
@@ -236,7 +236,7 @@ def test_engine_decode_step_with_mosaic_lowers_for_cuda():
   """`Engine(attention="mosaic")`'s jitted decode step (one token per request), layer scan
   included, lowers for a GPU on this CPU machine with the Mosaic decode kernel in it."""
   from hq_jax import model as model_lib
-  from hq_jax.engine import KernelAttention
+  from hq_jax.serve.engine import KernelAttention
   from hq_jax.kv.dense import DenseKVCache
   from hq_jax.kv.paged import KVLayout
   cfg = _d64_config()

@@ -255,7 +255,7 @@ def test_engine_attention_on_a_real_hq_view():
   """The engine's adapter (`KernelAttention("mosaic_interpret")`) on the last chunk's view
   of a real HQ cache (a table wider than the request's blocks, padding tokens past the
   prompt; the interpreter raises on any out-of-bounds read): equal to the reference."""
-  from hq_jax.engine import KernelAttention
+  from hq_jax.serve.engine import KernelAttention
   from hq_jax.kv.dedup import DedupKVCache
   from hq_jax.kv.paged import KVLayout, KVPools
   _, cfg = _d64_model()
@@ -281,7 +281,7 @@ def test_engine_forward_with_mosaic_lowers_for_cuda():
   """`Engine(attention="mosaic")`'s jitted step, layer scan included, lowers for a GPU on
   this CPU machine (the SASS compile and the run need the H200)."""
   from hq_jax import model as model_lib
-  from hq_jax.engine import KernelAttention
+  from hq_jax.serve.engine import KernelAttention
   from hq_jax.kv.dense import DenseKVCache
   from hq_jax.kv.paged import KVLayout
   params, cfg = _d64_model()

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from hq_jax.engine import Engine
-from hq_jax.harness import perplexity
+from hq_jax.serve.engine import Engine
+from hq_jax.study import perplexity
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout

@@ -1,4 +1,4 @@
-"""The shared-prefix benchmark harness (hq_jax.harness.shared_prefix), run in interpret mode.
+"""The shared-prefix benchmark harness (hq_jax.bench.shared_prefix), run in interpret mode.
 
 The GPU numbers come from scripts/kernel_bench.py; here the harness's own logic is checked:
 the batch it builds, the unshared twin, the row it reports and the auto threshold rule.
@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from hq_jax.harness import shared_prefix as sp
+from hq_jax.bench import shared_prefix as sp
 from hq_jax.kv.paged import gather
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")

@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from hq_jax.harness import trace_outputs, trace_serving, traces
-from hq_jax.harness.traces import HQSimulator, DenseSimulator, ReplayConfig, TraceRequest
+from hq_jax.study import trace_outputs, trace_serving, traces
+from hq_jax.study.traces import HQSimulator, DenseSimulator, ReplayConfig, TraceRequest
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.paged import KVLayout
 
@@ -200,7 +200,7 @@ def test_missing_file_and_unknown_format(tmp_path):
 
 # ------------------------------------------------------------------- model and script
 def _serve(tiny, reqs, rcfg, budgets=(0.0,), chunk=64, deadline=None, donate=None):
-  from hq_jax.engine import Engine
+  from hq_jax.serve.engine import Engine
   params, cfg = tiny
   layout = KVLayout.from_config(cfg, block_size=16)
   engine = Engine(params, cfg, chunk_size=chunk, attention="reference", donate=donate)
@@ -311,7 +311,7 @@ def test_script(tmp_path):
   assert all(r["checked_by_simulator"] for r in summary["capacity"])
   # The report's ledger carries the replay's verdict, recomputed from the CSV rows; a
   # tampered row (a hit count no replay gave) is refused.
-  from hq_jax.harness import report
+  from hq_jax.study import report
   with open(report.write(str(out))) as f:
     assert summary["ledger_row"]["verdict"] in f.read()
   csv_lines = (out / "trace_replay.csv").read_text().splitlines()
@@ -332,7 +332,7 @@ def test_script(tmp_path):
 
 
 def test_capacity_analytic_matches_simulator():
-  from hq_jax.harness import trace_outputs
+  from hq_jax.study import trace_outputs
   for nb, length, frac in [(100, 160, 0.5), (100, 160, 0.9), (64, 1000, 0.0), (10, 300, 0.5)]:
     shared, dense, hq = trace_outputs.capacity_analytic(nb, length, frac, 16)
     assert trace_outputs.capacity_simulated(nb, length, shared, 16, "dense", dense) == dense

@@ -19,11 +19,10 @@ from typing import Iterable
 import jax
 
 from hq_jax.config import ModelConfig
-from hq_jax.engine import Engine
-from hq_jax.harness.memory import (HarnessError, attention_name, check_context_limit,
-                                   check_grid, make_cache, make_engine, point_requests,
-                                   run_requests)
-from hq_jax.harness.requests import TokenStream, shared_prefix_tokens
+from hq_jax.serve.engine import Engine
+from hq_jax.study.errors import HarnessError, check_context_limit
+from hq_jax.study.memory import check_grid, make_cache, point_requests, run_requests
+from hq_jax.study.requests import TokenStream, shared_prefix_tokens
 from hq_jax.kv.paged import KVLayout
 
 COLUMNS = ("mode", "model", "context_length", "concurrency", "shared_prefix_tokens",
@@ -94,7 +93,7 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
         "repeats": repeats, "ttft_ms_median": ttft[0], "ttft_ms_min": ttft[1],
         "ttft_ms_max": ttft[2], "decode_step_ms_median": dec[0], "decode_step_ms_min": dec[1],
         "decode_step_ms_max": dec[2], "platform": jax.devices()[0].platform,
-        "attention": attention_name(engine), "decode_attention": used or engine.decode_attention})
+        "attention": engine.attention_label, "decode_attention": used or engine.decode_attention})
     check_row(rows[-1])
   return rows
 
@@ -120,7 +119,7 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
     point_requests(stream, context_length=n, concurrency=c + 1, shared_prefix_fraction=f,
                    num_prefixes=1, block_size=block_size, seed=seed)
   layout = KVLayout.from_config(cfg, block_size)
-  engine = make_engine(params, cfg, chunk_size=chunk_size, attention=attention,
+  engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
                        decode_attention=decode_attention)
   rows = []
   for n, c, f in points:

@@ -10,9 +10,10 @@ Memory columns are the peak over the run (after each admission).
 from __future__ import annotations
 
 from hq_jax.config import ModelConfig
-from hq_jax.harness import requests as wl
-from hq_jax.harness.memory import (HarnessError, attention_name, check_context_limit,
-                                   make_cache, make_engine)
+from hq_jax.study import requests as wl
+from hq_jax.serve.engine import Engine
+from hq_jax.study.errors import HarnessError, check_context_limit
+from hq_jax.study.memory import make_cache
 from hq_jax.kv.paged import KVLayout
 from hq_jax.kv.stats import kv_stats
 
@@ -77,7 +78,7 @@ def run(params, cfg: ModelConfig, stream: wl.TokenStream, *, model: str, sizes: 
   check_context_limit(cfg, longest_request(sizes), "the workload sizes", allow_long_context)
   workloads = build(stream, sizes, seed)
   layout = KVLayout.from_config(cfg, block_size)
-  engine = make_engine(params, cfg, chunk_size=chunk_size, attention=attention,
+  engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
                        decode_attention=decode_attention)
   rows = []
   for name, (requests, sequential) in workloads.items():
@@ -104,6 +105,6 @@ def run(params, cfg: ModelConfig, stream: wl.TokenStream, *, model: str, sizes: 
           "query_tokens": end.query_tokens,
           "hit_rate": round(end.hit_tokens / end.query_tokens, 6),
           "computed_tokens": computed, "metadata_bytes": end.metadata_bytes,
-          "attention": attention_name(engine)})
+          "attention": engine.attention_label})
       check_row(rows[-1])
   return rows

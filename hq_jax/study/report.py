@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 from matplotlib.figure import Figure
 
-from hq_jax.harness import latency, ledger, memory, outputs, traces, workloads
-from hq_jax.harness.memory import HarnessError
+from hq_jax.study import latency, ledger, memory, outputs, traces, workloads
+from hq_jax.study.errors import HarnessError
 
 # file -> the check each of its rows must pass (the one its sweep ran)
 SOURCES: dict[str, Callable[[dict], None] | None] = {

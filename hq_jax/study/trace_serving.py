@@ -34,8 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
-from hq_jax.harness import traces
-from hq_jax.harness.traces import ReplayConfig, TraceRequest
+from hq_jax.study import traces
+from hq_jax.study.traces import ReplayConfig, TraceRequest
 
 
 @dataclasses.dataclass

@@ -172,7 +172,7 @@ class Engine:
     float rounding, not bit-exact) or "auto" (dedup when the batch's sharing plan saves at
     least `auto_min_saved_tokens` K/V tokens per kv head, else paged).
     on_step: called as on_step(jitted_fn, args, kwargs) before every jitted model step
-    (e.g. `harness.device_memory.PeakTracker`, which reads the step's compiled memory)."""
+    (e.g. `bench.device_memory.PeakTracker`, which reads the step's compiled memory)."""
     if chunk_size <= 0:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if decode_attention not in DECODE_ATTENTION:
@@ -192,6 +192,13 @@ class Engine:
     self.donate = jax.default_backend() != "cpu" if donate is None else donate
     self._forward = model_lib.forward_donating if self.donate else model_lib.forward
     self.on_step = on_step
+
+  @property
+  def attention_label(self) -> str:
+    """What attention runs, for the outputs: "pallas" names the kernels it picked here."""
+    if self.attention == "pallas":
+      return f"pallas(prefill={self.prefill_kernel},decode={self.decode_kernel})"
+    return self.attention
 
   def _check_tokens(self, tokens) -> np.ndarray:
     arr = np.asarray(tokens)

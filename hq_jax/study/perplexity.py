@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hq_jax.config import ModelConfig
-from hq_jax.harness.memory import attention_name, check_context_limit, make_engine
+from hq_jax.serve.engine import Engine
+from hq_jax.study.errors import check_context_limit
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout
@@ -97,7 +98,7 @@ def run(params, cfg: ModelConfig, token_ids, *, chunk_size: int = 64, block_size
   ids = raw.astype(np.int32)
   check_context_limit(cfg, n, "--num_tokens", allow_long_context)
   layout = KVLayout.from_config(cfg, block_size)
-  engine = make_engine(params, cfg, chunk_size=chunk_size, attention=attention)
+  engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention)
 
   dense = DenseKVCache.for_requests(layout, max_requests=1, max_seq_len=n)
   _, d = engine.prefill(dense, ids)
@@ -118,7 +119,7 @@ def run(params, cfg: ModelConfig, token_ids, *, chunk_size: int = 64, block_size
       "num_tokens": int(n),
       "chunk_size": chunk_size,
       "block_size": block_size,
-      "attention": attention_name(engine),
+      "attention": engine.attention_label,
       "dense": {"ppl": ppl(dense_nll), "nll": dense_nll.tolist()},
       "hq": {"ppl": ppl(hq_nll), "nll": hq_nll.tolist()},
       "max_abs_logit_diff": {

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hq_jax import config
-from hq_jax.harness.gpu_timing import device_ms, kernel_breakdown, rel_err
+from hq_jax.bench.timing import device_ms, kernel_breakdown, rel_err
 from hq_jax.kv import sharing
 from hq_jax.kv.paged import AttentionView
 from pallas_kernels import dedup_attention as da

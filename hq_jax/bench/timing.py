@@ -1,5 +1,5 @@
 """How kernel benchmarks time and check: one place for `scripts/kernel_bench.py` and
-`hq_jax.harness.shared_prefix`.
+`hq_jax.bench.shared_prefix`.
 
 Times are device time by CUPTI (`jax.experimental.mosaic.gpu.profiler.measure`): every
 kernel a call launches, XLA fusions included, so a split merge or a layout fusion counts.

@@ -22,7 +22,6 @@ against their float32 references by kernel_bench and the compiled tests.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import statistics
@@ -34,9 +33,8 @@ import numpy as np
 
 from hq_jax import config as config_lib
 from hq_jax import model as model_lib
-from hq_jax.engine import Engine
-from hq_jax.harness.gpu_timing import device_ms
-from hq_jax.harness.memory import attention_name
+from hq_jax.serve.engine import Engine
+from hq_jax.bench.timing import device_ms
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout, KVPools
@@ -259,7 +257,7 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
         del cache
         row = dict(model=name, kind="decode", batch=batch, context=context,
                    backend=f"{backend}{'' if not frac else f' {frac:.0%} shared'}",
-                   attention=attention_name(engine), decode_attention=res.pop("attention"),
+                   attention=engine.attention_label, decode_attention=res.pop("attention"),
                    chunk_size=chunk, **res)
         rows.append(row)
         log(f"{name} decode {batch}x{context} {row['backend']} {row['decode_attention']}: "
@@ -273,7 +271,7 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
       res = bench_prefill(engine, tokens=tokens, block_size=block_size, ceilings=ceilings,
                           repeats=prefill_repeats, seed=seed)
       row = dict(model=name, kind="prefill", batch=1, context=tokens, backend="dense",
-                 attention=attention_name(engine), decode_attention="", param_gb=param_bytes(
+                 attention=engine.attention_label, decode_attention="", param_gb=param_bytes(
                      params) / 1e9, **res)
       rows.append(row)
       log(f"{name} prefill {tokens}: TTFT {row['ttft_ms']:.1f} ms, {row['tflop_s']:.0f} "

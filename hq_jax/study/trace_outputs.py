@@ -1,7 +1,7 @@
 """Trace replay over several budgets, the capacity grid, and their CSV / plot outputs.
 
 `scripts/trace_replay.py` is a thin shell around `run_budgets`, `capacity_rows` and
-`plot` (its CSV and JSON go through `hq_jax.harness.outputs`, as every script's do); a
+`plot` (its CSV and JSON go through `hq_jax.study.outputs`, as every script's do); a
 notebook can call them directly.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-from hq_jax.harness import traces
-from hq_jax.harness.traces import DenseSimulator, HQSimulator, ReplayConfig, TraceRequest
+from hq_jax.study import traces
+from hq_jax.study.traces import DenseSimulator, HQSimulator, ReplayConfig, TraceRequest
 
 GB = 10**9  # --kv_budget_gb counts decimal gigabytes, as GPU datasheets do.
 

@@ -500,7 +500,7 @@ def replay(requests: Sequence[TraceRequest], backend, cfg: ReplayConfig, *,
 
 # ---------------------------------------------------------------------------- ledger
 def ledger_row(rows: Sequence[dict], trace_name: str) -> dict:
-  """The claims-ledger entry of a replay, in `hq_jax.harness.ledger`'s form.
+  """The claims-ledger entry of a replay, in `hq_jax.study.ledger`'s form.
 
   Claim: at a bounded KV budget, HQ's prefix sharing computes fewer prefill tokens
   than the dense cache on this trace. "yes" when it does at every bounded budget,

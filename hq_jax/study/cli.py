@@ -12,7 +12,20 @@ import sys
 
 import jax
 import ml_collections
-from absl import flags
+from absl import app, flags
+
+
+import configs
+
+# The ml_collections config files ship as the `configs` package (installed with hq_jax).
+CONFIG_DIR = os.path.dirname(os.path.abspath(configs.__file__))
+# A clone's root (relative defaults such as the trace path are tried from it).
+REPO_ROOT = os.path.dirname(CONFIG_DIR)
+
+
+def config_path(name: str) -> str:
+  """The path of a config file shipped in `configs/`."""
+  return os.path.join(CONFIG_DIR, name)
 
 
 # Help of the fields every script shares; a script's own text for a field wins.
@@ -96,15 +109,15 @@ def run_metadata() -> dict:
 
 def write_json(path: str, obj) -> None:
   """Strict JSON (NaN/Inf refused), written atomically."""
-  from hq_jax.harness import outputs
+  from hq_jax.study import outputs
   outputs.write_json(path, obj)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Checks every flag a config has before anything is loaded or computed; each error
   names its flag. (The sweeps check their own arguments again, for notebook callers.)"""
-  from hq_jax.engine import ATTENTION, DECODE_ATTENTION
-  from hq_jax.harness import memory, outputs, workloads
+  from hq_jax.serve.engine import ATTENTION, DECODE_ATTENTION
+  from hq_jax.study import memory, outputs, workloads
 
   def at_least(name, minimum):
     if name in cfg and cfg[name] < minimum:
@@ -145,8 +158,8 @@ def exit_on_error(main):
   """Wraps a script's main: an expected error (bad flag, bad file, failed check) ends the
   script with one line naming the problem and status 1, not a traceback."""
   from hq_jax import weights
-  from hq_jax.harness import outputs
-  from hq_jax.harness.memory import HarnessError
+  from hq_jax.study import outputs
+  from hq_jax.study.errors import HarnessError
   expected = (ValueError, FileNotFoundError, outputs.OutputError, HarnessError,
               weights.WeightsError)
 
@@ -164,7 +177,7 @@ def load_model_and_stream(cfg):
   from absl import logging
 
   from hq_jax import data, tokenizer, weights
-  from hq_jax.harness.requests import TokenStream
+  from hq_jax.study.requests import TokenStream
 
   text = data.read_text(cfg.text_file)
   logging.info("loading model %s (%s)", cfg.model, cfg.dtype)
@@ -179,3 +192,13 @@ def command_line() -> str:
   import shlex
   import sys
   return " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def run_command(main, module_name: str, argv=None) -> None:
+  """Runs the absl app `main` of the command module `module_name`, whether it was started as
+  `hq-jax NAME` or `scripts/NAME.py`: `--help` shows that module's docstring and flags."""
+  module = sys.modules[module_name]
+  sys.modules["__main__"].__doc__ = module.__doc__
+  for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  app.run(main, argv=argv)

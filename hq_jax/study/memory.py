@@ -17,13 +17,15 @@ from typing import Iterable, Sequence
 import jax
 
 from hq_jax.config import ModelConfig
-from hq_jax.engine import ATTENTION, DECODE_ATTENTION, Engine
+from hq_jax.serve.engine import Engine
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout
 from hq_jax.kv.stats import kv_stats
-from hq_jax.harness import device_memory, outputs
-from hq_jax.harness.requests import (Request, TokenStream, check_grid_distinct, grid_requests,
+from hq_jax.bench import device_memory
+from hq_jax.study import outputs
+from hq_jax.study.errors import HarnessError, check_context_limit, check_positive
+from hq_jax.study.requests import (Request, TokenStream, check_grid_distinct, grid_requests,
                                      shared_prefix_tokens)
 
 BACKENDS = ("dense", "hq")
@@ -36,10 +38,6 @@ COLUMNS = (
     "kv_bytes_used", "kv_bytes_predicted", "physical_blocks", "logical_blocks", "reuse_factor",
     "metadata_bytes", "pool_bytes", "hit_tokens", "query_tokens", "computed_tokens",
     "peak_device_bytes", "process_peak_bytes", "seed", "attention") + TIMING_COLUMNS
-
-
-class HarnessError(RuntimeError):
-  """A measured row is inconsistent: the sweep stops rather than report it."""
 
 
 def predicted_kv_bytes(backend: str, *, context_length: int, concurrency: int,
@@ -124,55 +122,6 @@ def unfit_points(points, layout: KVLayout, max_seq_len: int) -> dict[tuple, str]
                       f"{room / 1e9:.2f} GB are free beside the weights and "
                       f"{STEP_HEADROOM_BYTES / 2**30:.0f} GiB of step headroom")
   return unfit
-
-
-def make_engine(params, cfg: ModelConfig, *, chunk_size: int, attention: str = "auto",
-                decode_attention: str = "paged", on_step=None) -> Engine:
-  """An Engine running `attention`; `engine.attention` is the name of what really runs
-  ("auto" resolved: Pallas on a GPU, the XLA reference elsewhere), for the outputs."""
-  if attention not in ATTENTION:
-    raise ValueError(f"--attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
-  if decode_attention not in DECODE_ATTENTION:
-    raise ValueError(f"--decode_attention must be one of {', '.join(DECODE_ATTENTION)}, got "
-                     f"{decode_attention!r}")
-  return Engine(params, cfg, chunk_size=chunk_size, attention=attention,
-                decode_attention=decode_attention, on_step=on_step)
-
-
-def attention_name(engine: Engine) -> str:
-  """What attention an engine runs, for the outputs (also for an Engine built by hand)."""
-  name = getattr(engine, "attention", None)
-  if isinstance(name, str):
-    # "pallas" picks its prefill kernel per GPU: say which kernels ran.
-    if name == "pallas":
-      return f"pallas(prefill={engine.prefill_kernel},decode={engine.decode_kernel})"
-    return name
-  from hq_jax import engine as engine_lib
-  fn = getattr(engine, "attention_fn", None)
-  return next((k for k, v in getattr(engine_lib, "ATTENTION_BACKENDS", {}).items() if v is fn),
-              "unknown")
-
-
-def check_positive(flag: str, values, *, minimum: int | float = 1) -> list:
-  """The values of a grid flag, refusing an empty list and values below `minimum`."""
-  values = list(values)
-  if not values:
-    raise ValueError(f"--{flag} is empty: give at least one value")
-  bad = [v for v in values if v < minimum]
-  if bad:
-    raise ValueError(f"--{flag}={','.join(str(v) for v in values)}: {bad[0]} is below "
-                     f"{minimum}")
-  return values
-
-
-def check_context_limit(cfg: ModelConfig, tokens: int, flag: str,
-                        allow_long_context: bool = False) -> None:
-  """Refuses requests longer than the model's trained context unless explicitly allowed
-  (RoPE positions past it run silently but mean nothing)."""
-  if tokens > cfg.max_position_embeddings and not allow_long_context:
-    raise ValueError(f"{flag}: requests of {tokens} tokens exceed {cfg.name}'s "
-                     f"max_position_embeddings {cfg.max_position_embeddings}; pass "
-                     "--allow_long_context to run them anyway")
 
 
 def hq_blocks_needed(layout: KVLayout, *, concurrency: int, context_length: int,
@@ -276,7 +225,7 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
         "computed_tokens": sum(r.computed_tokens for r in results),
         "peak_device_bytes": tracker.peak if tracker is not None else None,
         "process_peak_bytes": device_memory.process_peak_bytes(), "seed": seed,
-        "attention": attention_name(engine),
+        "attention": engine.attention_label,
         "ttft_ms": round(1e3 * statistics.median(r.ttft_s for r in results), 3),
         "prefill_s": round(sum(r.ttft_s for r in results), 4),
     }
@@ -330,7 +279,7 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
   def engine_for(n):
     chunk = chunks.get(n, chunk_size)
     if chunk not in engines:
-      engines[chunk] = make_engine(params, cfg, chunk_size=chunk, attention=attention,
+      engines[chunk] = Engine(params, cfg, chunk_size=chunk, attention=attention,
                                    decode_attention=decode_attention, on_step=tracker)
     return engines[chunk]
 

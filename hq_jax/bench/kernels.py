@@ -18,7 +18,7 @@ chunk of N causal tokens (block tables, GQA rows) vs JAX's Mosaic GPU `attention
 Shared prefix (issue #5): per (shared, unique, batch) point, the dedup kernel (Triton; the
 Mosaic GPU one in the mosaic_* columns) vs our paged kernel on the same batch, and paged on
 unshared copies of the prefix; the ratio beside the ideal byte ratio C (P + S) / (P + C S).
-Method in `hq_jax/harness/shared_prefix.py`.
+Method in `hq_jax/bench/shared_prefix.py`.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from hq_jax.harness import outputs, shared_prefix
-from hq_jax.harness.gpu_timing import device_ms, kernel_breakdown, rel_err
-from hq_jax.harness.shared_prefix import attention_shape, kernel_args
+from hq_jax.bench import shared_prefix
+from hq_jax.bench.timing import device_ms, kernel_breakdown, rel_err
+from hq_jax.bench.shared_prefix import attention_shape, kernel_args
 from hq_jax.kv.paged import AttentionView, paged_attention_xla
 from pallas_kernels import paged_attention as pa
 from pallas_kernels import paged_attention_mgpu as pam
@@ -285,14 +285,14 @@ def _header() -> str:
   return f"{time.strftime('%Y-%m-%d')} on {jax.devices()[0].device_kind}, JAX {jax.__version__}\n\n"
 
 
-def write(rows, run: outputs.Run, shared_text: str = "") -> None:
+def write(rows, run, shared_text: str = "") -> None:
   """The rows so far (rewritten after every point, so a cut run keeps what it measured)."""
   run.write_csv("kernel_bench.csv", [{k: r.get(k) for k in FIELDS} for r in rows], FIELDS)
   run.write_text("kernel_bench.md", _header() + (markdown(rows) if rows else "")
                  + ("\n" + shared_text if shared_text else ""))
 
 
-def bench_shared(run: outputs.Run, *, points, sweep, shapes, configs, seed: int,
+def bench_shared(run, *, points, sweep, shapes, configs, seed: int,
                  block_size: int, reps: int, check_requests: int) -> str:
   """Shared-prefix section: dedup vs paged per point and shape; CSV + Markdown text."""
   rows = []
@@ -326,13 +326,8 @@ def bench_shared(run: outputs.Run, *, points, sweep, shapes, configs, seed: int,
   return text
 
 
-def run(output_dir: str, *, shapes, cases, sections=SECTIONS, prefill_tokens=(32768,),
-        block_size: int = 16, reps: int = 20, seed: int = 0, stock: bool = True,
-        xla: bool = True, prefill_check_tokens: int = 2048, shared_points=(),
-        shared_sweep=(), shared_configs=(), shared_check_requests: int = 16,
-        overwrite: bool = False, record: dict | None = None, log=print) -> list[dict]:
-  """Every section asked for; writes kernel_bench.csv/.md and kernel_bench_shared.csv through
-  the one output module (run id, run record, lock; earlier outputs need `overwrite`)."""
+def check_args(*, shapes, sections=SECTIONS, shared_configs=()) -> None:
+  """Refuses unknown sections, shared configs and shapes, before any work."""
   unknown = set(sections) - set(SECTIONS)
   if unknown:
     raise ValueError(f"unknown sections {sorted(unknown)}; use {', '.join(SECTIONS)}")
@@ -341,30 +336,37 @@ def run(output_dir: str, *, shapes, cases, sections=SECTIONS, prefill_tokens=(32
     raise ValueError(f"unknown shared configs {bad}; known: {', '.join(shared_prefix.CONFIGS)}")
   for shape in shapes:
     attention_shape(shape)  # an unknown preset fails here, before any work
-  with outputs.Run(output_dir, "kernel_bench", OUTPUTS, overwrite=overwrite,
-                   record=record) as out:
-    log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    key = jax.random.key(seed)
-    rows: list[dict] = []
-    for shape in shapes:
-      for batch, context in cases if "decode" in sections else ():
-        log(f"{shape} decode {batch}x{context}")
-        key, sub = jax.random.split(key)
-        bench_decode(shape, batch, context, sub, rows, block_size=block_size, reps=reps,
-                     stock=stock, xla=xla)
-        write(rows, out)
-      for n in prefill_tokens if "prefill" in sections else ():
-        log(f"{shape} prefill {n}")
-        key, sub = jax.random.split(key)
-        bench_prefill(shape, int(n), sub, rows, block_size=block_size,
-                      check_tokens=prefill_check_tokens, reps=reps)
-        write(rows, out)
-    if rows:
-      log(markdown(rows))
-    if "shared" in sections:
-      text = bench_shared(out, points=shared_points, sweep=shared_sweep, shapes=shapes,
-                          configs=shared_configs, seed=seed, block_size=block_size, reps=reps,
-                          check_requests=shared_check_requests)
-      write(rows, out, text)
-    out.finish()
+
+
+def run(out, *, shapes, cases, sections=SECTIONS, prefill_tokens=(32768,),
+        block_size: int = 16, reps: int = 20, seed: int = 0, stock: bool = True,
+        xla: bool = True, prefill_check_tokens: int = 2048, shared_points=(),
+        shared_sweep=(), shared_configs=(), shared_check_requests: int = 16,
+        log=print) -> list[dict]:
+  """Every section asked for, written to `out` (a study `outputs.Run`: its write_csv /
+  write_text) after every point as kernel_bench.csv/.md and kernel_bench_shared.csv."""
+  check_args(shapes=shapes, sections=sections, shared_configs=shared_configs)
+  log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+  key = jax.random.key(seed)
+  rows: list[dict] = []
+  for shape in shapes:
+    for batch, context in cases if "decode" in sections else ():
+      log(f"{shape} decode {batch}x{context}")
+      key, sub = jax.random.split(key)
+      bench_decode(shape, batch, context, sub, rows, block_size=block_size, reps=reps,
+                   stock=stock, xla=xla)
+      write(rows, out)
+    for n in prefill_tokens if "prefill" in sections else ():
+      log(f"{shape} prefill {n}")
+      key, sub = jax.random.split(key)
+      bench_prefill(shape, int(n), sub, rows, block_size=block_size,
+                    check_tokens=prefill_check_tokens, reps=reps)
+      write(rows, out)
+  if rows:
+    log(markdown(rows))
+  if "shared" in sections:
+    text = bench_shared(out, points=shared_points, sweep=shared_sweep, shapes=shapes,
+                        configs=shared_configs, seed=seed, block_size=block_size, reps=reps,
+                        check_requests=shared_check_requests)
+    write(rows, out, text)
   return rows

@@ -1,0 +1,213 @@
+"""Trace replay: a real request stream through the dense and HQ caches at KV budgets.
+
+  hq-jax replay --no_model --kv_budget_gb=0,1,4,16 --output_dir=DIR
+
+replays ../shared/traces/mooncake_conversation_trace.jsonl (or --trace) in arrival
+order and writes DIR/trace_replay.csv (one row per backend x budget), DIR/capacity.csv
+(concurrent requests each backend admits on a synthetic grid), DIR/trace_replay.png and
+DIR/summary.json (strict JSON: config, command, rows, and the ledger row). Model mode
+(no --no_model) runs seeded weights through `Engine` on a slice (--max_requests) and
+adds TTFT percentiles. docs/traces.md walks through one replay.
+"""
+
+import math
+import os
+import time
+
+
+import tqdm
+from absl import app, flags
+from ml_collections import config_flags
+
+from configs import trace_replay as default_config
+from hq_jax.study import cli, outputs, trace_outputs, trace_serving, traces
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", cli.config_path("trace_replay.py"),
+    "Config file; its fields can also be set by the plain flags below.")
+cli.define_flags(default_config.get_config(), {
+    "trace": "JSONL trace; a relative path is tried from the cwd, then from the repo root",
+    "trace_format": f"trace file format, one of {sorted(traces.FORMATS)}",
+    "no_model": "replay the caches' block policy only (fast, whole trace on CPU)",
+    "model": "preset whose KV shape sets bytes per block (model mode: seeded weights)",
+    "dtype": "KV / weight dtype: bytes per block follow it",
+    "attention": "model mode: auto | reference | pallas | triton | mosaic | pallas_interpret "
+                 "(auto: pallas on a GPU)",
+    "kv_budget_gb": "KV pool budgets in GB (10^9 bytes); 0 = unbounded",
+    "max_concurrency": "requests holding KV at once (and cache slots)",
+    "max_output_tokens": "cap on generated tokens per request; 0 = the trace's output_length",
+    "max_requests": "replay only the first N requests; 0 = all",
+    "window_s": "replay only the requests arriving in the trace's first S seconds; 0 = all",
+    "time_scale": "arrival times are multiplied by this (< 1 compresses the trace)",
+    "prefill_tokens_per_s": "time model: computed prefill tokens per second",
+    "decode_tokens_per_s": "time model: generated tokens per second of one request",
+    "capacity_context_lengths": "capacity grid: tokens per request",
+    "capacity_shared_fractions": "capacity grid: shared prefix fraction, in [0, 1)",
+    "time_limit_s": "model mode: after this many seconds (from the start, shared evenly by "
+                    "the rows) stop admitting, finish, write outputs marked partial; 0 = none",
+    "seed": "seed of the synthesized tokens and of random weights",
+    "output_dir": "where the outputs go (required; must be empty unless --overwrite)",
+    "overwrite": "allow writing into a non-empty --output_dir",
+})
+flags.adopt_module_key_flags(cli)
+
+
+def _check(ok: bool, flag: str, message: str) -> None:
+  if not ok:
+    raise app.UsageError(f"--{flag}: {message}")
+
+
+def validate(cfg):
+  """Every flag checked before any work; returns (model config, KV layout, trace path)."""
+  from hq_jax import config as config_lib
+  from hq_jax.serve.engine import ATTENTION
+  from hq_jax.kv.paged import KVLayout
+  _check(bool(cfg.output_dir), "output_dir", "is required")
+  try:
+    outputs.check_output_dir(cfg.output_dir)
+  except outputs.OutputError as e:
+    raise app.UsageError(str(e)) from None
+  _check(cfg.trace_format in traces.FORMATS, "trace_format",
+         f"{cfg.trace_format!r} is not one of {sorted(traces.FORMATS)}")
+  try:
+    model_cfg = config_lib.get_config(cfg.model, dtype=cfg.dtype)
+  except ValueError as e:
+    raise app.UsageError(f"--model: {e}") from None
+  _check(cfg.dtype in ("float32", "bfloat16", "float16"), "dtype",
+         f"{cfg.dtype!r} is not float32, bfloat16 or float16")
+  _check(cfg.block_size > 0 and traces.TRACE_BLOCK_TOKENS % cfg.block_size == 0,
+         "block_size", f"{cfg.block_size} must divide the trace block "
+         f"({traces.TRACE_BLOCK_TOKENS} tokens)")
+  _check(cfg.chunk_size > 0 and cfg.chunk_size % cfg.block_size == 0, "chunk_size",
+         f"{cfg.chunk_size} is not a positive multiple of --block_size={cfg.block_size}")
+  _check(cfg.attention in ATTENTION, "attention",
+         f"{cfg.attention!r} is not one of {ATTENTION}")
+  if not cfg.no_model and cfg.attention in ("pallas", "triton", "mosaic"):
+    import jax
+    _check(jax.default_backend() == "gpu", "attention",
+           f"{cfg.attention} needs a GPU (backend here: {jax.default_backend()}); use "
+           "reference or pallas_interpret, or --no_model")
+  _check(len(cfg.kv_budget_gb) > 0, "kv_budget_gb", "give at least one budget")
+  _check(all(math.isfinite(b) and b >= 0 for b in cfg.kv_budget_gb), "kv_budget_gb",
+         f"{cfg.kv_budget_gb} must be finite and >= 0")
+  _check(len(set(cfg.kv_budget_gb)) == len(cfg.kv_budget_gb), "kv_budget_gb",
+         "a budget appears twice")
+  layout = KVLayout.from_config(model_cfg, cfg.block_size, cfg.dtype)
+  for b in cfg.kv_budget_gb:
+    try:
+      trace_outputs.pool_blocks(b, layout.bytes_per_block)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+  for name in ("max_concurrency", "time_scale", "prefill_tokens_per_s", "decode_tokens_per_s"):
+    _check(cfg[name] > 0 and math.isfinite(cfg[name]), name, f"{cfg[name]} must be positive")
+  for name in ("max_output_tokens", "max_requests", "window_s", "time_limit_s"):
+    _check(cfg[name] >= 0, name, f"{cfg[name]} must be >= 0 (0 = no limit)")
+  _check(all(n > 0 for n in cfg.capacity_context_lengths), "capacity_context_lengths",
+         f"{cfg.capacity_context_lengths} must be positive")
+  _check(all(0 <= f < 1 for f in cfg.capacity_shared_fractions), "capacity_shared_fractions",
+         f"{cfg.capacity_shared_fractions} must be in [0, 1)")
+  path = cfg.trace
+  if not os.path.isabs(path) and not os.path.exists(path):
+    path = os.path.join(cli.REPO_ROOT, path)
+  return model_cfg, layout, os.path.abspath(path)
+
+
+def _replay(run, cfg, requests, layout, replay_cfg, make_backend, trace_path, deadline):
+  """Replays every budget, writes the run's outputs; returns (rows, capacity, summary)."""
+  bar = lambda desc: tqdm.tqdm(total=len(requests), desc=desc, unit="req", mininterval=1.0)
+  rows = trace_outputs.run_budgets(
+      requests, cfg.kv_budget_gb, model=cfg.model, bytes_per_block=layout.bytes_per_block,
+      block_size=cfg.block_size, cfg=replay_cfg, make_backend=make_backend,
+      progress_factory=bar, deadline=deadline)
+  capacity = trace_outputs.capacity_rows(
+      model=cfg.model, budgets_gb=cfg.kv_budget_gb, bytes_per_block=layout.bytes_per_block,
+      block_size=cfg.block_size, context_lengths=cfg.capacity_context_lengths,
+      shared_fractions=cfg.capacity_shared_fractions)
+  run.write_csv("trace_replay.csv", rows, trace_outputs.COLUMNS)
+  run.write_csv("capacity.csv", capacity, trace_outputs.CAPACITY_COLUMNS)
+  name = os.path.basename(trace_path)
+  trace_outputs.plot(rows, run.path("trace_replay.png"),
+                     f"{name}: {len(requests)} requests, {cfg.model} KV shape, "
+                     f"block {cfg.block_size}, concurrency <= {cfg.max_concurrency}")
+  prompt = sum(r.input_length for r in requests)
+  summary = {
+      "command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata(),
+      "trace": {"path": trace_path, "requests": len(requests), "prompt_tokens": prompt,
+                "direct_hit_ratio": traces.direct_hit_tokens(requests) / prompt},
+      "bytes_per_block": layout.bytes_per_block, "rows": rows, "capacity": capacity,
+      # True when --time_limit_s stopped a model-mode row early: its requests are a prefix.
+      "partial": any(r["partial"] for r in rows),
+      "ledger_row": traces.ledger_row(rows, name)}
+  run.write_json("summary.json", summary)  # strict JSON, with the run id
+  run.finish(partial=summary["partial"])
+  return rows, capacity, summary
+
+
+def main(argv):
+  del argv
+  t_start = time.perf_counter()
+  cfg = cli.resolve(_CONFIG.value)
+  model_cfg, layout, trace_path = validate(cfg)
+  try:
+    requests = traces.load_trace(trace_path, cfg.trace_format, cfg.max_requests)
+  except traces.TraceError as e:
+    raise app.UsageError(f"--trace: {e}") from None
+  if cfg.window_s:
+    requests = [r for r in requests if r.arrival_s < cfg.window_s]
+    _check(bool(requests), "window_s", f"no request arrives in the first {cfg.window_s:g} s")
+  replay_cfg = traces.ReplayConfig(
+      max_concurrency=cfg.max_concurrency, max_output_tokens=cfg.max_output_tokens,
+      prefill_tokens_per_s=cfg.prefill_tokens_per_s,
+      decode_tokens_per_s=cfg.decode_tokens_per_s, time_scale=cfg.time_scale)
+  ran = "none (--no_model)"
+  if cfg.no_model:
+    make_backend = trace_outputs.simulator_factory(cfg.block_size)
+  else:
+    import jax
+
+    from hq_jax import model as model_lib
+    from hq_jax.serve.engine import Engine
+    params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
+    engine = Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention)
+    ran = engine.attention_label
+    make_backend = trace_serving.make_factory(
+        layout, requests, replay_cfg, vocab_size=model_cfg.vocab_size, seed=cfg.seed,
+        engine=engine)
+  deadline = t_start + cfg.time_limit_s if cfg.time_limit_s else None
+  files = ["trace_replay.csv", "capacity.csv", "trace_replay.png", "summary.json"]
+  # The run refuses earlier outputs without --overwrite and locks the directory while it
+  # writes; a failure marks its record failed. Its errors name the flag.
+  try:
+    with outputs.Run(cfg.output_dir, "trace_replay", files, overwrite=cfg.overwrite,
+                     record={"command": cli.command_line(), **cli.run_metadata(),
+                             "attention": ran}) as run:
+      rows, capacity, summary = _replay(run, cfg, requests, layout, replay_cfg, make_backend,
+                                        trace_path, deadline)
+  except outputs.OutputError as e:
+    raise app.UsageError(str(e)) from None
+  name, prompt = os.path.basename(trace_path), summary["trace"]["prompt_tokens"]
+  print(f"trace {name}: {len(requests)} requests, {prompt:,} prompt tokens, direct chain "
+        f"hit ratio {100 * summary['trace']['direct_hit_ratio']:.2f}%")
+  for r in rows:
+    print(f"{r['backend']:13s} {r['kv_budget_gb']:7g} GB  hit {100 * r['hit_ratio']:6.2f}%  "
+          f"computed {r['computed_prefill_tokens']:>12,}  evicted {r['evicted_blocks']:>9,}  "
+          f"peak {r['peak_kv_bytes_used'] / 1e9:7.2f} GB  mean conc "
+          f"{r['mean_concurrency']:5.1f}  skipped {r['skipped_requests']}")
+  timed = [r for r in rows if r["ttft_p50_ms"] is not None]
+  if timed:
+    print(f"\n{'backend':13s} {'budget':>7s} {'requests':>8s} {'TTFT p50':>9s} {'p90':>9s} "
+          f"{'p99 (ms)':>9s} {'prefill tok/s':>13s} {'decode steps':>12s} {'admit ms':>8s}")
+    for r in timed:
+      print(f"{r['backend']:13s} {r['kv_budget_gb']:5g} GB {r['requests']:8d} "
+            f"{r['ttft_p50_ms']:9.1f} {r['ttft_p90_ms']:9.1f} {r['ttft_p99_ms']:9.1f} "
+            f"{r['prefill_tokens_per_s_measured']:13,.0f} {r['decode_steps']:12d} "
+            f"{r['host_admit_ms_mean']:8.2f}"
+            + ("  PARTIAL (--time_limit_s)" if r["partial"] else ""))
+  print(f"ledger: {summary['ledger_row']['supported']}: {summary['ledger_row']['verdict']}")
+  print(f"wrote {cfg.output_dir}/trace_replay.csv, capacity.csv, trace_replay.png, summary.json")
+
+
+
+def run(argv=None):
+  """`hq-jax replay` and `scripts/trace_replay.py`."""
+  cli.run_command(main, __name__, argv)

@@ -1,0 +1,97 @@
+"""Memory sweep: dense vs HQ on the same real-text requests over a grid.
+
+  hq-jax sweep --model=tiny --context_lengths=256,1024 \
+      --concurrency=1,8 --shared_prefix_fractions=0.75 --output_dir=DIR
+
+writes DIR/memory_sweep.csv (one checked row per backend and grid point),
+DIR/workloads.csv (system prompt, few-shot, multi-turn) and DIR/memory_sweep.run.json
+(command, config, platform; its run_id is in every CSV row). The sweep stops with an
+error if a measured kv_bytes_used differs from the analytic prediction; every flag is
+checked before the model is loaded; earlier outputs in DIR are refused unless --overwrite.
+"""
+
+
+
+import tqdm
+from absl import flags
+from ml_collections import config_flags
+
+from configs import memory_sweep as default_config
+from hq_jax.study import cli, errors, memory, outputs, workloads
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", cli.config_path("memory_sweep.py"),
+    "Config file; its fields can also be set by the plain flags below.")
+cli.define_flags(default_config.get_config(), {
+    "text_file": cli.REQUEST_TEXT_HELP,
+    "context_lengths": "tokens per request (every request has exactly this many)",
+    "concurrency": "requests held in the cache at once",
+    "shared_prefix_fractions": "fraction of each request that is a shared prefix "
+                               "(rounded down to whole blocks)",
+    "num_prefixes": "distinct shared prefixes; request i carries prefix i % num_prefixes",
+    "max_seq_len": "dense reservation per request; 0 = its context_length",
+    "chunk_size_at": "CONTEXT:CHUNK pairs: the points of that context length prefill in that "
+                     "chunk instead of --chunk_size (each row records its chunk)",
+    "seed": "seed of request offsets in the text and of random weights",
+    "workloads": "also run the system-prompt, few-shot and multi-turn workloads",
+    "users": "workloads: concurrent users / requests",
+    "system_tokens": "workloads: system prompt tokens",
+    "user_tokens": "workloads: tokens of each user turn / question",
+    "examples": "workloads: few-shot examples",
+    "example_tokens": "workloads: tokens per few-shot example",
+    "turns": "workloads: turns of the multi-turn conversation",
+    "output_dir": "where the CSVs and memory_sweep.run.json are written (required)",
+})
+flags.adopt_module_key_flags(cli)
+
+
+def main(argv):
+  del argv
+  cfg = cli.resolve(_CONFIG.value)
+  cli.validate(cfg)  # Every flag, and the output directory, before anything is loaded.
+  files = ["memory_sweep.csv"] + (["workloads.csv"] if cfg.workloads else [])
+  record = {"command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata()}
+  with outputs.Run(cfg.output_dir, "memory_sweep", files, overwrite=cfg.overwrite,
+                   record=record) as run:
+    params, model_cfg, stream = cli.load_model_and_stream(cfg)
+    points = (len(cfg.context_lengths) * len(cfg.concurrency) *
+              len(cfg.shared_prefix_fractions) * len(cfg.num_prefixes))
+    engine_args = dict(block_size=cfg.block_size, chunk_size=cfg.chunk_size, seed=cfg.seed,
+                       attention=cfg.attention, decode_attention=cfg.decode_attention,
+                       allow_long_context=cfg.allow_long_context)
+    # After every grid point, so an interrupted sweep keeps what it measured (its run
+    # record stays "running": the report refuses it).
+    write = lambda rows: run.write_csv("memory_sweep.csv", rows, memory.COLUMNS)
+    skipped = []
+
+    def skip(point, reason):
+      skipped.append(dict(zip(("context_length", "concurrency", "shared_prefix_fraction",
+                               "num_prefixes"), point), reason=reason))
+      tqdm.tqdm.write(f"skipped (does not fit): {reason}")
+
+    with tqdm.tqdm(total=points, desc="memory sweep", unit="point") as bar:
+      rows = memory.sweep(params, model_cfg, stream, model=cfg.model,
+                          context_lengths=cfg.context_lengths, concurrency=cfg.concurrency,
+                          shared_prefix_fractions=cfg.shared_prefix_fractions,
+                          num_prefixes=cfg.num_prefixes, max_seq_len=cfg.max_seq_len,
+                          chunk_size_at=cfg.chunk_size_at, progress=bar, on_rows=write,
+                          on_skip=skip, **engine_args)
+    if not rows:
+      raise errors.HarnessError(f"no grid point fits on the device ({len(skipped)} skipped: "
+                                f"{skipped[0]['reason']})")
+    path = write(rows)
+    print(f"wrote {path} ({len(rows)} rows, every kv_bytes_used equal to its prediction"
+          f"{f'; {len(skipped)} points skipped, see run.json' if skipped else ''})")
+    if cfg.workloads:
+      sizes = {k: cfg[k] for k in workloads.SIZE_MINIMUM}
+      wrows = workloads.run(params, model_cfg, stream, model=cfg.model, sizes=sizes,
+                            **engine_args)
+      print(f"wrote {run.write_csv('workloads.csv', wrows, workloads.COLUMNS)}")
+    run.finish(attention=rows[0]["attention"], decode_attention=cfg.decode_attention,
+               rows={"memory_sweep.csv": len(rows)}, skipped_points=skipped)
+
+
+
+def run(argv=None):
+  """`hq-jax sweep` and `scripts/memory_sweep.py`."""
+  cli.run_command(cli.exit_on_error(main), __name__, argv)
