@@ -17,14 +17,13 @@ def get_config():
   c.context_lengths = [4096, 16384, 32768, 131072]
   c.concurrency = [1, 8, 64]
   c.shared_prefix_fractions = [0.0, 0.5, 0.9]
-  # Prefill chunk for the H200 (docs/benchmarks.md, e2e_bench, 2026-11-29): time to first
-  # token reached 0.72 of the bf16 peak with 4k chunks (7B shape, 16k tokens) and 0.40 with
-  # 16k chunks (0.5B, 32k; 0.26 / 0.36 with 2k / 8k in runs before the GEMM change). Prefix
-  # reuse skips whole chunks, so larger chunks reuse less of a short shared prefix.
+  # Prefill chunk for the GPU: e2e_bench's time to first token was best with 4k chunks at
+  # the 7B shape and with 16k at 0.5B (docs/results.md, "GPU end to end"). Prefix reuse
+  # skips whole chunks, so larger chunks reuse less of a short shared prefix: 4k here.
   c.chunk_size = 4096
   # At 128k, 16k chunks skip the same tokens as 4k chunks at these fractions (65,536 and
-  # 114,688 of a request's shared prefix) and ran a 0.5B 128k prompt 12% faster on the H200
-  # (2,318 -> 2,044 ms at 585bf24, docs/benchmarks.md). Each row records its chunk;
+  # 114,688 of a request's shared prefix) and ran a 0.5B 128k prompt faster (docs/log/,
+  # "Full grid and peak HBM"). Each row records its chunk;
   # --chunk_size_at= (empty) runs every point at --chunk_size.
   c.chunk_size_at = ["131072:16384"]
   c.dtype = "bfloat16"

@@ -2,12 +2,12 @@
 
   python scripts/trace_replay.py --config=configs/trace_replay_gpu.py --output_dir=$OUT
 
-488 s of H200 time for both backends (2026-11-29, commit 4715a3e, docs/traces.md): 1,750
-requests, 24.5M prompt tokens. 32 GB of KV at the 0.5B shape (2.6M tokens) holds about a
-tenth of what the window writes, so HQ evicts; a 4,096-token chunk and 16 request slots keep
-the compiled shapes to one prefill chunk and five decode buckets. --time_limit_s keeps the
-run inside a 10-minute device call: past it, nothing more is admitted and the outputs are
-written marked partial (that run finished with 57 s to spare).
+The window holds 1,750 requests, 24.5M prompt tokens; both backends fit one 10-minute
+device call (the measured time: docs/results.md, "Trace replay"). 32 GB of KV at the 0.5B
+shape (2.6M tokens) holds about a tenth of what the window writes, so HQ evicts; a
+4,096-token chunk and 16 request slots keep the compiled shapes to one prefill chunk and five
+decode buckets. --time_limit_s keeps the run inside a 10-minute device call: past it,
+nothing more is admitted and the outputs are written marked partial.
 """
 
 from configs import trace_replay

@@ -37,7 +37,8 @@ def fused_parts(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Output widths of the parts of the fused projections, in order: `qkv_proj` = q, k, v and
   `gate_up_proj` = gate, up. Each is one Dense, so a step runs one GEMM for each: with three
   and two separate weights, XLA's GPU dot merger had concatenated them into a new buffer
-  every step (0.29 of 2.47 ms of a 0.5B decode step on the H200; docs/benchmarks.md)."""
+  every step, a measurable share of a small-batch decode step (docs/log/, "Where the 0.5B
+  decode step goes")."""
   q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
   return {"qkv_proj": (q, kv, kv), "gate_up_proj": (cfg.intermediate_size,) * 2}
 
@@ -187,9 +188,9 @@ def abstract_params(cfg: ModelConfig):
 
 # XLA options of the jitted step. The layer scan slices each layer's weights out of the
 # stacked parameters; by default XLA's GPU backend copies every such slice into a temporary
-# buffer before its Triton GEMM (on the H200, 6.5 of 15.6 ms of a 7B-shape decode step at
-# 64 x 4k: the weights read three times). With cuBLAS GEMMs and dynamic-slice fusion the
-# GEMM reads the layer's weights in place (9.2 ms; docs/benchmarks.md). The options are
+# buffer before its Triton GEMM (the weights read three times: a large share of a
+# 7B-shape decode step). With cuBLAS GEMMs and dynamic-slice fusion the GEMM reads the
+# layer's weights in place (the measurements: docs/log/, "End to end"). The options are
 # GPU-only debug flags, ignored by the CPU backend, and they change no result on CPU.
 STEP_COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True,
                          "xla_gpu_enable_triton_gemm": False}

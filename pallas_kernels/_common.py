@@ -146,8 +146,8 @@ def dot_precision(dtype):
 # The merges read MERGE_UNROLL splits per loop iteration and split D into column tiles
 # until the grid has _MERGE_MIN_PROGRAMS programs (an H200 has 132 SMs): at 1 request x 128k
 # the merge is 2 (request, kv head) pairs x 128 splits, too narrow for a program per pair.
-# Neither changes a bit: the sums run over splits, element by element. Not tuned; on the H200
-# it was no faster than the XLA merge it replaced (docs/benchmarks.md).
+# Neither changes a bit: the sums run over splits, element by element. Not tuned; on the GPU
+# it was no faster than the XLA merge it replaced (docs/log/).
 MERGE_UNROLL = 8
 _MERGE_MIN_PROGRAMS = 128
 _MERGE_MIN_BLOCK_D = 16

@@ -155,7 +155,7 @@ class TuningConfig:
     return self.shared_block_q // group
 
 
-DEFAULT = TuningConfig()  # best on the H200 at head_dim 64 (Qwen-0.5B shape)
+DEFAULT = TuningConfig()  # the fastest measured at head_dim 64 (Qwen-0.5B shape)
 # Head_dim 128 (Qwen-7B shape): 128-row tiles of 128 keys, about one wave of long shared
 # programs (splits of up to 8192 keys), both parts in one launch.
 DEFAULT_D128 = TuningConfig(shared_block_q=128, shared_block_k=128, shared_num_warps=8,
@@ -164,7 +164,7 @@ DEFAULT_D128 = TuningConfig(shared_block_q=128, shared_block_k=128, shared_num_w
 
 
 def default_config(head_dim: int) -> TuningConfig:
-  """The measured best tiles for a head size (docs/benchmarks.md, shared-prefix section)."""
+  """The measured best tiles for a head size (docs/log/, the shared-prefix decode kernel)."""
   return DEFAULT_D128 if head_dim >= 128 else DEFAULT
 
 

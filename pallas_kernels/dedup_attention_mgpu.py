@@ -3,7 +3,7 @@
 The Mosaic GPU counterpart of `dedup_attention.py` (same interface, same `SharingPlan`, same
 semantics; read that module's docstring first). Parts: the kernel body (`_items_kernel`), the
 jitted wrapper `dedup_attention_mgpu` with its `TuningConfig`, the merge (`merge_partials`,
-plain jnp), and `main()`, the H200 check-and-time run
+plain jnp), and `main()`, the GPU check-and-time run
 (`python -m pallas_kernels.dedup_attention_mgpu`). The float32 oracle is
 `dedup_attention.dedup_attention_reference` (the same decomposition). A leaf: jax, numpy,
 the standard library and pallas_kernels.* only.
@@ -46,13 +46,12 @@ output does not depend on where its blocks live (tested bit for bit).
 Without a shared node (or without a plan) this is `paged_attention_mgpu` (decode), its bits;
 with T > 1 the Triton `paged_attention` (no Mosaic chunk kernel here).
 
-Status: correct in the Mosaic GPU interpreter on CPU with race detection (jax 0.12,
-tests/test_dedup_attention_mgpu.py; also run once with jax 0.11.2), lowers for `cuda` on a
-CPU machine at both model shapes, one and two warpgroups, P through SMEM or registers, with
-both versions (the API used is paged_attention_mgpu's; `_kernel_call` bridges
-out_type/out_shape); compiled, tested and timed on the H200 (docs/benchmarks.md): faster
-than the Triton dedup kernel at the 7B shape, slower at 0.5B; the engine's dedup decode runs
-the Triton one.
+Tested in the Mosaic GPU interpreter on CPU with race detection
+(tests/test_dedup_attention_mgpu.py); lowers for `cuda` on a CPU machine at both model
+shapes, one and two warpgroups, P through SMEM or registers, with the jax versions
+paged_attention_mgpu supports (`_kernel_call` bridges out_type/out_shape); its tests also
+run compiled on a Hopper GPU. Faster than the Triton dedup kernel at the 7B shape, slower at
+0.5B (docs/results.md, "GPU kernels"), so the engine's dedup decode runs the Triton one.
 """
 
 from __future__ import annotations
@@ -603,7 +602,7 @@ def shared_part_mgpu(q, k_pool, v_pool, block_tables, plan: SharingPlan, layer, 
                         whole_pages=True, interpret=False)
 
 
-# ------------------------------------------------------------------- H200 check + time
+# ------------------------------------------------------------------- GPU check + time
 SHAPE_7B = (28, 4, 128)  # (query heads, kv heads, head_dim)
 POINTS = ((32768, 256, 128), (4096, 512, 64), (0, 4096, 64))  # (shared, own, requests)
 

@@ -40,8 +40,8 @@ and deduplicated caches give bit-identical outputs.
 
 Backend: the Triton lowering of Pallas (`pl.pallas_call` with `plgpu_triton.CompilerParams`),
 deprecated since JAX 0.11, chosen as the direct way to a correct kernel with per-key
-block-table gathers; a Mosaic GPU (TMA, wgmma) port was not attempted yet and is the next
-step (docs/benchmarks.md has the measured gaps).
+block-table gathers. The Mosaic GPU (TMA, wgmma) kernels beside it (`paged_prefill_mgpu`,
+`paged_attention_mgpu`) replace it where they are faster (docs/results.md).
 """
 
 from __future__ import annotations
@@ -92,10 +92,10 @@ class TuningConfig:
 
 
 DEFAULT_DECODE = TuningConfig(block_q=16, block_k=128, kv_split=1024, num_warps=4,
-                              num_stages=3)  # best on the H200 at 64x4k (0.5B shape)
+                              num_stages=3)  # the fastest measured at 64x4k (0.5B shape)
 DEFAULT_PREFILL = TuningConfig(block_q=64, block_k=64, kv_split=None, num_warps=4,
                                num_stages=3)
-# Head_dim 128 (7B shape), 32k causal tokens on the H200: 21.1 ms vs 25.2 ms with 64 x 64.
+# Head_dim 128 (7B shape): faster than 64 x 64 tiles on 32k causal tokens (docs/log/).
 DEFAULT_PREFILL_D128 = TuningConfig(block_q=128, block_k=128, kv_split=None, num_warps=8,
                                     num_stages=3)
 
@@ -104,7 +104,7 @@ def default_config(num_query_rows: int, head_dim: int = 64) -> TuningConfig:
   """Decode-sized tiles for a few rows (T * G), prefill-sized tiles for a chunk.
 
   A function of shapes only, so dense and HQ caches (same shapes) get the same tiles and
-  the same bits; docs/benchmarks.md has the measurements behind each choice.
+  the same bits; docs/log/ has the measurements behind each choice.
   """
   if num_query_rows <= 16:
     return DEFAULT_DECODE

@@ -3,7 +3,7 @@
 Parts, as in `paged_attention.py`: the kernel body (`_decode_kernel`), the jitted wrapper
 `paged_decode_attention_mgpu` with its `TuningConfig`, the exact split merge (`merge_splits`,
 plain jnp), a float32 `paged_decode_attention_reference` on this file's interface (the tests
-also check against `paged_attention.paged_attention_reference`), and `main()`: the H200
+also check against `paged_attention.paged_attention_reference`), and `main()`: the GPU
 check-and-time sweep (`python -m pallas_kernels.paged_attention_mgpu [--sweep]`). Imports
 jax, numpy, the standard library and `_common` (its input checks) only.
 
@@ -32,7 +32,7 @@ issuing the TMA copies) per (request, kv head, split of the key sequence):
     request's blocks): that step masks the scores and zeroes those rows of V in SMEM before
     PV (a NaN times a zero probability would still be NaN).
 
-`fold_kv_heads` (a config option, not yet timed on the GPU): one program per (request,
+`fold_kv_heads` (a config option, no faster than the defaults): one program per (request,
 split) for all kv heads, its K * G rows the block-diagonal q over K * D columns (a page of
 every head is one TMA box); see `TuningConfig`.
 
@@ -43,14 +43,12 @@ order (`merge_splits`, an unrolled chain of adds, not a reduction whose order XL
 splits past kv_len add exact zeros, so neither the table width nor the batch nor the
 physical placement of pages changes a bit of a request's output.
 
-Status: correct in the Mosaic GPU interpreter on CPU, jax 0.12 and 0.11.2
-(tests/test_paged_attention_mgpu.py); lowers for `cuda` on a CPU machine with both versions
-(`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`); compiled, checked and timed
-on the H200 (its tests pass there). With the defaults below it beats the Triton kernel at
-every point of the sweep, both shapes (1.03-1.44x, the same run), but runs at half its
-speed at 1 and 8 requests of 4k tokens and ties or loses just past a split boundary
-(64 x 4,112), so the engine decodes on it under `--attention=mosaic` only:
-docs/benchmarks.md, "Decode at small batches".
+Tested in the Mosaic GPU interpreter on CPU (tests/test_paged_attention_mgpu.py); lowers for
+`cuda` on a CPU machine (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`); its
+tests also run compiled on a Hopper GPU. With the defaults below it is faster than the Triton
+kernel at large batches and long contexts, but slower at a few requests of a few thousand
+tokens (too few programs: one per split) and just past a split boundary, so the engine
+decodes on it under `--attention=mosaic` only (figures: docs/results.md, "GPU kernels").
 API notes (checked in jax 0.11.2 and 0.12.0 here): a transposed ref is `ref.transpose(perm)`
 (`plgpu.transpose_ref`, used by 0.11-era examples, is deprecated in both); `plgpu.kernel`
 takes `out_type` (earlier versions `out_shape`: `_kernel_call` falls back to it); both have
@@ -133,19 +131,14 @@ class TuningConfig:
 # SMEM per program: K/V 2 * slots * block_kv * D * 2 bytes = 64 KiB for both defaults, q
 # 8 / 16 KiB, P 16 / 8 KiB: 88 KiB, so two programs fit on an SM (227 KiB), each with 2
 # steps (2 x 32 KiB of K/V) in flight. The epilogue's f32 tile reuses the loop's SMEM (a
-# later run_scoped). Chosen by the second H200 sweep (2026-11-30, JAX 0.11.2, commit
-# dc02070, `python -m pallas_kernels.paged_attention_mgpu --sweep`, the Triton kernel timed
-# in the same run; docs/benchmarks.md): longer splits won at both head_dims. D=64, 2048-key
-# splits: 38.6 / 41.6 / 33.7 us at 64 x 4k / 8 x 32k / 1 x 128k (0.76 / 0.70 / 0.43 of the
-# read rate; Triton 39.7 / 44.0 / 42.4). D=128, 2048-key splits of 4-page steps: 132.5 /
-# 135.2 / 75.0 us (0.88 / 0.87 / 0.78; Triton 139.9 / 143.0 / 108.3). 4096-key splits were
-# faster at the first two points (130.6 / 128.9 us) and slower at 1 x 128k (79.5), but a
-# (request, kv head) is one program per split: at small batches and short contexts (1 x 4k:
-# 4 programs at 4096, 8 at 2048, 16 for the Triton kernel's 1024) a long split leaves most
-# SMs idle, and the sweep's points do not show that. 2048 keeps every sweep point ahead of
-# Triton. Measured at small batches later (2026-11-30, commit 9ffa3b4): at 1 x 4k and 8 x 4k
-# these defaults take 25.2 / 25.5 us (0.5B) and 35.1 / 36.7 us (7B) against Triton's 12.0 /
-# 13.1 and 17.3 / 27.1; the fold_kv_heads configs of SWEEP did not beat DEFAULT_D64 either.
+# later run_scoped). Chosen by `python -m pallas_kernels.paged_attention_mgpu --sweep` (the
+# Triton kernel timed in the same run; figures: docs/results.md, "GPU kernels"): longer
+# splits won at both head_dims. 4096-key splits were faster still at 64 x 4k and 8 x 32k of
+# the 7B shape and slower at 1 x 128k, but a (request, kv head) is one program per split: at
+# small batches and short contexts (1 x 4k: 4 programs at 4096, 8 at 2048, 16 for the
+# Triton kernel's 1024) a long split leaves most SMs idle, which the sweep's points do not
+# show. 2048 keeps every sweep point ahead of Triton; at 1 and 8 requests of 4k the Triton
+# kernel is still faster, and the fold_kv_heads configs of SWEEP did not beat DEFAULT_D64.
 DEFAULT_D64 = TuningConfig(pages_per_step=8, kv_split=2048, max_concurrent_steps=2)
 DEFAULT_D128 = TuningConfig(pages_per_step=4, kv_split=2048, max_concurrent_steps=2)
 
@@ -579,14 +572,14 @@ def paged_decode_attention_reference(q, k_pool, v_pool, block_tables, positions,
   return out.reshape(b, 1, nh, d)
 
 
-# ------------------------------------------------------------------- H200 check + time
+# ------------------------------------------------------------------- GPU check + time
 SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, head_dim)
 POINTS = ((64, 4096), (8, 32768), (1, 131072))  # (batch, context)
-# `--sweep`: what one device call can time (about 9 s per config and point). The first GPU
-# sweep (2026-11-29, docs/benchmarks.md) found occupancy (programs per SM) worth more than
-# pipeline depth and longer splits better; the second (2026-11-30, commit dc02070) gave the
-# defaults above. This one: the defaults' neighbours and the untimed fold_kv_heads configs
-# (0.5B: K * D = 128, the tiles of the D = 128 configs). main() drops those that do not fit.
+# `--sweep`: what one device call can time (about 9 s per config and point). Earlier sweeps
+# found occupancy (programs per SM) worth more than pipeline depth, and longer splits
+# better; they gave the defaults above. This one: the defaults' neighbours and the
+# fold_kv_heads configs (0.5B: K * D = 128, the tiles of the D = 128 configs). main() drops
+# those that do not fit.
 SWEEP = (
     TuningConfig(pages_per_step=8, kv_split=2048, max_concurrent_steps=2),
     TuningConfig(pages_per_step=4, kv_split=1024, max_concurrent_steps=2),

@@ -3,7 +3,7 @@
 Parts, as in `paged_attention_mgpu.py` (the decode kernel, whose page layout, pipeline and
 version shims this reuses): the kernel body (`_prefill_kernel`), the jitted wrapper
 `paged_prefill_attention_mgpu` with its `TuningConfig`, a float32
-`paged_prefill_attention_reference` on this file's interface, and `main()`: the H200
+`paged_prefill_attention_reference` on this file's interface, and `main()`: the GPU
 check-and-time table (`python -m pallas_kernels.paged_prefill_mgpu`). A leaf: jax, numpy,
 the standard library and `paged_attention_mgpu` only.
 
@@ -63,16 +63,15 @@ bits then also depend on how the chunk's tokens fall into programs (a function o
 positions only: dense and HQ, any placement and any batch still agree, other chunk sizes do
 not).
 
-Status: correct in the Mosaic GPU interpreter on CPU with jax 0.12 and 0.11.2 (races,
-out-of-bounds reads and uninitialized SMEM checked); lowers for `cuda` on a CPU machine
+Tested in the Mosaic GPU interpreter on CPU (races, out-of-bounds reads and uninitialized
+SMEM checked); lowers for `cuda` on a CPU machine
 (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`) at the 0.5B and 7B shapes,
-every config of `main_configs`, both versions; compiled, tested and timed on the H200
-(`main()`, docs/benchmarks.md): `tuned_config` (three computing warpgroups; two key
-splits at D=64) runs a 32k causal prefill at 0.98x (D=64) and 0.98x (D=128)
-`attention_mgpu`'s TFLOP/s in 16k chunks, 0.89x / 0.92x in 4k chunks (commit 4ef84ce, the
-compiled tests pass there, the three-warpgroup key splits among them); the engine's prefill
-under `--attention=pallas` on Hopper. API differences between the versions: those of
-paged_attention_mgpu (`_kernel_call`); nothing else used here differs.
+every config of `main_configs`; its tests also run compiled on a Hopper GPU, the
+three-warpgroup key splits among them. `tuned_config` (three computing warpgroups; two key
+splits at D=64) is the engine's prefill under `--attention=pallas` on Hopper; how close it
+comes to `attention_mgpu` in 16k and 4k chunks: docs/results.md, "GPU kernels". API
+differences between jax versions: those of paged_attention_mgpu (`_kernel_call`); nothing
+else used here differs.
 Not done: tuning beyond the handful of configs main() times. The kernel's default config
 is the simplest schedule (one warpgroup, P through SMEM); the engine runs `tuned_config`,
 the fastest measured: three computing warpgroups (192 rows per step, FA3's tile at head_dim
@@ -170,21 +169,18 @@ def default_config(head_dim: int) -> TuningConfig:
   return DEFAULT_D128 if head_dim >= 128 else DEFAULT_D64
 
 
-# The fastest variant measured on the H200, both head_dims (2026-11-29, JAX 0.11.2, commit
-# 6bd42a1; a 32k causal prefill through the pool, `.gpu`-style script beside jax's
-# attention_mgpu in the same run, docs/benchmarks.md): three computing warpgroups (192 rows
-# per K/V step), 8 pages per step, two slots, P in registers. In 16k chunks 455 TFLOP/s at
-# D=64 (attention_mgpu 467: 0.97x) and 642 at D=128 (675: 0.95x); in 4k chunks 369 / 608
-# (0.79x / 0.90x). The two-warpgroup ping-pong configs it replaces: 393 / 579 in 16k chunks.
+# The fastest variant measured, at both head_dims (a 32k causal prefill through the pool,
+# timed beside jax's attention_mgpu in the same run; figures in docs/log/, "Three computing
+# warpgroups"): three computing warpgroups (192 rows per K/V step), 8 pages per step, two
+# slots, P in registers; faster than the two-warpgroup ping-pong configs it replaces.
 # Same bits as every other config with the same block_kv and no key splits.
 TUNED = TuningConfig(pages_per_step=8, max_concurrent_steps=2, p_in_registers=True,
                      warp_specialized=True, compute_wgs=3)
-# Key splits per head_dim, timed on the H200 (2026-11-29, JAX 0.11.2, commit 4ef84ce,
-# `python -m pallas_kernels.paged_prefill_mgpu 0.5b 7b --chunks=4096,16384 --tuned`): at D=64
-# two splits take a 32k causal prefill in 4k chunks from 367 to 413 TFLOP/s (0.79x -> 0.89x
-# attention_mgpu; a 4k chunk is 300 row programs, 2.3 waves of one program per SM) and
-# leave 16k chunks unchanged (454); four: 403 / 441. At D=128 splits were slower (4k chunks
-# 605 -> 585, 16k 644 -> 633).
+# Key splits per head_dim, chosen by `python -m pallas_kernels.paged_prefill_mgpu 0.5b 7b
+# --chunks=4096,16384 --tuned` (figures: docs/results.md, "GPU kernels"): at D=64 two splits
+# speed up a 32k causal prefill in 4k chunks (a 4k chunk is 300 row programs, 2.3 waves of
+# one program per SM) and leave 16k chunks unchanged; four are slower than two. At D=128
+# splits were slower.
 TUNED_KV_SPLITS = {64: 2, 128: 1}
 
 
@@ -636,7 +632,7 @@ def paged_prefill_attention_reference(q, k_pool, v_pool, block_tables, positions
   return out.reshape(b, t, nh, d)
 
 
-# ------------------------------------------------------------------- H200 check + time
+# ------------------------------------------------------------------- GPU check + time
 SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, head_dim)
 CONTEXT = 32768  # tokens of the causal prefill
 CHUNK = 4096  # query tokens per chunked-prefill call
@@ -683,7 +679,7 @@ def causal_flops(positions, num_heads: int, head_dim: int) -> float:
 
 def main_configs(head_dim: int) -> tuple[tuple[TuningConfig, ...], tuple[TuningConfig, ...]]:
   """(first, later): the default (the form the decode kernel compiled and ran right on the
-  H200) and variants whose parts also ran there; then the variants with two computing
+  GPU) and variants whose parts also ran there; then the variants with two computing
   warpgroups, run after every shape's first set (a hang there loses less)."""
   base = default_config(head_dim)
   first = (base, dataclasses.replace(base, p_in_registers=True, warp_specialized=True))

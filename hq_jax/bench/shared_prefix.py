@@ -20,8 +20,8 @@ Checks before timing: paged and dedup against the float32 reference on the first
 time of every kernel one call launches (CUPTI: the XLA fusions around the kernels count),
 median of `reps` calls after a warm-up call. Each call sees the same batch, so part of its
 K/V may still be in L2 from the call before, for every variant alike. (A first version
-timed `reps` calls inside one jitted fori_loop by wall clock: on the H200 that read
-20-27 us per call more than the kernels' device time, we infer the loop's own cost, which
+timed `reps` calls inside one jitted fori_loop by wall clock: on the GPU that read
+noticeably more per call than the kernels' device time, we infer the loop's own cost, which
 swamped the small points.) Ideal = byte ratio
 C (P + S) / (P + C S).
 """

@@ -33,12 +33,12 @@ from pallas_kernels import paged_prefill_mgpu as mosaic_prefill
 # "auto" = "pallas" on a GPU, "reference" (the XLA path; with a sharing plan the float32
 # shared-prefix oracle) elsewhere. "pallas" = the fastest correct kernels we have on this GPU:
 # prefill chunks on the Mosaic GPU kernel (`paged_prefill_mgpu`) where it runs (Hopper,
-# bf16/f16, head_dim a multiple of 64: 1.3-1.6x the Triton kernel on the H200), else on
+# bf16/f16, head_dim a multiple of 64; faster than the Triton kernel there), else on
 # Triton; paged and shared-prefix (dedup) decode on the Triton kernels. The Mosaic decode
-# kernel (`paged_attention_mgpu`) is 1.03-1.44x the Triton one at 64 x 4k, 8 x 32k and
-# 1 x 128k but 0.5x at 1 and 8 requests of 4k and 0.86x at 64 x 4,112 (0.5B shape; H200,
-# docs/benchmarks.md), end to end no faster at the benchmark points; its split length is a
-# static config (bits must not depend on the batch), so it cannot switch by batch size.
+# kernel (`paged_attention_mgpu`) wins at large batches but loses at small ones, and end to
+# end it was no faster at the benchmark points (docs/results.md, "GPU kernels"); its split
+# length is a static config (bits must not depend on the batch), so it cannot switch by
+# batch size.
 # "triton" = the Triton kernels throughout (the fallback). "mosaic" = prefill and paged
 # decode on the Mosaic kernels always (an error where they cannot run).
 # "pallas_interpret" = the Triton kernels through the Pallas interpreter (CPU tests).
@@ -48,10 +48,11 @@ from pallas_kernels import paged_prefill_mgpu as mosaic_prefill
 ATTENTION = ("auto", "reference", "pallas", "triton", "mosaic", "pallas_interpret")
 DECODE_ATTENTION = ("paged", "dedup", "auto")
 # decode_attention="auto" reads shared runs once when the plan saves at least this many
-# K/V tokens per kv head and layer (sum over nodes of tokens x (requests - 1)). From the
-# H200 run in docs/benchmarks.md (scripts/kernel_bench.py --sections=shared, 2026-11-29):
-# the fewest saved tokens from which every measured point (both shapes) was >= 1.05x faster
-# with dedup; below it the 0.5B shape tied or lost at 30,720 and 122,880.
+# K/V tokens per kv head and layer (sum over nodes of tokens x (requests - 1)): the fewest
+# saved tokens from which every point of the shared-prefix benchmark (both shapes) was at
+# least 1.05x faster with dedup, so below it dedup decode does not reliably pay
+# (`scripts/kernel_bench.py --sections=shared` prints the rule's value; the run behind it:
+# docs/results.md, "GPU kernels").
 AUTO_MIN_SAVED_TOKENS = 258_048
 
 
