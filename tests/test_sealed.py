@@ -6,7 +6,8 @@ refused every time.
 
 The complete outputs are built once per module at tiny sizes (the sweep in this process,
 the replay by its script) and copied for each case; the commands' error paths run in one
-driver process per command (absl flags are global to a process), so the file stays fast.
+driver process per command (absl flags are global to a process). Every subprocess starts
+first (`spawned`) and runs while the sweep computes here, so the file stays fast.
 """
 
 import csv
@@ -28,7 +29,7 @@ from hq_jax.study import errors, latency, memory, outputs, report, workloads
 from hq_jax.study.requests import TokenStream
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-GRID = dict(context_lengths=[32, 64], concurrency=[1, 3], shared_prefix_fractions=[0.5],
+GRID = dict(context_lengths=[32], concurrency=[1, 3], shared_prefix_fractions=[0.5],
             num_prefixes=[1], block_size=16, chunk_size=32, seed=0)
 SIZES = dict(users=2, system_tokens=32, user_tokens=16, examples=2, example_tokens=16, turns=2)
 LATENCY = dict(context_lengths=[32], concurrency=[2], shared_prefix_fractions=[0.5],
@@ -73,12 +74,24 @@ print("RESULTS" + json.dumps(results))
 """
 
 
-def _drive(command: str, cases: list[list[str]]) -> list[tuple[int, str]]:
-  proc = subprocess.run([sys.executable, "-c", _DRIVER, f"hq_jax.study.commands.{command}",
-                         json.dumps(cases)], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, env=_env())
-  assert "RESULTS" in proc.stdout, proc.stderr[-3000:]
-  return [tuple(r) for r in json.loads(proc.stdout.split("RESULTS", 1)[1])]
+def _spawn(args: list[str]) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=_env())
+
+
+def _wait(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+  out, err = proc.communicate(timeout=300)
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _drive(command: str, cases: list[list[str]]) -> subprocess.Popen:
+  return _spawn(["-c", _DRIVER, f"hq_jax.study.commands.{command}", json.dumps(cases)])
+
+
+def _driven(proc: subprocess.Popen) -> list[tuple[int, str]]:
+  done = _wait(proc)
+  assert "RESULTS" in done.stdout, done.stderr[-3000:]
+  return [tuple(r) for r in json.loads(done.stdout.split("RESULTS", 1)[1])]
 
 
 def _one_line(rc, stderr, *needles, status=(1, 2)):
@@ -117,7 +130,7 @@ def stream():
 
 
 @pytest.fixture(scope="module")
-def sweep_dir(tiny, stream, tmp_path_factory):
+def sweep_dir(tiny, stream, spawned, tmp_path_factory):
   """A complete memory sweep (with workloads) and latency run, as the scripts write them."""
   params, cfg = tiny
   out = str(tmp_path_factory.mktemp("sealed_sweep"))
@@ -153,20 +166,86 @@ REPLAY_ARGS = ["--no_model", "--model=tiny", "--kv_budget_gb=0,0.002,0.01",
                "--capacity_context_lengths=1024"]
 
 
-@pytest.fixture(scope="module")
-def trace_file(tmp_path_factory):
-  path = tmp_path_factory.mktemp("trace") / "t.jsonl"
-  path.write_text(_trace_lines())
-  return str(path)
+_KILL_AFTER_CSV = (
+    "import os, signal, sys\n"
+    "from hq_jax.study import outputs\n"
+    "write = outputs.Run.write_csv\n"
+    "def killing(self, name, *a, **k):\n"
+    "  path = write(self, name, *a, **k)\n"
+    "  if name == 'trace_replay.csv':\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "  return path\n"
+    "outputs.Run.write_csv = killing\n"
+    "from hq_jax.study.commands import replay\n"
+    "replay.run(sys.argv)\n")
 
 
 @pytest.fixture(scope="module")
-def replay_dir(trace_file, tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("sealed_replay") / "out")
-  proc = _script("scripts/trace_replay.py", f"--trace={trace_file}", *REPLAY_ARGS,
-                 f"--output_dir={out}")
+def spawned(tiny, tmp_path_factory):
+  """Every subprocess of the module, started at once; each test waits for its own."""
+  tmp = tmp_path_factory.mktemp("sealed_inputs")
+  trace = tmp / "t.jsonl"
+  trace.write_text(_trace_lines())
+  bad = tmp / "bad.jsonl"
+  bad.write_bytes(_trace_lines(n=3).encode() + b'{"timestamp": 1, "x": "\xff"}\n')
+  afile = tmp / "afile"
+  afile.write_text("x")
+  paths = dict(trace=str(trace), bad=str(bad), afile=str(afile), out=str(tmp / "out"),
+               replay=str(tmp / "replay"), killed=str(tmp / "killed"),
+               truncated=_hf_dir(tiny, tmp / "truncated", truncate=True),
+               empty_cfg=_hf_dir(tiny, tmp / "empty_cfg", config_text="{}"),
+               bad_json=_hf_dir(tiny, tmp / "bad_json", config_text="{oops"))
+  p = paths
+  sweep = ["--model=tiny", "--context_lengths=32", "--concurrency=2",
+           "--shared_prefix_fractions=0.5", "--workloads=false"]
+  sweep_cases = [
+      ([*sweep, f"--output_dir={p['afile']}/sub"], (p["afile"],), 1),
+      ([*sweep, "--output_dir=/proc/hq_jax_sealed_test/out"], ("/proc/hq_jax_sealed_test",), 1),
+      ([sweep[0], "--context_lengths=abc", f"--output_dir={p['out']}"],
+       ("--context_lengths=abc",), 2),
+      ([f"--model={p['truncated']}", *sweep[1:], f"--output_dir={p['out']}"],
+       (f"{p['truncated']}/model.safetensors",), 1),
+      ([f"--model={p['empty_cfg']}", *sweep[1:], f"--output_dir={p['out']}"],
+       (f"{p['empty_cfg']}/config.json",), 1),
+      ([f"--model={p['bad_json']}", *sweep[1:], f"--output_dir={p['out']}"],
+       (f"{p['bad_json']}/config.json", "not valid JSON"), 1),
+      (["--model=bogus", *sweep[1:], f"--output_dir={p['out']}"], ("bogus",), 1),
+      ([sweep[0], "--context_lengths=8192", f"--output_dir={p['out']}"],
+       ("--context_lengths", "--allow_long_context"), 1),
+  ]
+  replay = [f"--trace={p['trace']}", *REPLAY_ARGS]
+  replay_cases = [
+      ([*replay[:-2], "--kv_budget_gb=abc", f"--output_dir={p['out']}"],
+       ("--kv_budget_gb=abc",), 2),
+      ([f"--trace={p['bad']}", *REPLAY_ARGS, f"--output_dir={p['out']}"],
+       (f"{p['bad']}:4", "UTF-8"), 2),
+      ([*replay, f"--output_dir={p['afile']}/sub"], (p["afile"],), 2),
+  ]
+  procs = dict(
+      replay=_spawn(["scripts/trace_replay.py", *replay, f"--output_dir={p['replay']}"]),
+      killed=_spawn(["-c", _KILL_AFTER_CSV, *replay, f"--output_dir={p['killed']}"]),
+      sweep_cases=_drive("sweep", [c[0] for c in sweep_cases]),
+      replay_cases=_drive("replay", [c[0] for c in replay_cases]),
+      usage=_spawn(["scripts/trace_replay.py", f"--trace={p['trace']}", "--block_size=7",
+                    f"--output_dir={p['out']}"]))
+  yield dict(paths=paths, procs=procs, sweep_cases=sweep_cases, replay_cases=replay_cases)
+  for proc in procs.values():
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def trace_file(spawned):
+  return spawned["paths"]["trace"]
+
+
+@pytest.fixture(scope="module")
+def replay_dir(spawned):
+  proc = _wait(spawned["procs"]["replay"])
   assert proc.returncode == 0, proc.stderr[-3000:]
-  report.write(out)
+  out = spawned["paths"]["replay"]
+  report.write(out)  # complete and honest: accepted
   return out
 
 
@@ -236,30 +315,25 @@ def _hq_row(rows, concurrency="3"):
   return next(r for r in rows if r["backend"] == "hq" and r["concurrency"] == concurrency)
 
 
+def test_complete_outputs_are_accepted(sweep_dir, replay_dir):
+  """The fixtures' honest outputs pass (their fixtures ran `report.write`); first in the
+  file, so the in-process sweep runs while the module's subprocesses do."""
+  for d in (sweep_dir, replay_dir):
+    assert all(r["status"] == "complete" and r["outputs"]
+               for r in outputs.run_records(d).values())
+
+
 # ------------------------------------------------------------- item 1: the replay's seal
 
 
-def test_killed_replay_is_refused(trace_file, tmp_path):
+def test_killed_replay_is_refused(spawned):
   """Item 1: SIGKILL as soon as trace_replay.csv appears left the record "running" and no
   summary.json, and report.py gave the ledger verdict, status 0."""
-  out = str(tmp_path / "killed")
-  kill = (
-      "import os, signal, sys\n"
-      "from hq_jax.study import outputs\n"
-      "write = outputs.Run.write_csv\n"
-      "def killing(self, name, *a, **k):\n"
-      "  path = write(self, name, *a, **k)\n"
-      "  if name == 'trace_replay.csv':\n"
-      "    os.kill(os.getpid(), signal.SIGKILL)\n"
-      "  return path\n"
-      "outputs.Run.write_csv = killing\n"
-      "from hq_jax.study.commands import replay\n"
-      "replay.run(sys.argv)\n")
-  proc = subprocess.run([sys.executable, "-c", kill, f"--trace={trace_file}", *REPLAY_ARGS,
-                         f"--output_dir={out}"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, env=_env())
+  proc = _wait(spawned["procs"]["killed"])
+  out = spawned["paths"]["killed"]
   assert proc.returncode == -9, proc.stderr[-2000:]
   assert os.path.exists(os.path.join(out, "trace_replay.csv"))
+  assert not os.path.exists(os.path.join(out, "summary.json"))
   _refused(out, "trace_replay.run.json", "did not complete")
   proc = _script("scripts/report.py", f"--run_dir={out}")
   _one_line(proc.returncode, proc.stderr, "did not complete", status=(1,))
@@ -390,53 +464,20 @@ def _hf_dir(tiny, path, config_text=None, truncate=False):
   return str(path)
 
 
-def test_commands_fail_with_one_line(tiny, tmp_path, trace_file):
+def test_commands_fail_with_one_line(spawned):
   """Items 4 and 5: unusable output directories, unparsable list flags, bad model files,
   a non-UTF-8 trace each end the command with one line naming the input, status 1 or 2 (a
   usage error), and leave nothing in the output directory (no failed run record that
   would block it until --overwrite)."""
-  afile = tmp_path / "afile"
-  afile.write_text("x")
-  out = str(tmp_path / "out")
-  truncated = _hf_dir(tiny, tmp_path / "truncated", truncate=True)
-  empty_cfg = _hf_dir(tiny, tmp_path / "empty_cfg", config_text="{}")
-  bad_json = _hf_dir(tiny, tmp_path / "bad_json", config_text="{oops")
-  sweep = ["--model=tiny", "--context_lengths=32", "--concurrency=2",
-           "--shared_prefix_fractions=0.5", "--workloads=false"]
-  cases = [
-      ([*sweep, f"--output_dir={afile}/sub"], (f"{afile}",), 1),
-      ([*sweep, "--output_dir=/proc/hq_jax_sealed_test/out"], ("/proc/hq_jax_sealed_test",), 1),
-      ([*sweep[:1], "--context_lengths=abc", f"--output_dir={out}"], ("--context_lengths=abc",), 2),
-      ([f"--model={truncated}", *sweep[1:], f"--output_dir={out}"],
-       (f"{truncated}/model.safetensors",), 1),
-      ([f"--model={empty_cfg}", *sweep[1:], f"--output_dir={out}"],
-       (f"{empty_cfg}/config.json",), 1),
-      ([f"--model={bad_json}", *sweep[1:], f"--output_dir={out}"],
-       (f"{bad_json}/config.json", "not valid JSON"), 1),
-      (["--model=bogus", *sweep[1:], f"--output_dir={out}"], ("bogus",), 1),
-      ([*sweep[:1], "--context_lengths=8192", f"--output_dir={out}"],
-       ("--context_lengths", "--allow_long_context"), 1),
-  ]
-  for (args, needles, status), (rc, err) in zip(cases, _drive("sweep", [c[0] for c in cases])):
-    _one_line(rc, err, *needles, status=(status,))
+  procs, out = spawned["procs"], spawned["paths"]["out"]
+  for name in ("sweep_cases", "replay_cases"):
+    for (_, needles, status), (rc, err) in zip(spawned[name], _driven(procs[name])):
+      _one_line(rc, err, *needles, status=(status,))
   # Item 5: none of these opened a run; the directory takes the next run as it is.
   assert not os.path.exists(out) or not os.listdir(out), os.listdir(out)
   outputs.Run(out, "memory_sweep", ["memory_sweep.csv"]).preflight()
-
-  bad = tmp_path / "bad.jsonl"
-  bad.write_bytes(_trace_lines(n=3).encode() + b'{"timestamp": 1, "x": "\xff"}\n')
-  replay = [f"--trace={trace_file}", *REPLAY_ARGS]
-  cases = [
-      ([*replay[:-2], "--kv_budget_gb=abc", f"--output_dir={out}"], ("--kv_budget_gb=abc",), 2),
-      ([f"--trace={bad}", *REPLAY_ARGS, f"--output_dir={out}"], (f"{bad}:4", "UTF-8"), 2),
-      ([*replay, f"--output_dir={afile}/sub"], (f"{afile}",), 2),
-  ]
-  for (args, needles, status), (rc, err) in zip(cases, _drive("replay", [c[0] for c in cases])):
-    _one_line(rc, err, *needles, status=(status,))
-  assert not os.path.exists(out) or not os.listdir(out)
   # A usage error prints its line, not the whole --help before it.
-  proc = _script("scripts/trace_replay.py", f"--trace={trace_file}", "--block_size=7",
-                 f"--output_dir={out}")
+  proc = _wait(procs["usage"])
   line = _one_line(proc.returncode, proc.stderr, "--block_size", status=(2,))
   assert proc.stderr.strip().splitlines() == [line] and "--kv_budget_gb" not in proc.stderr
 
