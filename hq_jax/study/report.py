@@ -260,10 +260,14 @@ def write(run_dir: str) -> str:
                       "latency.csv, workloads.csv, trace_replay.csv")
   try:
     return _write(run_dir, ppl, mem, lat, work, trace_claim, records)
-  except outputs.OutputError as e:
-    raise ReportError(str(e)) from None
-  except OSError as e:  # matplotlib's savefig into an unwritable directory
-    raise ReportError(f"cannot write the report into {run_dir}: {e.strerror or e}") from None
+  except (outputs.OutputError, OSError) as e:  # OSError: matplotlib's savefig
+    for name in outputs.DERIVED_FILES:  # nothing half-written: no plots without their report
+      try:
+        os.remove(os.path.join(run_dir, name))
+      except OSError:
+        pass
+    detail = str(e) if isinstance(e, outputs.OutputError) else e.strerror or str(e)
+    raise ReportError(f"cannot write the report into {run_dir}: {detail}") from None
 
 
 def _write(run_dir, ppl, mem, lat, work, trace_claim, records) -> str:
