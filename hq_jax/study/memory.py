@@ -136,12 +136,15 @@ def _check_derived(row: dict, where: str) -> None:
                        f"{row['shared_prefix_fraction']} of {n} tokens in blocks of {bs}")
   if row["max_seq_len"] < n:
     raise HarnessError(f"{where}: max_seq_len {row['max_seq_len']} < context_length {n}")
+  if row["query_tokens"] != c * n:
+    raise HarnessError(f"{where}: query_tokens {row['query_tokens']} is not the {c * n} prompt "
+                       f"tokens of concurrency {c} x {n}: prompts were looked up more than "
+                       "once (earlier iterations of the same requests?)")
   logical, physical, pool = _expected_blocks(row)
   bpb = bs * row["bytes_per_token"]
   expect = {"logical_blocks": logical, "physical_blocks": physical,
             "reuse_factor": round(logical / physical, 6), "pool_bytes": pool * bpb,
             "kv_bytes_allocated": (pool if row["backend"] == "dense" else physical) * bpb,
-            "query_tokens": c * n,
             "metadata_bytes": metadata_bytes(row["backend"], block_size=bs, num_blocks=pool,
                                              max_requests=c, max_seq_len=row["max_seq_len"])}
   for column, value in expect.items():
