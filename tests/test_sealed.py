@@ -227,7 +227,8 @@ def spawned(tiny, tmp_path_factory):
       sweep_cases=_drive("sweep", [c[0] for c in sweep_cases]),
       replay_cases=_drive("replay", [c[0] for c in replay_cases]),
       usage=_spawn(["scripts/trace_replay.py", f"--trace={p['trace']}", "--block_size=7",
-                    f"--output_dir={p['out']}"]))
+                    f"--output_dir={p['out']}"]),
+      bad_flag=_spawn(["scripts/memory_sweep.py", "--seed=abc", f"--output_dir={p['out']}"]))
   yield dict(paths=paths, procs=procs, sweep_cases=sweep_cases, replay_cases=replay_cases)
   for proc in procs.values():
     if proc.poll() is None:
@@ -488,6 +489,10 @@ def test_commands_fail_with_one_line(spawned):
   proc = _wait(procs["usage"])
   line = _one_line(proc.returncode, proc.stderr, "--block_size", status=(2,))
   assert proc.stderr.strip().splitlines() == [line] and "--kv_budget_gb" not in proc.stderr
+  # So does a value absl itself cannot parse.
+  proc = _wait(procs["bad_flag"])
+  line = _one_line(proc.returncode, proc.stderr, "--seed=abc", status=(2,))
+  assert proc.stderr.strip().splitlines() == [line]
 
 
 def test_model_files_get_clear_errors(tiny, tmp_path):

@@ -222,4 +222,13 @@ def run_command(main, module_name: str, argv=None) -> None:
   sys.modules["__main__"].__doc__ = module.__doc__
   for flag in flags.FLAGS.get_key_flags_for_module(module_name):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-  app.run(main, argv=argv)
+  app.run(main, argv=argv, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, a bad value (`--seed=abc`) one usage line, status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)
