@@ -57,7 +57,8 @@ def _save(fig, ax, path, *, grid_axis="both", legend_size=8):
 
 
 def _refuse(path: str, e: Exception, what: str = "") -> ReportError:
-  detail = f"missing column {e}" if isinstance(e, KeyError) else str(e)
+  missing = "column" if "data row" in what else "field"
+  detail = f"missing {missing} {e}" if isinstance(e, KeyError) else str(e)
   return ReportError(f"{path}{what}: {detail}. The report cites only rows that pass the "
                      "sweep's own checks and match their run record: re-run the sweep")
 
