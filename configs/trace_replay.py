@@ -28,6 +28,7 @@ def get_config():
   c.capacity_context_lengths = [4096, 32768]
   c.capacity_shared_fractions = [0.5, 0.9]
   c.time_limit_s = 0.0
+  c.allow_long_context = False  # Model mode: refuse prompts past the model's context.
   c.seed = 0
   c.output_dir = ""
   c.overwrite = False

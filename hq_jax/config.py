@@ -53,6 +53,27 @@ class ModelConfig:
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 
+  def check_context(self, tokens: int, allow_long_context: bool = False,
+                    what: str = "a request") -> None:
+    """The context rule, the one place it is written: a request longer than the trained
+    context (`max_position_embeddings`) is refused unless explicitly allowed (RoPE
+    positions past it run silently but mean nothing)."""
+    if tokens > self.max_position_embeddings and not allow_long_context:
+      raise ContextLengthError(
+          f"{what}: {tokens} tokens exceed {self.name}'s max_position_embeddings "
+          f"{self.max_position_embeddings}; pass --allow_long_context (Engine("
+          "allow_long_context=True)) to run them anyway", tokens=tokens,
+          limit=self.max_position_embeddings)
+
+
+class ContextLengthError(ValueError):
+  """A request is longer than the model's trained context (`ModelConfig.check_context`);
+  `tokens` and `limit` say by how much, so a caller can skip and count it."""
+
+  def __init__(self, message: str, *, tokens: int, limit: int):
+    super().__init__(message)
+    self.tokens, self.limit = tokens, limit
+
 
 def _qwen(name, hidden, inter, layers, heads, kv, *, vocab=151936, tie=True, eps=1e-6):
   return ModelConfig(
@@ -99,15 +120,40 @@ def get_config(name: str, **overrides) -> ModelConfig:
 def from_hf_config(config: str | os.PathLike | Mapping[str, Any], *, name: str | None = None,
                    dtype: str = "float32") -> ModelConfig:
   """Builds a config from an HF `config.json` (a path, a directory holding one, or a dict)."""
+  where = "the HF config"
   if not isinstance(config, Mapping):
-    path = os.fspath(config)
+    path = where = os.fspath(config)
     if os.path.isdir(path):
-      path = os.path.join(path, "config.json")
-    with open(path) as f:
-      config = json.load(f)
+      path = where = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no HF config.json there")
+    try:
+      with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from None
+  if not isinstance(config, Mapping):
+    raise ValueError(f"{where} is a JSON {type(config).__name__}, not an object of config keys")
   model_type = config.get("model_type", "qwen2")
   if model_type != "qwen2":
-    raise ValueError(f"only qwen2 checkpoints are supported, got model_type={model_type!r}")
+    raise ValueError(f"{where}: only qwen2 checkpoints are supported, got "
+                     f"model_type={model_type!r}")
+  missing = [k for k in ("num_attention_heads", "vocab_size", "hidden_size",
+                         "intermediate_size", "num_hidden_layers") if k not in config]
+  if missing:
+    raise ValueError(f"{where} lacks {', '.join(missing)}: not a Qwen2 config.json")
+  try:
+    return _hf_model_config(config, name, dtype)
+  except (TypeError, ValueError, ZeroDivisionError) as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+def _hf_model_config(config: Mapping[str, Any], name: str | None, dtype: str) -> ModelConfig:
+  ints = {k: config[k] for k in ("num_attention_heads", "vocab_size", "hidden_size",
+                                 "intermediate_size", "num_hidden_layers")}
+  bad = [k for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+  if bad:
+    raise ValueError(f"{bad[0]} must be a positive integer, got {config[bad[0]]!r}")
   heads = config["num_attention_heads"]
   return ModelConfig(
       name=name or config.get("_name_or_path") or "hf-qwen2",

@@ -178,19 +178,24 @@ def load_hf(directory: str, *, dtype: str = "float32"):
 
   The tokenizer is None when the directory has no tokenizer.json.
   """
-  from safetensors import safe_open
   cfg = config_lib.from_hf_config(directory, dtype=dtype)
   index = os.path.join(directory, "model.safetensors.index.json")
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+      if not isinstance(weight_map, dict):
+        raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError) as e:
+      raise WeightsError(f"{index} is not a safetensors index (a JSON object with a "
+                         f"weight_map): {type(e).__name__}: {e}") from None
   else:
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
       raise FileNotFoundError(f"no *.safetensors files in {directory}")
     weight_map = {}
     for fname in files:
-      with safe_open(os.path.join(directory, fname), framework="flax") as f:
+      with _open_safetensors(os.path.join(directory, fname)) as f:
         weight_map.update({k: fname for k in f.keys()})
   handles = {}
 
@@ -198,13 +203,31 @@ def load_hf(directory: str, *, dtype: str = "float32"):
     if tensor_name not in weight_map:
       raise WeightsError(f"{directory}: missing tensor {tensor_name!r}")
     fname = weight_map[tensor_name]
+    path = os.path.join(directory, fname)
     if fname not in handles:
-      handles[fname] = safe_open(os.path.join(directory, fname), framework="flax")
-    return np.asarray(handles[fname].get_tensor(tensor_name).astype(jnp.float32))
+      handles[fname] = _open_safetensors(path)
+    try:
+      return np.asarray(handles[fname].get_tensor(tensor_name).astype(jnp.float32))
+    except Exception as e:  # safetensors raises its own SafetensorError on a bad file.
+      raise WeightsError(f"{path}: cannot read tensor {tensor_name} ({type(e).__name__}: "
+                         f"{e}): truncated or corrupt?") from None
 
   params = _build_params(cfg, get, 1, directory)
   tok_path = os.path.join(directory, "tokenizer.json")
   return params, cfg, Tokenizer.from_file(tok_path) if os.path.exists(tok_path) else None
+
+
+def _open_safetensors(path: str):
+  """`safe_open`, its errors (SafetensorError on a truncated or corrupt file, none of them
+  naming it) as one WeightsError naming the file."""
+  from safetensors import safe_open
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such safetensors file (named by the index)")
+  try:
+    return safe_open(path, framework="flax")
+  except Exception as e:
+    raise WeightsError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                       f"{e}): truncated or corrupt?") from None
 
 
 def to_state_dict(params, cfg: ModelConfig, *, names: str = "hf") -> dict[str, np.ndarray]:

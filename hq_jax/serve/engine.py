@@ -166,14 +166,17 @@ class Engine:
   def __init__(self, params, cfg: ModelConfig, *, chunk_size: int = 64,
                attention: str = "auto", donate: bool | None = None,
                decode_attention: str = "paged",
-               auto_min_saved_tokens: int = AUTO_MIN_SAVED_TOKENS, on_step=None):
+               auto_min_saved_tokens: int = AUTO_MIN_SAVED_TOKENS, on_step=None,
+               allow_long_context: bool = False):
     """attention: one of ATTENTION ("auto": the Pallas kernels on a GPU, XLA elsewhere).
     decode_attention: "paged" (exact, the default: bit-identical for dense and HQ),
     "dedup" (shared runs of blocks read once for all their requests; equal to paged within
     float rounding, not bit-exact) or "auto" (dedup when the batch's sharing plan saves at
     least `auto_min_saved_tokens` K/V tokens per kv head, else paged).
     on_step: called as on_step(jitted_fn, args, kwargs) before every jitted model step
-    (e.g. `bench.device_memory.PeakTracker`, which reads the step's compiled memory)."""
+    (e.g. `bench.device_memory.PeakTracker`, which reads the step's compiled memory).
+    allow_long_context: let `prefill` run prompts past cfg.max_position_embeddings
+    (`ModelConfig.check_context`, the rule every script applies)."""
     if chunk_size <= 0:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if decode_attention not in DECODE_ATTENTION:
@@ -193,6 +196,7 @@ class Engine:
     self.donate = jax.default_backend() != "cpu" if donate is None else donate
     self._forward = model_lib.forward_donating if self.donate else model_lib.forward
     self.on_step = on_step
+    self.allow_long_context = allow_long_context
 
   @property
   def attention_label(self) -> str:
@@ -255,7 +259,10 @@ class Engine:
     """Admits a prompt and computes its K/V; returns (new cache, result).
 
     `slot`: the caller already admitted `tokens` there (`cache.admit`, e.g. to check the
-    fit or pass admission options first), so only the prefill runs here."""
+    fit or pass admission options first), so only the prefill runs here. A prompt past the
+    model's context is refused (`config.ContextLengthError`) unless `allow_long_context`."""
+    self.cfg.check_context(int(np.size(tokens)), self.allow_long_context,
+                           what="Engine.prefill: the prompt")
     if logits not in ("all", "last"):
       raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
     if self.chunk_size % cache.block_size:

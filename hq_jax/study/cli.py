@@ -74,7 +74,12 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       continue
     if isinstance(default, (list, tuple)):
       elem = type(default[0]) if default else str
-      value = [elem(v) for v in value]
+      try:
+        value = [elem(v) for v in value]
+      except ValueError:
+        raise app.UsageError(f"--{name}={','.join(value)}: each value must be "
+                             f"{'a number' if elem is float else 'an integer' if elem is int else elem.__name__}"
+                             ) from None
     config[name] = value
   return config
 
@@ -155,21 +160,37 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 def exit_on_error(main):
-  """Wraps a script's main: an expected error (bad flag, bad file, failed check) ends the
-  script with one line naming the problem and status 1, not a traceback."""
+  """Wraps a command's main: an expected failure (bad flag, bad file, bad model, unusable
+  output directory, failed check) ends it with ONE line on stderr naming the input, status
+  1, or 2 for a usage error (a bad or missing flag; without the whole --help), never a
+  traceback."""
   from hq_jax import weights
   from hq_jax.study import outputs
   from hq_jax.study.errors import HarnessError
-  expected = (ValueError, FileNotFoundError, outputs.OutputError, HarnessError,
-              weights.WeightsError)
+  expected = (ValueError, OSError, outputs.OutputError, HarnessError, weights.WeightsError)
 
   @functools.wraps(main)
   def wrapped(argv):
     try:
       return main(argv)
+    except app.UsageError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
     except expected as e:
-      sys.exit(f"error: {e}")
+      sys.exit(f"error: {_one_line(e)}")
   return wrapped
+
+
+def _one_line(e: BaseException) -> str:
+  """An exception as one line; an OS error names its file (a raw `OSError` often lacks it
+  in str(), e.g. a failed write)."""
+  if isinstance(e, OSError) and e.filename and e.filename not in str(e):
+    text = f"{e.filename}: {e.strerror or e}"
+  elif isinstance(e, UnicodeDecodeError):
+    text = f"not UTF-8 text ({e.reason} at byte {e.start})"
+  else:
+    text = str(e) or type(e).__name__
+  return " ".join(text.split())
 
 
 def load_model_and_stream(cfg):
@@ -201,4 +222,13 @@ def run_command(main, module_name: str, argv=None) -> None:
   sys.modules["__main__"].__doc__ = module.__doc__
   for flag in flags.FLAGS.get_key_flags_for_module(module_name):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-  app.run(main, argv=argv)
+  app.run(main, argv=argv, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, a bad value (`--seed=abc`) one usage line, status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)

@@ -23,9 +23,6 @@ def check_positive(flag: str, values, *, minimum: int | float = 1) -> list:
 
 def check_context_limit(cfg: ModelConfig, tokens: int, flag: str,
                         allow_long_context: bool = False) -> None:
-  """Refuses requests longer than the model's trained context unless explicitly allowed
-  (RoPE positions past it run silently but mean nothing)."""
-  if tokens > cfg.max_position_embeddings and not allow_long_context:
-    raise ValueError(f"{flag}: requests of {tokens} tokens exceed {cfg.name}'s "
-                     f"max_position_embeddings {cfg.max_position_embeddings}; pass "
-                     "--allow_long_context to run them anyway")
+  """`ModelConfig.check_context` (the one context rule, which `Engine.prefill` applies
+  too), its error naming the flag that asked for `tokens`."""
+  cfg.check_context(tokens, allow_long_context, what=f"{flag}: requests")

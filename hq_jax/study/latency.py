@@ -25,6 +25,7 @@ from hq_jax.study.memory import check_grid, make_cache, point_requests, run_requ
 from hq_jax.study.requests import TokenStream, shared_prefix_tokens
 from hq_jax.kv.paged import KVLayout
 
+MODES = ("dense", "hq_cold", "hq_warm")
 COLUMNS = ("mode", "model", "context_length", "concurrency", "shared_prefix_tokens",
            "cached_tokens", "computed_tokens", "repeats", "ttft_ms_median", "ttft_ms_min",
            "ttft_ms_max", "decode_step_ms_median", "decode_step_ms_min", "decode_step_ms_max",
@@ -34,7 +35,14 @@ COLUMNS = ("mode", "model", "context_length", "concurrency", "shared_prefix_toke
 def check_row(row: dict) -> None:
   """Raises HarnessError for a latency row that cannot be a measurement: a range that does
   not hold its median, or cached + computed tokens that are not the request."""
+  if row["mode"] not in MODES:
+    raise HarnessError(f"mode {row['mode']!r} is not one of {', '.join(MODES)}")
   where = f"{row['mode']} row context_length={row['context_length']}"
+  if row["mode"] != "hq_warm" and row["cached_tokens"]:
+    raise HarnessError(f"{where}: {row['cached_tokens']} cached tokens on a fresh cache")
+  if not 0 <= row["cached_tokens"] <= row["shared_prefix_tokens"] <= row["context_length"]:
+    raise HarnessError(f"{where}: cached_tokens {row['cached_tokens']} exceeds the shared "
+                       f"prefix ({row['shared_prefix_tokens']} of {row['context_length']})")
   for what in ("ttft_ms", "decode_step_ms"):
     lo, mid, hi = row[f"{what}_min"], row[f"{what}_median"], row[f"{what}_max"]
     if not 0 <= lo <= mid <= hi:
@@ -42,6 +50,23 @@ def check_row(row: dict) -> None:
   if row["cached_tokens"] + row["computed_tokens"] != row["context_length"]:
     raise HarnessError(f"{where}: cached_tokens {row['cached_tokens']} + computed_tokens "
                        f"{row['computed_tokens']} != context_length {row['context_length']}")
+
+
+def check_rows(rows, config: dict) -> None:
+  """Raises HarnessError unless `rows` are exactly what a run of `config` (its run record's
+  config) makes: the three modes at every grid point, with its model and repeats."""
+  want = sorted((n, c, shared_prefix_tokens(n, f, config["block_size"]), m)
+                for n in config["context_lengths"] for c in config["concurrency"]
+                for f in config["shared_prefix_fractions"] for m in MODES)
+  got = sorted((r["context_length"], r["concurrency"], r["shared_prefix_tokens"], r["mode"])
+               for r in rows)
+  if got != want:
+    raise HarnessError(f"the rows' (context_length, concurrency, shared_prefix_tokens, mode) "
+                       f"are {got}, not the grid of the run record's config {want}")
+  for i, r in enumerate(rows):
+    if (r["model"], r["repeats"]) != (config["model"], config["repeats"]):
+      raise HarnessError(f"data row {i + 1}: model {r['model']!r}, repeats {r['repeats']}; the "
+                         f"run record's config says {config['model']!r}, {config['repeats']}")
 
 
 def _summary(values_s):
@@ -64,7 +89,7 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
                       max_seq_len=context_length + warmup + repeats + 1)
 
   rows = []
-  for mode in ("dense", "hq_cold", "hq_warm"):
+  for mode in MODES:
     backend = "dense" if mode == "dense" else "hq"
     times, res = [], None
     for i in range(warmup + repeats):
@@ -98,13 +123,12 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
   return rows
 
 
-def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
-          context_lengths: Iterable[int], concurrency: Iterable[int],
-          shared_prefix_fractions: Iterable[float], block_size: int = 16, chunk_size: int = 64,
-          repeats: int = 5, warmup: int = 1, seed: int = 0, attention: str = "auto",
-          decode_attention: str = "paged", allow_long_context: bool = False,
-          progress=None) -> list[dict]:
-  """Every grid point; all flags, the context limit and the requests are checked first."""
+def check_sweep(cfg: ModelConfig, stream: TokenStream, *, context_lengths: Iterable[int],
+                concurrency: Iterable[int], shared_prefix_fractions: Iterable[float],
+                block_size: int = 16, repeats: int = 5, warmup: int = 1, seed: int = 0,
+                allow_long_context: bool = False) -> list[tuple]:
+  """Every check `sweep` makes before any compute; returns the grid points. A script calls
+  it before opening its run, so a bad input leaves nothing in the output directory."""
   if repeats < 1:
     raise ValueError(f"--repeats must be >= 1, got {repeats}")
   if warmup < 0:
@@ -118,9 +142,23 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
   for n, c, f in points:
     point_requests(stream, context_length=n, concurrency=c + 1, shared_prefix_fraction=f,
                    num_prefixes=1, block_size=block_size, seed=seed)
+  return points
+
+
+def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
+          context_lengths: Iterable[int], concurrency: Iterable[int],
+          shared_prefix_fractions: Iterable[float], block_size: int = 16, chunk_size: int = 64,
+          repeats: int = 5, warmup: int = 1, seed: int = 0, attention: str = "auto",
+          decode_attention: str = "paged", allow_long_context: bool = False,
+          progress=None) -> list[dict]:
+  """Every grid point; all flags, the context limit and the requests are checked first."""
+  points = check_sweep(cfg, stream, context_lengths=context_lengths, concurrency=concurrency,
+                       shared_prefix_fractions=shared_prefix_fractions,
+                       block_size=block_size, repeats=repeats, warmup=warmup, seed=seed,
+                       allow_long_context=allow_long_context)
   layout = KVLayout.from_config(cfg, block_size)
   engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
-                       decode_attention=decode_attention)
+                  decode_attention=decode_attention, allow_long_context=allow_long_context)
   rows = []
   for n, c, f in points:
     rows += run_point(engine, layout, stream, model=model, context_length=n, concurrency=c,

@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
   if name == "bench":
     name = " ".join(words[:2])
   if name not in COMMANDS:
-    sys.exit(f"hq-jax: unknown command {name!r}\n{usage()}")
+    print(f"error: hq-jax: unknown command {name!r}; the commands are "
+          f"{', '.join(COMMANDS)} (hq-jax --help)", file=sys.stderr)
+    sys.exit(2)
   rest = words[len(name.split()):]
   module = importlib.import_module(COMMANDS[name])
   module.run([f"hq-jax {name}", *rest])

@@ -10,11 +10,13 @@ seed harness's mistakes an error rather than a result:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import statistics
 from typing import Iterable, Sequence
 
 import jax
+import numpy as np
 
 from hq_jax.config import ModelConfig
 from hq_jax.serve.engine import Engine
@@ -55,8 +57,40 @@ def predicted_kv_bytes(backend: str, *, context_length: int, concurrency: int,
   return (groups * p + c * (n - p)) * bytes_per_token
 
 
+@functools.lru_cache(maxsize=256)
+def metadata_bytes(backend: str, *, block_size: int, num_blocks: int, max_requests: int,
+                   max_seq_len: int) -> int:
+  """What `kv_stats(cache).metadata_bytes` is for a cache of this shape: its arrays depend
+  on the block counts, never on the K/V shape, so a stand-in layout is built abstractly
+  (`jax.eval_shape`: no pool is allocated)."""
+  layout = KVLayout(1, 1, 1, block_size, "float32")
+  cls = DenseKVCache if backend == "dense" else DedupKVCache
+  cache = jax.eval_shape(lambda: cls.init(layout, num_blocks=num_blocks,
+                                          max_requests=max_requests, max_seq_len=max_seq_len))
+  from hq_jax.kv.base import metadata_leaves
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in metadata_leaves(cache).values())
+
+
+def _expected_blocks(row: dict) -> tuple[int, int, int]:
+  """(logical, physical, pool) blocks of a row's grid point, from its own columns."""
+  bs, n, c = row["block_size"], row["context_length"], row["concurrency"]
+  per = -(-n // bs)
+  logical = c * per
+  if row["backend"] == "dense":
+    return logical, logical, c * -(-row["max_seq_len"] // bs)
+  p = row["shared_prefix_tokens"]
+  groups = min(row["num_prefixes"], c) if p else 0
+  physical = groups * (p // bs) + c * -(-(n - p) // bs)
+  return logical, physical, physical
+
+
 def check_row(row: dict) -> None:
-  """Raises HarnessError if a row shows one of the seed harness's accounting mistakes."""
+  """Raises HarnessError if a row shows one of the seed harness's accounting mistakes, or a
+  derived column (blocks, reuse factor, pool, metadata, peak) that its grid point cannot
+  give."""
+  if row["backend"] not in BACKENDS:
+    raise HarnessError(f"backend {row['backend']!r} is not one of {', '.join(BACKENDS)}")
   where = (f"{row['backend']} row context_length={row['context_length']} "
            f"concurrency={row['concurrency']}")
   predicted = predicted_kv_bytes(
@@ -88,6 +122,78 @@ def check_row(row: dict) -> None:
   if row["backend"] == "dense" and row["reuse_factor"] != 1.0:
     raise HarnessError(f"{where}: the dense cache never shares, yet reuse_factor "
                        f"{row['reuse_factor']}")
+  _check_derived(row, where)
+
+
+def _check_derived(row: dict, where: str) -> None:
+  bs, n, c = row["block_size"], row["context_length"], row["concurrency"]
+  p = row["shared_prefix_tokens"]
+  if not (0 <= p <= n and p % bs == 0 and row["unique_suffix_tokens"] == n - p):
+    raise HarnessError(f"{where}: shared_prefix_tokens {p} / unique_suffix_tokens "
+                       f"{row['unique_suffix_tokens']} are not a block-aligned split of {n}")
+  if p != shared_prefix_tokens(n, row["shared_prefix_fraction"], bs):
+    raise HarnessError(f"{where}: shared_prefix_tokens {p} is not shared_prefix_fraction "
+                       f"{row['shared_prefix_fraction']} of {n} tokens in blocks of {bs}")
+  if row["max_seq_len"] < n:
+    raise HarnessError(f"{where}: max_seq_len {row['max_seq_len']} < context_length {n}")
+  if row["query_tokens"] != c * n:
+    raise HarnessError(f"{where}: query_tokens {row['query_tokens']} is not the {c * n} prompt "
+                       f"tokens of concurrency {c} x {n}: prompts were looked up more than "
+                       "once (earlier iterations of the same requests?)")
+  logical, physical, pool = _expected_blocks(row)
+  bpb = bs * row["bytes_per_token"]
+  expect = {"logical_blocks": logical, "physical_blocks": physical,
+            "reuse_factor": round(logical / physical, 6), "pool_bytes": pool * bpb,
+            "kv_bytes_allocated": (pool if row["backend"] == "dense" else physical) * bpb,
+            "metadata_bytes": metadata_bytes(row["backend"], block_size=bs, num_blocks=pool,
+                                             max_requests=c, max_seq_len=row["max_seq_len"])}
+  for column, value in expect.items():
+    if row[column] != value:
+      raise HarnessError(f"{where}: {column} {row[column]} is not {value}, what this grid "
+                         "point's blocks give (logical / physical blocks, the pool, the "
+                         "cache layout)")
+  if not 0 <= row["hit_tokens"] <= row["query_tokens"] or (
+      row["backend"] == "dense" and row["hit_tokens"]):
+    raise HarnessError(f"{where}: hit_tokens {row['hit_tokens']} of {row['query_tokens']} "
+                       "looked up (dense never hits)")
+  if not 0 < row["computed_tokens"] <= c * n or (
+      row["computed_tokens"] < c * n - row["hit_tokens"]):
+    raise HarnessError(f"{where}: computed_tokens {row['computed_tokens']} is not between "
+                       f"the tokens not hit ({c * n - row['hit_tokens']}) and all {c * n}")
+  if row["peak_device_bytes"] is not None and row["peak_device_bytes"] < row["pool_bytes"]:
+    raise HarnessError(f"{where}: peak_device_bytes {row['peak_device_bytes']} is below the "
+                       f"row's own K/V pool ({row['pool_bytes']} bytes)")
+
+
+def check_rows(rows: Sequence[dict], config: dict, skipped_points: Sequence[dict] = ()) -> None:
+  """Raises HarnessError unless `rows` are exactly what a run of `config` (its run record's
+  config) makes: both backends at every grid point it did not skip, once each, with the
+  config's model, seed, block size, prefill chunk and dense reservation."""
+  skipped = {(p["context_length"], p["concurrency"], p["shared_prefix_fraction"],
+              p["num_prefixes"]) for p in skipped_points}
+  points = [p for p in check_grid(context_lengths=config["context_lengths"],
+                                  concurrency=config["concurrency"],
+                                  shared_prefix_fractions=config["shared_prefix_fractions"],
+                                  num_prefixes=config.get("num_prefixes", (1,)))
+            if p not in skipped]
+  want = sorted((*p, b) for p in points for b in BACKENDS)
+  got = sorted((r["context_length"], r["concurrency"], r["shared_prefix_fraction"],
+                r["num_prefixes"], r["backend"]) for r in rows)
+  if got != want:
+    raise HarnessError(f"the rows' grid points (context_length, concurrency, fraction, "
+                       f"num_prefixes, backend) are {got}, not the {len(want)} of the run "
+                       f"record's config {want}")
+  chunks = parse_chunk_size_at(config.get("chunk_size_at", ()), block_size=config["block_size"])
+  for i, r in enumerate(rows):
+    n = r["context_length"]
+    expect = {"model": config["model"], "seed": config["seed"],
+              "block_size": config["block_size"],
+              "chunk_size": chunks.get(n, config["chunk_size"]),
+              "max_seq_len": config.get("max_seq_len") or n}
+    for column, value in expect.items():
+      if r[column] != value:
+        raise HarnessError(f"data row {i + 1}: {column} {r[column]!r}, where the run "
+                           f"record's config gives {value!r}")
 
 
 def _check_fits(layout: KVLayout, num_blocks: int, what: str) -> None:
@@ -235,22 +341,14 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
   return rows
 
 
-def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
-          context_lengths: Iterable[int], concurrency: Iterable[int],
-          shared_prefix_fractions: Iterable[float], num_prefixes: Iterable[int] = (1,),
-          block_size: int = 16, chunk_size: int = 64, chunk_size_at: Iterable[str] = (),
-          max_seq_len: int = 0, seed: int = 0, attention: str = "auto",
-          decode_attention: str = "paged", allow_long_context: bool = False, progress=None,
-          on_rows=None, on_skip=None) -> list[dict]:
-  """The full grid; `progress` (e.g. a tqdm) is updated once per grid point, and
-  `on_rows(rows_so_far)` is called after each (to write partial results). Every grid
-  value, the context limit and the requests of every point are checked before any
-  compute, so a bad grid fails at once rather than after the rows before it. A point
-  whose pools cannot fit on the device (`unfit_points`) is skipped, both backends, and
-  `on_skip(point, reason)` is called for it before any compute (point = (context_length,
-  concurrency, shared_prefix_fraction, num_prefixes)). `chunk_size_at` ("CONTEXT:CHUNK"
-  strings, `parse_chunk_size_at`) gives the points of a context length another prefill
-  chunk than `chunk_size`; each row records its chunk."""
+def check_sweep(cfg: ModelConfig, stream: TokenStream, *, context_lengths: Iterable[int],
+                concurrency: Iterable[int], shared_prefix_fractions: Iterable[float],
+                num_prefixes: Iterable[int] = (1,), block_size: int = 16, chunk_size: int = 64,
+                chunk_size_at: Iterable[str] = (), max_seq_len: int = 0, seed: int = 0,
+                allow_long_context: bool = False) -> tuple[list[tuple], dict[int, int]]:
+  """Every check `sweep` makes before any compute (grid values, the context limit, the
+  requests of every point); returns (grid points, {context_length: chunk}). A script calls
+  it before opening its run, so a bad input leaves nothing in the output directory."""
   chunks = parse_chunk_size_at(chunk_size_at, block_size=block_size)
   if chunk_size < 1 or chunk_size % block_size:
     raise ValueError(f"--chunk_size={chunk_size} must be a positive multiple of "
@@ -268,6 +366,30 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
   for n, c, f, g in points:
     point_requests(stream, context_length=n, concurrency=c, shared_prefix_fraction=f,
                    num_prefixes=g, block_size=block_size, seed=seed)
+  return points, chunks
+
+
+def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
+          context_lengths: Iterable[int], concurrency: Iterable[int],
+          shared_prefix_fractions: Iterable[float], num_prefixes: Iterable[int] = (1,),
+          block_size: int = 16, chunk_size: int = 64, chunk_size_at: Iterable[str] = (),
+          max_seq_len: int = 0, seed: int = 0, attention: str = "auto",
+          decode_attention: str = "paged", allow_long_context: bool = False, progress=None,
+          on_rows=None, on_skip=None) -> list[dict]:
+  """The full grid; `progress` (e.g. a tqdm) is updated once per grid point, and
+  `on_rows(rows_so_far)` is called after each (to write partial results). Every grid
+  value, the context limit and the requests of every point are checked before any
+  compute, so a bad grid fails at once rather than after the rows before it. A point
+  whose pools cannot fit on the device (`unfit_points`) is skipped, both backends, and
+  `on_skip(point, reason)` is called for it before any compute (point = (context_length,
+  concurrency, shared_prefix_fraction, num_prefixes)). `chunk_size_at` ("CONTEXT:CHUNK"
+  strings, `parse_chunk_size_at`) gives the points of a context length another prefill
+  chunk than `chunk_size`; each row records its chunk."""
+  points, chunks = check_sweep(
+      cfg, stream, context_lengths=context_lengths, concurrency=concurrency,
+      shared_prefix_fractions=shared_prefix_fractions, num_prefixes=num_prefixes,
+      block_size=block_size, chunk_size=chunk_size, chunk_size_at=chunk_size_at,
+      max_seq_len=max_seq_len, seed=seed, allow_long_context=allow_long_context)
   layout = KVLayout.from_config(cfg, block_size)
   unfit = unfit_points(points, layout, max_seq_len)
   for point, reason in unfit.items():
@@ -280,7 +402,8 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
     chunk = chunks.get(n, chunk_size)
     if chunk not in engines:
       engines[chunk] = Engine(params, cfg, chunk_size=chunk, attention=attention,
-                                   decode_attention=decode_attention, on_step=tracker)
+                              decode_attention=decode_attention, on_step=tracker,
+                              allow_long_context=allow_long_context)
     return engines[chunk]
 
   rows = []

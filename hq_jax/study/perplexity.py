@@ -84,8 +84,9 @@ def max_abs_diff(a, b, *, chunk: int = 512) -> float:
   return worst
 
 
-def run(params, cfg: ModelConfig, token_ids, *, chunk_size: int = 64, block_size: int = 16,
-        attention: str = "auto", allow_long_context: bool = False) -> dict:
+def check_tokens(cfg: ModelConfig, token_ids, allow_long_context: bool = False) -> np.ndarray:
+  """The token ids `run` scores, checked (integers in the vocabulary, >= 2, within the
+  context rule) before any compute; a script calls it before opening its run."""
   raw = np.asarray(token_ids)
   if raw.dtype.kind not in "iu":
     raise ValueError(f"token ids must be integers, got dtype {raw.dtype}")
@@ -97,8 +98,16 @@ def run(params, cfg: ModelConfig, token_ids, *, chunk_size: int = 64, block_size
     raise ValueError(f"token id {bad} is outside {cfg.name}'s vocabulary [0, {cfg.vocab_size})")
   ids = raw.astype(np.int32)
   check_context_limit(cfg, n, "--num_tokens", allow_long_context)
+  return ids
+
+
+def run(params, cfg: ModelConfig, token_ids, *, chunk_size: int = 64, block_size: int = 16,
+        attention: str = "auto", allow_long_context: bool = False) -> dict:
+  ids = check_tokens(cfg, token_ids, allow_long_context)
+  n = ids.size
   layout = KVLayout.from_config(cfg, block_size)
-  engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention)
+  engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
+                  allow_long_context=allow_long_context)
 
   dense = DenseKVCache.for_requests(layout, max_requests=1, max_seq_len=n)
   _, d = engine.prefill(dense, ids)

@@ -1,15 +1,19 @@
 """Turns a run directory into report.md: tables, PNG plots and the claims ledger.
 
 Reads whatever of these the directory holds: perplexity.json, memory_sweep.csv,
-latency.csv, workloads.csv, each with the run record of the script that wrote it
-(`<script>.run.json`, see harness/outputs.py). Writes report.md, ledger.json and the
-plots next to them.
+latency.csv, workloads.csv, trace_replay.csv (with summary.json), each with the run
+record of the script that wrote it (`<script>.run.json`, see study/outputs.py). Writes
+report.md, ledger.json and the plots next to them (`outputs.DERIVED_FILES`).
 
-Nothing is cited unchecked: every file must carry the run id of its run record (so rows
-are never credited to another run's command), and every row is re-checked with the same
-`check_row` its sweep used. A file or row that fails is refused (ReportError naming the
-file, the row and the column), never reported: a ledger line above a tampered row would
-be a lie, and a partial report could be mistaken for a whole one.
+Nothing is cited unchecked. A directory is refused (ReportError, one line naming the
+file, the row and the column) when:
+  - a run record is not complete (a killed or failed run) or a file does not match its
+    seal (missing, extra, edited, truncated, another run's), or a row lacks its run id;
+  - a row fails its sweep's `check_row` (the kv/token invariants and every derived
+    column: blocks, reuse factor, pool, metadata, peak, hit ratio);
+  - the rows are not what the record's config makes (grid points, model, seed, budgets).
+A ledger line above a tampered row would be a lie, and a partial report could be mistaken
+for a whole one.
 """
 
 from __future__ import annotations
@@ -19,16 +23,19 @@ from typing import Callable, Sequence
 
 from matplotlib.figure import Figure
 
-from hq_jax.study import latency, ledger, memory, outputs, traces, workloads
+from hq_jax.study import latency, ledger, memory, outputs, trace_outputs, traces, workloads
 from hq_jax.study.errors import HarnessError
 
-# file -> the check each of its rows must pass (the one its sweep ran)
-SOURCES: dict[str, Callable[[dict], None] | None] = {
+# file -> (the check each of its rows must pass (the one its sweep ran), its columns)
+SOURCES: dict[str, tuple[Callable[[dict], None], Sequence[str]] | None] = {
     "perplexity.json": None,
-    "memory_sweep.csv": memory.check_row,
-    "latency.csv": latency.check_row,
-    "workloads.csv": workloads.check_row,
+    "memory_sweep.csv": (memory.check_row, memory.COLUMNS),
+    "latency.csv": (latency.check_row, latency.COLUMNS),
+    "workloads.csv": (workloads.check_row, workloads.COLUMNS),
 }
+TRACE_FILES = ("trace_replay.csv", "summary.json", "capacity.csv")
+# A row that fails a check raises one of these (a tampered cell can hold any type).
+_ROW_ERRORS = (HarnessError, KeyError, TypeError, ValueError, ZeroDivisionError)
 
 
 class ReportError(ValueError):
@@ -49,57 +56,117 @@ def _save(fig, ax, path, *, grid_axis="both", legend_size=8):
   fig.savefig(path, dpi=110)
 
 
+def _refuse(path: str, e: Exception, what: str = "") -> ReportError:
+  missing = "column" if "data row" in what else "field"
+  detail = f"missing {missing} {e}" if isinstance(e, KeyError) else str(e)
+  return ReportError(f"{path}{what}: {detail}. The report cites only rows that pass the "
+                     "sweep's own checks and match their run record: re-run the sweep")
+
+
+def _check_rows(path: str, rows: list[dict], check, columns: Sequence[str]) -> None:
+  missing = [c for c in columns if c not in rows[0]] if rows else []
+  if missing:
+    raise ReportError(f"{path} has no {missing[0]} column: not a file its script wrote")
+  for i, row in enumerate(rows):
+    try:
+      check(row)
+    except _ROW_ERRORS as e:
+      raise _refuse(path, e, f" data row {i + 1}") from None
+
+
 def _load(run_dir: str):
-  """(perplexity, memory rows, latency rows, workload rows, run records by script), each
-  file checked against its run record and each row against its sweep's `check_row`."""
+  """(perplexity, memory rows, latency rows, workload rows, trace rows and claim, run
+  records by script): each row checked against its sweep's `check_row`, each file against
+  its run's seal (`outputs.sealed_outputs`) and run id, and the rows against the config of
+  the run record that wrote them."""
   if not os.path.isdir(run_dir):
     raise ReportError(f"--run_dir={run_dir} is not a directory")
-  loaded: dict = {}
-  for name, check in SOURCES.items():
-    path = os.path.join(run_dir, name)
-    if not os.path.exists(path):
-      continue
-    content = outputs.read_json(path) if name.endswith(".json") else outputs.read_csv(path)
-    if check is not None:
-      for i, row in enumerate(content):
-        try:
-          check(row)
-        except (HarnessError, KeyError, TypeError) as e:
-          what = f"missing column {e}" if isinstance(e, KeyError) else str(e)
-          raise ReportError(f"{path} data row {i + 1}: {what}. The report cites only rows "
-                            "that pass the sweep's own checks: re-run the sweep") from e
-    loaded[name] = content
-  records = {}
   try:
-    all_records = outputs.run_records(run_dir)
-    for name, content in loaded.items():
-      record = outputs.check_file_run(run_dir, name, content, all_records)
-      records[record.get("script", name)] = record
+    return _load_checked(run_dir)
   except outputs.OutputError as e:
-    raise ReportError(str(e)) from e
+    raise ReportError(str(e)) from None
+
+
+def _load_checked(run_dir: str):
+  loaded: dict = {}
+  for name, source in SOURCES.items():
+    path = os.path.join(run_dir, name)
+    if not os.path.lexists(path):
+      continue
+    if source is None:
+      loaded[name] = outputs.read_json(path, dict)
+    else:
+      loaded[name] = outputs.read_csv(path)
+      _check_rows(path, loaded[name], *source)
+  trace = _trace_rows(run_dir)
+  if trace is not None:
+    loaded["trace_replay.csv"] = trace[0]
+    if trace[1] is not None:
+      loaded["summary.json"] = trace[1]
+  outputs.sealed_outputs(run_dir, [*SOURCES, *TRACE_FILES])
+  all_records = outputs.run_records(run_dir)
+  records, by_file = {}, {}
+  for name, content in loaded.items():
+    record = outputs.check_file_run(run_dir, name, content, all_records)
+    records[record.get("script", name)] = by_file[name] = record
+  _check_configs(run_dir, loaded, by_file)
   return (loaded.get("perplexity.json"), loaded.get("memory_sweep.csv", []),
-          loaded.get("latency.csv", []), loaded.get("workloads.csv", []), records)
+          loaded.get("latency.csv", []), loaded.get("workloads.csv", []),
+          trace[2] if trace else None, records)
 
 
-def _trace_claim(run_dir: str) -> dict | None:
-  """The trace replay's ledger row (scripts/trace_replay.py), recomputed from the rows of
-  trace_replay.csv, never copied from summary.json; None if the directory holds no replay.
-  A summary.json whose verdict differs from what its CSV gives is refused."""
+def _check_configs(run_dir: str, loaded: dict, by_file: dict) -> None:
+  """The rows against the config their run record says produced them (a record without
+  a config, e.g. a notebook's own `outputs.Run`, has only its seal checked)."""
+  def config(name):
+    record = by_file.get(name, {})
+    return record.get("config") if isinstance(record.get("config"), dict) else None
+
+  checks = {
+      "memory_sweep.csv": lambda rows, c: memory.check_rows(
+          rows, c, by_file["memory_sweep.csv"].get("skipped_points") or ()),
+      "workloads.csv": workloads.check_rows,
+      "latency.csv": latency.check_rows,
+      "trace_replay.csv": lambda rows, c: trace_outputs.check_rows(
+          rows, c, bytes_per_block=by_file["trace_replay.csv"]["bytes_per_block"],
+          trace_requests=by_file["trace_replay.csv"]["trace_requests"]),
+  }
+  for name, check in checks.items():
+    if name in loaded and config(name) is not None:
+      try:
+        check(loaded[name], config(name))
+      except _ROW_ERRORS as e:
+        raise _refuse(os.path.join(run_dir, name), e,
+                      f" (against {by_file[name].get('script')}.run.json)") from None
+  ppl, c = loaded.get("perplexity.json"), config("perplexity.json")
+  if ppl is not None and c is not None and (
+      ppl.get("num_tokens") != c.get("num_tokens") or ppl.get("model") != c.get("model")):
+    raise ReportError(f"{os.path.join(run_dir, 'perplexity.json')}: model "
+                      f"{ppl.get('model')!r}, {ppl.get('num_tokens')} tokens, where its run "
+                      f"record's config says {c.get('model')!r}, {c.get('num_tokens')}")
+
+
+def _trace_rows(run_dir: str):
+  """(rows of trace_replay.csv, summary.json or None, the ledger row recomputed from the
+  rows, never copied from summary.json), or None if the directory holds no replay. A
+  summary.json whose verdict differs from what its CSV gives is refused."""
   path = os.path.join(run_dir, "trace_replay.csv")
-  if not os.path.exists(path):
+  if not os.path.lexists(path):
     return None
+  rows = outputs.read_csv(path)
+  summary_path = os.path.join(run_dir, "summary.json")
+  summary = outputs.read_json(summary_path, dict) if os.path.lexists(summary_path) else None
+  trace = (summary or {}).get("trace")
+  name = os.path.basename(trace.get("path", "")) if isinstance(trace, dict) else ""
   try:
-    rows = outputs.read_csv(path)
-    summary_path = os.path.join(run_dir, "summary.json")
-    summary = outputs.read_json(summary_path) if os.path.exists(summary_path) else {}
-    name = os.path.basename(summary.get("trace", {}).get("path", "")) or "replayed"
-    claim = traces.ledger_row(rows, name)
-  except (outputs.OutputError, KeyError, TypeError, ZeroDivisionError) as e:
-    raise ReportError(f"{path}: not a trace replay the report can check ({e})") from e
-  if summary.get("ledger_row") not in (None, claim):
+    claim = traces.ledger_row(rows, name or "replayed")
+  except _ROW_ERRORS as e:
+    raise _refuse(path, e, " (not a trace replay the report can check)") from None
+  if summary is not None and summary.get("ledger_row") not in (None, claim):
     raise ReportError(f"{summary_path}: its ledger row is not what {path} gives; the report "
                       "cites only verdicts it recomputes from rows: re-run the replay")
-  return claim
+  _check_rows(path, rows, trace_outputs.check_row, trace_outputs.COLUMNS)
+  return rows, summary, claim
 
 
 def _table(rows: Sequence[dict], columns: Sequence[str], first_index: bool = False) -> str:
@@ -179,13 +246,33 @@ def plot_ttft(lat, path):
 
 
 def write(run_dir: str) -> str:
-  ppl, mem, lat, work, records = _load(run_dir)
-  trace_claim = _trace_claim(run_dir)
+  """Writes report.md (last), ledger.json and the plots; a directory it refuses keeps no
+  earlier report (which would cite rows that are no longer what was checked)."""
+  for name in outputs.DERIVED_FILES:
+    path = os.path.join(run_dir, name)
+    if os.path.isdir(run_dir) and os.path.lexists(path):
+      try:
+        os.remove(path)
+      except OSError as e:
+        raise ReportError(f"cannot remove the old {path}: {e.strerror or e}") from None
+  ppl, mem, lat, work, trace_claim, records = _load(run_dir)
   if not (ppl or mem or lat or work or trace_claim):
-    raise FileNotFoundError(f"{run_dir} holds none of perplexity.json, memory_sweep.csv, "
-                            "latency.csv, workloads.csv, trace_replay.csv")
+    raise ReportError(f"{run_dir} holds none of perplexity.json, memory_sweep.csv, "
+                      "latency.csv, workloads.csv, trace_replay.csv")
+  try:
+    return _write(run_dir, ppl, mem, lat, work, trace_claim, records)
+  except (outputs.OutputError, OSError) as e:  # OSError: matplotlib's savefig
+    for name in outputs.DERIVED_FILES:  # nothing half-written: no plots without their report
+      try:
+        os.remove(os.path.join(run_dir, name))
+      except OSError:
+        pass
+    detail = str(e) if isinstance(e, outputs.OutputError) else e.strerror or str(e)
+    raise ReportError(f"cannot write the report into {run_dir}: {detail}") from None
+
+
+def _write(run_dir, ppl, mem, lat, work, trace_claim, records) -> str:
   claims = ledger.build(ppl, mem, lat) + ([trace_claim] if trace_claim else [])
-  outputs.write_json(os.path.join(run_dir, "ledger.json"), claims)
   md = ["# hq-jax run report\n"]
   for script, run in sorted(records.items()):
     md.append(f"{script} run `{run.get(outputs.RUN_ID)}` produced {run.get('date')} on "
@@ -225,7 +312,7 @@ def write(run_dir: str) -> str:
     md.append("## Workloads\n")
     md.append(_table(work, ["workload", "backend", "requests", "prompt_tokens", "kv_bytes_used",
                             "reuse_factor", "hit_rate", "computed_tokens"], first_index=True))
+  outputs.write_json(os.path.join(run_dir, "ledger.json"), claims)
   path = os.path.join(run_dir, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(md))
+  outputs.write_text(path, "\n".join(md))
   return path

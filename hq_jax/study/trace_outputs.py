@@ -7,6 +7,7 @@ notebook can call them directly.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Sequence
 
@@ -184,3 +185,74 @@ def plot(rows: Sequence[dict], path: str, title: str) -> None:
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+
+
+REPLAY_BACKENDS = ("hq_unbounded", "dense", "hq")
+
+
+def check_row(row: dict) -> None:
+  """Raises ValueError for a trace_replay.csv row whose numbers contradict each other
+  (the report cites only rows a replay can have written)."""
+  b = row["backend"]
+  if b not in REPLAY_BACKENDS:
+    raise ValueError(f"backend {b!r} is not one of {', '.join(REPLAY_BACKENDS)}")
+  where = f"{b} row at {row['kv_budget_gb']} GB"
+  prompt, hit, computed = row["prompt_tokens"], row["hit_tokens"], row["computed_prefill_tokens"]
+  if not 0 <= hit <= prompt:
+    raise ValueError(f"{where}: hit_tokens {hit} is not within prompt_tokens {prompt}")
+  ratio = hit / prompt if prompt else 0.0
+  if not math.isclose(row["hit_ratio"], ratio, rel_tol=1e-9, abs_tol=1e-12):
+    raise ValueError(f"{where}: hit_ratio {row['hit_ratio']} is not hit_tokens / prompt_tokens "
+                     f"= {ratio}")
+  simulated = row["decode_steps"] is None  # --no_model: the block policy alone
+  if (computed != prompt - hit) if simulated else not prompt - hit <= computed <= prompt:
+    raise ValueError(f"{where}: computed_prefill_tokens {computed} is not prompt_tokens - "
+                     f"hit_tokens = {prompt - hit}"
+                     + ("" if simulated else " or more (whole chunks), at most the prompt"))
+  if b == "dense" and (hit or row["evicted_blocks"]):
+    raise ValueError(f"{where}: the dense cache never hits or evicts, yet hit_tokens {hit}, "
+                     f"evicted_blocks {row['evicted_blocks']}")
+  if (row["kv_budget_gb"] == 0) != (row["num_blocks"] is None) or (
+      b == "hq_unbounded" and row["kv_budget_gb"] != 0):
+    raise ValueError(f"{where}: num_blocks {row['num_blocks']!r} does not match the budget "
+                     "(0 GB is the unbounded pool, which has no block count)")
+  if min(row["requests"], row["skipped_requests"], row["evicted_blocks"],
+         row["peak_kv_bytes_used"], row["mean_concurrency"]) < 0 or (
+      row["mean_concurrency"] > row["peak_concurrency"] + 1e-9):
+    raise ValueError(f"{where}: a negative count, or mean_concurrency "
+                     f"{row['mean_concurrency']} above peak_concurrency "
+                     f"{row['peak_concurrency']}")
+
+
+def check_rows(rows: Sequence[dict], config: dict, *, bytes_per_block: int,
+               trace_requests: int) -> None:
+  """Raises ValueError unless `rows` are what a replay of `config` (its run record's
+  config) over `trace_requests` requests writes: the budget plan of `run_budgets` in
+  order, the config's model and block size, each pool's block count, every request
+  admitted or skipped (fewer only in a partial row)."""
+  plan = [("hq_unbounded", 0.0)]
+  for b in config["kv_budget_gb"]:
+    plan += [("dense", b)] + ([("hq", b)] if b else [])
+  got = [(r["backend"], r["kv_budget_gb"]) for r in rows]
+  if got != plan:
+    raise ValueError(f"the rows' (backend, kv_budget_gb) are {got}, not the plan of the run "
+                     f"record's --kv_budget_gb {config['kv_budget_gb']}: {plan}")
+  for i, r in enumerate(rows):
+    nb = pool_blocks(r["kv_budget_gb"], bytes_per_block)
+    done = r["requests"] + r["skipped_requests"]
+    problem = (
+        f"model {r['model']!r} is not {config['model']!r}" if r["model"] != config["model"]
+        else f"block_size {r['block_size']} is not {config['block_size']}"
+        if r["block_size"] != config["block_size"]
+        else f"num_blocks {r['num_blocks']} is not {nb}, what {r['kv_budget_gb']} GB buys"
+        if r["num_blocks"] != nb
+        else f"peak_kv_bytes_used {r['peak_kv_bytes_used']} is not whole blocks within the pool"
+        if r["peak_kv_bytes_used"] % bytes_per_block or (
+            nb is not None and r["peak_kv_bytes_used"] > nb * bytes_per_block)
+        else f"peak_concurrency {r['peak_concurrency']} exceeds --max_concurrency"
+        if r["peak_concurrency"] > config["max_concurrency"]
+        else f"{done} requests admitted or skipped of the {trace_requests} replayed"
+        if done > trace_requests or (done < trace_requests and r["partial"] not in (True, "True"))
+        else None)
+    if problem:
+      raise ValueError(f"data row {i + 1}: {problem} (the run record's config)")

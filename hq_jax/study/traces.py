@@ -84,9 +84,13 @@ def load_trace(path: str, fmt: str = "mooncake", max_requests: int = 0) -> list[
     raise TraceError(f"{path}: trace file does not exist")
   parse, out, last = FORMATS[fmt], [], 0.0
   parent: dict[int, tuple[int, str]] = {}  # id -> (the id before it, where first seen)
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
       where = f"{path}:{lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise TraceError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
       if not line.strip():
         continue
       try:

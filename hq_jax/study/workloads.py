@@ -20,6 +20,7 @@ from hq_jax.kv.stats import kv_stats
 COLUMNS = ("workload", "backend", "model", "requests", "prompt_tokens", "kv_bytes_allocated",
            "kv_bytes_used", "physical_blocks", "logical_blocks", "reuse_factor", "hit_tokens",
            "query_tokens", "hit_rate", "computed_tokens", "metadata_bytes", "attention")
+WORKLOADS = ("system_prompt", "few_shot", "multi_turn")
 # Smallest valid value of each size (a system prompt may be empty; everything else not).
 SIZE_MINIMUM = {"users": 1, "system_tokens": 0, "user_tokens": 1, "examples": 1,
                 "example_tokens": 1, "turns": 1}
@@ -36,7 +37,18 @@ def check_sizes(sizes: dict) -> None:
 
 def check_row(row: dict) -> None:
   """Raises HarnessError for a workload row whose numbers contradict each other."""
+  if row["workload"] not in WORKLOADS or row["backend"] not in ("dense", "hq"):
+    raise HarnessError(f"workload {row['workload']!r} / backend {row['backend']!r} is not one "
+                       f"of {', '.join(WORKLOADS)} / dense, hq")
   where = f"{row['workload']} {row['backend']} row"
+  derived = {"reuse_factor": round(row["logical_blocks"] / row["physical_blocks"], 6)
+                             if row["physical_blocks"] else 1.0,
+             "hit_rate": round(row["hit_tokens"] / row["query_tokens"], 6),
+             "query_tokens": row["prompt_tokens"]}
+  for column, value in derived.items():
+    if row[column] != value:
+      raise HarnessError(f"{where}: {column} {row[column]} is not {value}, what the row's own "
+                         "blocks and token counts give")
   if row["kv_bytes_used"] > row["kv_bytes_allocated"]:
     raise HarnessError(f"{where}: kv_bytes_used {row['kv_bytes_used']} exceeds "
                        f"kv_bytes_allocated {row['kv_bytes_allocated']}")
@@ -47,6 +59,24 @@ def check_row(row: dict) -> None:
   if row["backend"] == "dense" and (row["reuse_factor"] != 1.0 or row["hit_tokens"]):
     raise HarnessError(f"{where}: the dense cache never shares, yet reuse_factor "
                        f"{row['reuse_factor']}, hit_tokens {row['hit_tokens']}")
+
+
+def check_rows(rows, config: dict) -> None:
+  """Raises HarnessError unless `rows` are exactly the workloads a run of `config` (a
+  memory-sweep record's config) makes: each workload once per backend, its model and
+  request counts."""
+  want = {(w, b) for w in WORKLOADS for b in ("dense", "hq")}
+  got = [(r["workload"], r["backend"]) for r in rows]
+  if sorted(got) != sorted(want):
+    raise HarnessError(f"the rows are workloads x backends {sorted(got)}, not each of "
+                       f"{sorted(want)} once")
+  requests = {"system_prompt": config.get("users"), "few_shot": config.get("users"),
+              "multi_turn": config.get("turns")}
+  for i, r in enumerate(rows):
+    if r["model"] != config.get("model") or r["requests"] != requests[r["workload"]]:
+      raise HarnessError(f"data row {i + 1}: model {r['model']!r}, {r['requests']} requests; "
+                         f"the run record's config says {config.get('model')!r}, "
+                         f"{requests[r['workload']]}")
 
 
 def longest_request(sizes: dict) -> int:
@@ -71,15 +101,21 @@ def build(stream: wl.TokenStream, sizes: dict, seed: int) -> dict[str, tuple[lis
   }
 
 
+def check(cfg: ModelConfig, stream: wl.TokenStream, sizes: dict, seed: int = 0,
+          allow_long_context: bool = False) -> dict[str, tuple[list, bool]]:
+  """Every check `run` makes before any compute; returns the workloads (`build`)."""
+  check_sizes(sizes)
+  check_context_limit(cfg, longest_request(sizes), "the workload sizes", allow_long_context)
+  return build(stream, sizes, seed)
+
+
 def run(params, cfg: ModelConfig, stream: wl.TokenStream, *, model: str, sizes: dict,
         block_size: int = 16, chunk_size: int = 64, seed: int = 0, attention: str = "auto",
         decode_attention: str = "paged", allow_long_context: bool = False) -> list[dict]:
-  check_sizes(sizes)
-  check_context_limit(cfg, longest_request(sizes), "the workload sizes", allow_long_context)
-  workloads = build(stream, sizes, seed)
+  workloads = check(cfg, stream, sizes, seed, allow_long_context)
   layout = KVLayout.from_config(cfg, block_size)
   engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
-                       decode_attention=decode_attention)
+                  decode_attention=decode_attention, allow_long_context=allow_long_context)
   rows = []
   for name, (requests, sequential) in workloads.items():
     longest = max(len(r) for r in requests)

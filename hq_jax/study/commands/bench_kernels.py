@@ -71,4 +71,4 @@ def main(argv):
 
 def run(argv=None):
   """`hq-jax bench kernels` and `scripts/kernel_bench.py`."""
-  cli.run_command(main, __name__, argv)
+  cli.run_command(cli.exit_on_error(main), __name__, argv)

@@ -37,9 +37,17 @@ def main(argv):
   cfg = cli.resolve(_CONFIG.value)
   cli.validate(cfg)  # Every flag, and the output directory, before anything is loaded.
   record = {"command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata()}
-  with outputs.Run(cfg.output_dir, "latency", ["latency.csv"], overwrite=cfg.overwrite,
-                   record=record) as run:
-    params, model_cfg, stream = cli.load_model_and_stream(cfg)
+  run = outputs.Run(cfg.output_dir, "latency", ["latency.csv"], overwrite=cfg.overwrite,
+                    record=record)
+  run.preflight()
+  # The model, the text and every request are checked before the run opens.
+  params, model_cfg, stream = cli.load_model_and_stream(cfg)
+  latency.check_sweep(model_cfg, stream, context_lengths=cfg.context_lengths,
+                      concurrency=cfg.concurrency,
+                      shared_prefix_fractions=cfg.shared_prefix_fractions,
+                      block_size=cfg.block_size, repeats=cfg.repeats, warmup=cfg.warmup,
+                      seed=cfg.seed, allow_long_context=cfg.allow_long_context)
+  with run:
     points = len(cfg.context_lengths) * len(cfg.concurrency) * len(cfg.shared_prefix_fractions)
     with tqdm.tqdm(total=points, desc="latency", unit="point") as bar:
       rows = latency.sweep(params, model_cfg, stream, model=cfg.model,
@@ -50,8 +58,7 @@ def main(argv):
                            attention=cfg.attention, decode_attention=cfg.decode_attention,
                            allow_long_context=cfg.allow_long_context, progress=bar)
     path = run.write_csv("latency.csv", rows, latency.COLUMNS)
-    run.finish(attention=rows[0]["attention"], decode_attention=cfg.decode_attention,
-               rows={"latency.csv": len(rows)})
+    run.finish(attention=rows[0]["attention"], decode_attention=cfg.decode_attention)
   for r in rows:
     print(f"{r['mode']:8s} {r['context_length']:6d} tok x{r['concurrency']:<3d} "
           f"TTFT {r['ttft_ms_median']:9.2f} ms [{r['ttft_ms_min']:.2f}, {r['ttft_ms_max']:.2f}]"

@@ -34,15 +34,19 @@ def main(argv):
   cfg = cli.resolve(_CONFIG.value)
   cli.validate(cfg)  # Every flag, and the output directory, before anything is loaded.
   record = {"command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata()}
-  with outputs.Run(cfg.output_dir, "perplexity", ["perplexity.json"], overwrite=cfg.overwrite,
-                   record=record) as run:
-    text = data.read_text(cfg.text_file)
-    logging.info("loading model %s", cfg.model)
-    params, model_cfg, tok = weights.load_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
-    ids = tokenizer.encode_text(tok, text, vocab_size=model_cfg.vocab_size,
-                                num_tokens=cfg.num_tokens)
-    logging.info("scoring %d tokens with %s (dense, HQ, HQ with prefix reuse)", len(ids),
-                 model_cfg.name)
+  run = outputs.Run(cfg.output_dir, "perplexity", ["perplexity.json"], overwrite=cfg.overwrite,
+                    record=record)
+  run.preflight()
+  # The text, the model and the tokens are checked before the run opens.
+  text = data.read_text(cfg.text_file)
+  logging.info("loading model %s", cfg.model)
+  params, model_cfg, tok = weights.load_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed)
+  ids = tokenizer.encode_text(tok, text, vocab_size=model_cfg.vocab_size,
+                              num_tokens=cfg.num_tokens)
+  perplexity.check_tokens(model_cfg, ids, cfg.allow_long_context)
+  logging.info("scoring %d tokens with %s (dense, HQ, HQ with prefix reuse)", len(ids),
+               model_cfg.name)
+  with run:
     t0 = time.perf_counter()
     result = perplexity.run(params, model_cfg, ids, chunk_size=cfg.chunk_size,
                             block_size=cfg.block_size, attention=cfg.attention,

@@ -129,6 +129,7 @@ def _replay(run, cfg, requests, layout, replay_cfg, make_backend, trace_path, de
   trace_outputs.plot(rows, run.path("trace_replay.png"),
                      f"{name}: {len(requests)} requests, {cfg.model} KV shape, "
                      f"block {cfg.block_size}, concurrency <= {cfg.max_concurrency}")
+  run.adopt("trace_replay.png")  # written by matplotlib: sealed as it is on disk
   prompt = sum(r.input_length for r in requests)
   summary = {
       "command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata(),
@@ -159,6 +160,14 @@ def main(argv):
       max_concurrency=cfg.max_concurrency, max_output_tokens=cfg.max_output_tokens,
       prefill_tokens_per_s=cfg.prefill_tokens_per_s,
       decode_tokens_per_s=cfg.decode_tokens_per_s, time_scale=cfg.time_scale)
+  files = ["trace_replay.csv", "capacity.csv", "trace_replay.png", "summary.json"]
+  # The record's config, block bytes and request count let the report check every row
+  # against the replay that wrote it.
+  run = outputs.Run(cfg.output_dir, "trace_replay", files, overwrite=cfg.overwrite,
+                    record={"command": cli.command_line(), **cli.run_metadata(),
+                            "config": cfg.to_dict(), "bytes_per_block": layout.bytes_per_block,
+                            "trace_requests": len(requests)})
+  run.preflight()  # Refuses earlier outputs (without --overwrite) before any model is built.
   ran = "none (--no_model)"
   if cfg.no_model:
     make_backend = trace_outputs.simulator_factory(cfg.block_size)
@@ -168,23 +177,18 @@ def main(argv):
     from hq_jax import model as model_lib
     from hq_jax.serve.engine import Engine
     params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
-    engine = Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention)
+    engine = Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention,
+                    allow_long_context=cfg.allow_long_context)
     ran = engine.attention_label
     make_backend = trace_serving.make_factory(
         layout, requests, replay_cfg, vocab_size=model_cfg.vocab_size, seed=cfg.seed,
         engine=engine)
   deadline = t_start + cfg.time_limit_s if cfg.time_limit_s else None
-  files = ["trace_replay.csv", "capacity.csv", "trace_replay.png", "summary.json"]
-  # The run refuses earlier outputs without --overwrite and locks the directory while it
-  # writes; a failure marks its record failed. Its errors name the flag.
-  try:
-    with outputs.Run(cfg.output_dir, "trace_replay", files, overwrite=cfg.overwrite,
-                     record={"command": cli.command_line(), **cli.run_metadata(),
-                             "attention": ran}) as run:
-      rows, capacity, summary = _replay(run, cfg, requests, layout, replay_cfg, make_backend,
-                                        trace_path, deadline)
-  except outputs.OutputError as e:
-    raise app.UsageError(str(e)) from None
+  # The run locks the directory while it writes; a failure marks its record failed.
+  run.record["attention"] = ran
+  with run:
+    rows, capacity, summary = _replay(run, cfg, requests, layout, replay_cfg, make_backend,
+                                      trace_path, deadline)
   name, prompt = os.path.basename(trace_path), summary["trace"]["prompt_tokens"]
   print(f"trace {name}: {len(requests)} requests, {prompt:,} prompt tokens, direct chain "
         f"hit ratio {100 * summary['trace']['direct_hit_ratio']:.2f}%")
@@ -210,4 +214,4 @@ def main(argv):
 
 def run(argv=None):
   """`hq-jax replay` and `scripts/trace_replay.py`."""
-  cli.run_command(main, __name__, argv)
+  cli.run_command(cli.exit_on_error(main), __name__, argv)

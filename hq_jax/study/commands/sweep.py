@@ -51,9 +51,23 @@ def main(argv):
   cli.validate(cfg)  # Every flag, and the output directory, before anything is loaded.
   files = ["memory_sweep.csv"] + (["workloads.csv"] if cfg.workloads else [])
   record = {"command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata()}
-  with outputs.Run(cfg.output_dir, "memory_sweep", files, overwrite=cfg.overwrite,
-                   record=record) as run:
-    params, model_cfg, stream = cli.load_model_and_stream(cfg)
+  run = outputs.Run(cfg.output_dir, "memory_sweep", files, overwrite=cfg.overwrite,
+                    record=record)
+  run.preflight()
+  # The model, the text and every request are checked before the run opens: an input
+  # error leaves nothing (no failed record) in the directory.
+  params, model_cfg, stream = cli.load_model_and_stream(cfg)
+  memory.check_sweep(model_cfg, stream, context_lengths=cfg.context_lengths,
+                     concurrency=cfg.concurrency,
+                     shared_prefix_fractions=cfg.shared_prefix_fractions,
+                     num_prefixes=cfg.num_prefixes, block_size=cfg.block_size,
+                     chunk_size=cfg.chunk_size, chunk_size_at=cfg.chunk_size_at,
+                     max_seq_len=cfg.max_seq_len, seed=cfg.seed,
+                     allow_long_context=cfg.allow_long_context)
+  if cfg.workloads:
+    workloads.check(model_cfg, stream, {k: cfg[k] for k in workloads.SIZE_MINIMUM}, cfg.seed,
+                    cfg.allow_long_context)
+  with run:
     points = (len(cfg.context_lengths) * len(cfg.concurrency) *
               len(cfg.shared_prefix_fractions) * len(cfg.num_prefixes))
     engine_args = dict(block_size=cfg.block_size, chunk_size=cfg.chunk_size, seed=cfg.seed,
@@ -88,7 +102,7 @@ def main(argv):
                             **engine_args)
       print(f"wrote {run.write_csv('workloads.csv', wrows, workloads.COLUMNS)}")
     run.finish(attention=rows[0]["attention"], decode_attention=cfg.decode_attention,
-               rows={"memory_sweep.csv": len(rows)}, skipped_points=skipped)
+               skipped_points=skipped)
 
 
 
