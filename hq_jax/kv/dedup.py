@@ -230,10 +230,13 @@ class DedupKVCache(PagedCache):
     the end in one vectorized pass (cut at its first failure: a single candidate that
     fails means no block matches there); several candidates (collisions) are verified
     one by one as they come. Either way only verified blocks are returned."""
-    index, gen, mask = self._state.index, self.block_gen, (1 << self.hash_bits) - 1
+    index, gen_of, mask = self._state.index.get, self.block_gen.item, (1 << self.hash_bits) - 1
     hits, parent, pgen = [], -1, 0
+    salted = (salt & _M32) * _K1
     for i, th in enumerate(token_hashes(blocks)):
-      found = index.get(_mix(th, salt, parent, pgen) & mask)
+      x = (th ^ salted ^ ((parent + 1) * _K2) ^ (pgen * _K3)) & _M64  # _mix, inlined
+      x = ((x ^ (x >> 31)) * _K4) & _M64
+      found = index(((x ^ (x >> 29)) >> 32) & mask)
       if found is None:
         break
       if type(found) is not int:
@@ -241,13 +244,13 @@ class DedupKVCache(PagedCache):
         if found is None:
           break
       hits.append(found)
-      parent, pgen = found, int(gen[found])
+      parent, pgen = found, gen_of(found)
     if not hits:
       return hits
     h = np.asarray(hits, np.int64)
     parents = np.concatenate([[-1], h[:-1]])
     ok = (self.registered[h] & (self.block_salt[h] == salt) & (self.block_parent[h] == parents)
-          & (self.block_parent_gen[h] == np.where(parents >= 0, gen[np.maximum(parents, 0)], 0))
+          & (self.block_parent_gen[h] == np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0))
           & (self.block_tokens[h] == blocks[:h.size]).all(axis=1))
     return hits if ok.all() else hits[:int(np.argmin(ok))]
 
