@@ -40,39 +40,51 @@ from hq_jax.kv.base import (CacheError, FreeBlocks, PagedCache, PoolFull, check_
                             static_field)
 from hq_jax.kv.paged import KVLayout
 
-_M32, _M64 = (1 << 32) - 1, (1 << 64) - 1
-_K1, _K2, _K3, _K4 = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
-                      0xD6E8FEB86659FD93)
+_M32 = (1 << 32) - 1
+_U = np.uint64
+_K_SALT, _K_MIX = _U(0x9E3779B97F4A7C15), _U(0xD6E8FEB86659FD93)
+_position_mult = np.zeros((0,), np.uint64)  # grown on demand, a pure function of position
 
 
-@lru_cache(maxsize=None)
-def _multipliers(block_size: int) -> np.ndarray:
-  """Fixed odd 64-bit multipliers, one per position in a block (a deterministic hash:
-  the stored hashes of a checkpoint stay valid in another process)."""
-  return np.random.default_rng(0x48510).integers(1, 2**63, size=block_size,
-                                                 dtype=np.uint64) | np.uint64(1)
+def _multipliers(n: int) -> np.ndarray:
+  """Odd 64-bit multipliers of token positions 0..n-1 (splitmix64 of the position: the
+  same in every process, so the stored hashes of a checkpoint stay valid)."""
+  global _position_mult
+  if _position_mult.size < n:
+    with np.errstate(over="ignore"):
+      z = (np.arange(max(n, 2 * _position_mult.size), dtype=np.uint64) + _U(1)) * _K_SALT
+      z = (z ^ (z >> _U(30))) * _U(0xBF58476D1CE4E5B9)
+      z = (z ^ (z >> _U(27))) * _U(0x94D049BB133111EB)
+      _position_mult = (z ^ (z >> _U(31))) | _U(1)
+  return _position_mult[:n]
 
 
-def token_hashes(blocks: np.ndarray) -> list[int]:
-  """A 64-bit hash of each block's tokens, [n, bs] -> n ints, vectorized."""
-  blocks = np.asarray(blocks)
+def _prefix_sums(blocks: np.ndarray, first: int = 0, before=0) -> np.ndarray:
+  """Running token sums (weighted by position) to the end of each of `blocks` [n, bs],
+  the consecutive full blocks from logical block `first`; `before`: the sum before it."""
+  n, bs = blocks.shape
   with np.errstate(over="ignore"):
-    h = (blocks.astype(np.uint64) * _multipliers(blocks.shape[1])).sum(axis=1,
-                                                                         dtype=np.uint64)
-  return h.tolist()
+    weights = _multipliers((first + n) * bs)[first * bs:].reshape(n, bs)
+    sums = (blocks.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+    sums[:1] += _U(before)
+    return np.cumsum(sums, dtype=np.uint64)
 
 
-def _mix(tokens_hash: int, salt: int, parent: int, parent_gen: int) -> int:
-  """32 bits of (salt, parent, parent's generation, tokens' hash)."""
-  x = (tokens_hash ^ ((salt & _M32) * _K1) ^ ((parent + 1) * _K2) ^ (parent_gen * _K3)) & _M64
-  x = ((x ^ (x >> 31)) * _K4) & _M64
-  return (x ^ (x >> 29)) >> 32
+def _keys(prefix_sums: np.ndarray, salt: int, bits: int) -> np.ndarray:
+  with np.errstate(over="ignore"):
+    x = prefix_sums ^ (_U(salt & _M32) * _K_SALT)
+    x = (x ^ (x >> _U(31))) * _K_MIX
+    x = x ^ (x >> _U(29))
+  return (x >> _U(32)) & _U((1 << bits) - 1)
 
 
-def block_hash(salt: int, parent: int, parent_gen: int, tokens: np.ndarray, bits: int) -> int:
-  """A `bits`-bit hash of a block's identity (0 bits: every block collides)."""
-  return _mix(token_hashes(np.asarray(tokens)[None])[0], salt, parent, parent_gen) & (
-      (1 << bits) - 1)
+def prefix_keys(blocks: np.ndarray, salt: int, bits: int) -> np.ndarray:
+  """The `bits`-bit hash of each block's salt and *all* tokens up to its end, for the
+  consecutive full blocks `blocks` [n, bs] of one sequence from position 0 (0 bits: every
+  block collides). Vectorized: a whole prompt's keys before any lookup. The key narrows
+  the search only; a hit is verified against the block's salt, parent, parent's
+  generation and tokens."""
+  return _keys(_prefix_sums(np.asarray(blocks)), salt, bits)
 
 
 class _Blocks:
@@ -85,6 +97,8 @@ class _Blocks:
          and the queue compacted when most of it is stale).
   free:  never-registered free blocks, lowest id first.
   held, cached: blocks with refcount > 0; registered blocks with refcount 0.
+  sums:  slot -> (full blocks k, `_prefix_sums` to the end of block k - 1) of an active
+         request's tokens, so registering its next block hashes that block alone.
   """
 
   def __init__(self, num_blocks: int):
@@ -92,6 +106,7 @@ class _Blocks:
     self.lru: collections.deque[int] = collections.deque()
     self.free = FreeBlocks(num_blocks)
     self.held = self.cached = 0
+    self.sums: dict[int, tuple[int, int]] = {}
 
   @classmethod
   def build(cls, c: "DedupKVCache") -> "_Blocks":
@@ -115,7 +130,7 @@ class _Blocks:
     out = _Blocks(self.free.num_blocks)
     out.index = {h: (v if type(v) is int else list(v)) for h, v in self.index.items()}
     out.lru, out.free = collections.deque(self.lru), self.free.copy()
-    out.held, out.cached = self.held, self.cached
+    out.held, out.cached, out.sums = self.held, self.cached, dict(self.sums)
     return out
 
   def add(self, h: int, b: int) -> None:
@@ -164,7 +179,7 @@ class DedupKVCache(PagedCache):
   salts: np.ndarray  # [max_requests] int32 tenant id of each request
   refcount: np.ndarray  # [num_blocks] int32 block-table entries holding the block
   registered: np.ndarray  # [num_blocks] bool identity is set and findable
-  block_hash: np.ndarray  # [num_blocks] uint32
+  block_hash: np.ndarray  # [num_blocks] uint32 `prefix_keys` key of a registered block
   block_salt: np.ndarray  # [num_blocks] int32
   block_parent: np.ndarray  # [num_blocks] int32, -1 for a first block
   block_parent_gen: np.ndarray  # [num_blocks] int32 parent's generation at registration
@@ -226,25 +241,23 @@ class DedupKVCache(PagedCache):
   def _lookup(self, blocks: np.ndarray, salt: int) -> list[int]:
     """The longest chain of registered blocks matching `blocks` [n, bs] under `salt`.
 
-    A single candidate per step is taken on its hash and the whole chain verified at
-    the end in one vectorized pass (cut at its first failure: a single candidate that
-    fails means no block matches there); several candidates (collisions) are verified
-    one by one as they come. Either way only verified blocks are returned."""
-    index, gen_of, mask = self._state.index.get, self.block_gen.item, (1 << self.hash_bits) - 1
-    hits, parent, pgen = [], -1, 0
-    salted = (salt & _M32) * _K1
-    for i, th in enumerate(token_hashes(blocks)):
-      x = (th ^ salted ^ ((parent + 1) * _K2) ^ (pgen * _K3)) & _M64  # _mix, inlined
-      x = ((x ^ (x >> 31)) * _K4) & _M64
-      found = index(((x ^ (x >> 29)) >> 32) & mask)
+    A single candidate per key is taken on its key and the whole chain verified at the
+    end in one vectorized pass (cut at its first failure: a single candidate that fails
+    means no block matches there); several candidates (collisions, or stale children of
+    an evicted parent) are verified one by one as they come. Either way only verified
+    blocks are returned."""
+    get, gen_of = self._state.index.get, self.block_gen.item
+    hits = []
+    for i, key in enumerate(prefix_keys(blocks, salt, self.hash_bits).tolist()):
+      found = get(key)
       if found is None:
         break
       if type(found) is not int:
-        found = self._find(found, salt, parent, pgen, blocks[i])
+        parent = hits[-1] if hits else -1
+        found = self._find(found, salt, parent, gen_of(parent) if hits else 0, blocks[i])
         if found is None:
           break
       hits.append(found)
-      parent, pgen = found, gen_of(found)
     if not hits:
       return hits
     h = np.asarray(hits, np.int64)
@@ -303,15 +316,23 @@ class DedupKVCache(PagedCache):
     todo = np.flatnonzero(~self.registered[ids])
     if not todo.size:
       return
-    st, mask = self._state, (1 << self.hash_bits) - 1
+    st = self._state
     gens = self.block_gen[table[max(first - 1, 0):end]].tolist()
     off = 1 if first else 0  # gens[j + off - 1] is the generation of ids[j]'s parent
+    # The keys hash every token up to a block's end: the running sum of the request's
+    # blocks, from where the last registration left it.
+    k, before = st.sums.get(slot, (0, 0))
+    if k > first:
+      k, before = 0, 0
+    sums = _prefix_sums(self.block_tokens[table[k:end]], k, before)
+    st.sums[slot] = (end, int(sums[-1]))
+    keys = _keys(sums[first - k:], salt, self.hash_bits).tolist()
     rows = self.block_tokens[ids[todo]]
     new, hashes, parents, pgens = [], [], [], []
-    for j, th, toks in zip(todo.tolist(), token_hashes(rows), rows):
+    for j, toks in zip(todo.tolist(), rows):
       parent = int(table[first + j - 1]) if first + j else -1
       pgen = gens[j + off - 1] if parent >= 0 else 0
-      h = _mix(th, salt, parent, pgen) & mask
+      h = keys[j]
       found = st.index.get(h)
       if found is not None and self._find(found, salt, parent, pgen, toks) is not None:
         continue  # An identical block was registered meanwhile: this copy stays private.
@@ -381,11 +402,11 @@ class DedupKVCache(PagedCache):
     slots, num_tokens = self._check_commits(slots, num_tokens)
     c = self._begin()
     bs = self.block_size
-    for slot, n in zip(slots, num_tokens):
-      old = int(c.seq_lens[slot])
-      c.seq_lens[slot] = n
-      if n // bs > old // bs:
-        c._register_full_blocks(slot, old // bs, n // bs)
+    old = c.seq_lens[slots] // bs
+    c.seq_lens[slots] = num_tokens
+    grown = np.flatnonzero(num_tokens // bs > old)
+    for i in grown.tolist():  # in slot order
+      c._register_full_blocks(int(slots[i]), int(old[i]), int(num_tokens[i]) // bs)
     return self._finish(c, "commit")
 
   def append_batch(self, slots, tokens) -> "DedupKVCache":
@@ -466,6 +487,7 @@ class DedupKVCache(PagedCache):
     c.req_lens[slot] = c.seq_lens[slot] = 0
     c.active[slot] = False
     c.salts[slot] = 0
+    st.sums.pop(slot, None)
     return self._finish(c, "release")
 
   def evict(self, num_blocks: int | None = None) -> "DedupKVCache":
