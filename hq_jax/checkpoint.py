@@ -67,6 +67,9 @@ def save(directory: str, tree) -> None:
   """Saves `tree` (orbax writes to a temporary name and renames when complete), then its
   layout (`LAYOUT_FILE`, written atomically)."""
   directory = os.path.abspath(directory)
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree)):
+    raise ValueError("a tree with shapes but no arrays (a host_only cache's pools) cannot be "
+                     "saved: there is nothing to restore its K/V from")
   desc = describe(tree)
   ckpt = _checkpointer()
   ckpt.save(directory, tree)

@@ -217,6 +217,8 @@ def test_host_only_pools(make, tiny):
              lambda: big.with_pools(real.pools), lambda: big.view([0], [0], 1)):
     with pytest.raises(CacheError, match="host_only"):
       fn()
+  with pytest.raises(ValueError, match="host_only"):
+    checkpoint.save(os.path.join(tempfile.mkdtemp(), "c"), big)
   big, s = big.admit(np.arange(40))
   assert big.held_blocks == (3 if kind is DedupKVCache else 4)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from functools import lru_cache
 
 import jax
 import numpy as np
