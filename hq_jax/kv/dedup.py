@@ -29,7 +29,6 @@ and a free queue beside its blocks.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import jax
@@ -91,9 +90,10 @@ class _Blocks:
 
   index: stored hash -> a registered block (an int), or a list of them (collisions);
          every candidate is verified before use.
-  lru:   cached blocks in LRU order, as `last_used << 32 | block` ints; an entry is live
-         iff its block is still cached with that `last_used` (stale entries are skipped,
-         and the queue compacted when most of it is stale).
+  lru:   cached blocks in LRU order from `head` on, as `last_used << 32 | block` ints (a
+         FIFO in a list: popped in vectorized batches); an entry is live iff its block is
+         still cached with that `last_used` (stale entries are skipped, and the queue
+         compacted when most of it is stale).
   free:  never-registered free blocks, lowest id first.
   held, cached: blocks with refcount > 0; registered blocks with refcount 0.
   sums:  slot -> (full blocks k, `_prefix_sums` to the end of block k - 1) of an active
@@ -102,7 +102,8 @@ class _Blocks:
 
   def __init__(self, num_blocks: int):
     self.index: dict[int, int | list[int]] = {}
-    self.lru: collections.deque[int] = collections.deque()
+    self.lru: list[int] = []
+    self.head = 0
     self.free = FreeBlocks(num_blocks)
     self.held = self.cached = 0
     self.sums: dict[int, tuple[int, int]] = {}
@@ -128,7 +129,7 @@ class _Blocks:
   def copy(self) -> "_Blocks":
     out = _Blocks(self.free.num_blocks)
     out.index = {h: (v if type(v) is int else list(v)) for h, v in self.index.items()}
-    out.lru, out.free = collections.deque(self.lru), self.free.copy()
+    out.lru, out.head, out.free = self.lru[self.head:], 0, self.free.copy()
     out.held, out.cached, out.sums = self.held, self.cached, dict(self.sums)
     return out
 
@@ -152,23 +153,29 @@ class _Blocks:
 
   def push_cached(self, c: "DedupKVCache", blocks: np.ndarray) -> None:
     """`blocks` just became cached, in increasing `last_used` order."""
-    self.lru.extend(((c.last_used[blocks].astype(np.int64) << 32) | blocks).tolist())
+    self.lru += ((c.last_used[blocks].astype(np.int64) << 32) | blocks).tolist()
     self.cached += blocks.size
-    if len(self.lru) > 2 * self.cached + 1024:  # mostly stale: compact, O(len) amortized
-      self.lru = collections.deque(e for e in self.lru if self._live(c, e))
+    if len(self.lru) - self.head > 2 * self.cached + 1024:  # mostly stale: compact
+      e = np.asarray(self.lru[self.head:], np.int64)
+      self.lru, self.head = e[self._live(c, e)].tolist(), 0
 
   @staticmethod
-  def _live(c: "DedupKVCache", entry: int) -> bool:
-    b = entry & _M32
-    return bool(c.registered[b]) and c.refcount[b] == 0 and c.last_used[b] == entry >> 32
+  def _live(c: "DedupKVCache", entries: np.ndarray) -> np.ndarray:
+    b = entries & _M32
+    return c.registered[b] & (c.refcount[b] == 0) & (c.last_used[b] == entries >> 32)
 
   def pop_lru(self, c: "DedupKVCache", n: int) -> list[int]:
     """The n least recently used cached blocks (the caller checked there are n)."""
     out = []
     while len(out) < n:
-      e = self.lru.popleft()
-      if self._live(c, e):
-        out.append(e & _M32)
+      want = n - len(out)
+      e = np.asarray(self.lru[self.head:self.head + 2 * want + 16], np.int64)
+      assert e.size, "pop_lru past the cached blocks"
+      live = np.flatnonzero(self._live(c, e))[:want]
+      out += (e[live] & _M32).tolist()
+      self.head += int(live[-1]) + 1 if live.size == want else e.size
+    if self.head > 4096 and 2 * self.head > len(self.lru):
+      self.lru, self.head = self.lru[self.head:], 0
     return out
 
 
@@ -299,8 +306,12 @@ class DedupKVCache(PagedCache):
 
   def _unregister(self, blocks) -> None:
     st = self._state
+    index = st.index
     for h, b in zip(self.block_hash[blocks].tolist(), blocks):
-      st.remove(h, b)
+      if index.get(h) == b:  # the common case: the key's only block
+        del index[h]
+      else:
+        st.remove(h, b)
     self.registered[blocks] = False
     self.block_hash[blocks] = 0
     self.block_parent[blocks] = -1
@@ -326,9 +337,24 @@ class DedupKVCache(PagedCache):
     sums = _prefix_sums(self.block_tokens[table[k:end]], k, before)
     st.sums[slot] = (end, int(sums[-1]))
     keys = _keys(sums[first - k:], salt, self.hash_bits).tolist()
+    get = st.index.get
+    todo_l = todo.tolist()
+    todo_keys = [keys[j] for j in todo_l]
+    if len(set(todo_keys)) == len(todo_keys) and all(get(k) is None for k in todo_keys):
+      # The common case, in bulk: no key has a block yet (so no twin) and none repeats.
+      new = ids[todo]
+      parents = np.where(first + todo > 0, table[np.maximum(first + todo - 1, 0)], -1)
+      st.index.update(zip(todo_keys, new.tolist()))
+      self.registered[new] = True
+      self.block_hash[new] = todo_keys
+      self.block_salt[new] = salt
+      self.block_parent[new] = parents
+      self.block_parent_gen[new] = np.where(parents >= 0,
+                                            self.block_gen[np.maximum(parents, 0)], 0)
+      return
     rows = self.block_tokens[ids[todo]]
     new, hashes, parents, pgens = [], [], [], []
-    for j, toks in zip(todo.tolist(), rows):
+    for j, toks in zip(todo_l, rows):
       parent = int(table[first + j - 1]) if first + j else -1
       pgen = gens[j + off - 1] if parent >= 0 else 0
       h = keys[j]
