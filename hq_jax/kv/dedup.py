@@ -61,18 +61,18 @@ def _prefix_sums(blocks: np.ndarray, first: int = 0, before=0) -> np.ndarray:
   """Running token sums (weighted by position) to the end of each of `blocks` [n, bs],
   the consecutive full blocks from logical block `first`; `before`: the sum before it."""
   n, bs = blocks.shape
-  with np.errstate(over="ignore"):
-    weights = _multipliers((first + n) * bs)[first * bs:].reshape(n, bs)
-    sums = (blocks.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
-    sums[:1] += _U(before)
-    return np.cumsum(sums, dtype=np.uint64)
+  # Array arithmetic wraps modulo 2**64 silently (only numpy scalars warn): no errstate,
+  # which costs more than the sums on a block or two.
+  weights = _multipliers((first + n) * bs)[first * bs:].reshape(n, bs)
+  sums = (blocks.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+  sums[:1] += _U(before)
+  return np.cumsum(sums, dtype=np.uint64)
 
 
 def _keys(prefix_sums: np.ndarray, salt: int, bits: int) -> np.ndarray:
-  with np.errstate(over="ignore"):
-    x = prefix_sums ^ (_U(salt & _M32) * _K_SALT)
-    x = (x ^ (x >> _U(31))) * _K_MIX
-    x = x ^ (x >> _U(29))
+  x = prefix_sums ^ _U((salt & _M32) * int(_K_SALT) & (2**64 - 1))
+  x = (x ^ (x >> _U(31))) * _K_MIX
+  x = x ^ (x >> _U(29))
   return (x >> _U(32)) & _U((1 << bits) - 1)
 
 
