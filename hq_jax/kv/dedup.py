@@ -340,7 +340,8 @@ class DedupKVCache(PagedCache):
     get = st.index.get
     todo_l = todo.tolist()
     todo_keys = [keys[j] for j in todo_l]
-    if len(set(todo_keys)) == len(todo_keys) and all(get(k) is None for k in todo_keys):
+    if (len(set(todo_keys)) == len(todo_keys)
+        and list(map(get, todo_keys)).count(None) == len(todo_keys)):
       # The common case, in bulk: no key has a block yet (so no twin) and none repeats.
       new = ids[todo]
       parents = np.where(first + todo > 0, table[np.maximum(first + todo - 1, 0)], -1)
