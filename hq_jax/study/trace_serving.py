@@ -48,25 +48,12 @@ class _Running:
 
 def held_blocks(cache) -> int:
   """Blocks held by running requests, each physical block once (as `kv_stats` counts)."""
-  if cache.backend == "hq":
-    return int(np.count_nonzero(np.asarray(cache.refcount)))
-  return int(np.count_nonzero(np.asarray(cache.block_tables)[np.asarray(cache.active)] >= 0))
+  return cache.held_blocks
 
 
-def _cached_mask(cache):
-  """(cached refcount-0 blocks, generations) before an operation, to count evictions."""
-  if cache.backend != "hq":
-    return None
-  return (np.asarray(cache.registered) & (np.asarray(cache.refcount) == 0),
-          np.array(cache.block_gen))
-
-
-def _evicted(before, cache) -> int:
-  """Cached blocks reallocated since `before` (a reallocation bumps the generation)."""
-  if before is None:
-    return 0
-  was_cached, gen = before
-  return int(np.sum(was_cached & (np.asarray(cache.block_gen) > gen)))
+def _evicted(cache) -> int:
+  """The cache's cumulative count of evicted blocks (dense never evicts)."""
+  return int(getattr(cache, "evicted_blocks", 0))
 
 
 class ServingBackend:
@@ -91,19 +78,17 @@ class ServingBackend:
 
   def _try_admit(self, req: TraceRequest, prompt: np.ndarray, hold: int, future: int):
     """(cache, slot) with `req` admitted, or None if it does not fit now (the cache then
-    unchanged). HQ admits in place: the replay owns its cache."""
-    from hq_jax.kv.base import CacheError
+    unchanged and still valid)."""
+    from hq_jax.kv.base import PoolFull
     cache = self.cache
     try:
       if cache.backend == "dense":
         return cache.admit(prompt, reserve_tokens=hold)
       # HQ: the pool must still supply the running requests' future blocks and this one's.
       need = future + self._blocks_to_come(req.input_length, max(hold - 1, req.input_length))
-      return cache.admit(prompt, keep_free=need, consume=True)
-    except CacheError as e:
-      if "pool too small" in str(e):
-        return None
-      raise
+      return cache.admit(prompt, keep_free=need)
+    except PoolFull:
+      return None
 
   def replay(self, requests: Sequence[TraceRequest], cfg: ReplayConfig, *,
              bytes_per_block: int, progress=None, deadline: float | None = None) -> dict:
@@ -118,7 +103,7 @@ class ServingBackend:
     running: dict[int, _Running] = {}
     acc = collections.Counter()
     ttfts, prefill_s, partial = [], 0.0, False
-    nxt, held, evicted = 0, held_blocks(self.cache), 0
+    nxt, held, evicted0 = 0, held_blocks(self.cache), _evicted(self.cache)
     t_first = t_last = clock()
 
     def advance():
@@ -129,7 +114,7 @@ class ServingBackend:
       t_last = t
 
     def release(slot):
-      self.cache = self.cache.release(slot, consume=True)  # the replay owns its cache
+      self.cache = self.cache.release(slot)
       del running[slot]
 
     while True:
@@ -152,9 +137,6 @@ class ServingBackend:
           if progress is not None:
             progress.update(1)
           continue
-        # Before admission, which may evict (in place): to count evictions. Not host
-        # admission time: the snapshot is the replay's own bookkeeping.
-        before = _cached_mask(self.cache)
         t_admit = time.perf_counter()
         prompt = traces.request_tokens(req, vocab_size=self.vocab_size, seed=self.seed)
         future = sum(self._blocks_to_come(int(self.cache.req_lens[s]), r.final_len)
@@ -171,7 +153,6 @@ class ServingBackend:
         t_tok = clock()
         prefill_s += time.perf_counter() - t_admit
         self.cache = cache
-        evicted += _evicted(before, cache)
         ttfts.append(t_tok - arrival(req))
         acc["wait_s"] += t_tok - arrival(req) - (time.perf_counter() - t_admit)
         acc["requests"] += 1
@@ -191,11 +172,9 @@ class ServingBackend:
       if running:  # One decode step for every running request.
         advance()
         slots = list(running)
-        before = _cached_mask(self.cache)
         self.cache, step = engine.decode(self.cache, slots,
                                          [running[s].last_token for s in slots])
         tokens = np.asarray(step.logits).argmax(-1)  # [B]: one transfer
-        evicted += _evicted(before, self.cache)
         acc["decode_steps"] += 1
         held = held_blocks(self.cache)
         acc["peak_blocks"] = max(acc["peak_blocks"], held)
@@ -223,7 +202,8 @@ class ServingBackend:
         backend=self.name, requests=n, skipped_requests=acc["skipped"],
         prompt_tokens=acc["prompt"], hit_tokens=acc["hit"],
         hit_ratio=acc["hit"] / acc["prompt"] if acc["prompt"] else 0.0,
-        computed_prefill_tokens=acc["computed"], evicted_blocks=evicted,
+        computed_prefill_tokens=acc["computed"],
+        evicted_blocks=_evicted(self.cache) - evicted0,
         peak_kv_bytes_used=acc["peak_blocks"] * bytes_per_block,
         mean_kv_bytes_used=(acc["block_s"] / span if span else 0.0) * bytes_per_block,
         mean_concurrency=acc["conc_s"] / span if span else 0.0,

@@ -341,9 +341,7 @@ class RealCacheBackend:
 
   @property
   def held_blocks(self) -> int:
-    from hq_jax.kv.stats import kv_stats
-    st = kv_stats(self.cache)
-    return st.kv_bytes_allocated // st.bytes_per_block
+    return self.cache.held_blocks
 
   def _blocks_per_request(self, hold_tokens: int) -> int:
     if self.cache.backend == "dense":
@@ -355,28 +353,26 @@ class RealCacheBackend:
             and self._blocks_per_request(hold_tokens) <= self.cache.num_blocks)
 
   def try_admit(self, req: TraceRequest, hold_tokens: int) -> Admission | None:
-    from hq_jax.kv.base import CacheError
-    before = cache = self.cache
+    from hq_jax.kv.base import PoolFull
+    cache = self.cache
     prompt = request_tokens(req, vocab_size=self.vocab_size, seed=self.seed)
+    out = decode_tokens(req, hold_tokens - req.input_length, vocab_size=self.vocab_size,
+                        seed=self.seed)
+    evicted0 = int(getattr(cache, "evicted_blocks", 0))
     try:
-      cache, slot = cache.admit(prompt)
-      hit = int(cache.seq_lens[slot])
-      cache = cache.commit(slot, req.input_length)
-      n = req.input_length
-      for tok in decode_tokens(req, hold_tokens - n, vocab_size=self.vocab_size,
-                               seed=self.seed):
-        cache = cache.append(slot, int(tok))
-        n += 1
-        cache = cache.commit(slot, n)
-    except CacheError as e:
-      if "pool too small" in str(e):
-        return None
-      raise
-    evicted = 0
-    if before.backend == "hq":
-      was_cached = np.asarray(before.registered) & (np.asarray(before.refcount) == 0)
-      evicted = int(np.sum(was_cached & (np.asarray(cache.block_gen) >
-                                         np.asarray(before.block_gen))))
+      if cache.backend == "hq":
+        # The output's blocks are kept free at admission, so the extension cannot fail:
+        # the request fits iff its prompt and output do (the cache is unchanged if not).
+        bs = self.block_size
+        cache, slot = cache.admit(prompt, keep_free=-(-hold_tokens // bs)
+                                  - -(-req.input_length // bs))
+      else:
+        cache, slot = cache.admit(prompt)  # reserves max_seq_len >= hold_tokens
+    except PoolFull:
+      return None
+    hit = int(cache.seq_lens[slot])
+    cache = cache.commit(slot, req.input_length).extend(slot, out)
+    evicted = int(getattr(cache, "evicted_blocks", 0)) - evicted0
     self.evicted += evicted
     self.cache = cache
     return Admission(slot, hit, evicted)
