@@ -53,7 +53,7 @@ def _ms(times) -> str:
   return f"median {np.median(t):7.3f} ms   p90 {np.percentile(t, 90):7.3f} ms"
 
 
-def run(repeats: int = 200, seed: int = 0) -> dict[str, list[float]]:
+def measure(repeats: int = 200, seed: int = 0) -> dict[str, list[float]]:
   rng = np.random.default_rng(seed)
   cache, chain = full_cache(rng)
   bs = LAYOUT.block_size
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   t0 = time.perf_counter()
-  times = run(args.repeats, args.seed)
+  times = measure(args.repeats, args.seed)
   print(f"HQ block manager, host only: {NUM_BLOCKS:,} blocks, all cached; "
         f"{args.repeats} repeats ({time.perf_counter() - t0:.1f} s with setup)")
   labels = {"admit": f"admit ({CHAIN_BLOCKS}-block cached chain + 2 new blocks)",
@@ -107,6 +107,11 @@ def main(argv=None) -> None:
             "commit_batch": f"decode step commit_batch ({DECODE_BATCH} slots)"}
   for name, label in labels.items():
     print(f"  {label:<48s} {_ms(times[name])}")
+
+
+def run(argv=None) -> None:
+  """`hq-jax bench blocks` (argv[0] is the command's name)."""
+  main(None if argv is None else argv[1:])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ COMMANDS = {
     "report": "hq_jax.study.commands.report",
     "bench kernels": "hq_jax.study.commands.bench_kernels",
     "bench e2e": "hq_jax.study.commands.bench_e2e",
+    "bench blocks": "hq_jax.bench.block_manager",
 }
 
 
