@@ -1,12 +1,12 @@
 """Runs requests through chunked prefill and decode on either cache.
 
-Prefill runs in fixed-size chunks aligned from position 0 (a multiple of the block
-size). With the HQ cache, leading chunks whose blocks were all found cached are
-skipped (compute reuse) and the remaining chunks attend to the cached K/V; the last
-chunk is always computed, since its logits are the request's first output. Each chunk
-is one jitted step of shape [1, chunk], so a token's K/V and logits do not depend on
-which other requests exist or which backend holds the blocks: dense and HQ give
-bit-identical logits.
+Prefill starts at the first uncached block (position 0 on the dense cache or a cold HQ
+one) and runs from there in fixed-size chunks; the cached blocks are attended to, not
+recomputed. The last prompt token is always computed, since its logits are the
+request's first output. Each chunk is one jitted step of shape [1, chunk]: a step of one
+fixed shape gives a token's row the same bits wherever the row sits in it (the exactness
+contract, docs/architecture.md), so a token's K/V and logits do not depend on where its
+chunk starts, which of its blocks were cached or which backend holds them.
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ class PrefillResult:
   slot: int
   prompt_tokens: int
   hit_tokens: int  # tokens whose blocks were found cached at admission
-  cached_tokens: int  # tokens whose prefill was skipped (whole chunks of hits)
+  cached_tokens: int  # tokens whose prefill was skipped (= hit_tokens, less the last
+  #                    block when the whole prompt was cached)
   computed_tokens: int  # tokens run through the model (prompt_tokens - cached_tokens)
   first_position: int  # position of logits[0] (= cached_tokens)
   # [computed_tokens, vocab] float32 on the host (copied chunk by chunk: the device never
@@ -263,10 +264,13 @@ class Engine:
               and int(cache.req_lens[slot]) == prompt.size):
       raise CacheError(f"slot {slot} does not hold a just-admitted prompt of {prompt.size} tokens")
     n, c = prompt.size, self.chunk_size
-    hit = int(cache.seq_lens[slot])
-    first_chunk = min(hit // c, (n - 1) // c)
+    hit = int(cache.seq_lens[slot])  # whole blocks
+    # A fully cached prompt recomputes only the block of its last token (as vLLM, whose
+    # lookup stops at the last token): the fewest tokens that give its logits. Those
+    # positions are already written, so the step writes nothing.
+    skip = min(hit, (n - 1) // cache.block_size * cache.block_size)
     kept, last = [], None
-    for start in range(first_chunk * c, n, c):
+    for start in range(skip, n, c):
       chunk = np.zeros((1, c), np.int32)
       valid = min(c, n - start)
       chunk[0, :valid] = prompt[start:start + valid]
@@ -281,8 +285,8 @@ class Engine:
     last = last.block_until_ready()
     ttft = time.perf_counter() - t0
     return cache, PrefillResult(
-        slot=slot, prompt_tokens=n, hit_tokens=hit, cached_tokens=first_chunk * c,
-        computed_tokens=n - first_chunk * c, first_position=first_chunk * c,
+        slot=slot, prompt_tokens=n, hit_tokens=hit, cached_tokens=skip,
+        computed_tokens=n - skip, first_position=skip,
         logits=np.concatenate(kept) if logits == "all" else None, last_logits=last,
         ttft_s=ttft)
 

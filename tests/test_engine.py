@@ -39,10 +39,11 @@ def test_dense_and_hq_bit_identical(tiny, tiny_layout, chunk):
   hq, h = engine.prefill(hq, reqs[0])
   assert h.cached_tokens == 0 and _diff(d.logits, h.logits) == 0.0
 
-  # (b) a second request sharing the prefix, cached chunks skipped, vs dense from scratch.
+  # (b) a second request sharing the prefix, its cached blocks skipped (chunks start at
+  # the first uncached block), vs dense from scratch.
   hq, h2 = engine.prefill(hq, reqs[1])
   _, d2 = engine.prefill(_caches(tiny_layout)[0], reqs[1])
-  assert h2.cached_tokens == 80 // chunk * chunk > 0
+  assert h2.cached_tokens == h2.hit_tokens == 80
   assert h2.computed_tokens == len(reqs[1]) - h2.cached_tokens
   assert _diff(d2.logits[h2.first_position:], h2.logits) == 0.0
 
@@ -82,7 +83,7 @@ def test_last_logits_project_only_the_last_token(tiny, tiny_layout):
 
 
 def test_reuse_changes_nothing_but_the_work(tiny, tiny_layout):
-  """The same prompt twice on HQ: second prefill computes only its last chunk."""
+  """The same prompt twice on HQ: the second prefill computes only its last block."""
   params, cfg = tiny
   engine = Engine(params, cfg, chunk_size=32)
   prompt = np.arange(100) % cfg.vocab_size
