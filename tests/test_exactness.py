@@ -71,3 +71,51 @@ def test_warm_prefill_equals_cold_and_dense(tiny, attention, chunk, num_prompts)
       assert warm.first_position == skip and 0 < warm.computed_tokens < n
       assert _max_delta(warm.logits, dense.logits[skip:]) == 0.0, (n, hit)
       assert _max_delta(warm.last_logits, cold.last_logits) == 0.0, (n, hit)
+
+
+def _prefilled(engine, cfg, prompts, order):
+  """A dense cache holding `prompts`, admitted in `order` (so each lands in another slot);
+  returns (cache, slot of each prompt)."""
+  cache, slots = _dense(cfg, max_requests=len(prompts)), [None] * len(prompts)
+  for i in order:
+    cache, res = engine.prefill(cache, prompts[i], logits="last")
+    slots[i] = res.slot
+  return cache, slots
+
+
+@pytest.mark.parametrize("attention,decode_rows,sizes", [
+    ("reference", 64, (1, 3, 8, 64)), ("reference", 8, (1, 5, 20)),
+    ("pallas_interpret", 8, (1, 3, 8))])
+def test_decode_logits_do_not_depend_on_the_batch(tiny, attention, decode_rows, sizes):
+  """A request's decode logits (two steps) are the same bits alone and in batches of every
+  size, at other slots and other places in the batch, and when a batch larger than
+  decode_rows runs in several steps. (With decode_rows=0, the bucketed opt-out, this fails:
+  a batch of 8 changes request 0's bits.)"""
+  params, cfg = tiny
+  # No donation: every batch starts from the same prefilled cache (donating changes no bit:
+  # test_engine.test_donating_engine_equals_copying_engine).
+  engine = Engine(params, cfg, chunk_size=16, attention=attention, decode_rows=decode_rows,
+                  donate=False)
+  rng = np.random.default_rng(decode_rows)
+  num = max(sizes)
+  prompts = [rng.integers(0, cfg.vocab_size, int(rng.integers(3, 40))) for _ in range(num)]
+  tokens = rng.integers(0, cfg.vocab_size, (2, num))
+  want = {}  # request -> its logits of both steps
+  for size in sizes:
+    order = rng.permutation(num)
+    cache, slots = _prefilled(engine, cfg, prompts, order)
+    batch = [int(r) for r in rng.permutation(num)[:size]]  # requests, in batch order
+    if 0 not in batch:
+      batch[int(rng.integers(size))] = 0  # request 0 is in every batch
+    got = {r: [] for r in batch}
+    for step in range(2):
+      cache, out = engine.decode(cache, [slots[r] for r in batch],
+                                 [int(tokens[step, r]) for r in batch])
+      assert out.attention == "paged" and out.logits.shape == (size, cfg.vocab_size)
+      for j, r in enumerate(batch):
+        got[r].append(np.asarray(out.logits[j]))
+    for r, logits in got.items():
+      if r in want:
+        assert _max_delta(logits, want[r]) == 0.0, (size, r)
+      want[r] = logits
+  assert len(want) > 1
