@@ -146,17 +146,18 @@ class PagedPrefillMgpuTest(MgpuTestCase):
   def test_chunk_start_changes_no_bit(self, splits):
     # The same query rows in chunks that start at other block-aligned positions (so in other
     # row tiles, beside other rows, with other kv_lens): the same bits, with key splits at
-    # fixed key positions too (64 keys: one step each, the third takes the rest).
+    # fixed key positions too (128 keys, the third takes the rest). Tiles need 6 or 7 key
+    # steps here, so splits that cut each program's own steps would move with the start.
     if self.INTERPRET and jax.default_backend() == "gpu":
       # There the interpreter's matmuls and softmax are XLA GPU ops, whose bits moved in one
       # element of 896 with splits (H100, 2026-12-06); the compiled kernel holds exactly.
       self.skipTest("interpreted on a GPU: XLA's ops, not the kernel's")
     config = (SMALL if splits == 1
-              else dataclasses.replace(SMALL, kv_splits=splits, kv_split=64))
-    q_all, k, v, tables, _, _ = make_inputs(14, lens=[192], new=[192], num_tokens=192,
-                                            max_blocks=12)
+              else dataclasses.replace(SMALL, kv_splits=splits, kv_split=128))
+    q_all, k, v, tables, _, _ = make_inputs(14, lens=[448], new=[448], num_tokens=448,
+                                            max_blocks=28)
     chunk, seen = 32, {}
-    for start in (96, 112, 128, 144, 160):
+    for start in (352, 368, 384):
       pos = jnp.arange(start, start + chunk, dtype=jnp.int32)[None]
       out = self.attend(q_all[:, start:start + chunk], k, v, tables, pos,
                         jnp.full((1,), start + chunk, jnp.int32), config=config)
