@@ -86,7 +86,7 @@ def test_warm_prefill_equals_cold_and_dense(models, attention, model, chunk, num
   engine = Engine(params, cfg, chunk_size=chunk, attention=attention, donate=False)
   rng = np.random.default_rng(chunk + num_prompts)
   for i in range(num_prompts):
-    n = 30 * block if i == 0 else int(rng.integers(25 * block, max_seq))
+    n = 22 * block if i == 0 else int(rng.integers(25 * block, max_seq))
     prompt = rng.integers(0, cfg.vocab_size, n)
     _, dense = engine.prefill(caches.dense(), prompt)
     _, cold = engine.prefill(caches.hq(), prompt)
@@ -118,8 +118,8 @@ def _prefilled(engine, caches, prompts, order):
 
 
 _DECODE_CASES = ([(a, m, 64, (1, 3, 8, 64)) for a, m in BACKENDS] if GPU else
-                 [("reference", "tiny", 64, (1, 3, 8, 64)), ("pallas_interpret", "tiny", 8,
-                                                             (1, 3, 8))])
+                 [("reference", "tiny", 64, (1, 3, 8, 64)), ("pallas_interpret", "tiny", 4,
+                                                             (1, 6))])
 _DECODE_CASES += [("reference", "tiny", 8, (1, 5, 20))]
 
 
@@ -139,10 +139,11 @@ def test_decode_logits_do_not_depend_on_the_batch(models, attention, model, deco
   num = max(sizes)
   prompts = [rng.integers(0, cfg.vocab_size, int(rng.integers(3, 40))) for _ in range(num)]
   tokens = rng.integers(0, cfg.vocab_size, (2, num))
+  # Two admission orders: a request sits at another slot in every other batch.
+  prefilled = [_prefilled(engine, caches, prompts, rng.permutation(num)) for _ in range(2)]
   want = {}  # request -> its logits of both steps
-  for size in sizes:
-    order = rng.permutation(num)
-    cache, slots = _prefilled(engine, caches, prompts, order)
+  for k, size in enumerate(sizes):
+    cache, slots = prefilled[k % 2]
     batch = [int(r) for r in rng.permutation(num)[:size]]  # requests, in batch order
     if 0 not in batch:
       batch[int(rng.integers(size))] = 0  # request 0 is in every batch
