@@ -90,13 +90,14 @@ def test_warm_prefill_equals_cold_and_dense(models, attention, model, chunk, num
     prompt = rng.integers(0, cfg.vocab_size, n)
     _, dense = engine.prefill(caches.dense(), prompt)
     _, cold = engine.prefill(caches.hq(), prompt)
+    _, cold_last = engine.prefill(caches.hq(), prompt, logits="last")  # what serving runs
     assert cold.hit_tokens == 0 and cold.computed_tokens == n
     assert _max_delta(cold.logits, dense.logits) == 0.0
     blocks = n // block
     lengths = rng.choice(np.arange(1, blocks + 1), size=20, replace=False) * block
     if n % block == 0:
       lengths[0] = n  # the whole prompt cached
-    for hit in lengths:
+    for j, hit in enumerate(lengths):
       hq, _ = engine.prefill(caches.hq(), prompt[:hit])  # caches `hit` tokens' full blocks
       hq, warm = engine.prefill(hq, prompt)
       skip = min(hit, (n - 1) // block * block)  # the last token is always computed
@@ -105,6 +106,10 @@ def test_warm_prefill_equals_cold_and_dense(models, attention, model, chunk, num
       assert warm.first_position == skip and 0 < warm.computed_tokens < n
       assert _max_delta(warm.logits, dense.logits[skip:]) == 0.0, (n, hit)
       assert _max_delta(warm.last_logits, cold.last_logits) == 0.0, (n, hit)
+      if j < 3:  # the one-row projection (logits="last") is invariant on its own too
+        hq, _ = engine.prefill(caches.hq(), prompt[:hit])
+        _, warm_last = engine.prefill(hq, prompt, logits="last")
+        assert _max_delta(warm_last.last_logits, cold_last.last_logits) == 0.0, (n, hit)
 
 
 def _prefilled(engine, caches, prompts, order):
