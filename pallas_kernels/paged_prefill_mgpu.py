@@ -53,15 +53,13 @@ neighbours, the table width, the slots, warp specialization or compute_wgs
 (tests/test_paged_prefill_mgpu.py checks these). Padding rows (past T * G) get position
 -1; they never reach the output.
 
-Key splits (`kv_splits` > 1; the engine's at head_dim 64, `TUNED_KV_SPLITS`): a row
-program's key steps are cut into kv_splits contiguous shares (L = cdiv(its steps,
-kv_splits)), one program each, for more programs where a chunk has too few to fill the GPU
+Key splits (`kv_splits` > 1, `kv_split` keys each; the engine runs none, `TUNED_KV_SPLITS`):
+a row program's keys are cut at the fixed key positions s * kv_split (the last split takes
+the rest), one program each, for more programs where a chunk has too few to fill the GPU
 (three computing warpgroups take the whole register file: one program per SM). Each writes
 its rows' acc / l in q's dtype with m and l; `paged_attention_mgpu.merge_splits` combines
-them exactly, in increasing split order. The boundaries depend on the program's rows, so the
-bits then also depend on how the chunk's tokens fall into programs (a function of logical
-positions only: dense and HQ, any placement and any batch still agree, other chunk sizes do
-not).
+them exactly, in increasing split order. The boundaries do not depend on the program's
+rows, so a row's bits do not depend on where its chunk starts either.
 
 Tested in the Mosaic GPU interpreter on CPU (races, out-of-bounds reads and uninitialized
 SMEM checked); lowers for `cuda` on a CPU machine
@@ -118,13 +116,13 @@ class TuningConfig:
     attention_mgpu; 3 as FA3 at head_dim 64: 192 rows per K/V step).
   schedule_barrier: with compute_wgs=2, FA3's ping-pong (as attention_mgpu): the two
     warpgroups take turns, one's softmax while the other's wgmmas run. Needs >= 2 slots.
-  kv_splits: programs per row program, each over a contiguous share of its key steps
-    (split s: steps [s * L, (s + 1) * L), L = cdiv(the program's steps, kv_splits)), merged
-    exactly in increasing split order outside the kernel. More programs where a chunk has
-    too few to fill the GPU; 1 = none. The boundaries depend on the program's rows (their
-    positions), so with kv_splits > 1 the bits also depend on how the chunk's tokens fall
-    into programs: still a function of logical positions only (the same for dense and HQ,
-    any placement, any batch), but not the same at every chunk size.
+  kv_splits: programs per row program, each over the keys of one split, merged exactly in
+    increasing split order outside the kernel. More programs where a chunk has too few to
+    fill the GPU; 1 = none.
+  kv_split: keys per split (a multiple of block_kv; needed with kv_splits > 1). Split s
+    holds the keys [s * kv_split, (s + 1) * kv_split), the last one every key from
+    (kv_splits - 1) * kv_split on: boundaries at fixed absolute key positions, so a row's
+    bits do not depend on where its chunk starts, on the chunk size or on its neighbours.
   """
 
   pages_per_step: int = 4
@@ -134,6 +132,7 @@ class TuningConfig:
   compute_wgs: int = 1
   schedule_barrier: bool = False
   kv_splits: int = 1
+  kv_split: int | None = None
 
   def __post_init__(self):
     if self.pages_per_step < 1:
@@ -149,12 +148,17 @@ class TuningConfig:
       raise ValueError("schedule_barrier needs compute_wgs=2 and max_concurrent_steps >= 2")
     if self.kv_splits < 1:
       raise ValueError(f"kv_splits must be >= 1, got {self.kv_splits}")
+    if self.kv_splits > 1 and (self.kv_split is None or self.kv_split <= 0):
+      raise ValueError(f"kv_splits={self.kv_splits} needs kv_split, the keys per split (a "
+                       f"positive multiple of block_kv), got {self.kv_split}")
 
   def block_kv(self, block_size: int) -> int:
     block_kv = self.pages_per_step * block_size
     if block_kv % 64:
       raise ValueError(f"pages_per_step * block_size = {block_kv} must be a multiple of 64 "
                        "(the K dimension of the PV wgmma)")
+    if self.kv_splits > 1 and self.kv_split % block_kv:
+      raise ValueError(f"kv_split={self.kv_split} must be a multiple of block_kv={block_kv}")
     return block_kv
 
 
@@ -177,11 +181,12 @@ def default_config(head_dim: int) -> TuningConfig:
 TUNED = TuningConfig(pages_per_step=8, max_concurrent_steps=2, p_in_registers=True,
                      warp_specialized=True, compute_wgs=3)
 # Key splits per head_dim, chosen by `python -m pallas_kernels.paged_prefill_mgpu 0.5b 7b
-# --chunks=4096,16384 --tuned` (figures: docs/results.md, "GPU kernels"): at D=64 two splits
-# speed up a 32k causal prefill in 4k chunks (a 4k chunk is 300 row programs, 2.3 waves of
-# one program per SM) and leave 16k chunks unchanged; four are slower than two. At D=128
-# splits were slower.
-TUNED_KV_SPLITS = {64: 2, 128: 1}
+# --chunks=4096,16384 --tuned` (figures: docs/results.md, "GPU kernels"). The splits once timed
+# (two at D=64 sped up 4k chunks, left 16k chunks unchanged; at D=128 slower) cut each
+# program's own steps in two, boundaries that moved with the chunk's rows; splits at fixed key
+# positions (`kv_split`) are not timed yet, so the engine runs none: `tuned_variants` has the
+# ones to time.
+TUNED_KV_SPLITS = {64: 1, 128: 1}
 
 
 def tuned_config(head_dim: int, *, interpret: bool = False) -> TuningConfig:
@@ -190,12 +195,12 @@ def tuned_config(head_dim: int, *, interpret: bool = False) -> TuningConfig:
   interpreter's wgmma takes SMEM operands only, and it runs each warpgroup as a thread
   (slow, and on a 2-core machine the blocking barrier callbacks of several can starve XLA's
   CPU thread pools). Without splits that is the same bits as on the GPU; with splits the
-  boundaries follow a program's rows (64 here, 192 there), so the bits differ."""
+  boundaries are fixed key positions, so the same bits too."""
   config = dataclasses.replace(TUNED, kv_splits=TUNED_KV_SPLITS.get(head_dim, 1))
   if interpret:
     return TuningConfig(pages_per_step=config.pages_per_step,
                         max_concurrent_steps=config.max_concurrent_steps,
-                        kv_splits=config.kv_splits)
+                        kv_splits=config.kv_splits, kv_split=config.kv_split)
   return config
 
 
@@ -236,7 +241,7 @@ def _prefill_kernel(
     #             [B, K, S, NT * 64] (m in log2 units)
     num_blocks: int, block_size: int, pages_per_step: int, max_concurrent_steps: int,
     p_in_registers: bool, warp_specialized: bool, compute_wgs: int, schedule_barrier: bool,
-    kv_splits: int, scale: float, interpreted: bool):
+    kv_splits: int, kv_split: int | None, scale: float, interpreted: bool):
   b = lax.axis_index("b")
   h = lax.axis_index("h")
   num_programs = tiles_ref.shape[1] // compute_wgs
@@ -261,11 +266,12 @@ def _prefill_kernel(
   # key steps); without splits the two are the same.
   if kv_splits == 1:
     absolute = in_split = lambda steps: steps
-  else:  # split `split` holds the program's steps [lo, lo + split_len)
-    split_len = (num_steps + kv_splits - 1) // kv_splits
+  else:  # split `split` holds the key steps [lo, lo + split_len), the last one [lo, .)
+    split_len = kv_split // block_kv
     lo = split * split_len
+    span = jnp.where(split == kv_splits - 1, jnp.iinfo(jnp.int32).max // 2, split_len)
     absolute = lambda i: lo + i
-    in_split = lambda steps: jnp.clip(steps - lo, 0, split_len)  # a count of steps
+    in_split = lambda steps: jnp.clip(steps - lo, 0, span)  # a count of steps
     num_steps = in_split(num_steps)
 
   tiled = (plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)),
@@ -585,7 +591,7 @@ def paged_prefill_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Ar
       _prefill_kernel, num_blocks=nb, block_size=bs, pages_per_step=config.pages_per_step,
       max_concurrent_steps=config.max_concurrent_steps, p_in_registers=config.p_in_registers,
       warp_specialized=config.warp_specialized, compute_wgs=config.compute_wgs,
-      schedule_barrier=config.schedule_barrier, kv_splits=splits,
+      schedule_barrier=config.schedule_barrier, kv_splits=splits, kv_split=config.kv_split,
       scale=d ** -0.5 * math.log2(math.e), interpreted=bool(interpret))
   threads = (dict(num_threads=config.compute_wgs + 1, thread_name="wg")
              if config.warp_specialized else {})
@@ -692,21 +698,25 @@ def main_configs(head_dim: int) -> tuple[tuple[TuningConfig, ...], tuple[TuningC
                            **dict(two, max_concurrent_steps=3)),
               TuningConfig(pages_per_step=8, **dict(two, compute_wgs=3,
                                                     max_concurrent_steps=3)))
-  # Three computing warpgroups, two slots (the engine's); then with 2 and 4 key splits per
-  # row program (more programs where a chunk has too few to fill the GPU).
+  # Three computing warpgroups, two slots (the engine's); then with key splits (more
+  # programs where a chunk has too few to fill the GPU).
   return first, later + tuned_variants()
 
 
-def tuned_variants() -> tuple[TuningConfig, ...]:
-  """The engine's config and its key-split variants (main(tuned_only=True) times these)."""
-  return tuple(dataclasses.replace(TUNED, kv_splits=s) for s in (1, 2, 4))
+def tuned_variants(chunk: int = 4096) -> tuple[TuningConfig, ...]:
+  """The engine's config and its key-split variants (main(tuned_only=True) times these):
+  splits of `chunk` keys (each earlier chunk's keys one split) and of half a chunk, 2 to 8
+  programs per row program."""
+  return (TUNED,) + tuple(dataclasses.replace(TUNED, kv_splits=s, kv_split=length)
+                          for length, s in ((chunk, 2), (chunk, 4), (chunk, 8),
+                                            (chunk // 2, 8)))
 
 
 def _config_name(config: TuningConfig) -> str:
   return (f"mosaic pages/step={config.pages_per_step} slots={config.max_concurrent_steps} "
           f"p_reg={int(config.p_in_registers)} ws={int(config.warp_specialized)} "
           f"wgs={config.compute_wgs} sched={int(config.schedule_barrier)}"
-          f"{f' splits={config.kv_splits}' if config.kv_splits > 1 else ''}")
+          f"{f' splits={config.kv_splits}x{config.kv_split}' if config.kv_splits > 1 else ''}")
 
 
 def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0,
@@ -718,8 +728,8 @@ def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0,
   work over contiguous K/V (float16: its SMEM tiles are float16). Each is first checked
   against the float32 reference on 256 query tokens (relative L2 error), then timed by
   CUPTI (device time of every kernel a call launches; ours includes the q/out relayouts);
-  each of our configs without splits must give the same bits at every chunk size (with
-  splits, the boundaries move with the chunk's rows). A variant that fails prints
+  each of our configs must give the same bits at every chunk size (split boundaries are
+  fixed key positions). A variant that fails prints
   its error and the run goes on; one that runs longer than watchdog_s (a hang) prints its
   name and ends the process."""
   bad = [c for c in chunks if c < 256 or CONTEXT % c]
@@ -800,7 +810,7 @@ def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0,
         attend = functools.partial(paged_prefill_attention_mgpu, config=config)
         out = timed(shape, name, _config_name(config), functools.partial(workload, attend),
                     inputs, flops, tokens, inputs)
-        if out is not None and workload.func is chunked_prefill and config.kv_splits == 1:
+        if out is not None and workload.func is chunked_prefill:
           if config in whole:
             print(f"  same bits as in {chunks[0]} chunks: "
                   f"{bool(jnp.array_equal(out, whole[config]))}", flush=True)
@@ -836,7 +846,7 @@ def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0,
       timed(shape, name, "triton paged_attention (default config)",
             functools.partial(workload, triton_paged.paged_attention), inputs, flops, tokens,
             inputs)
-    run_ours(shape, tuned_variants() if tuned_only else main_configs(d)[0])
+    run_ours(shape, tuned_variants(chunks[0]) if tuned_only else main_configs(d)[0])
   for shape in () if tuned_only else shapes:
     print(f"== {shape}: two or three computing warpgroups", flush=True)
     run_ours(shape, main_configs(SHAPES[shape][2])[1])

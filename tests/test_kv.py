@@ -261,7 +261,7 @@ def test_warm_cache_survives_orbax_round_trip(engine, tiny_layout, tmp_path):
     cache, res = engine.prefill(cache, reqs[2])
     cache, step = engine.decode(cache, [r1.slot, res.slot], [5, 6])
     outs.append((cache, res.cached_tokens, res.logits, step.logits))
-  assert outs[0][1] == outs[1][1] == 32  # Chunk-aligned part of the 48 shared tokens.
+  assert outs[0][1] == outs[1][1] == 48  # The 48 shared tokens: three whole blocks.
   chex.assert_trees_all_equal(outs[0], outs[1])
 
 

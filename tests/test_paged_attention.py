@@ -202,6 +202,23 @@ class PagedAttentionTest(parameterized.TestCase):
     together = self.attend(q2, k2, v2, view2, config)
     np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(together[0]))
 
+  @parameterized.parameters((SPLIT, jnp.float32), (NO_SPLIT, jnp.bfloat16),
+                            (MANY, jnp.bfloat16))
+  def test_chunk_start_changes_no_bit(self, config, dtype):
+    # The same query rows in chunks of 8 that start at other block-aligned positions (so
+    # in other row tiles, beside other rows, with other kv_lens): the same bits, also with
+    # splits (fixed key positions).
+    q, k, v, view = make_inputs(31, starts=[0], tokens=64, group=7, dtype=dtype)
+    seen = {}
+    for start in (20, 24, 28, 36, 40):
+      chunk = AttentionView(view.positions[:, start:start + 8], view.block_tables,
+                            view.write_slots[:, :8], jnp.full((1,), start + 8, jnp.int32))
+      out = np.asarray(self.attend(q[:, start:start + 8], k, v, chunk, config), np.float32)
+      for i in range(8):
+        if start + i in seen:
+          np.testing.assert_array_equal(out[0, i], seen[start + i])
+        seen[start + i] = out[0, i]
+
   @parameterized.parameters(SPLIT, NO_SPLIT)
   def test_layer_of_full_pool(self, config):
     # All layers' pools and a traced layer index give the bits of that layer's own pool;

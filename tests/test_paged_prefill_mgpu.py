@@ -55,7 +55,7 @@ class PagedPrefillMgpuTest(MgpuTestCase):
   SLOW_INTERPRETED = ("test_computing_warpgroups0", "test_computing_warpgroups1",
                       "test_computing_warpgroups2", "test_computing_warpgroups3",
                       "test_computing_warpgroups4", "test_kv_splits1", "test_kv_splits2",
-                      "test_deep_pipeline0",
+                      "test_deep_pipeline0", "test_chunk_start_changes_no_bit0",
                       "test_deep_pipeline1", "test_chunk_after_cached_prefix1",
                       "test_positions_per_row", "test_traced_layer")
 
@@ -119,9 +119,10 @@ class PagedPrefillMgpuTest(MgpuTestCase):
 
   @parameterized.parameters((1, 3, False), (2, 2, False), (2, 2, True), (3, 2, False))
   def test_kv_splits(self, wgs, splits, schedule_barrier):
-    # A program's key steps in `splits` shares, merged exactly outside the kernel: against
-    # the reference; empty splits (kv_len 41: one step) and a split holding the partial
-    # step (kv_len 450); other placements and a request alone give the same bits.
+    # Keys in splits of 128 (two steps; the last split takes the rest), merged exactly
+    # outside the kernel: against the reference; empty splits (kv_len 41: one step) and a
+    # split holding the partial step (kv_len 450); other placements and a request alone
+    # give the same bits.
     if self.INTERPRET and wgs == 3:
       # On the 2-core box the interpreter starves here (one warpgroup's thread never
       # starts while the others block in barrier callbacks; tried 2026-11-29). Two
@@ -129,7 +130,7 @@ class PagedPrefillMgpuTest(MgpuTestCase):
       self.skipTest("three warpgroups with splits: compiled only")
     inputs = make_inputs(12, lens=[450, 41, 300], new=[24, 9, 24], num_tokens=24,
                          max_blocks=32)
-    config = dataclasses.replace(SMALL, kv_splits=splits)
+    config = dataclasses.replace(SMALL, kv_splits=splits, kv_split=128)
     if wgs > 1:
       config = dataclasses.replace(config, warp_specialized=True, compute_wgs=wgs,
                                    schedule_barrier=schedule_barrier)
@@ -140,6 +141,31 @@ class PagedPrefillMgpuTest(MgpuTestCase):
     np.testing.assert_array_equal(np.asarray(moved, np.float32), out)
     one = self.attend(q[:1], k, v, tables[:1], positions[:1], kv_lens[:1], 1, config=config)
     np.testing.assert_array_equal(np.asarray(one, np.float32)[0], out[0])
+
+  @parameterized.parameters(1, 3)
+  def test_chunk_start_changes_no_bit(self, splits):
+    # The same query rows in chunks that start at other block-aligned positions (so in other
+    # row tiles, beside other rows, with other kv_lens): the same bits, with key splits at
+    # fixed key positions too (128 keys, the third takes the rest). Tiles need 6 or 7 key
+    # steps here, so splits that cut each program's own steps would move with the start.
+    if self.INTERPRET and jax.default_backend() == "gpu":
+      # There the interpreter's matmuls and softmax are XLA GPU ops, whose bits moved in one
+      # element of 896 with splits (H100, 2026-12-06); the compiled kernel holds exactly.
+      self.skipTest("interpreted on a GPU: XLA's ops, not the kernel's")
+    config = (SMALL if splits == 1
+              else dataclasses.replace(SMALL, kv_splits=splits, kv_split=128))
+    q_all, k, v, tables, _, _ = make_inputs(14, lens=[448], new=[448], num_tokens=448,
+                                            max_blocks=28)
+    chunk, seen = 32, {}
+    for start in (352, 368, 384):
+      pos = jnp.arange(start, start + chunk, dtype=jnp.int32)[None]
+      out = self.attend(q_all[:, start:start + chunk], k, v, tables, pos,
+                        jnp.full((1,), start + chunk, jnp.int32), config=config)
+      for i, p in enumerate(range(start, start + chunk)):
+        row = np.asarray(out[0, i], np.float32)
+        if p in seen:
+          np.testing.assert_array_equal(row, seen[p], err_msg=f"position {p}")
+        seen[p] = row
 
   def test_decode_rows_and_empty_request(self):
     # T = 1 (decode through the prefill kernel; the query before the end of its cache) and
@@ -198,6 +224,10 @@ class ConfigTest(absltest.TestCase):
       pp.TuningConfig(max_concurrent_steps=0)
     with self.assertRaisesRegex(ValueError, "warp_specialized"):
       pp.TuningConfig(compute_wgs=2)
+    with self.assertRaisesRegex(ValueError, "needs kv_split"):
+      pp.TuningConfig(kv_splits=2)
+    with self.assertRaisesRegex(ValueError, "multiple of block_kv"):
+      pp.TuningConfig(pages_per_step=4, kv_splits=2, kv_split=96).block_kv(BLOCK_SIZE)
     with self.assertRaisesRegex(ValueError, "schedule_barrier"):
       pp.TuningConfig(warp_specialized=True, schedule_barrier=True)
 

@@ -1,12 +1,12 @@
 """Runs requests through chunked prefill and decode on either cache.
 
-Prefill runs in fixed-size chunks aligned from position 0 (a multiple of the block
-size). With the HQ cache, leading chunks whose blocks were all found cached are
-skipped (compute reuse) and the remaining chunks attend to the cached K/V; the last
-chunk is always computed, since its logits are the request's first output. Each chunk
-is one jitted step of shape [1, chunk], so a token's K/V and logits do not depend on
-which other requests exist or which backend holds the blocks: dense and HQ give
-bit-identical logits.
+Prefill starts at the first uncached block (position 0 on the dense cache or a cold HQ
+one) and runs from there in fixed-size chunks; the cached blocks are attended to, not
+recomputed. The last prompt token is always computed, since its logits are the
+request's first output. Each chunk is one jitted step of shape [1, chunk]: a step of one
+fixed shape gives a token's row the same bits wherever the row sits in it (the exactness
+contract, docs/architecture.md), so a token's K/V and logits do not depend on where its
+chunk starts, which of its blocks were cached or which backend holds them.
 """
 
 from __future__ import annotations
@@ -91,8 +91,15 @@ def decode_kernel(attention: str) -> str:
   return "mosaic" if attention.startswith("mosaic") else "triton"
 
 
+# Rows of every decode step (`Engine(decode_rows=...)`): one fixed M, so that a request's
+# logits do not depend on its batch. 64 is the largest batch of the benchmark points; a
+# step's weights are read once whatever M, so padding a small batch costs little.
+DECODE_ROWS = 64
+
+
 def decode_bucket(batch: int) -> int:
-  """Decode batches are padded to a power of two: a serving loop compiles a few shapes."""
+  """`decode_rows=0`: batches padded to a power of two (a few compiled shapes, but a
+  request's bits then depend on its batch's bucket)."""
   return 1 << max(batch - 1, 0).bit_length()
 
 
@@ -144,7 +151,8 @@ class PrefillResult:
   slot: int
   prompt_tokens: int
   hit_tokens: int  # tokens whose blocks were found cached at admission
-  cached_tokens: int  # tokens whose prefill was skipped (whole chunks of hits)
+  cached_tokens: int  # tokens whose prefill was skipped (= hit_tokens, less the last
+  #                    block when the whole prompt was cached)
   computed_tokens: int  # tokens run through the model (prompt_tokens - cached_tokens)
   first_position: int  # position of logits[0] (= cached_tokens)
   # [computed_tokens, vocab] float32 on the host (copied chunk by chunk: the device never
@@ -157,7 +165,8 @@ class PrefillResult:
 @dataclasses.dataclass(frozen=True)
 class DecodeResult:
   logits: jax.Array  # [B, vocab] float32
-  attention: str  # "paged" or "dedup": what this step's attention ran
+  attention: str  # "paged" or "dedup": what this step's attention ran ("mixed" when a
+  #               batch of more than decode_rows ran in steps that chose differently)
 
 
 class Engine:
@@ -166,19 +175,25 @@ class Engine:
   def __init__(self, params, cfg: ModelConfig, *, chunk_size: int = 64,
                attention: str = "auto", donate: bool | None = None,
                decode_attention: str = "paged",
-               auto_min_saved_tokens: int = AUTO_MIN_SAVED_TOKENS, on_step=None,
-               allow_long_context: bool = False):
+               auto_min_saved_tokens: int = AUTO_MIN_SAVED_TOKENS,
+               decode_rows: int = DECODE_ROWS, on_step=None, allow_long_context: bool = False):
     """attention: one of ATTENTION ("auto": the Pallas kernels on a GPU, XLA elsewhere).
     decode_attention: "paged" (exact, the default: bit-identical for dense and HQ),
     "dedup" (shared runs of blocks read once for all their requests; equal to paged within
     float rounding, not bit-exact) or "auto" (dedup when the batch's sharing plan saves at
     least `auto_min_saved_tokens` K/V tokens per kv head, else paged).
+    decode_rows: rows of every decode step (a larger batch runs in several steps); padding
+    rows read and write nothing. 0 opts out: the batch is padded to its power-of-two
+    bucket, and a request's decode logits then depend on the batch size within float
+    rounding (`invariance` says which).
     on_step: called as on_step(jitted_fn, args, kwargs) before every jitted model step
     (e.g. `bench.device_memory.PeakTracker`, which reads the step's compiled memory).
     allow_long_context: let `prefill` run prompts past cfg.max_position_embeddings
     (`ModelConfig.check_context`, the rule every script applies)."""
     if chunk_size <= 0:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if isinstance(decode_rows, bool) or not isinstance(decode_rows, int) or decode_rows < 0:
+      raise ValueError(f"decode_rows must be an int >= 0, got {decode_rows!r}")
     if decode_attention not in DECODE_ATTENTION:
       raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got "
                        f"{decode_attention!r}")
@@ -189,6 +204,10 @@ class Engine:
     self.decode_kernel = decode_kernel(self.attention)
     self._attention_fn = KernelAttention(self.attention)
     self.decode_attention = decode_attention
+    self.decode_rows = decode_rows
+    # What the engine's logits are invariant to, for study rows and run records:
+    # "batch_invariant" (the exactness contract, docs/architecture.md) or "bucketed".
+    self.invariance = "batch_invariant" if decode_rows else "bucketed"
     self.auto_min_saved_tokens = auto_min_saved_tokens
     self._planner = None  # built on the first shared-prefix decode (needs the block size)
     # Donating the pools lets XLA update the cache in place (GPU); the caller must then
@@ -239,9 +258,10 @@ class Engine:
     return logits, cache.with_pools(pools)
 
   def _decode_view(self, cache: PagedCache, slots, lens) -> tuple[AttentionView, str]:
-    """The decode view (batch padded to its bucket), with the plan attached for dedup."""
+    """The decode view (batch padded to decode_rows or its bucket), with the plan attached
+    for dedup."""
     host = cache.host_view(slots, [n - 1 for n in lens], 1,
-                           pad_to=decode_bucket(len(slots)))
+                           pad_to=self.decode_rows or decode_bucket(len(slots)))
     view = jax.device_put(host)
     if self.decode_attention == "paged":
       return view, "paged"
@@ -280,10 +300,13 @@ class Engine:
               and int(cache.req_lens[slot]) == prompt.size):
       raise CacheError(f"slot {slot} does not hold a just-admitted prompt of {prompt.size} tokens")
     n, c = prompt.size, self.chunk_size
-    hit = int(cache.seq_lens[slot])
-    first_chunk = min(hit // c, (n - 1) // c)
+    hit = int(cache.seq_lens[slot])  # whole blocks
+    # A fully cached prompt recomputes only the block of its last token (as vLLM, whose
+    # lookup stops at the last token): the fewest tokens that give its logits. Those
+    # positions are already written, so the step writes nothing.
+    skip = min(hit, (n - 1) // cache.block_size * cache.block_size)
     kept, last = [], None
-    for start in range(first_chunk * c, n, c):
+    for start in range(skip, n, c):
       chunk = np.zeros((1, c), np.int32)
       valid = min(c, n - start)
       chunk[0, :valid] = prompt[start:start + valid]
@@ -297,15 +320,16 @@ class Engine:
     last = last.block_until_ready()
     ttft = time.perf_counter() - t0
     return cache, PrefillResult(
-        slot=slot, prompt_tokens=n, hit_tokens=hit, cached_tokens=first_chunk * c,
-        computed_tokens=n - first_chunk * c, first_position=first_chunk * c,
+        slot=slot, prompt_tokens=n, hit_tokens=hit, cached_tokens=skip,
+        computed_tokens=n - skip, first_position=skip,
         logits=np.concatenate(kept) if logits == "all" else None, last_logits=last,
         ttft_s=ttft)
 
   def decode(self, cache: PagedCache, slots: Sequence[int],
              tokens: Sequence[int]) -> tuple[PagedCache, DecodeResult]:
     """Feeds one new token to each slot; returns (cache, DecodeResult: logits [B, vocab]
-    and which attention ran). The batch is padded to `decode_bucket(B)` rows inside."""
+    and which attention ran). Runs in steps of `decode_rows` rows (the last one padded),
+    or with decode_rows=0 in one step padded to `decode_bucket(B)` rows."""
     slots, tokens = list(slots), self._check_tokens(tokens).reshape(-1)
     if len(slots) != tokens.size or not slots:
       raise CacheError(f"decode needs one token per slot, got {len(slots)} slots and "
@@ -315,12 +339,19 @@ class Engine:
     self._check_cache(cache)
     cache = cache.append_batch(slots, [int(t) for t in tokens])
     lens = [int(cache.req_lens[s]) for s in slots]
-    view, used = self._decode_view(cache, slots, lens)
-    padded = np.zeros((view.positions.shape[0], 1), np.int32)
-    padded[:len(slots), 0] = tokens
-    out, cache = self._step(cache, padded, view)
+    rows = self.decode_rows or len(slots)
+    logits, used = [], set()
+    for i in range(0, len(slots), rows):
+      part = slots[i:i + rows]
+      view, how = self._decode_view(cache, part, lens[i:i + rows])
+      padded = np.zeros((view.positions.shape[0], 1), np.int32)
+      padded[:len(part), 0] = tokens[i:i + rows]
+      out, cache = self._step(cache, padded, view)
+      logits.append(_first_rows(out, len(part)))
+      used.add(how)
     return (cache.commit_batch(slots, lens),
-            DecodeResult(_first_rows(out, len(slots)), used))
+            DecodeResult(logits[0] if len(logits) == 1 else jnp.concatenate(logits),
+                         used.pop() if len(used) == 1 else "mixed"))
 
   def generate(self, cache: PagedCache, prompt: Sequence[int], steps: int, *, salt: int = 0):
     """Greedy decoding of `steps` tokens after `prompt`: (cache, slot, new token ids)."""

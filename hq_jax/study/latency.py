@@ -4,7 +4,8 @@ At each grid point, three prefill modes of the same request:
   dense      the dense cache (no reuse possible);
   hq_cold    a fresh HQ cache (nothing cached: the cost of dedup bookkeeping alone);
   hq_warm    an HQ cache where another request with the same prefix ran first, so
-             the prefix's whole chunks are skipped;
+             the prefix's cached blocks are skipped (prefill starts at the first
+             uncached block);
 and one decode step of all `concurrency` requests on each backend. Every timing is
 repeated `repeats` times after `warmup` untimed runs (compilation); fresh caches are
 built outside the timed region. Reported: median, min and max.
