@@ -149,6 +149,7 @@ def test_decode_logits_do_not_depend_on_the_batch(models, attention, model, deco
   want = {}  # request -> its logits of both steps
   for k, size in enumerate(sizes):
     cache, slots = prefilled[k % 2]
+    cache = cache.copy()  # decoding consumes the cache: keep the prefilled one for later batches
     batch = [int(r) for r in rng.permutation(num)[:size]]  # requests, in batch order
     if 0 not in batch:
       batch[int(rng.integers(size))] = 0  # request 0 is in every batch
