@@ -88,8 +88,9 @@ def test_dense_reserve_tokens(tiny_layout):
     c = c.append(a, t)
   with pytest.raises(CacheError, match="reservation of 48 tokens"):
     c.append(a, 0)
+  c = c.release(b)
   with pytest.raises(CacheError, match="reserve_tokens=3 must be in"):
-    c.release(b).admit(np.arange(5), reserve_tokens=3)
+    c.admit(np.arange(5), reserve_tokens=3)
   c, s = c.release(a).admit(np.arange(5), reserve_tokens=17)
   assert (c.block_tables[s] >= 0).sum() == 2
 
@@ -116,21 +117,45 @@ def test_hash_collisions_never_reuse_wrong_blocks(tiny_layout):
     assert kv_stats(c).physical_blocks == 5
 
 
+def _reference_hits(cache, prompt, salt=0) -> int:
+  """Hit blocks of `prompt` by brute force over the arrays: at each full block, the one
+  registered block with this salt, parent, parent's generation and tokens."""
+  bs = cache.block_size
+  parent, pgen, n = -1, 0, 0
+  for i in range(len(prompt) // bs):
+    match = np.flatnonzero(cache.registered & (cache.block_salt == salt)
+                           & (cache.block_parent == parent)
+                           & (cache.block_parent_gen == pgen)
+                           & (cache.block_tokens == prompt[i * bs:(i + 1) * bs]).all(axis=1))
+    assert match.size <= 1, "two registered blocks share an identity"
+    if not match.size:
+      break
+    parent, pgen, n = int(match[0]), int(cache.block_gen[match[0]]), n + 1
+  return n
+
+
+def _rebuilt(cache):
+  """The cache as orbax or jax.tree_util would rebuild it: arrays only, no derived state."""
+  return jax.tree.map(lambda x: x, cache)
+
+
 @pytest.mark.parametrize("bits", [2, 32])
-def test_scanned_and_bucketed_lookups_find_the_same_blocks(tiny_layout, monkeypatch, bits):
-  """A long prompt's hit chain through the bucketed index (from the first lookup) and
-  through scans only: the same cache, with hashes that collide (2 bits) or not."""
-  from hq_jax.kv import dedup
+def test_incremental_and_rebuilt_lookups_find_the_same_blocks(tiny_layout, bits):
+  """A long prompt's hit chain through the cache's incremental index and through an index
+  rebuilt from the arrays before every operation: the same cache, with hashes that
+  collide (2 bits) or not, and the hits a brute-force walk over the arrays finds."""
   rng = np.random.default_rng(bits)
-  prefix = rng.integers(0, 50, 40 * 16)  # 40 blocks: more lookups than the scan budget
+  prefix = rng.integers(0, 50, 40 * 16)  # 40 blocks
   prompts = [np.r_[prefix[:k * 16], rng.integers(0, 50, 24)] for k in (40, 40, 25, 3)]
   results = []
-  for scans in (0, 10**9):
-    monkeypatch.setattr(dedup._Index, "_SCANS_BEFORE_INDEX", scans)
+  for rebuild in (False, True):
     c = DedupKVCache.init(tiny_layout, num_blocks=256, max_requests=8, max_seq_len=1024,
                           hash_bits=bits)
     for p in prompts:
-      c, _ = _admit_commit(c, p)
+      want = _reference_hits(c, p)
+      c, slot = (_rebuilt(c) if rebuild else c).admit(p)
+      assert int(c.seq_lens[slot]) == want * 16
+      c = c.commit(slot, p.size)
     results.append(c)
   a, b = results
   for name in ("block_tables", "refcount", "registered", "block_hash", "block_parent"):
@@ -165,12 +190,12 @@ def test_released_blocks_stay_cached_until_lru_eviction(tiny_layout):
   c, sc = _admit_commit(c, np.arange(200, 248))  # Needs 3: evicts LRU (a's tail first).
   assert c.cached_free_blocks() == 1
   c = c.release(sc)
-  c2, s = c.admit(b)
+  c2, s = c.copy().admit(b)
   assert int(c2.seq_lens[s]) == 16  # b's first block survived, its tail did not.
   c3 = c.evict()
   assert c3.cached_free_blocks() == 0
-  _, s = c3.admit(b)
-  assert int(c3.admit(b)[0].seq_lens[s]) == 0
+  c4, s = c3.admit(b)
+  assert int(c4.seq_lens[s]) == 0
 
 
 def _snapshot(cache):
@@ -198,10 +223,15 @@ def test_bad_input_is_a_clear_error_and_leaves_the_cache_unchanged(engine, tiny_
       (lambda: engine.decode(c, [0, 0], [3, 4]), "slot twice"),
       (lambda: engine.decode(c, [0], [3, 4]), "one token per slot"),
       (lambda: c.release(5), "not an active request"),
+      (lambda: c.release(True), "slot must be an int"),
+      (lambda: c.release(0.0), "slot must be an int"),
+      (lambda: c.commit("0", 40), "slot must be an int"),
+      (lambda: c.append(None, 1), "slot must be an int"),
       (lambda: c.commit(0, 41), "outside"),
   ]
-  if backend == "hq":
-    cases.append((lambda: c.admit([1, 2], salt="tenant"), "salt must be an int"))
+  for salt in ("tenant", 1.5, None, True):  # the same salt rule for both backends
+    cases.append((lambda salt=salt: c.admit([1, 2], salt=salt), "salt must be an int"))
+  cases.append((lambda: c.admit([1, 2], salt=2**40), "does not fit in int32"))
   for fn, message in cases:
     with pytest.raises(CacheError, match=message):
       fn()
@@ -245,10 +275,10 @@ def test_batched_decode_bookkeeping_equals_one_slot_at_a_time(tiny_layout, backe
     c, s = c.admit(np.arange(n) % 7)
     c = c.commit(s, n)
   slots, tokens = [2, 0, 1], [5, 6, 7]
-  one_by_one = c
+  one_by_one = c.copy()
   for s, t in zip(slots, tokens):
     one_by_one = one_by_one.append(s, t)
-  batched = c.append_batch(slots, tokens)
+  batched = c.copy().append_batch(slots, tokens)
   chex.assert_trees_all_equal(_snapshot(batched), _snapshot(one_by_one))
   lens = [int(batched.req_lens[s]) for s in slots]
   seq = one_by_one
@@ -274,7 +304,7 @@ def test_a_step_where_several_slots_need_blocks_equals_one_slot_at_a_time(tiny_l
     c = c.commit(s, n)
   assert int(np.sum(~c.registered & (c.refcount == 0))) == 1 and c.cached_free_blocks() == 4
   slots, tokens = [2, 0, 1], [5, 6, 7]  # every slot at a block boundary: 3 new blocks
-  one_by_one = c
+  one_by_one = c.copy()
   for s, t in zip(slots, tokens):
     one_by_one = one_by_one.append(s, t)
   batched = c.append_batch(slots, tokens)
@@ -282,10 +312,12 @@ def test_a_step_where_several_slots_need_blocks_equals_one_slot_at_a_time(tiny_l
   assert batched.cached_free_blocks() == 2  # two cached blocks were evicted
 
 
-def test_consumed_decode_bookkeeping_equals_copying(tiny_layout):
-  """append_batch / commit_batch with consume=True (in place, the engine on a GPU) give the
-  same cache as the copying path over a decode run that allocates, fills, registers and
-  evicts blocks; a step the pool cannot take is refused before anything changes."""
+def test_derived_state_equals_a_rebuild_over_a_decode_run(tiny_layout):
+  """append_batch / commit_batch on the cache's incremental derived state (free list, LRU
+  queue, index, counters) give the same cache as the same steps on caches whose state is
+  rebuilt from the arrays before every step, over a decode run that allocates, fills,
+  registers and evicts blocks; a step the pool cannot take is refused before anything
+  changes."""
   def build():
     c = DedupKVCache.init(tiny_layout, num_blocks=14, max_requests=4, max_seq_len=96)
     for n, shift in ((20, 0), (33, 0), (17, 1)):  # two share a first block
@@ -294,59 +326,63 @@ def test_consumed_decode_bookkeeping_equals_copying(tiny_layout):
     c, s = c.admit(np.arange(40) % 5)
     c = c.commit(s, 40).release(s)  # cached, refcount-0 blocks: evicted when needed
     return c
-  copying, consumed = build(), build()
+  rebuilt, incremental = build(), build()
   slots = [0, 1, 2]
   for step in range(30):
     toks = [step % 7, (step + 1) % 7, (step + 2) % 7]
-    copying = copying.append_batch(slots, toks)
-    consumed = consumed.append_batch(slots, toks, consume=True)
-    lens = [int(copying.req_lens[s]) for s in slots]
-    copying = copying.commit_batch(slots, lens)
-    consumed = consumed.commit_batch(slots, lens, consume=True)
-    chex.assert_trees_all_equal(_snapshot(consumed), _snapshot(copying))
-  assert int(copying.block_gen.max()) > 1  # blocks were evicted and reused on the way
-  full = copying
+    rebuilt = _rebuilt(rebuilt).append_batch(slots, toks)
+    incremental = incremental.append_batch(slots, toks)
+    lens = [int(rebuilt.req_lens[s]) for s in slots]
+    rebuilt = _rebuilt(rebuilt).commit_batch(slots, lens)
+    incremental = incremental.commit_batch(slots, lens)
+    chex.assert_trees_all_equal(_snapshot(incremental), _snapshot(rebuilt))
+    assert (incremental.held_blocks, incremental.cached_blocks) == (
+        _rebuilt(rebuilt).held_blocks, _rebuilt(rebuilt).cached_blocks)
+  assert int(rebuilt.block_gen.max()) > 1  # blocks were evicted and reused on the way
+  full = incremental
   while int(np.sum(np.asarray(full.refcount) == 0)) >= 3:
-    full = full.append_batch(slots, [1, 1, 1]).commit_batch(
-        slots, [int(full.req_lens[s]) + 1 for s in slots])
+    lens = [int(full.req_lens[s]) + 1 for s in slots]
+    full = full.append_batch(slots, [1, 1, 1]).commit_batch(slots, lens)
   # Append until some slot needs a block the pool no longer has: refused, nothing changed.
   before = _snapshot(full)
   with pytest.raises(CacheError, match="pool too small|is full"):
     for _ in range(16):
-      full = full.append_batch(slots, [2, 2, 2], consume=True)
-      full = full.commit_batch(slots, [int(full.req_lens[s]) for s in slots], consume=True)
+      full = full.append_batch(slots, [2, 2, 2])
+      full = full.commit_batch(slots, [int(full.req_lens[s]) for s in slots])
       before = _snapshot(full)
   chex.assert_trees_all_equal(_snapshot(full), before)
+  full.append_batch([0], [3])  # still valid: a step that fits goes on
 
 
-def test_consumed_admission_equals_copying_and_refuses_before_any_change(tiny_layout):
-  """admit(consume=True) (in place: the engine on a GPU) gives the same cache as the copying
-  admit over prompts that hit an active chain, a released one, nothing, and that must evict;
-  a prompt the pool cannot take (after its hits are counted as held), a bad salt and a full
-  slot table are refused with the cache unchanged."""
+def test_admission_on_derived_state_equals_a_rebuild_and_refuses_before_any_change(
+    tiny_layout):
+  """admit on the incremental derived state gives the same cache as admit on a cache
+  rebuilt from its arrays, over prompts that hit an active chain, a released one, nothing,
+  and that must evict; a prompt the pool cannot take (after its hits are counted as held),
+  a bad salt and a full slot table are refused with the cache unchanged and still valid."""
   rng = np.random.default_rng(3)
   base = rng.integers(0, 50, 6 * 16)
   prompts = [np.r_[base, [1, 2, 3]], base[:4 * 16], rng.integers(0, 50, 40),
              np.r_[base[:5 * 16], rng.integers(0, 50, 30)], rng.integers(0, 50, 70)]
   caches = []
-  for consume in (False, True):
+  for rebuild in (False, True):
     c = DedupKVCache.init(tiny_layout, num_blocks=24, max_requests=4, max_seq_len=512)
     for i, p in enumerate(prompts):
-      c, slot = c.admit(p, consume=consume)
+      c, slot = (_rebuilt(c) if rebuild else c).admit(p)
       c = c.commit(slot, p.size)
       if i in (1, 2):
         c = c.release(slot)  # cached, refcount-0 blocks: hit or evicted later
       caches.append(_snapshot(c))
   n = len(prompts)
-  for copied, consumed in zip(caches[:n], caches[n:]):
-    chex.assert_trees_all_equal(consumed, copied)
+  for rebuilt, incremental in zip(caches[n:], caches[:n]):
+    chex.assert_trees_all_equal(incremental, rebuilt)
   assert int(c.hit_tokens) > 0 and int(c.block_gen.max()) > 1  # hits, and evictions
   before = _snapshot(c)
   free = int(np.sum(np.asarray(c.refcount) == 0))
   # Hits its 6 cached blocks (held by request 0), then needs free + 1 more: too many.
   too_big = np.r_[base, rng.integers(0, 50, (free + 1) * 16)]
-  for fn, message in [(lambda: c.admit(too_big, consume=True), "pool too small"),
-                      (lambda: c.admit(base, salt="x", consume=True), "salt must be an int")]:
+  for fn, message in [(lambda: c.admit(too_big), "pool too small"),
+                      (lambda: c.admit(base, salt="x"), "salt must be an int")]:
     with pytest.raises(CacheError, match=message):
       fn()
     chex.assert_trees_all_equal(_snapshot(c), before)
@@ -354,31 +390,30 @@ def test_consumed_admission_equals_copying_and_refuses_before_any_change(tiny_la
   # requests will need them). A 2-block prompt hitting nothing fits with free - 2 kept free,
   # not with one more.
   fresh = rng.integers(50, 99, 32)
-  for fn, message in [(lambda: c.admit(fresh, keep_free=free - 1, consume=True),
+  for fn, message in [(lambda: c.admit(fresh, keep_free=free - 1),
                        f"needs 2 new blocks and {free - 1} kept free but only {free} "),
-                      (lambda: c.admit(fresh, keep_free=-1, consume=True), "keep_free")]:
+                      (lambda: c.admit(fresh, keep_free=-1), "keep_free")]:
     with pytest.raises(CacheError, match=message):
       fn()
     chex.assert_trees_all_equal(_snapshot(c), before)
-  kept, s = c.admit(fresh, keep_free=free - 2)
+  kept, s = c.copy().admit(fresh, keep_free=free - 2)
   assert int(np.sum(np.asarray(kept.refcount) == 0)) == free - 2
-  # release in place equals the copying release.
-  chex.assert_trees_all_equal(_snapshot(kept.release(s, consume=True)),
-                              _snapshot(c.admit(fresh)[0].release(s)))
-  c, _ = c.admit(base[:16], consume=True)  # the fourth slot
+  # release on the derived state equals release on a rebuilt cache.
+  chex.assert_trees_all_equal(_snapshot(kept.release(s)),
+                              _snapshot(_rebuilt(c.copy().admit(fresh)[0]).release(s)))
+  c, _ = c.admit(base[:16])  # the fourth slot
   before = _snapshot(c)
   with pytest.raises(CacheError, match="no free request slot"):
-    c.admit(base, consume=True)
+    c.admit(base)
   chex.assert_trees_all_equal(_snapshot(c), before)
 
 
 @pytest.mark.parametrize("bits", [0, 32])
-def test_guessed_chain_finds_what_the_walk_finds(tiny_layout, monkeypatch, bits):
-  """Admission's fast path (verify guessed continuations: an active request's table,
-  consecutive block ids) against the block-by-block walk alone: the same cache after prompts that share all, part or none of
-  an active or released request's chain, a chain that diverges mid-way, and (0 bits)
-  hashes that all collide."""
-  from hq_jax.kv import dedup
+def test_lookup_finds_what_a_brute_force_walk_finds(tiny_layout, bits):
+  """Admission's lookup (a hash map, single candidates verified in one vectorized pass at
+  the end) against a brute-force walk over the arrays: prompts that share all, part or
+  none of an active or released request's chain, a chain that diverges mid-way, and
+  (0 bits) hashes that all collide."""
   rng = np.random.default_rng(bits)
   base = rng.integers(0, 50, 30 * 16)
   other = base.copy()
@@ -386,38 +421,25 @@ def test_guessed_chain_finds_what_the_walk_finds(tiny_layout, monkeypatch, bits)
   prompts = [np.r_[base, rng.integers(0, 50, 7)], base[:20 * 16], np.r_[other, 1, 2],
              np.r_[base[:25 * 16], rng.integers(0, 50, 40)], np.r_[base[:16], [77] * 16],
              base[:5]]
-  walk_only = lambda a, first, prompt, salt, bs: [first]
-  results, fast_hits = [], []
-  for patch in (False, True):
-    if patch:
-      monkeypatch.setattr(dedup, "_guessed_chain", walk_only)
-    c = DedupKVCache.init(tiny_layout, num_blocks=256, max_requests=8, max_seq_len=1024,
-                          hash_bits=bits)
-    for i, p in enumerate(prompts):
-      if not patch and i and p.size >= 16:  # admission looks up full blocks only
-        a = {name: np.asarray(getattr(c, name)) for name in dedup._META_FIELDS}
-        first = int(np.asarray(c.block_tables)[0, 0])
-        fast_hits.append(len(dedup._guessed_chain(a, first, p, 0, 16)))
-      c, slot = _admit_commit(c, p)
-      if i == 1:
-        c = c.release(slot)  # its chain stays cached, but no table holds it
-    for slot in range(8):  # every request leaves: the chains stay cached, no table holds them
-      if bool(np.asarray(c.active)[slot]):
-        c = c.release(slot)
-    if not patch:
-      a = {name: np.asarray(getattr(c, name)) for name in dedup._META_FIELDS}
-      fast_hits.append(len(dedup._guessed_chain(a, first, prompts[0], 0, 16)))
-    c, _ = _admit_commit(c, prompts[0])
-    results.append(c)
-  for name in dedup._META_FIELDS:
-    np.testing.assert_array_equal(np.asarray(getattr(results[0], name)),
-                                  np.asarray(getattr(results[1], name)), err_msg=name)
-  # The fast path verified these many blocks of the first request's table per prompt:
-  # all 20, the 12 before the divergence, 25 (the released request's table is gone), only
-  # the first block of a prompt whose second block differs; with no request left, the
-  # first prompt's 30 blocks through consecutive ids (allocated in one run).
-  assert fast_hits == [20, 12, 25, 1, 30]
-  assert int(np.asarray(results[0].hit_tokens)) == (20 + 12 + 25 + 1 + 30) * 16
+  c = DedupKVCache.init(tiny_layout, num_blocks=256, max_requests=8, max_seq_len=1024,
+                        hash_bits=bits)
+  hits = []
+  for i, p in enumerate(prompts):
+    want = _reference_hits(c, p)
+    c, slot = c.admit(p)
+    assert int(c.seq_lens[slot]) == want * 16
+    c = c.commit(slot, p.size)
+    hits.append(want)
+    assert (c.block_tables[slot, :want] == c.block_tables[0, :want]).all()
+    if i == 1:
+      c = c.release(slot)  # its chain stays cached, but no table holds it
+  for slot in range(8):  # every request leaves: the chains stay cached, no table holds them
+    if bool(np.asarray(c.active)[slot]):
+      c = c.release(slot)
+  hits.append(_reference_hits(c, prompts[0]))
+  c, _ = _admit_commit(c, prompts[0])
+  assert hits[1:] == [20, 12, 25, 1, 0, 30]
+  assert int(np.asarray(c.hit_tokens)) == (20 + 12 + 25 + 1 + 30) * 16
 
 
 def test_a_block_with_equal_tokens_but_another_parent_is_no_hit(tiny_layout):
@@ -436,14 +458,18 @@ def test_a_block_with_equal_tokens_but_another_parent_is_no_hit(tiny_layout):
   assert int(np.asarray(c.hit_tokens)) == 32  # P once, Q once
 
 
-def test_a_guessed_block_under_an_older_generation_of_its_parent_is_no_hit(tiny_layout):
-  """`_verified_run` checks the parent's generation as `find` does: a child registered
-  under its parent's earlier life (the parent evicted and reallocated since) is refused."""
+def test_a_block_under_an_older_generation_of_its_parent_is_no_hit(tiny_layout, monkeypatch):
+  """The vectorized verification of a looked-up chain checks the parent's generation as the
+  one-by-one check does: a child registered under its parent's earlier life (the parent
+  evicted and reallocated since) is refused, even when its hash matches (here a hash that
+  ignores the generation, so the stale child is the map's single candidate)."""
   from hq_jax.kv import dedup
+  real = dedup._mix
+  monkeypatch.setattr(dedup, "_mix", lambda th, salt, parent, gen: real(th, salt, parent, 0))
   p, x = np.arange(16), np.arange(200, 216)
   c = DedupKVCache.init(tiny_layout, num_blocks=32, max_requests=4, max_seq_len=MAX_SEQ)
   c, _ = _admit_commit(c, np.r_[p, x])  # blocks 0 (P) and 1 (X after P)
-  a = {name: np.array(getattr(c, name)) for name in dedup._META_FIELDS}
-  assert dedup._verified_run(a, [1], 0, x[None], 0) == [1]
-  a["block_gen"][0] += 1  # block 0 reallocated: X's registration is stale
-  assert dedup._verified_run(a, [1], 0, x[None], 0) == []
+  blocks = np.r_[p, x].reshape(2, 16)
+  assert c._lookup(blocks, 0) == [0, 1]
+  c.block_gen[0] += 1  # block 0 reallocated: X's registration is stale
+  assert c._lookup(blocks, 0) == [0]

@@ -1,10 +1,26 @@
 """What the dense and deduplicated caches share: request slots, block tables, views, reads.
 
-A cache is a frozen, registered dataclass of arrays; every operation returns a new
-cache. The K/V pools are device arrays, written only inside jitted steps. The metadata
-(block tables, lengths, the HQ block index) is planned on the host, so it is kept as
-numpy arrays in the same pytree: no device round trip per admission or decode step,
-and an orbax round trip still restores a cache that behaves identically.
+A cache is a frozen, registered dataclass of arrays. The K/V pools are device arrays,
+written only inside jitted steps. The metadata (block tables, lengths, the HQ block
+index) is planned on the host, so it is kept as numpy arrays in the same pytree: no device
+round trip per admission or decode step, and an orbax round trip still restores a cache
+that behaves identically.
+
+Ownership. Every operation (admit, commit, commit_batch, append, append_batch, extend,
+release, evict, with_pools) takes the cache and returns the new one: it updates the
+metadata arrays in place and hands them over, as a jitted step donates the pools. The
+cache passed in is consumed: any later operation on it, a read through it and `kv_stats`
+of it raise `CacheError`; `cache.copy()` keeps an explicit snapshot (O(pool)). So a
+decode step or an admission costs O(blocks touched), not a copy of every array. On any
+error the cache passed in is unchanged and still valid: everything is checked before
+anything changes.
+
+Derived state. The arrays are the only source of truth. What makes an operation O(1) per
+block (free lists, the HQ hash index and LRU queue, counters) is derived from them, kept
+on the cache object outside the dataclass fields and handed to the returned cache. A
+cache without it (restored by orbax, rebuilt by `jax.tree_util`, made by
+`dataclasses.replace`) rebuilds it on its first operation, from private copies of its
+arrays (O(pool), once), so it never shares mutable arrays with the cache it came from.
 
 Per request slot s:
   block_tables[s, i]  physical block of logical block i, -1 where none
@@ -16,6 +32,7 @@ Per request slot s:
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from typing import Sequence
 
 import jax
@@ -29,15 +46,87 @@ class CacheError(ValueError):
   """Bad input to a cache operation; the cache passed in is left unchanged."""
 
 
+class PoolFull(CacheError):
+  """The pool cannot supply the blocks an operation needs (the cache is unchanged).
+
+  need: new blocks the operation needs; keep_free: blocks that must stay allocatable
+  after it (HQ admission's `keep_free`); available: blocks it could have had (free, or
+  cached and evictable); what: the operation, in words."""
+
+  def __init__(self, message: str, *, need: int, available: int, what: str,
+               keep_free: int = 0):
+    super().__init__(message)
+    self.need, self.available, self.what, self.keep_free = need, available, what, keep_free
+
+
 def static_field(**kwargs):
   return dataclasses.field(metadata=dict(static=True), **kwargs)
 
 
-def updated(array, index, value) -> np.ndarray:
-  """A copy of a metadata array with `array[index] = value` (caches never change in place)."""
-  out = np.array(array)
-  out[index] = value
-  return out
+def check_int(value, what: str) -> int:
+  """`value` as an int; bools, floats, None, strings are a CacheError naming `what`."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise CacheError(f"{what} must be an int, got {type(value).__name__} {value!r}")
+  return int(value)
+
+
+def check_salt(salt) -> int:
+  """A salt (tenant id) is an int32; the same rule for both backends."""
+  if isinstance(salt, (bool, np.bool_)) or not isinstance(salt, (int, np.integer)):
+    raise CacheError(f"salt must be an int (a tenant id), got {type(salt).__name__}")
+  if not -2**31 <= int(salt) < 2**31:
+    raise CacheError(f"salt {salt} does not fit in int32")
+  return int(salt)
+
+
+class _Consumed:
+  """Marks a cache whose arrays were handed to the cache an operation returned."""
+
+  def __init__(self, op: str):
+    self.op = op
+
+
+_STATE = "_derived"  # the attribute holding a cache's derived state (or _Consumed)
+
+
+class FreeBlocks:
+  """Never-used and freed blocks, lowest id first: a heap below a high-water mark, every
+  block at or above the mark free. A pool of any size costs nothing until it is used."""
+
+  def __init__(self, num_blocks: int, free_mask: np.ndarray | None = None):
+    self.num_blocks = num_blocks
+    if free_mask is None:
+      self.mark, self.heap = 0, []
+    else:
+      used = np.flatnonzero(~free_mask)
+      self.mark = int(used[-1]) + 1 if used.size else 0
+      self.heap = np.flatnonzero(free_mask[:self.mark]).tolist()  # sorted: a heap
+
+  def __len__(self) -> int:
+    return len(self.heap) + self.num_blocks - self.mark
+
+  def take(self, n: int) -> list[int]:
+    """The n lowest free ids (the caller checked that there are n)."""
+    k = min(n, len(self.heap))
+    out = [heapq.heappop(self.heap) for _ in range(k)]
+    if n > k:
+      out += range(self.mark, self.mark + n - k)
+      self.mark += n - k
+    return out
+
+  def put(self, blocks) -> None:
+    blocks = list(blocks)
+    if len(blocks) > 8 and len(blocks) * 4 > len(self.heap):
+      self.heap += blocks
+      heapq.heapify(self.heap)
+    else:
+      for b in blocks:
+        heapq.heappush(self.heap, b)
+
+  def copy(self) -> "FreeBlocks":
+    out = FreeBlocks(self.num_blocks)
+    out.mark, out.heap = self.mark, list(self.heap)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +166,26 @@ class PagedCache:
     nl, _, bs, nk, d = self.pools.k.shape
     return KVLayout(nl, nk, d, bs, jnp.dtype(self.pools.k.dtype).name)
 
+  @property
+  def host_only(self) -> bool:
+    """Built with `host_only=True`: bookkeeping without K/V storage (no model step)."""
+    return self.pools.is_host_only
+
   @staticmethod
-  def _base_arrays(layout: KVLayout, num_blocks: int, max_requests: int, max_seq_len: int):
-    if max_seq_len <= 0 or max_requests <= 0 or num_blocks <= 0:
-      raise CacheError("num_blocks, max_requests and max_seq_len must be positive, got "
-                       f"{num_blocks}, {max_requests}, {max_seq_len}")
+  def _base_arrays(layout: KVLayout, num_blocks: int, max_requests: int, max_seq_len: int,
+                   host_only: bool = False):
+    for name, value in (("num_blocks", num_blocks), ("max_requests", max_requests),
+                        ("max_seq_len", max_seq_len)):
+      if check_int(value, name) <= 0:
+        raise CacheError("num_blocks, max_requests and max_seq_len must be positive, got "
+                         f"{num_blocks}, {max_requests}, {max_seq_len}")
+    if num_blocks >= 2**31:
+      raise CacheError(f"num_blocks {num_blocks} does not fit the int32 block tables")
     mb = layout.blocks_for(max_seq_len)
+    pools = (KVPools.host_only(layout, num_blocks) if host_only else
+             KVPools.zeros(layout, num_blocks))
     return dict(
-        pools=KVPools.zeros(layout, num_blocks),
+        pools=pools,
         block_tables=np.full((max_requests, mb), -1, np.int32),
         req_lens=np.zeros((max_requests,), np.int32),
         seq_lens=np.zeros((max_requests,), np.int32),
@@ -93,10 +194,61 @@ class PagedCache:
         query_tokens=np.zeros((), np.int32),
         max_seq_len=max_seq_len)
 
+  # ------------------------------------------------------------- ownership
+  def _build_state(self):
+    """The derived state of this cache's arrays (see the module docstring)."""
+    raise NotImplementedError
+
+  def _copy_state(self, state):
+    raise NotImplementedError
+
+  def _check_live(self) -> None:
+    state = self.__dict__.get(_STATE)
+    if isinstance(state, _Consumed):
+      raise CacheError(f"this cache was consumed by a later operation ({state.op}), which "
+                       "took over its arrays; use the cache that operation returned, or "
+                       "cache.copy() before it to keep a snapshot")
+
+  def _begin(self) -> "PagedCache":
+    """The cache an operation works on: this one, or (without derived state) one with
+    private copies of the arrays and the state built from them."""
+    self._check_live()
+    if self.__dict__.get(_STATE) is not None:
+      return self
+    c = dataclasses.replace(self, **{name: np.array(v)
+                                     for name, v in metadata_leaves(self).items()})
+    object.__setattr__(c, _STATE, c._build_state())
+    return c
+
+  def _finish(self, c: "PagedCache", op: str, **changes) -> "PagedCache":
+    """Hands `c`'s arrays and state to a new cache; this one (and `c`) are consumed."""
+    new = dataclasses.replace(c, **changes)
+    object.__setattr__(new, _STATE, c.__dict__[_STATE])
+    object.__setattr__(self, _STATE, _Consumed(op))
+    if c is not self:
+      object.__setattr__(c, _STATE, _Consumed(op))
+    return new
+
+  @property
+  def _state(self):
+    return self.__dict__[_STATE]
+
+  def copy(self) -> "PagedCache":
+    """An independent snapshot (metadata and pools copied: O(pool)); this cache stays valid."""
+    self._check_live()
+    pools = self.pools if self.host_only else jax.tree.map(jnp.copy, self.pools)
+    new = dataclasses.replace(self, pools=pools, **{
+        name: np.array(v) for name, v in metadata_leaves(self).items()})
+    state = self.__dict__.get(_STATE)
+    object.__setattr__(new, _STATE, None if state is None else self._copy_state(state))
+    return new
+
   # ------------------------------------------------------------ validation
-  def _check_slot(self, slot: int) -> None:
+  def _check_slot(self, slot) -> int:
+    slot = check_int(slot, "slot")
     if not (0 <= slot < self.max_requests) or not bool(self.active[slot]):
       raise CacheError(f"slot {slot} is not an active request")
+    return slot
 
   def _check_prompt(self, tokens) -> np.ndarray:
     arr = np.asarray(tokens)
@@ -104,20 +256,22 @@ class PagedCache:
       raise CacheError(f"a request's tokens must be 1-D, got shape {arr.shape}")
     if arr.size == 0:
       raise CacheError("empty request: a request needs at least one token")
-    if not np.issubdtype(arr.dtype, np.integer):
+    return self._check_token_array(arr, f"request of {arr.size} tokens")
+
+  def _check_token_array(self, arr: np.ndarray, what: str) -> np.ndarray:
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
       raise CacheError(f"token ids must be integers, got dtype {arr.dtype}")
     if arr.size > self.max_seq_len:
-      raise CacheError(f"request of {arr.size} tokens is longer than max_seq_len "
-                       f"({self.max_seq_len})")
-    if arr.min() < 0:
+      raise CacheError(f"{what} is longer than max_seq_len ({self.max_seq_len})")
+    if arr.size and arr.min() < 0:
       raise CacheError(f"negative token id {int(arr.min())}")
-    if arr.max() >= 2**31:  # stored as int32: a larger id would wrap onto another
+    if arr.size and arr.max() >= 2**31:  # stored as int32: a larger id would wrap onto another
       raise CacheError(f"token id {int(arr.max())} does not fit in int32")
     return arr.astype(np.int32)
 
-  def _check_append(self, slot: int, token: int) -> int:
-    """Validates a one-token extension; returns the request's current length."""
-    self._check_slot(slot)
+  def _check_append(self, slot, token) -> tuple[int, int]:
+    """Validates a one-token extension; returns (slot, the request's current length)."""
+    slot = self._check_slot(slot)
     n = int(self.req_lens[slot])
     if n >= self.max_seq_len:
       raise CacheError(f"slot {slot} is full: {n} tokens = max_seq_len")
@@ -125,7 +279,20 @@ class PagedCache:
       raise CacheError(f"a token id must be an int, got {type(token).__name__}")
     if not 0 <= int(token) < 2**31:
       raise CacheError(f"token id {int(token)} is negative or does not fit in int32")
-    return n
+    return slot, n
+
+  def _check_extend(self, slot, tokens) -> tuple[int, int, np.ndarray]:
+    """Validates a many-token extension; returns (slot, current length, tokens)."""
+    slot = self._check_slot(slot)
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+      raise CacheError(f"extend's tokens must be 1-D, got shape {arr.shape}")
+    arr = self._check_token_array(arr, f"extension of {arr.size} tokens")
+    n = int(self.req_lens[slot])
+    if n + arr.size > self.max_seq_len:
+      raise CacheError(f"slot {slot} holds {n} tokens: {arr.size} more exceed max_seq_len "
+                       f"({self.max_seq_len})")
+    return slot, n, arr
 
   def _free_slot(self, active: np.ndarray) -> int:
     free = np.flatnonzero(~active)
@@ -134,34 +301,16 @@ class PagedCache:
                        "or build the cache with a larger max_requests")
     return int(free[0])
 
-  # ------------------------------------------------------------ K/V writes
-  def commit(self, slot: int, num_tokens: int):
-    """Marks the K/V of the first `num_tokens` tokens of `slot` as written."""
-    return self.commit_batch([slot], [num_tokens])
-
-  def commit_batch(self, slots: Sequence[int], num_tokens: Sequence[int], *,
-                   consume: bool = False):
-    """`commit` for several slots at once (one decode step): all checked before any change.
-    `consume` lets a cache update its metadata in place (the HQ cache: see its `_meta`)."""
-    del consume  # the base arrays are per request: a copy is cheap
-    slots, num_tokens = [int(s) for s in slots], [int(n) for n in num_tokens]
+  def _check_commits(self, slots, num_tokens) -> tuple[list[int], list[int]]:
+    slots = [check_int(s, "slot") for s in slots]
+    num_tokens = [check_int(n, "num_tokens") for n in num_tokens]
     self._check_distinct(slots, len(num_tokens))
     for slot, n in zip(slots, num_tokens):
       self._check_slot(slot)
       if not (int(self.seq_lens[slot]) <= n <= int(self.req_lens[slot])):
         raise CacheError(f"commit of {n} tokens for slot {slot} outside "
                          f"[{int(self.seq_lens[slot])}, {int(self.req_lens[slot])}]")
-    return dataclasses.replace(self, seq_lens=updated(self.seq_lens, slots, num_tokens))
-
-  def append_batch(self, slots: Sequence[int], tokens: Sequence[int], *,
-                   consume: bool = False):
-    """Extends each slot by one token (one decode step); the cache is unchanged on error."""
-    del consume  # see commit_batch
-    self._check_distinct(list(slots), len(tokens))
-    cache = self
-    for slot, token in zip(slots, tokens):
-      cache = cache.append(slot, token)
-    return cache
+    return slots, num_tokens
 
   @staticmethod
   def _check_distinct(slots: list, count: int) -> None:
@@ -170,16 +319,55 @@ class PagedCache:
     if len(set(slots)) != len(slots):
       raise CacheError(f"a slot appears twice in {slots}")
 
+  # ------------------------------------------------------------ K/V writes
+  def commit(self, slot: int, num_tokens: int):
+    """Marks the K/V of the first `num_tokens` tokens of `slot` as written."""
+    return self.commit_batch([slot], [num_tokens])
+
+  def commit_batch(self, slots: Sequence[int], num_tokens: Sequence[int]):
+    """`commit` for several slots at once (one decode step): all checked before any change."""
+    self._check_live()
+    slots, num_tokens = self._check_commits(slots, num_tokens)
+    c = self._begin()
+    c.seq_lens[slots] = num_tokens
+    return self._finish(c, "commit")
+
+  def append(self, slot: int, token: int):
+    """Extends a request by one (decoded) token; its K/V is written by the next step."""
+    return self.append_batch([slot], [token])
+
   def with_pools(self, pools: KVPools):
+    """The cache with the K/V pools a model step wrote (this cache is consumed)."""
+    self._check_live()
+    if self.host_only:
+      raise CacheError("this cache was built host_only (no K/V pools): it cannot run a "
+                       "model step")
     if pools.k.shape != self.pools.k.shape or pools.k.dtype != self.pools.k.dtype:
       raise CacheError(f"pools of shape {pools.k.shape}/{pools.k.dtype} do not fit a cache of "
                        f"{self.pools.k.shape}/{self.pools.k.dtype}")
-    return dataclasses.replace(self, pools=pools)
+    return self._finish(self._begin(), "with_pools", pools=pools)
+
+  # ----------------------------------------------------------------- queries
+  @property
+  def held_blocks(self) -> int:
+    """Blocks held by active requests, each physical block once."""
+    self._check_live()
+    state = self.__dict__.get(_STATE)
+    if state is not None:
+      return state.held
+    return self._count_held()
+
+  def _count_held(self) -> int:
+    tables = np.asarray(self.block_tables)[np.asarray(self.active)]
+    return int(np.unique(tables[tables >= 0]).size)
 
   # ------------------------------------------------------------------ reads
   def view(self, slots: Sequence[int], start: Sequence[int], chunk: int, *,
            pad_to: int | None = None) -> AttentionView:
     """`host_view` on the device, its arrays moved in one transfer call."""
+    if self.host_only:
+      raise CacheError("this cache was built host_only (no K/V pools): it cannot run a "
+                       "model step")
     return jax.device_put(self.host_view(slots, start, chunk, pad_to=pad_to))
 
   def host_view(self, slots: Sequence[int], start: Sequence[int], chunk: int, *,
@@ -192,6 +380,7 @@ class PagedCache:
     read nothing (kv_len 0) and write nothing, so that batches of several sizes share one
     compiled shape.
     """
+    self._check_live()
     slots = np.asarray(slots, np.int32)
     start = np.asarray(start, np.int32)
     pad_to = slots.size if pad_to is None else pad_to
@@ -217,7 +406,10 @@ class PagedCache:
 
   def read_kv(self, slot: int) -> tuple[jax.Array, jax.Array]:
     """The written K and V of a request: [layers, seq_len, kv_heads, head_dim] each."""
-    self._check_slot(slot)
+    self._check_live()
+    slot = self._check_slot(slot)
+    if self.host_only:
+      raise CacheError("this cache was built host_only: it holds no K/V to read")
     n = int(self.seq_lens[slot])
     table = jnp.maximum(self.block_tables[slot], 0)[None]
     k = jax.vmap(lambda p: gather(p, table)[0, :n])(self.pools.k)
@@ -225,6 +417,7 @@ class PagedCache:
     return k, v
 
   def tokens_of(self, slot: int) -> int:
+    self._check_live()
     return int(self.req_lens[slot])
 
 

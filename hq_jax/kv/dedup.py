@@ -18,33 +18,144 @@ partial last block is always private.
 
 Blocks are registered only once their K/V is written (`commit`), so a hit always
 points at computed K/V.
+
+Allocation takes never-registered free blocks first (lowest id first), then evicts
+cached blocks, least recently used first (`evicted_blocks` counts them). Every
+operation costs O(blocks it touches): the arrays are the state, and what makes lookups
+and allocation cheap is derived from them (`_Blocks`: a hash -> block map, the free
+list, the cached blocks in LRU order, counters), as vLLM's BlockPool keeps a hash map
+and a free queue beside its blocks.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import hashlib
+from functools import lru_cache
 
 import jax
 import numpy as np
 
-from hq_jax.kv.base import CacheError, PagedCache, static_field
+from hq_jax.kv.base import (CacheError, FreeBlocks, PagedCache, PoolFull, check_int, check_salt,
+                            static_field)
 from hq_jax.kv.paged import KVLayout
 
-_META_FIELDS = ("block_tables", "req_lens", "seq_lens", "active", "hit_tokens",
-                "query_tokens", "salts", "refcount", "registered", "block_hash", "block_salt",
-                "block_parent", "block_parent_gen", "block_gen", "block_tokens", "last_used",
-                "clock")
+_M32, _M64 = (1 << 32) - 1, (1 << 64) - 1
+_K1, _K2, _K3, _K4 = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                      0xD6E8FEB86659FD93)
+
+
+@lru_cache(maxsize=None)
+def _multipliers(block_size: int) -> np.ndarray:
+  """Fixed odd 64-bit multipliers, one per position in a block (a deterministic hash:
+  the stored hashes of a checkpoint stay valid in another process)."""
+  return np.random.default_rng(0x48510).integers(1, 2**63, size=block_size,
+                                                 dtype=np.uint64) | np.uint64(1)
+
+
+def token_hashes(blocks: np.ndarray) -> list[int]:
+  """A 64-bit hash of each block's tokens, [n, bs] -> n ints, vectorized."""
+  blocks = np.asarray(blocks)
+  with np.errstate(over="ignore"):
+    h = (blocks.astype(np.uint64) * _multipliers(blocks.shape[1])).sum(axis=1,
+                                                                         dtype=np.uint64)
+  return h.tolist()
+
+
+def _mix(tokens_hash: int, salt: int, parent: int, parent_gen: int) -> int:
+  """32 bits of (salt, parent, parent's generation, tokens' hash)."""
+  x = (tokens_hash ^ ((salt & _M32) * _K1) ^ ((parent + 1) * _K2) ^ (parent_gen * _K3)) & _M64
+  x = ((x ^ (x >> 31)) * _K4) & _M64
+  return (x ^ (x >> 29)) >> 32
 
 
 def block_hash(salt: int, parent: int, parent_gen: int, tokens: np.ndarray, bits: int) -> int:
   """A `bits`-bit hash of a block's identity (0 bits: every block collides)."""
-  if bits == 0:
-    return 0
-  data = np.asarray([salt, parent, parent_gen], np.int64).tobytes() + np.asarray(
-      tokens, np.int32).tobytes()
-  return int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "little") & (
+  return _mix(token_hashes(np.asarray(tokens)[None])[0], salt, parent, parent_gen) & (
       (1 << bits) - 1)
+
+
+class _Blocks:
+  """Derived from the block arrays (see `base`): never the truth, always rebuildable.
+
+  index: stored hash -> a registered block (an int), or a list of them (collisions);
+         every candidate is verified before use.
+  lru:   cached blocks in LRU order, as `last_used << 32 | block` ints; an entry is live
+         iff its block is still cached with that `last_used` (stale entries are skipped,
+         and the queue compacted when most of it is stale).
+  free:  never-registered free blocks, lowest id first.
+  held, cached: blocks with refcount > 0; registered blocks with refcount 0.
+  """
+
+  def __init__(self, num_blocks: int):
+    self.index: dict[int, int | list[int]] = {}
+    self.lru: collections.deque[int] = collections.deque()
+    self.free = FreeBlocks(num_blocks)
+    self.held = self.cached = 0
+
+  @classmethod
+  def build(cls, c: "DedupKVCache") -> "_Blocks":
+    st = cls(c.num_blocks)
+    reg, unheld = c.registered, c.refcount == 0
+    ids = np.flatnonzero(reg)
+    hashes = c.block_hash[ids]
+    if np.unique(hashes).size == hashes.size:
+      st.index = dict(zip(hashes.tolist(), ids.tolist()))
+    else:
+      for h, b in zip(hashes.tolist(), ids.tolist()):
+        st.add(h, b)
+    cached = np.flatnonzero(reg & unheld)
+    cached = cached[np.argsort(c.last_used[cached], kind="stable")]  # ties: lower id first
+    st.lru.extend(((c.last_used[cached].astype(np.int64) << 32) | cached).tolist())
+    st.free = FreeBlocks(c.num_blocks, ~reg & unheld)
+    st.held, st.cached = int(np.count_nonzero(~unheld)), int(cached.size)
+    return st
+
+  def copy(self) -> "_Blocks":
+    out = _Blocks(self.free.num_blocks)
+    out.index = {h: (v if type(v) is int else list(v)) for h, v in self.index.items()}
+    out.lru, out.free = collections.deque(self.lru), self.free.copy()
+    out.held, out.cached = self.held, self.cached
+    return out
+
+  def add(self, h: int, b: int) -> None:
+    v = self.index.get(h)
+    if v is None:
+      self.index[h] = b
+    elif type(v) is int:
+      self.index[h] = [v, b]
+    else:
+      v.append(b)
+
+  def remove(self, h: int, b: int) -> None:
+    v = self.index[h]
+    if type(v) is int:
+      del self.index[h]
+    else:
+      v.remove(b)
+      if len(v) == 1:
+        self.index[h] = v[0]
+
+  def push_cached(self, c: "DedupKVCache", blocks: np.ndarray) -> None:
+    """`blocks` just became cached, in increasing `last_used` order."""
+    self.lru.extend(((c.last_used[blocks].astype(np.int64) << 32) | blocks).tolist())
+    self.cached += blocks.size
+    if len(self.lru) > 2 * self.cached + 1024:  # mostly stale: compact, O(len) amortized
+      self.lru = collections.deque(e for e in self.lru if self._live(c, e))
+
+  @staticmethod
+  def _live(c: "DedupKVCache", entry: int) -> bool:
+    b = entry & _M32
+    return bool(c.registered[b]) and c.refcount[b] == 0 and c.last_used[b] == entry >> 32
+
+  def pop_lru(self, c: "DedupKVCache", n: int) -> list[int]:
+    """The n least recently used cached blocks (the caller checked there are n)."""
+    out = []
+    while len(out) < n:
+      e = self.lru.popleft()
+      if self._live(c, e):
+        out.append(e & _M32)
+    return out
 
 
 @jax.tree_util.register_dataclass
@@ -61,360 +172,328 @@ class DedupKVCache(PagedCache):
   block_tokens: np.ndarray  # [num_blocks, block_size] int32 token copies, -1 past the end
   last_used: np.ndarray  # [num_blocks] int32 LRU clock value of the last use
   clock: np.ndarray  # [] int32
+  evicted_blocks: np.ndarray  # [] int32 cached blocks evicted (cumulative, as hit_tokens)
   hash_bits: int = static_field(default=32)
 
   backend = "hq"
 
   @classmethod
   def init(cls, layout: KVLayout, *, num_blocks: int, max_requests: int, max_seq_len: int,
-           hash_bits: int = 32) -> "DedupKVCache":
-    if not 0 <= hash_bits <= 32:
+           hash_bits: int = 32, host_only: bool = False) -> "DedupKVCache":
+    """`host_only`: no K/V pools (bookkeeping only, e.g. a no-model replay)."""
+    if check_int(hash_bits, "hash_bits") < 0 or hash_bits > 32:
       raise CacheError(f"hash_bits must be in [0, 32], got {hash_bits}")
+    base = cls._base_arrays(layout, num_blocks, max_requests, max_seq_len, host_only)
     nb, bs = num_blocks, layout.block_size
     i32 = lambda *s, v=0: np.full(s, v, np.int32)
-    return cls(
-        **cls._base_arrays(layout, num_blocks, max_requests, max_seq_len),
+    cache = cls(
+        **base,
         salts=i32(max_requests), refcount=i32(nb), registered=np.zeros((nb,), bool),
         block_hash=np.zeros((nb,), np.uint32), block_salt=i32(nb),
         block_parent=i32(nb, v=-1), block_parent_gen=i32(nb), block_gen=i32(nb),
         block_tokens=i32(nb, bs, v=-1), last_used=i32(nb), clock=np.zeros((), np.int32),
-        hash_bits=hash_bits)
+        evicted_blocks=np.zeros((), np.int32), hash_bits=hash_bits)
+    object.__setattr__(cache, "_derived", _Blocks(nb))
+    return cache
+
+  def _build_state(self) -> _Blocks:
+    return _Blocks.build(self)
+
+  def _copy_state(self, state: _Blocks) -> _Blocks:
+    return state.copy()
 
   # ------------------------------------------------------------ host planning
-  def _meta(self, consume: bool = False) -> "_Meta":
-    """Writable metadata: copies, or (consume) this cache's own arrays, for a caller that
-    hands the cache over and never uses it again (the engine on a GPU, whose pools are
-    donated anyway): a decode step then costs O(batch), not a copy of every array."""
-    if consume:
-      return _Meta(self, {name: getattr(self, name) for name in _META_FIELDS})
-    return _Meta(self, {name: np.array(getattr(self, name)) for name in _META_FIELDS})
+  def _touch(self, blocks) -> None:
+    """Marks `blocks` (distinct) used now, in order: the LRU clock ticks once per block."""
+    blocks = np.asarray(blocks, np.int64)
+    clock = int(self.clock)
+    self.last_used[blocks] = clock + 1 + np.arange(blocks.size)
+    self.clock[...] = clock + blocks.size
 
-  def admit(self, tokens, salt: int = 0, *, reserve_tokens: int | None = None,
-            keep_free: int = 0, consume: bool = False) -> tuple["DedupKVCache", int]:
+  def _verify(self, b: int, salt: int, parent: int, parent_gen: int, tokens) -> bool:
+    return bool(self.registered[b] and self.block_salt[b] == salt
+                and self.block_parent[b] == parent and self.block_parent_gen[b] == parent_gen
+                and np.array_equal(self.block_tokens[b], tokens))
+
+  def _find(self, found, salt: int, parent: int, parent_gen: int, tokens) -> int | None:
+    """The candidate of an index entry that verifies (no two registered blocks share an
+    identity: at most one does)."""
+    for b in ([found] if type(found) is int else found):
+      if self._verify(b, salt, parent, parent_gen, tokens):
+        return b
+    return None
+
+  def _lookup(self, blocks: np.ndarray, salt: int) -> list[int]:
+    """The longest chain of registered blocks matching `blocks` [n, bs] under `salt`.
+
+    A single candidate per step is taken on its hash and the whole chain verified at
+    the end in one vectorized pass (cut at its first failure: a single candidate that
+    fails means no block matches there); several candidates (collisions) are verified
+    one by one as they come. Either way only verified blocks are returned."""
+    index, gen, mask = self._state.index, self.block_gen, (1 << self.hash_bits) - 1
+    hits, parent, pgen = [], -1, 0
+    for i, th in enumerate(token_hashes(blocks)):
+      found = index.get(_mix(th, salt, parent, pgen) & mask)
+      if found is None:
+        break
+      if type(found) is not int:
+        found = self._find(found, salt, parent, pgen, blocks[i])
+        if found is None:
+          break
+      hits.append(found)
+      parent, pgen = found, int(gen[found])
+    if not hits:
+      return hits
+    h = np.asarray(hits, np.int64)
+    parents = np.concatenate([[-1], h[:-1]])
+    ok = (self.registered[h] & (self.block_salt[h] == salt) & (self.block_parent[h] == parents)
+          & (self.block_parent_gen[h] == np.where(parents >= 0, gen[np.maximum(parents, 0)], 0))
+          & (self.block_tokens[h] == blocks[:h.size]).all(axis=1))
+    return hits if ok.all() else hits[:int(np.argmin(ok))]
+
+  def _check_room(self, need: int, what: str, *, hits=(), keep_free: int = 0) -> None:
+    """Refuses, before any change, `need` new blocks (and `keep_free` left allocatable
+    after) that the pool cannot supply: every block no request holds can be had (free, or
+    cached and evicted), except `hits`, which the request is about to hold."""
+    st = self._state
+    pinned = int(np.count_nonzero(self.refcount[list(hits)] == 0)) if len(hits) else 0
+    room = self.num_blocks - st.held - pinned
+    if need + keep_free > room:
+      kept = f" and {keep_free} kept free" if keep_free else ""
+      raise PoolFull(
+          f"pool too small: {what} needs {need} new blocks{kept} but only {room} of "
+          f"{self.num_blocks} can be had ({st.held} pinned by active requests)",
+          need=need, available=room, what=what, keep_free=keep_free)
+
+  def _allocate(self, need: int) -> list[int]:
+    """Takes `need` blocks: never-registered free ones first (lowest id first), then
+    evicts cached ones, least recently used first. The caller ran `_check_room`."""
+    st = self._state
+    taken = st.free.take(min(need, len(st.free)))
+    if len(taken) < need:
+      evicted = st.pop_lru(self, need - len(taken))
+      self._unregister(evicted)
+      st.cached -= len(evicted)
+      self.evicted_blocks[...] += len(evicted)
+      taken += evicted
+    if taken:
+      self.refcount[taken] = 1
+      self.block_gen[taken] += 1
+      st.held += need
+    return taken
+
+  def _unregister(self, blocks) -> None:
+    st = self._state
+    for h, b in zip(self.block_hash[blocks].tolist(), blocks):
+      st.remove(h, b)
+    self.registered[blocks] = False
+    self.block_hash[blocks] = 0
+    self.block_parent[blocks] = -1
+    self.block_parent_gen[blocks] = 0
+    self.block_tokens[blocks] = -1
+
+  def _register_full_blocks(self, slot: int, first: int, end: int) -> None:
+    """Registers logical blocks [first, end) of `slot` unless hit or already identical
+    (a twin registered meanwhile: this copy then stays private)."""
+    table, salt = self.block_tables[slot], int(self.salts[slot])
+    ids = table[first:end]
+    todo = np.flatnonzero(~self.registered[ids])
+    if not todo.size:
+      return
+    st, mask = self._state, (1 << self.hash_bits) - 1
+    gens = self.block_gen[table[max(first - 1, 0):end]].tolist()
+    off = 1 if first else 0  # gens[j + off - 1] is the generation of ids[j]'s parent
+    rows = self.block_tokens[ids[todo]]
+    new, hashes, parents, pgens = [], [], [], []
+    for j, th, toks in zip(todo.tolist(), token_hashes(rows), rows):
+      parent = int(table[first + j - 1]) if first + j else -1
+      pgen = gens[j + off - 1] if parent >= 0 else 0
+      h = _mix(th, salt, parent, pgen) & mask
+      found = st.index.get(h)
+      if found is not None and self._find(found, salt, parent, pgen, toks) is not None:
+        continue  # An identical block was registered meanwhile: this copy stays private.
+      b = int(ids[j])
+      st.add(h, b)
+      new.append(b)
+      hashes.append(h)
+      parents.append(parent)
+      pgens.append(pgen)
+    self.registered[new] = True
+    self.block_hash[new] = hashes
+    self.block_salt[new] = salt
+    self.block_parent[new] = parents
+    self.block_parent_gen[new] = pgens
+
+  # ------------------------------------------------------------ operations
+  def admit(self, tokens, salt: int = 0, *, keep_free: int = 0) -> tuple["DedupKVCache", int]:
     """Admits a prompt: references its longest cached chain of full blocks, allocates the rest.
 
-    Returns (cache, slot). `reserve_tokens` is accepted for interface parity with the
-    dense cache and ignored: HQ allocates a block when a token first needs it.
-    `seq_lens[slot]` is the number of cached (hit) tokens: their K/V is already there; the
-    caller computes and writes the rest, then `commit`s.
-    `keep_free`: blocks that must stay allocatable afterwards (a server's running requests
-    will need them), else "pool too small". `consume`: update this cache's arrays in place
-    (see `_meta`): admission then costs O(prompt) plus a few vectorized scans, not a copy of
-    every array. Everything is checked before anything changes, so on error the cache is
-    unchanged either way.
+    Returns (cache, slot). `seq_lens[slot]` is the number of cached (hit) tokens: their
+    K/V is already there; the caller computes and writes the rest, then `commit`s.
+    `keep_free`: blocks that must stay allocatable afterwards (a server's running
+    requests will need them), else `PoolFull`. Hit blocks are pinned before allocating.
     """
-    del reserve_tokens
+    self._check_live()
     if (isinstance(keep_free, bool) or not isinstance(keep_free, (int, np.integer))
         or keep_free < 0):
       raise CacheError(f"keep_free must be an int >= 0, got {keep_free!r}")
     prompt = self._check_prompt(tokens)
-    salt = _check_salt(salt)
-    a = {name: getattr(self, name) for name in _META_FIELDS}  # read only, until the checks pass
-    slot = self._free_slot(a["active"])
+    salt = check_salt(salt)
+    slot = self._free_slot(self.active)
+    c = self._begin()
     bs = self.block_size
-    n_blocks = -(-prompt.size // bs)
-    index = _Index(a, self.hash_bits)
-    hits = []
-    n_full = prompt.size // bs
-    first = index.find(salt, -1, 0, prompt[:bs]) if n_full else None
-    if first is not None:
-      # Guessed continuations, verified in vectorized passes; then block by block.
-      hits = _guessed_chain(a, first, prompt, salt, bs)
-      for i in range(len(hits), n_full):
-        parent = hits[-1]
-        found = index.find(salt, parent, int(a["block_gen"][parent]),
-                           prompt[i * bs:(i + 1) * bs])
-        if found is None:
-          break
-        hits.append(found)
+    n_full, n_blocks = prompt.size // bs, -(-prompt.size // bs)
+    blocks = prompt[:n_full * bs].reshape(n_full, bs)
+    hits = c._lookup(blocks, salt) if n_full else []
     need = n_blocks - len(hits)
-    _check_room(a["refcount"], need, f"a request of {prompt.size} tokens", hits=hits,
-                keep_free=keep_free)
-    m = self._meta(consume)
-    m.a["refcount"][hits] += 1
-    new = m.allocate(need)
-    for j, b in enumerate(new):
-      chunk = prompt[(len(hits) + j) * bs:(len(hits) + j + 1) * bs]
-      m.a["block_tokens"][b, :chunk.size] = chunk
-      m.a["block_salt"][b] = salt
-    m.touch(hits + new)
-    m.a["block_tables"][slot, :n_blocks] = hits + new
-    m.a["req_lens"][slot] = prompt.size
-    m.a["seq_lens"][slot] = len(hits) * bs
-    m.a["active"][slot] = True
-    m.a["salts"][slot] = salt
-    m.a["hit_tokens"] += len(hits) * bs
-    m.a["query_tokens"] += prompt.size
-    return m.build(), slot
+    c._check_room(need, f"a request of {prompt.size} tokens", hits=hits, keep_free=keep_free)
+    # Everything checked: from here on the arrays change.
+    if hits:
+      newly = int(np.count_nonzero(c.refcount[hits] == 0))
+      c.refcount[hits] += 1
+      c._state.held += newly
+      c._state.cached -= newly  # their LRU entries are stale now
+    new = c._allocate(need)
+    n_hit = len(hits)
+    if new:
+      full = new[:n_full - n_hit]
+      c.block_tokens[full] = blocks[n_hit:]
+      if n_blocks > n_full:  # the partial last block: the rest stays -1
+        tail = prompt[n_full * bs:]
+        c.block_tokens[new[-1], :tail.size] = tail
+      c.block_salt[new] = salt
+    c._touch(hits + new)
+    c.block_tables[slot, :n_blocks] = hits + new
+    c.req_lens[slot] = prompt.size
+    c.seq_lens[slot] = n_hit * bs
+    c.active[slot] = True
+    c.salts[slot] = salt
+    c.hit_tokens[...] += n_hit * bs
+    c.query_tokens[...] += prompt.size
+    return self._finish(c, "admit"), slot
 
-  def commit_batch(self, slots, num_tokens, *, consume: bool = False) -> "DedupKVCache":
-    """Marks K/V written and registers the blocks that became full (see `commit`).
-    `consume`: update this cache's arrays in place (see `_meta`)."""
-    old = {s: int(self.seq_lens[s]) for s in slots if 0 <= s < self.max_requests}
-    cache = super().commit_batch(slots, num_tokens)
+  def commit_batch(self, slots, num_tokens) -> "DedupKVCache":
+    """Marks K/V written and registers the blocks that became full (findable from now)."""
+    self._check_live()
+    slots, num_tokens = self._check_commits(slots, num_tokens)
+    c = self._begin()
     bs = self.block_size
-    grown = [(s, n) for s, n in zip(slots, num_tokens) if n // bs > old[s] // bs]
-    if not grown:
-      return cache
-    m = cache._meta(consume)
-    index = _Index(m.a, self.hash_bits)
-    for slot, n in grown:
-      m.register_full_blocks(index, slot, old[slot] // bs, n // bs, self.hash_bits)
-    return m.build()
+    for slot, n in zip(slots, num_tokens):
+      old = int(c.seq_lens[slot])
+      c.seq_lens[slot] = n
+      if n // bs > old // bs:
+        c._register_full_blocks(slot, old // bs, n // bs)
+    return self._finish(c, "commit")
 
-  def append(self, slot: int, token: int) -> "DedupKVCache":
-    """Extends a request by one (decoded) token, allocating a private block when needed."""
-    return self.append_batch([slot], [token])
-
-  def append_batch(self, slots, tokens, *, consume: bool = False) -> "DedupKVCache":
-    """`append` for a whole decode step with one copy of the metadata (none with
-    `consume`: see `_meta`). Everything is checked before anything changes."""
+  def append_batch(self, slots, tokens) -> "DedupKVCache":
+    """Extends each slot by one (decoded) token, allocating a private block where one is
+    needed (one decode step). Everything is checked before anything changes."""
+    self._check_live()
     self._check_distinct(list(slots), len(tokens))
-    lens = [self._check_append(s, t) for s, t in zip(slots, tokens)]
+    checked = [self._check_append(s, t) for s, t in zip(slots, tokens)]
+    c = self._begin()
     bs = self.block_size
-    need = sum(n % bs == 0 for n in lens)
+    slots = np.asarray([s for s, _ in checked], np.int64)
+    lens = np.asarray([n for _, n in checked], np.int64)
+    starts = lens % bs == 0
+    need = int(np.count_nonzero(starts))
     if need:
-      _check_room(np.asarray(self.refcount), need, "this decode step")
-    m = self._meta(consume)
-    # One allocation for the step (one scan of the pool): the blocks, in the order one
-    # allocation per slot would hand them out.
-    fresh = iter(m.allocate(need) if need else ())
-    for slot, token, n in zip(slots, tokens, lens):
-      if n % bs == 0:
-        b = next(fresh)
-        m.a["block_salt"][b] = m.a["salts"][slot]
-        m.a["block_tables"][slot, n // bs] = b
-      b = int(m.a["block_tables"][slot, n // bs])
-      m.a["block_tokens"][b, n % bs] = int(token)
-      m.touch([b])
-      m.a["req_lens"][slot] = n + 1
-    return m.build()
+      c._check_room(need, "this decode step")
+      # The blocks, in the order one allocation per slot would hand them out.
+      new = c._allocate(need)
+      c.block_salt[new] = c.salts[slots[starts]]
+      c.block_tables[slots[starts], lens[starts] // bs] = new
+    blocks = c.block_tables[slots, lens // bs]
+    c.block_tokens[blocks, lens % bs] = np.asarray([int(t) for t in tokens], np.int64)
+    c._touch(blocks)  # distinct: a slot's last block is private
+    c.req_lens[slots] = lens + 1
+    return self._finish(c, "append")
 
-  def release(self, slot: int, *, consume: bool = False) -> "DedupKVCache":
-    """Drops the request's references. Registered blocks stay cached (LRU); private ones free.
-    `consume`: update this cache's arrays in place (see `_meta`)."""
-    self._check_slot(slot)
-    m = self._meta(consume)
-    n_blocks = -(-int(m.a["req_lens"][slot]) // self.block_size)
-    blocks = [int(b) for b in m.a["block_tables"][slot, :n_blocks]]
-    m.a["refcount"][blocks] -= 1
+  def extend(self, slot: int, tokens) -> "DedupKVCache":
+    """Appends `tokens` to `slot` and commits them (their K/V counted as written): the
+    same cache as `append` + `commit` token by token, in one call (vectorized)."""
+    self._check_live()
+    slot, n, arr = self._check_extend(slot, tokens)
+    c = self._begin()
+    if not arr.size:
+      return self._finish(c, "extend")
+    bs, end = self.block_size, n + arr.size
+    first_new = -(-n // bs)
+    need = -(-end // bs) - first_new
+    c._check_room(need, f"extending slot {slot} by {arr.size} tokens")
+    if need:
+      new = c._allocate(need)
+      c.block_salt[new] = c.salts[slot]
+      c.block_tables[slot, first_new:first_new + need] = new
+    pos = np.arange(n, end)
+    blocks = c.block_tables[slot, pos // bs]
+    c.block_tokens[blocks, pos % bs] = arr
+    # One tick per token, as one append per token: a block's last use is its last token.
+    clock = int(c.clock)
+    last = np.r_[pos[1:] // bs != pos[:-1] // bs, True]
+    c.last_used[blocks[last]] = clock + 1 + np.flatnonzero(last)
+    c.clock[...] = clock + arr.size
+    c.req_lens[slot] = end
+    old = int(c.seq_lens[slot])
+    c.seq_lens[slot] = end
+    if end // bs > old // bs:
+      c._register_full_blocks(slot, old // bs, end // bs)
+    return self._finish(c, "extend")
+
+  def release(self, slot: int) -> "DedupKVCache":
+    """Drops the request's references. Registered blocks stay cached (LRU); private ones free."""
+    self._check_live()
+    slot = self._check_slot(slot)
+    c = self._begin()
+    st = c._state
+    n_blocks = -(-int(c.req_lens[slot]) // self.block_size)
+    blocks = c.block_tables[slot, :n_blocks][::-1].astype(np.int64)
+    c.refcount[blocks] -= 1
     # Tail blocks get the oldest timestamps, so eviction takes a chain from its end.
-    m.touch(blocks[::-1])
-    for b in blocks:
-      if m.a["refcount"][b] == 0 and not m.a["registered"][b]:
-        m.a["block_tokens"][b] = -1
-    m.a["block_tables"][slot] = -1
-    m.a["req_lens"][slot] = m.a["seq_lens"][slot] = 0
-    m.a["active"][slot] = False
-    m.a["salts"][slot] = 0
-    return m.build()
+    c._touch(blocks)
+    dropped = blocks[c.refcount[blocks] == 0]
+    st.held -= dropped.size
+    reg = c.registered[dropped]
+    freed = dropped[~reg]
+    c.block_tokens[freed] = -1
+    st.free.put(freed.tolist())
+    if reg.any():
+      st.push_cached(c, dropped[reg])  # in touch order: increasing last_used
+    c.block_tables[slot] = -1
+    c.req_lens[slot] = c.seq_lens[slot] = 0
+    c.active[slot] = False
+    c.salts[slot] = 0
+    return self._finish(c, "release")
 
   def evict(self, num_blocks: int | None = None) -> "DedupKVCache":
     """Evicts up to `num_blocks` (default: all) cached blocks, least recently used first."""
-    m = self._meta()
-    cached = m.cached_lru_order()
-    m.unregister(cached if num_blocks is None else cached[:max(num_blocks, 0)])
-    return m.build()
+    self._check_live()
+    if num_blocks is not None:
+      num_blocks = max(check_int(num_blocks, "num_blocks"), 0)
+    c = self._begin()
+    st = c._state
+    n = st.cached if num_blocks is None else min(num_blocks, st.cached)
+    blocks = st.pop_lru(c, n)
+    c._unregister(blocks)
+    st.cached -= n
+    st.free.put(blocks)
+    c.evicted_blocks[...] += n
+    return self._finish(c, "evict")
 
   # ------------------------------------------------------------------ queries
-  def cached_free_blocks(self) -> int:
+  @property
+  def cached_blocks(self) -> int:
     """Registered blocks no request holds: reusable until evicted."""
+    self._check_live()
+    state = self.__dict__.get("_derived")
+    if state is not None:
+      return state.cached
     return int(np.sum(np.asarray(self.registered) & (np.asarray(self.refcount) == 0)))
 
+  def cached_free_blocks(self) -> int:
+    """`cached_blocks` (the older name)."""
+    return self.cached_blocks
 
-def _guessed_chain(a: dict[str, np.ndarray], first: int, prompt: np.ndarray, salt: int,
-                   bs: int) -> list[int]:
-  """The prompt's hit chain from its verified first block `first`, as far as two cheap
-  guesses reach: the table of the active request that starts with `first` and holds most
-  blocks (requests being served with the same prefix), then consecutive block ids (a chain
-  allocated in one run: `allocate` hands out free blocks in id order). Each guess is
-  checked by `_verified_run` exactly as `_Index.find` checks a candidate, and no two
-  registered blocks share an identity, so these are the blocks the walk would find; the
-  walk goes on from the end. Returns at least [first]."""
-  n_full = prompt.size // bs
-  blocks = prompt[:n_full * bs].reshape(n_full, bs)
-  chain = [first]
-  rows = np.flatnonzero(a["active"] & (a["block_tables"][:, 0] == first))
-  if rows.size:
-    row = rows[np.argmax(a["req_lens"][rows])]
-    n = min(n_full, -(-int(a["req_lens"][row]) // bs))
-    chain += _verified_run(a, a["block_tables"][row, 1:n], first, blocks[1:n], salt)
-  last, done = chain[-1], len(chain)
-  n = min(n_full - done, a["registered"].size - 1 - last)
-  if n > 0:
-    chain += _verified_run(a, np.arange(last + 1, last + 1 + n), last,
-                           blocks[done:done + n], salt)
-  return chain
+  def _count_held(self) -> int:
+    return int(np.count_nonzero(np.asarray(self.refcount)))
 
-
-def _verified_run(a: dict[str, np.ndarray], guess, parent: int, blocks: np.ndarray,
-                  salt: int) -> list[int]:
-  """The leading blocks of `guess` [n] that continue a chain after the registered block
-  `parent` with the tokens `blocks` [n, bs]: each registered, with this salt, its parent
-  the block before it (and that block's current generation), its tokens equal. Vectorized."""
-  guess = np.asarray(guess, np.int64)
-  if guess.size == 0:
-    return []
-  safe = np.maximum(guess, 0)  # a -1 entry fails below; it only must not index badly
-  parents = np.concatenate([[parent], guess[:-1]])
-  ok = ((guess >= 0) & a["registered"][safe] & (a["block_salt"][safe] == salt)
-        & (a["block_parent"][safe] == parents)
-        & (a["block_parent_gen"][safe] == a["block_gen"][np.maximum(parents, 0)])
-        & (a["block_tokens"][safe] == blocks).all(axis=1))
-  n = guess.size if ok.all() else int(np.argmin(ok))
-  return [int(b) for b in guess[:n]]
-
-
-def _check_room(refcount: np.ndarray, need: int, what: str, *, hits=(),
-                keep_free: int = 0) -> None:
-  """Refuses, before any change, `need` new blocks (and `keep_free` left allocatable after)
-  that the pool cannot supply: every block no request holds can be had (free, or cached and
-  evicted), except `hits`, which the request is about to hold."""
-  unheld = refcount == 0
-  room = int(np.count_nonzero(unheld)) - int(np.count_nonzero(unheld[list(hits)]))
-  if need + keep_free > room:
-    kept = f" and {keep_free} kept free" if keep_free else ""
-    raise CacheError(
-        f"pool too small: {what} needs {need} new blocks{kept} but only {room} of "
-        f"{unheld.size} can be had ({unheld.size - int(np.count_nonzero(unheld))} pinned by "
-        "active requests)")
-
-
-def _check_salt(salt) -> int:
-  if isinstance(salt, bool) or not isinstance(salt, (int, np.integer)):
-    raise CacheError(f"salt must be an int (a tenant id), got {type(salt).__name__}")
-  if not -2**31 <= int(salt) < 2**31:
-    raise CacheError(f"salt {salt} does not fit in int32")
-  return int(salt)
-
-
-class _Meta:
-  """Writable numpy copies of a cache's metadata, for one host-side operation."""
-
-  def __init__(self, cache: DedupKVCache, arrays: dict[str, np.ndarray]):
-    self.cache, self.a = cache, arrays
-
-  def build(self) -> DedupKVCache:
-    return dataclasses.replace(self.cache, **self.a)
-
-  def touch(self, blocks) -> None:
-    """Marks `blocks` (distinct) used now, in order: the LRU clock ticks once per block."""
-    blocks = np.asarray(blocks, np.int64)
-    clock = int(self.a["clock"])
-    self.a["last_used"][blocks] = clock + 1 + np.arange(blocks.size)
-    self.a["clock"] = np.asarray(clock + blocks.size, np.asarray(self.a["clock"]).dtype)
-
-  def cached_lru_order(self) -> np.ndarray:
-    a = self.a
-    cached = np.flatnonzero(a["registered"] & (a["refcount"] == 0))
-    return cached[np.lexsort((cached, a["last_used"][cached]))]
-
-  def register_full_blocks(self, index: "_Index", slot: int, first: int, end: int,
-                           bits: int) -> None:
-    """Registers logical blocks [first, end) of `slot` unless hit or already identical.
-
-    A block can only have an identical registered twin if its parent could have other
-    children: the root (-1), or a block registered before this call. A parent registered
-    in this call, or one never registered (private to this request), has no other child
-    with its current generation, so those blocks skip the lookup: committing a long
-    prompt costs one lookup, not one per block."""
-    a = self.a
-    table, salt = a["block_tables"][slot], int(a["salts"][slot])
-    registered_now = set()
-    for i in range(first, end):
-      b = int(table[i])
-      if a["registered"][b]:
-        continue  # A hit, or already registered.
-      parent = int(table[i - 1]) if i else -1
-      pgen = int(a["block_gen"][parent]) if parent >= 0 else 0
-      toks = a["block_tokens"][b]
-      may_have_twin = parent < 0 or (a["registered"][parent] and parent not in registered_now)
-      if may_have_twin and index.find(salt, parent, pgen, toks) is not None:
-        continue  # An identical block was registered meanwhile: this copy stays private.
-      h = block_hash(salt, parent, pgen, toks, bits)
-      a["registered"][b] = True
-      a["block_hash"][b] = h
-      a["block_salt"][b] = salt
-      a["block_parent"][b] = parent
-      a["block_parent_gen"][b] = pgen
-      index.add(h, b)
-      registered_now.add(b)
-
-  def unregister(self, blocks) -> None:
-    a = self.a
-    a["registered"][blocks] = False
-    a["block_hash"][blocks] = 0
-    a["block_parent"][blocks] = -1
-    a["block_parent_gen"][blocks] = 0
-    a["block_tokens"][blocks] = -1
-
-  def allocate(self, need: int) -> list[int]:
-    """Takes `need` blocks: never-registered free ones first, then evicts cached LRU ones.
-    The caller has checked, before any change, that the pool has them (`_check_room`)."""
-    a = self.a
-    free = np.flatnonzero(~a["registered"] & (a["refcount"] == 0))
-    # The LRU order (a sort over cached blocks) only when free blocks do not suffice.
-    cached = self.cached_lru_order() if free.size < need else np.zeros((0,), np.int64)
-    assert free.size + cached.size >= need, "allocate without _check_room"
-    taken = list(free[:need]) + list(cached[:max(0, need - free.size)])
-    taken = [int(b) for b in taken]
-    self.unregister(taken)
-    a["refcount"][taken] = 1
-    a["block_gen"][taken] += 1
-    return taken
-
-
-class _Index:
-  """Hash -> registered blocks, derived from the cache arrays (never stored separately).
-
-  A few lookups (a decode step registering the blocks it filled) scan the hash column
-  (O(num_blocks), vectorized); many (admitting a long prompt) first bucket the registered
-  blocks by the hash's low 16 bits, once (a radix argsort, O(num_blocks)), then look in one
-  bucket. Either way a candidate is verified against the current arrays, and no two
-  registered blocks share an identity, so both find the same block.
-  """
-
-  # Measured on the 2-core CPU box at 162,760 blocks: a scan 0.03 ms, bucketing 3 ms (a
-  # comparison argsort of the hashes, the index before, 11 ms).
-  _SCANS_BEFORE_INDEX = 32  # about a third of the build in scans, then build
-  _BUCKET_BITS = 16
-
-  def __init__(self, a: dict[str, np.ndarray], bits: int):
-    self.a, self.bits = a, bits
-    self.ids = self.starts = None  # the bucket index, built on demand
-    self.scans = 0
-    self.added: dict[int, list[int]] = {}  # registered after the index was built
-
-  def _build(self) -> None:
-    a = self.a
-    ids = np.flatnonzero(a["registered"])
-    buckets = (a["block_hash"][ids] & np.uint32((1 << self._BUCKET_BITS) - 1)).astype(np.uint16)
-    self.ids = ids[np.argsort(buckets, kind="stable")]  # a radix sort for 16-bit keys
-    self.starts = np.zeros((1 << self._BUCKET_BITS) + 1, np.int64)
-    np.cumsum(np.bincount(buckets, minlength=1 << self._BUCKET_BITS), out=self.starts[1:])
-
-  def add(self, h: int, block: int) -> None:
-    if self.ids is not None:
-      self.added.setdefault(int(h), []).append(block)
-
-  def find(self, salt: int, parent: int, parent_gen: int, tokens: np.ndarray) -> int | None:
-    a = self.a
-    h = np.uint32(block_hash(salt, parent, parent_gen, tokens, self.bits))  # the column's
-    # dtype: a Python int would make numpy convert the whole column on every comparison.
-    if self.ids is None and self.scans < self._SCANS_BEFORE_INDEX:
-      self.scans += 1
-      candidates = np.flatnonzero((a["block_hash"] == h) & a["registered"])
-    else:
-      if self.ids is None:
-        self._build()
-      bucket = int(h) & ((1 << self._BUCKET_BITS) - 1)
-      in_bucket = self.ids[self.starts[bucket]:self.starts[bucket + 1]]
-      candidates = list(in_bucket[a["block_hash"][in_bucket] == h]) + self.added.get(int(h), [])
-    for b in candidates:
-      # Verify: a hash match alone is never trusted. (`_verified_run` is the same test,
-      # vectorized over a guessed run; one scalar candidate is faster checked like this.)
-      if (a["registered"][b] and a["block_salt"][b] == salt and a["block_parent"][b] == parent
-          and a["block_parent_gen"][b] == parent_gen
-          and np.array_equal(a["block_tokens"][b], tokens)):
-        return int(b)
-    return None

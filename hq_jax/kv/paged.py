@@ -76,6 +76,17 @@ class KVPools:
     s = jax.ShapeDtypeStruct(shape, cfg.jnp_dtype)
     return cls(s, s)
 
+  @classmethod
+  def host_only(cls, layout: KVLayout, num_blocks: int) -> "KVPools":
+    """Shapes without storage, for a cache that only plans on the host (a no-model trace
+    replay): its bookkeeping and accounting are a real cache's, at any pool size."""
+    s = jax.ShapeDtypeStruct(layout.pool_shape(num_blocks), jnp.dtype(layout.dtype))
+    return cls(s, s)
+
+  @property
+  def is_host_only(self) -> bool:
+    return isinstance(self.k, jax.ShapeDtypeStruct)
+
   @property
   def num_blocks(self) -> int:
     return self.k.shape[1]

@@ -25,6 +25,7 @@ class KVStats:
   pool_bytes: int  # the whole preallocated K/V pool
   hit_tokens: int  # prompt tokens found cached at admission (cumulative, as vLLM counts)
   query_tokens: int  # prompt tokens looked up at admission (cumulative)
+  evicted_blocks: int  # cached blocks evicted to make room or by `evict` (cumulative; 0 dense)
   bytes_per_token: int
   bytes_per_block: int
   active_requests: int
@@ -34,6 +35,7 @@ class KVStats:
 
 
 def kv_stats(cache: PagedCache) -> KVStats:
+  cache._check_live()  # a consumed cache's arrays belong to its successor
   layout = cache.layout
   bs = layout.block_size
   active = np.asarray(cache.active)
@@ -57,9 +59,10 @@ def kv_stats(cache: PagedCache) -> KVStats:
       logical_blocks=logical_blocks,
       reuse_factor=logical_blocks / physical if physical else 1.0,
       metadata_bytes=meta,
-      pool_bytes=int(cache.pools.k.nbytes + cache.pools.v.nbytes),
+      pool_bytes=cache.num_blocks * layout.bytes_per_block,  # K and V (also host-only)
       hit_tokens=int(cache.hit_tokens),
       query_tokens=int(cache.query_tokens),
+      evicted_blocks=int(getattr(cache, "evicted_blocks", 0)),
       bytes_per_token=layout.bytes_per_token,
       bytes_per_block=layout.bytes_per_block,
       active_requests=int(active.sum()))

@@ -214,6 +214,9 @@ class Engine:
 
   def _check_cache(self, cache: PagedCache) -> None:
     """The cache's K/V layout must be this model's (else writes to missing layers drop)."""
+    if cache.host_only:
+      raise CacheError("this cache was built host_only (no K/V pools): it cannot run a "
+                       "model step")
     nl, _, _, nk, d = cache.pools.k.shape
     want = (self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim)
     if (nl, nk, d) != want:
@@ -265,8 +268,7 @@ class Engine:
     prompt = self._check_tokens(tokens)
     t0 = time.perf_counter()
     if slot is None:
-      # With donation the metadata is updated in place (the cache is consumed), as below.
-      cache, slot = cache.admit(prompt, salt, consume=self.donate)
+      cache, slot = cache.admit(prompt, salt)
     elif not (0 <= slot < cache.max_requests and bool(cache.active[slot])
               and int(cache.req_lens[slot]) == prompt.size):
       raise CacheError(f"slot {slot} does not hold a just-admitted prompt of {prompt.size} tokens")
@@ -284,8 +286,7 @@ class Engine:
       if logits == "all":
         kept.append(np.asarray(out[0, :valid]))  # to the host: one chunk on the device
       last = out[0, valid - 1] if at is None else out[0, 0]
-    # With donation the metadata is updated in place, as in decode (the cache is consumed).
-    cache = cache.commit_batch([slot], [n], consume=self.donate)
+    cache = cache.commit_batch([slot], [n])
     last = last.block_until_ready()
     ttft = time.perf_counter() - t0
     return cache, PrefillResult(
@@ -305,15 +306,13 @@ class Engine:
     if len(set(slots)) != len(slots):
       raise CacheError(f"decode got a slot twice: {slots}")
     self._check_cache(cache)
-    # With donation the caller hands the cache over (its pools die here), so the metadata
-    # may be updated in place too: host work per step then does not grow with the pool.
-    cache = cache.append_batch(slots, [int(t) for t in tokens], consume=self.donate)
+    cache = cache.append_batch(slots, [int(t) for t in tokens])
     lens = [int(cache.req_lens[s]) for s in slots]
     view, used = self._decode_view(cache, slots, lens)
     padded = np.zeros((view.positions.shape[0], 1), np.int32)
     padded[:len(slots), 0] = tokens
     out, cache = self._step(cache, padded, view)
-    return (cache.commit_batch(slots, lens, consume=self.donate),
+    return (cache.commit_batch(slots, lens),
             DecodeResult(_first_rows(out, len(slots)), used))
 
   def generate(self, cache: PagedCache, prompt: Sequence[int], steps: int, *, salt: int = 0):
