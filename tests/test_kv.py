@@ -466,6 +466,9 @@ def test_a_block_under_an_older_generation_of_its_parent_is_no_hit(tiny_layout, 
   from hq_jax.kv import dedup
   real = dedup._mix
   monkeypatch.setattr(dedup, "_mix", lambda th, salt, parent, gen: real(th, salt, parent, 0))
+  real_array = dedup._mix_array  # registration's vectorized twin of _mix
+  monkeypatch.setattr(dedup, "_mix_array",
+                      lambda th, salt, parent, gen: real_array(th, salt, parent, 0 * gen))
   p, x = np.arange(16), np.arange(200, 216)
   c = DedupKVCache.init(tiny_layout, num_blocks=32, max_requests=4, max_seq_len=MAX_SEQ)
   c, _ = _admit_commit(c, np.r_[p, x])  # blocks 0 (P) and 1 (X after P)
@@ -473,3 +476,18 @@ def test_a_block_under_an_older_generation_of_its_parent_is_no_hit(tiny_layout, 
   assert c._lookup(blocks, 0) == [0, 1]
   c.block_gen[0] += 1  # block 0 reallocated: X's registration is stale
   assert c._lookup(blocks, 0) == [0]
+
+
+def test_vectorized_mix_equals_the_scalar_mix():
+  """Registration hashes whole runs with `_mix_array`; admission looks blocks up one by one
+  with `_mix`: both must give the same bits, or a registered block is never found."""
+  from hq_jax.kv import dedup
+  rng = np.random.default_rng(0)
+  th = rng.integers(0, 2**63, 200, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+  salts = [0, 1, -1, 2**31 - 1, -2**31]
+  parents = rng.integers(-1, 2**31 - 1, 200)
+  gens = rng.integers(0, 2**31 - 1, 200)
+  for salt in salts:
+    got = dedup._mix_array(th, salt, parents, gens).tolist()
+    want = [dedup._mix(int(t), salt, int(p), int(g)) for t, p, g in zip(th, parents, gens)]
+    assert got == want

@@ -69,6 +69,18 @@ def _mix(tokens_hash: int, salt: int, parent: int, parent_gen: int) -> int:
   return (x ^ (x >> 29)) >> 32
 
 
+def _mix_array(tokens_hash: np.ndarray, salt: int, parent: np.ndarray,
+               parent_gen: np.ndarray) -> np.ndarray:
+  """`_mix` over arrays (uint64 arithmetic wraps as the `& _M64` above): the same bits."""
+  u = np.uint64
+  with np.errstate(over="ignore"):
+    x = (np.asarray(tokens_hash, u) ^ u(((salt & _M32) * _K1) & _M64)
+         ^ ((np.asarray(parent, np.int64) + 1).astype(u) * u(_K2))
+         ^ (np.asarray(parent_gen, np.int64).astype(u) * u(_K3)))
+    x = (x ^ (x >> u(31))) * u(_K4)
+  return (x ^ (x >> u(29))) >> u(32)
+
+
 def block_hash(salt: int, parent: int, parent_gen: int, tokens: np.ndarray, bits: int) -> int:
   """A `bits`-bit hash of a block's identity (0 bits: every block collides)."""
   return _mix(token_hashes(np.asarray(tokens)[None])[0], salt, parent, parent_gen) & (
@@ -149,12 +161,22 @@ class _Blocks:
     return bool(c.registered[b]) and c.refcount[b] == 0 and c.last_used[b] == entry >> 32
 
   def pop_lru(self, c: "DedupKVCache", n: int) -> list[int]:
-    """The n least recently used cached blocks (the caller checked there are n)."""
-    out = []
+    """The n least recently used cached blocks (the caller checked there are n); the
+    liveness of queue entries is tested in vectorized runs."""
+    out: list[int] = []
+    lru = self.lru
     while len(out) < n:
-      e = self.lru.popleft()
-      if self._live(c, e):
-        out.append(e & _M32)
+      k = min(len(lru), max(2 * (n - len(out)), 64))
+      entries = np.fromiter((lru.popleft() for _ in range(k)), np.int64, k)
+      b = entries & _M32
+      live = np.flatnonzero(c.registered[b] & (c.refcount[b] == 0)
+                            & (c.last_used[b] == (entries >> 32)))
+      want = n - len(out)
+      if live.size >= want:
+        cut = int(live[want - 1]) + 1
+        lru.extendleft(entries[cut:][::-1].tolist())  # not taken: back at the front
+        live = live[:want]
+      out += b[live].tolist()
     return out
 
 
@@ -284,8 +306,17 @@ class DedupKVCache(PagedCache):
 
   def _unregister(self, blocks) -> None:
     st = self._state
-    for h, b in zip(self.block_hash[blocks].tolist(), blocks):
-      st.remove(h, b)
+    hashes = self.block_hash[blocks].tolist()
+    index = st.index
+    if len(set(hashes)) == len(hashes):
+      popped = list(map(index.pop, hashes))  # one entry each, unless a hash collided
+      for h, v, b in zip(hashes, popped, blocks):
+        if type(v) is not int:  # a collision list: put the others back
+          index[h] = v
+          st.remove(h, b)
+    else:
+      for h, b in zip(hashes, blocks):
+        st.remove(h, b)
     self.registered[blocks] = False
     self.block_hash[blocks] = 0
     self.block_parent[blocks] = -1
@@ -294,35 +325,45 @@ class DedupKVCache(PagedCache):
 
   def _register_full_blocks(self, slot: int, first: int, end: int) -> None:
     """Registers logical blocks [first, end) of `slot` unless hit or already identical
-    (a twin registered meanwhile: this copy then stays private)."""
+    (a twin registered meanwhile: this copy then stays private).
+
+    Vectorized: a twin can only be a block registered before this call (a block of this
+    call has another parent), so the whole run is hashed at once and only hashes already
+    in the index are verified one by one."""
     table, salt = self.block_tables[slot], int(self.salts[slot])
-    ids = table[first:end]
+    ids = table[first:end].astype(np.int64)
     todo = np.flatnonzero(~self.registered[ids])
     if not todo.size:
       return
     st, mask = self._state, (1 << self.hash_bits) - 1
-    gens = self.block_gen[table[max(first - 1, 0):end]].tolist()
-    off = 1 if first else 0  # gens[j + off - 1] is the generation of ids[j]'s parent
-    rows = self.block_tokens[ids[todo]]
-    new, hashes, parents, pgens = [], [], [], []
-    for j, th, toks in zip(todo.tolist(), token_hashes(rows), rows):
-      parent = int(table[first + j - 1]) if first + j else -1
-      pgen = gens[j + off - 1] if parent >= 0 else 0
-      h = _mix(th, salt, parent, pgen) & mask
-      found = st.index.get(h)
-      if found is not None and self._find(found, salt, parent, pgen, toks) is not None:
-        continue  # An identical block was registered meanwhile: this copy stays private.
-      b = int(ids[j])
-      st.add(h, b)
-      new.append(b)
-      hashes.append(h)
-      parents.append(parent)
-      pgens.append(pgen)
-    self.registered[new] = True
-    self.block_hash[new] = hashes
-    self.block_salt[new] = salt
-    self.block_parent[new] = parents
-    self.block_parent_gen[new] = pgens
+    pos = first + todo  # logical positions of the blocks to register
+    parents = np.where(pos > 0, table[np.maximum(pos - 1, 0)], -1).astype(np.int64)
+    pgens = np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0)
+    blocks = ids[todo]
+    rows = self.block_tokens[blocks]
+    hashes = (_mix_array(token_hashes(rows), salt, parents, pgens) & np.uint64(mask)).tolist()
+    index = st.index
+    seen = index.keys() & set(hashes)
+    keep = np.ones(todo.size, bool)
+    if seen:
+      for j, h in enumerate(hashes):
+        if h in seen and self._find(index[h], salt, int(parents[j]), int(pgens[j]),
+                                    rows[j]) is not None:
+          keep[j] = False  # An identical block was registered meanwhile: stays private.
+    if not keep.all():
+      blocks, parents, pgens = blocks[keep], parents[keep], pgens[keep]
+      hashes = [h for h, k in zip(hashes, keep.tolist()) if k]
+    new = blocks.tolist()
+    if seen or len(set(hashes)) < len(hashes):
+      for h, b in zip(hashes, new):
+        st.add(h, b)
+    else:
+      index.update(zip(hashes, new))
+    self.registered[blocks] = True
+    self.block_hash[blocks] = hashes
+    self.block_salt[blocks] = salt
+    self.block_parent[blocks] = parents
+    self.block_parent_gen[blocks] = pgens
 
   # ------------------------------------------------------------ operations
   def admit(self, tokens, salt: int = 0, *, keep_free: int = 0) -> tuple["DedupKVCache", int]:
