@@ -29,7 +29,6 @@ and a free queue beside its blocks.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from functools import lru_cache
 
@@ -56,9 +55,8 @@ def _multipliers(block_size: int) -> np.ndarray:
 def token_hashes(blocks: np.ndarray) -> list[int]:
   """A 64-bit hash of each block's tokens, [n, bs] -> n ints, vectorized."""
   blocks = np.asarray(blocks)
-  with np.errstate(over="ignore"):
-    h = (blocks.astype(np.uint64) * _multipliers(blocks.shape[1])).sum(axis=1,
-                                                                         dtype=np.uint64)
+  # Array arithmetic wraps modulo 2**64 without a warning (only numpy scalars warn).
+  h = (blocks.astype(np.uint64) * _multipliers(blocks.shape[1])).sum(axis=1, dtype=np.uint64)
   return h.tolist()
 
 
@@ -73,11 +71,10 @@ def _mix_array(tokens_hash: np.ndarray, salt: int, parent: np.ndarray,
                parent_gen: np.ndarray) -> np.ndarray:
   """`_mix` over arrays (uint64 arithmetic wraps as the `& _M64` above): the same bits."""
   u = np.uint64
-  with np.errstate(over="ignore"):
-    x = (np.asarray(tokens_hash, u) ^ u(((salt & _M32) * _K1) & _M64)
-         ^ ((np.asarray(parent, np.int64) + 1).astype(u) * u(_K2))
-         ^ (np.asarray(parent_gen, np.int64).astype(u) * u(_K3)))
-    x = (x ^ (x >> u(31))) * u(_K4)
+  x = (np.asarray(tokens_hash, u) ^ u(((salt & _M32) * _K1) & _M64)
+       ^ ((np.asarray(parent, np.int64) + 1).astype(u) * u(_K2))
+       ^ (np.asarray(parent_gen, np.int64).astype(u) * u(_K3)))
+  x = (x ^ (x >> u(31))) * u(_K4)
   return (x ^ (x >> u(29))) >> u(32)
 
 
@@ -92,16 +89,19 @@ class _Blocks:
 
   index: stored hash -> a registered block (an int), or a list of them (collisions);
          every candidate is verified before use.
-  lru:   cached blocks in LRU order, as `last_used << 32 | block` ints; an entry is live
-         iff its block is still cached with that `last_used` (stale entries are skipped,
-         and the queue compacted when most of it is stale).
+  lru:   cached blocks in LRU order, as `last_used << 32 | block` ints, from `lru[head]`
+         on (a list and a read position: runs are sliced out, tested and taken in
+         vectorized passes); an entry is live iff its block is still cached with that
+         `last_used` (stale entries are skipped, and the queue compacted when most of it is
+         stale).
   free:  never-registered free blocks, lowest id first.
   held, cached: blocks with refcount > 0; registered blocks with refcount 0.
   """
 
   def __init__(self, num_blocks: int):
     self.index: dict[int, int | list[int]] = {}
-    self.lru: collections.deque[int] = collections.deque()
+    self.lru: list[int] = []
+    self.head = 0
     self.free = FreeBlocks(num_blocks)
     self.held = self.cached = 0
 
@@ -126,7 +126,7 @@ class _Blocks:
   def copy(self) -> "_Blocks":
     out = _Blocks(self.free.num_blocks)
     out.index = {h: (v if type(v) is int else list(v)) for h, v in self.index.items()}
-    out.lru, out.free = collections.deque(self.lru), self.free.copy()
+    out.lru, out.free = self.lru[self.head:], self.free.copy()
     out.held, out.cached = self.held, self.cached
     return out
 
@@ -152,31 +152,33 @@ class _Blocks:
     """`blocks` just became cached, in increasing `last_used` order."""
     self.lru.extend(((c.last_used[blocks].astype(np.int64) << 32) | blocks).tolist())
     self.cached += blocks.size
-    if len(self.lru) > 2 * self.cached + 1024:  # mostly stale: compact, O(len) amortized
-      self.lru = collections.deque(e for e in self.lru if self._live(c, e))
+    if len(self.lru) - self.head > 2 * self.cached + 1024:  # mostly stale: compact,
+      entries = np.asarray(self.lru[self.head:], np.int64)  # O(len) amortized
+      self.lru, self.head = entries[self._live(c, entries)].tolist(), 0
 
   @staticmethod
-  def _live(c: "DedupKVCache", entry: int) -> bool:
-    b = entry & _M32
-    return bool(c.registered[b]) and c.refcount[b] == 0 and c.last_used[b] == entry >> 32
+  def _live(c: "DedupKVCache", entries: np.ndarray) -> np.ndarray:
+    b = entries & _M32
+    return c.registered[b] & (c.refcount[b] == 0) & (c.last_used[b] == (entries >> 32))
 
   def pop_lru(self, c: "DedupKVCache", n: int) -> list[int]:
     """The n least recently used cached blocks (the caller checked there are n); the
     liveness of queue entries is tested in vectorized runs."""
     out: list[int] = []
-    lru = self.lru
     while len(out) < n:
-      k = min(len(lru), max(2 * (n - len(out)), 64))
-      entries = np.fromiter((lru.popleft() for _ in range(k)), np.int64, k)
-      b = entries & _M32
-      live = np.flatnonzero(c.registered[b] & (c.refcount[b] == 0)
-                            & (c.last_used[b] == (entries >> 32)))
+      k = max(2 * (n - len(out)), 64)
+      entries = np.asarray(self.lru[self.head:self.head + k], np.int64)
+      live = np.flatnonzero(self._live(c, entries))
       want = n - len(out)
       if live.size >= want:
-        cut = int(live[want - 1]) + 1
-        lru.extendleft(entries[cut:][::-1].tolist())  # not taken: back at the front
         live = live[:want]
-      out += b[live].tolist()
+        self.head += int(live[-1]) + 1  # what follows the last taken stays queued
+      else:
+        self.head += entries.size
+      out += (entries[live] & _M32).tolist()
+    if self.head > 4096 and 2 * self.head > len(self.lru):  # drop the consumed front
+      del self.lru[:self.head]
+      self.head = 0
     return out
 
 
@@ -310,10 +312,11 @@ class DedupKVCache(PagedCache):
     index = st.index
     if len(set(hashes)) == len(hashes):
       popped = list(map(index.pop, hashes))  # one entry each, unless a hash collided
-      for h, v, b in zip(hashes, popped, blocks):
-        if type(v) is not int:  # a collision list: put the others back
-          index[h] = v
-          st.remove(h, b)
+      if not all(type(v) is int for v in popped):
+        for h, v, b in zip(hashes, popped, blocks):
+          if type(v) is not int:  # a collision list: put the others back
+            index[h] = v
+            st.remove(h, b)
     else:
       for h, b in zip(hashes, blocks):
         st.remove(h, b)
