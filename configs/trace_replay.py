@@ -29,6 +29,7 @@ def get_config():
   c.capacity_shared_fractions = [0.5, 0.9]
   c.time_limit_s = 0.0
   c.seed = 0
+  c.allow_long_context = False
   c.output_dir = ""
   c.overwrite = False
   return c

@@ -105,12 +105,12 @@ class FreeBlocks:
   def __len__(self) -> int:
     return len(self.heap) + self.num_blocks - self.mark
 
-  def take(self, n: int) -> list[int]:
-    """The n lowest free ids (the caller checked that there are n)."""
+  def take(self, n: int) -> np.ndarray:
+    """The n lowest free ids, as an int64 array (the caller checked that there are n)."""
     k = min(n, len(self.heap))
-    out = [heapq.heappop(self.heap) for _ in range(k)]
+    out = np.fromiter((heapq.heappop(self.heap) for _ in range(k)), np.int64, k)
     if n > k:
-      out += range(self.mark, self.mark + n - k)
+      out = np.concatenate([out, np.arange(self.mark, self.mark + n - k, dtype=np.int64)])
       self.mark += n - k
     return out
 
@@ -222,7 +222,10 @@ class PagedCache:
 
   def _finish(self, c: "PagedCache", op: str, **changes) -> "PagedCache":
     """Hands `c`'s arrays and state to a new cache; this one (and `c`) are consumed."""
-    new = dataclasses.replace(c, **changes)
+    new = object.__new__(type(c))  # `dataclasses.replace` without re-running __init__
+    new.__dict__.update(c.__dict__)  # (no field is derived in __init__): O(fields), cheap
+    for name, value in changes.items():
+      object.__setattr__(new, name, value)
     object.__setattr__(new, _STATE, c.__dict__[_STATE])
     object.__setattr__(self, _STATE, _Consumed(op))
     if c is not self:

@@ -52,12 +52,16 @@ def _multipliers(block_size: int) -> np.ndarray:
                                                  dtype=np.uint64) | np.uint64(1)
 
 
-def token_hashes(blocks: np.ndarray) -> list[int]:
-  """A 64-bit hash of each block's tokens, [n, bs] -> n ints, vectorized."""
+def token_hash_array(blocks: np.ndarray) -> np.ndarray:
+  """A 64-bit hash of each block's tokens, [n, bs] -> [n] uint64, vectorized (a dot
+  product with the multipliers: array arithmetic wraps modulo 2**64 without a warning)."""
   blocks = np.asarray(blocks)
-  # Array arithmetic wraps modulo 2**64 without a warning (only numpy scalars warn).
-  h = (blocks.astype(np.uint64) * _multipliers(blocks.shape[1])).sum(axis=1, dtype=np.uint64)
-  return h.tolist()
+  return blocks.astype(np.uint64) @ _multipliers(blocks.shape[1])
+
+
+def token_hashes(blocks: np.ndarray) -> list[int]:
+  """`token_hash_array` as Python ints."""
+  return token_hash_array(blocks).tolist()
 
 
 def _mix(tokens_hash: int, salt: int, parent: int, parent_gen: int) -> int:
@@ -104,6 +108,7 @@ class _Blocks:
     self.head = 0
     self.free = FreeBlocks(num_blocks)
     self.held = self.cached = 0
+    self.collisions = 0  # index entries that are lists (none: unregistering pops in bulk)
 
   @classmethod
   def build(cls, c: "DedupKVCache") -> "_Blocks":
@@ -127,7 +132,7 @@ class _Blocks:
     out = _Blocks(self.free.num_blocks)
     out.index = {h: (v if type(v) is int else list(v)) for h, v in self.index.items()}
     out.lru, out.free = self.lru[self.head:], self.free.copy()
-    out.held, out.cached = self.held, self.cached
+    out.held, out.cached, out.collisions = self.held, self.cached, self.collisions
     return out
 
   def add(self, h: int, b: int) -> None:
@@ -136,6 +141,7 @@ class _Blocks:
       self.index[h] = b
     elif type(v) is int:
       self.index[h] = [v, b]
+      self.collisions += 1
     else:
       v.append(b)
 
@@ -147,6 +153,7 @@ class _Blocks:
       v.remove(b)
       if len(v) == 1:
         self.index[h] = v[0]
+        self.collisions -= 1
 
   def push_cached(self, c: "DedupKVCache", blocks: np.ndarray) -> None:
     """`blocks` just became cached, in increasing `last_used` order."""
@@ -161,25 +168,26 @@ class _Blocks:
     b = entries & _M32
     return c.registered[b] & (c.refcount[b] == 0) & (c.last_used[b] == (entries >> 32))
 
-  def pop_lru(self, c: "DedupKVCache", n: int) -> list[int]:
+  def pop_lru(self, c: "DedupKVCache", n: int) -> np.ndarray:
     """The n least recently used cached blocks (the caller checked there are n); the
     liveness of queue entries is tested in vectorized runs."""
-    out: list[int] = []
-    while len(out) < n:
-      k = max(2 * (n - len(out)), 64)
+    out, got = [], 0
+    while got < n:
+      k = max(2 * (n - got), 64)
       entries = np.asarray(self.lru[self.head:self.head + k], np.int64)
       live = np.flatnonzero(self._live(c, entries))
-      want = n - len(out)
+      want = n - got
       if live.size >= want:
         live = live[:want]
         self.head += int(live[-1]) + 1  # what follows the last taken stays queued
       else:
         self.head += entries.size
-      out += (entries[live] & _M32).tolist()
+      out.append(entries[live] & _M32)
+      got += live.size
     if self.head > 4096 and 2 * self.head > len(self.lru):  # drop the consumed front
       del self.lru[:self.head]
       self.head = 0
-    return out
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 @jax.tree_util.register_dataclass
@@ -256,16 +264,21 @@ class DedupKVCache(PagedCache):
     one by one as they come. Either way only verified blocks are returned."""
     index, gen, mask = self._state.index, self.block_gen, (1 << self.hash_bits) - 1
     hits, parent, pgen = [], -1, 0
-    for i, th in enumerate(token_hashes(blocks)):
-      found = index.get(_mix(th, salt, parent, pgen) & mask)
-      if found is None:
-        break
-      if type(found) is not int:
-        found = self._find(found, salt, parent, pgen, blocks[i])
+    start, run = 0, 32  # blocks hashed in growing runs: a miss early hashes little
+    while start < len(blocks):
+      for i, th in enumerate(token_hashes(blocks[start:start + run]), start):
+        found = index.get(_mix(th, salt, parent, pgen) & mask)
         if found is None:
           break
-      hits.append(found)
-      parent, pgen = found, int(gen[found])
+        if type(found) is not int:
+          found = self._find(found, salt, parent, pgen, blocks[i])
+          if found is None:
+            break
+        hits.append(found)
+        parent, pgen = found, int(gen[found])
+      if len(hits) < start + run:
+        break
+      start, run = start + run, 2 * run
     if not hits:
       return hits
     h = np.asarray(hits, np.int64)
@@ -280,7 +293,8 @@ class DedupKVCache(PagedCache):
     after) that the pool cannot supply: every block no request holds can be had (free, or
     cached and evicted), except `hits`, which the request is about to hold."""
     st = self._state
-    pinned = int(np.count_nonzero(self.refcount[list(hits)] == 0)) if len(hits) else 0
+    hits = np.asarray(hits, np.int64)
+    pinned = int(np.count_nonzero(self.refcount[hits] == 0)) if hits.size else 0
     room = self.num_blocks - st.held - pinned
     if need + keep_free > room:
       kept = f" and {keep_free} kept free" if keep_free else ""
@@ -289,36 +303,39 @@ class DedupKVCache(PagedCache):
           f"{self.num_blocks} can be had ({st.held} pinned by active requests)",
           need=need, available=room, what=what, keep_free=keep_free)
 
-  def _allocate(self, need: int) -> list[int]:
-    """Takes `need` blocks: never-registered free ones first (lowest id first), then
-    evicts cached ones, least recently used first. The caller ran `_check_room`."""
+  def _allocate(self, need: int) -> np.ndarray:
+    """Takes `need` blocks (an int64 array): never-registered free ones first (lowest id
+    first), then evicts cached ones, least recently used first. The caller ran
+    `_check_room`."""
     st = self._state
     taken = st.free.take(min(need, len(st.free)))
-    if len(taken) < need:
-      evicted = st.pop_lru(self, need - len(taken))
+    if taken.size < need:
+      evicted = st.pop_lru(self, need - taken.size)
       self._unregister(evicted)
-      st.cached -= len(evicted)
-      self.evicted_blocks[...] += len(evicted)
-      taken += evicted
-    if taken:
+      st.cached -= evicted.size
+      self.evicted_blocks[...] += evicted.size
+      taken = np.concatenate([taken, evicted])
+    if taken.size:
       self.refcount[taken] = 1
       self.block_gen[taken] += 1
       st.held += need
     return taken
 
-  def _unregister(self, blocks) -> None:
+  def _unregister(self, blocks: np.ndarray) -> None:
     st = self._state
+    blocks = np.asarray(blocks, np.int64)
     hashes = self.block_hash[blocks].tolist()
     index = st.index
-    if len(set(hashes)) == len(hashes):
+    # Without collision lists every registered block has its own hash: no duplicates.
+    if not st.collisions or len(set(hashes)) == len(hashes):
       popped = list(map(index.pop, hashes))  # one entry each, unless a hash collided
-      if not all(type(v) is int for v in popped):
-        for h, v, b in zip(hashes, popped, blocks):
+      if st.collisions and list in set(map(type, popped)):
+        for h, v, b in zip(hashes, popped, blocks.tolist()):
           if type(v) is not int:  # a collision list: put the others back
             index[h] = v
             st.remove(h, b)
     else:
-      for h, b in zip(hashes, blocks):
+      for h, b in zip(hashes, blocks.tolist()):
         st.remove(h, b)
     self.registered[blocks] = False
     self.block_hash[blocks] = 0
@@ -344,9 +361,10 @@ class DedupKVCache(PagedCache):
     pgens = np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0)
     blocks = ids[todo]
     rows = self.block_tokens[blocks]
-    hashes = (_mix_array(token_hashes(rows), salt, parents, pgens) & np.uint64(mask)).tolist()
-    index = st.index
-    seen = index.keys() & set(hashes)
+    hash_array = _mix_array(token_hash_array(rows), salt, parents, pgens) & np.uint64(mask)
+    hashes = hash_array.tolist()
+    index, distinct = st.index, set(hashes)
+    seen = index.keys() & distinct
     keep = np.ones(todo.size, bool)
     if seen:
       for j, h in enumerate(hashes):
@@ -355,15 +373,16 @@ class DedupKVCache(PagedCache):
           keep[j] = False  # An identical block was registered meanwhile: stays private.
     if not keep.all():
       blocks, parents, pgens = blocks[keep], parents[keep], pgens[keep]
-      hashes = [h for h, k in zip(hashes, keep.tolist()) if k]
+      hash_array = hash_array[keep]
+      hashes = hash_array.tolist()
     new = blocks.tolist()
-    if seen or len(set(hashes)) < len(hashes):
+    if seen or len(distinct) < len(hashes):
       for h, b in zip(hashes, new):
         st.add(h, b)
     else:
       index.update(zip(hashes, new))
     self.registered[blocks] = True
-    self.block_hash[blocks] = hashes
+    self.block_hash[blocks] = hash_array
     self.block_salt[blocks] = salt
     self.block_parent[blocks] = parents
     self.block_parent_gen[blocks] = pgens
@@ -388,26 +407,27 @@ class DedupKVCache(PagedCache):
     bs = self.block_size
     n_full, n_blocks = prompt.size // bs, -(-prompt.size // bs)
     blocks = prompt[:n_full * bs].reshape(n_full, bs)
-    hits = c._lookup(blocks, salt) if n_full else []
-    need = n_blocks - len(hits)
+    hits = np.asarray(c._lookup(blocks, salt) if n_full else [], np.int64)
+    need = n_blocks - hits.size
     c._check_room(need, f"a request of {prompt.size} tokens", hits=hits, keep_free=keep_free)
     # Everything checked: from here on the arrays change.
-    if hits:
+    if hits.size:
       newly = int(np.count_nonzero(c.refcount[hits] == 0))
       c.refcount[hits] += 1
       c._state.held += newly
       c._state.cached -= newly  # their LRU entries are stale now
     new = c._allocate(need)
-    n_hit = len(hits)
-    if new:
+    n_hit = hits.size
+    if new.size:
       full = new[:n_full - n_hit]
       c.block_tokens[full] = blocks[n_hit:]
       if n_blocks > n_full:  # the partial last block: the rest stays -1
         tail = prompt[n_full * bs:]
         c.block_tokens[new[-1], :tail.size] = tail
       c.block_salt[new] = salt
-    c._touch(hits + new)
-    c.block_tables[slot, :n_blocks] = hits + new
+    table = np.concatenate([hits, new])
+    c._touch(table)
+    c.block_tables[slot, :n_blocks] = table
     c.req_lens[slot] = prompt.size
     c.seq_lens[slot] = n_hit * bs
     c.active[slot] = True
@@ -520,7 +540,7 @@ class DedupKVCache(PagedCache):
     blocks = st.pop_lru(c, n)
     c._unregister(blocks)
     st.cached -= n
-    st.free.put(blocks)
+    st.free.put(blocks.tolist())
     c.evicted_blocks[...] += n
     return self._finish(c, "evict")
 
