@@ -65,6 +65,8 @@ def static_field(**kwargs):
 
 def check_int(value, what: str) -> int:
   """`value` as an int; bools, floats, None, strings are a CacheError naming `what`."""
+  if type(value) is int:  # the common case, first: this runs per slot of a decode step
+    return value
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
     raise CacheError(f"{what} must be an int, got {type(value).__name__} {value!r}")
   return int(value)
@@ -304,16 +306,24 @@ class PagedCache:
                        "or build the cache with a larger max_requests")
     return int(free[0])
 
-  def _check_commits(self, slots, num_tokens) -> tuple[list[int], list[int]]:
+  def _check_commits(self, slots, num_tokens) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (slots, num_tokens) of a commit, as int64 arrays (vectorized: a decode
+    step commits every running request)."""
     slots = [check_int(s, "slot") for s in slots]
     num_tokens = [check_int(n, "num_tokens") for n in num_tokens]
     self._check_distinct(slots, len(num_tokens))
-    for slot, n in zip(slots, num_tokens):
-      self._check_slot(slot)
-      if not (int(self.seq_lens[slot]) <= n <= int(self.req_lens[slot])):
-        raise CacheError(f"commit of {n} tokens for slot {slot} outside "
-                         f"[{int(self.seq_lens[slot])}, {int(self.req_lens[slot])}]")
-    return slots, num_tokens
+    s, n = np.asarray(slots, np.int64), np.asarray(num_tokens, np.int64)
+    ok = (s >= 0) & (s < self.max_requests)
+    ok[ok] = self.active[s[ok]]
+    if not ok.all():
+      self._check_slot(int(s[np.argmin(ok)]))  # raises, naming the slot
+    seq, req = self.seq_lens[s], self.req_lens[s]
+    bad = (n < seq) | (n > req)
+    if bad.any():
+      i = int(np.argmax(bad))
+      raise CacheError(f"commit of {n[i]} tokens for slot {s[i]} outside "
+                       f"[{seq[i]}, {req[i]}]")
+    return s, n
 
   @staticmethod
   def _check_distinct(slots: list, count: int) -> None:

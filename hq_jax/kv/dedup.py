@@ -29,8 +29,8 @@ and a free queue beside its blocks.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from functools import lru_cache
 
 import jax
 import numpy as np
@@ -39,53 +39,51 @@ from hq_jax.kv.base import (CacheError, FreeBlocks, PagedCache, PoolFull, check_
                             static_field)
 from hq_jax.kv.paged import KVLayout
 
-_M32, _M64 = (1 << 32) - 1, (1 << 64) - 1
-_K1, _K2, _K3, _K4 = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
-                      0xD6E8FEB86659FD93)
+_M32 = (1 << 32) - 1
+_U = np.uint64
+_K_SALT, _K_MIX = _U(0x9E3779B97F4A7C15), _U(0xD6E8FEB86659FD93)
+_position_mult = np.zeros((0,), np.uint64)  # grown on demand, a pure function of position
 
 
-@lru_cache(maxsize=None)
-def _multipliers(block_size: int) -> np.ndarray:
-  """Fixed odd 64-bit multipliers, one per position in a block (a deterministic hash:
-  the stored hashes of a checkpoint stay valid in another process)."""
-  return np.random.default_rng(0x48510).integers(1, 2**63, size=block_size,
-                                                 dtype=np.uint64) | np.uint64(1)
+def _multipliers(n: int) -> np.ndarray:
+  """Odd 64-bit multipliers of token positions 0..n-1 (splitmix64 of the position: the
+  same in every process, so the stored hashes of a checkpoint stay valid)."""
+  global _position_mult
+  if _position_mult.size < n:
+    with np.errstate(over="ignore"):
+      z = (np.arange(max(n, 2 * _position_mult.size), dtype=np.uint64) + _U(1)) * _K_SALT
+      z = (z ^ (z >> _U(30))) * _U(0xBF58476D1CE4E5B9)
+      z = (z ^ (z >> _U(27))) * _U(0x94D049BB133111EB)
+      _position_mult = (z ^ (z >> _U(31))) | _U(1)
+  return _position_mult[:n]
 
 
-def token_hash_array(blocks: np.ndarray) -> np.ndarray:
-  """A 64-bit hash of each block's tokens, [n, bs] -> [n] uint64, vectorized (a dot
-  product with the multipliers: array arithmetic wraps modulo 2**64 without a warning)."""
-  blocks = np.asarray(blocks)
-  return blocks.astype(np.uint64) @ _multipliers(blocks.shape[1])
+def _prefix_sums(blocks: np.ndarray, first: int = 0, before=0) -> np.ndarray:
+  """Running token sums (weighted by position) to the end of each of `blocks` [n, bs],
+  the consecutive full blocks from logical block `first`; `before`: the sum before it."""
+  n, bs = blocks.shape
+  with np.errstate(over="ignore"):
+    weights = _multipliers((first + n) * bs)[first * bs:].reshape(n, bs)
+    sums = (blocks.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+    sums[:1] += _U(before)
+    return np.cumsum(sums, dtype=np.uint64)
 
 
-def token_hashes(blocks: np.ndarray) -> list[int]:
-  """`token_hash_array` as Python ints."""
-  return token_hash_array(blocks).tolist()
+def _keys(prefix_sums: np.ndarray, salt: int, bits: int) -> np.ndarray:
+  with np.errstate(over="ignore"):
+    x = prefix_sums ^ (_U(salt & _M32) * _K_SALT)
+    x = (x ^ (x >> _U(31))) * _K_MIX
+    x = x ^ (x >> _U(29))
+  return (x >> _U(32)) & _U((1 << bits) - 1)
 
 
-def _mix(tokens_hash: int, salt: int, parent: int, parent_gen: int) -> int:
-  """32 bits of (salt, parent, parent's generation, tokens' hash)."""
-  x = (tokens_hash ^ ((salt & _M32) * _K1) ^ ((parent + 1) * _K2) ^ (parent_gen * _K3)) & _M64
-  x = ((x ^ (x >> 31)) * _K4) & _M64
-  return (x ^ (x >> 29)) >> 32
-
-
-def _mix_array(tokens_hash: np.ndarray, salt: int, parent: np.ndarray,
-               parent_gen: np.ndarray) -> np.ndarray:
-  """`_mix` over arrays (uint64 arithmetic wraps as the `& _M64` above): the same bits."""
-  u = np.uint64
-  x = (np.asarray(tokens_hash, u) ^ u(((salt & _M32) * _K1) & _M64)
-       ^ ((np.asarray(parent, np.int64) + 1).astype(u) * u(_K2))
-       ^ (np.asarray(parent_gen, np.int64).astype(u) * u(_K3)))
-  x = (x ^ (x >> u(31))) * u(_K4)
-  return (x ^ (x >> u(29))) >> u(32)
-
-
-def block_hash(salt: int, parent: int, parent_gen: int, tokens: np.ndarray, bits: int) -> int:
-  """A `bits`-bit hash of a block's identity (0 bits: every block collides)."""
-  return _mix(token_hashes(np.asarray(tokens)[None])[0], salt, parent, parent_gen) & (
-      (1 << bits) - 1)
+def prefix_keys(blocks: np.ndarray, salt: int, bits: int) -> np.ndarray:
+  """The `bits`-bit hash of each block's salt and *all* tokens up to its end, for the
+  consecutive full blocks `blocks` [n, bs] of one sequence from position 0 (0 bits: every
+  block collides). Vectorized: a whole prompt's keys before any lookup. The key narrows
+  the search only; a hit is verified against the block's salt, parent, parent's
+  generation and tokens."""
+  return _keys(_prefix_sums(np.asarray(blocks)), salt, bits)
 
 
 class _Blocks:
@@ -93,22 +91,21 @@ class _Blocks:
 
   index: stored hash -> a registered block (an int), or a list of them (collisions);
          every candidate is verified before use.
-  lru:   cached blocks in LRU order, as `last_used << 32 | block` ints, from `lru[head]`
-         on (a list and a read position: runs are sliced out, tested and taken in
-         vectorized passes); an entry is live iff its block is still cached with that
-         `last_used` (stale entries are skipped, and the queue compacted when most of it is
-         stale).
+  lru:   cached blocks in LRU order, as `last_used << 32 | block` ints; an entry is live
+         iff its block is still cached with that `last_used` (stale entries are skipped,
+         and the queue compacted when most of it is stale).
   free:  never-registered free blocks, lowest id first.
   held, cached: blocks with refcount > 0; registered blocks with refcount 0.
+  sums:  slot -> (full blocks k, `_prefix_sums` to the end of block k - 1) of an active
+         request's tokens, so registering its next block hashes that block alone.
   """
 
   def __init__(self, num_blocks: int):
     self.index: dict[int, int | list[int]] = {}
-    self.lru: list[int] = []
-    self.head = 0
+    self.lru: collections.deque[int] = collections.deque()
     self.free = FreeBlocks(num_blocks)
     self.held = self.cached = 0
-    self.collisions = 0  # index entries that are lists (none: unregistering pops in bulk)
+    self.sums: dict[int, tuple[int, int]] = {}
 
   @classmethod
   def build(cls, c: "DedupKVCache") -> "_Blocks":
@@ -131,8 +128,8 @@ class _Blocks:
   def copy(self) -> "_Blocks":
     out = _Blocks(self.free.num_blocks)
     out.index = {h: (v if type(v) is int else list(v)) for h, v in self.index.items()}
-    out.lru, out.free = self.lru[self.head:], self.free.copy()
-    out.held, out.cached, out.collisions = self.held, self.cached, self.collisions
+    out.lru, out.free = collections.deque(self.lru), self.free.copy()
+    out.held, out.cached, out.sums = self.held, self.cached, dict(self.sums)
     return out
 
   def add(self, h: int, b: int) -> None:
@@ -141,7 +138,6 @@ class _Blocks:
       self.index[h] = b
     elif type(v) is int:
       self.index[h] = [v, b]
-      self.collisions += 1
     else:
       v.append(b)
 
@@ -153,41 +149,27 @@ class _Blocks:
       v.remove(b)
       if len(v) == 1:
         self.index[h] = v[0]
-        self.collisions -= 1
 
   def push_cached(self, c: "DedupKVCache", blocks: np.ndarray) -> None:
     """`blocks` just became cached, in increasing `last_used` order."""
     self.lru.extend(((c.last_used[blocks].astype(np.int64) << 32) | blocks).tolist())
     self.cached += blocks.size
-    if len(self.lru) - self.head > 2 * self.cached + 1024:  # mostly stale: compact,
-      entries = np.asarray(self.lru[self.head:], np.int64)  # O(len) amortized
-      self.lru, self.head = entries[self._live(c, entries)].tolist(), 0
+    if len(self.lru) > 2 * self.cached + 1024:  # mostly stale: compact, O(len) amortized
+      self.lru = collections.deque(e for e in self.lru if self._live(c, e))
 
   @staticmethod
-  def _live(c: "DedupKVCache", entries: np.ndarray) -> np.ndarray:
-    b = entries & _M32
-    return c.registered[b] & (c.refcount[b] == 0) & (c.last_used[b] == (entries >> 32))
+  def _live(c: "DedupKVCache", entry: int) -> bool:
+    b = entry & _M32
+    return bool(c.registered[b]) and c.refcount[b] == 0 and c.last_used[b] == entry >> 32
 
-  def pop_lru(self, c: "DedupKVCache", n: int) -> np.ndarray:
-    """The n least recently used cached blocks (the caller checked there are n); the
-    liveness of queue entries is tested in vectorized runs."""
-    out, got = [], 0
-    while got < n:
-      k = max(2 * (n - got), 64)
-      entries = np.asarray(self.lru[self.head:self.head + k], np.int64)
-      live = np.flatnonzero(self._live(c, entries))
-      want = n - got
-      if live.size >= want:
-        live = live[:want]
-        self.head += int(live[-1]) + 1  # what follows the last taken stays queued
-      else:
-        self.head += entries.size
-      out.append(entries[live] & _M32)
-      got += live.size
-    if self.head > 4096 and 2 * self.head > len(self.lru):  # drop the consumed front
-      del self.lru[:self.head]
-      self.head = 0
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+  def pop_lru(self, c: "DedupKVCache", n: int) -> list[int]:
+    """The n least recently used cached blocks (the caller checked there are n)."""
+    out = []
+    while len(out) < n:
+      e = self.lru.popleft()
+      if self._live(c, e):
+        out.append(e & _M32)
+    return out
 
 
 @jax.tree_util.register_dataclass
@@ -196,7 +178,7 @@ class DedupKVCache(PagedCache):
   salts: np.ndarray  # [max_requests] int32 tenant id of each request
   refcount: np.ndarray  # [num_blocks] int32 block-table entries holding the block
   registered: np.ndarray  # [num_blocks] bool identity is set and findable
-  block_hash: np.ndarray  # [num_blocks] uint32
+  block_hash: np.ndarray  # [num_blocks] uint32 `prefix_keys` key of a registered block
   block_salt: np.ndarray  # [num_blocks] int32
   block_parent: np.ndarray  # [num_blocks] int32, -1 for a first block
   block_parent_gen: np.ndarray  # [num_blocks] int32 parent's generation at registration
@@ -258,33 +240,29 @@ class DedupKVCache(PagedCache):
   def _lookup(self, blocks: np.ndarray, salt: int) -> list[int]:
     """The longest chain of registered blocks matching `blocks` [n, bs] under `salt`.
 
-    A single candidate per step is taken on its hash and the whole chain verified at
-    the end in one vectorized pass (cut at its first failure: a single candidate that
-    fails means no block matches there); several candidates (collisions) are verified
-    one by one as they come. Either way only verified blocks are returned."""
-    index, gen, mask = self._state.index, self.block_gen, (1 << self.hash_bits) - 1
-    hits, parent, pgen = [], -1, 0
-    start, run = 0, 32  # blocks hashed in growing runs: a miss early hashes little
-    while start < len(blocks):
-      for i, th in enumerate(token_hashes(blocks[start:start + run]), start):
-        found = index.get(_mix(th, salt, parent, pgen) & mask)
+    A single candidate per key is taken on its key and the whole chain verified at the
+    end in one vectorized pass (cut at its first failure: a single candidate that fails
+    means no block matches there); several candidates (collisions, or stale children of
+    an evicted parent) are verified one by one as they come. Either way only verified
+    blocks are returned."""
+    get, gen_of = self._state.index.get, self.block_gen.item
+    hits = []
+    for i, key in enumerate(prefix_keys(blocks, salt, self.hash_bits).tolist()):
+      found = get(key)
+      if found is None:
+        break
+      if type(found) is not int:
+        parent = hits[-1] if hits else -1
+        found = self._find(found, salt, parent, gen_of(parent) if hits else 0, blocks[i])
         if found is None:
           break
-        if type(found) is not int:
-          found = self._find(found, salt, parent, pgen, blocks[i])
-          if found is None:
-            break
-        hits.append(found)
-        parent, pgen = found, int(gen[found])
-      if len(hits) < start + run:
-        break
-      start, run = start + run, 2 * run
+      hits.append(found)
     if not hits:
       return hits
     h = np.asarray(hits, np.int64)
     parents = np.concatenate([[-1], h[:-1]])
     ok = (self.registered[h] & (self.block_salt[h] == salt) & (self.block_parent[h] == parents)
-          & (self.block_parent_gen[h] == np.where(parents >= 0, gen[np.maximum(parents, 0)], 0))
+          & (self.block_parent_gen[h] == np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0))
           & (self.block_tokens[h] == blocks[:h.size]).all(axis=1))
     return hits if ok.all() else hits[:int(np.argmin(ok))]
 
@@ -293,8 +271,7 @@ class DedupKVCache(PagedCache):
     after) that the pool cannot supply: every block no request holds can be had (free, or
     cached and evicted), except `hits`, which the request is about to hold."""
     st = self._state
-    hits = np.asarray(hits, np.int64)
-    pinned = int(np.count_nonzero(self.refcount[hits] == 0)) if hits.size else 0
+    pinned = int(np.count_nonzero(self.refcount[list(hits)] == 0)) if len(hits) else 0
     room = self.num_blocks - st.held - pinned
     if need + keep_free > room:
       kept = f" and {keep_free} kept free" if keep_free else ""
@@ -303,40 +280,27 @@ class DedupKVCache(PagedCache):
           f"{self.num_blocks} can be had ({st.held} pinned by active requests)",
           need=need, available=room, what=what, keep_free=keep_free)
 
-  def _allocate(self, need: int) -> np.ndarray:
-    """Takes `need` blocks (an int64 array): never-registered free ones first (lowest id
-    first), then evicts cached ones, least recently used first. The caller ran
-    `_check_room`."""
+  def _allocate(self, need: int) -> list[int]:
+    """Takes `need` blocks: never-registered free ones first (lowest id first), then
+    evicts cached ones, least recently used first. The caller ran `_check_room`."""
     st = self._state
     taken = st.free.take(min(need, len(st.free)))
-    if taken.size < need:
-      evicted = st.pop_lru(self, need - taken.size)
+    if len(taken) < need:
+      evicted = st.pop_lru(self, need - len(taken))
       self._unregister(evicted)
-      st.cached -= evicted.size
-      self.evicted_blocks[...] += evicted.size
-      taken = np.concatenate([taken, evicted])
-    if taken.size:
+      st.cached -= len(evicted)
+      self.evicted_blocks[...] += len(evicted)
+      taken += evicted
+    if taken:
       self.refcount[taken] = 1
       self.block_gen[taken] += 1
       st.held += need
     return taken
 
-  def _unregister(self, blocks: np.ndarray) -> None:
+  def _unregister(self, blocks) -> None:
     st = self._state
-    blocks = np.asarray(blocks, np.int64)
-    hashes = self.block_hash[blocks].tolist()
-    index = st.index
-    # Without collision lists every registered block has its own hash: no duplicates.
-    if not st.collisions or len(set(hashes)) == len(hashes):
-      popped = list(map(index.pop, hashes))  # one entry each, unless a hash collided
-      if st.collisions and list in set(map(type, popped)):
-        for h, v, b in zip(hashes, popped, blocks.tolist()):
-          if type(v) is not int:  # a collision list: put the others back
-            index[h] = v
-            st.remove(h, b)
-    else:
-      for h, b in zip(hashes, blocks.tolist()):
-        st.remove(h, b)
+    for h, b in zip(self.block_hash[blocks].tolist(), blocks):
+      st.remove(h, b)
     self.registered[blocks] = False
     self.block_hash[blocks] = 0
     self.block_parent[blocks] = -1
@@ -345,47 +309,43 @@ class DedupKVCache(PagedCache):
 
   def _register_full_blocks(self, slot: int, first: int, end: int) -> None:
     """Registers logical blocks [first, end) of `slot` unless hit or already identical
-    (a twin registered meanwhile: this copy then stays private).
-
-    Vectorized: a twin can only be a block registered before this call (a block of this
-    call has another parent), so the whole run is hashed at once and only hashes already
-    in the index are verified one by one."""
+    (a twin registered meanwhile: this copy then stays private)."""
     table, salt = self.block_tables[slot], int(self.salts[slot])
-    ids = table[first:end].astype(np.int64)
+    ids = table[first:end]
     todo = np.flatnonzero(~self.registered[ids])
     if not todo.size:
       return
-    st, mask = self._state, (1 << self.hash_bits) - 1
-    pos = first + todo  # logical positions of the blocks to register
-    parents = np.where(pos > 0, table[np.maximum(pos - 1, 0)], -1).astype(np.int64)
-    pgens = np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0)
-    blocks = ids[todo]
-    rows = self.block_tokens[blocks]
-    hash_array = _mix_array(token_hash_array(rows), salt, parents, pgens) & np.uint64(mask)
-    hashes = hash_array.tolist()
-    index, distinct = st.index, set(hashes)
-    seen = index.keys() & distinct
-    keep = np.ones(todo.size, bool)
-    if seen:
-      for j, h in enumerate(hashes):
-        if h in seen and self._find(index[h], salt, int(parents[j]), int(pgens[j]),
-                                    rows[j]) is not None:
-          keep[j] = False  # An identical block was registered meanwhile: stays private.
-    if not keep.all():
-      blocks, parents, pgens = blocks[keep], parents[keep], pgens[keep]
-      hash_array = hash_array[keep]
-      hashes = hash_array.tolist()
-    new = blocks.tolist()
-    if seen or len(distinct) < len(hashes):
-      for h, b in zip(hashes, new):
-        st.add(h, b)
-    else:
-      index.update(zip(hashes, new))
-    self.registered[blocks] = True
-    self.block_hash[blocks] = hash_array
-    self.block_salt[blocks] = salt
-    self.block_parent[blocks] = parents
-    self.block_parent_gen[blocks] = pgens
+    st = self._state
+    gens = self.block_gen[table[max(first - 1, 0):end]].tolist()
+    off = 1 if first else 0  # gens[j + off - 1] is the generation of ids[j]'s parent
+    # The keys hash every token up to a block's end: the running sum of the request's
+    # blocks, from where the last registration left it.
+    k, before = st.sums.get(slot, (0, 0))
+    if k > first:
+      k, before = 0, 0
+    sums = _prefix_sums(self.block_tokens[table[k:end]], k, before)
+    st.sums[slot] = (end, int(sums[-1]))
+    keys = _keys(sums[first - k:], salt, self.hash_bits).tolist()
+    rows = self.block_tokens[ids[todo]]
+    new, hashes, parents, pgens = [], [], [], []
+    for j, toks in zip(todo.tolist(), rows):
+      parent = int(table[first + j - 1]) if first + j else -1
+      pgen = gens[j + off - 1] if parent >= 0 else 0
+      h = keys[j]
+      found = st.index.get(h)
+      if found is not None and self._find(found, salt, parent, pgen, toks) is not None:
+        continue  # An identical block was registered meanwhile: this copy stays private.
+      b = int(ids[j])
+      st.add(h, b)
+      new.append(b)
+      hashes.append(h)
+      parents.append(parent)
+      pgens.append(pgen)
+    self.registered[new] = True
+    self.block_hash[new] = hashes
+    self.block_salt[new] = salt
+    self.block_parent[new] = parents
+    self.block_parent_gen[new] = pgens
 
   # ------------------------------------------------------------ operations
   def admit(self, tokens, salt: int = 0, *, keep_free: int = 0) -> tuple["DedupKVCache", int]:
@@ -407,27 +367,26 @@ class DedupKVCache(PagedCache):
     bs = self.block_size
     n_full, n_blocks = prompt.size // bs, -(-prompt.size // bs)
     blocks = prompt[:n_full * bs].reshape(n_full, bs)
-    hits = np.asarray(c._lookup(blocks, salt) if n_full else [], np.int64)
-    need = n_blocks - hits.size
+    hits = c._lookup(blocks, salt) if n_full else []
+    need = n_blocks - len(hits)
     c._check_room(need, f"a request of {prompt.size} tokens", hits=hits, keep_free=keep_free)
     # Everything checked: from here on the arrays change.
-    if hits.size:
+    if hits:
       newly = int(np.count_nonzero(c.refcount[hits] == 0))
       c.refcount[hits] += 1
       c._state.held += newly
       c._state.cached -= newly  # their LRU entries are stale now
     new = c._allocate(need)
-    n_hit = hits.size
-    if new.size:
+    n_hit = len(hits)
+    if new:
       full = new[:n_full - n_hit]
       c.block_tokens[full] = blocks[n_hit:]
       if n_blocks > n_full:  # the partial last block: the rest stays -1
         tail = prompt[n_full * bs:]
         c.block_tokens[new[-1], :tail.size] = tail
       c.block_salt[new] = salt
-    table = np.concatenate([hits, new])
-    c._touch(table)
-    c.block_tables[slot, :n_blocks] = table
+    c._touch(hits + new)
+    c.block_tables[slot, :n_blocks] = hits + new
     c.req_lens[slot] = prompt.size
     c.seq_lens[slot] = n_hit * bs
     c.active[slot] = True
@@ -442,11 +401,11 @@ class DedupKVCache(PagedCache):
     slots, num_tokens = self._check_commits(slots, num_tokens)
     c = self._begin()
     bs = self.block_size
-    for slot, n in zip(slots, num_tokens):
-      old = int(c.seq_lens[slot])
-      c.seq_lens[slot] = n
-      if n // bs > old // bs:
-        c._register_full_blocks(slot, old // bs, n // bs)
+    old = c.seq_lens[slots] // bs
+    c.seq_lens[slots] = num_tokens
+    grown = np.flatnonzero(num_tokens // bs > old)
+    for i in grown.tolist():  # in slot order
+      c._register_full_blocks(int(slots[i]), int(old[i]), int(num_tokens[i]) // bs)
     return self._finish(c, "commit")
 
   def append_batch(self, slots, tokens) -> "DedupKVCache":
@@ -527,6 +486,7 @@ class DedupKVCache(PagedCache):
     c.req_lens[slot] = c.seq_lens[slot] = 0
     c.active[slot] = False
     c.salts[slot] = 0
+    st.sums.pop(slot, None)
     return self._finish(c, "release")
 
   def evict(self, num_blocks: int | None = None) -> "DedupKVCache":
@@ -540,7 +500,7 @@ class DedupKVCache(PagedCache):
     blocks = st.pop_lru(c, n)
     c._unregister(blocks)
     st.cached -= n
-    st.free.put(blocks.tolist())
+    st.free.put(blocks)
     c.evicted_blocks[...] += n
     return self._finish(c, "evict")
 

@@ -123,7 +123,8 @@ class DenseKVCache(PagedCache):
     slot, n, arr = self._check_extend(slot, tokens)
     self._check_reserved(slot, n + arr.size)
     c = self._begin()
-    c.req_lens[slot] = c.seq_lens[slot] = n + arr.size
+    if arr.size:  # as token by token: no token, no commit
+      c.req_lens[slot] = c.seq_lens[slot] = n + arr.size
     return self._finish(c, "extend")
 
   def release(self, slot: int) -> "DenseKVCache":
