@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hq_jax import checkpoint
-from hq_jax.engine import Engine
+from hq_jax.serve.engine import Engine
 from hq_jax.kv.base import CacheError
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache

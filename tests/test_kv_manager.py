@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hq_jax import checkpoint
-from hq_jax.engine import Engine
+from hq_jax.serve.engine import Engine
 from hq_jax.kv.base import CacheError, PoolFull
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache

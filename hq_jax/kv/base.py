@@ -272,7 +272,7 @@ class PagedCache:
       raise CacheError(f"negative token id {int(arr.min())}")
     if arr.size and arr.max() >= 2**31:  # stored as int32: a larger id would wrap onto another
       raise CacheError(f"token id {int(arr.max())} does not fit in int32")
-    return arr.astype(np.int32)
+    return arr.astype(np.int32, copy=False)  # read only: an int32 input is not copied
 
   def _check_append(self, slot, token) -> tuple[int, int]:
     """Validates a one-token extension; returns (slot, the request's current length)."""

@@ -144,12 +144,31 @@ def _position_keys(seed: int, stream: int, length: int) -> np.ndarray:
                    + np.arange(1, length + 1, dtype=_U) * _MIX2)
 
 
+_POOL_TOKENS = 1 << 22  # pseudo-random tokens per (seed, stream, vocabulary) pool
+
+
+@functools.lru_cache(maxsize=8)
+def _token_pool(seed: int, stream: int, vocab_size: int) -> np.ndarray:
+  """[_POOL_TOKENS] pseudo-random token ids in [0, vocab_size), a function of the
+  arguments only (read only)."""
+  x = _splitmix(_position_keys(seed, stream, _POOL_TOKENS) * _MIX1)
+  pool = (((x >> _U(32)) * _U(vocab_size)) >> _U(32)).astype(np.int32)
+  pool.flags.writeable = False
+  return pool
+
+
 def _stream_tokens(keys: np.ndarray, seed: int, stream: int, length: int,
                    vocab_size: int) -> np.ndarray:
-  """[n] uint64 keys -> [n, length] pseudo-random token ids: a function of (seed, stream,
-  key, position) only, a few integer operations per token."""
-  x = (_splitmix(keys.astype(_U))[:, None] ^ _position_keys(seed, stream, length)[None]) * _MIX1
-  return (((x >> _U(32)) * _U(vocab_size)) >> _U(32)).astype(np.int32)  # in [0, vocab)
+  """[n] keys -> [n, length] pseudo-random token ids, a function of (seed, stream, key,
+  position) only: each key reads `length` tokens of the pool from an offset its hash
+  picks (one gather per token: a whole trace's prompts are cheap to synthesize)."""
+  if length > _POOL_TOKENS // 2:  # very long outputs: hash every position
+    x = (_splitmix(keys.astype(_U))[:, None]
+         ^ _position_keys(seed, stream, length)[None]) * _MIX1
+    return (((x >> _U(32)) * _U(vocab_size)) >> _U(32)).astype(np.int32)
+  starts = _splitmix(keys.astype(_U) * _GOLDEN + _U(stream)) % _U(_POOL_TOKENS - length)
+  return _token_pool(seed, stream, vocab_size)[
+      starts.astype(np.int64)[:, None] + np.arange(length)[None]]
 
 
 def _id_digits(vocab_size: int) -> int:
