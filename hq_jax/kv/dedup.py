@@ -254,7 +254,12 @@ class DedupKVCache(PagedCache):
     return None
 
   def _lookup(self, blocks: np.ndarray, salt: int) -> list[int]:
-    """The longest chain of registered blocks matching `blocks` [n, bs] under `salt`.
+    """The longest chain of registered blocks matching `blocks` [n, bs] under `salt`."""
+    return self._lookup_sums(blocks, salt)[0]
+
+  def _lookup_sums(self, blocks: np.ndarray, salt: int) -> tuple[list[int], int]:
+    """(`_lookup`, the running `_prefix_sums` value to the end of the last hit, 0 if none):
+    committing the prompt then hashes only the blocks after its hits.
 
     A single candidate per key is taken on its key and the whole chain verified at the
     end in one vectorized pass (cut at its first failure: a single candidate that fails
@@ -262,10 +267,11 @@ class DedupKVCache(PagedCache):
     an evicted parent) are verified one by one as they come. Either way only verified
     blocks are returned."""
     get, gen_of = self._state.index.get, self.block_gen.item
-    hits = []
+    hits, runs = [], []
     start, run, before = 0, 32, 0  # keys in growing runs: a prompt that misses early
     while start < len(blocks):     # hashes little of itself
       sums = _prefix_sums(blocks[start:start + run], start, before)
+      runs.append(sums)
       for i, key in enumerate(_keys(sums, salt, self.hash_bits).tolist(), start):
         found = get(key)
         if found is None:
@@ -280,13 +286,15 @@ class DedupKVCache(PagedCache):
         break
       start, run, before = start + sums.size, 2 * run, int(sums[-1])
     if not hits:
-      return hits
+      return hits, 0
     h = np.asarray(hits, np.int64)
     parents = np.concatenate([[-1], h[:-1]])
     ok = (self.registered[h] & (self.block_salt[h] == salt) & (self.block_parent[h] == parents)
           & (self.block_parent_gen[h] == np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0))
           & (self.block_tokens[h] == blocks[:h.size]).all(axis=1))
-    return hits if ok.all() else hits[:int(np.argmin(ok))]
+    if not ok.all():
+      hits = hits[:int(np.argmin(ok))]
+    return hits, (int(np.concatenate(runs)[len(hits) - 1]) if hits else 0)
 
   def _check_room(self, need: int, what: str, *, hits=(), keep_free: int = 0) -> None:
     """Refuses, before any change, `need` new blocks (and `keep_free` left allocatable
@@ -401,7 +409,8 @@ class DedupKVCache(PagedCache):
     bs = self.block_size
     n_full, n_blocks = prompt.size // bs, -(-prompt.size // bs)
     blocks = prompt[:n_full * bs].reshape(n_full, bs)
-    hits = np.asarray(c._lookup(blocks, salt) if n_full else [], np.int64)
+    hits, hit_sum = c._lookup_sums(blocks, salt) if n_full else ([], 0)
+    hits = np.asarray(hits, np.int64)
     need = n_blocks - hits.size
     c._check_room(need, f"a request of {prompt.size} tokens", hits=hits, keep_free=keep_free)
     # Everything checked: from here on the arrays change.
@@ -426,6 +435,7 @@ class DedupKVCache(PagedCache):
     c.seq_lens[slot] = n_hit * bs
     c.active[slot] = True
     c.salts[slot] = salt
+    c._state.sums[slot] = (n_hit, hit_sum)  # the hits' running sum: commit goes on from it
     c.hit_tokens[...] += n_hit * bs
     c.query_tokens[...] += prompt.size
     return self._finish(c, "admit"), slot

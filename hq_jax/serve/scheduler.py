@@ -142,6 +142,11 @@ class Scheduler:
     self._last_arrival = -math.inf
     self._evicted0 = self._evicted(cache)
     self._held = cache.held_blocks
+    # Blocks the refused head needs (PoolFull's need + keep_free), while only releases
+    # have happened since: they change neither its hits nor its need, so it is tried
+    # again only once that many blocks are unheld (a necessary condition; a refusal
+    # changes nothing). 0: try. A model step (new registered blocks) forgets it.
+    self._refused_need = 0
 
   @staticmethod
   def _evicted(cache) -> int:
@@ -209,6 +214,8 @@ class Scheduler:
     """
     st = self.stats
     while self.queue and len(self.running) < self.max_concurrency:
+      if self._refused_need > self.cache.num_blocks - self.cache.held_blocks:
+        return
       req = self.queue[0]
       t = now()
       why = self.never_fits(req)
@@ -222,8 +229,10 @@ class Scheduler:
         continue
       try:
         self.cache, adm = admit(self.cache, req)
-      except PoolFull:
+      except PoolFull as e:
+        self._refused_need = e.need + e.keep_free
         return  # Head of line: wait for a release.
+      self._refused_need = 0
       self.queue.popleft()
       st.requests += 1
       st.prompt_tokens += req.prompt_tokens
@@ -244,6 +253,10 @@ class Scheduler:
     self._held = self.cache.held_blocks
     self.stats.peak_blocks = max(self.stats.peak_blocks, self._held)
     self.stats.evicted_blocks = self._evicted(self.cache) - self._evicted0
+
+  def forget_refusal(self) -> None:
+    """The cache changed other than by releases: a refused head is tried again."""
+    self._refused_need = 0
 
   def _tick(self) -> None:
     if self.progress is not None:
@@ -341,6 +354,7 @@ def serve(engine, scheduler: Scheduler, *, deadline: float | None = None,
                                         [sched.running[s].last_token for s in slots])
       tokens = np.asarray(step.logits).argmax(-1)  # [B]: one transfer
       st.decode_steps += 1
+      sched.forget_refusal()  # the step registered blocks: the head may hit more now
       sched.blocks_changed()
       for s, tok in zip(slots, tokens.tolist()):
         r = sched.running[s]
