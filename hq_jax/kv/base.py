@@ -110,7 +110,12 @@ class FreeBlocks:
   def take(self, n: int) -> np.ndarray:
     """The n lowest free ids, as an int64 array (the caller checked that there are n)."""
     k = min(n, len(self.heap))
-    out = np.fromiter((heapq.heappop(self.heap) for _ in range(k)), np.int64, k)
+    if k > 32 and 8 * k >= len(self.heap):  # many: sort once (a sorted list is a heap)
+      self.heap.sort()
+      out = np.array(self.heap[:k], np.int64)
+      del self.heap[:k]
+    else:
+      out = np.fromiter((heapq.heappop(self.heap) for _ in range(k)), np.int64, k)
     if n > k:
       out = np.concatenate([out, np.arange(self.mark, self.mark + n - k, dtype=np.int64)])
       self.mark += n - k

@@ -263,12 +263,16 @@ class ReplayConfig:
 
 
 def scheduler_requests(requests: Iterable[TraceRequest], cfg: ReplayConfig, *,
-                       vocab_size: int, seed: int = 0) -> Iterator[Request]:
+                       vocab_size: int, seed: int = 0,
+                       synthesize: bool = True) -> Iterator[Request]:
   """The trace's requests as the scheduler's, built one at a time as they are pulled (a
-  whole trace's prompts would not fit in memory at once): arrivals scaled, outputs capped."""
+  whole trace's prompts would not fit in memory at once): arrivals scaled, outputs capped.
+  `synthesize` False: zero prompts of the right lengths, for a cache that never reads its
+  tokens (the dense cache without a model)."""
   for r in requests:
-    yield Request(r.index, r.arrival_s * cfg.time_scale,
-                  request_tokens(r, vocab_size=vocab_size, seed=seed), cfg.output_tokens(r))
+    prompt = (request_tokens(r, vocab_size=vocab_size, seed=seed) if synthesize else
+              np.zeros(r.input_length, np.int32))
+    yield Request(r.index, r.arrival_s * cfg.time_scale, prompt, cfg.output_tokens(r))
 
 
 def replay_requests(cache, requests: Iterable[Request], cfg: ReplayConfig, *,
@@ -296,8 +300,9 @@ def replay_requests(cache, requests: Iterable[Request], cfg: ReplayConfig, *,
     hit = int(cache.seq_lens[slot])
     cache = cache.commit(slot, req.prompt_tokens)
     if req.output_tokens:
-      cache = cache.extend(slot, decode_tokens(req.id, req.output_tokens,
-                                               vocab_size=vocab_size, seed=seed))
+      out = (decode_tokens(req.id, req.output_tokens, vocab_size=vocab_size, seed=seed)
+             if cache.backend == "hq" else np.zeros(req.output_tokens, np.int32))  # never read
+      cache = cache.extend(slot, out)
     return cache, Admitted(slot, hit, req.prompt_tokens - hit)
 
   t = 0.0
@@ -329,7 +334,7 @@ def replay(requests: Sequence[TraceRequest], cache, cfg: ReplayConfig, *, vocab_
            seed: int = 0, max_context: int | None = None, progress=None) -> ServingStats:
   """`replay_requests` of a trace's requests (`scheduler_requests`)."""
   return replay_requests(cache, scheduler_requests(requests, cfg, vocab_size=vocab_size,
-                                                   seed=seed),
+                                                   seed=seed, synthesize=cache.backend == "hq"),
                          cfg, vocab_size=vocab_size, seed=seed, max_context=max_context,
                          progress=progress)[0]
 
