@@ -332,13 +332,18 @@ class DedupKVCache(PagedCache):
   def _unregister(self, blocks: np.ndarray) -> None:
     st = self._state
     hashes, index = self.block_hash[blocks].tolist(), st.index
-    # Without collision lists every registered block has its own key: pop them in bulk.
-    if not st.collisions:
+    ids = blocks.tolist()
+    # The common case in bulk: every key's entry is the block itself (no collision list;
+    # without any, every registered block has its own key).
+    if not st.collisions or list(map(index.get, hashes)) == ids:
       for _ in map(index.pop, hashes):
         pass
     else:
-      for h, b in zip(hashes, blocks.tolist()):
-        st.remove(h, b)
+      for h, b in zip(hashes, ids):
+        if index.get(h) == b:
+          del index[h]
+        else:
+          st.remove(h, b)
     self.registered[blocks] = False
     self.block_hash[blocks] = 0
     self.block_parent[blocks] = -1
@@ -369,20 +374,26 @@ class DedupKVCache(PagedCache):
     pgens = np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0)
     new = ids[todo].astype(np.int64)
     hashes, index = keys.tolist(), st.index
-    distinct = set(hashes)
-    seen = index.keys() & distinct
+    seen = index.keys() & set(hashes)
     if seen:
-      rows = self.block_tokens[new]
-      keep = [not (h in seen and self._find(index[h], salt, int(p), int(g), row) is not None)
-              for h, p, g, row in zip(hashes, parents.tolist(), pgens.tolist(), rows)]
-      # (False: an identical block was registered meanwhile; this copy stays private.)
-      new, parents, pgens, keys = new[keep], parents[keep], pgens[keep], keys[keep]
-      hashes = keys.tolist()
-    if seen or len(distinct) < len(hashes):
-      for h, b in zip(hashes, new.tolist()):
+      twins = [j for j, h in enumerate(hashes) if h in seen and self._find(
+          index[h], salt, int(parents[j]), int(pgens[j]), self.block_tokens[new[j]]) is not None]
+      if twins:  # An identical block was registered meanwhile: these copies stay private.
+        keep = np.ones(len(hashes), bool)
+        keep[twins] = False
+        new, parents, pgens, keys = new[keep], parents[keep], pgens[keep], keys[keep]
+        hashes = keys.tolist()
+        seen &= set(hashes)
+    ids = new.tolist()
+    if len(set(hashes)) < len(hashes):  # a key twice in the run (a collision): one by one
+      for h, b in zip(hashes, ids):
         st.add(h, b)
-    else:
-      index.update(zip(hashes, new.tolist()))
+    else:  # in bulk; keys that already had blocks (collisions, stale children) join them
+      before = {h: index[h] for h in seen}
+      index.update(zip(hashes, ids))
+      for h, v in before.items():
+        b, index[h] = index[h], v
+        st.add(h, b)
     self.registered[new] = True
     self.block_hash[new] = keys
     self.block_salt[new] = salt
