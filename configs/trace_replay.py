@@ -30,6 +30,7 @@ def get_config():
   c.time_limit_s = 0.0
   c.allow_long_context = False  # Model mode: refuse prompts past the model's context.
   c.seed = 0
+  c.allow_long_context = False
   c.output_dir = ""
   c.overwrite = False
   return c

@@ -107,12 +107,17 @@ class FreeBlocks:
   def __len__(self) -> int:
     return len(self.heap) + self.num_blocks - self.mark
 
-  def take(self, n: int) -> list[int]:
-    """The n lowest free ids (the caller checked that there are n)."""
+  def take(self, n: int) -> np.ndarray:
+    """The n lowest free ids, as an int64 array (the caller checked that there are n)."""
     k = min(n, len(self.heap))
-    out = [heapq.heappop(self.heap) for _ in range(k)]
+    if k > 32 and 8 * k >= len(self.heap):  # many: sort once (a sorted list is a heap)
+      self.heap.sort()
+      out = np.array(self.heap[:k], np.int64)
+      del self.heap[:k]
+    else:
+      out = np.fromiter((heapq.heappop(self.heap) for _ in range(k)), np.int64, k)
     if n > k:
-      out += range(self.mark, self.mark + n - k)
+      out = np.concatenate([out, np.arange(self.mark, self.mark + n - k, dtype=np.int64)])
       self.mark += n - k
     return out
 
@@ -224,7 +229,10 @@ class PagedCache:
 
   def _finish(self, c: "PagedCache", op: str, **changes) -> "PagedCache":
     """Hands `c`'s arrays and state to a new cache; this one (and `c`) are consumed."""
-    new = dataclasses.replace(c, **changes)
+    new = object.__new__(type(c))  # `dataclasses.replace` without re-running __init__
+    new.__dict__.update(c.__dict__)  # (no field is derived in __init__): O(fields), cheap
+    for name, value in changes.items():
+      object.__setattr__(new, name, value)
     object.__setattr__(new, _STATE, c.__dict__[_STATE])
     object.__setattr__(self, _STATE, _Consumed(op))
     if c is not self:
@@ -269,7 +277,7 @@ class PagedCache:
       raise CacheError(f"negative token id {int(arr.min())}")
     if arr.size and arr.max() >= 2**31:  # stored as int32: a larger id would wrap onto another
       raise CacheError(f"token id {int(arr.max())} does not fit in int32")
-    return arr.astype(np.int32)
+    return arr.astype(np.int32, copy=False)  # read only: an int32 input is not copied
 
   def _check_append(self, slot, token) -> tuple[int, int]:
     """Validates a one-token extension; returns (slot, the request's current length)."""

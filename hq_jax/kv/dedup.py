@@ -61,16 +61,16 @@ def _prefix_sums(blocks: np.ndarray, first: int = 0, before=0) -> np.ndarray:
   """Running token sums (weighted by position) to the end of each of `blocks` [n, bs],
   the consecutive full blocks from logical block `first`; `before`: the sum before it."""
   n, bs = blocks.shape
-  # Array arithmetic wraps modulo 2**64 silently (only numpy scalars warn): no errstate,
-  # which costs more than the sums on a block or two.
+  # Array arithmetic wraps modulo 2**64 without a warning (only numpy scalars warn), so
+  # no errstate here: it costs more than the arithmetic on a short run.
   weights = _multipliers((first + n) * bs)[first * bs:].reshape(n, bs)
-  sums = (blocks.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+  sums = np.einsum("ij,ij->i", blocks.astype(np.uint64), weights)  # no [n, bs] temporary
   sums[:1] += _U(before)
   return np.cumsum(sums, dtype=np.uint64)
 
 
 def _keys(prefix_sums: np.ndarray, salt: int, bits: int) -> np.ndarray:
-  x = prefix_sums ^ _U((salt & _M32) * int(_K_SALT) & (2**64 - 1))
+  x = prefix_sums ^ _U((salt & _M32) * int(_K_SALT) % 2**64)  # the scalar product in ints
   x = (x ^ (x >> _U(31))) * _K_MIX
   x = x ^ (x >> _U(29))
   return (x >> _U(32)) & _U((1 << bits) - 1)
@@ -90,10 +90,11 @@ class _Blocks:
 
   index: stored hash -> a registered block (an int), or a list of them (collisions);
          every candidate is verified before use.
-  lru:   cached blocks in LRU order from `head` on, as `last_used << 32 | block` ints (a
-         FIFO in a list: popped in vectorized batches); an entry is live iff its block is
-         still cached with that `last_used` (stale entries are skipped, and the queue
-         compacted when most of it is stale).
+  lru:   cached blocks in LRU order, as `last_used << 32 | block` ints, from `lru[head]`
+         on (a list and a read position: runs are sliced out and tested at once); an entry
+         is live iff its block is still cached with that `last_used` (stale entries are
+         skipped, and the queue compacted when most of it is stale).
+  collisions: index entries that are lists (none: unregistering pops the map in bulk).
   free:  never-registered free blocks, lowest id first.
   held, cached: blocks with refcount > 0; registered blocks with refcount 0.
   sums:  slot -> (full blocks k, `_prefix_sums` to the end of block k - 1) of an active
@@ -105,7 +106,7 @@ class _Blocks:
     self.lru: list[int] = []
     self.head = 0
     self.free = FreeBlocks(num_blocks)
-    self.held = self.cached = 0
+    self.held = self.cached = self.collisions = 0
     self.sums: dict[int, tuple[int, int]] = {}
 
   @classmethod
@@ -129,8 +130,9 @@ class _Blocks:
   def copy(self) -> "_Blocks":
     out = _Blocks(self.free.num_blocks)
     out.index = {h: (v if type(v) is int else list(v)) for h, v in self.index.items()}
-    out.lru, out.head, out.free = self.lru[self.head:], 0, self.free.copy()
+    out.lru, out.free = self.lru[self.head:], self.free.copy()
     out.held, out.cached, out.sums = self.held, self.cached, dict(self.sums)
+    out.collisions = self.collisions
     return out
 
   def add(self, h: int, b: int) -> None:
@@ -139,6 +141,7 @@ class _Blocks:
       self.index[h] = b
     elif type(v) is int:
       self.index[h] = [v, b]
+      self.collisions += 1
     else:
       v.append(b)
 
@@ -150,33 +153,39 @@ class _Blocks:
       v.remove(b)
       if len(v) == 1:
         self.index[h] = v[0]
+        self.collisions -= 1
 
   def push_cached(self, c: "DedupKVCache", blocks: np.ndarray) -> None:
     """`blocks` just became cached, in increasing `last_used` order."""
-    self.lru += ((c.last_used[blocks].astype(np.int64) << 32) | blocks).tolist()
+    self.lru.extend(((c.last_used[blocks].astype(np.int64) << 32) | blocks).tolist())
     self.cached += blocks.size
-    if len(self.lru) - self.head > 2 * self.cached + 1024:  # mostly stale: compact
-      e = np.asarray(self.lru[self.head:], np.int64)
-      self.lru, self.head = e[self._live(c, e)].tolist(), 0
+    if len(self.lru) - self.head > 2 * self.cached + 1024:  # mostly stale: compact,
+      entries = np.asarray(self.lru[self.head:], np.int64)  # O(len) amortized
+      self.lru, self.head = entries[self._live(c, entries)].tolist(), 0
 
   @staticmethod
   def _live(c: "DedupKVCache", entries: np.ndarray) -> np.ndarray:
     b = entries & _M32
-    return c.registered[b] & (c.refcount[b] == 0) & (c.last_used[b] == entries >> 32)
+    return c.registered[b] & (c.refcount[b] == 0) & (c.last_used[b] == (entries >> 32))
 
-  def pop_lru(self, c: "DedupKVCache", n: int) -> list[int]:
-    """The n least recently used cached blocks (the caller checked there are n)."""
-    out = []
-    while len(out) < n:
-      want = n - len(out)
-      e = np.asarray(self.lru[self.head:self.head + 2 * want + 16], np.int64)
-      assert e.size, "pop_lru past the cached blocks"
-      live = np.flatnonzero(self._live(c, e))[:want]
-      out += (e[live] & _M32).tolist()
-      self.head += int(live[-1]) + 1 if live.size == want else e.size
-    if self.head > 4096 and 2 * self.head > len(self.lru):
-      self.lru, self.head = self.lru[self.head:], 0
-    return out
+  def pop_lru(self, c: "DedupKVCache", n: int) -> np.ndarray:
+    """The n least recently used cached blocks (the caller checked there are n), as an
+    int64 array; queue entries are tested for liveness in vectorized runs."""
+    out, got = [], 0
+    while got < n:
+      entries = np.asarray(self.lru[self.head:self.head + max(2 * (n - got), 64)], np.int64)
+      live = np.flatnonzero(self._live(c, entries))
+      if live.size >= n - got:
+        live = live[:n - got]
+        self.head += int(live[-1]) + 1  # what follows the last taken stays queued
+      else:
+        self.head += entries.size
+      out.append(entries[live] & _M32)
+      got += live.size
+    if self.head > 4096 and 2 * self.head > len(self.lru):  # drop the consumed front
+      del self.lru[:self.head]
+      self.head = 0
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 @jax.tree_util.register_dataclass
@@ -245,7 +254,12 @@ class DedupKVCache(PagedCache):
     return None
 
   def _lookup(self, blocks: np.ndarray, salt: int) -> list[int]:
-    """The longest chain of registered blocks matching `blocks` [n, bs] under `salt`.
+    """The longest chain of registered blocks matching `blocks` [n, bs] under `salt`."""
+    return self._lookup_sums(blocks, salt)[0]
+
+  def _lookup_sums(self, blocks: np.ndarray, salt: int) -> tuple[list[int], int]:
+    """(`_lookup`, the running `_prefix_sums` value to the end of the last hit, 0 if none):
+    committing the prompt then hashes only the blocks after its hits.
 
     A single candidate per key is taken on its key and the whole chain verified at the
     end in one vectorized pass (cut at its first failure: a single candidate that fails
@@ -253,32 +267,42 @@ class DedupKVCache(PagedCache):
     an evicted parent) are verified one by one as they come. Either way only verified
     blocks are returned."""
     get, gen_of = self._state.index.get, self.block_gen.item
-    hits = []
-    for i, key in enumerate(prefix_keys(blocks, salt, self.hash_bits).tolist()):
-      found = get(key)
-      if found is None:
-        break
-      if type(found) is not int:
-        parent = hits[-1] if hits else -1
-        found = self._find(found, salt, parent, gen_of(parent) if hits else 0, blocks[i])
+    hits, runs = [], []
+    start, run, before = 0, 32, 0  # keys in growing runs: a prompt that misses early
+    while start < len(blocks):     # hashes little of itself
+      sums = _prefix_sums(blocks[start:start + run], start, before)
+      runs.append(sums)
+      for i, key in enumerate(_keys(sums, salt, self.hash_bits).tolist(), start):
+        found = get(key)
         if found is None:
           break
-      hits.append(found)
+        if type(found) is not int:
+          parent = hits[-1] if hits else -1
+          found = self._find(found, salt, parent, gen_of(parent) if hits else 0, blocks[i])
+          if found is None:
+            break
+        hits.append(found)
+      if len(hits) < start + sums.size:
+        break
+      start, run, before = start + sums.size, 2 * run, int(sums[-1])
     if not hits:
-      return hits
+      return hits, 0
     h = np.asarray(hits, np.int64)
     parents = np.concatenate([[-1], h[:-1]])
     ok = (self.registered[h] & (self.block_salt[h] == salt) & (self.block_parent[h] == parents)
           & (self.block_parent_gen[h] == np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0))
           & (self.block_tokens[h] == blocks[:h.size]).all(axis=1))
-    return hits if ok.all() else hits[:int(np.argmin(ok))]
+    if not ok.all():
+      hits = hits[:int(np.argmin(ok))]
+    return hits, (int(np.concatenate(runs)[len(hits) - 1]) if hits else 0)
 
   def _check_room(self, need: int, what: str, *, hits=(), keep_free: int = 0) -> None:
     """Refuses, before any change, `need` new blocks (and `keep_free` left allocatable
     after) that the pool cannot supply: every block no request holds can be had (free, or
     cached and evicted), except `hits`, which the request is about to hold."""
     st = self._state
-    pinned = int(np.count_nonzero(self.refcount[list(hits)] == 0)) if len(hits) else 0
+    hits = np.asarray(hits, np.int64)
+    pinned = int(np.count_nonzero(self.refcount[hits] == 0)) if hits.size else 0
     room = self.num_blocks - st.held - pinned
     if need + keep_free > room:
       kept = f" and {keep_free} kept free" if keep_free else ""
@@ -287,31 +311,39 @@ class DedupKVCache(PagedCache):
           f"{self.num_blocks} can be had ({st.held} pinned by active requests)",
           need=need, available=room, what=what, keep_free=keep_free)
 
-  def _allocate(self, need: int) -> list[int]:
-    """Takes `need` blocks: never-registered free ones first (lowest id first), then
-    evicts cached ones, least recently used first. The caller ran `_check_room`."""
+  def _allocate(self, need: int) -> np.ndarray:
+    """Takes `need` blocks (an int64 array): never-registered free ones first (lowest id
+    first), then evicts cached ones, least recently used first. The caller ran
+    `_check_room`."""
     st = self._state
     taken = st.free.take(min(need, len(st.free)))
-    if len(taken) < need:
-      evicted = st.pop_lru(self, need - len(taken))
+    if taken.size < need:
+      evicted = st.pop_lru(self, need - taken.size)
       self._unregister(evicted)
-      st.cached -= len(evicted)
-      self.evicted_blocks[...] += len(evicted)
-      taken += evicted
-    if taken:
+      st.cached -= evicted.size
+      self.evicted_blocks[...] += evicted.size
+      taken = np.concatenate([taken, evicted])
+    if taken.size:
       self.refcount[taken] = 1
       self.block_gen[taken] += 1
       st.held += need
     return taken
 
-  def _unregister(self, blocks) -> None:
+  def _unregister(self, blocks: np.ndarray) -> None:
     st = self._state
-    index = st.index
-    for h, b in zip(self.block_hash[blocks].tolist(), blocks):
-      if index.get(h) == b:  # the common case: the key's only block
-        del index[h]
-      else:
-        st.remove(h, b)
+    hashes, index = self.block_hash[blocks].tolist(), st.index
+    ids = blocks.tolist()
+    # The common case in bulk: every key's entry is the block itself (no collision list;
+    # without any, every registered block has its own key).
+    if not st.collisions or list(map(index.get, hashes)) == ids:
+      for _ in map(index.pop, hashes):
+        pass
+    else:
+      for h, b in zip(hashes, ids):
+        if index.get(h) == b:
+          del index[h]
+        else:
+          st.remove(h, b)
     self.registered[blocks] = False
     self.block_hash[blocks] = 0
     self.block_parent[blocks] = -1
@@ -327,8 +359,6 @@ class DedupKVCache(PagedCache):
     if not todo.size:
       return
     st = self._state
-    gens = self.block_gen[table[max(first - 1, 0):end]].tolist()
-    off = 1 if first else 0  # gens[j + off - 1] is the generation of ids[j]'s parent
     # The keys hash every token up to a block's end: the running sum of the request's
     # blocks, from where the last registration left it.
     k, before = st.sums.get(slot, (0, 0))
@@ -336,40 +366,36 @@ class DedupKVCache(PagedCache):
       k, before = 0, 0
     sums = _prefix_sums(self.block_tokens[table[k:end]], k, before)
     st.sums[slot] = (end, int(sums[-1]))
-    keys = _keys(sums[first - k:], salt, self.hash_bits).tolist()
-    get = st.index.get
-    todo_l = todo.tolist()
-    todo_keys = [keys[j] for j in todo_l]
-    if (len(set(todo_keys)) == len(todo_keys)
-        and list(map(get, todo_keys)).count(None) == len(todo_keys)):
-      # The common case, in bulk: no key has a block yet (so no twin) and none repeats.
-      new = ids[todo]
-      parents = np.where(first + todo > 0, table[np.maximum(first + todo - 1, 0)], -1)
-      st.index.update(zip(todo_keys, new.tolist()))
-      self.registered[new] = True
-      self.block_hash[new] = todo_keys
-      self.block_salt[new] = salt
-      self.block_parent[new] = parents
-      self.block_parent_gen[new] = np.where(parents >= 0,
-                                            self.block_gen[np.maximum(parents, 0)], 0)
-      return
-    rows = self.block_tokens[ids[todo]]
-    new, hashes, parents, pgens = [], [], [], []
-    for j, toks in zip(todo_l, rows):
-      parent = int(table[first + j - 1]) if first + j else -1
-      pgen = gens[j + off - 1] if parent >= 0 else 0
-      h = keys[j]
-      found = st.index.get(h)
-      if found is not None and self._find(found, salt, parent, pgen, toks) is not None:
-        continue  # An identical block was registered meanwhile: this copy stays private.
-      b = int(ids[j])
-      st.add(h, b)
-      new.append(b)
-      hashes.append(h)
-      parents.append(parent)
-      pgens.append(pgen)
+    keys = _keys(sums[first - k:], salt, self.hash_bits)[todo]
+    # Vectorized: a twin can only be a block registered before this call (a block of this
+    # call has another parent), so only keys already in the map are verified one by one.
+    pos = first + todo  # logical positions of the blocks to register
+    parents = np.where(pos > 0, table[np.maximum(pos - 1, 0)], -1).astype(np.int64)
+    pgens = np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0)
+    new = ids[todo].astype(np.int64)
+    hashes, index = keys.tolist(), st.index
+    seen = index.keys() & set(hashes)
+    if seen:
+      twins = [j for j, h in enumerate(hashes) if h in seen and self._find(
+          index[h], salt, int(parents[j]), int(pgens[j]), self.block_tokens[new[j]]) is not None]
+      if twins:  # An identical block was registered meanwhile: these copies stay private.
+        keep = np.ones(len(hashes), bool)
+        keep[twins] = False
+        new, parents, pgens, keys = new[keep], parents[keep], pgens[keep], keys[keep]
+        hashes = keys.tolist()
+        seen &= set(hashes)
+    ids = new.tolist()
+    if len(set(hashes)) < len(hashes):  # a key twice in the run (a collision): one by one
+      for h, b in zip(hashes, ids):
+        st.add(h, b)
+    else:  # in bulk; keys that already had blocks (collisions, stale children) join them
+      before = {h: index[h] for h in seen}
+      index.update(zip(hashes, ids))
+      for h, v in before.items():
+        b, index[h] = index[h], v
+        st.add(h, b)
     self.registered[new] = True
-    self.block_hash[new] = hashes
+    self.block_hash[new] = keys
     self.block_salt[new] = salt
     self.block_parent[new] = parents
     self.block_parent_gen[new] = pgens
@@ -394,30 +420,33 @@ class DedupKVCache(PagedCache):
     bs = self.block_size
     n_full, n_blocks = prompt.size // bs, -(-prompt.size // bs)
     blocks = prompt[:n_full * bs].reshape(n_full, bs)
-    hits = c._lookup(blocks, salt) if n_full else []
-    need = n_blocks - len(hits)
+    hits, hit_sum = c._lookup_sums(blocks, salt) if n_full else ([], 0)
+    hits = np.asarray(hits, np.int64)
+    need = n_blocks - hits.size
     c._check_room(need, f"a request of {prompt.size} tokens", hits=hits, keep_free=keep_free)
     # Everything checked: from here on the arrays change.
-    if hits:
+    if hits.size:
       newly = int(np.count_nonzero(c.refcount[hits] == 0))
       c.refcount[hits] += 1
       c._state.held += newly
       c._state.cached -= newly  # their LRU entries are stale now
     new = c._allocate(need)
-    n_hit = len(hits)
-    if new:
+    n_hit = hits.size
+    if new.size:
       full = new[:n_full - n_hit]
       c.block_tokens[full] = blocks[n_hit:]
       if n_blocks > n_full:  # the partial last block: the rest stays -1
         tail = prompt[n_full * bs:]
         c.block_tokens[new[-1], :tail.size] = tail
       c.block_salt[new] = salt
-    c._touch(hits + new)
-    c.block_tables[slot, :n_blocks] = hits + new
+    table = np.concatenate([hits, new])
+    c._touch(table)
+    c.block_tables[slot, :n_blocks] = table
     c.req_lens[slot] = prompt.size
     c.seq_lens[slot] = n_hit * bs
     c.active[slot] = True
     c.salts[slot] = salt
+    c._state.sums[slot] = (n_hit, hit_sum)  # the hits' running sum: commit goes on from it
     c.hit_tokens[...] += n_hit * bs
     c.query_tokens[...] += prompt.size
     return self._finish(c, "admit"), slot
@@ -527,7 +556,7 @@ class DedupKVCache(PagedCache):
     blocks = st.pop_lru(c, n)
     c._unregister(blocks)
     st.cached -= n
-    st.free.put(blocks)
+    st.free.put(blocks.tolist())
     c.evicted_blocks[...] += n
     return self._finish(c, "evict")
 

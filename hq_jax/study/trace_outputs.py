@@ -1,30 +1,37 @@
 """Trace replay over several budgets, the capacity grid, and their CSV / plot outputs.
 
-`scripts/trace_replay.py` is a thin shell around `run_budgets`, `capacity_rows` and
-`plot` (its CSV and JSON go through `hq_jax.study.outputs`, as every script's do); a
-notebook can call them directly.
+`hq-jax replay` (`hq_jax.study.commands.replay`) is a thin shell around `run_budgets`,
+`capacity_rows` and `plot` (its CSV and JSON go through `hq_jax.study.outputs`, as every
+script's do); a notebook can call them directly.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
+import numpy as np
+
+from hq_jax.kv.dedup import DedupKVCache
+from hq_jax.kv.dense import DenseKVCache
+from hq_jax.kv.paged import KVLayout
+from hq_jax.serve import scheduler
+from hq_jax.serve.scheduler import Request
 from hq_jax.study import traces
-from hq_jax.study.traces import DenseSimulator, HQSimulator, ReplayConfig, TraceRequest
+from hq_jax.study.traces import ReplayConfig, TraceRequest
 
 GB = 10**9  # --kv_budget_gb counts decimal gigabytes, as GPU datasheets do.
 
 COLUMNS = ("model", "block_size", "kv_budget_gb", "num_blocks", "backend", "requests",
-           "skipped_requests", "prompt_tokens", "hit_tokens", "hit_ratio",
-           "computed_prefill_tokens", "evicted_blocks", "peak_kv_bytes_used",
+           "skipped_requests", "skipped_long_context", "prompt_tokens", "hit_tokens",
+           "hit_ratio", "computed_prefill_tokens", "evicted_blocks", "peak_kv_bytes_used",
            "mean_kv_bytes_used", "mean_concurrency", "peak_concurrency", "replay_span_s",
-           "mean_queue_wait_s", "decode_steps", "partial", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
-           "prefill_tokens_per_s_measured", "host_admit_ms_mean")
+           "mean_queue_wait_s", "decode_steps", "partial", "ttft_p50_ms", "ttft_p90_ms",
+           "ttft_p99_ms", "prefill_tokens_per_s_measured", "host_admit_ms_mean")
 CAPACITY_COLUMNS = ("model", "block_size", "kv_budget_gb", "num_blocks", "context_length",
                     "shared_prefix_fraction", "shared_blocks", "dense_admitted",
-                    "hq_admitted", "hq_over_dense", "checked_by_simulator")
+                    "hq_admitted", "hq_over_dense", "checked_by_replay")
 
 
 def pool_blocks(budget_gb: float, bytes_per_block: int) -> int | None:
@@ -38,57 +45,69 @@ def pool_blocks(budget_gb: float, bytes_per_block: int) -> int | None:
   return blocks
 
 
-BackendFactory = Callable[[str, int | None], object]
-
-
-def simulator_factory(block_size: int) -> BackendFactory:
-  def make(name, num_blocks):
-    if name == "dense":
-      return DenseSimulator(num_blocks, block_size, name=name)
-    return HQSimulator(num_blocks, block_size, name=name)
-  return make
+def _caches(layout, requests: Sequence[TraceRequest], cfg: ReplayConfig):
+  """(max_seq_len, blocks for every request at once) of a replay's caches."""
+  holds = [r.input_length + cfg.output_tokens(r) for r in requests]
+  return max(holds), sum(layout.blocks_for(h) for h in holds)
 
 
 def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *,
-                model: str, bytes_per_block: int, block_size: int, cfg: ReplayConfig,
-                make_backend: BackendFactory, progress_factory=None,
-                deadline: float | None = None) -> list[dict]:
+                model: str, layout: KVLayout, cfg: ReplayConfig, vocab_size: int,
+                seed: int = 0, max_context: int | None = None, engine=None,
+                warm: bool = True, progress_factory=None, deadline: float | None = None,
+                generated: dict | None = None) -> list[dict]:
   """One row per (backend, budget): dense and hq at each budget, hq_unbounded once.
 
-  Budget 0 means unbounded: it gives the dense row without a pool limit and the
-  hq_unbounded row (the upper bound on prefix hits). A backend with its own `replay`
-  (model mode: `trace_serving.ServingBackend`) runs that; the others the simulator's
-  `traces.replay`. `deadline` (a `time.perf_counter()` value) is shared out evenly among
-  the model-mode rows still to run: each gets the time left / the rows left.
+  Budget 0 means unbounded: it gives the dense row with a pool for every request at once
+  and the hq_unbounded row (the upper bound on prefix hits: a pool that never evicts).
+  Without `engine` every row is the no-model replay (`traces.replay`) on host-only caches.
+  With one (model mode), dense and hq rows run `scheduler.serve` through it on real caches
+  (warmed up first unless `warm` is False); hq_unbounded stays the no-model replay, whose
+  hits do not depend on timing and whose pool would not fit on one GPU. `deadline` (a
+  `time.perf_counter()` value) is shared out evenly among the model-mode rows still to
+  run: each gets the time left / the rows left. `generated` (model mode) receives each
+  row's greedy tokens by request index, under (backend, budget).
   """
   plan = [("hq_unbounded", 0.0)]
   for b in budgets_gb:
     plan += [("dense", b)] + ([("hq", b)] if b else [])
+  max_seq_len, everything = _caches(layout, requests, cfg)
+  bpb = layout.bytes_per_block
+  served = [name != "hq_unbounded" and engine is not None for name, _ in plan]
   rows = []
-  backends = [(name, budget, pool_blocks(budget, bytes_per_block)) for name, budget in plan]
-  serving_left = None
-  for i, (name, budget, nb) in enumerate(backends):
-    backend = make_backend(name, nb)
+  for i, (name, budget) in enumerate(plan):
+    nb = pool_blocks(budget, bpb)
+    kind = DenseKVCache if name == "dense" else DedupKVCache
     bar = progress_factory(f"{name} @ {budget:g} GB") if progress_factory else None
     try:
-      if hasattr(backend, "replay"):
-        if serving_left is None:  # the model-mode rows: all but the simulated unbounded one
-          serving_left = sum(n != "hq_unbounded" for n, _, _ in backends[i:])
+      if served[i]:
+        seq = max(max_seq_len, cfg.max_concurrency + 1)  # the warm-up's requests
+        pool = nb or max(everything, cfg.max_concurrency * layout.blocks_for(seq))
+        cache = kind.init(layout, num_blocks=pool, max_requests=cfg.max_concurrency,
+                          max_seq_len=seq)
+        if warm:
+          cache = scheduler.warm_up(engine, cache, cfg.max_concurrency)
         row_deadline = None
         if deadline is not None:
           now = time.perf_counter()
-          row_deadline = now + max(0.0, deadline - now) / serving_left
-        serving_left -= 1
-        row = backend.replay(requests, cfg, bytes_per_block=bytes_per_block, progress=bar,
-                             deadline=row_deadline)
+          row_deadline = now + max(0.0, deadline - now) / sum(served[i:])
+        sched = scheduler.Scheduler(
+            cache, traces.scheduler_requests(requests, cfg, vocab_size=vocab_size, seed=seed),
+            max_concurrency=cfg.max_concurrency, max_context=max_context, progress=bar)
+        out = {} if generated is None else generated.setdefault((name, budget), {})
+        stats = scheduler.serve(engine, sched, deadline=row_deadline, generated=out)
       else:
-        row = traces.replay(requests, backend, cfg, bytes_per_block=bytes_per_block,
-                            progress=bar)
+        cache = kind.init(layout, num_blocks=nb or everything,
+                          max_requests=cfg.max_concurrency, max_seq_len=max_seq_len,
+                          host_only=True)
+        stats = traces.replay(requests, cache, cfg, vocab_size=vocab_size, seed=seed,
+                              max_context=max_context, progress=bar)
     finally:
       if bar is not None:
         bar.close()
-    rows.append(dict(model=model, block_size=block_size, kv_budget_gb=budget,
-                     num_blocks=nb if nb is not None else "", **row))
+    rows.append(dict(model=model, block_size=layout.block_size, kv_budget_gb=budget,
+                     num_blocks=nb if nb is not None else "", backend=name,
+                     **stats.row(bytes_per_block=bpb)))
   return rows
 
 
@@ -106,29 +125,35 @@ def capacity_analytic(num_blocks: int, context_length: int, shared_fraction: flo
   return shared, dense, hq
 
 
-def capacity_simulated(num_blocks: int, context_length: int, shared_blocks: int,
-                       block_size: int, backend: str, limit: int) -> int:
-  """Requests the simulator admits at once (all arrive at t=0 and never finish)."""
+def capacity_replayed(num_blocks: int, context_length: int, shared_blocks: int,
+                      block_size: int, backend: str, limit: int) -> int:
+  """Requests the real cache (host-only) admits at once under the no-model replay: all
+  arrive at t=0, share their first `shared_blocks` blocks, and never finish."""
   n = limit + 1
-  per = -(-context_length // block_size)
-  reqs = []
-  for i in range(n):  # Trace blocks = cache blocks here, so any shared block count works.
-    ids = list(range(shared_blocks)) + [10**9 + i * per + j for j in range(per - shared_blocks)]
-    reqs.append(TraceRequest(i, 0.0, context_length, 0, tuple(ids)))
-  sim = (DenseSimulator(num_blocks, block_size) if backend == "dense" else
-         HQSimulator(num_blocks, block_size, block_tokens=block_size))
+  shared = np.arange(shared_blocks * block_size, dtype=np.int32)
+  rest = context_length - shared.size
+
+  def requests():
+    for i in range(n):  # A request's own tokens: its id (chained identity does the rest).
+      yield Request(i, 0.0, np.r_[shared, np.full(rest, 2**24 + i, np.int32)], 0)
+  layout = KVLayout(1, 1, 1, block_size, "float32")
+  kind = DenseKVCache if backend == "dense" else DedupKVCache
+  cache = kind.init(layout, num_blocks=num_blocks, max_requests=n,
+                    max_seq_len=context_length, host_only=True)
   cfg = ReplayConfig(max_concurrency=n, prefill_tokens_per_s=1e-9)
-  return traces.replay(reqs, sim, cfg, bytes_per_block=1)["peak_concurrency"]
+  stats, _ = traces.replay_requests(cache, requests(), cfg, vocab_size=2)
+  return stats.peak_concurrency
 
 
 def capacity_rows(*, model: str, budgets_gb: Sequence[float], bytes_per_block: int,
                   block_size: int, context_lengths: Sequence[int],
                   shared_fractions: Sequence[float],
                   check_limit: int = 2_000_000) -> list[dict]:
-  """The capacity question on a synthetic grid; analytic, checked by the simulator.
+  """The capacity question on a synthetic grid; analytic, checked by replaying it
+  through the real caches (`capacity_replayed`).
 
-  Points needing more than `check_limit` block operations to simulate are not
-  checked (`checked_by_simulator` False).
+  Points needing more than `check_limit` block operations to replay are not checked
+  (`checked_by_replay` False).
   """
   rows = []
   for budget in budgets_gb:
@@ -140,16 +165,16 @@ def capacity_rows(*, model: str, budgets_gb: Sequence[float], bytes_per_block: i
         shared, dense, hq = capacity_analytic(nb, length, frac, block_size)
         checked = (hq + 1) * -(-length // block_size) <= check_limit
         if checked:
-          got = (capacity_simulated(nb, length, shared, block_size, "dense", dense),
-                 capacity_simulated(nb, length, shared, block_size, "hq", hq))
+          got = (capacity_replayed(nb, length, shared, block_size, "dense", dense),
+                 capacity_replayed(nb, length, shared, block_size, "hq", hq))
           if got != (dense, hq):
             raise AssertionError(f"capacity at {budget} GB, L={length}, f={frac}: analytic "
-                                 f"{(dense, hq)} but the simulator admits {got}")
+                                 f"{(dense, hq)} but the caches admit {got}")
         rows.append(dict(model=model, block_size=block_size, kv_budget_gb=budget,
                          num_blocks=nb, context_length=length, shared_prefix_fraction=frac,
                          shared_blocks=shared, dense_admitted=dense, hq_admitted=hq,
                          hq_over_dense=hq / dense if dense else "",
-                         checked_by_simulator=checked))
+                         checked_by_replay=checked))
   return rows
 
 

@@ -6,13 +6,11 @@ block; the last block may be partial). Three pieces live here:
 
 * `load_trace`: parse and validate a trace file (errors name the file and line).
 * `request_tokens`: deterministic token ids per request, so that a real cache's own
-  verified chain finds exactly the sharing the trace encodes.
-* `HQSimulator` / `DenseSimulator` and `replay`: a host-side model of the caches'
-  block policy that replays the whole 12k-request trace in about a minute. The real
-  `DedupKVCache` copies O(num_blocks) metadata per operation and keeps a
-  [num_blocks, block_size] token array, far too slow for 9M block operations;
-  `HQSimulator` applies the same policy with dicts and is tested to agree with it
-  (hits, evictions, blocks held) on small traces driven by `RealCacheBackend`.
+  verified chain finds exactly the sharing the trace encodes; `scheduler_requests`
+  turns trace requests into the serving scheduler's `Request`s.
+* `replay`: the no-model replay. The real `DedupKVCache` / `DenseKVCache` (host-only:
+  no K/V storage) runs under the serving `Scheduler` (`hq_jax.serve.scheduler`) on a
+  time model instead of a model; model mode is `scheduler.serve` on the same scheduler.
 
 To add a trace format, write a `(record: dict, where: str) -> TraceRequest` parser
 and register it in `FORMATS`.
@@ -20,16 +18,18 @@ and register it in `FORMATS`.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import heapq
 import json
 import math
 import os
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from hq_jax.serve.scheduler import (Admitted, Request, Scheduler, ServingStats, admit_prompt,
+                                    blocks_to_come)
 
 TRACE_BLOCK_TOKENS = 512  # Mooncake's hash block: one id per 512 prompt tokens.
 
@@ -116,8 +116,8 @@ def load_trace(path: str, fmt: str = "mooncake", max_requests: int = 0) -> list[
 def _check_chain(ids: Sequence[int], parent: dict, where: str) -> None:
   """An id names a whole prefix, so it must always follow the same id (or start a prompt).
 
-  The simulator relies on it (a block's key is its id); a trace that breaks it is not
-  a prefix-hash trace.
+  The token synthesis relies on it (an id's tokens follow from the id alone); a trace
+  that breaks it is not a prefix-hash trace.
   """
   prev = -1
   for i in ids:
@@ -130,44 +130,92 @@ def _check_chain(ids: Sequence[int], parent: dict, where: str) -> None:
 
 
 # --------------------------------------------------------------------------- tokens
+_U = np.uint64
+_GOLDEN, _MIX1, _MIX2 = _U(0x9E3779B97F4A7C15), _U(0xBF58476D1CE4E5B9), _U(0x94D049BB133111EB)
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+  """splitmix64's finalizer over a uint64 array (array arithmetic wraps silently)."""
+  x = (x ^ (x >> _U(30))) * _MIX1
+  x = (x ^ (x >> _U(27))) * _MIX2
+  return x ^ (x >> _U(31))
+
+
+@functools.lru_cache(maxsize=64)
+def _position_keys(seed: int, stream: int, length: int) -> np.ndarray:
+  """[length] uint64 pseudo-random keys of the positions of one token stream."""
+  return _splitmix(_U((seed * 0x9E3779B97F4A7C15 + stream) % 2**64)
+                   + np.arange(1, length + 1, dtype=_U) * _MIX2)
+
+
+_POOL_TOKENS = 1 << 22  # pseudo-random tokens per (seed, stream, vocabulary) pool
+
+
+@functools.lru_cache(maxsize=8)
+def _token_pool(seed: int, stream: int, vocab_size: int) -> np.ndarray:
+  """[_POOL_TOKENS] pseudo-random token ids in [0, vocab_size), a function of the
+  arguments only (read only)."""
+  x = _splitmix(_position_keys(seed, stream, _POOL_TOKENS) * _MIX1)
+  pool = (((x >> _U(32)) * _U(vocab_size)) >> _U(32)).astype(np.int32)
+  pool.flags.writeable = False
+  return pool
+
+
+def _stream_tokens(keys: np.ndarray, seed: int, stream: int, length: int,
+                   vocab_size: int) -> np.ndarray:
+  """[n] keys -> [n, length] pseudo-random token ids, a function of (seed, stream, key,
+  position) only: each key reads `length` tokens of the pool from an offset its hash
+  picks (one gather per token: a whole trace's prompts are cheap to synthesize)."""
+  if length > _POOL_TOKENS // 2:  # very long outputs: hash every position
+    x = (_splitmix(keys.astype(_U))[:, None]
+         ^ _position_keys(seed, stream, length)[None]) * _MIX1
+    return (((x >> _U(32)) * _U(vocab_size)) >> _U(32)).astype(np.int32)
+  starts = _splitmix(keys.astype(_U) * _GOLDEN + _U(stream)) % _U(_POOL_TOKENS - length)
+  return _token_pool(seed, stream, vocab_size)[
+      starts.astype(np.int64)[:, None] + np.arange(length)[None]]
+
+
 def _id_digits(vocab_size: int) -> int:
   """Tokens needed to spell any 31-bit id in base vocab_size."""
   return max(1, math.ceil(31 / math.log2(vocab_size)))
 
 
-@functools.lru_cache(maxsize=65536)
-def block_id_tokens(block_id: int, *, vocab_size: int, seed: int,
-                    block_tokens: int = TRACE_BLOCK_TOKENS) -> np.ndarray:
-  """The tokens of one trace block: a function of (id, seed) only.
+def blocks_tokens(block_ids, *, vocab_size: int, seed: int,
+                  block_tokens: int = TRACE_BLOCK_TOKENS) -> np.ndarray:
+  """The tokens of trace blocks, [n] ids -> [n, block_tokens] int32: a function of
+  (id, seed) only, computed for all the ids at once.
 
   The first tokens spell the id in base vocab_size, so two different ids never give
   the same first cache block (chained identity then separates everything after it);
-  the rest are seeded random ids. Read-only, shared between calls.
+  the rest are pseudo-random ids (`_stream_tokens`).
   """
   if vocab_size < 2:
     raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
-  toks = np.random.default_rng([seed, block_id]).integers(
-      0, vocab_size, block_tokens, dtype=np.int64)
-  digits, v = _id_digits(vocab_size), block_id
-  for i in range(min(digits, block_tokens)):
-    toks[i], v = v % vocab_size, v // vocab_size
-  toks = toks.astype(np.int32)
-  toks.flags.writeable = False
+  ids = np.asarray(block_ids, np.int64).reshape(-1)
+  toks = _stream_tokens(ids, seed, 0, block_tokens, vocab_size)
+  v = ids.copy()
+  for i in range(min(_id_digits(vocab_size), block_tokens)):
+    toks[:, i], v = v % vocab_size, v // vocab_size
   return toks
+
+
+def block_id_tokens(block_id: int, *, vocab_size: int, seed: int,
+                    block_tokens: int = TRACE_BLOCK_TOKENS) -> np.ndarray:
+  """The tokens of one trace block (`blocks_tokens` of one id)."""
+  return blocks_tokens([block_id], vocab_size=vocab_size, seed=seed,
+                       block_tokens=block_tokens)[0]
 
 
 def request_tokens(req: TraceRequest, *, vocab_size: int, seed: int = 0,
                    block_tokens: int = TRACE_BLOCK_TOKENS) -> np.ndarray:
   """The prompt of a request: its blocks' tokens in order, the last cut to input_length."""
-  parts = [block_id_tokens(i, vocab_size=vocab_size, seed=seed, block_tokens=block_tokens)
-           for i in req.hash_ids]
-  return np.concatenate(parts)[:req.input_length]
+  return blocks_tokens(req.hash_ids, vocab_size=vocab_size, seed=seed,
+                       block_tokens=block_tokens).reshape(-1)[:req.input_length]
 
 
-def decode_tokens(req: TraceRequest, count: int, *, vocab_size: int, seed: int = 0):
+def decode_tokens(request_id: int, count: int, *, vocab_size: int, seed: int = 0) -> np.ndarray:
   """Stand-in generated tokens (no model): seeded per request, so never shared."""
-  return np.random.default_rng([seed, 1 << 40, req.index]).integers(
-      0, vocab_size, count).astype(np.int32)
+  return _stream_tokens(np.asarray([request_id]), seed, 1, count, vocab_size)[0]
 
 
 def direct_hit_tokens(requests: Sequence[TraceRequest],
@@ -188,197 +236,10 @@ def direct_hit_tokens(requests: Sequence[TraceRequest],
   return hits
 
 
-# ------------------------------------------------------------------------ simulators
-@dataclasses.dataclass(frozen=True)
-class Admission:
-  handle: object  # what `release` needs
-  hit_tokens: int  # prompt tokens found cached (whole cache blocks)
-  evicted_blocks: int  # cached blocks evicted to make room
-
-
-class Backend(Protocol):
-  name: str
-  block_size: int
-
-  def fits_ever(self, req: TraceRequest, hold_tokens: int) -> bool: ...
-  def try_admit(self, req: TraceRequest, hold_tokens: int) -> Admission | None: ...
-  def release(self, handle) -> None: ...
-  @property
-  def held_blocks(self) -> int: ...
-
-
-class HQSimulator:
-  """`DedupKVCache`'s block policy on dicts (num_blocks None = unbounded).
-
-  A prompt's full cache block (trace block id, sub-block s) has key id * subs + s: the
-  trace id already names its whole prefix chain, so the key is the chained identity.
-  The registered set stays prefix-closed (a cached block is always older in LRU order
-  than its cached parent, because `release` touches a chain tail first), so walking a
-  prompt from its first block finds exactly what the verified chain finds.
-  Blocks past the prompt's full blocks hold generated tokens: registered once full but
-  never matched (unique keys), and the last partial block is private (freed on release).
-  Admission allocates the request's whole life (prompt + output) at once.
-  """
-
-  def __init__(self, num_blocks: int | None, block_size: int,
-               block_tokens: int = TRACE_BLOCK_TOKENS, name: str = "hq"):
-    if block_tokens % block_size:
-      raise ValueError(f"block_size {block_size} must divide the trace block "
-                       f"({block_tokens} tokens)")
-    self.name, self.num_blocks, self.block_size = name, num_blocks, block_size
-    self.subs = block_tokens // block_size
-    self.refcount: dict[int, int] = {}  # held registered blocks -> holders
-    self.cached: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU first
-    self.private = 0  # held unregistered blocks (a request's partial last block)
-    self._unique = 0  # next key for generated-token blocks (negative)
-    self.evicted = 0
-
-  @property
-  def held_blocks(self) -> int:
-    return len(self.refcount) + self.private
-
-  def _free(self) -> float:
-    if self.num_blocks is None:
-      return math.inf
-    return self.num_blocks - self.held_blocks - len(self.cached)
-
-  def fits_ever(self, req: TraceRequest, hold_tokens: int) -> bool:
-    return self.num_blocks is None or -(-hold_tokens // self.block_size) <= self.num_blocks
-
-  def _prompt_keys(self, req: TraceRequest, start: int = 0) -> Iterable[int]:
-    """Keys of the prompt's full cache blocks from logical block `start` on."""
-    subs, ids = self.subs, req.hash_ids
-    for j in range(start, req.input_length // self.block_size):
-      yield ids[j // subs] * subs + j % subs
-
-  def try_admit(self, req: TraceRequest, hold_tokens: int) -> Admission | None:
-    bs, refcount, cached = self.block_size, self.refcount, self.cached
-    hits = []
-    for key in self._prompt_keys(req):
-      if key not in refcount and key not in cached:
-        break
-      hits.append(key)
-    total = -(-hold_tokens // bs)
-    need = total - len(hits)
-    free = self._free()
-    # Hit blocks are pinned before allocating, as in DedupKVCache.admit.
-    evictable = len(cached) - sum(1 for k in hits if k in cached)
-    if need > free + evictable:
-      return None
-    for key in hits:
-      if key in cached:
-        del cached[key]
-        refcount[key] = 1
-      else:
-        refcount[key] += 1
-    evict = max(0, need - free)
-    for _ in range(evict):
-      cached.popitem(last=False)
-    self.evicted += evict
-    new = list(self._prompt_keys(req, len(hits)))  # Prefix-closed: none of these exists.
-    refcount.update(dict.fromkeys(new, 1))
-    keys = hits + new
-    for _ in range(req.input_length // bs, hold_tokens // bs):  # generated blocks, full at the end
-      self._unique -= 1
-      refcount[self._unique] = 1
-      keys.append(self._unique)
-    partial = total - hold_tokens // bs
-    self.private += partial
-    return Admission((keys, partial), len(hits) * bs, evict)
-
-  def release(self, handle) -> None:
-    keys, partial = handle
-    self.private -= partial
-    refcount, cached = self.refcount, self.cached
-    for key in reversed(keys):  # Tail first: a chain is evicted from its end.
-      c = refcount[key] - 1
-      if c:
-        refcount[key] = c
-      else:
-        del refcount[key]
-        cached[key] = None
-
-
-class DenseSimulator:
-  """The dense paged cache: each request reserves blocks for its whole life, no sharing."""
-
-  def __init__(self, num_blocks: int | None, block_size: int, name: str = "dense"):
-    self.name, self.num_blocks, self.block_size = name, num_blocks, block_size
-    self._held = 0
-    self.evicted = 0
-
-  @property
-  def held_blocks(self) -> int:
-    return self._held
-
-  def fits_ever(self, req: TraceRequest, hold_tokens: int) -> bool:
-    return self.num_blocks is None or -(-hold_tokens // self.block_size) <= self.num_blocks
-
-  def try_admit(self, req: TraceRequest, hold_tokens: int) -> Admission | None:
-    need = -(-hold_tokens // self.block_size)
-    if self.num_blocks is not None and self._held + need > self.num_blocks:
-      return None
-    self._held += need
-    return Admission(need, 0, 0)
-
-  def release(self, handle) -> None:
-    self._held -= handle
-
-
-class RealCacheBackend:
-  """Drives a real `DedupKVCache` / `DenseKVCache` through `replay` without a model (tests).
-
-  A request's prompt is admitted and committed and its generated tokens (`decode_tokens`)
-  appended at once, the order `HQSimulator` assumes. Model mode (continuous batching
-  through `Engine`) is `trace_serving.ServingBackend`.
-  """
-
-  def __init__(self, cache, *, vocab_size: int, seed: int = 0, name: str | None = None):
-    self.cache, self.vocab_size, self.seed = cache, vocab_size, seed
-    self.name = name or cache.backend
-    self.block_size = cache.block_size
-    self.evicted = 0
-
-  @property
-  def held_blocks(self) -> int:
-    return self.cache.held_blocks
-
-  def _blocks_per_request(self, hold_tokens: int) -> int:
-    if self.cache.backend == "dense":
-      return self.cache.max_blocks_per_seq  # DenseKVCache reserves max_seq_len.
-    return -(-hold_tokens // self.block_size)
-
-  def fits_ever(self, req: TraceRequest, hold_tokens: int) -> bool:
-    return (hold_tokens <= self.cache.max_seq_len
-            and self._blocks_per_request(hold_tokens) <= self.cache.num_blocks)
-
-  def try_admit(self, req: TraceRequest, hold_tokens: int) -> Admission | None:
-    from hq_jax.kv.base import PoolFull
-    cache = self.cache
-    prompt = request_tokens(req, vocab_size=self.vocab_size, seed=self.seed)
-    out = decode_tokens(req, hold_tokens - req.input_length, vocab_size=self.vocab_size,
-                        seed=self.seed)
-    evicted0 = int(getattr(cache, "evicted_blocks", 0))
-    try:
-      if cache.backend == "hq":
-        # The output's blocks are kept free at admission, so the extension cannot fail:
-        # the request fits iff its prompt and output do (the cache is unchanged if not).
-        bs = self.block_size
-        cache, slot = cache.admit(prompt, keep_free=-(-hold_tokens // bs)
-                                  - -(-req.input_length // bs))
-      else:
-        cache, slot = cache.admit(prompt)  # reserves max_seq_len >= hold_tokens
-    except PoolFull:
-      return None
-    hit = int(cache.seq_lens[slot])
-    cache = cache.commit(slot, req.input_length).extend(slot, out)
-    evicted = int(getattr(cache, "evicted_blocks", 0)) - evicted0
-    self.evicted += evicted
-    self.cache = cache
-    return Admission(slot, hit, evicted)
-
-  def release(self, handle) -> None:
-    self.cache = self.cache.release(handle)
+def context_limit(max_position_embeddings: int, allow_long_context: bool) -> int | None:
+  """The replay's context rule (`ModelConfig.check_context`'s): a request whose prompt +
+  output exceed the model's trained context is skipped and counted, unless allowed."""
+  return None if allow_long_context else max_position_embeddings
 
 
 # ---------------------------------------------------------------------------- replay
@@ -405,97 +266,81 @@ class ReplayConfig:
     return min(req.output_length, cap) if cap else req.output_length
 
 
-def replay(requests: Sequence[TraceRequest], backend, cfg: ReplayConfig, *,
-           bytes_per_block: int, progress=None, on_admit=None) -> dict:
-  """Replays `requests` in arrival order through `backend`; returns one result row.
+def scheduler_requests(requests: Iterable[TraceRequest], cfg: ReplayConfig, *,
+                       vocab_size: int, seed: int = 0,
+                       synthesize: bool = True) -> Iterator[Request]:
+  """The trace's requests as the scheduler's, built one at a time as they are pulled (a
+  whole trace's prompts would not fit in memory at once): arrivals scaled, outputs capped.
+  `synthesize` False: zero prompts of the right lengths, for a cache that never reads its
+  tokens (the dense cache without a model)."""
+  for r in requests:
+    prompt = (request_tokens(r, vocab_size=vocab_size, seed=seed) if synthesize else
+              np.zeros(r.input_length, np.int32))
+    yield Request(r.index, r.arrival_s * cfg.time_scale, prompt, cfg.output_tokens(r))
 
-  Policy: FIFO with head-of-line blocking. At each event (an arrival, or finishes)
-  the queue head is admitted while a slot is free and its blocks fit (HQ evicts LRU
-  cached blocks to make room); otherwise everything waits for running requests to
-  finish. A request that cannot fit even in an empty pool is skipped and counted.
-  Time model: a request admitted at t holds its blocks until
-  t + computed_prefill_tokens / prefill_tokens_per_s + output_tokens / decode_tokens_per_s.
+
+def replay_requests(cache, requests: Iterable[Request], cfg: ReplayConfig, *,
+                    vocab_size: int, seed: int = 0, max_context: int | None = None,
+                    progress=None) -> tuple[ServingStats, object]:
+  """Replays `requests` (in arrival order) through `cache` without a model; returns
+  (stats, the cache at the end).
+
+  Policy: the serving `Scheduler` (FIFO, head of line, skip what never fits). A request's
+  whole life is taken at admission: its prompt is admitted (HQ: with room kept for its
+  output) and committed, and its stand-in output tokens (`decode_tokens`) appended and
+  committed at once (`extend`). Time model: a request admitted at t holds its blocks
+  until t + computed_prefill_tokens / prefill_tokens_per_s + output_tokens /
+  decode_tokens_per_s; then it is released (its chain cached tail first, in HQ).
   """
-  queue: collections.deque[TraceRequest] = collections.deque()
-  running: list[tuple[float, int, object]] = []  # heap of (finish, request index, handle)
-  acc = dict(requests=0, skipped=0, prompt=0, hit=0, computed=0, peak_blocks=0,
-             peak_conc=0, block_s=0.0, conc_s=0.0, wait_s=0.0)
-  t_last, t_first = None, None
-  nxt, total = 0, len(requests)
-  held = backend.held_blocks  # read once per change: a real cache's count is not free
+  sched = Scheduler(cache, requests, max_concurrency=cfg.max_concurrency,
+                    max_context=max_context, progress=progress)
+  bs = cache.block_size
+  finishing: list[tuple[float, int, int]] = []  # heap of (finish time, request id, slot)
 
-  def advance(t):
-    nonlocal t_last, t_first
-    if t_last is not None:
-      acc["block_s"] += held * (t - t_last)
-      acc["conc_s"] += len(running) * (t - t_last)
-    else:
-      t_first = t
-    t_last = t
+  def admit(cache, req: Request):
+    cache, slot = admit_prompt(
+        cache, req.prompt, req.salt, hold_tokens=req.hold_tokens,
+        keep_free=blocks_to_come(req.prompt_tokens, req.hold_tokens, bs))
+    hit = int(cache.seq_lens[slot])
+    cache = cache.commit(slot, req.prompt_tokens)
+    if req.output_tokens:
+      out = (decode_tokens(req.id, req.output_tokens, vocab_size=vocab_size, seed=seed)
+             if cache.backend == "hq" else np.zeros(req.output_tokens, np.int32))  # never read
+      cache = cache.extend(slot, out)
+    return cache, Admitted(slot, hit, req.prompt_tokens - hit)
 
-  def admit_waiting(t):
-    nonlocal held
-    while queue and len(running) < cfg.max_concurrency:
-      req = queue[0]
-      hold = req.input_length + cfg.output_tokens(req)
-      if not backend.fits_ever(req, hold):
-        queue.popleft()
-        acc["skipped"] += 1
-        if progress is not None:
-          progress.update(1)
-        continue
-      adm = backend.try_admit(req, hold)
-      if adm is None:
-        return  # Head-of-line: wait for a release.
-      queue.popleft()
-      computed = req.input_length - adm.hit_tokens
-      acc["requests"] += 1
-      acc["prompt"] += req.input_length
-      acc["hit"] += adm.hit_tokens
-      acc["computed"] += computed
-      acc["wait_s"] += t - req.arrival_s * cfg.time_scale
-      duration = (computed / cfg.prefill_tokens_per_s
-                  + cfg.output_tokens(req) / cfg.decode_tokens_per_s)
-      heapq.heappush(running, (t + duration, req.index, adm.handle))
-      held = backend.held_blocks
-      acc["peak_blocks"] = max(acc["peak_blocks"], held)
-      acc["peak_conc"] = max(acc["peak_conc"], len(running))
-      if on_admit is not None:
-        on_admit(req, adm)
-      if progress is not None:
-        progress.update(1)
-
-  while nxt < total or queue or running:
-    t_arr = requests[nxt].arrival_s * cfg.time_scale if nxt < total else math.inf
-    t_fin = running[0][0] if running else math.inf
+  t = 0.0
+  now = lambda: t
+  while not sched.done:
+    t_arr = sched.next_arrival
+    t_fin = finishing[0][0] if finishing else math.inf
     if t_fin <= t_arr:  # Finishes first at a tie, so the arrival sees the freed blocks.
-      advance(t_fin)
-      while running and running[0][0] == t_fin:
-        backend.release(heapq.heappop(running)[2])
-      held = backend.held_blocks
       t = t_fin
+      sched.advance(t)
+      while finishing and finishing[0][0] == t:
+        sched.release(heapq.heappop(finishing)[2])
+      sched.blocks_changed()
     elif t_arr < math.inf:
-      advance(t_arr)
-      queue.append(requests[nxt])
-      nxt += 1
       t = t_arr
+      sched.advance(t)
+      sched.enqueue_until(t)
     else:
-      raise AssertionError("queue stuck with nothing running")  # fits_ever rules this out
-    admit_waiting(t)
+      raise AssertionError("queue stuck with nothing running")  # never_fits rules this out
+    for req, adm in sched.admit_waiting(now, admit):
+      sched.running[adm.slot] = req
+      duration = (adm.computed_tokens / cfg.prefill_tokens_per_s
+                  + req.output_tokens / cfg.decode_tokens_per_s)
+      heapq.heappush(finishing, (t + duration, req.id, adm.slot))
+  return sched.stats, sched.cache
 
-  span = (t_last - t_first) if t_last is not None and t_last > t_first else 0.0
-  return dict(
-      backend=backend.name, requests=acc["requests"], skipped_requests=acc["skipped"],
-      prompt_tokens=acc["prompt"], hit_tokens=acc["hit"],
-      hit_ratio=acc["hit"] / acc["prompt"] if acc["prompt"] else 0.0,
-      computed_prefill_tokens=acc["computed"], evicted_blocks=backend.evicted,
-      peak_kv_bytes_used=acc["peak_blocks"] * bytes_per_block,
-      mean_kv_bytes_used=(acc["block_s"] / span if span else 0.0) * bytes_per_block,
-      mean_concurrency=acc["conc_s"] / span if span else 0.0,
-      peak_concurrency=acc["peak_conc"], replay_span_s=span,
-      mean_queue_wait_s=acc["wait_s"] / acc["requests"] if acc["requests"] else 0.0,
-      decode_steps=None, partial=False, prefill_tokens_per_s_measured=None,
-      host_admit_ms_mean=None, ttft_p50_ms=None, ttft_p90_ms=None, ttft_p99_ms=None)
+
+def replay(requests: Sequence[TraceRequest], cache, cfg: ReplayConfig, *, vocab_size: int,
+           seed: int = 0, max_context: int | None = None, progress=None) -> ServingStats:
+  """`replay_requests` of a trace's requests (`scheduler_requests`)."""
+  return replay_requests(cache, scheduler_requests(requests, cfg, vocab_size=vocab_size,
+                                                   seed=seed, synthesize=cache.backend == "hq"),
+                         cfg, vocab_size=vocab_size, seed=seed, max_context=max_context,
+                         progress=progress)[0]
 
 
 # ---------------------------------------------------------------------------- ledger

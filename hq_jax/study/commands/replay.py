@@ -5,9 +5,11 @@
 replays ../shared/traces/mooncake_conversation_trace.jsonl (or --trace) in arrival
 order and writes DIR/trace_replay.csv (one row per backend x budget), DIR/capacity.csv
 (concurrent requests each backend admits on a synthetic grid), DIR/trace_replay.png and
-DIR/summary.json (strict JSON: config, command, rows, and the ledger row). Model mode
-(no --no_model) runs seeded weights through `Engine` on a slice (--max_requests) and
-adds TTFT percentiles. docs/traces.md walks through one replay.
+DIR/summary.json (strict JSON: config, command, rows, and the ledger row). --no_model
+runs the real caches (host-only) on a time model; model mode runs seeded weights through
+`Engine` on a slice (--max_requests) and adds TTFT percentiles. Requests longer than the
+model's context (prompt + output > max_position_embeddings) are skipped and counted
+(skipped_long_context) unless --allow_long_context. docs/traces.md walks through one replay.
 """
 
 import math
@@ -20,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import trace_replay as default_config
-from hq_jax.study import cli, outputs, trace_outputs, trace_serving, traces
+from hq_jax.study import cli, outputs, trace_outputs, traces
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", cli.config_path("trace_replay.py"),
@@ -28,7 +30,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 cli.define_flags(default_config.get_config(), {
     "trace": "JSONL trace; a relative path is tried from the cwd, then from the repo root",
     "trace_format": f"trace file format, one of {sorted(traces.FORMATS)}",
-    "no_model": "replay the caches' block policy only (fast, whole trace on CPU)",
+    "no_model": "replay the real caches without a model, on a time model (fast, whole "
+                "trace on CPU)",
     "model": "preset whose KV shape sets bytes per block (model mode: seeded weights)",
     "dtype": "KV / weight dtype: bytes per block follow it",
     "attention": "model mode: auto | reference | pallas | triton | mosaic | pallas_interpret "
@@ -46,6 +49,8 @@ cli.define_flags(default_config.get_config(), {
     "time_limit_s": "model mode: after this many seconds (from the start, shared evenly by "
                     "the rows) stop admitting, finish, write outputs marked partial; 0 = none",
     "seed": "seed of the synthesized tokens and of random weights",
+    "allow_long_context": "replay requests whose prompt + output exceed the model's "
+                          "max_position_embeddings (else skipped and counted)",
     "output_dir": "where the outputs go (required; must be empty unless --overwrite)",
     "overwrite": "allow writing into a non-empty --output_dir",
 })
@@ -58,14 +63,15 @@ def _check(ok: bool, flag: str, message: str) -> None:
 
 
 def validate(cfg):
-  """Every flag checked before any work; returns (model config, KV layout, trace path)."""
+  """Every flag checked before any work; returns (model config, KV layout, trace path).
+
+  The fields every command shares (output_dir, dtype, block_size, chunk_size, attention,
+  seed) go through `cli.validate`; the replay checks only its own here."""
   from hq_jax import config as config_lib
-  from hq_jax.serve.engine import ATTENTION
   from hq_jax.kv.paged import KVLayout
-  _check(bool(cfg.output_dir), "output_dir", "is required")
   try:
-    outputs.check_output_dir(cfg.output_dir)
-  except outputs.OutputError as e:
+    cli.validate(cfg)
+  except (ValueError, outputs.OutputError) as e:
     raise app.UsageError(str(e)) from None
   _check(cfg.trace_format in traces.FORMATS, "trace_format",
          f"{cfg.trace_format!r} is not one of {sorted(traces.FORMATS)}")
@@ -73,15 +79,8 @@ def validate(cfg):
     model_cfg = config_lib.get_config(cfg.model, dtype=cfg.dtype)
   except ValueError as e:
     raise app.UsageError(f"--model: {e}") from None
-  _check(cfg.dtype in ("float32", "bfloat16", "float16"), "dtype",
-         f"{cfg.dtype!r} is not float32, bfloat16 or float16")
-  _check(cfg.block_size > 0 and traces.TRACE_BLOCK_TOKENS % cfg.block_size == 0,
-         "block_size", f"{cfg.block_size} must divide the trace block "
-         f"({traces.TRACE_BLOCK_TOKENS} tokens)")
-  _check(cfg.chunk_size > 0 and cfg.chunk_size % cfg.block_size == 0, "chunk_size",
-         f"{cfg.chunk_size} is not a positive multiple of --block_size={cfg.block_size}")
-  _check(cfg.attention in ATTENTION, "attention",
-         f"{cfg.attention!r} is not one of {ATTENTION}")
+  _check(traces.TRACE_BLOCK_TOKENS % cfg.block_size == 0, "block_size",
+         f"{cfg.block_size} must divide the trace block ({traces.TRACE_BLOCK_TOKENS} tokens)")
   if not cfg.no_model and cfg.attention in ("pallas", "triton", "mosaic"):
     import jax
     _check(jax.default_backend() == "gpu", "attention",
@@ -112,13 +111,15 @@ def validate(cfg):
   return model_cfg, layout, os.path.abspath(path)
 
 
-def _replay(run, cfg, requests, layout, replay_cfg, make_backend, trace_path, deadline):
+def _replay(run, cfg, requests, model_cfg, layout, replay_cfg, engine, trace_path, deadline):
   """Replays every budget, writes the run's outputs; returns (rows, capacity, summary)."""
   bar = lambda desc: tqdm.tqdm(total=len(requests), desc=desc, unit="req", mininterval=1.0)
   rows = trace_outputs.run_budgets(
-      requests, cfg.kv_budget_gb, model=cfg.model, bytes_per_block=layout.bytes_per_block,
-      block_size=cfg.block_size, cfg=replay_cfg, make_backend=make_backend,
-      progress_factory=bar, deadline=deadline)
+      requests, cfg.kv_budget_gb, model=cfg.model, layout=layout, cfg=replay_cfg,
+      vocab_size=model_cfg.vocab_size, seed=cfg.seed,
+      max_context=traces.context_limit(model_cfg.max_position_embeddings,
+                                       cfg.allow_long_context),
+      engine=engine, progress_factory=bar, deadline=deadline)
   capacity = trace_outputs.capacity_rows(
       model=cfg.model, budgets_gb=cfg.kv_budget_gb, bytes_per_block=layout.bytes_per_block,
       block_size=cfg.block_size, context_lengths=cfg.capacity_context_lengths,
@@ -168,10 +169,8 @@ def main(argv):
                             "config": cfg.to_dict(), "bytes_per_block": layout.bytes_per_block,
                             "trace_requests": len(requests)})
   run.preflight()  # Refuses earlier outputs (without --overwrite) before any model is built.
-  ran = "none (--no_model)"
-  if cfg.no_model:
-    make_backend = trace_outputs.simulator_factory(cfg.block_size)
-  else:
+  ran, engine = "none (--no_model)", None
+  if not cfg.no_model:
     import jax
 
     from hq_jax import model as model_lib
@@ -180,15 +179,12 @@ def main(argv):
     engine = Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention,
                     allow_long_context=cfg.allow_long_context)
     ran = engine.attention_label
-    make_backend = trace_serving.make_factory(
-        layout, requests, replay_cfg, vocab_size=model_cfg.vocab_size, seed=cfg.seed,
-        engine=engine)
   deadline = t_start + cfg.time_limit_s if cfg.time_limit_s else None
   # The run locks the directory while it writes; a failure marks its record failed.
   run.record["attention"] = ran
   with run:
-    rows, capacity, summary = _replay(run, cfg, requests, layout, replay_cfg, make_backend,
-                                      trace_path, deadline)
+    rows, capacity, summary = _replay(run, cfg, requests, model_cfg, layout, replay_cfg,
+                                      engine, trace_path, deadline)
   name, prompt = os.path.basename(trace_path), summary["trace"]["prompt_tokens"]
   print(f"trace {name}: {len(requests)} requests, {prompt:,} prompt tokens, direct chain "
         f"hit ratio {100 * summary['trace']['direct_hit_ratio']:.2f}%")
@@ -196,7 +192,13 @@ def main(argv):
     print(f"{r['backend']:13s} {r['kv_budget_gb']:7g} GB  hit {100 * r['hit_ratio']:6.2f}%  "
           f"computed {r['computed_prefill_tokens']:>12,}  evicted {r['evicted_blocks']:>9,}  "
           f"peak {r['peak_kv_bytes_used'] / 1e9:7.2f} GB  mean conc "
-          f"{r['mean_concurrency']:5.1f}  skipped {r['skipped_requests']}")
+          f"{r['mean_concurrency']:5.1f}  skipped {r['skipped_requests']}"
+          + (f" + {r['skipped_long_context']} long" if r["skipped_long_context"] else ""))
+  long = max(r["skipped_long_context"] for r in rows)
+  if long:
+    print(f"skipped {long} requests longer than {cfg.model}'s context (prompt + output > "
+          f"max_position_embeddings {model_cfg.max_position_embeddings}): "
+          "--allow_long_context replays them")
   timed = [r for r in rows if r["ttft_p50_ms"] is not None]
   if timed:
     print(f"\n{'backend':13s} {'budget':>7s} {'requests':>8s} {'TTFT p50':>9s} {'p90':>9s} "
