@@ -292,7 +292,7 @@ def serve(engine, scheduler: Scheduler, *, deadline: float | None = None,
   """Serves the scheduler's requests through `engine` in (scaled) real time.
 
   One iteration: requests that have arrived join the queue; the queue head is admitted
-  while it fits, each admitted request prefilled at once (cached whole chunks skipped)
+  while it fits, each admitted request prefilled at once (from its first uncached block)
   and its first token taken from the prefill's last logits; then one `Engine.decode`
   step feeds every running request its last token, and a request that has its output
   tokens is released. When nothing runs and nothing waits the clock jumps to the next

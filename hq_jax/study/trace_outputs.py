@@ -241,7 +241,8 @@ def check_row(row: dict) -> None:
       b == "hq_unbounded" and row["kv_budget_gb"] != 0):
     raise ValueError(f"{where}: num_blocks {row['num_blocks']!r} does not match the budget "
                      "(0 GB is the unbounded pool, which has no block count)")
-  if min(row["requests"], row["skipped_requests"], row["evicted_blocks"],
+  if min(row["requests"], row["skipped_requests"], row["skipped_long_context"],
+         row["evicted_blocks"],
          row["peak_kv_bytes_used"], row["mean_concurrency"]) < 0 or (
       row["mean_concurrency"] > row["peak_concurrency"] + 1e-9):
     raise ValueError(f"{where}: a negative count, or mean_concurrency "
@@ -264,7 +265,7 @@ def check_rows(rows: Sequence[dict], config: dict, *, bytes_per_block: int,
                      f"record's --kv_budget_gb {config['kv_budget_gb']}: {plan}")
   for i, r in enumerate(rows):
     nb = pool_blocks(r["kv_budget_gb"], bytes_per_block)
-    done = r["requests"] + r["skipped_requests"]
+    done = r["requests"] + r["skipped_requests"] + r["skipped_long_context"]
     problem = (
         f"model {r['model']!r} is not {config['model']!r}" if r["model"] != config["model"]
         else f"block_size {r['block_size']} is not {config['block_size']}"
