@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hq_jax.kv.paged import AttentionView, KVLayout, KVPools, gather
+from hq_jax.kv.paged import AttentionView, KVLayout, KVPools, dequantize, gather
 
 
 class CacheError(ValueError):
@@ -171,7 +171,8 @@ class PagedCache:
       raise CacheError(f"a slot appears twice in {slots}")
 
   def with_pools(self, pools: KVPools):
-    if pools.k.shape != self.pools.k.shape or pools.k.dtype != self.pools.k.dtype:
+    if (pools.k.shape != self.pools.k.shape or pools.k.dtype != self.pools.k.dtype
+        or pools.quantized != self.pools.quantized):
       raise CacheError(f"pools of shape {pools.k.shape}/{pools.k.dtype} do not fit a cache of "
                        f"{self.pools.k.shape}/{self.pools.k.dtype}")
     return dataclasses.replace(self, pools=pools)
@@ -216,13 +217,17 @@ class PagedCache:
                          write_slots=write, kv_lens=kv_lens)
 
   def read_kv(self, slot: int) -> tuple[jax.Array, jax.Array]:
-    """The written K and V of a request: [layers, seq_len, kv_heads, head_dim] each."""
+    """The written K and V of a request: [layers, seq_len, kv_heads, head_dim] each, as
+    stored (FP8 pools: dequantized to float32)."""
     self._check_slot(slot)
     n = int(self.seq_lens[slot])
     table = jnp.maximum(self.block_tables[slot], 0)[None]
-    k = jax.vmap(lambda p: gather(p, table)[0, :n])(self.pools.k)
-    v = jax.vmap(lambda p: gather(p, table)[0, :n])(self.pools.v)
-    return k, v
+    read = lambda pool: None if pool is None else jax.vmap(
+        lambda p: gather(p, table)[0, :n])(pool)
+    if not self.pools.quantized:
+      return read(self.pools.k), read(self.pools.v)
+    return (dequantize(read(self.pools.k), read(self.pools.k_scale)),
+            dequantize(read(self.pools.v), read(self.pools.v_scale)))
 
   def tokens_of(self, slot: int) -> int:
     return int(self.req_lens[slot])

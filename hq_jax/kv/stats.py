@@ -22,10 +22,10 @@ class KVStats:
   logical_blocks: int  # (request, logical block) pairs holding >= 1 written token
   reuse_factor: float  # logical / physical (1.0 when nothing is shared)
   metadata_bytes: int  # every cache array that is not K/V
-  pool_bytes: int  # the whole preallocated K/V pool
+  pool_bytes: int  # the whole preallocated K/V pool (FP8: scales included)
   hit_tokens: int  # prompt tokens found cached at admission (cumulative, as vLLM counts)
   query_tokens: int  # prompt tokens looked up at admission (cumulative)
-  bytes_per_token: int
+  bytes_per_token: int  # K/V of one token over all layers (FP8: scales included)
   bytes_per_block: int
   active_requests: int
 
@@ -57,7 +57,7 @@ def kv_stats(cache: PagedCache) -> KVStats:
       logical_blocks=logical_blocks,
       reuse_factor=logical_blocks / physical if physical else 1.0,
       metadata_bytes=meta,
-      pool_bytes=int(cache.pools.k.nbytes + cache.pools.v.nbytes),
+      pool_bytes=cache.pools.nbytes,
       hit_tokens=int(cache.hit_tokens),
       query_tokens=int(cache.query_tokens),
       bytes_per_token=layout.bytes_per_token,
