@@ -61,7 +61,7 @@ def validate(cfg):
   """Every flag checked before any work; returns (model config, KV layout, trace path)."""
   from hq_jax import config as config_lib
   from hq_jax.serve.engine import ATTENTION
-  from hq_jax.kv.paged import KVLayout
+  from hq_jax.kv.paged import KV_DTYPES, KVLayout
   _check(bool(cfg.output_dir), "output_dir", "is required")
   try:
     outputs.check_output_dir(cfg.output_dir)
@@ -75,6 +75,8 @@ def validate(cfg):
     raise app.UsageError(f"--model: {e}") from None
   _check(cfg.dtype in ("float32", "bfloat16", "float16"), "dtype",
          f"{cfg.dtype!r} is not float32, bfloat16 or float16")
+  _check(not cfg.kv_dtype or cfg.kv_dtype in KV_DTYPES, "kv_dtype",
+         f"{cfg.kv_dtype!r} is not empty (= --dtype) or one of {', '.join(KV_DTYPES)}")
   _check(cfg.block_size > 0 and traces.TRACE_BLOCK_TOKENS % cfg.block_size == 0,
          "block_size", f"{cfg.block_size} must divide the trace block "
          f"({traces.TRACE_BLOCK_TOKENS} tokens)")
@@ -92,7 +94,9 @@ def validate(cfg):
          f"{cfg.kv_budget_gb} must be finite and >= 0")
   _check(len(set(cfg.kv_budget_gb)) == len(cfg.kv_budget_gb), "kv_budget_gb",
          "a budget appears twice")
-  layout = KVLayout.from_config(model_cfg, cfg.block_size, cfg.dtype)
+  # The K/V dtype sets the bytes of a block, so how many blocks a budget buys (FP8: about
+  # half of bfloat16's bytes, scales included).
+  layout = KVLayout.from_config(model_cfg, cfg.block_size, cfg.kv_dtype or cfg.dtype)
   for b in cfg.kv_budget_gb:
     try:
       trace_outputs.pool_blocks(b, layout.bytes_per_block)
@@ -123,6 +127,8 @@ def _replay(run, cfg, requests, layout, replay_cfg, make_backend, trace_path, de
       model=cfg.model, budgets_gb=cfg.kv_budget_gb, bytes_per_block=layout.bytes_per_block,
       block_size=cfg.block_size, context_lengths=cfg.capacity_context_lengths,
       shared_fractions=cfg.capacity_shared_fractions)
+  rows = [{**r, "kv_dtype": layout.dtype} for r in rows]
+  capacity = [{**r, "kv_dtype": layout.dtype} for r in capacity]
   run.write_csv("trace_replay.csv", rows, trace_outputs.COLUMNS)
   run.write_csv("capacity.csv", capacity, trace_outputs.CAPACITY_COLUMNS)
   name = os.path.basename(trace_path)
@@ -134,7 +140,8 @@ def _replay(run, cfg, requests, layout, replay_cfg, make_backend, trace_path, de
       "command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata(),
       "trace": {"path": trace_path, "requests": len(requests), "prompt_tokens": prompt,
                 "direct_hit_ratio": traces.direct_hit_tokens(requests) / prompt},
-      "bytes_per_block": layout.bytes_per_block, "rows": rows, "capacity": capacity,
+      "kv_dtype": layout.dtype, "bytes_per_block": layout.bytes_per_block, "rows": rows,
+      "capacity": capacity,
       # True when --time_limit_s stopped a model-mode row early: its requests are a prefix.
       "partial": any(r["partial"] for r in rows),
       "ledger_row": traces.ledger_row(rows, name)}
@@ -168,7 +175,8 @@ def main(argv):
     from hq_jax import model as model_lib
     from hq_jax.serve.engine import Engine
     params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
-    engine = Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention)
+    engine = Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention,
+                    kv_dtype=layout.dtype)
     ran = engine.attention_label
     make_backend = trace_serving.make_factory(
         layout, requests, replay_cfg, vocab_size=model_cfg.vocab_size, seed=cfg.seed,
