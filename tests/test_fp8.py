@@ -13,7 +13,7 @@ from hq_jax.kv.base import CacheError
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import FP8, KVLayout, KVPools
 from hq_jax.kv.stats import kv_stats
-from hq_jax.serve.engine import Engine
+from hq_jax.serve.engine import Engine, check_fp8
 from hq_jax.study import ledger, memory, perplexity
 from hq_jax.study.requests import TokenStream
 
@@ -109,9 +109,11 @@ def test_engine_refuses_fp8_where_a_kernel_cannot_read_it(tiny):
   params, cfg = tiny
   with pytest.raises(ValueError, match="paged_prefill_mgpu"):
     Engine(params, cfg, attention="mosaic", kv_dtype=FP8)
-  with pytest.raises(ValueError, match="dedup_attention"):
-    Engine(params, cfg, attention="pallas_interpret", decode_attention="dedup", kv_dtype=FP8)
-  # "pallas" prefills FP8 on Triton (the Mosaic prefill kernel cannot read it).
+  with pytest.raises(ValueError, match="paged_attention_mgpu"):  # a Mosaic decode alone
+    check_fp8("mosaic", "triton", "mosaic")
+  # "pallas" prefills FP8 on Triton (the Mosaic prefill kernel cannot read it); the
+  # shared-prefix decode kernel reads it.
+  Engine(params, cfg, attention="pallas_interpret", decode_attention="dedup", kv_dtype=FP8)
   assert Engine(params, cfg, attention="pallas", kv_dtype=FP8).prefill_kernel == "triton"
   # A cache of FP8 K/V needs an engine made for it, and back.
   fp8_cache = DenseKVCache.for_requests(KVLayout.from_config(cfg, 16, FP8), max_requests=1,

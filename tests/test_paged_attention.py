@@ -219,8 +219,8 @@ class PagedAttentionTest(parameterized.TestCase):
   # FP8 K/V: e4m3 pools with a float32 scale per token and kv head (`paged.quantize`), on
   # fresh random inputs; the reference attends over the dequantized values. Garbage past
   # each request (NaN K/V) quantizes to NaN values and NaN scales: a read of it shows.
-  @parameterized.product(config=(SPLIT, NO_SPLIT), tokens=(1, 5),
-                         dtype=(jnp.float32, jnp.bfloat16))
+  @parameterized.parameters((SPLIT, 1, jnp.float32), (SPLIT, 5, jnp.bfloat16),
+                            (NO_SPLIT, 5, jnp.float32), (NO_SPLIT, 1, jnp.bfloat16))
   def test_fp8(self, config, tokens, dtype):
     q, k, v, view = make_inputs(31 + tokens, starts=[0, 6, 37], tokens=tokens, group=7,
                                 dtype=dtype)

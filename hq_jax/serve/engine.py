@@ -24,7 +24,7 @@ from hq_jax import model as model_lib
 from hq_jax.config import ModelConfig
 from hq_jax.kv import sharing
 from hq_jax.kv.base import CacheError, PagedCache
-from hq_jax.kv.paged import AttentionView, dequantize, is_quantized, paged_attention_xla
+from hq_jax.kv.paged import AttentionView, is_quantized, paged_attention_xla
 from pallas_kernels import dedup_attention as dedup_kernel
 from pallas_kernels import paged_attention as paged_kernel
 from pallas_kernels import paged_attention_mgpu as mosaic_decode
@@ -95,13 +95,13 @@ def decode_kernel(attention: str) -> str:
   return "mosaic" if attention.startswith("mosaic") else "triton"
 
 
-# The kernels that read FP8 K/V (e4m3 values and per-token scales). The Mosaic GPU prefill
-# and decode kernels and the shared-prefix (dedup) decode kernel do not yet: an engine
-# refuses FP8 caches with them (`check_fp8`).
+# The kernels that read FP8 K/V (e4m3 values and per-token scales): the XLA path and the
+# Triton kernels (paged and shared-prefix). The Mosaic GPU prefill and decode kernels do not
+# yet: an engine refuses FP8 caches with them (`check_fp8`).
 FP8_KERNELS = ("xla", "triton")
 
 
-def check_fp8(attention: str, decode_attention: str, prefill: str, decode: str) -> None:
+def check_fp8(attention: str, prefill: str, decode: str) -> None:
   """Raises ValueError, naming the kernel, if one the engine would run cannot read FP8 K/V."""
   for what, kernel, name in (("prefill", prefill, "paged_prefill_mgpu (Mosaic GPU)"),
                              ("decode", decode, "paged_attention_mgpu (Mosaic GPU)")):
@@ -109,10 +109,6 @@ def check_fp8(attention: str, decode_attention: str, prefill: str, decode: str) 
       raise ValueError(f"FP8 K/V: the {what} kernel {name} of --attention={attention} does "
                        "not read float8_e4m3fn pools yet; use --attention=triton (or "
                        "pallas, which then prefills on Triton) or --kv_dtype=bfloat16")
-  if decode_attention != "paged" and attention != "reference":
-    raise ValueError(f"FP8 K/V: the shared-prefix decode kernel dedup_attention "
-                     f"(--decode_attention={decode_attention}) does not read float8_e4m3fn "
-                     "pools yet; use --decode_attention=paged or --kv_dtype=bfloat16")
 
 
 def decode_bucket(batch: int) -> int:
@@ -143,21 +139,20 @@ class KernelAttention:
     plan = view.sharing if q.shape[1] == 1 else None
     args = (q, k_pools, v_pools, view.block_tables, view.positions, view.kv_lens)
     fp8 = k_scales is not None
+    scales = dict(k_scale=k_scales, v_scale=v_scales) if fp8 else {}
     if self.backend == "reference":
       if plan is not None:
-        if fp8:  # the float32 oracle over the dequantized pools
-          args = (q, dequantize(k_pools, k_scales), dequantize(v_pools, v_scales), *args[3:])
-        return dedup_kernel.dedup_attention_reference(*args, plan, layer)
+        return dedup_kernel.dedup_attention_reference(*args, plan, layer, **scales)
       return paged_attention_xla(q, k_pools, v_pools, layer, view, k_scales=k_scales,
                                  v_scales=v_scales)
     interpret = self.backend.endswith("_interpret")
-    if fp8:  # (the engine refuses the other kernels with FP8 before tracing: check_fp8)
-      if plan is not None:
-        raise ValueError("FP8 K/V: dedup_attention does not read float8_e4m3fn pools yet")
+    if fp8:  # the Triton kernels (the engine refuses the Mosaic ones first: check_fp8)
       if self.backend.startswith("mosaic"):
-        raise ValueError("FP8 K/V: the Mosaic GPU kernels do not read float8_e4m3fn pools yet")
-      return paged_kernel.paged_attention(*args, layer, k_scale=k_scales, v_scale=v_scales,
-                                          interpret=interpret)
+        raise ValueError("FP8 K/V: the Mosaic GPU kernels (paged_prefill_mgpu, "
+                         "paged_attention_mgpu) do not read float8_e4m3fn pools yet")
+      if plan is not None:
+        return dedup_kernel.dedup_attention(*args, plan, layer, **scales, interpret=interpret)
+      return paged_kernel.paged_attention(*args, layer, **scales, interpret=interpret)
     if q.shape[1] > 1 and _mosaic_prefill(self.backend, q.dtype, q.shape[-1],
                                           k_pools.shape[-3]):
       # (The view's tables name a valid block past a request's blocks, as this kernel needs:
@@ -226,7 +221,7 @@ class Engine:
     self.prefill_kernel = prefill_kernel(self.attention, cfg, kv_dtype=self.kv_dtype)
     self.decode_kernel = decode_kernel(self.attention)
     if is_quantized(self.kv_dtype):
-      check_fp8(self.attention, decode_attention, self.prefill_kernel, self.decode_kernel)
+      check_fp8(self.attention, self.prefill_kernel, self.decode_kernel)
     self._attention_fn = KernelAttention(self.attention)
     self.decode_attention = decode_attention
     self.auto_min_saved_tokens = auto_min_saved_tokens
