@@ -120,3 +120,17 @@ def test_engine_refuses_fp8_where_a_kernel_cannot_read_it(tiny):
                                         max_seq_len=32)
   with pytest.raises(CacheError, match="kv_dtype"):
     Engine(params, cfg, chunk_size=16).prefill(fp8_cache, [1, 2, 3])
+
+
+def test_every_config_has_kv_dtype_and_validate_checks_it():
+  import importlib
+
+  import ml_collections
+
+  from hq_jax.study import cli
+  for name in ("memory_sweep", "latency", "perplexity", "trace_replay", "memory_sweep_gpu",
+               "latency_gpu", "perplexity_gpu", "trace_replay_gpu"):
+    assert importlib.import_module(f"configs.{name}").get_config().kv_dtype == "", name
+  cli.validate(ml_collections.ConfigDict({"dtype": "float32", "kv_dtype": FP8}))
+  with pytest.raises(ValueError, match="--kv_dtype"):
+    cli.validate(ml_collections.ConfigDict({"dtype": "float32", "kv_dtype": "fp8"}))

@@ -27,6 +27,9 @@ import numpy as np
 
 from hq_jax.config import ModelConfig
 
+if TYPE_CHECKING:
+  from pallas_kernels.dedup_attention import SharingPlan
+
 KV_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
 FP8 = "float8_e4m3fn"
 FP8_MAX = 448.0  # the largest finite e4m3fn value; anything past 464 rounds to NaN
@@ -43,9 +46,6 @@ def check_kv_dtype(dtype: str) -> str:
   if dtype not in KV_DTYPES:
     raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
   return dtype
-
-if TYPE_CHECKING:
-  from pallas_kernels.dedup_attention import SharingPlan
 
 
 @dataclasses.dataclass(frozen=True)
