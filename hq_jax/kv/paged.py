@@ -12,8 +12,7 @@ stored as round(x / s) with s = max|x| / 448, so it is quantized on its own, whe
 token is written, whatever else the block holds: a block filled token by token in decode
 needs no requantization, and a token's stored K/V depends only on that token's K/V, so
 dense and deduplicated caches still hold the same bits. (A per-block scale needs the block
-complete before it can be written.) The model writes K minus its layer's key bias
-(`hq_jax.model.key_offset`: a constant the softmax ignores), so the stored K is that.
+complete before it can be written.)
 """
 
 from __future__ import annotations
