@@ -13,6 +13,7 @@ def get_config():
   c.block_size = 16
   c.chunk_size = 64
   c.dtype = "float32"
+  c.kv_dtype = ""  # K/V cache: "" = dtype, bfloat16, float8_e4m3fn (e4m3 + per-token scales).
   c.repeats = 5
   c.warmup = 1
   c.seed = 0

@@ -16,6 +16,7 @@ def get_config():
   c.chunk_size = 64
   c.chunk_size_at = []  # "CONTEXT:CHUNK": another prefill chunk at that context length.
   c.dtype = "float32"
+  c.kv_dtype = ""  # K/V cache: "" = dtype, bfloat16, float8_e4m3fn (e4m3 + per-token scales).
   c.seed = 0
   c.workloads = True  # Also run system-prompt / few-shot / multi-turn workloads.
   c.users = 4

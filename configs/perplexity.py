@@ -11,6 +11,7 @@ def get_config():
   c.chunk_size = 64
   c.block_size = 16
   c.dtype = "float32"
+  c.kv_dtype = ""  # K/V cache: "" = dtype, bfloat16, float8_e4m3fn (e4m3 + per-token scales).
   c.seed = 0  # Random weights for presets.
   c.attention = "auto"  # auto | reference | pallas | pallas_interpret | mosaic; auto: Pallas on GPU.
   c.decode_attention = "paged"  # paged | dedup | auto.

@@ -14,6 +14,7 @@ def get_config():
   c.no_model = False
   c.model = "0.5b"
   c.dtype = "bfloat16"
+  c.kv_dtype = ""  # K/V cache: "" = dtype, bfloat16, float8_e4m3fn (e4m3 + per-token scales).
   c.block_size = 16
   c.chunk_size = 512
   c.attention = "auto"

@@ -26,11 +26,11 @@ from hq_jax.config import ModelConfig
 from hq_jax.kv import paged
 from hq_jax.kv.paged import AttentionView, KVPools
 
-# (q [B,T,H,D], k_pools, v_pools [L,NB,bs,K,D] (all layers), layer (int32 scalar), view)
-#   -> out [B,T,H,D]. The function reads its layer out of the full pools: slicing
-# pools[layer] here would make XLA copy the layer on every step.
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, AttentionView],
-                       jax.Array]
+# (q [B,T,H,D], k_pools, v_pools [L,NB,bs,K,D] (all layers), layer (int32 scalar), view,
+#  *, k_scales, v_scales [L,NB,bs,K] (FP8 pools) or None) -> out [B,T,H,D]. The function
+# reads its layer out of the full pools: slicing pools[layer] here would make XLA copy the
+# layer on every step.
+AttentionFn = Callable[..., jax.Array]
 
 
 def fused_parts(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -93,7 +93,8 @@ class Attention(nn.Module):
     cos, sin = rope_cos_sin(view.positions, cfg.head_dim, cfg.rope_theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     pools = paged.write_layer(pools, layer, k, v, view.write_slots)
-    out = self.attention_fn(q, pools.k, pools.v, layer, view)  # [B, T, H, D]
+    out = self.attention_fn(q, pools.k, pools.v, layer, view, k_scales=pools.k_scale,
+                            v_scales=pools.v_scale)  # [B, T, H, D]
     out = out.astype(dt).reshape(b, t, cfg.num_heads * cfg.head_dim)
     return nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt,
                     name="o_proj")(out), pools

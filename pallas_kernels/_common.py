@@ -93,7 +93,8 @@ def gather_blocks(pool: jax.Array, block_tables: jax.Array) -> jax.Array:
   return pool[block_tables].reshape(b, mb * bs, nk, d)
 
 
-def online_softmax_step(carry, q, k, v, visible, *, scale: float, precision):
+def online_softmax_step(carry, q, k, v, visible, *, scale: float, precision, k_scale=None,
+                        v_scale=None):
   """One key tile of the online softmax (shared by the paged and the dedup kernels).
 
   carry = (acc [bq, D], m [bq], l [bq]) float32; q [bq, D], k and v [bk, D]; visible
@@ -101,13 +102,23 @@ def online_softmax_step(carry, q, k, v, visible, *, scale: float, precision):
   row (no mask computed). Scores are in log2 units (`scale` has log2(e) folded in): exp2 is
   one fast instruction. A row with no visible key yet keeps m = -inf, l = 0, acc = 0 exactly.
 
+  FP8 K/V: k and v hold e4m3 values and k_scale, v_scale [bk] float32 their per-key scales
+  (`dequantize_tile`'s contract). e4m3 converts to q's dtype exactly, and the scales are
+  applied where they cost one multiply per key instead of one per element: q . (s k) =
+  s (q . k) on the scores, sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j on the probabilities
+  (l, the softmax denominator, sums the unscaled p).
+
   The mask is applied to the max and to the probabilities, not to the scores before exp2:
   so p = exp2(scores - m) is the same operations with and without a mask (a compiler may
   fuse `scores * scale - m` into one FMA, which a select in between would prevent in one
   path only), and a tile gives the same bits through either path when all of it is visible.
   """
   acc, m, l = carry
+  if k_scale is not None:
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
   scores = plgpu_triton.dot(q, k, trans_b=True, precision=precision) * scale  # [bq, bk] f32
+  if k_scale is not None:
+    scores = scores * k_scale[None, :]
   if visible is None:
     m_tile = jnp.max(scores, axis=1)
   else:
@@ -119,8 +130,37 @@ def online_softmax_step(carry, q, k, v, visible, *, scale: float, precision):
   if visible is not None:
     p = jnp.where(visible, p, 0.0)  # exp2 of a hidden score may be inf; it is dropped here
   l = alpha * l + jnp.sum(p, axis=1)
-  acc = alpha[:, None] * acc + plgpu_triton.dot(p.astype(v.dtype), v, precision=precision)
+  pv = p if v_scale is None else p * v_scale[None, :]
+  acc = alpha[:, None] * acc + plgpu_triton.dot(pv.astype(v.dtype), v, precision=precision)
   return acc, m_new, l
+
+
+def flat_scales(k_scale, v_scale, k_pool: jax.Array):
+  """FP8 pools' scales ([L, NB, bs, K] or one layer's [NB, bs, K], float32) viewed as the
+  flat pool's [layers * num_blocks, bs, K] (`flat_pool`), checked against k_pool; (None,
+  None) for unquantized pools."""
+  if (k_scale is None) != (v_scale is None):
+    raise ValueError("k_scale and v_scale go together (FP8 pools carry both)")
+  quantized = k_pool.dtype == jnp.float8_e4m3fn
+  if k_scale is None:
+    if quantized:
+      raise ValueError("float8_e4m3fn pools need their k_scale and v_scale")
+    return None, None
+  if not quantized:
+    raise ValueError(f"scales given for {k_pool.dtype} pools (only float8_e4m3fn has them)")
+  for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+    if sc.shape != k_pool.shape[:-1] or sc.dtype != jnp.float32:
+      raise ValueError(f"{name} must be float32 {k_pool.shape[:-1]} (one per token and kv "
+                       f"head of the pool {k_pool.shape}), got {sc.dtype} {sc.shape}")
+  flat = lambda x: x.reshape(-1, *x.shape[-2:])
+  return flat(k_scale), flat(v_scale)
+
+
+def dequantize_pool(pool: jax.Array, scale) -> jax.Array:
+  """float32 K/V of a pool [..., D] and its scales [...] (None: unquantized): what the FP8
+  kernels' references attend over (x = e4m3 value * scale)."""
+  x = pool.astype(jnp.float32)
+  return x if scale is None else x * scale[..., None].astype(jnp.float32)
 
 
 def add_partials(carry, partials, m_max):

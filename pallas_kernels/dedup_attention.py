@@ -40,6 +40,10 @@ a plan with no shared node, is handed to the paged kernel (bit-identical to it).
 Split counts are static: splits of at most `kv_split` keys, raised until a launch has
 `min_programs` programs, so a few tiles over a short prefix still fill the GPU.
 
+FP8 K/V: with `k_scale` and `v_scale` (one float32 per token and kv head), e4m3 pools are
+read and dequantized in registers as in `paged_attention.py` (`online_softmax_step`); the
+reference attends over the dequantized values.
+
 Backend: the Triton lowering of Pallas, like `paged_attention.py` (same gather loads through
 block tables, which is what works in both Triton and the interpreter today).
 """
@@ -57,8 +61,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels._common import (MERGE_UNROLL, WARPS, add_partials, check_inputs,
-                                    dot_precision, flat_pool, full_block, gather_blocks,
-                                    is_pow2, layer_pool, merge_block_d, online_softmax_step)
+                                    dequantize_pool, dot_precision, flat_pool, flat_scales,
+                                    full_block, gather_blocks, is_pow2, merge_block_d,
+                                    online_softmax_step)
 from pallas_kernels.paged_attention import paged_attention
 
 
@@ -193,9 +198,8 @@ def _split_len(n, part: _Part):
   return (per_split + part.block_k - 1) // part.block_k * part.block_k
 
 
-def _item_partials(i, h, s, item_refs, layer_ref, q_ref, k_ref, v_ref, *, part: _Part,
-                   group: int,
-                   scale: float, precision):
+def _item_partials(i, h, s, item_refs, layer_ref, q_ref, k_ref, v_ref, scale_refs=(), *,
+                   part: _Part, group: int, scale: float, precision):
   """(acc [bq, D], m [bq], l [bq]) of item i, kv head h, split s (m in log2 units).
 
   item_refs = (item_table [I], item_start [I], table_lens [NT], item_reqs [I, RPT],
@@ -203,7 +207,8 @@ def _item_partials(i, h, s, item_refs, layer_ref, q_ref, k_ref, v_ref, *, part: 
   item_table[i] of `tables` (item_start block aligned; none if slot 0 holds no request:
   a padding tile, since `build_plan` fills a tile's slots from 0); its query rows are
   slot * G + g for the requests item_reqs[i, slot]. k_ref, v_ref: [num_blocks, block_size,
-  D] of kv head h, all layers. Lengths are read here, not computed in XLA around the launch (that
+  D] of kv head h, all layers; scale_refs: FP8 pools' (k_scale, v_scale) [num_blocks,
+  block_size] of kv head h, or (). Lengths are read here, not computed in XLA around the launch (that
   would be extra small kernels per call); a scalar load, not a reduction over the tile's
   requests, which cost registers (and stack in the fused launch) on sm_90.
   """
@@ -248,15 +253,22 @@ def _item_partials(i, h, s, item_refs, layer_ref, q_ref, k_ref, v_ref, *, part: 
       kv_idx = (pages[:, None], ((offset + keys) % block_size)[:, None], cols)
       k = plgpu_triton.load(k_ref.at[kv_idx])  # [bk, D]
       v = plgpu_triton.load(v_ref.at[kv_idx])
-      return online_softmax_step(carry, q, k, v, None, scale=scale, precision=precision)
+      scale_idx = (pages, (offset + keys) % block_size)
+      scales = dict(zip(("k_scale", "v_scale"), (  # FP8: [bk] each
+          plgpu_triton.load(r.at[scale_idx]) for r in scale_refs)))
+      return online_softmax_step(carry, q, k, v, None, scale=scale, precision=precision,
+                                 **scales)
     key_ok = keys < hi  # past the item: other requests' blocks or garbage (NaN too)
     pages = plgpu_triton.load(tables_ref.at[table, logical], mask=key_ok,
                               other=0) + layer_offset
     kv_idx = (pages[:, None], ((offset + keys) % block_size)[:, None], cols)
     k = plgpu_triton.load(k_ref.at[kv_idx], mask=key_ok[:, None], other=0)  # [bk, D]
     v = plgpu_triton.load(v_ref.at[kv_idx], mask=key_ok[:, None], other=0)
+    scale_idx = (pages, (offset + keys) % block_size)
+    scales = dict(zip(("k_scale", "v_scale"), (
+        plgpu_triton.load(r.at[scale_idx], mask=key_ok, other=0) for r in scale_refs)))
     return online_softmax_step(carry, q, k, v, key_ok[None, :], scale=scale,
-                               precision=precision)
+                               precision=precision, **scales)
 
   init = (jnp.zeros((block_q, head_dim), jnp.float32),
           jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
@@ -264,13 +276,14 @@ def _item_partials(i, h, s, item_refs, layer_ref, q_ref, k_ref, v_ref, *, part: 
   return jax.lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True), carry)
 
 
-def _partials_kernel(*refs, part: _Part, **kw):
+def _partials_kernel(*refs, part: _Part, quantized: bool, **kw):
   """Grid (item, kv head, split); outputs are this program's blocks."""
   item_refs, layer_ref = refs[:5], refs[5]
-  (q_ref, k_ref, v_ref), (acc_ref, m_ref, l_ref) = refs[6:9], refs[9:]
+  n = 11 if quantized else 9  # FP8: k_scale, v_scale after q, k, v
+  (q_ref, k_ref, v_ref, *scale_refs), (acc_ref, m_ref, l_ref) = refs[6:n], refs[n:]
   i, h, s = (pl.program_id(a) for a in range(3))
-  acc, m, l = _item_partials(i, h, s, item_refs, layer_ref, q_ref, k_ref, v_ref, part=part,
-                             **kw)
+  acc, m, l = _item_partials(i, h, s, item_refs, layer_ref, q_ref, k_ref, v_ref,
+                             tuple(scale_refs), part=part, **kw)
   acc_ref[...] = acc
   m_ref[...] = m
   l_ref[...] = l
@@ -296,10 +309,12 @@ def _fused_program(p, shared: _Part, private: _Part, num_kv_heads: int):
                        zip(unravel(shared.num_items), unravel(private.num_items))))
 
 
-def _fused_kernel(*refs, shared: _Part, private: _Part, num_kv_heads: int, **kw):
+def _fused_kernel(*refs, shared: _Part, private: _Part, num_kv_heads: int, quantized: bool,
+                  **kw):
   """Both kinds of items in one launch: grid (programs,), outputs whole arrays."""
   s_items, p_items, layer_ref = refs[:5], refs[5:10], refs[10]
-  (q_ref, k_ref, v_ref), s_out, p_out = refs[11:14], refs[14:17], refs[17:20]
+  n = 16 if quantized else 14  # FP8: k_scale, v_scale after q, k, v
+  (q_ref, k_ref, v_ref, *scale_refs), s_out, p_out = refs[11:n], refs[n:n + 3], refs[n + 3:]
   is_shared, i, h, s = _fused_program(pl.program_id(0), shared, private, num_kv_heads)
   cols = jnp.arange(k_ref.shape[2], dtype=jnp.int32)[None, :]
 
@@ -307,8 +322,8 @@ def _fused_kernel(*refs, shared: _Part, private: _Part, num_kv_heads: int, **kw)
                                  (is_shared == 0, p_items, p_out, private)):
     @pl.when(flag)
     def _(items=items, out=out, part=part):
-      acc, m, l = _item_partials(i, h, s, items, layer_ref, q_ref, k_ref, v_ref, part=part,
-                                 **kw)
+      acc, m, l = _item_partials(i, h, s, items, layer_ref, q_ref, k_ref, v_ref,
+                                 tuple(scale_refs), part=part, **kw)
       rows = jnp.arange(part.block_q, dtype=jnp.int32)
       plgpu_triton.store(out[0].at[i, h, s, rows[:, None], cols], acc)
       plgpu_triton.store(out[1].at[i, h, s, rows], m)
@@ -327,47 +342,53 @@ def _out_shapes(part: _Part, nk: int, d: int):
           jax.ShapeDtypeStruct(lead, jnp.float32), jax.ShapeDtypeStruct(lead, jnp.float32)]
 
 
-def _partials(q3, k_pool, v_pool, layer_offset, items, *, part: _Part, num_warps, num_stages,
-              interpret, name):
-  """One launch over one kind of items: raw partials [I, K, S, block_q, (D)], m in log2."""
+def _partials(q3, k_pool, v_pool, layer_offset, items, scales=(), *, part: _Part, num_warps,
+              num_stages, interpret, name):
+  """One launch over one kind of items: raw partials [I, K, S, block_q, (D)], m in log2.
+  scales: FP8 pools' flat (k_scale, v_scale) [num_blocks, bs, K], or ()."""
   nb, bs, nk, d = k_pool.shape
   grid = (part.num_items, nk, part.num_splits)  # items fastest: tiles read a split together
   kv_spec = pl.BlockSpec((nb, bs, None, d), lambda i, h, s: (0, 0, h, 0))
+  scale_spec = pl.BlockSpec((nb, bs, None), lambda i, h, s: (0, 0, h))
   in_specs = ([full_block(x.shape) for x in items]
-              + [full_block((1,)), full_block(q3.shape), kv_spec, kv_spec])
+              + [full_block((1,)), full_block(q3.shape), kv_spec, kv_spec]
+              + [scale_spec] * len(scales))
   out_specs = [
       pl.BlockSpec((None, None, None, part.block_q, d), lambda i, h, s: (i, h, s, 0, 0)),
       pl.BlockSpec((None, None, None, part.block_q), lambda i, h, s: (i, h, s, 0)),
       pl.BlockSpec((None, None, None, part.block_q), lambda i, h, s: (i, h, s, 0))]
   return pl.pallas_call(
-      functools.partial(_partials_kernel, part=part, **_kernel_kw(q3, k_pool)),
+      functools.partial(_partials_kernel, part=part, quantized=bool(scales),
+                        **_kernel_kw(q3, k_pool)),
       grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=_out_shapes(part, nk, d),
       compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
                                                   num_stages=num_stages),
       interpret=interpret, name=name,
-  )(*items, layer_offset, q3, k_pool, v_pool)
+  )(*items, layer_offset, q3, k_pool, v_pool, *scales)
 
 
-def _fused_partials(q3, k_pool, v_pool, layer_offset, s_items, p_items, *, shared: _Part,
-                    private: _Part, num_warps, num_stages, interpret):
+def _fused_partials(q3, k_pool, v_pool, layer_offset, s_items, p_items, scales=(), *,
+                    shared: _Part, private: _Part, num_warps, num_stages, interpret):
   """Both launches' programs in one launch: (shared partials, private partials)."""
   nb, bs, nk, d = k_pool.shape
   num_programs = (shared.num_programs + private.num_programs) * nk
   head = lambda p: _fused_program(p, shared, private, nk)[2]
   kv_spec = pl.BlockSpec((nb, bs, None, d), lambda p: (0, 0, head(p), 0))
+  scale_spec = pl.BlockSpec((nb, bs, None), lambda p: (0, 0, head(p)))
   in_specs = ([full_block(x.shape) for x in (*s_items, *p_items)]
-              + [full_block((1,)), full_block(q3.shape), kv_spec, kv_spec])
+              + [full_block((1,)), full_block(q3.shape), kv_spec, kv_spec]
+              + [scale_spec] * len(scales))
   out_shape = _out_shapes(shared, nk, d) + _out_shapes(private, nk, d)
   outs = pl.pallas_call(
       functools.partial(_fused_kernel, shared=shared, private=private, num_kv_heads=nk,
-                        **_kernel_kw(q3, k_pool)),
+                        quantized=bool(scales), **_kernel_kw(q3, k_pool)),
       grid=(num_programs,), in_specs=in_specs,
       out_specs=[full_block(o.shape) for o in out_shape],
       out_shape=out_shape,
       compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps,
                                                   num_stages=num_stages),
       interpret=interpret, name="dedup_attention_fused",
-  )(*s_items, *p_items, layer_offset, q3, k_pool, v_pool)
+  )(*s_items, *p_items, layer_offset, q3, k_pool, v_pool, *scales)
   return outs[:3], outs[3:]
 
 
@@ -497,11 +518,12 @@ def _num_splits(tokens: int, items: int, kv_heads: int, *, kv_split: int, block_
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
                     block_tables: jax.Array, positions: jax.Array, kv_lens: jax.Array,
-                    plan: SharingPlan | None, layer=None, *,
-                    config: TuningConfig | None = None, interpret: bool = False) -> jax.Array:
+                    plan: SharingPlan | None, layer=None, *, k_scale: jax.Array | None = None,
+                    v_scale: jax.Array | None = None, config: TuningConfig | None = None,
+                    interpret: bool = False) -> jax.Array:
   """Decode attention of q [B, 1, H, D] over the pools of `layer`, shared runs read once.
 
-  Pools, tables, positions, lengths and `layer` as for `paged_attention`. `plan` must come
+  Pools, tables, positions, lengths, `layer` and FP8 scales as for `paged_attention`. `plan` must come
   from the same batch's block tables (`hq_jax.kv.sharing.build_plan`). Without a plan, with
   T > 1, or with a plan with no shared node (nothing to read once), this is the paged
   kernel, unchanged. Returns [B, 1, H, D] in q's dtype; float32 softmax and accumulation.
@@ -510,7 +532,9 @@ def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
   b, t, nh, d = q.shape
   if plan is None or t != 1 or not plan.has_shared:
     return paged_attention(q, k_pool, v_pool, block_tables, positions, kv_lens, layer,
-                           interpret=interpret)
+                           k_scale=k_scale, v_scale=v_scale, interpret=interpret)
+  ks_flat, vs_flat = flat_scales(k_scale, v_scale, k_pool)
+  scales = () if ks_flat is None else (ks_flat, vs_flat)
   k_pool, v_pool, layer_offset = flat_pool(k_pool, v_pool, layer)
   nb, bs, nk, _ = k_pool.shape
   config = config or default_config(d)
@@ -546,14 +570,15 @@ def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
       min_programs=config.min_programs, cap=config.max_splits))
   if config.fused:
     s_raw, p_raw = _fused_partials(
-        q3, k_pool, v_pool, layer_offset, s_items, p_items, shared=shared, private=private,
+        q3, k_pool, v_pool, layer_offset, s_items, p_items, scales, shared=shared,
+        private=private,
         num_warps=config.shared_num_warps, num_stages=config.shared_num_stages,
         interpret=interpret)
   else:
-    s_raw = _partials(q3, k_pool, v_pool, layer_offset, s_items, part=shared,
+    s_raw = _partials(q3, k_pool, v_pool, layer_offset, s_items, scales, part=shared,
                       num_warps=config.shared_num_warps, num_stages=config.shared_num_stages,
                       interpret=interpret, name="dedup_attention_shared")
-    p_raw = _partials(q3, k_pool, v_pool, layer_offset, p_items, part=private,
+    p_raw = _partials(q3, k_pool, v_pool, layer_offset, p_items, scales, part=private,
                       num_warps=config.private_num_warps,
                       num_stages=config.private_num_stages, interpret=interpret,
                       name="dedup_attention_private")
@@ -566,15 +591,20 @@ def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
 # -------------------------------------------------------------------------- reference
 def dedup_attention_reference(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
                               block_tables: jax.Array, positions: jax.Array,
-                              kv_lens: jax.Array, plan: SharingPlan, layer=None) -> jax.Array:
-  """float32 oracle of the same decomposition: node partials, private partial, LSE merge.
+                              kv_lens: jax.Array, plan: SharingPlan, layer=None, *,
+                              k_scale=None, v_scale=None) -> jax.Array:
+  """float32 oracle of the same decomposition: node partials, private partial, LSE merge
+  (FP8 pools: over the dequantized values).
 
   Each node's keys come from the plan's node table (not the requests' tables), so a plan
   whose nodes do not match the requests' blocks gives a wrong answer here too; comparing
   with `paged_attention_reference` checks the plan, comparing with the kernel checks it.
   """
   del positions  # decode: every request's query sits at kv_len - 1
-  k_pool, v_pool = layer_pool(k_pool, layer), layer_pool(v_pool, layer)
+  all_layers = k_pool.ndim == 5  # (scales have one axis less than their pool)
+  pick = lambda x: x[layer] if all_layers and x is not None else x
+  k_pool = dequantize_pool(pick(k_pool), pick(k_scale))  # float32 [NB, bs, K, D]
+  v_pool = dequantize_pool(pick(v_pool), pick(v_scale))
   hp = jax.lax.Precision.HIGHEST
   b, t, nh, d = q.shape
   if t != 1:

@@ -38,6 +38,13 @@ kv_len (a split past it is empty and would add exact zeros), so neither the tabl
 the batch changes a bit. Nothing depends on where blocks live or on other requests, so dense
 and deduplicated caches give bit-identical outputs.
 
+FP8 K/V: with `k_scale` and `v_scale` (float32, one per token and kv head, the pools'
+shape without head_dim), the pools hold float8_e4m3fn values x / s. The kernel loads the
+e4m3 tiles and their scales and dequantizes in registers: the values convert to q's dtype
+exactly and the scales multiply the scores and the probabilities (`online_softmax_step`),
+so a K/V tile moves half the bytes of bfloat16 plus 4 per key and kv head. The reference
+attends over the dequantized values in float32.
+
 Backend: the Triton lowering of Pallas (`pl.pallas_call` with `plgpu_triton.CompilerParams`),
 deprecated since JAX 0.11, chosen as the direct way to a correct kernel with per-key
 block-table gathers. The Mosaic GPU (TMA, wgmma) kernels beside it (`paged_prefill_mgpu`,
@@ -56,8 +63,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels._common import (MERGE_UNROLL, WARPS, add_partials, check_inputs,
-                                    dot_precision, flat_pool, full_block, gather_blocks,
-                                    is_pow2, layer_pool, merge_block_d, online_softmax_step)
+                                    dequantize_pool, dot_precision, flat_pool, flat_scales,
+                                    full_block, gather_blocks, is_pow2, merge_block_d,
+                                    online_softmax_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,10 +128,13 @@ def _paged_attention_kernel(
     q_ref,  # [B, T * H, D]
     k_ref,  # [layers * num_blocks, block_size, D] (this program's kv head)
     v_ref,  # [layers * num_blocks, block_size, D]
-    *out_refs,  # unsplit: o [B, T * H, D]; split: acc [block_q, D], m [block_q], l [block_q]
+    *out_refs,  # FP8: k_scale, v_scale [layers * num_blocks, block_size] first; then
+    #             unsplit: o [B, T * H, D]; split: acc [block_q, D], m [block_q], l [block_q]
     block_q: int, block_k: int, kv_split: int | None, num_heads: int, group: int,
-    scale: float, precision, mask_every_tile: bool = False):
+    scale: float, precision, mask_every_tile: bool = False, quantized: bool = False):
   b, h, r, s = (pl.program_id(i) for i in range(4))
+  ks_ref, vs_ref = out_refs[:2] if quantized else (None, None)
+  out_refs = out_refs[2:] if quantized else out_refs
   num_tables = tables_ref.shape[1]
   num_tokens = positions_ref.shape[1]
   block_size, head_dim = k_ref.shape[1], k_ref.shape[2]
@@ -164,15 +175,24 @@ def _paged_attention_kernel(
     pages = plgpu_triton.load(tables_ref.at[b, logical], mask=logical < num_tables,
                               other=0) + layer_offset  # [bk] physical block of each key
     kv_idx = (pages[:, None], (keys % block_size)[:, None], cols)
+    scale_idx = (pages, keys % block_size)
     if not masked:  # keys < kv_len, so K/V need no load mask (the table keeps its bound)
       k = plgpu_triton.load(k_ref.at[kv_idx])  # [bk, D]
       v = plgpu_triton.load(v_ref.at[kv_idx])
-      return online_softmax_step(carry, q, k, v, None, scale=scale, precision=precision)
+      scales = {} if not quantized else dict(  # [bk] each
+          k_scale=plgpu_triton.load(ks_ref.at[scale_idx]),
+          v_scale=plgpu_triton.load(vs_ref.at[scale_idx]))
+      return online_softmax_step(carry, q, k, v, None, scale=scale, precision=precision,
+                                 **scales)
     key_ok = keys < kv_len  # entries past the request's blocks hold garbage (even NaN)
     k = plgpu_triton.load(k_ref.at[kv_idx], mask=key_ok[:, None], other=0)  # [bk, D]
     v = plgpu_triton.load(v_ref.at[kv_idx], mask=key_ok[:, None], other=0)
+    scales = {} if not quantized else dict(
+        k_scale=plgpu_triton.load(ks_ref.at[scale_idx], mask=key_ok, other=0),
+        v_scale=plgpu_triton.load(vs_ref.at[scale_idx], mask=key_ok, other=0))
     visible = key_ok[None, :] & (keys[None, :] <= pos[:, None])
-    return online_softmax_step(carry, q, k, v, visible, scale=scale, precision=precision)
+    return online_softmax_step(carry, q, k, v, visible, scale=scale, precision=precision,
+                               **scales)
 
   init = (jnp.zeros((block_q, head_dim), jnp.float32),
           jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
@@ -288,9 +308,12 @@ def _merge_splits(kv_lens, acc, m, l, *, num_tokens: int, num_heads: int, block_
 
 
 def _paged_attention(q, k_pool, v_pool, block_tables, positions, kv_lens, layer=None, *,
-                     config, interpret, mask_every_tile=False, merge_block_d=None):
+                     config, interpret, mask_every_tile=False, merge_block_d=None,
+                     k_scale=None, v_scale=None):
   """`paged_attention` with private knobs for tests (not jitted on its own)."""
   check_inputs(q, k_pool, v_pool, block_tables, positions, kv_lens)
+  ks_flat, vs_flat = flat_scales(k_scale, v_scale, k_pool)
+  quantized = ks_flat is not None
   k_flat, v_flat, layer_offset = flat_pool(k_pool, v_pool, layer)
   b, t, nh, d = q.shape
   nb, bs, nk, _ = k_flat.shape
@@ -304,6 +327,11 @@ def _paged_attention(q, k_pool, v_pool, block_tables, positions, kv_lens, layer=
   kv_spec = pl.BlockSpec((nb, bs, None, d), lambda b_, h, r, s: (0, 0, h, 0))
   in_specs = [full_block((1,)), full_block((b,)), full_block((b, mb)), full_block((b, t)),
               full_block((b, t * nh, d)), kv_spec, kv_spec]
+  scale_args = ()
+  if quantized:
+    scale_spec = pl.BlockSpec((nb, bs, None), lambda b_, h, r, s: (0, 0, h))
+    in_specs += [scale_spec, scale_spec]
+    scale_args = (ks_flat, vs_flat)
   if config.kv_split is None:
     out_shape = [jax.ShapeDtypeStruct((b, t * nh, d), q.dtype)]
     out_specs = [full_block((b, t * nh, d))]
@@ -320,13 +348,14 @@ def _paged_attention(q, k_pool, v_pool, block_tables, positions, kv_lens, layer=
   kernel = functools.partial(
       _paged_attention_kernel, block_q=config.block_q, block_k=config.block_k,
       kv_split=config.kv_split, num_heads=nh, group=group, scale=d ** -0.5 * math.log2(math.e),
-      precision=dot_precision(q.dtype), mask_every_tile=mask_every_tile)
+      precision=dot_precision(q.dtype), mask_every_tile=mask_every_tile, quantized=quantized)
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu_triton.CompilerParams(num_warps=config.num_warps,
                                                   num_stages=config.num_stages),
       interpret=interpret, name="paged_attention",
-  )(layer_offset, kv_lens, block_tables, positions, q.reshape(b, t * nh, d), k_flat, v_flat)
+  )(layer_offset, kv_lens, block_tables, positions, q.reshape(b, t * nh, d), k_flat, v_flat,
+    *scale_args)
 
   if config.kv_split is None:
     return outs[0].reshape(b, t, nh, d)
@@ -339,7 +368,8 @@ def _paged_attention(q, k_pool, v_pool, block_tables, positions, kv_lens, layer=
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
                     block_tables: jax.Array, positions: jax.Array, kv_lens: jax.Array,
-                    layer=None, *, config: TuningConfig | None = None,
+                    layer=None, *, k_scale: jax.Array | None = None,
+                    v_scale: jax.Array | None = None, config: TuningConfig | None = None,
                     interpret: bool = False) -> jax.Array:
   """Attention of q [B, T, H, D] over the pools of `layer` ([L, NB, bs, K, D] and a layer
   index, an int or traced int32 scalar; or one layer's [NB, bs, K, D] and layer None).
@@ -348,21 +378,30 @@ def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
   request's blocks must be valid block ids; they are never read). Query t of request b
   attends to logical keys j <= positions[b, t] and j < kv_lens[b]. Returns [B, T, H, D] in
   q's dtype; softmax and accumulation in float32.
+
+  FP8 pools (float8_e4m3fn) come with k_scale, v_scale: float32, the pools' shape without
+  head_dim (one scale per token and kv head; K/V = value * scale).
   """
   return _paged_attention(q, k_pool, v_pool, block_tables, positions, kv_lens, layer,
-                          config=config, interpret=interpret)
+                          config=config, interpret=interpret, k_scale=k_scale,
+                          v_scale=v_scale)
 
 
 # -------------------------------------------------------------------------- reference
 def paged_attention_reference(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
                               block_tables: jax.Array, positions: jax.Array,
-                              kv_lens: jax.Array, layer=None) -> jax.Array:
-  """float32 oracle: gather every block in logical order, mask j <= pos and j < kv_len."""
+                              kv_lens: jax.Array, layer=None, *, k_scale=None,
+                              v_scale=None) -> jax.Array:
+  """float32 oracle: gather every block in logical order, mask j <= pos and j < kv_len
+  (FP8 pools: over the dequantized values)."""
   b, t, nh, d = q.shape
-  k_pool, v_pool = layer_pool(k_pool, layer), layer_pool(v_pool, layer)
+  all_layers = k_pool.ndim == 5  # (scales have one axis less than their pool)
+  pick = lambda x: x[layer] if all_layers and x is not None else x
+  k_pool = dequantize_pool(pick(k_pool), pick(k_scale))
+  v_pool = dequantize_pool(pick(v_pool), pick(v_scale))
   nk = k_pool.shape[2]
-  k = gather_blocks(k_pool, block_tables).astype(jnp.float32)  # [B, S, K, D]
-  v = gather_blocks(v_pool, block_tables).astype(jnp.float32)
+  k = gather_blocks(k_pool, block_tables)  # [B, S, K, D] float32
+  v = gather_blocks(v_pool, block_tables)
   qg = q.astype(jnp.float32).reshape(b, t, nk, nh // nk, d)  # [B, T, K, G, D]
   scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
                       precision=jax.lax.Precision.HIGHEST) * (d ** -0.5)

@@ -147,6 +147,24 @@ class DedupAttentionTest(parameterized.TestCase):
     paged = pa.paged_attention(q, k, v, *arrays(view), interpret=self.INTERPRET)
     self.assertLess(rel_err(out, paged), TOL[jnp.bfloat16])
 
+  @parameterized.parameters((SMALL, jnp.float32), (SMALL_FUSED, jnp.bfloat16))
+  def test_fp8(self, config, dtype):
+    # FP8 pools (e4m3 and a float32 scale per token and kv head) on fresh random inputs,
+    # against the references over the dequantized values (NaN garbage quantizes to NaN).
+    from hq_jax.kv import paged
+    q, k, v, view = make_batch(11, *CASES["nested"], group=7, dtype=dtype)
+    (kq, ks), (vq, vs) = paged.quantize(k), paged.quantize(v)
+    plan, _ = sharing.build_plan(np.asarray(view.block_tables), np.asarray(view.kv_lens),
+                                 BS, requests_per_tile=config.requests_per_tile(7))
+    out = da.dedup_attention(q, kq, vq, *arrays(view), plan, k_scale=ks, v_scale=vs,
+                             config=config, interpret=self.INTERPRET)
+    self.assertFalse(np.isnan(np.asarray(out, np.float32)).any())
+    ref = pa.paged_attention_reference(q, kq, vq, *arrays(view), k_scale=ks, v_scale=vs)
+    self.assertLess(rel_err(out, ref), TOL[dtype])
+    own = da.dedup_attention_reference(q, kq, vq, *arrays(view), plan, k_scale=ks,
+                                       v_scale=vs)
+    self.assertLess(rel_err(own, ref), 1e-5)
+
   @parameterized.parameters("nested", "partial_blocks")
   def test_filled_grid_one_tile_per_split(self, case):
     # min_programs far above the grid: every split holds one key tile, many are empty.
@@ -374,21 +392,25 @@ class PlannerTest(parameterized.TestCase):
     self.assertEqual(planner.builds, 2)
 
 
-@pytest.mark.parametrize("attention", ["reference", "pallas_interpret", "pallas"])
-def test_engine_decode_dedup_matches_paged(tiny, tiny_layout, attention):
+@pytest.mark.parametrize("attention,kv_dtype", [
+    ("reference", None), ("pallas_interpret", None), ("pallas", None),
+    ("pallas_interpret", "float8_e4m3fn"), ("pallas", "float8_e4m3fn")])
+def test_engine_decode_dedup_matches_paged(tiny, tiny_layout, attention, kv_dtype):
   """HQ cache, three requests on one 64-token prefix: dedup decode = paged within rounding;
-  auto mode picks dedup above its threshold and paged below it."""
+  auto mode picks dedup above its threshold and paged below it (FP8 K/V too)."""
   from hq_jax.serve.engine import Engine
   if attention == "pallas" and jax.default_backend() != "gpu":
     pytest.skip("the compiled Pallas GPU kernels need a GPU")
   params, cfg = tiny
+  if kv_dtype:
+    tiny_layout = KVLayout.from_config(cfg, 16, kv_dtype)
   rng = np.random.default_rng(0)
   prefix = rng.integers(0, cfg.vocab_size, 64)
   reqs = [np.r_[prefix, rng.integers(0, cfg.vocab_size, n)] for n in (5, 19, 2)]
   logits = {}
   for mode, threshold in (("paged", 0), ("dedup", 0), ("auto", 10**9)):
     engine = Engine(params, cfg, chunk_size=32, attention=attention, decode_attention=mode,
-                    auto_min_saved_tokens=threshold)
+                    auto_min_saved_tokens=threshold, kv_dtype=kv_dtype)
     cache = DedupKVCache.init(tiny_layout, num_blocks=32, max_requests=4, max_seq_len=128)
     slots = []
     for r in reqs:

@@ -25,10 +25,13 @@ def _diff(a, b):
   return float(jnp.max(jnp.abs(a - b)))
 
 
-@pytest.mark.parametrize("chunk", [16, 32, 64])
-def test_dense_and_hq_bit_identical(tiny, tiny_layout, chunk):
+@pytest.mark.parametrize("chunk,kv_dtype", [(16, None), (32, None), (64, None),
+                                            (32, "float8_e4m3fn")])
+def test_dense_and_hq_bit_identical(tiny, tiny_layout, chunk, kv_dtype):
   params, cfg = tiny
-  engine = Engine(params, cfg, chunk_size=chunk)
+  engine = Engine(params, cfg, chunk_size=chunk, kv_dtype=kv_dtype)
+  if kv_dtype:  # FP8 K/V: each token's values and scale depend on that token alone
+    tiny_layout = KVLayout.from_config(cfg, 16, kv_dtype)
   rng = np.random.default_rng(chunk)
   prefix = rng.integers(0, cfg.vocab_size, 80)
   reqs = [np.concatenate([prefix, rng.integers(0, cfg.vocab_size, n)]) for n in (37, 50, 3)]

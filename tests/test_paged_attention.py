@@ -233,6 +233,61 @@ class PagedAttentionTest(parameterized.TestCase):
     ref = pa.paged_attention_reference(q, k3, v3, *arrays(view), 2)
     self.assertLess(rel_err(alone, ref), TOL[jnp.bfloat16])
 
+  # FP8 K/V: e4m3 pools with a float32 scale per token and kv head (`paged.quantize`), on
+  # fresh random inputs; the reference attends over the dequantized values. Garbage past
+  # each request (NaN K/V) quantizes to NaN values and NaN scales: a read of it shows.
+  @parameterized.parameters((SPLIT, 1, jnp.float32), (SPLIT, 5, jnp.bfloat16),
+                            (NO_SPLIT, 5, jnp.float32), (NO_SPLIT, 1, jnp.bfloat16))
+  def test_fp8(self, config, tokens, dtype):
+    q, k, v, view = make_inputs(31 + tokens, starts=[0, 6, 37], tokens=tokens, group=7,
+                                dtype=dtype)
+    (kq, ks), (vq, vs) = paged.quantize(k), paged.quantize(v)
+    self.assertEqual(kq.dtype, jnp.float8_e4m3fn)
+    out = pa.paged_attention(q, kq, vq, *arrays(view), k_scale=ks, v_scale=vs, config=config,
+                             interpret=self.INTERPRET)
+    ref = pa.paged_attention_reference(q, kq, vq, *arrays(view), k_scale=ks, v_scale=vs)
+    self.assertFalse(np.isnan(np.asarray(out, np.float32)).any())
+    self.assertLess(rel_err(out, ref), TOL[dtype])
+    # The same as the reference over the dequantized K/V given unquantized.
+    plain = pa.paged_attention_reference(q, paged.dequantize(kq, ks),
+                                         paged.dequantize(vq, vs), *arrays(view))
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(plain), rtol=1e-6, atol=1e-6)
+
+  def test_fp8_placement_and_layer_bit_exact(self):
+    # Where blocks live changes no bit with FP8 either (scales move with their block), and
+    # all layers' pools with a layer index read that layer's values and scales.
+    q, k, v, view = make_inputs(37, starts=[5, 40], tokens=2, group=7, dtype=jnp.bfloat16)
+    (kq, ks), (vq, vs) = paged.quantize(k), paged.quantize(v)
+    attend = lambda kq, ks, vq, vs, view, layer=None: pa.paged_attention(
+        q, kq, vq, *arrays(view), layer, k_scale=ks, v_scale=vs, config=SPLIT,
+        interpret=self.INTERPRET)
+    out = np.asarray(attend(kq, ks, vq, vs, view), np.float32)
+    num_blocks = k.shape[0]
+    perm = np.concatenate([[0], 1 + np.random.default_rng(4).permutation(num_blocks - 1)])
+    inv = np.argsort(perm)
+    tables = np.asarray(view.block_tables)
+    view2 = AttentionView(view.positions, jnp.asarray(np.where(tables > 0, inv[tables], 0),
+                                                      jnp.int32),
+                          view.write_slots, view.kv_lens)
+    np.testing.assert_array_equal(
+        out, np.asarray(attend(kq[perm], ks[perm], vq[perm], vs[perm], view2), np.float32))
+    stack = lambda x: jnp.stack([jnp.full_like(x, jnp.nan), x])  # layer 1 holds the K/V
+    np.testing.assert_array_equal(
+        out, np.asarray(attend(stack(kq), stack(ks), stack(vq), stack(vs), view, 1),
+                        np.float32))
+
+  def test_fp8_rejects_missing_or_stray_scales(self):
+    q, k, v, view = make_inputs(0, starts=[3], tokens=1, group=2)
+    (kq, ks), (vq, vs) = paged.quantize(k), paged.quantize(v)
+    with self.assertRaisesRegex(ValueError, "need their k_scale"):
+      self.attend(q, kq, vq, view, SPLIT)
+    with self.assertRaisesRegex(ValueError, "only float8_e4m3fn"):
+      pa.paged_attention(q, k, v, *arrays(view), k_scale=ks, v_scale=vs,
+                         interpret=self.INTERPRET)
+    with self.assertRaisesRegex(ValueError, "k_scale must be float32"):
+      pa.paged_attention(q, kq, vq, *arrays(view), k_scale=ks[..., :1], v_scale=vs,
+                         interpret=self.INTERPRET)
+
   def test_rejects_bad_shapes(self):
     q, k, v, view = make_inputs(0, starts=[3], tokens=1, group=2)
     with self.assertRaisesRegex(ValueError, "kv heads"):
@@ -270,12 +325,14 @@ if __name__ == "__main__":
   absltest.main()
 
 
+@pytest.mark.parametrize("kv_dtype", [None, "float8_e4m3fn"])
 @pytest.mark.parametrize("attention", ["pallas_interpret", "pallas", "triton", "mosaic"])
-def test_engine_backend_dense_and_hq_bit_identical(tiny, tiny_layout, attention):
+def test_engine_backend_dense_and_hq_bit_identical(tiny, tiny_layout, attention, kv_dtype):
   """The engine with the kernel (interpreted; compiled on a GPU): dense and HQ (prefix
   reuse) agree to the bit, and both match the reference backend within rounding. "mosaic"
   runs prefill and decode on the Mosaic GPU kernels, "pallas" on Hopper prefill on Mosaic
-  and decode on Triton: bf16, head_dim 64."""
+  and decode on Triton: bf16, head_dim 64. With FP8 K/V "pallas" runs Triton throughout
+  and "mosaic" is refused, naming the kernel."""
   from hq_jax.serve.engine import Engine
   from hq_jax.kv.dedup import DedupKVCache
   from hq_jax.kv.dense import DenseKVCache
@@ -285,8 +342,12 @@ def test_engine_backend_dense_and_hq_bit_identical(tiny, tiny_layout, attention)
   if attention in ("pallas", "mosaic"):
     cfg = dataclasses.replace(cfg, dtype="bfloat16", head_dim=64)
     params = model_lib.init_params(cfg, jax.random.key(0), scale=0.1)
-    tiny_layout = KVLayout.from_config(cfg, block_size=16)
-  engine = Engine(params, cfg, chunk_size=32, attention=attention)
+  tiny_layout = KVLayout.from_config(cfg, block_size=16, dtype=kv_dtype)
+  if kv_dtype and attention == "mosaic":
+    with pytest.raises(ValueError, match="paged_prefill_mgpu"):
+      Engine(params, cfg, chunk_size=32, attention=attention, kv_dtype=kv_dtype)
+    return
+  engine = Engine(params, cfg, chunk_size=32, attention=attention, kv_dtype=kv_dtype)
   rng = np.random.default_rng(0)
   prefix = rng.integers(0, cfg.vocab_size, 64)
   reqs = [np.concatenate([prefix, rng.integers(0, cfg.vocab_size, n)]) for n in (21, 9)]
@@ -301,7 +362,7 @@ def test_engine_backend_dense_and_hq_bit_identical(tiny, tiny_layout, attention)
   hq, hl = engine.decode(hq, [h.slot], [5])
   assert dl.attention == hl.attention == "paged"
   np.testing.assert_array_equal(np.asarray(dl.logits), np.asarray(hl.logits))
-  ref = Engine(params, cfg, chunk_size=32)
+  ref = Engine(params, cfg, chunk_size=32, kv_dtype=kv_dtype)
   rcache, r = ref.prefill(
       DenseKVCache.for_requests(tiny_layout, max_requests=2, max_seq_len=128), reqs[1])
   if cfg.dtype == "bfloat16":  # bf16 activations: rounding, not a tolerance on every logit
@@ -310,7 +371,8 @@ def test_engine_backend_dense_and_hq_bit_identical(tiny, tiny_layout, attention)
       got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
       assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
     assert (engine.prefill_kernel, engine.decode_kernel) == (
-        "mosaic", "triton" if attention == "pallas" else "mosaic")
+        ("triton", "triton") if kv_dtype else
+        ("mosaic", "triton" if attention == "pallas" else "mosaic"))
   else:
     atol = 1e-4 if jax.default_backend() == "cpu" else 5e-2  # GPU matmuls default to TF32
     np.testing.assert_allclose(np.asarray(d.logits), np.asarray(r.logits), atol=atol)

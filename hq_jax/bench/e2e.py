@@ -37,7 +37,7 @@ from hq_jax.serve.engine import Engine
 from hq_jax.bench.timing import device_ms
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
-from hq_jax.kv.paged import KVLayout, KVPools
+from hq_jax.kv.paged import KVLayout, KVPools, quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,17 +71,22 @@ def param_count(params) -> int:
 
 
 def _random_pools(layout: KVLayout, num_blocks: int, seed: int) -> KVPools:
+  """Normal K/V (FP8 layouts: quantized, with their scales)."""
   shape = layout.pool_shape(num_blocks)
   kk, kv = jax.random.split(jax.random.key(seed))
-  rand = jax.jit(lambda k: jax.random.normal(k, shape, layout.dtype))
-  return KVPools(rand(kk), rand(kv))
+  if not layout.quantized:
+    rand = jax.jit(lambda k: jax.random.normal(k, shape, layout.dtype))
+    return KVPools(rand(kk), rand(kv))
+  rand = jax.jit(lambda k: quantize(jax.random.normal(k, shape, jnp.bfloat16)))
+  (k, ks), (v, vs) = rand(kk), rand(kv)
+  return KVPools(k, v, ks, vs)
 
 
 def decode_batch(cfg, *, backend: str, batch: int, context: int, shared_fraction: float,
-                 steps: int, block_size: int, seed: int):
+                 steps: int, block_size: int, seed: int, kv_dtype: str | None = None):
   """A cache holding `batch` requests of `context` tokens (the first shared_fraction of
   each shared, on HQ), bookkeeping as after prefill, K/V random. Returns (cache, slots)."""
-  layout = KVLayout.from_config(cfg, block_size)
+  layout = KVLayout.from_config(cfg, block_size, kv_dtype)
   rng = np.random.default_rng(seed)
   shared = int(context * shared_fraction) // block_size * block_size
   prefix = rng.integers(0, cfg.vocab_size, shared)
@@ -169,7 +174,7 @@ def prefill_flops(cfg, n_params: int, tokens: int) -> float:
 def bench_prefill(engine: Engine, *, tokens: int, block_size: int, ceilings: Ceilings,
                   repeats: int, seed: int) -> dict:
   cfg = engine.cfg
-  layout = KVLayout.from_config(cfg, block_size)
+  layout = KVLayout.from_config(cfg, block_size, engine.kv_dtype)
   rng = np.random.default_rng(seed)
   prompt = rng.integers(0, cfg.vocab_size, tokens)
   times = []
@@ -218,7 +223,8 @@ def parse_points(specs, kind: str) -> list[tuple[str, int, int]]:
   return out
 
 
-COLUMNS = ("model", "kind", "batch", "context", "backend", "attention", "decode_attention",
+COLUMNS = ("model", "kind", "batch", "context", "backend", "kv_dtype", "attention",
+           "decode_attention",
            "chunk_size", "wall_ms", "device_ms", "roofline_ms", "of_roofline_wall",
            "of_roofline_device", "ttft_ms", "tflop_s", "floor_ms", "of_peak", "param_gb",
            "kv_gb", "finite")
@@ -226,8 +232,10 @@ COLUMNS = ("model", "kind", "batch", "context", "backend", "attention", "decode_
 
 def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int, reps: int,
         prefill_repeats: int, chunk_sizes: dict[str, int], dedup_shared_fraction: float,
-        block_size: int, seed: int, log=print) -> tuple[Ceilings, list[dict]]:
-  """Every point, shapes loaded once each; returns the in-run ceilings and the rows."""
+        block_size: int, seed: int, log=print,
+        kv_dtype: str | None = None) -> tuple[Ceilings, list[dict]]:
+  """Every point, shapes loaded once each; returns the in-run ceilings and the rows.
+  kv_dtype: the K/V dtype (None: `dtype`; float8_e4m3fn: e4m3 with per-token scales)."""
   wall_clock = jax.default_backend() != "gpu"  # CUPTI exists only on the GPU
   small = dict(read_elements=1 << 22, matmul_n=512) if wall_clock else {}
   ceilings = measure_ceilings(reps, wall_clock=wall_clock, **small)
@@ -248,17 +256,18 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
                                                             "dedup")]
       for backend, frac, mode in cases:
         engine = Engine(params, cfg, chunk_size=chunk, attention=attention,
-                        decode_attention=mode)
+                        decode_attention=mode, kv_dtype=kv_dtype)
         cache, slots = decode_batch(cfg, backend=backend, batch=batch, context=context,
                                     shared_fraction=frac, steps=steps + 2,
-                                    block_size=block_size, seed=seed)
+                                    block_size=block_size, seed=seed,
+                                    kv_dtype=engine.kv_dtype)
         res, cache = bench_decode(engine, cache, slots, steps=steps, ceilings=ceilings,
                                   reps=reps)
         del cache
         row = dict(model=name, kind="decode", batch=batch, context=context,
                    backend=f"{backend}{'' if not frac else f' {frac:.0%} shared'}",
-                   attention=engine.attention_label, decode_attention=res.pop("attention"),
-                   chunk_size=chunk, **res)
+                   kv_dtype=engine.kv_dtype, attention=engine.attention_label,
+                   decode_attention=res.pop("attention"), chunk_size=chunk, **res)
         rows.append(row)
         log(f"{name} decode {batch}x{context} {row['backend']} {row['decode_attention']}: "
             f"{row['wall_ms']:.2f} ms/step wall, {row['device_ms']:.2f} ms device, roofline "
@@ -270,12 +279,12 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
       # A timing at a shape (seeded weights): positions past the trained context cost the
       # same, so the context rule is waived explicitly here.
       engine = Engine(params, cfg, chunk_size=chunk, attention=attention,
-                      allow_long_context=True)
+                      allow_long_context=True, kv_dtype=kv_dtype)
       res = bench_prefill(engine, tokens=tokens, block_size=block_size, ceilings=ceilings,
                           repeats=prefill_repeats, seed=seed)
       row = dict(model=name, kind="prefill", batch=1, context=tokens, backend="dense",
-                 attention=engine.attention_label, decode_attention="", param_gb=param_bytes(
-                     params) / 1e9, **res)
+                 kv_dtype=engine.kv_dtype, attention=engine.attention_label,
+                 decode_attention="", param_gb=param_bytes(params) / 1e9, **res)
       rows.append(row)
       log(f"{name} prefill {tokens}: TTFT {row['ttft_ms']:.1f} ms, {row['tflop_s']:.0f} "
           f"TFLOP/s = {row['of_peak']:.2f} of the in-run bf16 peak (chunk {chunk})")

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from hq_jax.bench import shared_prefix
 from hq_jax.bench.timing import device_ms, kernel_breakdown, rel_err
 from hq_jax.bench.shared_prefix import attention_shape, kernel_args
-from hq_jax.kv.paged import AttentionView, paged_attention_xla
+from hq_jax.kv.paged import FP8, AttentionView, paged_attention_xla, quantize
 from pallas_kernels import paged_attention as pa
 from pallas_kernels import paged_attention_mgpu as pam
 from pallas_kernels import paged_prefill_mgpu as ppm
@@ -43,6 +43,15 @@ from pallas_kernels import paged_prefill_mgpu as ppm
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 SECTIONS = ("decode", "prefill", "shared")
+# K/V dtypes of our Triton kernels' rows: FP8 rows ("ours_fp8") beside the bf16 ones, same
+# inputs quantized (e4m3 and a float32 scale per token and kv head), checked against the
+# float32 reference over the dequantized values.
+KV_DTYPES = ("bfloat16", FP8)
+
+
+def _fp8_bytes(nbytes_bf16_kv: int, head_dim: int) -> int:
+  """bf16 K/V bytes -> FP8's: half the values plus a 4-byte scale per head_dim of them."""
+  return nbytes_bf16_kv // 2 + nbytes_bf16_kv // (2 * head_dim) * 4
 
 
 def _with_view(kernel):
@@ -109,7 +118,8 @@ def _stock_fn(cfg):
 
 
 def bench_decode(shape: str, batch: int, context: int, key, rows: list[dict], *,
-                 block_size: int = 16, reps: int = 20, stock: bool = True, xla: bool = True):
+                 block_size: int = 16, reps: int = 20, stock: bool = True, xla: bool = True,
+                 kv_dtypes=("bfloat16",)):
   nh, nk, d = attention_shape(shape)
   kc, kt = jax.random.split(key)
   check = make_decode(kc, batch, context, nh, nk, d, block_size)
@@ -119,14 +129,14 @@ def bench_decode(shape: str, batch: int, context: int, key, rows: list[dict], *,
   base = dict(shape=shape, mode="decode", batch=batch, context=context,
               bytes=case.bytes, flops=4 * batch * context * nh * d)
 
-  def run(name, fn, cfg, k, v, check_kv):
+  def run(name, fn, cfg, k, v, check_kv, ref=ref, nbytes=case.bytes):
     try:
       err = rel_err(jax.jit(fn)(check.q, *check_kv, check.views[0]), ref)
       if not err < 2e-2:
         raise AssertionError(f"relative error {err:.3g} vs the float32 reference")
       ms = device_ms(_pair(fn), case.q, k, v, *case.views, reps=reps) / 2
       row = dict(base, kernel=name, config=str(cfg), rel_err=err, time_us=ms * 1e3,
-                 tb_s=case.bytes / (ms * 1e-3) / 1e12, error="")
+                 bytes=nbytes, tb_s=nbytes / (ms * 1e-3) / 1e12, error="")
     except Exception as e:  # noqa: BLE001 - a failed variant is a row, not a crash
       row = dict(base, kernel=name, config=str(cfg), error=f"{type(e).__name__}: {e}"[:300])
     rows.append(row)
@@ -146,6 +156,22 @@ def bench_decode(shape: str, batch: int, context: int, key, rows: list[dict], *,
         _pair(_with_view(functools.partial(pa.paged_attention, config=cfg))), case.q, case.k,
         case.v, *case.views, calls=2, reps=reps)
     print(f"    kernels of the best ({cfg}), per call: {best['kernels']}", flush=True)
+  if FP8 in kv_dtypes:  # the same kernels on FP8 pools: (values, scales) as one argument
+    q8 = jax.jit(quantize)
+    fp8 = lambda c: tuple(zip(q8(c.k), q8(c.v)))  # ((k, v) values, (k, v) scales)
+    (ck, cv), (cks, cvs) = fp8(check)
+    (tk, tv), (tks, tvs) = fp8(case)
+    ref8 = jax.jit(lambda q, view: pa.paged_attention_reference(
+        q, ck, cv, *kernel_args(view), k_scale=cks, v_scale=cvs))(check.q, check.views[0])
+    q_bytes = 2 * batch * nh * d * check.q.dtype.itemsize
+    nbytes = _fp8_bytes(case.bytes - q_bytes, d) + q_bytes
+    for cfg in OUR_DECODE_GRID:
+      def fn(q, kv, ks, view, cfg=cfg):  # kv = (k, v) values, ks = (k, v) scales
+        return pa.paged_attention(q, *kv, *kernel_args(view), k_scale=ks[0], v_scale=ks[1],
+                                  config=cfg)
+      run("ours_fp8", fn, cfg, (tk, tv), (tks, tvs), ((ck, cv), (cks, cvs)), ref=ref8,
+          nbytes=nbytes)
+    del tk, tv, tks, tvs
   # Our Mosaic GPU decode kernel (default config): pools with a layer axis of 1 (free).
   run("mosaic", lambda q, k, v, view: pam.paged_decode_attention_mgpu(
       q, k[None], v[None], *kernel_args(view)), "default", case.k, case.v, (check.k, check.v))
@@ -181,7 +207,7 @@ def make_prefill(key, n, nh, nk, d, bs, dtype):
 
 
 def bench_prefill(shape: str, n: int, key, rows: list[dict], *, block_size: int = 16,
-                  check_tokens: int = 2048, reps: int = 20):
+                  check_tokens: int = 2048, reps: int = 20, kv_dtypes=("bfloat16",)):
   from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
   nh, nk, d = attention_shape(shape)
   bs, nc = block_size, check_tokens
@@ -190,14 +216,15 @@ def bench_prefill(shape: str, n: int, key, rows: list[dict], *, block_size: int 
               bytes=2 * n * (nh + nk) * d * 2)
   kc, kt = jax.random.split(key)
 
-  def run(name, fn, cfg, dtype, ref_fn):
+  def run(name, fn, cfg, dtype, ref_fn, prepare=lambda *args: args):
+    # prepare: the inputs' form for fn and ref_fn (FP8: pools quantized), made untimed.
     try:
-      q, k, v, kp, vp, view = make_prefill(kc, nc, nh, nk, d, bs, dtype)
-      err = rel_err(fn(q, k, v, kp, vp, view), ref_fn(q, k, v, kp, vp, view))
+      args = prepare(*make_prefill(kc, nc, nh, nk, d, bs, dtype))
+      err = rel_err(fn(*args), ref_fn(*args))
       if not err < 2e-2:
         raise AssertionError(f"relative error {err:.3g} vs the float32 reference")
-      q, k, v, kp, vp, view = make_prefill(kt, n, nh, nk, d, bs, dtype)
-      ms = device_ms(jax.jit(fn), q, k, v, kp, vp, view, reps=max(3, reps // 4))
+      args = prepare(*make_prefill(kt, n, nh, nk, d, bs, dtype))
+      ms = device_ms(jax.jit(fn), *args, reps=max(3, reps // 4))
       row = dict(base, kernel=name, config=str(cfg), rel_err=err, time_us=ms * 1e3,
                  tflop_s=flops / (ms * 1e-3) / 1e12, error="")
     except Exception as e:  # noqa: BLE001
@@ -212,6 +239,15 @@ def bench_prefill(shape: str, n: int, key, rows: list[dict], *, block_size: int 
   for cfg in OUR_PREFILL_GRID:
     run("ours", jax.jit(lambda q, k, v, kp, vp, view, cfg=cfg: pa.paged_attention(
         q, kp, vp, *kernel_args(view), config=cfg)), cfg, jnp.bfloat16, ours_ref)
+  if FP8 in kv_dtypes:  # the same kernels on FP8 pools (quantized before the timed call)
+    q8 = jax.jit(quantize)
+    prepare = lambda q, k, v, kp, vp, view: (q, *q8(kp), *q8(vp), view)
+    ref8 = jax.jit(lambda q, kq, ks, vq, vs, view: pa.paged_attention_reference(
+        q, kq, vq, *kernel_args(view), k_scale=ks, v_scale=vs))
+    for cfg in OUR_PREFILL_GRID:
+      run("ours_fp8", jax.jit(lambda q, kq, ks, vq, vs, view, cfg=cfg: pa.paged_attention(
+          q, kq, vq, *kernel_args(view), k_scale=ks, v_scale=vs, config=cfg)), cfg,
+          jnp.bfloat16, ref8, prepare)
   mos_cfg = ppm.tuned_config(d)  # the engine's config
   run("mosaic", jax.jit(lambda q, k, v, kp, vp, view: ppm.paged_prefill_attention_mgpu(
       q, kp[None], vp[None], *kernel_args(view), config=mos_cfg)), mos_cfg, jnp.bfloat16,
@@ -264,6 +300,16 @@ def markdown(rows) -> str:
                  f"| {f(mos, 'time_us', '.0f')} | {f(mos, 'tflop_s', '.0f')} "
                  f"| {f(mg, 'time_us', '.0f')} | {f(mg, 'tflop_s', '.0f')} | {ratio(ours)} | "
                  f"{ratio(mos)} |")
+  fp8 = sorted({k[:4] for k in best if k[4] == "ours_fp8"})
+  if fp8:  # the acceptance ratios of issue 27: FP8 over bf16, best config each, same run
+    out += ["", "| shape | mode | batch x context | ours bf16 (us) | ours FP8 (us) | FP8 / bf16 "
+            "| FP8 TB/s or TFLOP/s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for shape, mode, b, c in fp8:
+      bf, f8 = (best.get((shape, mode, b, c, k)) for k in ("ours", "ours_fp8"))
+      rate = f"{f8['tb_s']:.2f}" if mode == "decode" else f"{f8['tflop_s']:.0f}"
+      ratio = f"{f8['time_us'] / bf['time_us']:.2f}" if bf else "n/a"
+      out.append(f"| {shape} | {mode} | {b}x{c} | {bf['time_us'] if bf else float('nan'):.1f} "
+                 f"| {f8['time_us']:.1f} | {ratio} | {rate} |")
   out += ["", "Best configs:", ""]
   out += [f"- {k[0]} {k[1]} {k[2]}x{k[3]} {k[4]}: `{r['config']}`" for k, r in best.items()]
   split = [(k, r) for k, r in best.items() if r.get("kernels")]
@@ -342,7 +388,7 @@ def run(out, *, shapes, cases, sections=SECTIONS, prefill_tokens=(32768,),
         block_size: int = 16, reps: int = 20, seed: int = 0, stock: bool = True,
         xla: bool = True, prefill_check_tokens: int = 2048, shared_points=(),
         shared_sweep=(), shared_configs=(), shared_check_requests: int = 16,
-        log=print) -> list[dict]:
+        log=print, kv_dtypes=KV_DTYPES) -> list[dict]:
   """Every section asked for, written to `out` (a study `outputs.Run`: its write_csv /
   write_text) after every point as kernel_bench.csv/.md and kernel_bench_shared.csv."""
   check_args(shapes=shapes, sections=sections, shared_configs=shared_configs)
@@ -354,13 +400,13 @@ def run(out, *, shapes, cases, sections=SECTIONS, prefill_tokens=(32768,),
       log(f"{shape} decode {batch}x{context}")
       key, sub = jax.random.split(key)
       bench_decode(shape, batch, context, sub, rows, block_size=block_size, reps=reps,
-                   stock=stock, xla=xla)
+                   stock=stock, xla=xla, kv_dtypes=kv_dtypes)
       write(rows, out)
     for n in prefill_tokens if "prefill" in sections else ():
       log(f"{shape} prefill {n}")
       key, sub = jax.random.split(key)
       bench_prefill(shape, int(n), sub, rows, block_size=block_size,
-                    check_tokens=prefill_check_tokens, reps=reps)
+                    check_tokens=prefill_check_tokens, reps=reps, kv_dtypes=kv_dtypes)
       write(rows, out)
   if rows:
     log(markdown(rows))

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hq_jax.kv.paged import AttentionView, KVLayout, KVPools, gather
+from hq_jax.kv.paged import AttentionView, KVLayout, KVPools, dequantize, gather
 
 
 class CacheError(ValueError):
@@ -360,7 +360,8 @@ class PagedCache:
     if self.host_only:
       raise CacheError("this cache was built host_only (no K/V pools): it cannot run a "
                        "model step")
-    if pools.k.shape != self.pools.k.shape or pools.k.dtype != self.pools.k.dtype:
+    if (pools.k.shape != self.pools.k.shape or pools.k.dtype != self.pools.k.dtype
+        or pools.quantized != self.pools.quantized):
       raise CacheError(f"pools of shape {pools.k.shape}/{pools.k.dtype} do not fit a cache of "
                        f"{self.pools.k.shape}/{self.pools.k.dtype}")
     return self._finish(self._begin(), "with_pools", pools=pools)
@@ -423,16 +424,20 @@ class PagedCache:
                          write_slots=write, kv_lens=kv_lens)
 
   def read_kv(self, slot: int) -> tuple[jax.Array, jax.Array]:
-    """The written K and V of a request: [layers, seq_len, kv_heads, head_dim] each."""
+    """The written K and V of a request: [layers, seq_len, kv_heads, head_dim] each, as
+    stored (FP8 pools: dequantized to float32)."""
     self._check_live()
     slot = self._check_slot(slot)
     if self.host_only:
       raise CacheError("this cache was built host_only: it holds no K/V to read")
     n = int(self.seq_lens[slot])
     table = jnp.maximum(self.block_tables[slot], 0)[None]
-    k = jax.vmap(lambda p: gather(p, table)[0, :n])(self.pools.k)
-    v = jax.vmap(lambda p: gather(p, table)[0, :n])(self.pools.v)
-    return k, v
+    read = lambda pool: None if pool is None else jax.vmap(
+        lambda p: gather(p, table)[0, :n])(pool)
+    if not self.pools.quantized:
+      return read(self.pools.k), read(self.pools.v)
+    return (dequantize(read(self.pools.k), read(self.pools.k_scale)),
+            dequantize(read(self.pools.v), read(self.pools.v_scale)))
 
   def tokens_of(self, slot: int) -> int:
     self._check_live()

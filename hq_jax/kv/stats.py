@@ -22,11 +22,11 @@ class KVStats:
   logical_blocks: int  # (request, logical block) pairs holding >= 1 written token
   reuse_factor: float  # logical / physical (1.0 when nothing is shared)
   metadata_bytes: int  # every cache array that is not K/V
-  pool_bytes: int  # the whole preallocated K/V pool
+  pool_bytes: int  # the whole preallocated K/V pool (FP8: scales included)
   hit_tokens: int  # prompt tokens found cached at admission (cumulative, as vLLM counts)
   query_tokens: int  # prompt tokens looked up at admission (cumulative)
   evicted_blocks: int  # cached blocks evicted to make room or by `evict` (cumulative; 0 dense)
-  bytes_per_token: int
+  bytes_per_token: int  # K/V of one token over all layers (FP8: scales included)
   bytes_per_block: int
   active_requests: int
 

@@ -24,7 +24,7 @@ from hq_jax import model as model_lib
 from hq_jax.config import ModelConfig
 from hq_jax.kv import sharing
 from hq_jax.kv.base import CacheError, PagedCache
-from hq_jax.kv.paged import AttentionView, paged_attention_xla
+from hq_jax.kv.paged import AttentionView, is_quantized, paged_attention_xla
 from pallas_kernels import dedup_attention as dedup_kernel
 from pallas_kernels import paged_attention as paged_kernel
 from pallas_kernels import paged_attention_mgpu as mosaic_decode
@@ -65,19 +65,24 @@ def resolve_attention(name: str) -> str:
   return name
 
 
-def _mosaic_prefill(backend: str, dtype, head_dim: int, block_size: int) -> bool:
+def _mosaic_prefill(backend: str, dtype, head_dim: int, block_size: int,
+                    fp8: bool = False) -> bool:
   """Whether `backend` runs prefill chunks on the Mosaic GPU kernel: "mosaic" (and its
-  interpreter) always, "pallas" where that kernel compiles."""
+  interpreter) always, "pallas" where that kernel compiles and reads the K/V (not FP8)."""
   return backend.startswith("mosaic") or (
-      backend == "pallas" and mosaic_prefill.supported(dtype, head_dim, block_size))
+      backend == "pallas" and not fp8
+      and mosaic_prefill.supported(dtype, head_dim, block_size))
 
 
-def prefill_kernel(attention: str, cfg: ModelConfig, block_size: int = 16) -> str:
-  """What runs a prefill chunk's attention under the resolved backend `attention`:
-  "xla", "triton" or "mosaic" (`KernelAttention`'s rule)."""
+def prefill_kernel(attention: str, cfg: ModelConfig, block_size: int = 16,
+                   kv_dtype: str | None = None) -> str:
+  """What runs a prefill chunk's attention under the resolved backend `attention` over K/V
+  of `kv_dtype` (None: the model's dtype): "xla", "triton" or "mosaic" (`KernelAttention`'s
+  rule)."""
   if attention == "reference":
     return "xla"
-  return ("mosaic" if _mosaic_prefill(attention, cfg.jnp_dtype, cfg.head_dim, block_size)
+  fp8 = is_quantized(kv_dtype or cfg.dtype)
+  return ("mosaic" if _mosaic_prefill(attention, cfg.jnp_dtype, cfg.head_dim, block_size, fp8)
           else "triton")
 
 
@@ -95,6 +100,22 @@ def decode_kernel(attention: str) -> str:
 # logits do not depend on its batch. 64 is the largest batch of the benchmark points; a
 # step's weights are read once whatever M, so padding a small batch costs little.
 DECODE_ROWS = 64
+
+
+# The kernels that read FP8 K/V (e4m3 values and per-token scales): the XLA path and the
+# Triton kernels (paged and shared-prefix). The Mosaic GPU prefill and decode kernels do not
+# yet: an engine refuses FP8 caches with them (`check_fp8`).
+FP8_KERNELS = ("xla", "triton")
+
+
+def check_fp8(attention: str, prefill: str, decode: str) -> None:
+  """Raises ValueError, naming the kernel, if one the engine would run cannot read FP8 K/V."""
+  for what, kernel, name in (("prefill", prefill, "paged_prefill_mgpu (Mosaic GPU)"),
+                             ("decode", decode, "paged_attention_mgpu (Mosaic GPU)")):
+    if kernel not in FP8_KERNELS:
+      raise ValueError(f"FP8 K/V: the {what} kernel {name} of --attention={attention} does "
+                       "not read float8_e4m3fn pools yet; use --attention=triton (or "
+                       "pallas, which then prefills on Triton) or --kv_dtype=bfloat16")
 
 
 def decode_bucket(batch: int) -> int:
@@ -121,14 +142,25 @@ class KernelAttention:
   # "reference" | "pallas" | "triton" | "mosaic" | "pallas_interpret" | "mosaic_interpret"
   backend: str
 
-  def __call__(self, q, k_pools, v_pools, layer, view: AttentionView):
+  def __call__(self, q, k_pools, v_pools, layer, view: AttentionView, *, k_scales=None,
+               v_scales=None):
     plan = view.sharing if q.shape[1] == 1 else None
     args = (q, k_pools, v_pools, view.block_tables, view.positions, view.kv_lens)
+    fp8 = k_scales is not None
+    scales = dict(k_scale=k_scales, v_scale=v_scales) if fp8 else {}
     if self.backend == "reference":
       if plan is not None:
-        return dedup_kernel.dedup_attention_reference(*args, plan, layer)
-      return paged_attention_xla(q, k_pools, v_pools, layer, view)
+        return dedup_kernel.dedup_attention_reference(*args, plan, layer, **scales)
+      return paged_attention_xla(q, k_pools, v_pools, layer, view, k_scales=k_scales,
+                                 v_scales=v_scales)
     interpret = self.backend.endswith("_interpret")
+    if fp8:  # the Triton kernels (the engine refuses the Mosaic ones first: check_fp8)
+      if self.backend.startswith("mosaic"):
+        raise ValueError("FP8 K/V: the Mosaic GPU kernels (paged_prefill_mgpu, "
+                         "paged_attention_mgpu) do not read float8_e4m3fn pools yet")
+      if plan is not None:
+        return dedup_kernel.dedup_attention(*args, plan, layer, **scales, interpret=interpret)
+      return paged_kernel.paged_attention(*args, layer, **scales, interpret=interpret)
     if q.shape[1] > 1 and _mosaic_prefill(self.backend, q.dtype, q.shape[-1],
                                           k_pools.shape[-3]):
       # (The view's tables name a valid block past a request's blocks, as this kernel needs:
@@ -176,8 +208,12 @@ class Engine:
                attention: str = "auto", donate: bool | None = None,
                decode_attention: str = "paged",
                auto_min_saved_tokens: int = AUTO_MIN_SAVED_TOKENS,
-               decode_rows: int = DECODE_ROWS, on_step=None, allow_long_context: bool = False):
+               decode_rows: int = DECODE_ROWS, on_step=None, allow_long_context: bool = False,
+               kv_dtype: str | None = None):
     """attention: one of ATTENTION ("auto": the Pallas kernels on a GPU, XLA elsewhere).
+    kv_dtype: the K/V dtype of the caches it runs (None: the model's); it picks the kernels
+    (FP8: those of FP8_KERNELS, else an error naming the kernel), and a cache of another
+    K/V dtype is refused.
     decode_attention: "paged" (exact, the default: bit-identical for dense and HQ),
     "dedup" (shared runs of blocks read once for all their requests; equal to paged within
     float rounding, not bit-exact) or "auto" (dedup when the batch's sharing plan saves at
@@ -199,9 +235,12 @@ class Engine:
                        f"{decode_attention!r}")
     self.params, self.cfg, self.chunk_size = params, cfg, chunk_size
     self.attention = resolve_attention(attention)  # what runs: never "auto"
+    self.kv_dtype = kv_dtype or cfg.dtype
     # The kernels that run (the prefill's is picked at 16-token pages, the default).
-    self.prefill_kernel = prefill_kernel(self.attention, cfg)
+    self.prefill_kernel = prefill_kernel(self.attention, cfg, kv_dtype=self.kv_dtype)
     self.decode_kernel = decode_kernel(self.attention)
+    if is_quantized(self.kv_dtype):
+      check_fp8(self.attention, self.prefill_kernel, self.decode_kernel)
     self._attention_fn = KernelAttention(self.attention)
     self.decode_attention = decode_attention
     self.decode_rows = decode_rows
@@ -246,6 +285,10 @@ class Engine:
       raise CacheError(f"the cache holds {nl} layers x {nk} kv heads x head_dim {d}, the "
                        f"model needs {want[0]} x {want[1]} x {want[2]}: build the cache "
                        "with KVLayout.from_config(cfg)")
+    # FP8 picks other kernels: an FP8 cache needs an engine made for it, and back.
+    if is_quantized(cache.pools.k.dtype) != is_quantized(self.kv_dtype):
+      raise CacheError(f"the cache holds {cache.layout.dtype} K/V, the engine was made for "
+                       f"{self.kv_dtype}: pass Engine(kv_dtype=...) of the cache's layout")
 
   def _step(self, cache: PagedCache, tokens: np.ndarray, view, logits_at=None):
     args = (self.params, cache.pools, jnp.asarray(tokens, jnp.int32), view)

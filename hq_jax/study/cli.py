@@ -34,6 +34,9 @@ COMMON_HELPS = {
     "block_size": "KV block size in tokens",
     "chunk_size": "prefill chunk (a multiple of block_size)",
     "dtype": "float32 | bfloat16",
+    "kv_dtype": "K/V cache dtype: empty = --dtype, float32, bfloat16, float16, float8_e4m3fn "
+                "(e4m3 values and one float32 scale per token and kv head, counted as K/V "
+                "bytes; read by the XLA path and the Triton kernels)",
     "attention": "prefill/decode attention: auto (pallas on a GPU, the XLA reference "
                  "elsewhere), reference, pallas (the fastest of our kernels on this GPU: "
                  "Mosaic GPU prefill on Hopper, else Triton; paged and dedup decode on "
@@ -132,6 +135,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     outputs.check_output_dir(cfg.output_dir)
   if "dtype" in cfg and cfg.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+  if cfg.get("kv_dtype"):
+    from hq_jax.kv.paged import KV_DTYPES
+    if cfg.kv_dtype not in KV_DTYPES:
+      raise ValueError(f"--kv_dtype must be empty (= --dtype) or one of "
+                       f"{', '.join(KV_DTYPES)}, got {cfg.kv_dtype!r}")
   for name, minimum in (("block_size", 1), ("chunk_size", 1), ("seed", 0), ("max_seq_len", 0),
                         ("repeats", 1), ("warmup", 0), ("num_tokens", 2)):
     at_least(name, minimum)

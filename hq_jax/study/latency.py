@@ -30,7 +30,7 @@ MODES = ("dense", "hq_cold", "hq_warm")
 COLUMNS = ("mode", "model", "context_length", "concurrency", "shared_prefix_tokens",
            "cached_tokens", "computed_tokens", "repeats", "ttft_ms_median", "ttft_ms_min",
            "ttft_ms_max", "decode_step_ms_median", "decode_step_ms_min", "decode_step_ms_max",
-           "platform", "attention", "decode_attention")
+           "platform", "attention", "decode_attention", "kv_dtype")
 
 
 def check_row(row: dict) -> None:
@@ -119,7 +119,8 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
         "repeats": repeats, "ttft_ms_median": ttft[0], "ttft_ms_min": ttft[1],
         "ttft_ms_max": ttft[2], "decode_step_ms_median": dec[0], "decode_step_ms_min": dec[1],
         "decode_step_ms_max": dec[2], "platform": jax.devices()[0].platform,
-        "attention": engine.attention_label, "decode_attention": used or engine.decode_attention})
+        "attention": engine.attention_label, "decode_attention": used or engine.decode_attention,
+        "kv_dtype": layout.dtype})
     check_row(rows[-1])
   return rows
 
@@ -151,15 +152,16 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
           shared_prefix_fractions: Iterable[float], block_size: int = 16, chunk_size: int = 64,
           repeats: int = 5, warmup: int = 1, seed: int = 0, attention: str = "auto",
           decode_attention: str = "paged", allow_long_context: bool = False,
-          progress=None) -> list[dict]:
+          progress=None, kv_dtype: str | None = None) -> list[dict]:
   """Every grid point; all flags, the context limit and the requests are checked first."""
   points = check_sweep(cfg, stream, context_lengths=context_lengths, concurrency=concurrency,
                        shared_prefix_fractions=shared_prefix_fractions,
                        block_size=block_size, repeats=repeats, warmup=warmup, seed=seed,
                        allow_long_context=allow_long_context)
-  layout = KVLayout.from_config(cfg, block_size)
+  layout = KVLayout.from_config(cfg, block_size, kv_dtype)
   engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
-                  decode_attention=decode_attention, allow_long_context=allow_long_context)
+                  decode_attention=decode_attention, allow_long_context=allow_long_context,
+                  kv_dtype=layout.dtype)
   rows = []
   for n, c, f in points:
     rows += run_point(engine, layout, stream, model=model, context_length=n, concurrency=c,

@@ -43,6 +43,31 @@ def bit_identical(ppl: dict | None) -> dict:
       "perplexity.json")
 
 
+# The acceptance bound of FP8 K/V (issue 27): |delta ppl| against bfloat16 and the model's
+# dtype; vLLM reports e4m3 K/V perplexity within run-to-run noise (+0.12% in one report).
+FP8_PPL_BOUND = 0.003
+
+
+def fp8_perplexity(ppl: dict | None) -> dict:
+  claim = f"FP8 K/V costs <= {100 * FP8_PPL_BOUND:g}% perplexity"
+  if not ppl or ppl.get("kv_dtype") != "float8_e4m3fn":
+    return _claim(claim, UNTESTED, "no perplexity run with --kv_dtype=float8_e4m3fn")
+  base = ppl.get("kv_dtype_baselines") or {}
+  if not base:
+    return _claim(claim, UNTESTED, "the FP8 perplexity run has no bfloat16 / model-dtype "
+                  "K/V baseline")
+  fp8 = ppl["dense"]["ppl"]
+  deltas = {k: fp8 / v["ppl"] - 1.0 for k, v in base.items()}
+  ok = all(abs(d) <= FP8_PPL_BOUND for d in deltas.values())
+  vs = ", ".join(f"{base[k]['ppl']:.4f} with {k} K/V ({100 * d:+.3f}%)"
+                 for k, d in deltas.items())
+  return _claim(claim, SUPPORTED if ok else REFUTED,
+                f"dense perplexity {fp8:.4f} with float8_e4m3fn K/V (per-token scales) vs "
+                f"{vs}, {ppl['num_tokens']} tokens, {ppl.get('model_dtype', '?')} model; "
+                f"worst |delta| {100 * max(abs(d) for d in deltas.values()):.3f}%",
+                "perplexity.json")
+
+
 def labels_are_true(mem: Sequence[dict]) -> dict:
   claim = "Every request has exactly its context_length label's tokens"
   if not mem:
@@ -176,6 +201,6 @@ def peak_memory(mem: Sequence[dict]) -> dict:
 
 
 def build(ppl: dict | None, mem: Sequence[dict], lat: Sequence[dict]) -> list[dict]:
-  return [bit_identical(ppl), labels_are_true(mem), flat_in_context(mem),
+  return [bit_identical(ppl), fp8_perplexity(ppl), labels_are_true(mem), flat_in_context(mem),
           compression_concurrent(mem), no_reuse_at_concurrency_one(mem), metadata_small(mem),
           ttft_reuse(lat), peak_memory(mem)]

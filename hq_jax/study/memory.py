@@ -36,7 +36,8 @@ TIMING_COLUMNS = ("ttft_ms", "prefill_s")
 COLUMNS = (
     "backend", "model", "context_length", "tokens_per_request", "concurrency",
     "shared_prefix_fraction", "num_prefixes", "shared_prefix_tokens", "unique_suffix_tokens",
-    "block_size", "chunk_size", "bytes_per_token", "max_seq_len", "kv_bytes_allocated",
+    "block_size", "chunk_size", "kv_dtype", "bytes_per_token", "max_seq_len",
+    "kv_bytes_allocated",
     "kv_bytes_used", "kv_bytes_predicted", "physical_blocks", "logical_blocks", "reuse_factor",
     "metadata_bytes", "pool_bytes", "hit_tokens", "query_tokens", "computed_tokens",
     "peak_device_bytes", "process_peak_bytes", "seed", "attention") + TIMING_COLUMNS
@@ -48,7 +49,8 @@ def predicted_kv_bytes(backend: str, *, context_length: int, concurrency: int,
   """K/V held by `concurrency` requests of `context_length` tokens, analytically.
 
   Dense holds every token of every request. HQ holds each distinct (block-aligned)
-  prefix once, plus every request's own suffix.
+  prefix once, plus every request's own suffix. `bytes_per_token` is the layout's (FP8:
+  scales included, so FP8 rows are predicted with their scale bytes).
   """
   c, n, p = concurrency, context_length, shared_prefix_tokens
   if backend == "dense":
@@ -318,7 +320,8 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
         "concurrency": concurrency, "shared_prefix_fraction": shared_prefix_fraction,
         "num_prefixes": num_prefixes, "shared_prefix_tokens": p,
         "unique_suffix_tokens": context_length - p, "block_size": layout.block_size,
-        "chunk_size": engine.chunk_size, "bytes_per_token": layout.bytes_per_token,
+        "chunk_size": engine.chunk_size, "kv_dtype": layout.dtype,
+        "bytes_per_token": layout.bytes_per_token,
         "max_seq_len": max_seq,
         "kv_bytes_allocated": s.kv_bytes_allocated, "kv_bytes_used": s.kv_bytes_used,
         "kv_bytes_predicted": predicted_kv_bytes(
@@ -375,7 +378,7 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
           block_size: int = 16, chunk_size: int = 64, chunk_size_at: Iterable[str] = (),
           max_seq_len: int = 0, seed: int = 0, attention: str = "auto",
           decode_attention: str = "paged", allow_long_context: bool = False, progress=None,
-          on_rows=None, on_skip=None) -> list[dict]:
+          on_rows=None, on_skip=None, kv_dtype: str | None = None) -> list[dict]:
   """The full grid; `progress` (e.g. a tqdm) is updated once per grid point, and
   `on_rows(rows_so_far)` is called after each (to write partial results). Every grid
   value, the context limit and the requests of every point are checked before any
@@ -384,13 +387,14 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
   `on_skip(point, reason)` is called for it before any compute (point = (context_length,
   concurrency, shared_prefix_fraction, num_prefixes)). `chunk_size_at` ("CONTEXT:CHUNK"
   strings, `parse_chunk_size_at`) gives the points of a context length another prefill
-  chunk than `chunk_size`; each row records its chunk."""
+  chunk than `chunk_size`; each row records its chunk. `kv_dtype`: the caches' K/V dtype
+  (None: the model's); each row records it."""
   points, chunks = check_sweep(
       cfg, stream, context_lengths=context_lengths, concurrency=concurrency,
       shared_prefix_fractions=shared_prefix_fractions, num_prefixes=num_prefixes,
       block_size=block_size, chunk_size=chunk_size, chunk_size_at=chunk_size_at,
       max_seq_len=max_seq_len, seed=seed, allow_long_context=allow_long_context)
-  layout = KVLayout.from_config(cfg, block_size)
+  layout = KVLayout.from_config(cfg, block_size, kv_dtype)
   unfit = unfit_points(points, layout, max_seq_len)
   for point, reason in unfit.items():
     if on_skip is not None:
@@ -403,7 +407,7 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
     if chunk not in engines:
       engines[chunk] = Engine(params, cfg, chunk_size=chunk, attention=attention,
                               decode_attention=decode_attention, on_step=tracker,
-                              allow_long_context=allow_long_context)
+                              allow_long_context=allow_long_context, kv_dtype=layout.dtype)
     return engines[chunk]
 
   rows = []

@@ -7,6 +7,10 @@ Three runs over the same `token_ids`:
                  is prefilled first, then the full text: its first chunks are skipped
                  and the rest attend to the cached K/V ("prefix_reuse" difference,
                  over the positions it computed).
+All three hold K/V in `kv_dtype` (default: the model's dtype). When that is another dtype
+(FP8, or bfloat16 K/V under a float32 model), the dense run is repeated with bfloat16 K/V
+and with the model's dtype ("kv_dtype_baselines"), so that one run gives what the FP8
+ledger row compares.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from hq_jax.serve.engine import Engine
 from hq_jax.study.errors import check_context_limit
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
-from hq_jax.kv.paged import KVLayout
+from hq_jax.kv.paged import KVLayout, check_kv_dtype
 
 
 @jax.jit
@@ -84,6 +88,17 @@ def max_abs_diff(a, b, *, chunk: int = 512) -> float:
   return worst
 
 
+def _dense_ppl(params, cfg, ids, *, chunk_size, block_size, attention, kv_dtype,
+               allow_long_context) -> float:
+  """Perplexity of one dense prefill with K/V held in `kv_dtype`."""
+  layout = KVLayout.from_config(cfg, block_size, kv_dtype)
+  engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention, kv_dtype=kv_dtype,
+                  allow_long_context=allow_long_context)
+  cache = DenseKVCache.for_requests(layout, max_requests=1, max_seq_len=ids.size)
+  _, d = engine.prefill(cache, ids)
+  return ppl(token_nll(d.logits, ids))
+
+
 def check_tokens(cfg: ModelConfig, token_ids, allow_long_context: bool = False) -> np.ndarray:
   """The token ids `run` scores, checked (integers in the vocabulary, >= 2, within the
   context rule) before any compute; a script calls it before opening its run."""
@@ -102,12 +117,14 @@ def check_tokens(cfg: ModelConfig, token_ids, allow_long_context: bool = False) 
 
 
 def run(params, cfg: ModelConfig, token_ids, *, chunk_size: int = 64, block_size: int = 16,
-        attention: str = "auto", allow_long_context: bool = False) -> dict:
+        attention: str = "auto", allow_long_context: bool = False,
+        kv_dtype: str | None = None) -> dict:
   ids = check_tokens(cfg, token_ids, allow_long_context)
   n = ids.size
-  layout = KVLayout.from_config(cfg, block_size)
+  kv_dtype = check_kv_dtype(kv_dtype or cfg.dtype)
+  layout = KVLayout.from_config(cfg, block_size, kv_dtype)
   engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
-                  allow_long_context=allow_long_context)
+                  allow_long_context=allow_long_context, kv_dtype=kv_dtype)
 
   dense = DenseKVCache.for_requests(layout, max_requests=1, max_seq_len=n)
   _, d = engine.prefill(dense, ids)
@@ -124,11 +141,22 @@ def run(params, cfg: ModelConfig, token_ids, *, chunk_size: int = 64, block_size
 
   dense_nll, hq_nll = token_nll(d.logits, ids), token_nll(h.logits, ids)
   dense_reused = d.logits[r.first_position:]
+  baselines = {}
+  for other in dict.fromkeys(("bfloat16", cfg.dtype)):
+    if other != kv_dtype and kv_dtype != cfg.dtype:
+      baselines[other] = {"ppl": _dense_ppl(params, cfg, ids, chunk_size=chunk_size,
+                                            block_size=block_size, attention=attention,
+                                            kv_dtype=other,
+                                            allow_long_context=allow_long_context)}
   return {
       "num_tokens": int(n),
       "chunk_size": chunk_size,
       "block_size": block_size,
       "attention": engine.attention_label,
+      "model_dtype": cfg.dtype,
+      "kv_dtype": kv_dtype,
+      # Dense perplexity with K/V in other dtypes (bfloat16, the model's), same tokens.
+      "kv_dtype_baselines": baselines,
       "dense": {"ppl": ppl(dense_nll), "nll": dense_nll.tolist()},
       "hq": {"ppl": ppl(hq_nll), "nll": hq_nll.tolist()},
       "max_abs_logit_diff": {

@@ -23,14 +23,14 @@ from hq_jax.study.traces import ReplayConfig, TraceRequest
 
 GB = 10**9  # --kv_budget_gb counts decimal gigabytes, as GPU datasheets do.
 
-COLUMNS = ("model", "block_size", "kv_budget_gb", "num_blocks", "backend", "requests",
-           "skipped_requests", "skipped_long_context", "prompt_tokens", "hit_tokens",
-           "hit_ratio", "computed_prefill_tokens", "evicted_blocks", "peak_kv_bytes_used",
-           "mean_kv_bytes_used", "mean_concurrency", "peak_concurrency", "replay_span_s",
-           "mean_queue_wait_s", "decode_steps", "partial", "ttft_p50_ms", "ttft_p90_ms",
-           "ttft_p99_ms", "prefill_tokens_per_s_measured", "host_admit_ms_mean")
-CAPACITY_COLUMNS = ("model", "block_size", "kv_budget_gb", "num_blocks", "context_length",
-                    "shared_prefix_fraction", "shared_blocks", "dense_admitted",
+COLUMNS = ("model", "block_size", "kv_dtype", "kv_budget_gb", "num_blocks", "backend",
+           "requests", "skipped_requests", "skipped_long_context", "prompt_tokens",
+           "hit_tokens", "hit_ratio", "computed_prefill_tokens", "evicted_blocks",
+           "peak_kv_bytes_used", "mean_kv_bytes_used", "mean_concurrency", "peak_concurrency",
+           "replay_span_s", "mean_queue_wait_s", "decode_steps", "partial", "ttft_p50_ms",
+           "ttft_p90_ms", "ttft_p99_ms", "prefill_tokens_per_s_measured", "host_admit_ms_mean")
+CAPACITY_COLUMNS = ("model", "block_size", "kv_dtype", "kv_budget_gb", "num_blocks",
+                    "context_length", "shared_prefix_fraction", "shared_blocks", "dense_admitted",
                     "hq_admitted", "hq_over_dense", "checked_by_replay")
 
 

@@ -19,7 +19,8 @@ from hq_jax.kv.stats import kv_stats
 
 COLUMNS = ("workload", "backend", "model", "requests", "prompt_tokens", "kv_bytes_allocated",
            "kv_bytes_used", "physical_blocks", "logical_blocks", "reuse_factor", "hit_tokens",
-           "query_tokens", "hit_rate", "computed_tokens", "metadata_bytes", "attention")
+           "query_tokens", "hit_rate", "computed_tokens", "metadata_bytes", "attention",
+           "kv_dtype")
 WORKLOADS = ("system_prompt", "few_shot", "multi_turn")
 # Smallest valid value of each size (a system prompt may be empty; everything else not).
 SIZE_MINIMUM = {"users": 1, "system_tokens": 0, "user_tokens": 1, "examples": 1,
@@ -111,11 +112,13 @@ def check(cfg: ModelConfig, stream: wl.TokenStream, sizes: dict, seed: int = 0,
 
 def run(params, cfg: ModelConfig, stream: wl.TokenStream, *, model: str, sizes: dict,
         block_size: int = 16, chunk_size: int = 64, seed: int = 0, attention: str = "auto",
-        decode_attention: str = "paged", allow_long_context: bool = False) -> list[dict]:
+        decode_attention: str = "paged", allow_long_context: bool = False,
+        kv_dtype: str | None = None) -> list[dict]:
   workloads = check(cfg, stream, sizes, seed, allow_long_context)
-  layout = KVLayout.from_config(cfg, block_size)
+  layout = KVLayout.from_config(cfg, block_size, kv_dtype)
   engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
-                  decode_attention=decode_attention, allow_long_context=allow_long_context)
+                  decode_attention=decode_attention, allow_long_context=allow_long_context,
+                  kv_dtype=layout.dtype)
   rows = []
   for name, (requests, sequential) in workloads.items():
     longest = max(len(r) for r in requests)
@@ -141,6 +144,7 @@ def run(params, cfg: ModelConfig, stream: wl.TokenStream, *, model: str, sizes: 
           "query_tokens": end.query_tokens,
           "hit_rate": round(end.hit_tokens / end.query_tokens, 6),
           "computed_tokens": computed, "metadata_bytes": end.metadata_bytes,
+          "kv_dtype": layout.dtype,
           "attention": engine.attention_label})
       check_row(rows[-1])
   return rows

@@ -24,7 +24,8 @@ flags.DEFINE_list("decode", ["7b:64x4096", "0.5b:8x32768"], "Decode points MODEL
 flags.DEFINE_list("prefill", ["7b:16384", "0.5b:32768"], "Prefill points MODEL:TOKENS.")
 flags.DEFINE_enum("attention", "auto", list(ATTENTION),
                   "Attention backend (auto: the Pallas kernels on a GPU).")
-flags.DEFINE_string("dtype", "bfloat16", "Weights and K/V dtype.")
+flags.DEFINE_string("dtype", "bfloat16", "Weights dtype (and K/V, unless --kv_dtype).")
+flags.DEFINE_string("kv_dtype", "", cli.COMMON_HELPS["kv_dtype"])
 flags.DEFINE_integer("steps", 20, "Timed decode steps per point (wall clock, last synced).")
 flags.DEFINE_integer("reps", 10, "Repetitions of device-time measurements (median).")
 flags.DEFINE_integer("prefill_repeats", 3, "Timed prefills per point after a compile run.")
@@ -63,7 +64,7 @@ def main(argv):
           dtype=FLAGS.dtype, steps=FLAGS.steps, reps=FLAGS.reps,
           prefill_repeats=FLAGS.prefill_repeats, chunk_sizes=chunks,
           dedup_shared_fraction=FLAGS.dedup_shared_fraction, block_size=FLAGS.block_size,
-          seed=FLAGS.seed, log=lambda m: print(m, flush=True))
+          seed=FLAGS.seed, log=lambda m: print(m, flush=True), kv_dtype=FLAGS.kv_dtype or None)
       run.write_csv("e2e_bench.csv", rows, e2e_bench.COLUMNS)
       text = e2e_bench.markdown(ceilings, rows)
       run.write_text("e2e_bench.md", text)

@@ -37,6 +37,9 @@ flags.DEFINE_list("shared_configs", ["q64k64", "q64k64f", "q128k128x8k", "q128k1
                   "Dedup tuning configs (names in hq_jax.bench.shared_prefix.CONFIGS); "
                   "the fastest per point is reported.")
 flags.DEFINE_bool("overwrite", False, "Replace this script's earlier outputs in --output_dir.")
+flags.DEFINE_list("kv_dtypes", list(kernel_bench.KV_DTYPES),
+                  "K/V dtypes of our Triton kernels' decode and prefill rows: bfloat16, "
+                  "float8_e4m3fn (rows 'ours_fp8': e4m3 and per-token scales)")
 flags.DEFINE_integer("shared_check_requests", 16,
                      "Requests per shared point checked against the float32 reference.")
 
@@ -61,7 +64,7 @@ def main(argv):
           seed=FLAGS.seed, stock=FLAGS.stock, xla=FLAGS.xla,
           prefill_check_tokens=FLAGS.prefill_check_tokens, shared_points=FLAGS.shared_points,
           shared_sweep=FLAGS.shared_sweep, shared_configs=FLAGS.shared_configs,
-          shared_check_requests=FLAGS.shared_check_requests,
+          shared_check_requests=FLAGS.shared_check_requests, kv_dtypes=FLAGS.kv_dtypes,
           log=lambda m: print(m, flush=True))
       out.finish()
   except (ValueError, outputs.OutputError) as e:

@@ -56,7 +56,8 @@ def main(argv):
                            block_size=cfg.block_size, chunk_size=cfg.chunk_size,
                            repeats=cfg.repeats, warmup=cfg.warmup, seed=cfg.seed,
                            attention=cfg.attention, decode_attention=cfg.decode_attention,
-                           allow_long_context=cfg.allow_long_context, progress=bar)
+                           allow_long_context=cfg.allow_long_context, progress=bar,
+                           kv_dtype=cfg.kv_dtype or None)
     path = run.write_csv("latency.csv", rows, latency.COLUMNS)
     run.finish(attention=rows[0]["attention"], decode_attention=cfg.decode_attention)
   for r in rows:

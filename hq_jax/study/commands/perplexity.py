@@ -4,7 +4,9 @@
 
 writes DIR/perplexity.json: model, text_file, num_tokens, token_ids, dense {ppl, nll},
 hq {ppl, nll}, max_abs_logit_diff and logit_mismatches {full_prefill, prefix_reuse},
-attention, run metadata and run_id; and DIR/perplexity.run.json (the run record).
+attention, kv_dtype, kv_dtype_baselines (with --kv_dtype=float8_e4m3fn: the dense
+perplexity with bfloat16 and model-dtype K/V, for the ledger's FP8 row), run metadata and
+run_id; and DIR/perplexity.run.json (the run record).
 """
 
 import time
@@ -50,7 +52,8 @@ def main(argv):
     t0 = time.perf_counter()
     result = perplexity.run(params, model_cfg, ids, chunk_size=cfg.chunk_size,
                             block_size=cfg.block_size, attention=cfg.attention,
-                            allow_long_context=cfg.allow_long_context)
+                            allow_long_context=cfg.allow_long_context,
+                            kv_dtype=cfg.kv_dtype or None)
     out = {"model": cfg.model, "model_name": model_cfg.name,
            "text_file": cfg.text_file or "wiki (exllamav2-0.3.2 standard_cal_data/wiki.utf8)",
            "tokenizer": tok.name, "token_ids": [int(i) for i in ids], **result,
@@ -63,7 +66,10 @@ def main(argv):
         f"{result['max_abs_logit_diff']['full_prefill']}, prefix reuse "
         f"{result['max_abs_logit_diff']['prefix_reuse']}; differing logits "
         f"{result['logit_mismatches']['full_prefill']}, "
-        f"{result['logit_mismatches']['prefix_reuse']}\nwrote {path}")
+        f"{result['logit_mismatches']['prefix_reuse']}; K/V {result['kv_dtype']}"
+        + "".join(f", dense ppl with {k} K/V {v['ppl']:.4f}"
+                  for k, v in result["kv_dtype_baselines"].items())
+        + f"\nwrote {path}")
 
 
 

@@ -91,7 +91,9 @@ def validate(cfg):
          f"{cfg.kv_budget_gb} must be finite and >= 0")
   _check(len(set(cfg.kv_budget_gb)) == len(cfg.kv_budget_gb), "kv_budget_gb",
          "a budget appears twice")
-  layout = KVLayout.from_config(model_cfg, cfg.block_size, cfg.dtype)
+  # The K/V dtype sets the bytes of a block, so how many blocks a budget buys (FP8: about
+  # half of bfloat16's bytes, scales included).
+  layout = KVLayout.from_config(model_cfg, cfg.block_size, cfg.kv_dtype or cfg.dtype)
   for b in cfg.kv_budget_gb:
     try:
       trace_outputs.pool_blocks(b, layout.bytes_per_block)
@@ -124,6 +126,8 @@ def _replay(run, cfg, requests, model_cfg, layout, replay_cfg, engine, trace_pat
       model=cfg.model, budgets_gb=cfg.kv_budget_gb, bytes_per_block=layout.bytes_per_block,
       block_size=cfg.block_size, context_lengths=cfg.capacity_context_lengths,
       shared_fractions=cfg.capacity_shared_fractions)
+  rows = [{**r, "kv_dtype": layout.dtype} for r in rows]
+  capacity = [{**r, "kv_dtype": layout.dtype} for r in capacity]
   run.write_csv("trace_replay.csv", rows, trace_outputs.COLUMNS)
   run.write_csv("capacity.csv", capacity, trace_outputs.CAPACITY_COLUMNS)
   name = os.path.basename(trace_path)
@@ -136,7 +140,8 @@ def _replay(run, cfg, requests, model_cfg, layout, replay_cfg, engine, trace_pat
       "command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata(),
       "trace": {"path": trace_path, "requests": len(requests), "prompt_tokens": prompt,
                 "direct_hit_ratio": traces.direct_hit_tokens(requests) / prompt},
-      "bytes_per_block": layout.bytes_per_block, "rows": rows, "capacity": capacity,
+      "kv_dtype": layout.dtype, "bytes_per_block": layout.bytes_per_block, "rows": rows,
+      "capacity": capacity,
       # True when --time_limit_s stopped a model-mode row early: its requests are a prefix.
       "partial": any(r["partial"] for r in rows),
       "ledger_row": traces.ledger_row(rows, name)}
@@ -177,7 +182,7 @@ def main(argv):
     from hq_jax.serve.engine import Engine
     params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
     engine = Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention,
-                    allow_long_context=cfg.allow_long_context)
+                    allow_long_context=cfg.allow_long_context, kv_dtype=layout.dtype)
     ran = engine.attention_label
   deadline = t_start + cfg.time_limit_s if cfg.time_limit_s else None
   # The run locks the directory while it writes; a failure marks its record failed.

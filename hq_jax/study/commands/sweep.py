@@ -72,7 +72,8 @@ def main(argv):
               len(cfg.shared_prefix_fractions) * len(cfg.num_prefixes))
     engine_args = dict(block_size=cfg.block_size, chunk_size=cfg.chunk_size, seed=cfg.seed,
                        attention=cfg.attention, decode_attention=cfg.decode_attention,
-                       allow_long_context=cfg.allow_long_context)
+                       allow_long_context=cfg.allow_long_context,
+                       kv_dtype=cfg.kv_dtype or None)
     # After every grid point, so an interrupted sweep keeps what it measured (its run
     # record stays "running": the report refuses it).
     write = lambda rows: run.write_csv("memory_sweep.csv", rows, memory.COLUMNS)
