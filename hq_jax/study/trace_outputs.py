@@ -105,7 +105,8 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
     finally:
       if bar is not None:
         bar.close()
-    rows.append(dict(model=model, block_size=layout.block_size, kv_budget_gb=budget,
+    rows.append(dict(model=model, block_size=layout.block_size, kv_dtype=layout.dtype,
+                     kv_budget_gb=budget,
                      num_blocks=nb if nb is not None else "", backend=name,
                      **stats.row(bytes_per_block=bpb)))
   return rows

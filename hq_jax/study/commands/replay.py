@@ -126,7 +126,6 @@ def _replay(run, cfg, requests, model_cfg, layout, replay_cfg, engine, trace_pat
       model=cfg.model, budgets_gb=cfg.kv_budget_gb, bytes_per_block=layout.bytes_per_block,
       block_size=cfg.block_size, context_lengths=cfg.capacity_context_lengths,
       shared_fractions=cfg.capacity_shared_fractions)
-  rows = [{**r, "kv_dtype": layout.dtype} for r in rows]
   capacity = [{**r, "kv_dtype": layout.dtype} for r in capacity]
   run.write_csv("trace_replay.csv", rows, trace_outputs.COLUMNS)
   run.write_csv("capacity.csv", capacity, trace_outputs.CAPACITY_COLUMNS)
