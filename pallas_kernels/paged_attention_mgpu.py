@@ -3,8 +3,8 @@
 Parts, as in `paged_attention.py`: the kernel body (`_decode_kernel`), the jitted wrapper
 `paged_decode_attention_mgpu` with its `TuningConfig`, the exact split merge (`merge_splits`,
 plain jnp), a float32 `paged_decode_attention_reference` on this file's interface (the tests
-also check against `paged_attention.paged_attention_reference`), and `main()`: the GPU
-check-and-time sweep (`python -m pallas_kernels.paged_attention_mgpu [--sweep]`). Imports
+also check against `paged_attention.paged_attention_reference`); its GPU check-and-time
+sweep is `hq_jax.bench.mosaic` (`hq-jax bench mosaic decode [--sweep]`). Imports
 jax, numpy, the standard library and `_common` (its input checks) only.
 
 Layout: q [B, 1, H, D]; pools of ALL layers [L, num_blocks, block_size, K, D]; block tables
@@ -66,7 +66,6 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-import numpy as np
 
 from pallas_kernels import _common as common
 
@@ -131,14 +130,14 @@ class TuningConfig:
 # SMEM per program: K/V 2 * slots * block_kv * D * 2 bytes = 64 KiB for both defaults, q
 # 8 / 16 KiB, P 16 / 8 KiB: 88 KiB, so two programs fit on an SM (227 KiB), each with 2
 # steps (2 x 32 KiB of K/V) in flight. The epilogue's f32 tile reuses the loop's SMEM (a
-# later run_scoped). Chosen by `python -m pallas_kernels.paged_attention_mgpu --sweep` (the
+# later run_scoped). Chosen by `hq-jax bench mosaic decode --sweep` (the
 # Triton kernel timed in the same run; figures: docs/results.md, "GPU kernels"): longer
 # splits won at both head_dims. 4096-key splits were faster still at 64 x 4k and 8 x 32k of
 # the 7B shape and slower at 1 x 128k, but a (request, kv head) is one program per split: at
 # small batches and short contexts (1 x 4k: 4 programs at 4096, 8 at 2048, 16 for the
 # Triton kernel's 1024) a long split leaves most SMs idle, which the sweep's points do not
 # show. 2048 keeps every sweep point ahead of Triton; at 1 and 8 requests of 4k the Triton
-# kernel is still faster, and the fold_kv_heads configs of SWEEP did not beat DEFAULT_D64.
+# kernel is still faster, and the fold_kv_heads configs of `hq_jax.bench.mosaic.DECODE_SWEEP` did not beat DEFAULT_D64.
 DEFAULT_D64 = TuningConfig(pages_per_step=8, kv_split=2048, max_concurrent_steps=2)
 DEFAULT_D128 = TuningConfig(pages_per_step=4, kv_split=2048, max_concurrent_steps=2)
 
@@ -570,118 +569,3 @@ def paged_decode_attention_reference(q, k_pool, v_pool, block_tables, positions,
   v = jnp.where(visible[:, :, None, None], v, 0.0)
   out = jnp.einsum("bkgs,bskd->bkgd", probs, v, precision=lax.Precision.HIGHEST)
   return out.reshape(b, 1, nh, d)
-
-
-# ------------------------------------------------------------------- GPU check + time
-SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, head_dim)
-POINTS = ((64, 4096), (8, 32768), (1, 131072))  # (batch, context)
-# `--sweep`: what one device call can time (about 9 s per config and point). Earlier sweeps
-# found occupancy (programs per SM) worth more than pipeline depth, and longer splits
-# better; they gave the defaults above. This one: the defaults' neighbours and the
-# fold_kv_heads configs (0.5B: K * D = 128, the tiles of the D = 128 configs). main() drops
-# those that do not fit.
-SWEEP = (
-    TuningConfig(pages_per_step=8, kv_split=2048, max_concurrent_steps=2),
-    TuningConfig(pages_per_step=4, kv_split=1024, max_concurrent_steps=2),
-    TuningConfig(pages_per_step=4, kv_split=2048, max_concurrent_steps=2),
-    TuningConfig(pages_per_step=4, kv_split=4096, max_concurrent_steps=2),
-    TuningConfig(pages_per_step=4, kv_split=512, max_concurrent_steps=2, fold_kv_heads=True),
-    TuningConfig(pages_per_step=4, kv_split=1024, max_concurrent_steps=2, fold_kv_heads=True),
-    TuningConfig(pages_per_step=4, kv_split=2048, max_concurrent_steps=2, fold_kv_heads=True),
-    TuningConfig(pages_per_step=4, kv_split=1024, max_concurrent_steps=2, fold_kv_heads=True,
-                 p_in_registers=True),
-)
-
-
-def random_inputs(key, batch, context, shape, *, num_layers=2, block_size=16,
-                  dtype=jnp.bfloat16):
-  """Fresh random decode inputs: every request holds `context` keys at a random placement
-  of the blocks (block 0 never assigned), the query at the last position; two layers."""
-  nh, nk, d = SHAPES[shape]
-  max_blocks = -(-context // block_size)
-  num_blocks = 1 + batch * max_blocks
-  kq, kk, kv, kp = jax.random.split(key, 4)
-  pool_shape = (num_layers, num_blocks, block_size, nk, d)
-  q = jax.random.normal(kq, (batch, 1, nh, d), dtype)
-  k_pool = jax.random.normal(kk, pool_shape, dtype)
-  v_pool = jax.random.normal(kv, pool_shape, dtype)
-  tables = (1 + jax.random.permutation(kp, num_blocks - 1)).reshape(batch, max_blocks)
-  kv_lens = jnp.full((batch,), context, jnp.int32)
-  return q, k_pool, v_pool, tables.astype(jnp.int32), (kv_lens - 1)[:, None], kv_lens
-
-
-def main(sweep: bool = False, shapes=tuple(SHAPES), points=POINTS, reps: int = 5) -> None:
-  """Checks each config against the float32 reference, then times it by CUPTI (device time
-  of every kernel a call launches: the q pad and the split merge count). Each timed call
-  runs layers 0 and 1 (disjoint K/V, together larger than L2) and counts half. Each row
-  also gives its rate as a fraction of an XLA reduction's read rate measured first in the
-  same process (a jitted float32 sum over 2 GiB of bf16: the decode target's yardstick).
-  The Triton kernel (the engine's decode, default config) is timed first at every point."""
-  from jax.experimental.mosaic.gpu import profiler  # GPU only
-  from pallas_kernels import paged_attention as triton_paged  # the comparison, main() only
-
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-  big = jax.random.normal(jax.random.key(1), (1 << 30,), jnp.bfloat16)
-  read_sum = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-  jax.block_until_ready(read_sum(big))
-  read_ms = float(np.median([profiler.measure(read_sum)(big)[1] for _ in range(reps)]))
-  read_tb_s = big.nbytes / read_ms / 1e9
-  del big
-  print(f"XLA read rate {read_tb_s:.2f} TB/s", flush=True)
-  for shape in shapes:
-    nh, nk, d = SHAPES[shape]
-
-    def fits(c):  # in SMEM, and within check_fold's limits when folding
-      if smem_bytes(c, d, num_kv_heads=nk) + 4096 > SMEM_PER_SM:
-        return False
-      try:
-        if c.fold_kv_heads:
-          check_fold(nh, nk, d)
-      except ValueError:
-        return False
-      return True
-
-    configs = tuple(dict.fromkeys(
-        (default_config(d),) + tuple(c for c in (SWEEP if sweep else ()) if fits(c))))
-    # The Triton kernel (the engine's decode) first, on the same inputs in the same run.
-    kernels = [("triton paged_attention (engine's decode)", triton_paged.paged_attention)]
-    kernels += [(str(c), functools.partial(paged_decode_attention_mgpu, config=c))
-                for c in configs]
-    widen = max(c.kv_split for c in configs) // 16  # table entries: one more, empty, split
-    for batch, context in points:
-      inputs = random_inputs(jax.random.key(batch * 7 + context), batch, context, shape)
-      ref = paged_decode_attention_reference(*inputs, 1)
-      kv_bytes = 2 * batch * context * nk * d * 2  # K and V, bf16, read once
-      for name, kernel in kernels:
-        try:
-          fn = jax.jit(kernel)
-          out = fn(*inputs, 1)
-          err = float(jnp.linalg.norm((out.astype(jnp.float32) - ref).ravel())
-                      / jnp.linalg.norm(ref.ravel()))
-          if not err < 2e-2:
-            raise AssertionError(f"relative L2 error {err:.2e} vs the f32 reference")
-          # Same bits for a request alone, with a wider table (one more, empty, split).
-          q, kp, vp, tables, pos, lens = inputs
-          wide = jnp.concatenate([tables[:1], jnp.ones((1, widen), jnp.int32)], axis=1)
-          alone = fn(q[:1], kp, vp, wide, pos[:1], lens[:1], 1)
-          if not bool(jnp.array_equal(alone, out[:1])):
-            raise AssertionError("request 0 alone gives other bits than in the batch")
-          pair = jax.jit(lambda *a: (fn(*a, 0), fn(*a, 1)))
-          jax.block_until_ready(pair(*inputs))
-          ms = float(np.median([profiler.measure(pair)(*inputs)[1] for _ in range(reps)]))
-          us = ms * 1e3 / 2
-          print(f"{shape} {batch}x{context} {name}: {us:.1f} us, "
-                f"{kv_bytes / us / 1e6:.2f} TB/s = {kv_bytes / us / 1e6 / read_tb_s:.2f} of "
-                f"the read rate, err {err:.1e}", flush=True)
-        except Exception as e:  # noqa: BLE001 - report and go on with the next config
-          print(f"{shape} {batch}x{context} {name}: FAILED {type(e).__name__}: "
-                f"{str(e)[:2000]}", flush=True)
-
-
-if __name__ == "__main__":
-  # python -m pallas_kernels.paged_attention_mgpu [--sweep] [0.5b|7b ...] [64x4096 ...]
-  import sys
-  args = sys.argv[1:]
-  main(sweep="--sweep" in args,
-       shapes=tuple(a for a in args if a in SHAPES) or tuple(SHAPES),
-       points=tuple(tuple(map(int, a.split("x"))) for a in args if "x" in a) or POINTS)

@@ -3,8 +3,8 @@
 Parts, as in `paged_attention_mgpu.py` (the decode kernel, whose page layout, pipeline and
 version shims this reuses): the kernel body (`_prefill_kernel`), the jitted wrapper
 `paged_prefill_attention_mgpu` with its `TuningConfig`, a float32
-`paged_prefill_attention_reference` on this file's interface, and `main()`: the GPU
-check-and-time table (`python -m pallas_kernels.paged_prefill_mgpu`). A leaf: jax, numpy,
+`paged_prefill_attention_reference` on this file's interface; its GPU check-and-time table
+is `hq_jax.bench.mosaic` (`hq-jax bench mosaic prefill`). A leaf: jax, numpy,
 the standard library and `paged_attention_mgpu` only.
 
 Interface and semantics of `paged_attention.paged_attention` for T >= 1 query tokens: q
@@ -64,13 +64,13 @@ rows, so a row's bits do not depend on where its chunk starts either.
 Tested in the Mosaic GPU interpreter on CPU (races, out-of-bounds reads and uninitialized
 SMEM checked); lowers for `cuda` on a CPU machine
 (`jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`) at the 0.5B and 7B shapes,
-every config of `main_configs`; its tests also run compiled on a Hopper GPU, the
+every config of `hq_jax.bench.mosaic.main_configs`; its tests also run compiled on a Hopper GPU, the
 three-warpgroup key splits among them. `tuned_config` (three computing warpgroups; two key
 splits at D=64) is the engine's prefill under `--attention=pallas` on Hopper; how close it
 comes to `attention_mgpu` in 16k and 4k chunks: docs/results.md, "GPU kernels". API
 differences between jax versions: those of paged_attention_mgpu (`_kernel_call`); nothing
 else used here differs.
-Not done: tuning beyond the handful of configs main() times. The kernel's default config
+Not done: tuning beyond the handful of configs `hq-jax bench mosaic prefill` times. The kernel's default config
 is the simplest schedule (one warpgroup, P through SMEM); the engine runs `tuned_config`,
 the fastest measured: three computing warpgroups (192 rows per step, FA3's tile at head_dim
 64, without its intra-warpgroup overlap), at both head_dims.
@@ -87,9 +87,8 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-import numpy as np
 
-from pallas_kernels.paged_attention_mgpu import (SMEM_PER_SM, SWIZZLE, _kernel_call, _round_up,
+from pallas_kernels.paged_attention_mgpu import (SWIZZLE, _kernel_call, _round_up,
                                                 check_inputs, compiles_here, copy_pages,
                                                 fill_pipeline, initial_carry, merge_splits,
                                                 online_softmax, table_pages)
@@ -163,7 +162,7 @@ class TuningConfig:
 
 
 # The simplest schedule (one warpgroup, no memory warpgroup): the kernel's default and
-# main()'s baseline; the engine runs `tuned_config` below. Both fit two programs on an SM
+# the benchmark's baseline; the engine runs `tuned_config` below. Both fit two programs on an SM
 # (smem_bytes: 88 KiB each), so one program's softmax overlaps the other's wgmma.
 DEFAULT_D64 = TuningConfig(pages_per_step=8, max_concurrent_steps=2)  # block_kv 128
 DEFAULT_D128 = TuningConfig(pages_per_step=4, max_concurrent_steps=2)  # block_kv 64
@@ -180,11 +179,11 @@ def default_config(head_dim: int) -> TuningConfig:
 # Same bits as every other config with the same block_kv and no key splits.
 TUNED = TuningConfig(pages_per_step=8, max_concurrent_steps=2, p_in_registers=True,
                      warp_specialized=True, compute_wgs=3)
-# Key splits per head_dim, chosen by `python -m pallas_kernels.paged_prefill_mgpu 0.5b 7b
+# Key splits per head_dim, chosen by `hq-jax bench mosaic prefill 0.5b 7b
 # --chunks=4096,16384 --tuned` (figures: docs/results.md, "GPU kernels"). The splits once timed
 # (two at D=64 sped up 4k chunks, left 16k chunks unchanged; at D=128 slower) cut each
 # program's own steps in two, boundaries that moved with the chunk's rows; splits at fixed key
-# positions (`kv_split`) are not timed yet, so the engine runs none: `tuned_variants` has the
+# positions (`kv_split`) are not timed yet, so the engine runs none: `hq_jax.bench.mosaic.tuned_variants` has the
 # ones to time.
 TUNED_KV_SPLITS = {64: 1, 128: 1}
 
@@ -636,241 +635,3 @@ def paged_prefill_attention_reference(q, k_pool, v_pool, block_tables, positions
   v = jnp.where(visible.any(1)[:, :, None, None], v, 0.0)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=lax.Precision.HIGHEST)
   return out.reshape(b, t, nh, d)
-
-
-# ------------------------------------------------------------------- GPU check + time
-SHAPES = {"0.5b": (14, 2, 64), "7b": (28, 4, 128)}  # (query heads, kv heads, head_dim)
-CONTEXT = 32768  # tokens of the causal prefill
-CHUNK = 4096  # query tokens per chunked-prefill call
-LAYER = 1  # the timed layer (of 2): the kernel reads it out of the all-layers pool
-
-
-def random_inputs(key, shape, context=None, *, num_layers=2, block_size=16,
-                  dtype=jnp.bfloat16):
-  """One request of `context` tokens: q for every token [1, context, H, D], pools holding
-  its K/V at a random placement of the blocks (block 0 never assigned), its block table."""
-  nh, nk, d = SHAPES[shape]
-  num_pages = (context or CONTEXT) // block_size
-  kq, kk, kv, kp = jax.random.split(key, 4)
-  pool_shape = (num_layers, 1 + num_pages, block_size, nk, d)
-  q = jax.random.normal(kq, (1, num_pages * block_size, nh, d), dtype)
-  k_pool = jax.random.normal(kk, pool_shape, dtype)
-  v_pool = jax.random.normal(kv, pool_shape, dtype)
-  tables = (1 + jax.random.permutation(kp, num_pages)).reshape(1, num_pages)
-  return q, k_pool, v_pool, tables.astype(jnp.int32)
-
-
-def chunk_at_end(attend, q_all, k_pool, v_pool, tables, *, chunk: int = CHUNK):
-  """The last `chunk` tokens of the context as one call (its first tokens cached)."""
-  n = q_all.shape[1]
-  positions = jnp.arange(n - chunk, n, dtype=jnp.int32)[None]
-  return attend(q_all[:, n - chunk:], k_pool, v_pool, tables, positions,
-                jnp.full((1,), n, jnp.int32), LAYER)
-
-
-def chunked_prefill(attend, q_all, k_pool, v_pool, tables, *, chunk: int = CHUNK):
-  """The whole causal prefill as n / chunk calls, call c seeing keys [0, (c + 1) chunk)."""
-  outs = []
-  for c in range(q_all.shape[1] // chunk):
-    positions = jnp.arange(c * chunk, (c + 1) * chunk, dtype=jnp.int32)[None]
-    outs.append(attend(q_all[:, c * chunk:(c + 1) * chunk], k_pool, v_pool, tables,
-                       positions, jnp.full((1,), (c + 1) * chunk, jnp.int32), LAYER))
-  return jnp.concatenate(outs, axis=1)
-
-
-def causal_flops(positions, num_heads: int, head_dim: int) -> float:
-  """QK^T and PV multiply-adds of the keys each token sees: 4 * H * D * sum(pos + 1)."""
-  return 4.0 * num_heads * head_dim * float(np.sum(np.asarray(positions, np.float64) + 1))
-
-
-def main_configs(head_dim: int) -> tuple[tuple[TuningConfig, ...], tuple[TuningConfig, ...]]:
-  """(first, later): the default (the form the decode kernel compiled and ran right on the
-  GPU) and variants whose parts also ran there; then the variants with two computing
-  warpgroups, run after every shape's first set (a hang there loses less)."""
-  base = default_config(head_dim)
-  first = (base, dataclasses.replace(base, p_in_registers=True, warp_specialized=True))
-  two = dict(warp_specialized=True, compute_wgs=2, max_concurrent_steps=2, p_in_registers=True)
-  later = (TuningConfig(pages_per_step=8, **two),
-           TuningConfig(pages_per_step=8, schedule_barrier=True, **two),
-           TuningConfig(pages_per_step=4, schedule_barrier=True, **two))
-  if head_dim < 128:  # D = 64: the softmax weighs most; three slots
-    later += (TuningConfig(pages_per_step=8, schedule_barrier=True,
-                           **dict(two, max_concurrent_steps=3)),
-              TuningConfig(pages_per_step=8, **dict(two, compute_wgs=3,
-                                                    max_concurrent_steps=3)))
-  # Three computing warpgroups, two slots (the engine's); then with key splits (more
-  # programs where a chunk has too few to fill the GPU).
-  return first, later + tuned_variants()
-
-
-def tuned_variants(chunk: int = 4096) -> tuple[TuningConfig, ...]:
-  """The engine's config and its key-split variants (main(tuned_only=True) times these):
-  splits of `chunk` keys (each earlier chunk's keys one split) and of half a chunk, 2 to 8
-  programs per row program."""
-  return (TUNED,) + tuple(dataclasses.replace(TUNED, kv_splits=s, kv_split=length)
-                          for length, s in ((chunk, 2), (chunk, 4), (chunk, 8),
-                                            (chunk // 2, 8)))
-
-
-def _config_name(config: TuningConfig) -> str:
-  return (f"mosaic pages/step={config.pages_per_step} slots={config.max_concurrent_steps} "
-          f"p_reg={int(config.p_in_registers)} ws={int(config.warp_specialized)} "
-          f"wgs={config.compute_wgs} sched={int(config.schedule_barrier)}"
-          f"{f' splits={config.kv_splits}x{config.kv_split}' if config.kv_splits > 1 else ''}")
-
-
-def main(shapes=tuple(SHAPES), reps: int = 5, watchdog_s: float = 120.0,
-         chunks=(CHUNK,), tuned_only: bool = False) -> None:
-  """Per shape, a chunks[0]-token chunk at the end of a 32k context and the full 32k causal
-  prefill in chunks of each size in `chunks`: our Mosaic GPU kernel (`main_configs`, or
-  with `tuned_only` the engine's `TUNED` and its split variants), the Triton
-  `paged_attention` on the same inputs, and jax's `attention_mgpu` on the same 32k causal
-  work over contiguous K/V (float16: its SMEM tiles are float16). Each is first checked
-  against the float32 reference on 256 query tokens (relative L2 error), then timed by
-  CUPTI (device time of every kernel a call launches; ours includes the q/out relayouts);
-  each of our configs must give the same bits at every chunk size (split boundaries are
-  fixed key positions). A variant that fails prints
-  its error and the run goes on; one that runs longer than watchdog_s (a hang) prints its
-  name and ends the process."""
-  bad = [c for c in chunks if c < 256 or CONTEXT % c]
-  if bad or not chunks:
-    raise ValueError(f"chunks must divide {CONTEXT} and be >= 256 (256 tokens are checked), "
-                     f"got {list(chunks)}")
-  import os
-  import threading
-  from jax.experimental.mosaic.gpu import profiler  # GPU only
-  from jax.experimental.pallas.ops.gpu import attention_mgpu
-  from pallas_kernels import paged_attention as triton_paged  # the Triton kernels
-
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-  rows = []  # (shape, workload, kernel, ms, TFLOP/s, rel err)
-
-  def timed(shape, workload, kernel, fn, args, flops, check_tokens, ref_args):
-    """Checks fn's output at check_tokens (absolute tokens) vs the reference, times it."""
-    def hung():
-      print(f"  {shape} | {workload} | {kernel}: no result after {watchdog_s:.0f} s, "
-            "stopping", flush=True)
-      os._exit(3)
-
-    watchdog = threading.Timer(watchdog_s, hung)
-    watchdog.start()
-    try:
-      fn = jax.jit(fn)
-      out = fn(*args)
-      q_all, k_pool, v_pool, tables = ref_args
-      tok = jnp.asarray(check_tokens, jnp.int32)
-      offset = CONTEXT - out.shape[1]  # out holds tokens [offset, CONTEXT)
-      ref = paged_prefill_attention_reference(
-          q_all[:, tok], k_pool, v_pool, tables, tok[None],
-          jnp.full((1,), CONTEXT, jnp.int32), LAYER)
-      got = out[:, tok - offset].astype(jnp.float32)
-      err = float(jnp.linalg.norm((got - ref).ravel()) / jnp.linalg.norm(ref.ravel()))
-      if not err < 2e-2:
-        raise AssertionError(f"relative L2 error {err:.2e} vs the f32 reference")
-      jax.block_until_ready(fn(*args))
-      ms = float(np.median([profiler.measure(fn)(*args)[1] for _ in range(reps)]))
-      rows.append((shape, workload, kernel, ms, flops / ms / 1e9, err))
-      print(f"  {shape} | {workload} | {kernel}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, "
-            f"err {err:.1e}", flush=True)
-      return out
-    except Exception as e:  # noqa: BLE001 - report and go on
-      rows.append((shape, workload, kernel, None, None, None))
-      print(f"  {shape} | {workload} | {kernel}: FAILED {type(e).__name__}: {str(e)[:1500]}",
-            flush=True)
-      return None
-    finally:
-      watchdog.cancel()
-
-  cases = {}
-  for shape in shapes:
-    nh, nk, d = SHAPES[shape]
-    inputs = random_inputs(jax.random.key(len(shape)), shape)
-    rng = np.random.default_rng(0)
-    end = chunks[0]
-    end_tokens = np.sort(np.concatenate([  # 256 tokens to check, the last 64 among them
-        rng.choice(np.arange(CONTEXT - end, CONTEXT - 64), min(192, end - 64),
-                   replace=False),
-        np.arange(CONTEXT - 64, CONTEXT)]))
-    all_tokens = np.sort(np.concatenate([
-        rng.choice(np.arange(32, CONTEXT - 32), min(192, CONTEXT - 64), replace=False),
-        np.arange(32), np.arange(CONTEXT - 32, CONTEXT)]))
-    workloads = (
-        (f"{end} at end of {CONTEXT}", functools.partial(chunk_at_end, chunk=end),
-         causal_flops(np.arange(CONTEXT - end, CONTEXT), nh, d), end_tokens),
-    ) + tuple((f"{CONTEXT} in {c} chunks", functools.partial(chunked_prefill, chunk=c),
-               causal_flops(np.arange(CONTEXT), nh, d), all_tokens) for c in chunks)
-    cases[shape] = (inputs, workloads, rng)
-
-  def run_ours(shape, configs):
-    inputs, workloads, rng = cases[shape]
-    q_all, k_pool, v_pool, tables = inputs
-    whole = {}  # config -> its first 32k prefill's output
-    for name, workload, flops, tokens in workloads:
-      for config in configs:
-        attend = functools.partial(paged_prefill_attention_mgpu, config=config)
-        out = timed(shape, name, _config_name(config), functools.partial(workload, attend),
-                    inputs, flops, tokens, inputs)
-        if out is not None and workload.func is chunked_prefill:
-          if config in whole:
-            print(f"  same bits as in {chunks[0]} chunks: "
-                  f"{bool(jnp.array_equal(out, whole[config]))}", flush=True)
-          whole.setdefault(config, out)
-        if out is not None and config == default_config(SHAPES[shape][2]):
-          # Same bits at another physical placement of the same pages.
-          perm = np.concatenate([[0], 1 + rng.permutation(k_pool.shape[1] - 1)])
-          inv = jnp.asarray(np.argsort(perm), jnp.int32)
-          moved = jax.jit(functools.partial(workload, attend))(
-              q_all, k_pool[:, perm], v_pool[:, perm], inv[tables])
-          print(f"  same bits at another placement: {bool(jnp.array_equal(moved, out))}",
-                flush=True)
-
-  for shape in shapes:
-    nh, nk, d = SHAPES[shape]
-    inputs, workloads, _ = cases[shape]
-    q_all, k_pool, v_pool, tables = inputs
-    print(f"== {shape} (H={nh}, K={nk}, D={d}), bf16, page 16", flush=True)
-    # jax's attention_mgpu: contiguous K/V (the pool's pages in logical order), causal. It
-    # applies no softmax scale (its reference neither): q is pre-scaled by 1/sqrt(D).
-    contiguous = lambda pool: pool[LAYER][tables[0]].reshape(1, CONTEXT, nk, d)
-    mgpu_args = ((q_all * d ** -0.5).astype(jnp.float16),
-                 contiguous(k_pool).astype(jnp.float16),
-                 contiguous(v_pool).astype(jnp.float16))
-    for block_kv in (64, 128):
-      config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv,
-                                           max_concurrent_steps=2, causal=True)
-      timed(shape, f"{CONTEXT} causal, contiguous", f"attention_mgpu block_kv={block_kv}",
-            lambda q, k, v, config=config: attention_mgpu.attention(q, k, v, config), mgpu_args,
-            workloads[1][2], workloads[1][3], inputs)
-    del mgpu_args
-    for name, workload, flops, tokens in workloads:
-      timed(shape, name, "triton paged_attention (default config)",
-            functools.partial(workload, triton_paged.paged_attention), inputs, flops, tokens,
-            inputs)
-    run_ours(shape, tuned_variants(chunks[0]) if tuned_only else main_configs(d)[0])
-  for shape in () if tuned_only else shapes:
-    print(f"== {shape}: two or three computing warpgroups", flush=True)
-    run_ours(shape, main_configs(SHAPES[shape][2])[1])
-
-  for shape in shapes:
-    mgpu = [r[4] for r in rows if r[0] == shape and r[2].startswith("attention_mgpu")
-            and r[3] is not None]
-    best = max(mgpu) if mgpu else None
-    print(f"\n| {shape} | workload | kernel | ms | TFLOP/s | / attention_mgpu | rel err |")
-    print("|---|---|---|---|---|---|---|")
-    for _, workload, kernel, ms, tflops, err in (r for r in rows if r[0] == shape):
-      if ms is None:
-        print(f"| | {workload} | {kernel} | FAILED | | | |")
-        continue
-      ratio = f"{tflops / best:.2f}" if best else "n/a"
-      print(f"| | {workload} | {kernel} | {ms:.2f} | {tflops:.0f} | {ratio} | {err:.1e} |")
-  print(flush=True)
-
-
-if __name__ == "__main__":
-  # python -m pallas_kernels.paged_prefill_mgpu [0.5b|7b ...] [--chunks=4096,16384] [--tuned]
-  import sys
-  args = sys.argv[1:]
-  chunk_args = [a.split("=", 1)[1] for a in args if a.startswith("--chunks=")]
-  main(shapes=tuple(a for a in args if a in SHAPES) or tuple(SHAPES),
-       chunks=tuple(int(c) for c in chunk_args[-1].split(",")) if chunk_args else (CHUNK,),
-       tuned_only="--tuned" in args)

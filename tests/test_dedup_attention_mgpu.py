@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hq_jax.kv import sharing
+from hq_jax.bench import mosaic
 from pallas_kernels import dedup_attention as da
 from pallas_kernels import dedup_attention_mgpu as dm
 from pallas_kernels import paged_attention_mgpu as pm
@@ -170,15 +171,15 @@ class MainInputsTest(parameterized.TestCase):
 
   @parameterized.parameters((9, 0), (18, 40), (9, 16))
   def test_single_prefix_plan_is_the_planners(self, rpt, own):
-    inputs, shared_ids = dm.shared_prefix_inputs(jax.random.key(0), 64, own, 11,
+    inputs, shared_ids = mosaic.shared_prefix_inputs(jax.random.key(0), 64, own, 11,
                                                  shape=SHAPES["0.5b"])
     tables, lens = np.asarray(inputs[3]), np.asarray(inputs[5])
-    got = dm.single_prefix_plan(shared_ids, own, 11, BS, requests_per_tile=rpt)
+    got = mosaic.single_prefix_plan(shared_ids, own, 11, BS, requests_per_tile=rpt)
     want = sharing.build_plan(tables, lens, BS, requests_per_tile=rpt)[0]
     chex.assert_trees_all_equal(got, want)
 
   def test_main_reference(self):
-    inputs, _ = dm.shared_prefix_inputs(jax.random.key(1), 32, 20, 3, shape=SHAPES["0.5b"])
+    inputs, _ = mosaic.shared_prefix_inputs(jax.random.key(1), 32, 20, 3, shape=SHAPES["0.5b"])
     self.assertLess(rel_err(dm._reference(*inputs, 1), paged_attention_reference(*inputs, 1)),
                     1e-5)
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hq_jax.bench import mosaic
 from pallas_kernels import paged_attention_mgpu as pm
 from pallas_kernels.paged_attention import paged_attention_reference
 
@@ -156,7 +157,7 @@ class ReferenceTest(absltest.TestCase):
 
   def test_random_inputs(self):
     # main()'s generator, at a small context: distinct blocks, block 0 unused.
-    q, k, v, tables, pos, lens = pm.random_inputs(jax.random.key(0), 3, 40, "0.5b")
+    q, k, v, tables, pos, lens = mosaic.decode_inputs(jax.random.key(0), 3, 40, "0.5b")
     self.assertEqual(len(set(np.asarray(tables).ravel())), tables.size)
     self.assertNotIn(0, np.asarray(tables))
     self.assertLess(rel_err(pm.paged_decode_attention_reference(q, k, v, tables, pos, lens),

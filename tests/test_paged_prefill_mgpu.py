@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hq_jax.bench import mosaic
 from pallas_kernels import paged_prefill_mgpu as pp
 from pallas_kernels.paged_attention import paged_attention_reference
 
@@ -267,7 +268,7 @@ class CudaLoweringTest(parameterized.TestCase):
     pool = s((2, 2049, BLOCK_SIZE, nk, d), jnp.bfloat16)
     args = (s((1, 4096, nh, d), jnp.bfloat16), pool, pool, s((1, 2048), jnp.int32),
             s((1, 4096), jnp.int32), s((1,), jnp.int32), s((), jnp.int32))
-    for config in sum(pp.main_configs(d), ()):  # every config main() runs on the GPU
+    for config in sum(mosaic.main_configs(d), ()):  # every config the benchmark runs
       fn = functools.partial(pp.paged_prefill_attention_mgpu, config=config)
       text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
       self.assertIn("mosaic_gpu", text)
