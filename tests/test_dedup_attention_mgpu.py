@@ -180,7 +180,7 @@ class MainInputsTest(parameterized.TestCase):
 
   def test_main_reference(self):
     inputs, _ = mosaic.shared_prefix_inputs(jax.random.key(1), 32, 20, 3, shape=SHAPES["0.5b"])
-    self.assertLess(rel_err(dm._reference(*inputs, 1), paged_attention_reference(*inputs, 1)),
+    self.assertLess(rel_err(mosaic._shared_reference(*inputs, 1), paged_attention_reference(*inputs, 1)),
                     1e-5)
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hq_jax.bench import mosaic
+from pallas_kernels import paged_attention_mgpu as pm
 from pallas_kernels import paged_prefill_mgpu as pp
 from pallas_kernels.paged_attention import paged_attention_reference
 
@@ -236,12 +237,12 @@ class ConfigTest(absltest.TestCase):
     # Mosaic GPU lays the defaults out in 93,224 bytes (lowered for cuda on a CPU, jax 0.12).
     for d in (64, 128):
       self.assertLessEqual(2 * (pp.smem_bytes(pp.default_config(d), d) + 4096),
-                           pp.SMEM_PER_SM)
+                           pm.SMEM_PER_SM)
 
   def test_tuned_config_fits_an_sm(self):
     # The engine's config at both head_dims measured (Mosaic's own check is on the GPU).
     for d in (64, 128):
-      self.assertLessEqual(pp.smem_bytes(pp.tuned_config(d), d) + 4096, pp.SMEM_PER_SM)
+      self.assertLessEqual(pp.smem_bytes(pp.tuned_config(d), d) + 4096, pm.SMEM_PER_SM)
     self.assertEqual(pp.tuned_config(64).block_kv(BLOCK_SIZE),
                      pp.tuned_config(64, interpret=True).block_kv(BLOCK_SIZE))
 
