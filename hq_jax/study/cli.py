@@ -240,3 +240,16 @@ def _parse_flags(argv):
   except flags.Error as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     sys.exit(2)
+
+
+def open_run(cfg: ml_collections.ConfigDict, script: str, files, **record):
+  """The command's `outputs.Run` in cfg.output_dir, checked (`preflight`) but not opened:
+  its record holds the command line, the resolved config, the run metadata and `record`.
+  A command calls this after `validate` and before loading anything heavy, and opens the
+  run (`with run:`) only once every input has been checked."""
+  from hq_jax.study import outputs
+  run = outputs.Run(cfg.output_dir, script, list(files), overwrite=cfg.overwrite,
+                    record={"command": command_line(), "config": cfg.to_dict(),
+                            **run_metadata(), **record})
+  run.preflight()
+  return run

@@ -14,7 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import latency as default_config
-from hq_jax.study import cli, latency, outputs
+from hq_jax.study import cli, latency
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", cli.config_path("latency.py"),
@@ -36,10 +36,7 @@ def main(argv):
   del argv
   cfg = cli.resolve(_CONFIG.value)
   cli.validate(cfg)  # Every flag, and the output directory, before anything is loaded.
-  record = {"command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata()}
-  run = outputs.Run(cfg.output_dir, "latency", ["latency.csv"], overwrite=cfg.overwrite,
-                    record=record)
-  run.preflight()
+  run = cli.open_run(cfg, "latency", ["latency.csv"])
   # The model, the text and every request are checked before the run opens.
   params, model_cfg, stream = cli.load_model_and_stream(cfg)
   latency.check_sweep(model_cfg, stream, context_lengths=cfg.context_lengths,

@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from configs import perplexity as default_config
 from hq_jax import data, tokenizer, weights
-from hq_jax.study import cli, outputs, perplexity
+from hq_jax.study import cli, perplexity
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", cli.config_path("perplexity.py"),
@@ -35,10 +35,7 @@ def main(argv):
   del argv
   cfg = cli.resolve(_CONFIG.value)
   cli.validate(cfg)  # Every flag, and the output directory, before anything is loaded.
-  record = {"command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata()}
-  run = outputs.Run(cfg.output_dir, "perplexity", ["perplexity.json"], overwrite=cfg.overwrite,
-                    record=record)
-  run.preflight()
+  run = cli.open_run(cfg, "perplexity", ["perplexity.json"])
   # The text, the model and the tokens are checked before the run opens.
   text = data.read_text(cfg.text_file)
   logging.info("loading model %s", cfg.model)

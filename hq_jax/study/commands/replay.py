@@ -168,11 +168,8 @@ def main(argv):
   files = ["trace_replay.csv", "capacity.csv", "trace_replay.png", "summary.json"]
   # The record's config, block bytes and request count let the report check every row
   # against the replay that wrote it.
-  run = outputs.Run(cfg.output_dir, "trace_replay", files, overwrite=cfg.overwrite,
-                    record={"command": cli.command_line(), **cli.run_metadata(),
-                            "config": cfg.to_dict(), "bytes_per_block": layout.bytes_per_block,
-                            "trace_requests": len(requests)})
-  run.preflight()  # Refuses earlier outputs (without --overwrite) before any model is built.
+  run = cli.open_run(cfg, "trace_replay", files, bytes_per_block=layout.bytes_per_block,
+                     trace_requests=len(requests))
   ran, engine = "none (--no_model)", None
   if not cfg.no_model:
     import jax

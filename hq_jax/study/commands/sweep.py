@@ -17,7 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import memory_sweep as default_config
-from hq_jax.study import cli, errors, memory, outputs, workloads
+from hq_jax.study import cli, errors, memory, workloads
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", cli.config_path("memory_sweep.py"),
@@ -50,10 +50,7 @@ def main(argv):
   cfg = cli.resolve(_CONFIG.value)
   cli.validate(cfg)  # Every flag, and the output directory, before anything is loaded.
   files = ["memory_sweep.csv"] + (["workloads.csv"] if cfg.workloads else [])
-  record = {"command": cli.command_line(), "config": cfg.to_dict(), **cli.run_metadata()}
-  run = outputs.Run(cfg.output_dir, "memory_sweep", files, overwrite=cfg.overwrite,
-                    record=record)
-  run.preflight()
+  run = cli.open_run(cfg, "memory_sweep", files)
   # The model, the text and every request are checked before the run opens: an input
   # error leaves nothing (no failed record) in the directory.
   params, model_cfg, stream = cli.load_model_and_stream(cfg)
