@@ -29,6 +29,7 @@ and a free queue beside its blocks.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -88,13 +89,16 @@ def prefix_keys(blocks: np.ndarray, salt: int, bits: int) -> np.ndarray:
 class _Blocks:
   """Derived from the block arrays (see `base`): never the truth, always rebuildable.
 
-  index: stored hash -> a registered block (an int), or a list of them (collisions);
-         every candidate is verified before use.
-  lru:   cached blocks in LRU order, as `last_used << 32 | block` ints, from `lru[head]`
-         on (a list and a read position: runs are sliced out and tested at once); an entry
+  index: stored hash -> a block, or -1 when several share the hash (then `multi[h]`
+         lists them). Removal is lazy: an entry is live iff its block is registered
+         with that hash; evicting a block leaves its entry, which the next block
+         registered under the hash overwrites, and the map is rebuilt from the arrays
+         once stale entries outnumber the pool. Every candidate is verified before use.
+  multi: hash -> the blocks sharing it (collisions, stale children of an evicted parent).
+  lru:   cached blocks in LRU order, as `last_used << 32 | block` int64 arrays from
+         `lru[0][head]` on (`queued` entries; runs are sliced out and tested at once); an entry
          is live iff its block is still cached with that `last_used` (stale entries are
          skipped, and the queue compacted when most of it is stale).
-  collisions: index entries that are lists (none: unregistering pops the map in bulk).
   free:  never-registered free blocks, lowest id first.
   held, cached: blocks with refcount > 0; registered blocks with refcount 0.
   sums:  slot -> (full blocks k, `_prefix_sums` to the end of block k - 1) of an active
@@ -102,66 +106,72 @@ class _Blocks:
   """
 
   def __init__(self, num_blocks: int):
-    self.index: dict[int, int | list[int]] = {}
-    self.lru: list[int] = []
-    self.head = 0
+    self.index: dict[int, int] = {}
+    self.multi: dict[int, list[int]] = {}
+    self.lru: collections.deque[np.ndarray] = collections.deque()
+    self.head = self.queued = 0
     self.free = FreeBlocks(num_blocks)
-    self.held = self.cached = self.collisions = 0
+    self.held = self.cached = 0
     self.sums: dict[int, tuple[int, int]] = {}
 
   @classmethod
   def build(cls, c: "DedupKVCache") -> "_Blocks":
     st = cls(c.num_blocks)
     reg, unheld = c.registered, c.refcount == 0
-    ids = np.flatnonzero(reg)
-    hashes = c.block_hash[ids]
-    if np.unique(hashes).size == hashes.size:
-      st.index = dict(zip(hashes.tolist(), ids.tolist()))
-    else:
-      for h, b in zip(hashes.tolist(), ids.tolist()):
-        st.add(h, b)
+    st.build_index(c)
     cached = np.flatnonzero(reg & unheld)
     cached = cached[np.argsort(c.last_used[cached], kind="stable")]  # ties: lower id first
-    st.lru.extend(((c.last_used[cached].astype(np.int64) << 32) | cached).tolist())
+    st.push_cached(c, cached)
     st.free = FreeBlocks(c.num_blocks, ~reg & unheld)
-    st.held, st.cached = int(np.count_nonzero(~unheld)), int(cached.size)
+    st.held = int(np.count_nonzero(~unheld))
     return st
+
+  def build_index(self, c: "DedupKVCache") -> None:
+    """The index of the registered blocks alone (no stale entries)."""
+    ids = np.flatnonzero(c.registered)
+    hashes = c.block_hash[ids]
+    self.index = dict(zip(hashes.tolist(), ids.tolist()))
+    self.multi = {}
+    if len(self.index) < ids.size:
+      for h, b in zip(hashes.tolist(), ids.tolist()):
+        v = self.index[h]
+        if v != b:
+          if v >= 0:
+            self.index[h], self.multi[h] = -1, [v]
+          self.multi[h].append(b)
 
   def copy(self) -> "_Blocks":
     out = _Blocks(self.free.num_blocks)
-    out.index = {h: (v if type(v) is int else list(v)) for h, v in self.index.items()}
-    out.lru, out.free = self.lru[self.head:], self.free.copy()
+    out.index = dict(self.index)
+    out.multi = {h: list(v) for h, v in self.multi.items()}
+    out.lru = collections.deque([self.lru[0][self.head:], *list(self.lru)[1:]] if self.lru else [])
+    out.queued, out.free = self.queued, self.free.copy()
     out.held, out.cached, out.sums = self.held, self.cached, dict(self.sums)
-    out.collisions = self.collisions
     return out
 
-  def add(self, h: int, b: int) -> None:
+  def candidates(self, h: int) -> list[int]:
     v = self.index.get(h)
-    if v is None:
-      self.index[h] = b
-    elif type(v) is int:
-      self.index[h] = [v, b]
-      self.collisions += 1
-    else:
-      v.append(b)
+    return [] if v is None else self.multi[h] if v < 0 else [v]
 
-  def remove(self, h: int, b: int) -> None:
-    v = self.index[h]
-    if type(v) is int:
-      del self.index[h]
+  def set_candidates(self, h: int, blocks: list[int]) -> None:
+    if len(blocks) == 1:
+      self.index[h] = blocks[0]
+      self.multi.pop(h, None)
+    elif blocks:
+      self.index[h], self.multi[h] = -1, blocks
     else:
-      v.remove(b)
-      if len(v) == 1:
-        self.index[h] = v[0]
-        self.collisions -= 1
+      self.index.pop(h, None)
+      self.multi.pop(h, None)
 
   def push_cached(self, c: "DedupKVCache", blocks: np.ndarray) -> None:
     """`blocks` just became cached, in increasing `last_used` order."""
-    self.lru.extend(((c.last_used[blocks].astype(np.int64) << 32) | blocks).tolist())
+    self.lru.append((c.last_used[blocks].astype(np.int64) << 32) | blocks)
+    self.queued += blocks.size
     self.cached += blocks.size
-    if len(self.lru) - self.head > 2 * self.cached + 1024:  # mostly stale: compact,
-      entries = np.asarray(self.lru[self.head:], np.int64)  # O(len) amortized
-      self.lru, self.head = entries[self._live(c, entries)].tolist(), 0
+    if self.queued > 2 * self.cached + 1024:  # mostly stale: compact, O(len) amortized
+      entries = np.concatenate([self.lru[0][self.head:], *list(self.lru)[1:]])
+      entries = entries[self._live(c, entries)]
+      self.lru, self.head, self.queued = collections.deque([entries]), 0, entries.size
 
   @staticmethod
   def _live(c: "DedupKVCache", entries: np.ndarray) -> np.ndarray:
@@ -173,18 +183,21 @@ class _Blocks:
     int64 array; queue entries are tested for liveness in vectorized runs."""
     out, got = [], 0
     while got < n:
-      entries = np.asarray(self.lru[self.head:self.head + max(2 * (n - got), 64)], np.int64)
+      chunk = self.lru[0]
+      entries = chunk[self.head:self.head + max(2 * (n - got), 64)]
       live = np.flatnonzero(self._live(c, entries))
       if live.size >= n - got:
         live = live[:n - got]
-        self.head += int(live[-1]) + 1  # what follows the last taken stays queued
+        step = int(live[-1]) + 1  # what follows the last taken stays queued
       else:
-        self.head += entries.size
+        step = entries.size
+      self.head += step
+      self.queued -= step
+      if self.head == chunk.size:
+        self.lru.popleft()
+        self.head = 0
       out.append(entries[live] & _M32)
       got += live.size
-    if self.head > 4096 and 2 * self.head > len(self.lru):  # drop the consumed front
-      del self.lru[:self.head]
-      self.head = 0
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
@@ -245,10 +258,10 @@ class DedupKVCache(PagedCache):
                 and self.block_parent[b] == parent and self.block_parent_gen[b] == parent_gen
                 and np.array_equal(self.block_tokens[b], tokens))
 
-  def _find(self, found, salt: int, parent: int, parent_gen: int, tokens) -> int | None:
+  def _find(self, candidates, salt: int, parent: int, parent_gen: int, tokens) -> int | None:
     """The candidate of an index entry that verifies (no two registered blocks share an
     identity: at most one does)."""
-    for b in ([found] if type(found) is int else found):
+    for b in candidates:
       if self._verify(b, salt, parent, parent_gen, tokens):
         return b
     return None
@@ -266,22 +279,29 @@ class DedupKVCache(PagedCache):
     means no block matches there); several candidates (collisions, or stale children of
     an evicted parent) are verified one by one as they come. Either way only verified
     blocks are returned."""
-    get, gen_of = self._state.index.get, self.block_gen.item
+    st, gen_of = self._state, self.block_gen.item
+    get = st.index.get
     hits, runs = [], []
     start, run, before = 0, 32, 0  # keys in growing runs: a prompt that misses early
     while start < len(blocks):     # hashes little of itself
       sums = _prefix_sums(blocks[start:start + run], start, before)
       runs.append(sums)
-      for i, key in enumerate(_keys(sums, salt, self.hash_bits).tolist(), start):
-        found = get(key)
-        if found is None:
-          break
-        if type(found) is not int:
-          parent = hits[-1] if hits else -1
-          found = self._find(found, salt, parent, gen_of(parent) if hits else 0, blocks[i])
-          if found is None:
-            break
-        hits.append(found)
+      keys = _keys(sums, salt, self.hash_bits).tolist()
+      found = list(map(get, keys))  # the map probed in C; the first miss ends the chain
+      if None in found:
+        found = found[:found.index(None)]
+      if -1 not in found:
+        hits += found
+      else:  # several candidates at some keys: verified one by one from the first
+        for i, key in enumerate(keys[:len(found)], start):
+          b = found[i - start]
+          if b < 0:
+            parent = hits[-1] if hits else -1
+            b = self._find(st.multi[key], salt, parent, gen_of(parent) if hits else 0,
+                           blocks[i])
+            if b is None:
+              break
+          hits.append(b)
       if len(hits) < start + sums.size:
         break
       start, run, before = start + sums.size, 2 * run, int(sums[-1])
@@ -330,20 +350,7 @@ class DedupKVCache(PagedCache):
     return taken
 
   def _unregister(self, blocks: np.ndarray) -> None:
-    st = self._state
-    hashes, index = self.block_hash[blocks].tolist(), st.index
-    ids = blocks.tolist()
-    # The common case in bulk: every key's entry is the block itself (no collision list;
-    # without any, every registered block has its own key).
-    if not st.collisions or list(map(index.get, hashes)) == ids:
-      for _ in map(index.pop, hashes):
-        pass
-    else:
-      for h, b in zip(hashes, ids):
-        if index.get(h) == b:
-          del index[h]
-        else:
-          st.remove(h, b)
+    # The index entries stay (lazy removal, see `_Blocks`): the arrays say they are stale.
     self.registered[blocks] = False
     self.block_hash[blocks] = 0
     self.block_parent[blocks] = -1
@@ -367,38 +374,61 @@ class DedupKVCache(PagedCache):
     sums = _prefix_sums(self.block_tokens[table[k:end]], k, before)
     st.sums[slot] = (end, int(sums[-1]))
     keys = _keys(sums[first - k:], salt, self.hash_bits)[todo]
-    # Vectorized: a twin can only be a block registered before this call (a block of this
-    # call has another parent), so only keys already in the map are verified one by one.
     pos = first + todo  # logical positions of the blocks to register
     parents = np.where(pos > 0, table[np.maximum(pos - 1, 0)], -1).astype(np.int64)
     pgens = np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0)
     new = ids[todo].astype(np.int64)
-    hashes, index = keys.tolist(), st.index
-    seen = index.keys() & set(hashes)
-    if seen:
-      twins = [j for j, h in enumerate(hashes) if h in seen and self._find(
-          index[h], salt, int(parents[j]), int(pgens[j]), self.block_tokens[new[j]]) is not None]
-      if twins:  # An identical block was registered meanwhile: these copies stay private.
-        keep = np.ones(len(hashes), bool)
+    hashes, blocks = keys.tolist(), new.tolist()
+    # In bulk: a key without an entry takes its block (setdefault, in C). Only keys that
+    # had one are looked at: a stale entry is overwritten; a live one is a twin (a twin
+    # can only be a block registered before this call: one of this call has another
+    # parent), and then this copy stays private, or else the block joins it.
+    prior = list(map(st.index.setdefault, hashes, blocks))
+    if prior != blocks:
+      prior = np.asarray(prior, np.int64)
+      clash = np.flatnonzero(prior != new)
+      twins = self._register_clashes(clash, prior, keys, new, salt, parents, pgens)
+      if twins:
+        keep = np.ones(new.size, bool)
         keep[twins] = False
         new, parents, pgens, keys = new[keep], parents[keep], pgens[keep], keys[keep]
-        hashes = keys.tolist()
-        seen &= set(hashes)
-    ids = new.tolist()
-    if len(set(hashes)) < len(hashes):  # a key twice in the run (a collision): one by one
-      for h, b in zip(hashes, ids):
-        st.add(h, b)
-    else:  # in bulk; keys that already had blocks (collisions, stale children) join them
-      before = {h: index[h] for h in seen}
-      index.update(zip(hashes, ids))
-      for h, v in before.items():
-        b, index[h] = index[h], v
-        st.add(h, b)
     self.registered[new] = True
     self.block_hash[new] = keys
     self.block_salt[new] = salt
     self.block_parent[new] = parents
     self.block_parent_gen[new] = pgens
+    if len(st.index) > 8 * self.num_blocks + 65536:  # mostly stale: rebuilt, O(pool) amortized
+      st.build_index(self)
+
+  def _register_clashes(self, clash, prior, keys, new, salt, parents, pgens) -> list[int]:
+    """`_register_full_blocks` at the keys that had an entry (positions `clash`); returns
+    the positions of twins (not to register). The run's blocks are not registered yet."""
+    st = self._state
+    old, h = prior[clash], keys[clash].astype(np.int64)
+    stale = (old >= 0) & ~(self.registered[np.maximum(old, 0)]
+                           & (self.block_hash[np.maximum(old, 0)] == h))
+    if len(set(keys.tolist())) < keys.size:  # a key twice in the run (a collision)
+      stale[:] = False  # one by one: an entry may be a block of this run
+    if stale.any():
+      st.index.update(zip(h[stale].tolist(), new[clash[stale]].tolist()))
+    # One by one: several candidates, or a live one. A block of this run is a live
+    # candidate once it is taken (its key is the one looked at).
+    mine = dict(zip(new.tolist(), keys.tolist()))
+    pending = set(new[clash[~stale]].tolist())
+    twins = []
+    for j in clash[~stale].tolist():
+      key, b = int(keys[j]), int(new[j])
+      pending.discard(b)
+      live = [x for x in st.candidates(key) if x != b and (
+          mine[x] == key and x not in pending if x in mine else
+          bool(self.registered[x]) and int(self.block_hash[x]) == key)]
+      if self._find(live, salt, int(parents[j]), int(pgens[j]), self.block_tokens[b]) is not None:
+        twins.append(j)  # An identical block was registered meanwhile: this copy stays private.
+        mine.pop(b)
+      else:
+        live.append(b)
+      st.set_candidates(key, live)
+    return twins
 
   # ------------------------------------------------------------ operations
   def admit(self, tokens, salt: int = 0, *, keep_free: int = 0) -> tuple["DedupKVCache", int]:

@@ -171,8 +171,10 @@ def _stream_tokens(keys: np.ndarray, seed: int, stream: int, length: int,
          ^ _position_keys(seed, stream, length)[None]) * _MIX1
     return (((x >> _U(32)) * _U(vocab_size)) >> _U(32)).astype(np.int32)
   starts = _splitmix(keys.astype(_U) * _GOLDEN + _U(stream)) % _U(_POOL_TOKENS - length)
-  return _token_pool(seed, stream, vocab_size)[
-      starts.astype(np.int64)[:, None] + np.arange(length)[None]]
+  # Rows of a window view: one contiguous copy per key, no [n, length] index array.
+  windows = np.lib.stride_tricks.sliding_window_view(_token_pool(seed, stream, vocab_size),
+                                                     length)
+  return windows[starts.astype(np.int64)]
 
 
 def _id_digits(vocab_size: int) -> int:
@@ -302,11 +304,12 @@ def replay_requests(cache, requests: Iterable[Request], cfg: ReplayConfig, *,
         cache, req.prompt, req.salt, hold_tokens=req.hold_tokens,
         keep_free=blocks_to_come(req.prompt_tokens, req.hold_tokens, bs))
     hit = int(cache.seq_lens[slot])
-    cache = cache.commit(slot, req.prompt_tokens)
-    if req.output_tokens:
+    if req.output_tokens:  # `extend` commits the prompt with its output: one registration
       out = (decode_tokens(req.id, req.output_tokens, vocab_size=vocab_size, seed=seed)
              if cache.backend == "hq" else np.zeros(req.output_tokens, np.int32))  # never read
       cache = cache.extend(slot, out)
+    else:
+      cache = cache.commit(slot, req.prompt_tokens)
     return cache, Admitted(slot, hit, req.prompt_tokens - hit)
 
   t = 0.0
