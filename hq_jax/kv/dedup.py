@@ -89,12 +89,12 @@ def prefix_keys(blocks: np.ndarray, salt: int, bits: int) -> np.ndarray:
 class _Blocks:
   """Derived from the block arrays (see `base`): never the truth, always rebuildable.
 
-  index: stored hash -> a block, or -1 when several share the hash (then `multi[h]`
-         lists them). Removal is lazy: an entry is live iff its block is registered
-         with that hash; evicting a block leaves its entry, which the next block
-         registered under the hash overwrites, and the map is rebuilt from the arrays
-         once stale entries outnumber the pool. Every candidate is verified before use.
-  multi: hash -> the blocks sharing it (collisions, stale children of an evicted parent).
+  table: the hash index, a table of buckets of 4: bucket `hash & mask` -> block + 1 in
+         one of its entries (0: none), and
+  spill: hash -> the registered blocks whose bucket was full, `spilled[bucket]` of them.
+         Every registered block is in exactly one of the two, and only registered blocks
+         are: a whole prompt's keys are probed in numpy (a bucket is one cache line), and
+         the Python map only where `spilled` says. Every candidate is verified before use.
   lru:   cached blocks in LRU order, as `last_used << 32 | block` int64 arrays from
          `lru[0][head]` on (`queued` entries; runs are sliced out and tested at once); an entry
          is live iff its block is still cached with that `last_used` (stale entries are
@@ -106,8 +106,13 @@ class _Blocks:
   """
 
   def __init__(self, num_blocks: int):
-    self.index: dict[int, int] = {}
-    self.multi: dict[int, list[int]] = {}
+    # Sparse (a quarter full or less, up to a cap): a bucket seldom fills. Zeros cost no
+    # memory until touched.
+    buckets = 1 << max(8, min(23, (num_blocks - 1).bit_length()))
+    self.mask = buckets - 1
+    self.table = np.zeros((buckets, 4), np.int32)
+    self.spilled = np.zeros((buckets,), np.int32)
+    self.spill: dict[int, list[int]] = {}
     self.lru: collections.deque[np.ndarray] = collections.deque()
     self.head = self.queued = 0
     self.free = FreeBlocks(num_blocks)
@@ -118,7 +123,8 @@ class _Blocks:
   def build(cls, c: "DedupKVCache") -> "_Blocks":
     st = cls(c.num_blocks)
     reg, unheld = c.registered, c.refcount == 0
-    st.build_index(c)
+    ids = np.flatnonzero(reg)
+    st.add(c.block_hash[ids].astype(np.int64), ids)
     cached = np.flatnonzero(reg & unheld)
     cached = cached[np.argsort(c.last_used[cached], kind="stable")]  # ties: lower id first
     st.push_cached(c, cached)
@@ -126,42 +132,64 @@ class _Blocks:
     st.held = int(np.count_nonzero(~unheld))
     return st
 
-  def build_index(self, c: "DedupKVCache") -> None:
-    """The index of the registered blocks alone (no stale entries)."""
-    ids = np.flatnonzero(c.registered)
-    hashes = c.block_hash[ids]
-    self.index = dict(zip(hashes.tolist(), ids.tolist()))
-    self.multi = {}
-    if len(self.index) < ids.size:
-      for h, b in zip(hashes.tolist(), ids.tolist()):
-        v = self.index[h]
-        if v != b:
-          if v >= 0:
-            self.index[h], self.multi[h] = -1, [v]
-          self.multi[h].append(b)
-
   def copy(self) -> "_Blocks":
     out = _Blocks(self.free.num_blocks)
-    out.index = dict(self.index)
-    out.multi = {h: list(v) for h, v in self.multi.items()}
+    out.table, out.spilled = self.table.copy(), self.spilled.copy()
+    out.spill = {h: list(v) for h, v in self.spill.items()}
     out.lru = collections.deque([self.lru[0][self.head:], *list(self.lru)[1:]] if self.lru else [])
     out.queued, out.free = self.queued, self.free.copy()
     out.held, out.cached, out.sums = self.held, self.cached, dict(self.sums)
     return out
 
-  def candidates(self, h: int) -> list[int]:
-    v = self.index.get(h)
-    return [] if v is None else self.multi[h] if v < 0 else [v]
+  def probe(self, c: "DedupKVCache", keys: np.ndarray):
+    """(the table's block with each key, -1 if none; whether there may be more: the
+    bucket spilled, or holds the key twice)."""
+    buckets = (keys & self.mask).astype(np.intp)
+    rows = self.table[buckets] - 1  # [n, 4]; an empty entry (-1) reads the last hash
+    match = (c.block_hash[rows] == keys[:, None]) & (rows >= 0)
+    count = match.sum(axis=1)
+    one = rows[np.arange(keys.size), match.argmax(axis=1)].astype(np.int64)
+    one[count == 0] = -1
+    return one, (count > 1) | (self.spilled[buckets] > 0)
 
-  def set_candidates(self, h: int, blocks: list[int]) -> None:
-    if len(blocks) == 1:
-      self.index[h] = blocks[0]
-      self.multi.pop(h, None)
-    elif blocks:
-      self.index[h], self.multi[h] = -1, blocks
-    else:
-      self.index.pop(h, None)
-      self.multi.pop(h, None)
+  def candidates(self, c: "DedupKVCache", key: int) -> list[int]:
+    row = self.table[key & self.mask].tolist()
+    return [b - 1 for b in row if b and int(c.block_hash[b - 1]) == key] + self.spill.get(key, [])
+
+  def add(self, keys: np.ndarray, blocks: np.ndarray) -> None:
+    """Indexes registered `blocks` (int64) under `keys` (int64)."""
+    buckets = (keys & self.mask).astype(np.intp)
+    todo, spill = np.arange(keys.size), []
+    for _ in range(4):  # a bucket twice in the run: its last write holds, the others retry
+      empty = self.table[buckets[todo]] == 0
+      room = empty.any(axis=1)
+      if not room.all():
+        spill += todo[~room].tolist()
+        todo, empty = todo[room], empty[room]
+      if not todo.size:
+        break
+      col = empty.argmax(axis=1)
+      self.table[buckets[todo], col] = blocks[todo] + 1
+      todo = todo[self.table[buckets[todo], col] != blocks[todo] + 1]
+      if not todo.size:
+        break
+    for j in spill + todo.tolist():
+      self.spill.setdefault(int(keys[j]), []).append(int(blocks[j]))
+      self.spilled[buckets[j]] += 1
+
+  def remove(self, keys: np.ndarray, blocks: np.ndarray) -> None:
+    """Drops registered `blocks` (int64) indexed under `keys` (int64)."""
+    buckets = (keys & self.mask).astype(np.intp)
+    at = self.table[buckets] == (blocks + 1)[:, None]
+    mine = at.any(axis=1)
+    self.table[buckets[mine], at[mine].argmax(axis=1)] = 0
+    for j in np.flatnonzero(~mine).tolist():
+      key = int(keys[j])
+      spill = self.spill[key]
+      spill.remove(int(blocks[j]))
+      if not spill:
+        del self.spill[key]
+      self.spilled[buckets[j]] -= 1
 
   def push_cached(self, c: "DedupKVCache", blocks: np.ndarray) -> None:
     """`blocks` just became cached, in increasing `last_used` order."""
@@ -280,28 +308,27 @@ class DedupKVCache(PagedCache):
     an evicted parent) are verified one by one as they come. Either way only verified
     blocks are returned."""
     st, gen_of = self._state, self.block_gen.item
-    get = st.index.get
     hits, runs = [], []
     start, run, before = 0, 32, 0  # keys in growing runs: a prompt that misses early
     while start < len(blocks):     # hashes little of itself
       sums = _prefix_sums(blocks[start:start + run], start, before)
       runs.append(sums)
-      keys = _keys(sums, salt, self.hash_bits).tolist()
-      found = list(map(get, keys))  # the map probed in C; the first miss ends the chain
-      if None in found:
-        found = found[:found.index(None)]
-      if -1 not in found:
-        hits += found
-      else:  # several candidates at some keys: verified one by one from the first
-        for i, key in enumerate(keys[:len(found)], start):
-          b = found[i - start]
-          if b < 0:
-            parent = hits[-1] if hits else -1
-            b = self._find(st.multi[key], salt, parent, gen_of(parent) if hits else 0,
-                           blocks[i])
-            if b is None:
-              break
-          hits.append(b)
+      keys = _keys(sums, salt, self.hash_bits)
+      one, more = st.probe(self, keys)
+      cut = np.flatnonzero((one < 0) & ~more)  # nothing under this key: the chain ends
+      cut = int(cut[0]) if cut.size else keys.size
+      spilt = np.flatnonzero(more[:cut])
+      first = int(spilt[0]) if spilt.size else cut
+      hits += one[:first].tolist()
+      for i in range(first, cut):  # the spill may hold candidates: verified one by one
+        b = int(one[i])
+        if more[i]:
+          parent = hits[-1] if hits else -1
+          b = self._find(st.candidates(self, int(keys[i])), salt, parent,
+                         gen_of(parent) if hits else 0, blocks[start + i])
+          if b is None:
+            break
+        hits.append(b)
       if len(hits) < start + sums.size:
         break
       start, run, before = start + sums.size, 2 * run, int(sums[-1])
@@ -350,7 +377,7 @@ class DedupKVCache(PagedCache):
     return taken
 
   def _unregister(self, blocks: np.ndarray) -> None:
-    # The index entries stay (lazy removal, see `_Blocks`): the arrays say they are stale.
+    self._state.remove(self.block_hash[blocks].astype(np.int64), blocks)
     self.registered[blocks] = False
     self.block_hash[blocks] = 0
     self.block_parent[blocks] = -1
@@ -378,57 +405,30 @@ class DedupKVCache(PagedCache):
     parents = np.where(pos > 0, table[np.maximum(pos - 1, 0)], -1).astype(np.int64)
     pgens = np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0)
     new = ids[todo].astype(np.int64)
-    hashes, blocks = keys.tolist(), new.tolist()
-    # In bulk: a key without an entry takes its block (setdefault, in C). Only keys that
-    # had one are looked at: a stale entry is overwritten; a live one is a twin (a twin
-    # can only be a block registered before this call: one of this call has another
-    # parent), and then this copy stays private, or else the block joins it.
-    prior = list(map(st.index.setdefault, hashes, blocks))
-    if prior != blocks:
-      prior = np.asarray(prior, np.int64)
-      clash = np.flatnonzero(prior != new)
-      twins = self._register_clashes(clash, prior, keys, new, salt, parents, pgens)
-      if twins:
-        keep = np.ones(new.size, bool)
-        keep[twins] = False
-        new, parents, pgens, keys = new[keep], parents[keep], pgens[keep], keys[keep]
+    keys = keys.astype(np.int64)
+    # A twin (an identical registered block: this copy then stays private) can only be a
+    # block registered before this call (one of this call has another parent): verified
+    # in bulk where the table has the key, one by one where the spill may.
+    one, more = st.probe(self, keys)
+    twin = np.zeros(new.size, bool)
+    j = np.flatnonzero(one >= 0)
+    if j.size:
+      t = one[j]
+      twin[j] = ((self.block_salt[t] == salt) & (self.block_parent[t] == parents[j])
+                 & (self.block_parent_gen[t] == pgens[j])
+                 & (self.block_tokens[t] == self.block_tokens[new[j]]).all(axis=1))
+    for j in np.flatnonzero(more & ~twin).tolist():
+      twin[j] = self._find(st.candidates(self, int(keys[j])), salt, int(parents[j]),
+                           int(pgens[j]), self.block_tokens[new[j]]) is not None
+    if twin.any():
+      keep = ~twin
+      new, parents, pgens, keys = new[keep], parents[keep], pgens[keep], keys[keep]
+    st.add(keys, new)
     self.registered[new] = True
     self.block_hash[new] = keys
     self.block_salt[new] = salt
     self.block_parent[new] = parents
     self.block_parent_gen[new] = pgens
-    if len(st.index) > 8 * self.num_blocks + 65536:  # mostly stale: rebuilt, O(pool) amortized
-      st.build_index(self)
-
-  def _register_clashes(self, clash, prior, keys, new, salt, parents, pgens) -> list[int]:
-    """`_register_full_blocks` at the keys that had an entry (positions `clash`); returns
-    the positions of twins (not to register). The run's blocks are not registered yet."""
-    st = self._state
-    old, h = prior[clash], keys[clash].astype(np.int64)
-    stale = (old >= 0) & ~(self.registered[np.maximum(old, 0)]
-                           & (self.block_hash[np.maximum(old, 0)] == h))
-    if len(set(keys.tolist())) < keys.size:  # a key twice in the run (a collision)
-      stale[:] = False  # one by one: an entry may be a block of this run
-    if stale.any():
-      st.index.update(zip(h[stale].tolist(), new[clash[stale]].tolist()))
-    # One by one: several candidates, or a live one. A block of this run is a live
-    # candidate once it is taken (its key is the one looked at).
-    mine = dict(zip(new.tolist(), keys.tolist()))
-    pending = set(new[clash[~stale]].tolist())
-    twins = []
-    for j in clash[~stale].tolist():
-      key, b = int(keys[j]), int(new[j])
-      pending.discard(b)
-      live = [x for x in st.candidates(key) if x != b and (
-          mine[x] == key and x not in pending if x in mine else
-          bool(self.registered[x]) and int(self.block_hash[x]) == key)]
-      if self._find(live, salt, int(parents[j]), int(pgens[j]), self.block_tokens[b]) is not None:
-        twins.append(j)  # An identical block was registered meanwhile: this copy stays private.
-        mine.pop(b)
-      else:
-        live.append(b)
-      st.set_candidates(key, live)
-    return twins
 
   # ------------------------------------------------------------ operations
   def admit(self, tokens, salt: int = 0, *, keep_free: int = 0) -> tuple["DedupKVCache", int]:
