@@ -89,8 +89,8 @@ def prefix_keys(blocks: np.ndarray, salt: int, bits: int) -> np.ndarray:
 class _Blocks:
   """Derived from the block arrays (see `base`): never the truth, always rebuildable.
 
-  table: the hash index, a table of buckets of 4: bucket `hash & mask` -> block + 1 in
-         one of its entries (0: none), and
+  table: the hash index, a table of buckets of 4: bucket `hash & mask` holds
+         `hash << 32 | block + 1` in one of its entries (0: none), and
   spill: hash -> the registered blocks whose bucket was full, `spilled[bucket]` of them.
          Every registered block is in exactly one of the two, and only registered blocks
          are: a whole prompt's keys are probed in numpy (a bucket is one cache line), and
@@ -108,9 +108,9 @@ class _Blocks:
   def __init__(self, num_blocks: int):
     # Sparse (a quarter full or less, up to a cap): a bucket seldom fills. Zeros cost no
     # memory until touched.
-    buckets = 1 << max(8, min(23, (num_blocks - 1).bit_length()))
+    buckets = 1 << max(8, min(22, (num_blocks - 1).bit_length()))
     self.mask = buckets - 1
-    self.table = np.zeros((buckets, 4), np.int32)
+    self.table = np.zeros((buckets, 4), np.int64)
     self.spilled = np.zeros((buckets,), np.int32)
     self.spill: dict[int, list[int]] = {}
     self.lru: collections.deque[np.ndarray] = collections.deque()
@@ -144,22 +144,24 @@ class _Blocks:
   def probe(self, c: "DedupKVCache", keys: np.ndarray):
     """(the table's block with each key, -1 if none; whether there may be more: the
     bucket spilled, or holds the key twice)."""
+    keys = keys.astype(np.int64, copy=False)
     buckets = (keys & self.mask).astype(np.intp)
-    rows = self.table[buckets] - 1  # [n, 4]; an empty entry (-1) reads the last hash
-    match = (c.block_hash[rows] == keys[:, None]) & (rows >= 0)
+    rows = self.table[buckets]  # [n, 4]
+    match = (((rows >> 32) & _M32) == keys[:, None]) & (rows != 0)  # (the sign bit: & _M32)
     count = match.sum(axis=1)
-    one = rows[np.arange(keys.size), match.argmax(axis=1)].astype(np.int64)
+    one = (rows[np.arange(keys.size), match.argmax(axis=1)] & _M32) - 1
     one[count == 0] = -1
     return one, (count > 1) | (self.spilled[buckets] > 0)
 
   def candidates(self, c: "DedupKVCache", key: int) -> list[int]:
     row = self.table[key & self.mask].tolist()
-    return [b - 1 for b in row if b and int(c.block_hash[b - 1]) == key] + self.spill.get(key, [])
+    return [(e & _M32) - 1 for e in row if e and (e >> 32) & _M32 == key] + self.spill.get(key, [])
 
   def add(self, keys: np.ndarray, blocks: np.ndarray) -> None:
     """Indexes registered `blocks` (int64) under `keys` (int64)."""
     buckets = (keys & self.mask).astype(np.intp)
     todo, spill = np.arange(keys.size), []
+    entries = (keys << 32) | (blocks + 1)
     for _ in range(4):  # a bucket twice in the run: its last write holds, the others retry
       empty = self.table[buckets[todo]] == 0
       room = empty.any(axis=1)
@@ -169,8 +171,8 @@ class _Blocks:
       if not todo.size:
         break
       col = empty.argmax(axis=1)
-      self.table[buckets[todo], col] = blocks[todo] + 1
-      todo = todo[self.table[buckets[todo], col] != blocks[todo] + 1]
+      self.table[buckets[todo], col] = entries[todo]
+      todo = todo[self.table[buckets[todo], col] != entries[todo]]
       if not todo.size:
         break
     for j in spill + todo.tolist():
@@ -180,7 +182,7 @@ class _Blocks:
   def remove(self, keys: np.ndarray, blocks: np.ndarray) -> None:
     """Drops registered `blocks` (int64) indexed under `keys` (int64)."""
     buckets = (keys & self.mask).astype(np.intp)
-    at = self.table[buckets] == (blocks + 1)[:, None]
+    at = self.table[buckets] == ((keys << 32) | (blocks + 1))[:, None]
     mine = at.any(axis=1)
     self.table[buckets[mine], at[mine].argmax(axis=1)] = 0
     for j in np.flatnonzero(~mine).tolist():
@@ -309,7 +311,7 @@ class DedupKVCache(PagedCache):
     blocks are returned."""
     st, gen_of = self._state, self.block_gen.item
     hits, runs = [], []
-    start, run, before = 0, 32, 0  # keys in growing runs: a prompt that misses early
+    start, run, before = 0, 256, 0  # keys in growing runs: a prompt that misses early
     while start < len(blocks):     # hashes little of itself
       sums = _prefix_sums(blocks[start:start + run], start, before)
       runs.append(sums)
@@ -431,13 +433,17 @@ class DedupKVCache(PagedCache):
     self.block_parent_gen[new] = pgens
 
   # ------------------------------------------------------------ operations
-  def admit(self, tokens, salt: int = 0, *, keep_free: int = 0) -> tuple["DedupKVCache", int]:
+  def admit(self, tokens, salt: int = 0, *, keep_free: int = 0,
+            then_extend=None) -> tuple["DedupKVCache", int]:
     """Admits a prompt: references its longest cached chain of full blocks, allocates the rest.
 
     Returns (cache, slot). `seq_lens[slot]` is the number of cached (hit) tokens: their
     K/V is already there; the caller computes and writes the rest, then `commit`s.
     `keep_free`: blocks that must stay allocatable afterwards (a server's running
     requests will need them), else `PoolFull`. Hit blocks are pinned before allocating.
+    `then_extend`: tokens to `extend` the request by at once (the same cache as admit
+    with `keep_free` + their blocks, then `extend`; checked whole before any change, one
+    allocation and one registration: a no-model replay's request in one operation).
     """
     self._check_live()
     if (isinstance(keep_free, bool) or not isinstance(keep_free, (int, np.integer))
@@ -446,21 +452,33 @@ class DedupKVCache(PagedCache):
     prompt = self._check_prompt(tokens)
     salt = check_salt(salt)
     slot = self._free_slot(self.active)
+    more = None
+    if then_extend is not None:
+      more = np.asarray(then_extend)
+      if more.ndim != 1:
+        raise CacheError(f"extend's tokens must be 1-D, got shape {more.shape}")
+      more = self._check_token_array(more, f"extension of {more.size} tokens")
+      if prompt.size + more.size > self.max_seq_len:
+        raise CacheError(f"a request of {prompt.size} tokens: {more.size} more exceed "
+                         f"max_seq_len ({self.max_seq_len})")
     c = self._begin()
     bs = self.block_size
     n_full, n_blocks = prompt.size // bs, -(-prompt.size // bs)
+    later = -(-(prompt.size + more.size) // bs) - n_blocks if more is not None else 0
     blocks = prompt[:n_full * bs].reshape(n_full, bs)
     hits, hit_sum = c._lookup_sums(blocks, salt) if n_full else ([], 0)
     hits = np.asarray(hits, np.int64)
     need = n_blocks - hits.size
-    c._check_room(need, f"a request of {prompt.size} tokens", hits=hits, keep_free=keep_free)
+    c._check_room(need, f"a request of {prompt.size} tokens", hits=hits,
+                  keep_free=keep_free + later)
     # Everything checked: from here on the arrays change.
     if hits.size:
       newly = int(np.count_nonzero(c.refcount[hits] == 0))
       c.refcount[hits] += 1
       c._state.held += newly
       c._state.cached -= newly  # their LRU entries are stale now
-    new = c._allocate(need)
+    new = c._allocate(need + later)  # as two allocations: the prompt's blocks come first
+    new, new_later = new[:need], new[need:]
     n_hit = hits.size
     if new.size:
       full = new[:n_full - n_hit]
@@ -479,6 +497,8 @@ class DedupKVCache(PagedCache):
     c._state.sums[slot] = (n_hit, hit_sum)  # the hits' running sum: commit goes on from it
     c.hit_tokens[...] += n_hit * bs
     c.query_tokens[...] += prompt.size
+    if more is not None and more.size:
+      c._append_committed(slot, prompt.size, more, new_later)
     return self._finish(c, "admit"), slot
 
   def commit_batch(self, slots, num_tokens) -> "DedupKVCache":
@@ -530,10 +550,16 @@ class DedupKVCache(PagedCache):
     first_new = -(-n // bs)
     need = -(-end // bs) - first_new
     c._check_room(need, f"extending slot {slot} by {arr.size} tokens")
-    if need:
-      new = c._allocate(need)
+    c._append_committed(slot, n, arr, c._allocate(need))
+    return self._finish(c, "extend")
+
+  def _append_committed(self, slot: int, n: int, arr: np.ndarray, new: np.ndarray) -> None:
+    """`extend`'s changes: `new`, the blocks it needs, are allocated."""
+    c, bs, end = self, self.block_size, n + arr.size
+    if new.size:
+      first_new = -(-n // bs)
       c.block_salt[new] = c.salts[slot]
-      c.block_tables[slot, first_new:first_new + need] = new
+      c.block_tables[slot, first_new:first_new + new.size] = new
     pos = np.arange(n, end)
     blocks = c.block_tables[slot, pos // bs]
     c.block_tokens[blocks, pos % bs] = arr
@@ -547,7 +573,6 @@ class DedupKVCache(PagedCache):
     c.seq_lens[slot] = end
     if end // bs > old // bs:
       c._register_full_blocks(slot, old // bs, end // bs)
-    return self._finish(c, "extend")
 
   def release(self, slot: int) -> "DedupKVCache":
     """Drops the request's references. Registered blocks stay cached (LRU); private ones free."""

@@ -300,14 +300,18 @@ def replay_requests(cache, requests: Iterable[Request], cfg: ReplayConfig, *,
   finishing: list[tuple[float, int, int]] = []  # heap of (finish time, request id, slot)
 
   def admit(cache, req: Request):
+    if cache.backend == "hq" and req.output_tokens:  # admit + extend, as one operation
+      hit = -int(cache.hit_tokens)
+      cache, slot = cache.admit(req.prompt, req.salt, then_extend=decode_tokens(
+          req.id, req.output_tokens, vocab_size=vocab_size, seed=seed))
+      hit += int(cache.hit_tokens)
+      return cache, Admitted(slot, hit, req.prompt_tokens - hit)
     cache, slot = admit_prompt(
         cache, req.prompt, req.salt, hold_tokens=req.hold_tokens,
         keep_free=blocks_to_come(req.prompt_tokens, req.hold_tokens, bs))
     hit = int(cache.seq_lens[slot])
-    if req.output_tokens:  # `extend` commits the prompt with its output: one registration
-      out = (decode_tokens(req.id, req.output_tokens, vocab_size=vocab_size, seed=seed)
-             if cache.backend == "hq" else np.zeros(req.output_tokens, np.int32))  # never read
-      cache = cache.extend(slot, out)
+    if req.output_tokens:  # `extend` commits the prompt with its output (never read: dense)
+      cache = cache.extend(slot, np.zeros(req.output_tokens, np.int32))
     else:
       cache = cache.commit(slot, req.prompt_tokens)
     return cache, Admitted(slot, hit, req.prompt_tokens - hit)
