@@ -77,6 +77,24 @@ def _keys(prefix_sums: np.ndarray, salt: int, bits: int) -> np.ndarray:
   return (x >> _U(32)) & _U((1 << bits) - 1)
 
 
+def _any4(flags: np.ndarray) -> np.ndarray:
+  """flags [n, 4] bool (contiguous) -> [n] uint32, nonzero where a row has a True: a
+  row's 4 bytes read as one word (a reduction along a short axis costs far more)."""
+  return np.ascontiguousarray(flags).view(np.uint32)[:, 0]
+
+
+def _rows_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """[n, k] == [n, k] row by row, as words of 8 bytes where k allows (see `_any4`)."""
+  eq = np.ascontiguousarray(a == b)
+  if eq.shape[1] % 8:
+    return eq.all(axis=1)
+  words = eq.view(np.uint64)
+  out = words[:, 0] == 0x0101010101010101
+  for i in range(1, words.shape[1]):
+    out &= words[:, i] == 0x0101010101010101
+  return out
+
+
 def prefix_keys(blocks: np.ndarray, salt: int, bits: int) -> np.ndarray:
   """The `bits`-bit hash of each block's salt and *all* tokens up to its end, for the
   consecutive full blocks `blocks` [n, bs] of one sequence from position 0 (0 bits: every
@@ -148,10 +166,10 @@ class _Blocks:
     buckets = (keys & self.mask).astype(np.intp)
     rows = self.table[buckets]  # [n, 4]
     match = (((rows >> 32) & _M32) == keys[:, None]) & (rows != 0)  # (the sign bit: & _M32)
-    count = match.sum(axis=1)
+    word = _any4(match)  # one byte per entry: two bytes set is the key twice
     one = (rows[np.arange(keys.size), match.argmax(axis=1)] & _M32) - 1
-    one[count == 0] = -1
-    return one, (count > 1) | (self.spilled[buckets] > 0)
+    one[word == 0] = -1
+    return one, ((word & (word - np.uint32(1))) != 0) | (self.spilled[buckets] > 0)
 
   def candidates(self, c: "DedupKVCache", key: int) -> list[int]:
     row = self.table[key & self.mask].tolist()
@@ -164,7 +182,7 @@ class _Blocks:
     entries = (keys << 32) | (blocks + 1)
     for _ in range(4):  # a bucket twice in the run: its last write holds, the others retry
       empty = self.table[buckets[todo]] == 0
-      room = empty.any(axis=1)
+      room = _any4(empty) != 0
       if not room.all():
         spill += todo[~room].tolist()
         todo, empty = todo[room], empty[room]
@@ -183,7 +201,7 @@ class _Blocks:
     """Drops registered `blocks` (int64) indexed under `keys` (int64)."""
     buckets = (keys & self.mask).astype(np.intp)
     at = self.table[buckets] == ((keys << 32) | (blocks + 1))[:, None]
-    mine = at.any(axis=1)
+    mine = _any4(at) != 0
     self.table[buckets[mine], at[mine].argmax(axis=1)] = 0
     for j in np.flatnonzero(~mine).tolist():
       key = int(keys[j])
@@ -340,7 +358,7 @@ class DedupKVCache(PagedCache):
     parents = np.concatenate([[-1], h[:-1]])
     ok = (self.registered[h] & (self.block_salt[h] == salt) & (self.block_parent[h] == parents)
           & (self.block_parent_gen[h] == np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0))
-          & (self.block_tokens[h] == blocks[:h.size]).all(axis=1))
+          & _rows_equal(self.block_tokens[h], blocks[:h.size]))
     if not ok.all():
       hits = hits[:int(np.argmin(ok))]
     return hits, (int(np.concatenate(runs)[len(hits) - 1]) if hits else 0)
@@ -418,7 +436,7 @@ class DedupKVCache(PagedCache):
       t = one[j]
       twin[j] = ((self.block_salt[t] == salt) & (self.block_parent[t] == parents[j])
                  & (self.block_parent_gen[t] == pgens[j])
-                 & (self.block_tokens[t] == self.block_tokens[new[j]]).all(axis=1))
+                 & _rows_equal(self.block_tokens[t], self.block_tokens[new[j]]))
     for j in np.flatnonzero(more & ~twin).tolist():
       twin[j] = self._find(st.candidates(self, int(keys[j])), salt, int(parents[j]),
                            int(pgens[j]), self.block_tokens[new[j]]) is not None
