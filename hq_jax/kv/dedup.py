@@ -337,18 +337,18 @@ class DedupKVCache(PagedCache):
       one, more = st.probe(self, keys)
       cut = np.flatnonzero((one < 0) & ~more)  # nothing under this key: the chain ends
       cut = int(cut[0]) if cut.size else keys.size
-      spilt = np.flatnonzero(more[:cut])
-      first = int(spilt[0]) if spilt.size else cut
-      hits += one[:first].tolist()
-      for i in range(first, cut):  # the spill may hold candidates: verified one by one
-        b = int(one[i])
-        if more[i]:
-          parent = hits[-1] if hits else -1
-          b = self._find(st.candidates(self, int(keys[i])), salt, parent,
-                         gen_of(parent) if hits else 0, blocks[start + i])
-          if b is None:
-            break
+      done = 0
+      for i in np.flatnonzero(more[:cut]).tolist():  # maybe several: verified one by one
+        hits += one[done:i].tolist()
+        parent = hits[-1] if hits else -1
+        b = self._find(st.candidates(self, int(keys[i])), salt, parent,
+                       gen_of(parent) if hits else 0, blocks[start + i])
+        if b is None:
+          done = cut = i
+          break
         hits.append(b)
+        done = i + 1
+      hits += one[done:cut].tolist()
       if len(hits) < start + sums.size:
         break
       start, run, before = start + sums.size, 2 * run, int(sums[-1])

@@ -171,10 +171,15 @@ def _stream_tokens(keys: np.ndarray, seed: int, stream: int, length: int,
          ^ _position_keys(seed, stream, length)[None]) * _MIX1
     return (((x >> _U(32)) * _U(vocab_size)) >> _U(32)).astype(np.int32)
   starts = _splitmix(keys.astype(_U) * _GOLDEN + _U(stream)) % _U(_POOL_TOKENS - length)
-  # Rows of a window view: one contiguous copy per key, no [n, length] index array.
-  windows = np.lib.stride_tricks.sliding_window_view(_token_pool(seed, stream, vocab_size),
-                                                     length)
-  return windows[starts.astype(np.int64)]
+  return _pool_windows(seed, stream, vocab_size, length)[starts.astype(np.int64)]
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_windows(seed: int, stream: int, vocab_size: int, length: int) -> np.ndarray:
+  """The pool's windows of `length` tokens (a read-only view): a key's tokens are one
+  row, copied contiguously (no [n, length] index array)."""
+  return np.lib.stride_tricks.sliding_window_view(_token_pool(seed, stream, vocab_size),
+                                                  length)
 
 
 def _id_digits(vocab_size: int) -> int:
