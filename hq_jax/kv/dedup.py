@@ -131,6 +131,7 @@ class _Blocks:
     self.table = np.zeros((buckets, 4), np.int64)
     self.spilled = np.zeros((buckets,), np.int32)
     self.spill: dict[int, list[int]] = {}
+    self.entry = np.zeros((num_blocks,), np.int32)  # block -> its table entry + 1, 0: spilled
     self.lru: collections.deque[np.ndarray] = collections.deque()
     self.head = self.queued = 0
     self.free = FreeBlocks(num_blocks)
@@ -152,7 +153,7 @@ class _Blocks:
 
   def copy(self) -> "_Blocks":
     out = _Blocks(self.free.num_blocks)
-    out.table, out.spilled = self.table.copy(), self.spilled.copy()
+    out.table, out.spilled, out.entry = self.table.copy(), self.spilled.copy(), self.entry.copy()
     out.spill = {h: list(v) for h, v in self.spill.items()}
     out.lru = collections.deque([self.lru[0][self.head:], *list(self.lru)[1:]] if self.lru else [])
     out.queued, out.free = self.queued, self.free.copy()
@@ -190,26 +191,28 @@ class _Blocks:
         break
       col = empty.argmax(axis=1)
       self.table[buckets[todo], col] = entries[todo]
-      todo = todo[self.table[buckets[todo], col] != entries[todo]]
+      held = self.table[buckets[todo], col] == entries[todo]
+      self.entry[blocks[todo[held]]] = 4 * buckets[todo[held]] + col[held] + 1
+      todo = todo[~held]
       if not todo.size:
         break
     for j in spill + todo.tolist():
+      self.entry[blocks[j]] = 0
       self.spill.setdefault(int(keys[j]), []).append(int(blocks[j]))
       self.spilled[buckets[j]] += 1
 
   def remove(self, keys: np.ndarray, blocks: np.ndarray) -> None:
     """Drops registered `blocks` (int64) indexed under `keys` (int64)."""
-    buckets = (keys & self.mask).astype(np.intp)
-    at = self.table[buckets] == ((keys << 32) | (blocks + 1))[:, None]
-    mine = _any4(at) != 0
-    self.table[buckets[mine], at[mine].argmax(axis=1)] = 0
+    at = self.entry[blocks]
+    mine = at > 0
+    self.table.reshape(-1)[at[mine] - 1] = 0
     for j in np.flatnonzero(~mine).tolist():
       key = int(keys[j])
       spill = self.spill[key]
       spill.remove(int(blocks[j]))
       if not spill:
         del self.spill[key]
-      self.spilled[buckets[j]] -= 1
+      self.spilled[key & self.mask] -= 1
 
   def push_cached(self, c: "DedupKVCache", blocks: np.ndarray) -> None:
     """`blocks` just became cached, in increasing `last_used` order."""

@@ -171,6 +171,9 @@ def _stream_tokens(keys: np.ndarray, seed: int, stream: int, length: int,
          ^ _position_keys(seed, stream, length)[None]) * _MIX1
     return (((x >> _U(32)) * _U(vocab_size)) >> _U(32)).astype(np.int32)
   starts = _splitmix(keys.astype(_U) * _GOLDEN + _U(stream)) % _U(_POOL_TOKENS - length)
+  if starts.size == 1:  # one key (a request's output): a slice of the pool
+    start = int(starts[0])
+    return _token_pool(seed, stream, vocab_size)[None, start:start + length].copy()
   return _pool_windows(seed, stream, vocab_size, length)[starts.astype(np.int64)]
 
 
