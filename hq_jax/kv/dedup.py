@@ -126,7 +126,7 @@ class _Blocks:
   def __init__(self, num_blocks: int):
     # Sparse (a quarter full or less, up to a cap): a bucket seldom fills. Zeros cost no
     # memory until touched.
-    buckets = 1 << max(8, min(22, (num_blocks - 1).bit_length()))
+    buckets = 1 << max(16, min(22, (num_blocks - 1).bit_length()))
     self.mask = buckets - 1
     self.table = np.zeros((buckets, 4), np.int64)
     self.spilled = np.zeros((buckets,), np.int32)
