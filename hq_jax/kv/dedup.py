@@ -279,7 +279,7 @@ class DedupKVCache(PagedCache):
       raise CacheError(f"hash_bits must be in [0, 32], got {hash_bits}")
     base = cls._base_arrays(layout, num_blocks, max_requests, max_seq_len, host_only)
     nb, bs = num_blocks, layout.block_size
-    i32 = lambda *s, v=0: np.full(s, v, np.int32)
+    i32 = lambda *s, v=0: np.full(s, v, np.int32) if v else np.zeros(s, np.int32)  # lazy pages
     cache = cls(
         **base,
         salts=i32(max_requests), refcount=i32(nb), registered=np.zeros((nb,), bool),
