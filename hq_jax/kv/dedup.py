@@ -22,7 +22,7 @@ points at computed K/V.
 Allocation takes never-registered free blocks first (lowest id first), then evicts
 cached blocks, least recently used first (`evicted_blocks` counts them). Every
 operation costs O(blocks it touches): the arrays are the state, and what makes lookups
-and allocation cheap is derived from them (`_Blocks`: a hash -> block map, the free
+and allocation cheap is derived from them (`_Blocks`: a hash table of the registered blocks, the free
 list, the cached blocks in LRU order, counters), as vLLM's BlockPool keeps a hash map
 and a free queue beside its blocks.
 """

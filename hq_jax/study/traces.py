@@ -298,7 +298,7 @@ def replay_requests(cache, requests: Iterable[Request], cfg: ReplayConfig, *,
   Policy: the serving `Scheduler` (FIFO, head of line, skip what never fits). A request's
   whole life is taken at admission: its prompt is admitted (HQ: with room kept for its
   output) and committed, and its stand-in output tokens (`decode_tokens`) appended and
-  committed at once (`extend`). Time model: a request admitted at t holds its blocks
+  committed at once (`extend`; HQ: `admit(then_extend=...)`, the same in one operation). Time model: a request admitted at t holds its blocks
   until t + computed_prefill_tokens / prefill_tokens_per_s + output_tokens /
   decode_tokens_per_s; then it is released (its chain cached tail first, in HQ).
   """
