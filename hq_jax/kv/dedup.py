@@ -22,13 +22,14 @@ points at computed K/V.
 Allocation takes never-registered free blocks first (lowest id first), then evicts
 cached blocks, least recently used first (`evicted_blocks` counts them). Every
 operation costs O(blocks it touches): the arrays are the state, and what makes lookups
-and allocation cheap is derived from them (`_Blocks`: a hash -> block map, the free
+and allocation cheap is derived from them (`_Blocks`: a hash table of the registered blocks, the free
 list, the cached blocks in LRU order, counters), as vLLM's BlockPool keeps a hash map
 and a free queue beside its blocks.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -76,6 +77,24 @@ def _keys(prefix_sums: np.ndarray, salt: int, bits: int) -> np.ndarray:
   return (x >> _U(32)) & _U((1 << bits) - 1)
 
 
+def _any4(flags: np.ndarray) -> np.ndarray:
+  """flags [n, 4] bool (contiguous) -> [n] uint32, nonzero where a row has a True: a
+  row's 4 bytes read as one word (a reduction along a short axis costs far more)."""
+  return np.ascontiguousarray(flags).view(np.uint32)[:, 0]
+
+
+def _rows_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """[n, k] == [n, k] row by row, as words of 8 bytes where k allows (see `_any4`)."""
+  eq = np.ascontiguousarray(a == b)
+  if eq.shape[1] % 8:
+    return eq.all(axis=1)
+  words = eq.view(np.uint64)
+  out = words[:, 0] == 0x0101010101010101
+  for i in range(1, words.shape[1]):
+    out &= words[:, i] == 0x0101010101010101
+  return out
+
+
 def prefix_keys(blocks: np.ndarray, salt: int, bits: int) -> np.ndarray:
   """The `bits`-bit hash of each block's salt and *all* tokens up to its end, for the
   consecutive full blocks `blocks` [n, bs] of one sequence from position 0 (0 bits: every
@@ -88,13 +107,16 @@ def prefix_keys(blocks: np.ndarray, salt: int, bits: int) -> np.ndarray:
 class _Blocks:
   """Derived from the block arrays (see `base`): never the truth, always rebuildable.
 
-  index: stored hash -> a registered block (an int), or a list of them (collisions);
-         every candidate is verified before use.
-  lru:   cached blocks in LRU order, as `last_used << 32 | block` ints, from `lru[head]`
-         on (a list and a read position: runs are sliced out and tested at once); an entry
+  table: the hash index, a table of buckets of 4: bucket `hash & mask` holds
+         `hash << 32 | block + 1` in one of its entries (0: none), and
+  spill: hash -> the registered blocks whose bucket was full, `spilled[bucket]` of them.
+         Every registered block is in exactly one of the two, and only registered blocks
+         are: a whole prompt's keys are probed in numpy (a bucket is one cache line), and
+         the Python map only where `spilled` says. Every candidate is verified before use.
+  lru:   cached blocks in LRU order, as `last_used << 32 | block` int64 arrays from
+         `lru[0][head]` on (`queued` entries; runs are sliced out and tested at once); an entry
          is live iff its block is still cached with that `last_used` (stale entries are
          skipped, and the queue compacted when most of it is stale).
-  collisions: index entries that are lists (none: unregistering pops the map in bulk).
   free:  never-registered free blocks, lowest id first.
   held, cached: blocks with refcount > 0; registered blocks with refcount 0.
   sums:  slot -> (full blocks k, `_prefix_sums` to the end of block k - 1) of an active
@@ -102,11 +124,18 @@ class _Blocks:
   """
 
   def __init__(self, num_blocks: int):
-    self.index: dict[int, int | list[int]] = {}
-    self.lru: list[int] = []
-    self.head = 0
+    # Sparse (a quarter full or less, up to a cap): a bucket seldom fills. Zeros cost no
+    # memory until touched.
+    buckets = 1 << max(16, min(22, (num_blocks - 1).bit_length()))
+    self.mask = buckets - 1
+    self.table = np.zeros((buckets, 4), np.int64)
+    self.spilled = np.zeros((buckets,), np.int32)
+    self.spill: dict[int, list[int]] = {}
+    self.entry = np.zeros((num_blocks,), np.int32)  # block -> its table entry + 1, 0: spilled
+    self.lru: collections.deque[np.ndarray] = collections.deque()
+    self.head = self.queued = 0
     self.free = FreeBlocks(num_blocks)
-    self.held = self.cached = self.collisions = 0
+    self.held = self.cached = 0
     self.sums: dict[int, tuple[int, int]] = {}
 
   @classmethod
@@ -114,54 +143,86 @@ class _Blocks:
     st = cls(c.num_blocks)
     reg, unheld = c.registered, c.refcount == 0
     ids = np.flatnonzero(reg)
-    hashes = c.block_hash[ids]
-    if np.unique(hashes).size == hashes.size:
-      st.index = dict(zip(hashes.tolist(), ids.tolist()))
-    else:
-      for h, b in zip(hashes.tolist(), ids.tolist()):
-        st.add(h, b)
+    st.add(c.block_hash[ids].astype(np.int64), ids)
     cached = np.flatnonzero(reg & unheld)
     cached = cached[np.argsort(c.last_used[cached], kind="stable")]  # ties: lower id first
-    st.lru.extend(((c.last_used[cached].astype(np.int64) << 32) | cached).tolist())
+    st.push_cached(c, cached)
     st.free = FreeBlocks(c.num_blocks, ~reg & unheld)
-    st.held, st.cached = int(np.count_nonzero(~unheld)), int(cached.size)
+    st.held = int(np.count_nonzero(~unheld))
     return st
 
   def copy(self) -> "_Blocks":
     out = _Blocks(self.free.num_blocks)
-    out.index = {h: (v if type(v) is int else list(v)) for h, v in self.index.items()}
-    out.lru, out.free = self.lru[self.head:], self.free.copy()
+    out.table, out.spilled, out.entry = self.table.copy(), self.spilled.copy(), self.entry.copy()
+    out.spill = {h: list(v) for h, v in self.spill.items()}
+    out.lru = collections.deque([self.lru[0][self.head:], *list(self.lru)[1:]] if self.lru else [])
+    out.queued, out.free = self.queued, self.free.copy()
     out.held, out.cached, out.sums = self.held, self.cached, dict(self.sums)
-    out.collisions = self.collisions
     return out
 
-  def add(self, h: int, b: int) -> None:
-    v = self.index.get(h)
-    if v is None:
-      self.index[h] = b
-    elif type(v) is int:
-      self.index[h] = [v, b]
-      self.collisions += 1
-    else:
-      v.append(b)
+  def probe(self, c: "DedupKVCache", keys: np.ndarray):
+    """(the table's block with each key, -1 if none; whether there may be more: the
+    bucket spilled, or holds the key twice)."""
+    keys = keys.astype(np.int64, copy=False)
+    buckets = (keys & self.mask).astype(np.intp)
+    rows = self.table[buckets]  # [n, 4]
+    match = (((rows >> 32) & _M32) == keys[:, None]) & (rows != 0)  # (the sign bit: & _M32)
+    word = _any4(match)  # one byte per entry: two bytes set is the key twice
+    one = (rows[np.arange(keys.size), match.argmax(axis=1)] & _M32) - 1
+    one[word == 0] = -1
+    return one, ((word & (word - np.uint32(1))) != 0) | (self.spilled[buckets] > 0)
 
-  def remove(self, h: int, b: int) -> None:
-    v = self.index[h]
-    if type(v) is int:
-      del self.index[h]
-    else:
-      v.remove(b)
-      if len(v) == 1:
-        self.index[h] = v[0]
-        self.collisions -= 1
+  def candidates(self, c: "DedupKVCache", key: int) -> list[int]:
+    row = self.table[key & self.mask].tolist()
+    return [(e & _M32) - 1 for e in row if e and (e >> 32) & _M32 == key] + self.spill.get(key, [])
+
+  def add(self, keys: np.ndarray, blocks: np.ndarray) -> None:
+    """Indexes registered `blocks` (int64) under `keys` (int64)."""
+    buckets = (keys & self.mask).astype(np.intp)
+    todo, spill = np.arange(keys.size), []
+    entries = (keys << 32) | (blocks + 1)
+    for _ in range(4):  # a bucket twice in the run: its last write holds, the others retry
+      empty = self.table[buckets[todo]] == 0
+      room = _any4(empty) != 0
+      if not room.all():
+        spill += todo[~room].tolist()
+        todo, empty = todo[room], empty[room]
+      if not todo.size:
+        break
+      col = empty.argmax(axis=1)
+      self.table[buckets[todo], col] = entries[todo]
+      held = self.table[buckets[todo], col] == entries[todo]
+      self.entry[blocks[todo[held]]] = 4 * buckets[todo[held]] + col[held] + 1
+      todo = todo[~held]
+      if not todo.size:
+        break
+    for j in spill + todo.tolist():
+      self.entry[blocks[j]] = 0
+      self.spill.setdefault(int(keys[j]), []).append(int(blocks[j]))
+      self.spilled[buckets[j]] += 1
+
+  def remove(self, keys: np.ndarray, blocks: np.ndarray) -> None:
+    """Drops registered `blocks` (int64) indexed under `keys` (int64)."""
+    at = self.entry[blocks]
+    mine = at > 0
+    self.table.reshape(-1)[at[mine] - 1] = 0
+    for j in np.flatnonzero(~mine).tolist():
+      key = int(keys[j])
+      spill = self.spill[key]
+      spill.remove(int(blocks[j]))
+      if not spill:
+        del self.spill[key]
+      self.spilled[key & self.mask] -= 1
 
   def push_cached(self, c: "DedupKVCache", blocks: np.ndarray) -> None:
     """`blocks` just became cached, in increasing `last_used` order."""
-    self.lru.extend(((c.last_used[blocks].astype(np.int64) << 32) | blocks).tolist())
+    self.lru.append((c.last_used[blocks].astype(np.int64) << 32) | blocks)
+    self.queued += blocks.size
     self.cached += blocks.size
-    if len(self.lru) - self.head > 2 * self.cached + 1024:  # mostly stale: compact,
-      entries = np.asarray(self.lru[self.head:], np.int64)  # O(len) amortized
-      self.lru, self.head = entries[self._live(c, entries)].tolist(), 0
+    if self.queued > 2 * self.cached + 1024:  # mostly stale: compact, O(len) amortized
+      entries = np.concatenate([self.lru[0][self.head:], *list(self.lru)[1:]])
+      entries = entries[self._live(c, entries)]
+      self.lru, self.head, self.queued = collections.deque([entries]), 0, entries.size
 
   @staticmethod
   def _live(c: "DedupKVCache", entries: np.ndarray) -> np.ndarray:
@@ -173,18 +234,21 @@ class _Blocks:
     int64 array; queue entries are tested for liveness in vectorized runs."""
     out, got = [], 0
     while got < n:
-      entries = np.asarray(self.lru[self.head:self.head + max(2 * (n - got), 64)], np.int64)
+      chunk = self.lru[0]
+      entries = chunk[self.head:self.head + max(2 * (n - got), 64)]
       live = np.flatnonzero(self._live(c, entries))
       if live.size >= n - got:
         live = live[:n - got]
-        self.head += int(live[-1]) + 1  # what follows the last taken stays queued
+        step = int(live[-1]) + 1  # what follows the last taken stays queued
       else:
-        self.head += entries.size
+        step = entries.size
+      self.head += step
+      self.queued -= step
+      if self.head == chunk.size:
+        self.lru.popleft()
+        self.head = 0
       out.append(entries[live] & _M32)
       got += live.size
-    if self.head > 4096 and 2 * self.head > len(self.lru):  # drop the consumed front
-      del self.lru[:self.head]
-      self.head = 0
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
@@ -215,7 +279,7 @@ class DedupKVCache(PagedCache):
       raise CacheError(f"hash_bits must be in [0, 32], got {hash_bits}")
     base = cls._base_arrays(layout, num_blocks, max_requests, max_seq_len, host_only)
     nb, bs = num_blocks, layout.block_size
-    i32 = lambda *s, v=0: np.full(s, v, np.int32)
+    i32 = lambda *s, v=0: np.full(s, v, np.int32) if v else np.zeros(s, np.int32)  # lazy pages
     cache = cls(
         **base,
         salts=i32(max_requests), refcount=i32(nb), registered=np.zeros((nb,), bool),
@@ -245,10 +309,10 @@ class DedupKVCache(PagedCache):
                 and self.block_parent[b] == parent and self.block_parent_gen[b] == parent_gen
                 and np.array_equal(self.block_tokens[b], tokens))
 
-  def _find(self, found, salt: int, parent: int, parent_gen: int, tokens) -> int | None:
+  def _find(self, candidates, salt: int, parent: int, parent_gen: int, tokens) -> int | None:
     """The candidate of an index entry that verifies (no two registered blocks share an
     identity: at most one does)."""
-    for b in ([found] if type(found) is int else found):
+    for b in candidates:
       if self._verify(b, salt, parent, parent_gen, tokens):
         return b
     return None
@@ -266,22 +330,28 @@ class DedupKVCache(PagedCache):
     means no block matches there); several candidates (collisions, or stale children of
     an evicted parent) are verified one by one as they come. Either way only verified
     blocks are returned."""
-    get, gen_of = self._state.index.get, self.block_gen.item
+    st, gen_of = self._state, self.block_gen.item
     hits, runs = [], []
-    start, run, before = 0, 32, 0  # keys in growing runs: a prompt that misses early
+    start, run, before = 0, 256, 0  # keys in growing runs: a prompt that misses early
     while start < len(blocks):     # hashes little of itself
       sums = _prefix_sums(blocks[start:start + run], start, before)
       runs.append(sums)
-      for i, key in enumerate(_keys(sums, salt, self.hash_bits).tolist(), start):
-        found = get(key)
-        if found is None:
+      keys = _keys(sums, salt, self.hash_bits)
+      one, more = st.probe(self, keys)
+      cut = np.flatnonzero((one < 0) & ~more)  # nothing under this key: the chain ends
+      cut = int(cut[0]) if cut.size else keys.size
+      done = 0
+      for i in np.flatnonzero(more[:cut]).tolist():  # maybe several: verified one by one
+        hits += one[done:i].tolist()
+        parent = hits[-1] if hits else -1
+        b = self._find(st.candidates(self, int(keys[i])), salt, parent,
+                       gen_of(parent) if hits else 0, blocks[start + i])
+        if b is None:
+          done = cut = i
           break
-        if type(found) is not int:
-          parent = hits[-1] if hits else -1
-          found = self._find(found, salt, parent, gen_of(parent) if hits else 0, blocks[i])
-          if found is None:
-            break
-        hits.append(found)
+        hits.append(b)
+        done = i + 1
+      hits += one[done:cut].tolist()
       if len(hits) < start + sums.size:
         break
       start, run, before = start + sums.size, 2 * run, int(sums[-1])
@@ -291,7 +361,7 @@ class DedupKVCache(PagedCache):
     parents = np.concatenate([[-1], h[:-1]])
     ok = (self.registered[h] & (self.block_salt[h] == salt) & (self.block_parent[h] == parents)
           & (self.block_parent_gen[h] == np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0))
-          & (self.block_tokens[h] == blocks[:h.size]).all(axis=1))
+          & _rows_equal(self.block_tokens[h], blocks[:h.size]))
     if not ok.all():
       hits = hits[:int(np.argmin(ok))]
     return hits, (int(np.concatenate(runs)[len(hits) - 1]) if hits else 0)
@@ -330,20 +400,7 @@ class DedupKVCache(PagedCache):
     return taken
 
   def _unregister(self, blocks: np.ndarray) -> None:
-    st = self._state
-    hashes, index = self.block_hash[blocks].tolist(), st.index
-    ids = blocks.tolist()
-    # The common case in bulk: every key's entry is the block itself (no collision list;
-    # without any, every registered block has its own key).
-    if not st.collisions or list(map(index.get, hashes)) == ids:
-      for _ in map(index.pop, hashes):
-        pass
-    else:
-      for h, b in zip(hashes, ids):
-        if index.get(h) == b:
-          del index[h]
-        else:
-          st.remove(h, b)
+    self._state.remove(self.block_hash[blocks].astype(np.int64), blocks)
     self.registered[blocks] = False
     self.block_hash[blocks] = 0
     self.block_parent[blocks] = -1
@@ -367,33 +424,29 @@ class DedupKVCache(PagedCache):
     sums = _prefix_sums(self.block_tokens[table[k:end]], k, before)
     st.sums[slot] = (end, int(sums[-1]))
     keys = _keys(sums[first - k:], salt, self.hash_bits)[todo]
-    # Vectorized: a twin can only be a block registered before this call (a block of this
-    # call has another parent), so only keys already in the map are verified one by one.
     pos = first + todo  # logical positions of the blocks to register
     parents = np.where(pos > 0, table[np.maximum(pos - 1, 0)], -1).astype(np.int64)
     pgens = np.where(parents >= 0, self.block_gen[np.maximum(parents, 0)], 0)
     new = ids[todo].astype(np.int64)
-    hashes, index = keys.tolist(), st.index
-    seen = index.keys() & set(hashes)
-    if seen:
-      twins = [j for j, h in enumerate(hashes) if h in seen and self._find(
-          index[h], salt, int(parents[j]), int(pgens[j]), self.block_tokens[new[j]]) is not None]
-      if twins:  # An identical block was registered meanwhile: these copies stay private.
-        keep = np.ones(len(hashes), bool)
-        keep[twins] = False
-        new, parents, pgens, keys = new[keep], parents[keep], pgens[keep], keys[keep]
-        hashes = keys.tolist()
-        seen &= set(hashes)
-    ids = new.tolist()
-    if len(set(hashes)) < len(hashes):  # a key twice in the run (a collision): one by one
-      for h, b in zip(hashes, ids):
-        st.add(h, b)
-    else:  # in bulk; keys that already had blocks (collisions, stale children) join them
-      before = {h: index[h] for h in seen}
-      index.update(zip(hashes, ids))
-      for h, v in before.items():
-        b, index[h] = index[h], v
-        st.add(h, b)
+    keys = keys.astype(np.int64)
+    # A twin (an identical registered block: this copy then stays private) can only be a
+    # block registered before this call (one of this call has another parent): verified
+    # in bulk where the table has the key, one by one where the spill may.
+    one, more = st.probe(self, keys)
+    twin = np.zeros(new.size, bool)
+    j = np.flatnonzero(one >= 0)
+    if j.size:
+      t = one[j]
+      twin[j] = ((self.block_salt[t] == salt) & (self.block_parent[t] == parents[j])
+                 & (self.block_parent_gen[t] == pgens[j])
+                 & _rows_equal(self.block_tokens[t], self.block_tokens[new[j]]))
+    for j in np.flatnonzero(more & ~twin).tolist():
+      twin[j] = self._find(st.candidates(self, int(keys[j])), salt, int(parents[j]),
+                           int(pgens[j]), self.block_tokens[new[j]]) is not None
+    if twin.any():
+      keep = ~twin
+      new, parents, pgens, keys = new[keep], parents[keep], pgens[keep], keys[keep]
+    st.add(keys, new)
     self.registered[new] = True
     self.block_hash[new] = keys
     self.block_salt[new] = salt
@@ -401,13 +454,17 @@ class DedupKVCache(PagedCache):
     self.block_parent_gen[new] = pgens
 
   # ------------------------------------------------------------ operations
-  def admit(self, tokens, salt: int = 0, *, keep_free: int = 0) -> tuple["DedupKVCache", int]:
+  def admit(self, tokens, salt: int = 0, *, keep_free: int = 0,
+            then_extend=None) -> tuple["DedupKVCache", int]:
     """Admits a prompt: references its longest cached chain of full blocks, allocates the rest.
 
     Returns (cache, slot). `seq_lens[slot]` is the number of cached (hit) tokens: their
     K/V is already there; the caller computes and writes the rest, then `commit`s.
     `keep_free`: blocks that must stay allocatable afterwards (a server's running
     requests will need them), else `PoolFull`. Hit blocks are pinned before allocating.
+    `then_extend`: tokens to `extend` the request by at once (the same cache as admit
+    with `keep_free` + their blocks, then `extend`; checked whole before any change, one
+    allocation and one registration: a no-model replay's request in one operation).
     """
     self._check_live()
     if (isinstance(keep_free, bool) or not isinstance(keep_free, (int, np.integer))
@@ -416,21 +473,33 @@ class DedupKVCache(PagedCache):
     prompt = self._check_prompt(tokens)
     salt = check_salt(salt)
     slot = self._free_slot(self.active)
+    more = None
+    if then_extend is not None:
+      more = np.asarray(then_extend)
+      if more.ndim != 1:
+        raise CacheError(f"extend's tokens must be 1-D, got shape {more.shape}")
+      more = self._check_token_array(more, f"extension of {more.size} tokens")
+      if prompt.size + more.size > self.max_seq_len:
+        raise CacheError(f"a request of {prompt.size} tokens: {more.size} more exceed "
+                         f"max_seq_len ({self.max_seq_len})")
     c = self._begin()
     bs = self.block_size
     n_full, n_blocks = prompt.size // bs, -(-prompt.size // bs)
+    later = -(-(prompt.size + more.size) // bs) - n_blocks if more is not None else 0
     blocks = prompt[:n_full * bs].reshape(n_full, bs)
     hits, hit_sum = c._lookup_sums(blocks, salt) if n_full else ([], 0)
     hits = np.asarray(hits, np.int64)
     need = n_blocks - hits.size
-    c._check_room(need, f"a request of {prompt.size} tokens", hits=hits, keep_free=keep_free)
+    c._check_room(need, f"a request of {prompt.size} tokens", hits=hits,
+                  keep_free=keep_free + later)
     # Everything checked: from here on the arrays change.
     if hits.size:
       newly = int(np.count_nonzero(c.refcount[hits] == 0))
       c.refcount[hits] += 1
       c._state.held += newly
       c._state.cached -= newly  # their LRU entries are stale now
-    new = c._allocate(need)
+    new = c._allocate(need + later)  # as two allocations: the prompt's blocks come first
+    new, new_later = new[:need], new[need:]
     n_hit = hits.size
     if new.size:
       full = new[:n_full - n_hit]
@@ -449,6 +518,8 @@ class DedupKVCache(PagedCache):
     c._state.sums[slot] = (n_hit, hit_sum)  # the hits' running sum: commit goes on from it
     c.hit_tokens[...] += n_hit * bs
     c.query_tokens[...] += prompt.size
+    if more is not None and more.size:
+      c._append_committed(slot, prompt.size, more, new_later)
     return self._finish(c, "admit"), slot
 
   def commit_batch(self, slots, num_tokens) -> "DedupKVCache":
@@ -500,10 +571,16 @@ class DedupKVCache(PagedCache):
     first_new = -(-n // bs)
     need = -(-end // bs) - first_new
     c._check_room(need, f"extending slot {slot} by {arr.size} tokens")
-    if need:
-      new = c._allocate(need)
+    c._append_committed(slot, n, arr, c._allocate(need))
+    return self._finish(c, "extend")
+
+  def _append_committed(self, slot: int, n: int, arr: np.ndarray, new: np.ndarray) -> None:
+    """`extend`'s changes: `new`, the blocks it needs, are allocated."""
+    c, bs, end = self, self.block_size, n + arr.size
+    if new.size:
+      first_new = -(-n // bs)
       c.block_salt[new] = c.salts[slot]
-      c.block_tables[slot, first_new:first_new + need] = new
+      c.block_tables[slot, first_new:first_new + new.size] = new
     pos = np.arange(n, end)
     blocks = c.block_tables[slot, pos // bs]
     c.block_tokens[blocks, pos % bs] = arr
@@ -517,7 +594,6 @@ class DedupKVCache(PagedCache):
     c.seq_lens[slot] = end
     if end // bs > old // bs:
       c._register_full_blocks(slot, old // bs, end // bs)
-    return self._finish(c, "extend")
 
   def release(self, slot: int) -> "DedupKVCache":
     """Drops the request's references. Registered blocks stay cached (LRU); private ones free."""

@@ -171,8 +171,18 @@ def _stream_tokens(keys: np.ndarray, seed: int, stream: int, length: int,
          ^ _position_keys(seed, stream, length)[None]) * _MIX1
     return (((x >> _U(32)) * _U(vocab_size)) >> _U(32)).astype(np.int32)
   starts = _splitmix(keys.astype(_U) * _GOLDEN + _U(stream)) % _U(_POOL_TOKENS - length)
-  return _token_pool(seed, stream, vocab_size)[
-      starts.astype(np.int64)[:, None] + np.arange(length)[None]]
+  if starts.size == 1:  # one key (a request's output): a slice of the pool
+    start = int(starts[0])
+    return _token_pool(seed, stream, vocab_size)[None, start:start + length].copy()
+  return _pool_windows(seed, stream, vocab_size, length)[starts.astype(np.int64)]
+
+
+@functools.lru_cache(maxsize=64)
+def _pool_windows(seed: int, stream: int, vocab_size: int, length: int) -> np.ndarray:
+  """The pool's windows of `length` tokens (a read-only view): a key's tokens are one
+  row, copied contiguously (no [n, length] index array)."""
+  return np.lib.stride_tricks.sliding_window_view(_token_pool(seed, stream, vocab_size),
+                                                  length)
 
 
 def _id_digits(vocab_size: int) -> int:
@@ -288,7 +298,7 @@ def replay_requests(cache, requests: Iterable[Request], cfg: ReplayConfig, *,
   Policy: the serving `Scheduler` (FIFO, head of line, skip what never fits). A request's
   whole life is taken at admission: its prompt is admitted (HQ: with room kept for its
   output) and committed, and its stand-in output tokens (`decode_tokens`) appended and
-  committed at once (`extend`). Time model: a request admitted at t holds its blocks
+  committed at once (`extend`; HQ: `admit(then_extend=...)`, the same in one operation). Time model: a request admitted at t holds its blocks
   until t + computed_prefill_tokens / prefill_tokens_per_s + output_tokens /
   decode_tokens_per_s; then it is released (its chain cached tail first, in HQ).
   """
@@ -298,15 +308,20 @@ def replay_requests(cache, requests: Iterable[Request], cfg: ReplayConfig, *,
   finishing: list[tuple[float, int, int]] = []  # heap of (finish time, request id, slot)
 
   def admit(cache, req: Request):
+    if cache.backend == "hq" and req.output_tokens:  # admit + extend, as one operation
+      hit = -int(cache.hit_tokens)
+      cache, slot = cache.admit(req.prompt, req.salt, then_extend=decode_tokens(
+          req.id, req.output_tokens, vocab_size=vocab_size, seed=seed))
+      hit += int(cache.hit_tokens)
+      return cache, Admitted(slot, hit, req.prompt_tokens - hit)
     cache, slot = admit_prompt(
         cache, req.prompt, req.salt, hold_tokens=req.hold_tokens,
         keep_free=blocks_to_come(req.prompt_tokens, req.hold_tokens, bs))
     hit = int(cache.seq_lens[slot])
-    cache = cache.commit(slot, req.prompt_tokens)
-    if req.output_tokens:
-      out = (decode_tokens(req.id, req.output_tokens, vocab_size=vocab_size, seed=seed)
-             if cache.backend == "hq" else np.zeros(req.output_tokens, np.int32))  # never read
-      cache = cache.extend(slot, out)
+    if req.output_tokens:  # `extend` commits the prompt with its output (never read: dense)
+      cache = cache.extend(slot, np.zeros(req.output_tokens, np.int32))
+    else:
+      cache = cache.commit(slot, req.prompt_tokens)
     return cache, Admitted(slot, hit, req.prompt_tokens - hit)
 
   t = 0.0
