@@ -53,12 +53,17 @@ class ModelConfig:
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 
+  def context_limit(self, allow_long_context: bool = False) -> int | None:
+    """The most tokens a request may hold under the context rule (None: no limit)."""
+    return None if allow_long_context else self.max_position_embeddings
+
   def check_context(self, tokens: int, allow_long_context: bool = False,
                     what: str = "a request") -> None:
     """The context rule, the one place it is written: a request longer than the trained
     context (`max_position_embeddings`) is refused unless explicitly allowed (RoPE
     positions past it run silently but mean nothing)."""
-    if tokens > self.max_position_embeddings and not allow_long_context:
+    limit = self.context_limit(allow_long_context)
+    if limit is not None and tokens > limit:
       raise ContextLengthError(
           f"{what}: {tokens} tokens exceed {self.name}'s max_position_embeddings "
           f"{self.max_position_embeddings}; pass --allow_long_context (Engine("

@@ -180,20 +180,20 @@ def test_released_blocks_stay_cached_until_lru_eviction(tiny_layout):
   a, b = np.arange(32), np.arange(100, 132)
   c, sa = _admit_commit(c, a)
   c = c.release(sa)
-  assert c.cached_free_blocks() == 2 and kv_stats(c).kv_bytes_used == 0
+  assert c.cached_blocks == 2 and kv_stats(c).kv_bytes_used == 0
   c, sa = c.admit(a)  # Re-admission finds both blocks.
   assert int(c.seq_lens[sa]) == 32
   c = c.commit(sa, 32).release(sa)
   c, sb = _admit_commit(c, b)  # Uses the 2 never-used blocks: nothing evicted.
-  assert c.cached_free_blocks() == 2
+  assert c.cached_blocks == 2
   c = c.release(sb)
   c, sc = _admit_commit(c, np.arange(200, 248))  # Needs 3: evicts LRU (a's tail first).
-  assert c.cached_free_blocks() == 1
+  assert c.cached_blocks == 1
   c = c.release(sc)
   c2, s = c.copy().admit(b)
   assert int(c2.seq_lens[s]) == 16  # b's first block survived, its tail did not.
   c3 = c.evict()
-  assert c3.cached_free_blocks() == 0
+  assert c3.cached_blocks == 0
   c4, s = c3.admit(b)
   assert int(c4.seq_lens[s]) == 0
 
@@ -302,14 +302,14 @@ def test_a_step_where_several_slots_need_blocks_equals_one_slot_at_a_time(tiny_l
   for n in (16, 32, 16):  # 1 + 2 + 1 blocks: 1 of 9 blocks free, 4 cached
     c, s = c.admit(np.random.default_rng(n + s).integers(0, 50, n))
     c = c.commit(s, n)
-  assert int(np.sum(~c.registered & (c.refcount == 0))) == 1 and c.cached_free_blocks() == 4
+  assert int(np.sum(~c.registered & (c.refcount == 0))) == 1 and c.cached_blocks == 4
   slots, tokens = [2, 0, 1], [5, 6, 7]  # every slot at a block boundary: 3 new blocks
   one_by_one = c.copy()
   for s, t in zip(slots, tokens):
     one_by_one = one_by_one.append(s, t)
   batched = c.append_batch(slots, tokens)
   chex.assert_trees_all_equal(_snapshot(batched), _snapshot(one_by_one))
-  assert batched.cached_free_blocks() == 2  # two cached blocks were evicted
+  assert batched.cached_blocks == 2  # two cached blocks were evicted
 
 
 def test_derived_state_equals_a_rebuild_over_a_decode_run(tiny_layout):

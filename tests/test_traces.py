@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+from hq_jax import config
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout
@@ -168,7 +169,9 @@ def test_long_context_is_skipped_and_counted():
   row = _replay(reqs, 60, cfg=cfg, max_context=None)
   assert (row["requests"], row["skipped_long_context"], row["skipped_requests"]) == (3, 0, 1)
   assert row["hit_tokens"] == 496  # r1 hits r0's 31 full blocks of id 1
-  assert traces.context_limit(4096, False) == 4096 and traces.context_limit(4096, True) is None
+  tiny_cfg = config.get_config("tiny")
+  assert (tiny_cfg.context_limit(False) == tiny_cfg.max_position_embeddings
+          and tiny_cfg.context_limit(True) is None)
 
 
 def test_dense_reserves_and_never_hits():

@@ -646,10 +646,6 @@ class DedupKVCache(PagedCache):
       return state.cached
     return int(np.sum(np.asarray(self.registered) & (np.asarray(self.refcount) == 0)))
 
-  def cached_free_blocks(self) -> int:
-    """`cached_blocks` (the older name)."""
-    return self.cached_blocks
-
   def _count_held(self) -> int:
     return int(np.count_nonzero(np.asarray(self.refcount)))
 

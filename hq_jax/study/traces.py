@@ -246,12 +246,6 @@ def direct_hit_tokens(requests: Sequence[TraceRequest],
   return hits
 
 
-def context_limit(max_position_embeddings: int, allow_long_context: bool) -> int | None:
-  """The replay's context rule (`ModelConfig.check_context`'s): a request whose prompt +
-  output exceed the model's trained context is skipped and counted, unless allowed."""
-  return None if allow_long_context else max_position_embeddings
-
-
 # ---------------------------------------------------------------------------- replay
 @dataclasses.dataclass(frozen=True)
 class ReplayConfig:

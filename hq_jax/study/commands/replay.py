@@ -119,8 +119,7 @@ def _replay(run, cfg, requests, model_cfg, layout, replay_cfg, engine, trace_pat
   rows = trace_outputs.run_budgets(
       requests, cfg.kv_budget_gb, model=cfg.model, layout=layout, cfg=replay_cfg,
       vocab_size=model_cfg.vocab_size, seed=cfg.seed,
-      max_context=traces.context_limit(model_cfg.max_position_embeddings,
-                                       cfg.allow_long_context),
+      max_context=model_cfg.context_limit(cfg.allow_long_context),
       engine=engine, progress_factory=bar, deadline=deadline)
   capacity = trace_outputs.capacity_rows(
       model=cfg.model, budgets_gb=cfg.kv_budget_gb, bytes_per_block=layout.bytes_per_block,
