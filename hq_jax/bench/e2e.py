@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import statistics
 import time
 
@@ -33,7 +34,7 @@ import numpy as np
 
 from hq_jax import config as config_lib
 from hq_jax import model as model_lib
-from hq_jax.serve.engine import Engine
+from hq_jax.serve.engine import DECODE_ROWS, Engine
 from hq_jax.bench.timing import device_ms
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
@@ -224,7 +225,7 @@ def parse_points(specs, kind: str) -> list[tuple[str, int, int]]:
 
 
 COLUMNS = ("model", "kind", "batch", "context", "backend", "kv_dtype", "attention",
-           "decode_attention",
+           "decode_attention", "decode_rows", "invariance",
            "chunk_size", "wall_ms", "device_ms", "roofline_ms", "of_roofline_wall",
            "of_roofline_device", "ttft_ms", "tflop_s", "floor_ms", "of_peak", "param_gb",
            "kv_gb", "finite")
@@ -232,10 +233,12 @@ COLUMNS = ("model", "kind", "batch", "context", "backend", "kv_dtype", "attentio
 
 def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int, reps: int,
         prefill_repeats: int, chunk_sizes: dict[str, int], dedup_shared_fraction: float,
-        block_size: int, seed: int, log=print,
-        kv_dtype: str | None = None) -> tuple[Ceilings, list[dict]]:
+        block_size: int, seed: int, log=print, kv_dtype: str | None = None,
+        decode_rows: tuple[int, ...] = (DECODE_ROWS,)) -> tuple[Ceilings, list[dict]]:
   """Every point, shapes loaded once each; returns the in-run ceilings and the rows.
-  kv_dtype: the K/V dtype (None: `dtype`; float8_e4m3fn: e4m3 with per-token scales)."""
+  kv_dtype: the K/V dtype (None: `dtype`; float8_e4m3fn: e4m3 with per-token scales).
+  decode_rows: each decode point runs once per value (`Engine(decode_rows=)`: 0 is the
+  bucketed opt-out), so the invariant step and the looser one are timed in one run."""
   wall_clock = jax.default_backend() != "gpu"  # CUPTI exists only on the GPU
   small = dict(read_elements=1 << 22, matmul_n=512) if wall_clock else {}
   ceilings = measure_ceilings(reps, wall_clock=wall_clock, **small)
@@ -254,9 +257,9 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
       if dedup_shared_fraction > 0:
         cases += [("hq", dedup_shared_fraction, "paged"), ("hq", dedup_shared_fraction,
                                                             "dedup")]
-      for backend, frac, mode in cases:
+      for (backend, frac, mode), rows_m in itertools.product(cases, decode_rows):
         engine = Engine(params, cfg, chunk_size=chunk, attention=attention,
-                        decode_attention=mode, kv_dtype=kv_dtype)
+                        decode_attention=mode, kv_dtype=kv_dtype, decode_rows=rows_m)
         cache, slots = decode_batch(cfg, backend=backend, batch=batch, context=context,
                                     shared_fraction=frac, steps=steps + 2,
                                     block_size=block_size, seed=seed,
@@ -267,9 +270,11 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
         row = dict(model=name, kind="decode", batch=batch, context=context,
                    backend=f"{backend}{'' if not frac else f' {frac:.0%} shared'}",
                    kv_dtype=engine.kv_dtype, attention=engine.attention_label,
-                   decode_attention=res.pop("attention"), chunk_size=chunk, **res)
+                   decode_attention=res.pop("attention"), decode_rows=rows_m,
+                   invariance=engine.invariance, chunk_size=chunk, **res)
         rows.append(row)
-        log(f"{name} decode {batch}x{context} {row['backend']} {row['decode_attention']}: "
+        log(f"{name} decode {batch}x{context} {row['backend']} {row['decode_attention']} "
+            f"({engine.invariance}, {rows_m} rows): "
             f"{row['wall_ms']:.2f} ms/step wall, {row['device_ms']:.2f} ms device, roofline "
             f"{row['roofline_ms']:.2f} ms -> {row['of_roofline_wall']:.2f} (wall), "
             f"{row['of_roofline_device']:.2f} (device)")
@@ -284,7 +289,8 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
                           repeats=prefill_repeats, seed=seed)
       row = dict(model=name, kind="prefill", batch=1, context=tokens, backend="dense",
                  kv_dtype=engine.kv_dtype, attention=engine.attention_label,
-                 decode_attention="", param_gb=param_bytes(params) / 1e9, **res)
+                 decode_attention="", decode_rows="", invariance=engine.invariance,
+                 param_gb=param_bytes(params) / 1e9, **res)
       rows.append(row)
       log(f"{name} prefill {tokens}: TTFT {row['ttft_ms']:.1f} ms, {row['tflop_s']:.0f} "
           f"TFLOP/s = {row['of_peak']:.2f} of the in-run bf16 peak (chunk {chunk})")
@@ -295,13 +301,14 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
 def markdown(ceilings: Ceilings, rows: list[dict]) -> str:
   out = [f"In-run ceilings: XLA read {ceilings.read_tb_s:.2f} TB/s, bf16 matmul "
          f"{ceilings.matmul_tflop_s:.0f} TFLOP/s.", "",
-         "| model | decode | backend | attention | ms/step (wall) | device ms | roofline ms "
-         "| of roofline (wall) | of roofline (device) |",
-         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+         "| model | decode | backend | attention | step rows | ms/step (wall) | device ms "
+         "| roofline ms | of roofline (wall) | of roofline (device) |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     if r["kind"] == "decode":
       out.append(f"| {r['model']} | {r['batch']} x {r['context']} | {r['backend']} | "
-                 f"{r['attention']}/{r['decode_attention']} | {r['wall_ms']:.2f} | "
+                 f"{r['attention']}/{r['decode_attention']} | "
+                 f"{r['decode_rows'] or 'bucketed'} | {r['wall_ms']:.2f} | "
                  f"{r['device_ms']:.2f} | {r['roofline_ms']:.2f} | {r['of_roofline_wall']:.2f}"
                  f" | {r['of_roofline_device']:.2f} |")
   out += ["", "| model | prefill tokens | chunk | TTFT ms | TFLOP/s | floor ms | of bf16 peak |",

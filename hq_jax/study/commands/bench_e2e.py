@@ -11,10 +11,9 @@ e2e_bench.csv, e2e_bench.md and the run record e2e_bench.run.json.
 
 import dataclasses
 
-
 from absl import app, flags
 
-from hq_jax.serve.engine import ATTENTION
+from hq_jax.serve.engine import ATTENTION, DECODE_ROWS
 from hq_jax.bench import e2e as e2e_bench
 from hq_jax.study import cli, outputs
 
@@ -32,6 +31,10 @@ flags.DEFINE_integer("prefill_repeats", 3, "Timed prefills per point after a com
 flags.DEFINE_list("chunk_sizes", ["*:2048"], "Prefill chunk per model, MODEL:TOKENS ('*' = any).")
 flags.DEFINE_float("dedup_shared_fraction", 0.9,
                    "Also decode on HQ with this shared fraction, paged and dedup (0: skip).")
+flags.DEFINE_list("decode_rows", [str(DECODE_ROWS)],
+                  "Rows of every decode step; each decode point runs once per value (0: the "
+                  "bucketed opt-out, a batch padded to a power of two, whose bits then depend "
+                  "on the batch).")
 flags.DEFINE_integer("block_size", 16, "KV block size in tokens.")
 flags.DEFINE_integer("seed", 0, "Seed of weights, tokens and K/V.")
 flags.DEFINE_bool("overwrite", False, "Replace this script's earlier outputs in --output_dir.")
@@ -49,10 +52,13 @@ def main(argv):
     decode = e2e_bench.parse_points(FLAGS.decode, "decode")
     prefill = e2e_bench.parse_points(FLAGS.prefill, "prefill")
     chunks = {k: int(v) for k, v in (c.split(":") for c in FLAGS.chunk_sizes)}
+    decode_rows = tuple(int(v) for v in FLAGS.decode_rows)
   except ValueError as e:
     raise app.UsageError(str(e))
   if FLAGS.steps < 1 or FLAGS.reps < 1 or FLAGS.prefill_repeats < 1:
     raise app.UsageError("--steps, --reps and --prefill_repeats must be >= 1")
+  if not decode_rows or min(decode_rows) < 0:
+    raise app.UsageError("--decode_rows must be integers >= 0")
   if not 0 <= FLAGS.dedup_shared_fraction < 1:
     raise app.UsageError("--dedup_shared_fraction must be in [0, 1)")
   files = ["e2e_bench.csv", "e2e_bench.md"]
@@ -64,7 +70,8 @@ def main(argv):
           dtype=FLAGS.dtype, steps=FLAGS.steps, reps=FLAGS.reps,
           prefill_repeats=FLAGS.prefill_repeats, chunk_sizes=chunks,
           dedup_shared_fraction=FLAGS.dedup_shared_fraction, block_size=FLAGS.block_size,
-          seed=FLAGS.seed, log=lambda m: print(m, flush=True), kv_dtype=FLAGS.kv_dtype or None)
+          seed=FLAGS.seed, log=lambda m: print(m, flush=True), kv_dtype=FLAGS.kv_dtype or None,
+          decode_rows=decode_rows)
       run.write_csv("e2e_bench.csv", rows, e2e_bench.COLUMNS)
       text = e2e_bench.markdown(ceilings, rows)
       run.write_text("e2e_bench.md", text)
