@@ -93,6 +93,17 @@ def gather_blocks(pool: jax.Array, block_tables: jax.Array) -> jax.Array:
   return pool[block_tables].reshape(b, mb * bs, nk, d)
 
 
+def load_kv_tile(ref, idx, ok: jax.Array, dtype) -> jax.Array:
+  """A [bk, D] K or V tile whose keys that are not `ok` read as 0 (those entries may hold
+  garbage, NaN too). An e4m3 tile converts to `dtype` (exactly) on the load: Triton's
+  lowering cannot build an e4m3 fill value, so it loads unfilled and is zeroed after the
+  conversion, which gives the valid keys the bits of an unmasked load."""
+  if ref.dtype == jnp.float8_e4m3fn:
+    x = plgpu_triton.load(ref.at[idx], mask=ok[:, None]).astype(dtype)
+    return jnp.where(ok[:, None], x, jnp.zeros((), dtype))
+  return plgpu_triton.load(ref.at[idx], mask=ok[:, None], other=0)
+
+
 def online_softmax_step(carry, q, k, v, visible, *, scale: float, precision, k_scale=None,
                         v_scale=None):
   """One key tile of the online softmax (shared by the paged and the dedup kernels).
@@ -114,8 +125,9 @@ def online_softmax_step(carry, q, k, v, visible, *, scale: float, precision, k_s
   path only), and a tile gives the same bits through either path when all of it is visible.
   """
   acc, m, l = carry
-  if k_scale is not None:
-    k, v = k.astype(q.dtype), v.astype(q.dtype)
+  # e4m3 pools, or pools of another dtype than q's (bfloat16 K/V under float32 weights):
+  # both operands of a Triton dot must share one type, and these conversions are exact.
+  k, v = k.astype(q.dtype), v.astype(q.dtype)
   scores = plgpu_triton.dot(q, k, trans_b=True, precision=precision) * scale  # [bq, bk] f32
   if k_scale is not None:
     scores = scores * k_scale[None, :]

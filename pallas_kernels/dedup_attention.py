@@ -63,7 +63,7 @@ from jax.experimental.pallas import triton as plgpu_triton
 from pallas_kernels._common import (MERGE_UNROLL, WARPS, add_partials, check_inputs,
                                     dequantize_pool, dot_precision, flat_pool, flat_scales,
                                     full_block, gather_blocks, is_pow2, merge_block_d,
-                                    online_softmax_step)
+                                    load_kv_tile, online_softmax_step)
 from pallas_kernels.paged_attention import paged_attention
 
 
@@ -262,8 +262,8 @@ def _item_partials(i, h, s, item_refs, layer_ref, q_ref, k_ref, v_ref, scale_ref
     pages = plgpu_triton.load(tables_ref.at[table, logical], mask=key_ok,
                               other=0) + layer_offset
     kv_idx = (pages[:, None], ((offset + keys) % block_size)[:, None], cols)
-    k = plgpu_triton.load(k_ref.at[kv_idx], mask=key_ok[:, None], other=0)  # [bk, D]
-    v = plgpu_triton.load(v_ref.at[kv_idx], mask=key_ok[:, None], other=0)
+    k = load_kv_tile(k_ref, kv_idx, key_ok, q.dtype)  # [bk, D]
+    v = load_kv_tile(v_ref, kv_idx, key_ok, q.dtype)
     scale_idx = (pages, (offset + keys) % block_size)
     scales = dict(zip(("k_scale", "v_scale"), (
         plgpu_triton.load(r.at[scale_idx], mask=key_ok, other=0) for r in scale_refs)))

@@ -65,7 +65,7 @@ from jax.experimental.pallas import triton as plgpu_triton
 from pallas_kernels._common import (MERGE_UNROLL, WARPS, add_partials, check_inputs,
                                     dequantize_pool, dot_precision, flat_pool, flat_scales,
                                     full_block, gather_blocks, is_pow2, merge_block_d,
-                                    online_softmax_step)
+                                    load_kv_tile, online_softmax_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +185,8 @@ def _paged_attention_kernel(
       return online_softmax_step(carry, q, k, v, None, scale=scale, precision=precision,
                                  **scales)
     key_ok = keys < kv_len  # entries past the request's blocks hold garbage (even NaN)
-    k = plgpu_triton.load(k_ref.at[kv_idx], mask=key_ok[:, None], other=0)  # [bk, D]
-    v = plgpu_triton.load(v_ref.at[kv_idx], mask=key_ok[:, None], other=0)
+    k = load_kv_tile(k_ref, kv_idx, key_ok, q.dtype)  # [bk, D]
+    v = load_kv_tile(v_ref, kv_idx, key_ok, q.dtype)
     scales = {} if not quantized else dict(
         k_scale=plgpu_triton.load(ks_ref.at[scale_idx], mask=key_ok, other=0),
         v_scale=plgpu_triton.load(vs_ref.at[scale_idx], mask=key_ok, other=0))
