@@ -19,6 +19,7 @@ def get_config():
   c.seed = 0
   c.attention = "auto"  # auto | reference | pallas | pallas_interpret | mosaic; auto: Pallas on GPU.
   c.decode_attention = "paged"  # paged | dedup | auto.
+  c.decode_rows = 64  # Rows of every decode step (0 = the bucketed opt-out, not batch-invariant).
   c.allow_long_context = False  # Refuse requests past the model's max_position_embeddings.
   c.output_dir = ""
   c.overwrite = False  # Replace this script's earlier outputs in output_dir (else refused).

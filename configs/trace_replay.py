@@ -17,6 +17,7 @@ def get_config():
   c.kv_dtype = ""  # K/V cache: "" = dtype, bfloat16, float8_e4m3fn (e4m3 + per-token scales).
   c.block_size = 16
   c.chunk_size = 512
+  c.decode_rows = 64  # Model mode: rows of every decode step (0 = bucketed, not batch-invariant).
   c.attention = "auto"
   c.kv_budget_gb = [0.0]
   c.max_concurrency = 64

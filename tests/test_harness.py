@@ -468,3 +468,23 @@ def test_the_sweep_runs_every_point_but_the_skipped_ones(tiny, tiny_setup, monke
                on_skip=lambda point, reason: skipped.append((point, reason)))
   assert ran == [(64, 2), (128, 2)]
   assert skipped == [((64, 4, 0.5, 1), "too big"), ((128, 4, 0.5, 1), "too big")]
+
+
+def test_latency_rows_record_decode_rows_and_invariance(tiny, tiny_setup, tmp_path):
+  """Issue 26 item 3: the looser (bucketed) decode is an explicit opt-out, recorded in every
+  row; the default is the batch-invariant fixed-row step. A bad value is one flag error."""
+  from hq_jax.study import cli, latency
+  params, cfg = tiny
+  _, _, stream = tiny_setup
+  grid = dict(model="tiny", context_lengths=[32], concurrency=[2], shared_prefix_fractions=[0.5],
+              chunk_size=32, repeats=1, warmup=0)
+  default = latency.sweep(params, cfg, stream, **grid)
+  loose = latency.sweep(params, cfg, stream, decode_rows=0, **grid)
+  assert {(r["decode_rows"], r["invariance"]) for r in default} == {(64, "batch_invariant")}
+  assert {(r["decode_rows"], r["invariance"]) for r in loose} == {(0, "bucketed")}
+  assert "invariance" in latency.COLUMNS
+  import configs.latency
+  bad = configs.latency.get_config()
+  bad.output_dir, bad.decode_rows = str(tmp_path / "out"), -1
+  with pytest.raises(ValueError, match="--decode_rows must be >= 0"):
+    cli.validate(bad)

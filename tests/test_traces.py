@@ -312,6 +312,8 @@ def test_model_and_no_model_replays_share_the_accumulator(tiny):
     for r in rows:
       if r["backend"] != "hq_unbounded":
         assert (r["ttft_p50_ms"] is not None) == timed and (r["decode_steps"] is not None) == timed
+        # The model rows say which decode contract they ran under (issue 26).
+        assert r["invariance"] == ("batch_invariant" if timed else "")
       assert r["hit_ratio"] == r["hit_tokens"] / r["prompt_tokens"]
       assert 0 < r["mean_kv_bytes_used"] <= r["peak_kv_bytes_used"]
 

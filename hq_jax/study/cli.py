@@ -46,6 +46,10 @@ COMMON_HELPS = {
                         "once), auto",
     "overwrite": "replace this script's earlier outputs in --output_dir (else refused)",
     "allow_long_context": "run requests longer than the model's max_position_embeddings",
+    "decode_rows": "rows of every decode step (the batch-invariant default: a request's "
+                   "logits do not depend on its batch); 0 = the bucketed opt-out (a batch "
+                   "padded to a power of two: fewer padded rows, bits that depend on the "
+                   "batch). Recorded in rows as `invariance`",
 }
 REQUEST_TEXT_HELP = ("UTF-8 text the requests are cut from; empty = the shipped Wikipedia "
                      "articles")
@@ -141,7 +145,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"--kv_dtype must be empty (= --dtype) or one of "
                        f"{', '.join(KV_DTYPES)}, got {cfg.kv_dtype!r}")
   for name, minimum in (("block_size", 1), ("chunk_size", 1), ("seed", 0), ("max_seq_len", 0),
-                        ("repeats", 1), ("warmup", 0), ("num_tokens", 2)):
+                        ("repeats", 1), ("warmup", 0), ("num_tokens", 2), ("decode_rows", 0)):
     at_least(name, minimum)
   if "chunk_size" in cfg and "block_size" in cfg and cfg.chunk_size % cfg.block_size:
     raise ValueError(f"--chunk_size={cfg.chunk_size} must be a multiple of "

@@ -20,7 +20,7 @@ from typing import Iterable
 import jax
 
 from hq_jax.config import ModelConfig
-from hq_jax.serve.engine import Engine
+from hq_jax.serve.engine import DECODE_ROWS, Engine
 from hq_jax.study.errors import HarnessError, check_context_limit
 from hq_jax.study.memory import check_grid, make_cache, point_requests, run_requests
 from hq_jax.study.requests import TokenStream, shared_prefix_tokens
@@ -30,7 +30,7 @@ MODES = ("dense", "hq_cold", "hq_warm")
 COLUMNS = ("mode", "model", "context_length", "concurrency", "shared_prefix_tokens",
            "cached_tokens", "computed_tokens", "repeats", "ttft_ms_median", "ttft_ms_min",
            "ttft_ms_max", "decode_step_ms_median", "decode_step_ms_min", "decode_step_ms_max",
-           "platform", "attention", "decode_attention", "kv_dtype")
+           "platform", "attention", "decode_attention", "kv_dtype", "decode_rows", "invariance")
 
 
 def check_row(row: dict) -> None:
@@ -120,7 +120,8 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
         "ttft_ms_max": ttft[2], "decode_step_ms_median": dec[0], "decode_step_ms_min": dec[1],
         "decode_step_ms_max": dec[2], "platform": jax.devices()[0].platform,
         "attention": engine.attention_label, "decode_attention": used or engine.decode_attention,
-        "kv_dtype": layout.dtype})
+        "kv_dtype": layout.dtype, "decode_rows": engine.decode_rows,
+        "invariance": engine.invariance})
     check_row(rows[-1])
   return rows
 
@@ -152,8 +153,10 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
           shared_prefix_fractions: Iterable[float], block_size: int = 16, chunk_size: int = 64,
           repeats: int = 5, warmup: int = 1, seed: int = 0, attention: str = "auto",
           decode_attention: str = "paged", allow_long_context: bool = False,
-          progress=None, kv_dtype: str | None = None) -> list[dict]:
-  """Every grid point; all flags, the context limit and the requests are checked first."""
+          progress=None, kv_dtype: str | None = None,
+          decode_rows: int = DECODE_ROWS) -> list[dict]:
+  """Every grid point; all flags, the context limit and the requests are checked first.
+  `decode_rows`: `Engine(decode_rows=)` (0: the bucketed opt-out); rows record it."""
   points = check_sweep(cfg, stream, context_lengths=context_lengths, concurrency=concurrency,
                        shared_prefix_fractions=shared_prefix_fractions,
                        block_size=block_size, repeats=repeats, warmup=warmup, seed=seed,
@@ -161,7 +164,7 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
   layout = KVLayout.from_config(cfg, block_size, kv_dtype)
   engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
                   decode_attention=decode_attention, allow_long_context=allow_long_context,
-                  kv_dtype=layout.dtype)
+                  kv_dtype=layout.dtype, decode_rows=decode_rows)
   rows = []
   for n, c, f in points:
     rows += run_point(engine, layout, stream, model=model, context_length=n, concurrency=c,

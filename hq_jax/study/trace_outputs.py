@@ -23,7 +23,7 @@ from hq_jax.study.traces import ReplayConfig, TraceRequest
 
 GB = 10**9  # --kv_budget_gb counts decimal gigabytes, as GPU datasheets do.
 
-COLUMNS = ("model", "block_size", "kv_dtype", "kv_budget_gb", "num_blocks", "backend",
+COLUMNS = ("model", "block_size", "kv_dtype", "invariance", "kv_budget_gb", "num_blocks", "backend",
            "requests", "skipped_requests", "skipped_long_context", "prompt_tokens",
            "hit_tokens", "hit_ratio", "computed_prefill_tokens", "evicted_blocks",
            "peak_kv_bytes_used", "mean_kv_bytes_used", "mean_concurrency", "peak_concurrency",
@@ -106,7 +106,7 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
       if bar is not None:
         bar.close()
     rows.append(dict(model=model, block_size=layout.block_size, kv_dtype=layout.dtype,
-                     kv_budget_gb=budget,
+                     invariance=engine.invariance if served[i] else "", kv_budget_gb=budget,
                      num_blocks=nb if nb is not None else "", backend=name,
                      **stats.row(bytes_per_block=bpb)))
   return rows

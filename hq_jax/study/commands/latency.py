@@ -54,7 +54,7 @@ def main(argv):
                            repeats=cfg.repeats, warmup=cfg.warmup, seed=cfg.seed,
                            attention=cfg.attention, decode_attention=cfg.decode_attention,
                            allow_long_context=cfg.allow_long_context, progress=bar,
-                           kv_dtype=cfg.kv_dtype or None)
+                           kv_dtype=cfg.kv_dtype or None, decode_rows=cfg.decode_rows)
     path = run.write_csv("latency.csv", rows, latency.COLUMNS)
     run.finish(attention=rows[0]["attention"], decode_attention=cfg.decode_attention)
   for r in rows:

@@ -177,7 +177,8 @@ def main(argv):
     from hq_jax.serve.engine import Engine
     params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
     engine = Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention,
-                    allow_long_context=cfg.allow_long_context, kv_dtype=layout.dtype)
+                    allow_long_context=cfg.allow_long_context, kv_dtype=layout.dtype,
+                    decode_rows=cfg.decode_rows)
     ran = engine.attention_label
   deadline = t_start + cfg.time_limit_s if cfg.time_limit_s else None
   # The run locks the directory while it writes; a failure marks its record failed.
