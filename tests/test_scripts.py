@@ -1,5 +1,6 @@
 """The absl entry points run end to end (on `tiny`, with seeded random weights)."""
 
+import pytest
 import json
 import os
 import subprocess
@@ -79,3 +80,19 @@ def test_kernel_bench_flags(tmp_path):
   assert not os.listdir(tmp_path)
   proc = _run("scripts/kernel_bench.py", "--help")
   assert "--shared_points" in proc.stdout and "--sections" in proc.stdout
+
+
+def test_bench_mosaic_help_and_bad_arguments(capsys):
+  """`hq-jax bench mosaic prefill --help` printed nothing and ran the whole benchmark (a GPU
+  one: on the CPU every variant failed); an argument a subcommand does not take was
+  ignored. Now --help prints the usage (status 0), a bad argument is one usage error (2)."""
+  from hq_jax.bench import mosaic
+  with pytest.raises(SystemExit) as e:
+    mosaic.main(["prefill", "--help"])
+  assert e.value.code == 0 and "hq-jax bench mosaic prefill" in capsys.readouterr().out
+  for argv, named in ((["prefill", "--bogus"], "'--bogus'"), (["decode", "7bx"], "'7bx'"),
+                      (["prefill", "--chunks=a"], "--chunks"), (["sweep"], "'sweep'")):
+    with pytest.raises(SystemExit) as e:
+      mosaic.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and named in err.splitlines()[0], argv

@@ -490,25 +490,47 @@ def shared_main(points=SHARED_POINTS, reps: int = 5) -> None:
         break  # every config is the paged kernel
 
 
+USAGE = __doc__.split("\n\n")[1]  # the three command lines of the module doc
+
+
+def _usage_error(message: str) -> None:
+  """One line naming the problem, then the usage; status 2 (as every command's usage error)."""
+  print(f"error: hq-jax bench mosaic{message}\nusage:\n{USAGE}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv=None) -> None:
-  """`hq-jax bench mosaic decode|prefill|shared ...` (the arguments of the module doc)."""
+  """`hq-jax bench mosaic decode|prefill|shared ...` (the arguments of the module doc).
+  --help prints the usage; an argument a subcommand does not take is one usage error."""
   args = list(sys.argv[1:] if argv is None else argv)
-  what = args.pop(0) if args else ""
+  if not args or args[0] in ("-h", "--help") or "--help" in args or "-h" in args:
+    print(f"usage:\n{USAGE}\n\n{__doc__.split(chr(10) * 2)[2]}")
+    sys.exit(0 if args else 2)
+  what = args.pop(0)
+  point = lambda a: a.count("x") == 1 and all(p.isdigit() for p in a.split("x"))
+  takes = {"decode": lambda a: a == "--sweep" or a in SHAPES or point(a),
+           "prefill": lambda a: a in SHAPES or a == "--tuned" or a.startswith("--chunks="),
+           "shared": lambda a: a.count("x") == 2 and all(p.isdigit() for p in a.split("x"))}
+  if what not in takes:
+    _usage_error(f": unknown subcommand {what!r}")
+  bad = [a for a in args if not takes[what](a)]
+  if bad:
+    _usage_error(f" {what}: unknown argument {bad[0]!r}")
   if what == "decode":
     decode_main(sweep="--sweep" in args,
                 shapes=tuple(a for a in args if a in SHAPES) or tuple(SHAPES),
-                points=tuple(tuple(map(int, a.split("x"))) for a in args if "x" in a)
+                points=tuple(tuple(map(int, a.split("x"))) for a in args if point(a))
                 or DECODE_POINTS)
   elif what == "prefill":
     chunk_args = [a.split("=", 1)[1] for a in args if a.startswith("--chunks=")]
-    prefill_main(shapes=tuple(a for a in args if a in SHAPES) or tuple(SHAPES),
-                 chunks=(tuple(int(c) for c in chunk_args[-1].split(",")) if chunk_args
-                         else (PREFILL_CHUNK,)),
+    try:
+      chunks = tuple(int(c) for c in chunk_args[-1].split(",")) if chunk_args else (PREFILL_CHUNK,)
+    except ValueError:
+      _usage_error(f" prefill: --chunks takes integers, got {chunk_args[-1]!r}")
+    prefill_main(shapes=tuple(a for a in args if a in SHAPES) or tuple(SHAPES), chunks=chunks,
                  tuned_only="--tuned" in args)
-  elif what == "shared":
-    shared_main(tuple(tuple(map(int, a.split("x"))) for a in args) or SHARED_POINTS)
   else:
-    sys.exit("usage: hq-jax bench mosaic decode|prefill|shared [args] (see the module doc)")
+    shared_main(tuple(tuple(map(int, a.split("x"))) for a in args) or SHARED_POINTS)
 
 
 def run(argv=None) -> None:
