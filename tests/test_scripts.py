@@ -1,10 +1,11 @@
 """The absl entry points run end to end (on `tiny`, with seeded random weights)."""
 
-import pytest
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
