@@ -263,6 +263,104 @@ class Scheduler:
       self.progress.update(1)
 
 
+# ------------------------------------------------------------------ data parallel
+@dataclasses.dataclass(frozen=True)
+class Route:
+  """Where the router sent a request, and why."""
+
+  shard: int
+  prefix_tokens: int  # tokens of its prompt that shard held cached at arrival
+  by_prefix: bool  # True: the longest cached prefix decided; False: the least-loaded fallback
+
+
+class DataParallel:
+  """One `Scheduler` per data shard (each its own cache: pool and slots, so HQ shares blocks
+  within a shard only), fed by one arrival stream that a cache-aware router splits.
+
+  Routing (at arrival, as Dynamo and llm-d route from their KV events): the shard whose
+  cache holds the longest cached prefix of the prompt (`cached_prefix_tokens`); where no
+  shard holds any, or several hold the longest, the least loaded of them (fewest running
+  plus queued requests, then fewest held blocks, then the lowest index). Each shard then
+  admits its own queue FIFO, head of line, as one `Scheduler`. The clock is shared: every
+  shard is advanced to each event. With one shard this is exactly `Scheduler`.
+  """
+
+  def __init__(self, caches, requests: Iterable[Request], *, max_concurrency,
+               max_context: int | None = None, progress=None):
+    """max_concurrency: each shard's slots (an int for all, or one per shard)."""
+    if not caches:
+      raise ValueError("DataParallel needs at least one cache")
+    slots = ([max_concurrency] * len(caches) if isinstance(max_concurrency, int)
+             else list(max_concurrency))
+    if len(slots) != len(caches):
+      raise ValueError(f"{len(slots)} max_concurrency values for {len(caches)} caches")
+    self.shards = [Scheduler(c, (), max_concurrency=n, max_context=max_context,
+                             progress=progress) for c, n in zip(caches, slots)]
+    self._arrivals: Iterator[Request] = iter(requests)
+    self._next: Request | None = next(self._arrivals, None)
+    self._last_arrival = -math.inf
+    self.routes: dict[int, Route] = {}  # request id -> its route
+    self.peak_blocks = 0  # of the sum over shards at one time
+    self.peak_concurrency = 0
+
+  @property
+  def next_arrival(self) -> float:
+    return self._next.arrival_s if self._next is not None else math.inf
+
+  @property
+  def done(self) -> bool:
+    return self._next is None and all(s.done for s in self.shards)
+
+  def advance(self, t: float) -> None:
+    for s in self.shards:
+      s.advance(t)
+
+  def route(self, req: Request) -> Route:
+    """The shard `req` goes to (see the class docstring); changes nothing."""
+    if len(self.shards) == 1:  # nothing to choose: no lookup
+      return Route(0, 0, False)
+    prefix = [s.cache.cached_prefix_tokens(req.prompt, req.salt) for s in self.shards]
+    best = max(prefix)
+    load = lambda i: (len(self.shards[i].running) + len(self.shards[i].queue),
+                      self.shards[i].cache.held_blocks, i)
+    shard = min((i for i, p in enumerate(prefix) if p == best), key=load)
+    return Route(shard, best, best > 0 and prefix.count(best) < len(prefix))
+
+  def enqueue_until(self, t: float) -> None:
+    """Routes every request that has arrived by `t` to its shard's queue."""
+    while self._next is not None and self._next.arrival_s <= t:
+      req = self._next
+      if req.arrival_s < self._last_arrival:
+        raise ValueError(f"request {req.id} arrives at {req.arrival_s} s, before the one "
+                         f"before it ({self._last_arrival} s): requests must come in "
+                         "arrival order")
+      self._last_arrival = req.arrival_s
+      route = self.routes[req.id] = self.route(req)
+      self.shards[route.shard].queue.append(req)
+      self._next = next(self._arrivals, None)
+
+  def observe(self) -> None:
+    """Reads the global peaks after a change (blocks and requests summed over shards)."""
+    self.peak_blocks = max(self.peak_blocks, sum(s._held for s in self.shards))
+    self.peak_concurrency = max(self.peak_concurrency,
+                                sum(len(s.running) for s in self.shards))
+
+  @property
+  def stats(self) -> ServingStats:
+    """The global accumulator: every count summed over shards, the peaks of the sums."""
+    out = ServingStats()
+    for field in ("requests", "skipped", "skipped_long_context", "prompt_tokens",
+                  "hit_tokens", "computed_tokens", "block_s", "concurrency_s", "wait_s",
+                  "evicted_blocks", "admit_s", "prefill_s"):
+      setattr(out, field, sum(getattr(s.stats, field) for s in self.shards))
+    first = self.shards[0].stats
+    out.t_first, out.t_last = first.t_first, first.t_last
+    out.peak_blocks, out.peak_concurrency = self.peak_blocks, self.peak_concurrency
+    out.partial = any(s.stats.partial for s in self.shards)
+    out.ttft_s = [t for s in self.shards for t in s.stats.ttft_s]
+    return out
+
+
 def admit_prompt(cache, prompt: np.ndarray, salt: int, *, hold_tokens: int,
                  keep_free: int = 0):
   """Admits a prompt whose request will hold `hold_tokens` in all: the dense cache

@@ -7,6 +7,7 @@ script's do); a notebook can call them directly.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from typing import Sequence
@@ -23,7 +24,7 @@ from hq_jax.study.traces import ReplayConfig, TraceRequest
 
 GB = 10**9  # --kv_budget_gb counts decimal gigabytes, as GPU datasheets do.
 
-COLUMNS = ("model", "block_size", "kv_dtype", "kv_budget_gb", "num_blocks", "backend",
+COLUMNS = ("model", "mesh", "block_size", "kv_dtype", "kv_budget_gb", "num_blocks", "backend",
            "requests", "skipped_requests", "skipped_long_context", "prompt_tokens",
            "hit_tokens", "hit_ratio", "computed_prefill_tokens", "evicted_blocks",
            "peak_kv_bytes_used", "mean_kv_bytes_used", "mean_concurrency", "peak_concurrency",
@@ -55,7 +56,8 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
                 model: str, layout: KVLayout, cfg: ReplayConfig, vocab_size: int,
                 seed: int = 0, max_context: int | None = None, engine=None,
                 warm: bool = True, progress_factory=None, deadline: float | None = None,
-                generated: dict | None = None) -> list[dict]:
+                generated: dict | None = None, mesh: str = "data:1,model:1",
+                shard_rows: list | None = None) -> list[dict]:
   """One row per (backend, budget): dense and hq at each budget, hq_unbounded once.
 
   Budget 0 means unbounded: it gives the dense row with a pool for every request at once
@@ -67,7 +69,22 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
   `time.perf_counter()` value) is shared out evenly among the model-mode rows still to
   run: each gets the time left / the rows left. `generated` (model mode) receives each
   row's greedy tokens by request index, under (backend, budget).
+
+  `mesh` ("data:D,model:M", `hq_jax.mesh.MeshSpec`): with D > 1 (no-model only) each row
+  replays D caches under cache-aware routing (`traces.replay_data_parallel`), the budget's
+  blocks and cfg.max_concurrency split as evenly as they go (the shards' sums are the
+  row's), so a row compares directly with one cache of the same budget; its columns are
+  the global sums and `shard_rows` (if given) receives one row per (row, shard) with
+  `shard` and `routed_by_prefix` added.
   """
+  from hq_jax.mesh import MeshSpec
+  spec = MeshSpec.parse(mesh)
+  shards = spec.data
+  if shards > 1 and engine is not None:
+    raise ValueError(f"--mesh={spec.label}: data parallel replays run with --no_model only")
+  if shards > cfg.max_concurrency:
+    raise ValueError(f"--mesh={spec.label}: {shards} data shards need --max_concurrency >= "
+                     f"{shards} (each shard gets its share of the slots)")
   plan = [("hq_unbounded", 0.0)]
   for b in budgets_gb:
     plan += [("dense", b)] + ([("hq", b)] if b else [])
@@ -96,20 +113,53 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
             max_concurrency=cfg.max_concurrency, max_context=max_context, progress=bar)
         out = {} if generated is None else generated.setdefault((name, budget), {})
         stats = scheduler.serve(engine, sched, deadline=row_deadline, generated=out)
-      else:
+      elif shards == 1:
         cache = kind.init(layout, num_blocks=nb or everything,
                           max_requests=cfg.max_concurrency, max_seq_len=max_seq_len,
                           host_only=True)
         stats = traces.replay(requests, cache, cfg, vocab_size=vocab_size, seed=seed,
                               max_context=max_context, progress=bar)
+      else:
+        stats, per_shard = _replay_shards(
+            requests, kind, layout, nb, everything, max_seq_len, cfg, shards,
+            vocab_size=vocab_size, seed=seed, max_context=max_context, progress=bar, bpb=bpb)
+        if shard_rows is not None:
+          shard_rows += [dict(model=model, mesh=spec.label, block_size=layout.block_size,
+                              kv_dtype=layout.dtype, kv_budget_gb=budget, backend=name, **r)
+                         for r in per_shard]
     finally:
       if bar is not None:
         bar.close()
-    rows.append(dict(model=model, block_size=layout.block_size, kv_dtype=layout.dtype,
+    rows.append(dict(model=model, mesh=spec.label, block_size=layout.block_size,
+                     kv_dtype=layout.dtype,
                      kv_budget_gb=budget,
                      num_blocks=nb if nb is not None else "", backend=name,
                      **stats.row(bytes_per_block=bpb)))
   return rows
+
+
+def _split(total: int, parts: int) -> list[int]:
+  """`total` in `parts` shares as even as they go (the first ones one larger)."""
+  return [total // parts + (d < total % parts) for d in range(parts)]
+
+
+def _replay_shards(requests, kind, layout, num_blocks, everything, max_seq_len, cfg, shards,
+                   *, vocab_size, seed, max_context, progress, bpb):
+  """The no-model replay of one row over `shards` host-only caches (`run_budgets`):
+  (global stats, one row per shard)."""
+  slots = _split(cfg.max_concurrency, shards)
+  blocks = _split(num_blocks, shards) if num_blocks else [everything] * shards
+  caches = [kind.init(layout, num_blocks=b, max_requests=c, max_seq_len=max_seq_len,
+                      host_only=True) for b, c in zip(blocks, slots)]
+  dp = traces.replay_data_parallel(
+      caches, traces.scheduler_requests(requests, cfg, vocab_size=vocab_size, seed=seed,
+                                        synthesize=kind is DedupKVCache),
+      cfg, vocab_size=vocab_size, seed=seed, max_context=max_context, progress=progress,
+      max_concurrency=slots)
+  by_prefix = collections.Counter(r.shard for r in dp.routes.values() if r.by_prefix)
+  return dp.stats, [dict(shard=d, num_blocks=b if num_blocks else "",
+                         routed_by_prefix=by_prefix[d], **s.stats.row(bytes_per_block=bpb))
+                    for d, (s, b) in enumerate(zip(dp.shards, blocks))]
 
 
 def capacity_analytic(num_blocks: int, context_length: int, shared_fraction: float,

@@ -1,0 +1,126 @@
+"""The sharded checks of tests/test_mesh.py, run in their own process on 8 simulated CPU
+devices (JAX reads XLA_FLAGS at import, so the rest of the suite keeps one device).
+
+Prints one JSON object: for each mesh, whether dense and HQ logits are bit-identical, the
+largest difference from the one-device logits, and how the pools are laid out.
+"""
+
+import json
+import os
+import sys
+
+if __name__ == "__main__":
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from hq_jax import mesh as mesh_lib  # noqa: E402
+from hq_jax import model as model_lib  # noqa: E402
+from hq_jax.config import get_config  # noqa: E402
+from hq_jax.kv.dedup import DedupKVCache  # noqa: E402
+from hq_jax.kv.dense import DenseKVCache  # noqa: E402
+from hq_jax.kv.paged import KVLayout  # noqa: E402
+from hq_jax.kv.stats import kv_stats, sharded_kv_stats  # noqa: E402
+from hq_jax.serve.engine import Engine  # noqa: E402
+
+# The tiny model with 4 kv heads (GQA 2:1) so that model:4 splits them.
+CFG = get_config("tiny").replace(num_heads=8, num_kv_heads=4, head_dim=8)
+BS, CHUNK = 16, 32
+
+
+def prompts(seed: int):
+  """Two prompts sharing 3 full blocks (HQ hits them for the second)."""
+  rng = np.random.default_rng(seed)
+  shared = rng.integers(0, CFG.vocab_size, 48)
+  return [np.concatenate([shared, rng.integers(0, CFG.vocab_size, n)]) for n in (37, 21)]
+
+
+def run(engine: Engine, backend: str, reqs):
+  """Prefills `reqs` in one cache, then two decode steps of both: the logits of every
+  computed position (full-prompt positions for comparison across backends) and the cache."""
+  layout = KVLayout.from_config(CFG, BS)
+  kind = DenseKVCache if backend == "dense" else DedupKVCache
+  cache = kind.init(layout, num_blocks=64, max_requests=4, max_seq_len=256)
+  out, slots = [], []
+  for p in reqs:
+    cache, res = engine.prefill(cache, p)
+    # Positions [first_position, n): HQ skipped its hits, so compare that tail.
+    out.append((res.first_position, res.logits))
+    slots.append(res.slot)
+  dec = []
+  for step in range(2):
+    cache, d = engine.decode(cache, slots, [7 + step, 11 + step])
+    dec.append(np.asarray(d.logits))
+  return out, np.stack(dec), cache
+
+
+def compare(a, b) -> tuple[bool, float]:
+  """(bit-identical, max |a - b|) over the positions both computed and the decode steps."""
+  (pa, da), (pb, db) = a, b
+  same, diff = True, 0.0
+  for (fa, la), (fb, lb) in zip(pa, pb):
+    start = max(fa, fb)
+    xa, xb = la[start - fa:], lb[start - fb:]
+    same &= np.array_equal(xa, xb)
+    diff = max(diff, float(np.abs(xa - xb).max()))
+  same &= np.array_equal(da, db)
+  return bool(same), max(diff, float(np.abs(da - db).max()))
+
+
+def main():
+  params = model_lib.init_params(CFG, jax.random.key(0), scale=0.1)
+  reqs = prompts(0)
+  result = {"devices": len(jax.devices()), "tp": {}, "dp": {}}
+  one = None
+  attention = sys.argv[1] if len(sys.argv) > 1 else "reference"
+  for tp in (1, 2, 4):
+    mesh = mesh_lib.MeshSpec(1, tp).make()
+    engine = Engine(params, CFG, chunk_size=CHUNK, attention=attention, mesh=mesh)
+    dense = run(engine, "dense", reqs)
+    hq = run(engine, "hq", reqs)
+    exact, _ = compare(dense[:2], hq[:2])
+    one = one or dense[:2]
+    _, vs_one = compare(dense[:2], one)
+    k = hq[2].pools.k
+    result["tp"][tp] = dict(
+        dense_hq_identical=exact, max_abs_vs_tp1=vs_one,
+        pool_spec=[str(a) for a in k.sharding.spec],
+        pool_shard_heads=sorted({s.data.shape[3] for s in k.addressable_shards}),
+        pool_devices=len(k.sharding.device_set), mesh=engine.mesh_label,
+        hit_tokens=int(hq[2].hit_tokens))
+  # Data parallel: data:2 x model:2, one engine and one cache per data row; each shard
+  # serves its own requests (prefix pairs of its own).
+  mesh = mesh_lib.MeshSpec(2, 2).make()
+  shards = mesh_lib.data_shards(mesh)
+  caches = {"dense": [], "hq": []}
+  logits = {"dense": [], "hq": []}
+  for d, sub in enumerate(shards):
+    engine = Engine(params, CFG, chunk_size=CHUNK, attention=attention, mesh=sub)
+    for backend in ("dense", "hq"):
+      out = run(engine, backend, prompts(d))
+      logits[backend].append(out[:2])
+      caches[backend].append(out[2])
+      devices = sorted(dev.id for dev in out[2].pools.k.sharding.device_set)
+      result["dp"].setdefault("shard_devices", {})[f"{backend}{d}"] = devices
+  result["dp"]["dense_hq_identical"] = [compare(a, b)[0] for a, b in
+                                        zip(logits["dense"], logits["hq"])]
+  # Shard 0 runs the same requests as the one-device run: the same bits.
+  result["dp"]["shard0_vs_tp1_max_abs"] = compare(logits["dense"][0], one)[1]
+  per, total = sharded_kv_stats(caches["hq"])
+  result["dp"]["hq_stats"] = dict(per=[s.asdict() for s in per], total=total.asdict())
+  # One cache holding both shards' requests holds the same blocks (no prefix crosses them).
+  layout = KVLayout.from_config(CFG, BS)
+  both = DedupKVCache.init(layout, num_blocks=128, max_requests=8, max_seq_len=256,
+                           host_only=True)
+  for d in range(2):
+    for p in prompts(d):
+      both, s = both.admit(p)
+      both = both.commit(s, p.size).extend(s, [7, 8])  # as the two decode steps
+  result["dp"]["one_cache_stats"] = kv_stats(both).asdict()
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
