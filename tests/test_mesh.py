@@ -1,0 +1,183 @@
+"""The mesh ("data", "model"): flag parsing, tensor parallel logits, data-parallel shards,
+their accounting and the cache-aware router.
+
+The sharded runs need 8 devices: they run in one subprocess of their own
+(tests/mesh_checks.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before
+importing JAX), once per attention path, so the rest of the suite keeps one CPU device.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hq_jax import mesh as mesh_lib
+from hq_jax.config import get_config
+from hq_jax.kv.dedup import DedupKVCache
+from hq_jax.kv.dense import DenseKVCache
+from hq_jax.kv.paged import KVLayout
+from hq_jax.serve.scheduler import DataParallel, Request
+from hq_jax.study import traces
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# TP changes the order of the hidden-size sums (each shard's partial o_proj and down_proj
+# products, then one psum): float32 logits of the tiny model move by a few 1e-6.
+TP_ATOL = 2e-5
+
+
+@pytest.fixture(scope="module", params=["reference", "pallas_interpret"])
+def sharded(request):
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "mesh_checks.py"),
+                        request.param], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_mesh_flag_parses_and_refuses_bad_values():
+  assert mesh_lib.MeshSpec.parse("") == mesh_lib.MeshSpec(1, 1)
+  assert mesh_lib.MeshSpec.parse("data:2,model:4") == mesh_lib.MeshSpec(2, 4)
+  assert mesh_lib.MeshSpec.parse("model:2").label == "data:1,model:2"
+  for bad, words in (("model:x", "AXIS:SIZE"), ("tensor:2", "AXIS:SIZE"),
+                     ("model:0", "positive"), ("model:2,model:2", "twice")):
+    with pytest.raises(ValueError, match=words):
+      mesh_lib.MeshSpec.parse(bad)
+  tiny = get_config("tiny")  # 2 kv heads
+  with pytest.raises(ValueError, match="does not divide tiny's num_kv_heads 2"):
+    mesh_lib.MeshSpec(1, 4).check(tiny, num_devices=8)
+  with pytest.raises(ValueError, match="needs 8 devices, 1 are present"):
+    mesh_lib.MeshSpec(2, 4).check(num_devices=1)
+  mesh_lib.MeshSpec(2, 2).check(tiny, num_devices=4)
+
+
+def test_fused_columns_go_shard_major():
+  # [q0 q1 | k0 k1 | v0 v1] (widths 4, 2, 2) at 2 shards: [q0 k0 v0 | q1 k1 v1].
+  order = mesh_lib._shard_major((4, 2, 2), 2)
+  assert order.tolist() == [0, 1, 4, 6, 2, 3, 5, 7]
+
+
+def test_dense_and_hq_logits_bit_identical_at_every_mesh(sharded):
+  assert sharded["devices"] == 8
+  for tp, r in sharded["tp"].items():
+    assert r["dense_hq_identical"], f"model:{tp}"
+    assert r["hit_tokens"] == 48  # the second prompt's 3 shared blocks were hits
+  assert sharded["dp"]["dense_hq_identical"] == [True, True]
+
+
+def test_tensor_parallel_logits_match_one_device(sharded):
+  assert sharded["tp"]["1"]["max_abs_vs_tp1"] == 0.0
+  for tp in ("2", "4"):
+    assert sharded["tp"][tp]["max_abs_vs_tp1"] < TP_ATOL
+  assert sharded["dp"]["shard0_vs_tp1_max_abs"] < TP_ATOL
+
+
+def test_pools_are_split_over_kv_heads(sharded):
+  for tp in ("2", "4"):
+    r = sharded["tp"][tp]
+    assert r["pool_spec"][3] == "model" and r["pool_devices"] == int(tp)
+    assert r["pool_shard_heads"] == [4 // int(tp)]
+    assert r["mesh"] == f"data:1,model:{tp}"
+  # Each data shard's cache lives on its own row of the mesh.
+  assert sharded["dp"]["shard_devices"] == {"dense0": [0, 1], "hq0": [0, 1],
+                                            "dense1": [2, 3], "hq1": [2, 3]}
+
+
+def test_shard_stats_sum_to_the_global(sharded):
+  st = sharded["dp"]["hq_stats"]
+  for key in ("kv_bytes_allocated", "kv_bytes_used", "physical_blocks", "logical_blocks",
+              "hit_tokens", "query_tokens", "active_requests", "pool_bytes"):
+    assert st["total"][key] == sum(p[key] for p in st["per"]), key
+    # One cache holding both shards' requests (no prefix crosses shards) holds the same.
+    assert st["total"][key] == sharded["dp"]["one_cache_stats"][key], key
+  assert st["total"]["reuse_factor"] == (st["total"]["logical_blocks"]
+                                         / st["total"]["physical_blocks"])
+
+
+# ------------------------------------------------------------ routing (one device)
+def _layout():
+  return KVLayout.from_config(get_config("tiny"), block_size=16)
+
+
+def _hq(num_blocks=64):
+  return DedupKVCache.init(_layout(), num_blocks=num_blocks, max_requests=4, max_seq_len=256,
+                           host_only=True)
+
+
+def test_router_sends_a_request_to_the_shard_with_its_prefix():
+  rng = np.random.default_rng(0)
+  prefix, other = rng.integers(0, 512, 64), rng.integers(0, 512, 64)
+  caches = [_hq(), _hq()]
+  # Shard 1 holds `prefix` cached (a finished request) and runs one request: busier.
+  c, s = caches[1].admit(prefix)
+  caches[1] = c.commit(s, prefix.size).release(s)
+  c, _ = caches[1].admit(other[:20])
+  caches[1] = c
+  req = lambda i, p: Request(i, 0.0, p, 0)
+  dp = DataParallel(caches, [], max_concurrency=4)
+  dp.shards[1].running[0] = "busy"
+  assert caches[1].cached_prefix_tokens(np.concatenate([prefix, other])) == 64
+  hit = dp.route(req(0, np.concatenate([prefix, other])))
+  assert (hit.shard, hit.prefix_tokens, hit.by_prefix) == (1, 64, True)
+  miss = dp.route(req(1, other))  # cached nowhere: the least loaded shard
+  assert (miss.shard, miss.prefix_tokens, miss.by_prefix) == (0, 0, False)
+  assert DenseKVCache.init(_layout(), num_blocks=8, max_requests=2,
+                           max_seq_len=64).cached_prefix_tokens(prefix) == 0
+
+
+def _trace(n=40, seed=0):
+  """Conversations: each request extends an earlier one's prefix of its conversation."""
+  rng = np.random.default_rng(seed)
+  out, chains, next_id = [], {}, 0
+  for i in range(n):
+    conv = int(rng.integers(0, 6))
+    chain = list(chains.get(conv, []))
+    for _ in range(int(rng.integers(1, 3))):
+      chain.append(next_id)
+      next_id += 1
+    chains[conv] = chain
+    length = 512 * (len(chain) - 1) + int(rng.integers(1, 513))
+    out.append(traces.TraceRequest(i, 0.5 * i, length, int(rng.integers(1, 40)),
+                                   tuple(chain)))
+  return out
+
+
+def test_one_shard_replay_is_the_single_cache_replay():
+  cfg = traces.ReplayConfig(max_concurrency=4)
+  reqs = _trace()
+  layout = _layout()
+  make = lambda: DedupKVCache.init(layout, num_blocks=400, max_requests=4, max_seq_len=4096,
+                                   host_only=True)
+  one = traces.replay(reqs, make(), cfg, vocab_size=512)
+  dp = traces.replay_data_parallel(
+      [make()], traces.scheduler_requests(reqs, cfg, vocab_size=512), cfg, vocab_size=512)
+  assert dp.shards[0].stats.row(bytes_per_block=1) == one.row(bytes_per_block=1)
+
+
+def test_data_parallel_replay_rows_sum_over_shards():
+  from hq_jax.study import trace_outputs
+  cfg = traces.ReplayConfig(max_concurrency=4)
+  reqs, layout, per_shard = _trace(), _layout(), []
+  budget = 300 * layout.bytes_per_block / 1e9
+  rows = trace_outputs.run_budgets(reqs, [budget], model="tiny", layout=layout, cfg=cfg,
+                                   vocab_size=512, mesh="data:2", shard_rows=per_shard)
+  single = trace_outputs.run_budgets(reqs, [budget], model="tiny", layout=layout, cfg=cfg,
+                                     vocab_size=512)
+  for row in rows:
+    trace_outputs.check_row({**row, "num_blocks": row["num_blocks"] or None})
+    assert row["mesh"] == "data:2,model:1"
+    shards = [r for r in per_shard if r["backend"] == row["backend"]]
+    assert [r["shard"] for r in shards] == [0, 1]
+    for key in ("requests", "prompt_tokens", "hit_tokens", "computed_prefill_tokens",
+                "evicted_blocks"):
+      assert row[key] == sum(r[key] for r in shards), (row["backend"], key)
+    if row["backend"] == "hq":
+      assert sum(r["num_blocks"] for r in shards) == row["num_blocks"] == 300
+      assert sum(r["routed_by_prefix"] for r in shards) > 0
+      # Conversations stay on their shard: the split cache loses few hits here.
+      one = next(r for r in single if r["backend"] == "hq")
+      assert row["hit_ratio"] > 0.5 * one["hit_ratio"]
