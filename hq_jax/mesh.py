@@ -150,6 +150,14 @@ def place_pools(pools, mesh: Mesh):
   return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), pools, specs)
 
 
+def zeros_pools(layout, num_blocks: int, mesh: Mesh):
+  """An empty `KVPools` made in place on `mesh` (each device allocates its kv heads only)."""
+  from hq_jax.kv.paged import KVPools
+  abstract = jax.eval_shape(lambda: KVPools.zeros(layout, num_blocks))
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), pool_specs(abstract))
+  return jax.jit(lambda: KVPools.zeros(layout, num_blocks), out_shardings=shardings)()
+
+
 def _shard_major(widths: tuple[int, ...], tp: int) -> np.ndarray:
   """Column order of a fused projection whose parts have `widths`: part by part within each
   shard, shard after shard."""

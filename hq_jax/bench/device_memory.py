@@ -27,9 +27,13 @@ from typing import Any, Callable
 import jax
 
 
-def live_bytes() -> int:
-  """Bytes of every device array alive in this process (all devices)."""
-  return sum(a.nbytes for a in jax.live_arrays() if not a.is_deleted())
+def live_bytes(device=None) -> int:
+  """Bytes of every device array alive in this process: on all devices, or (`device`)
+  the shards that device holds."""
+  live = [a for a in jax.live_arrays() if not a.is_deleted()]
+  if device is None:
+    return sum(a.nbytes for a in live)
+  return sum(s.data.nbytes for a in live for s in a.addressable_shards if s.device == device)
 
 
 def process_peak_bytes() -> int | None:

@@ -46,6 +46,8 @@ COMMON_HELPS = {
                         "once), auto",
     "overwrite": "replace this script's earlier outputs in --output_dir (else refused)",
     "allow_long_context": "run requests longer than the model's max_position_embeddings",
+    "mesh": "devices as data:D,model:M (tensor parallel over kv heads on model, one cache "
+            "per data shard); empty = one device",
 }
 REQUEST_TEXT_HELP = ("UTF-8 text the requests are cut from; empty = the shipped Wikipedia "
                      "articles")
@@ -133,6 +135,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
   if "output_dir" in cfg:
     outputs.check_output_dir(cfg.output_dir)
+  if "mesh" in cfg:
+    from hq_jax.mesh import MeshSpec
+    MeshSpec.parse(cfg.mesh)  # devices and the model's heads: checked where they are known
   if "dtype" in cfg and cfg.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
   if cfg.get("kv_dtype"):
@@ -247,9 +252,11 @@ def open_run(cfg: ml_collections.ConfigDict, script: str, files, **record):
   its record holds the command line, the resolved config, the run metadata and `record`.
   A command calls this after `validate` and before loading anything heavy, and opens the
   run (`with run:`) only once every input has been checked."""
+  from hq_jax.mesh import MeshSpec
   from hq_jax.study import outputs
+  mesh = {"mesh": MeshSpec.parse(cfg.mesh).label} if "mesh" in cfg else {}
   run = outputs.Run(cfg.output_dir, script, list(files), overwrite=cfg.overwrite,
                     record={"command": command_line(), "config": cfg.to_dict(),
-                            **run_metadata(), **record})
+                            **run_metadata(), **mesh, **record})
   run.preflight()
   return run
