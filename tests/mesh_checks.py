@@ -119,6 +119,20 @@ def main():
       both, s = both.admit(p)
       both = both.commit(s, p.size).extend(s, [7, 8])  # as the two decode steps
   result["dp"]["one_cache_stats"] = kv_stats(both).asdict()
+  # The sweep's caches are made in place on the mesh (never whole on one device).
+  from hq_jax.study import memory
+  tp2 = mesh_lib.MeshSpec(1, 2).make()
+  cache = memory.make_cache("hq", layout, concurrency=2, context_length=64, max_seq_len=64,
+                            mesh=tp2)
+  result["make_cache_heads"] = sorted({s.data.shape[3] for s in cache.pools.k.addressable_shards})
+  if attention == "reference":  # the e2e bench at model:2 (its own engine and pools)
+    from hq_jax.bench import e2e
+    _, rows = e2e.run(decode_points=[("tiny", 2, 64)], prefill_points=[("tiny", 1, 64)],
+                      attention="reference", dtype="float32", steps=1, reps=1,
+                      prefill_repeats=1, chunk_sizes={"*": 32}, dedup_shared_fraction=0.5,
+                      block_size=BS, seed=0, log=lambda m: None, decode_rows=(8,),
+                      mesh="model:2")
+    result["e2e"] = [dict(mesh=r["mesh"], kind=r["kind"], finite=r["finite"]) for r in rows]
   print(json.dumps(result))
 
 

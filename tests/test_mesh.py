@@ -87,6 +87,12 @@ def test_pools_are_split_over_kv_heads(sharded):
                                             "dense1": [2, 3], "hq1": [2, 3]}
 
 
+def test_sweep_caches_and_e2e_bench_run_on_the_mesh(sharded):
+  assert sharded["make_cache_heads"] == [2]  # 4 kv heads over model:2
+  for r in sharded.get("e2e", []):  # the reference run only
+    assert r["mesh"] == "data:1,model:2" and r["finite"], r
+
+
 def test_shard_stats_sum_to_the_global(sharded):
   st = sharded["dp"]["hq_stats"]
   for key in ("kv_bytes_allocated", "kv_bytes_used", "physical_blocks", "logical_blocks",
@@ -181,3 +187,41 @@ def test_data_parallel_replay_rows_sum_over_shards():
       # Conversations stay on their shard: the split cache loses few hits here.
       one = next(r for r in single if r["backend"] == "hq")
       assert row["hit_ratio"] > 0.5 * one["hit_ratio"]
+
+
+# ------------------------------------------------------------------ memory plans
+def test_memory_plan_of_32b_and_72b_per_device():
+  from hq_jax.study import memory
+  points = [(4096, 64, 0.5, 1), (32768, 64, 0.5, 1)]
+  gb = 10**9
+  for name, tps_fit in (("32b", {1: [False, False], 2: [True, False], 4: [True, False],
+                                 8: [True, False]}),
+                        ("72b", {1: [False, False], 2: [False, False], 4: [True, False],
+                                 8: [True, False]})):
+    cfg = get_config(name, dtype="bfloat16")
+    rows = memory.mesh_plan(cfg, points, tps=(1, 2, 4, 8), device_bytes=80 * gb)
+    by = {(r["mesh"], r["context_length"]): r for r in rows}
+    for tp, fits in tps_fit.items():
+      got = [by[(f"data:1,model:{tp}", n)]["fits"] for n, *_ in points]
+      assert got == fits, (name, tp)
+      r = by[(f"data:1,model:{tp}", 4096)]
+      # The dense pool of 64 x 4096 tokens, split over tp devices' kv heads.
+      assert r["kv_pool_bytes_per_device"] == 64 * 4096 * 2 * cfg.num_layers * 8 * 128 * 2 // tp
+      assert r["fits"] == (r["reason"] == "")
+    w = {tp: by[(f"data:1,model:{tp}", 4096)]["param_bytes_per_device"] for tp in (1, 2, 8)}
+    assert w[1] > 2 * w[2] * 0.9 and w[8] < w[2]  # split layers, replicated vocabulary
+  one = memory.mesh_plan(get_config("72b", dtype="bfloat16"), points[:1], tps=(1,),
+                         device_bytes=80 * gb)[0]
+  assert "the weights (145.41 GB)" in one["reason"]
+  bad = memory.mesh_plan(get_config("32b"), points[:1], tps=(16,), device_bytes=80 * gb)[0]
+  assert not bad["fits"] and "model:16 does not divide" in bad["reason"]
+
+
+def test_param_bytes_per_device_sum_to_the_model():
+  from hq_jax import model as model_lib
+  cfg = get_config("7b", dtype="bfloat16")
+  total = sum(x.size * x.dtype.itemsize for x in
+              __import__("jax").tree.leaves(model_lib.abstract_params(cfg)))
+  assert mesh_lib.param_bytes_per_device(cfg, 1) == total
+  table = 2 * cfg.vocab_size * cfg.hidden_size * 2  # embed + lm_head, replicated
+  assert mesh_lib.param_bytes_per_device(cfg, 4) < total / 4 + table
