@@ -66,34 +66,44 @@ def test_dense_and_hq_logits_bit_identical_at_every_mesh(sharded):
   for tp, r in sharded["tp"].items():
     assert r["dense_hq_identical"], f"model:{tp}"
     assert r["hit_tokens"] == 48  # the second prompt's 3 shared blocks were hits
-  assert sharded["dp"]["dense_hq_identical"] == [True, True]
+  if "dp" in sharded:  # the XLA run
+    assert sharded["dp"]["dense_hq_identical"] == [True, True]
+    assert set(sharded["tp"]) == {"1", "2", "4"}
 
 
 def test_tensor_parallel_logits_match_one_device(sharded):
   assert sharded["tp"]["1"]["max_abs_vs_tp1"] == 0.0
-  for tp in ("2", "4"):
+  for tp in set(sharded["tp"]) - {"1"}:
     assert sharded["tp"][tp]["max_abs_vs_tp1"] < TP_ATOL
-  assert sharded["dp"]["shard0_vs_tp1_max_abs"] < TP_ATOL
+  if "dp" in sharded:
+    assert sharded["dp"]["shard0_vs_tp1_max_abs"] < TP_ATOL
 
 
 def test_pools_are_split_over_kv_heads(sharded):
-  for tp in ("2", "4"):
+  for tp in set(sharded["tp"]) - {"1"}:
     r = sharded["tp"][tp]
     assert r["pool_spec"][3] == "model" and r["pool_devices"] == int(tp)
     assert r["pool_shard_heads"] == [4 // int(tp)]
     assert r["mesh"] == f"data:1,model:{tp}"
+  if "dp" not in sharded:
+    return
   # Each data shard's cache lives on its own row of the mesh.
   assert sharded["dp"]["shard_devices"] == {"dense0": [0, 1], "hq0": [0, 1],
                                             "dense1": [2, 3], "hq1": [2, 3]}
 
 
 def test_sweep_caches_and_e2e_bench_run_on_the_mesh(sharded):
+  if "dp" not in sharded:
+    pytest.skip("the XLA run checks these")
   assert sharded["make_cache_heads"] == [2]  # 4 kv heads over model:2
-  for r in sharded.get("e2e", []):  # the reference run only
+  assert [r["kind"] for r in sharded["e2e"]] == ["decode", "prefill"]
+  for r in sharded["e2e"]:
     assert r["mesh"] == "data:1,model:2" and r["finite"], r
 
 
 def test_shard_stats_sum_to_the_global(sharded):
+  if "dp" not in sharded:
+    pytest.skip("the XLA run checks these")
   st = sharded["dp"]["hq_stats"]
   for key in ("kv_bytes_allocated", "kv_bytes_used", "physical_blocks", "logical_blocks",
               "hit_tokens", "query_tokens", "active_requests", "pool_bytes"):
