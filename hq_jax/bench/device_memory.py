@@ -49,16 +49,20 @@ def _signature(args: tuple, kwargs: dict):
 
 
 class PeakTracker:
-  """Callable as `Engine(on_step=tracker)`: tracks the peak device bytes since `start()`."""
+  """Callable as `Engine(on_step=tracker)`: tracks the peak device bytes since `start()`.
 
-  def __init__(self):
+  `device`: count only what that device holds (a tensor-parallel step: its shards of the
+  live arrays; XLA's memory analysis of an SPMD executable is already per device)."""
+
+  def __init__(self, device=None):
     self._extra: dict[Any, int] = {}  # (fn, signature) -> scratch + new output bytes
     self.peak = 0
+    self.device = device
 
   def start(self) -> None:
     """Begins a new stretch: the peak restarts from what is alive now."""
     gc.collect()  # arrays of earlier rows held only by reference cycles
-    self.peak = live_bytes()
+    self.peak = live_bytes(self.device)
 
   def step_bytes(self, fn: Callable, args: tuple, kwargs: dict) -> int:
     """Scratch plus non-aliased output bytes of `fn(*args, **kwargs)`, memoized by shape."""
@@ -70,4 +74,4 @@ class PeakTracker:
     return self._extra[key]
 
   def __call__(self, fn: Callable, args: tuple, kwargs: dict) -> None:
-    self.peak = max(self.peak, live_bytes() + self.step_bytes(fn, args, kwargs))
+    self.peak = max(self.peak, live_bytes(self.device) + self.step_bytes(fn, args, kwargs))
