@@ -37,10 +37,10 @@ def prompts(seed: int):
   return [np.concatenate([shared, rng.integers(0, CFG.vocab_size, n)]) for n in (37, 21)]
 
 
-def run(engine: Engine, backend: str, reqs):
+def run(engine: Engine, backend: str, reqs, kv_dtype=None):
   """Prefills `reqs` in one cache, then two decode steps of both: the logits of every
   computed position (full-prompt positions for comparison across backends) and the cache."""
-  layout = KVLayout.from_config(CFG, BS)
+  layout = KVLayout.from_config(CFG, BS, kv_dtype)
   kind = DenseKVCache if backend == "dense" else DedupKVCache
   cache = kind.init(layout, num_blocks=64, max_requests=4, max_seq_len=256)
   out, slots = [], []
@@ -96,6 +96,16 @@ def main():
   if not full:
     print(json.dumps(result))
     return
+  # No mesh at all gives the model:1 mesh's bits.
+  plain = run(Engine(params, CFG, chunk_size=CHUNK, attention=attention), "dense", reqs)
+  result["no_mesh_identical"] = compare(plain[:2], one)[0]
+  # FP8 pools (values and scales both split over kv heads) at model:2: dense = HQ.
+  fp8 = Engine(params, CFG, chunk_size=CHUNK, attention=attention, kv_dtype="float8_e4m3fn",
+               mesh=mesh_lib.MeshSpec(1, 2).make())
+  fd, fh = (run(fp8, b, reqs, "float8_e4m3fn") for b in ("dense", "hq"))
+  result["fp8_tp2"] = dict(dense_hq_identical=compare(fd[:2], fh[:2])[0],
+                           scale_heads=sorted({s.data.shape[3] for s in
+                                               fh[2].pools.k_scale.addressable_shards}))
   result["dp"] = {}
   # Data parallel: data:2 x model:2, one engine and one cache per data row; each shard
   # serves its own requests (prefix pairs of its own).

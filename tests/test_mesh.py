@@ -71,6 +71,13 @@ def test_dense_and_hq_logits_bit_identical_at_every_mesh(sharded):
     assert set(sharded["tp"]) == {"1", "2", "4"}
 
 
+def test_no_mesh_and_fp8_pools_on_the_mesh(sharded):
+  if "dp" not in sharded:
+    pytest.skip("the XLA run checks these")
+  assert sharded["no_mesh_identical"]  # Engine(mesh=None) = the model:1 mesh, bit for bit
+  assert sharded["fp8_tp2"] == dict(dense_hq_identical=True, scale_heads=[2])
+
+
 def test_tensor_parallel_logits_match_one_device(sharded):
   assert sharded["tp"]["1"]["max_abs_vs_tp1"] == 0.0
   for tp in set(sharded["tp"]) - {"1"}:
