@@ -323,7 +323,8 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
                       allow_long_context=True, kv_dtype=kv_dtype, mesh=device_mesh)
       res = bench_prefill(engine, tokens=tokens, block_size=block_size, ceilings=ceilings,
                           repeats=prefill_repeats, seed=seed)
-      row = dict(model=name, mesh=spec.label, kind="prefill", batch=1, context=tokens, backend="dense",
+      row = dict(model=name, mesh=spec.label, kind="prefill", batch=1, context=tokens,
+                 backend="dense",
                  kv_dtype=engine.kv_dtype, attention=engine.attention_label,
                  decode_attention="", decode_rows="", invariance=engine.invariance,
                  param_gb=param_bytes(params) / 1e9, **res)

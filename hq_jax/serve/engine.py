@@ -250,10 +250,11 @@ class Engine:
     allow_long_context: let `prefill` run prompts past cfg.max_position_embeddings
     (`ModelConfig.check_context`, the rule every script applies).
     mesh: a `jax.sharding.Mesh` of one data row (data:1, model:M; `hq_jax.mesh.data_shards`
-    cuts a larger one): tensor parallel over "model". `params` (the standard layout) are
-    placed on it by `hq_jax.mesh.shard_params` (params already on this mesh, e.g. from
-    `init_sharded_params`, are taken as they are), and every cache's pools by `place_pools`. None: one
-    device, as before. Data parallel is one Engine and one cache per data row."""
+    cuts a larger one): tensor parallel over "model". `params` in the standard layout are
+    placed on it by `hq_jax.mesh.shard_params`; params already on this mesh are taken as
+    they are (they must be in its shard-major layout: `shard_params` or
+    `init_sharded_params`). Every cache's pools go onto it by `place_pools`. None: one
+    device. Data parallel is one Engine and one cache per data row."""
     if chunk_size <= 0:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if isinstance(decode_rows, bool) or not isinstance(decode_rows, int) or decode_rows < 0:

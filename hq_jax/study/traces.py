@@ -305,9 +305,9 @@ def replay_data_parallel(caches: Sequence, requests: Iterable[Request], cfg: Rep
                          vocab_size: int, seed: int = 0, max_context: int | None = None,
                          progress=None, max_concurrency=None) -> DataParallel:
   """`replay_requests` over one cache per data shard (`DataParallel`: cache-aware routing at
-  arrival, each shard `cfg.max_concurrency` slots, or `max_concurrency[d]`); returns the `DataParallel`, whose
-  `shards[d].stats` / `.cache` are each shard's and `stats` the global sums. One cache:
-  exactly `replay_requests`."""
+  arrival; each shard `cfg.max_concurrency` slots, or `max_concurrency[d]`). Returns the
+  `DataParallel`: `shards[d].stats` / `.cache` are each shard's, `stats` the global sums.
+  One cache: exactly `replay_requests`."""
   dp = DataParallel(list(caches), requests,
                     max_concurrency=cfg.max_concurrency if max_concurrency is None else
                     max_concurrency,
