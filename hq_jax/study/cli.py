@@ -172,6 +172,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     workloads.check_sizes({k: cfg[k] for k in workloads.SIZE_MINIMUM})
 
 
+def model_mesh(cfg, model_cfg=None, what: str = "this command"):
+  """The jax Mesh of `--mesh` for a command that runs one Engine (one data shard): None for
+  one device; ValueError (one line naming the flag) for data > 1, a model size that does not
+  split `model_cfg`, or more devices than present. Without `model_cfg`, only the syntax and
+  the devices are checked (call again once the model is known)."""
+  from hq_jax.mesh import MeshSpec
+  spec = MeshSpec.parse(cfg.mesh)
+  if spec.data != 1:
+    raise ValueError(f"--mesh={spec.label}: {what} runs one data shard (data:1); data "
+                     "shards hold independent caches (hq-jax replay --no_model --mesh=data:D)")
+  spec.check(model_cfg)
+  return None if spec.num_devices == 1 else spec.make()
+
+
 def exit_on_error(main):
   """Wraps a command's main: an expected failure (bad flag, bad file, bad model, unusable
   output directory, failed check) ends it with ONE line on stderr naming the input, status

@@ -113,9 +113,8 @@ def validate(cfg):
     _check(spec.model == 1, "mesh", f"{spec.label}: model:M splits a model's heads; "
            "--no_model replays caches only (data:D shards them)")
   else:
-    _check(spec.data == 1, "mesh", f"{spec.label}: data shards replay with --no_model only")
     try:
-      spec.check(model_cfg)
+      cli.model_mesh(cfg, model_cfg, "model mode")
     except ValueError as e:
       raise app.UsageError(str(e)) from None
   _check(spec.data <= cfg.max_concurrency, "mesh",
@@ -191,11 +190,9 @@ def main(argv):
     from hq_jax import model as model_lib
     from hq_jax.serve.engine import Engine
     params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
-    from hq_jax.mesh import MeshSpec
-    spec = MeshSpec.parse(cfg.mesh)
     engine = Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention,
                     allow_long_context=cfg.allow_long_context, kv_dtype=layout.dtype,
-                    mesh=None if spec.num_devices == 1 else spec.make())
+                    mesh=cli.model_mesh(cfg, model_cfg, "model mode"))
     ran = engine.attention_label
   deadline = t_start + cfg.time_limit_s if cfg.time_limit_s else None
   # The run locks the directory while it writes; a failure marks its record failed.

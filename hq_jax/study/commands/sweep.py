@@ -25,7 +25,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import memory_sweep as default_config
-from hq_jax import mesh as mesh_lib
 from hq_jax.study import cli, errors, memory, workloads
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -64,11 +63,7 @@ def main(argv):
   cli.validate(cfg)  # Every flag, and the output directory, before anything is loaded.
   if cfg.plan_only:
     return _plan(cfg)
-  spec = mesh_lib.MeshSpec.parse(cfg.mesh)
-  if spec.data != 1:
-    raise ValueError(f"--mesh={spec.label}: the memory sweep runs one data shard (data:1); "
-                     "data shards hold independent caches (hq-jax replay --mesh=data:D)")
-  spec.check()
+  cli.model_mesh(cfg, what="the memory sweep")  # syntax and devices, before any loading
   files = ["memory_sweep.csv"] + (["workloads.csv"] if cfg.workloads else [])
   run = cli.open_run(cfg, "memory_sweep", files)
   # The model, the text and every request are checked before the run opens: an input
@@ -84,8 +79,7 @@ def main(argv):
   if cfg.workloads:
     workloads.check(model_cfg, stream, {k: cfg[k] for k in workloads.SIZE_MINIMUM}, cfg.seed,
                     cfg.allow_long_context)
-  spec.check(model_cfg)
-  mesh = None if spec.num_devices == 1 else spec.make()
+  mesh = cli.model_mesh(cfg, model_cfg, "the memory sweep")
   with run:
     points = (len(cfg.context_lengths) * len(cfg.concurrency) *
               len(cfg.shared_prefix_fractions) * len(cfg.num_prefixes))
