@@ -242,3 +242,16 @@ def test_param_bytes_per_device_sum_to_the_model():
   assert mesh_lib.param_bytes_per_device(cfg, 1) == total
   table = 2 * cfg.vocab_size * cfg.hidden_size * 2  # embed + lm_head, replicated
   assert mesh_lib.param_bytes_per_device(cfg, 4) < total / 4 + table
+
+
+def test_one_engine_commands_refuse_data_shards_with_one_line():
+  import ml_collections
+  from hq_jax.study import cli
+  cfg = ml_collections.ConfigDict({"mesh": "data:2"})
+  with pytest.raises(ValueError, match="the latency sweep runs one data shard"):
+    cli.model_mesh(cfg, what="the latency sweep")
+  cfg.mesh = "model:2"
+  with pytest.raises(ValueError, match="needs 2 devices, 1 are present"):
+    cli.model_mesh(cfg)
+  cfg.mesh = ""
+  assert cli.model_mesh(cfg, get_config("tiny")) is None
