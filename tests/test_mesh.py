@@ -255,3 +255,35 @@ def test_one_engine_commands_refuse_data_shards_with_one_line():
     cli.model_mesh(cfg)
   cfg.mesh = ""
   assert cli.model_mesh(cfg, get_config("tiny")) is None
+
+
+def test_model_mode_data_parallel_serves_the_same_tokens(tiny):
+  """Two data shards (two engines, here on one device) serve every request to the same
+  greedy tokens as one cache: a request's bits do not depend on its batch or its shard
+  (fixed decode rows), and the router sends a request to the shard holding its prefix."""
+  from hq_jax.serve.engine import Engine
+  from hq_jax.study import trace_outputs
+  params, cfg = tiny
+  layout = KVLayout.from_config(cfg, block_size=16)
+  tr = lambda i, ids, n, out, t: traces.TraceRequest(i, t, n, out, tuple(ids))
+  reqs = [tr(0, [1], 200, 3, 0.0), tr(1, [2], 180, 3, 0.05), tr(2, [1], 300, 2, 0.1),
+          tr(3, [2], 250, 2, 0.15)]
+  rcfg = traces.ReplayConfig(max_concurrency=2)
+  budget = 200 * layout.bytes_per_block / 1e9  # 100 blocks a shard: room for all four
+  engine = Engine(params, cfg, chunk_size=64, attention="reference", decode_rows=4)
+  out = {}
+  for mesh, engines in (("", engine), ("data:2", [engine, engine])):
+    gen, shard_rows = {}, []
+    rows = trace_outputs.run_budgets(reqs, [budget], model="tiny", layout=layout, cfg=rcfg,
+                                     vocab_size=cfg.vocab_size, engine=engines,
+                                     generated=gen, mesh=mesh, shard_rows=shard_rows)
+    out[mesh] = {r["backend"]: r for r in rows}, gen, shard_rows
+  (one, gen1, _), (two, gen2, shards) = out[""], out["data:2"]
+  assert gen1 == gen2  # every request, dense and HQ: the same greedy tokens
+  hq = [r for r in shards if r["backend"] == "hq"]
+  assert sum(r["requests"] for r in hq) == two["hq"]["requests"] == 4
+  assert two["hq"]["decode_steps"] == sum(r["decode_steps"] for r in hq)
+  # Requests 2 and 3 find their conversation's blocks wherever 0 and 1 ran.
+  # (12 full blocks of request 0's 200 tokens, 11 of request 1's 180.)
+  assert two["hq"]["hit_tokens"] == one["hq"]["hit_tokens"] == 192 + 176
+  assert sum(r["routed_by_prefix"] for r in hq) == 2

@@ -181,9 +181,17 @@ def model_mesh(cfg, model_cfg=None, what: str = "this command"):
   spec = MeshSpec.parse(cfg.mesh)
   if spec.data != 1:
     raise ValueError(f"--mesh={spec.label}: {what} runs one data shard (data:1); data "
-                     "shards hold independent caches (hq-jax replay --no_model --mesh=data:D)")
+                     "shards hold independent caches (hq-jax replay --mesh=data:D)")
+  return data_meshes(cfg, model_cfg)[0]
+
+
+def data_meshes(cfg, model_cfg=None) -> list:
+  """One jax Mesh per data row of `--mesh` (each what one Engine runs on), or [None] for
+  one device; ValueError (one line) as `model_mesh`'s, data > 1 allowed."""
+  from hq_jax import mesh as mesh_lib
+  spec = mesh_lib.MeshSpec.parse(cfg.mesh)
   spec.check(model_cfg)
-  return None if spec.num_devices == 1 else spec.make()
+  return [None] if spec.num_devices == 1 else mesh_lib.data_shards(spec.make())
 
 
 def exit_on_error(main):

@@ -70,18 +70,21 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
   run: each gets the time left / the rows left. `generated` (model mode) receives each
   row's greedy tokens by request index, under (backend, budget).
 
-  `mesh` ("data:D,model:M", `hq_jax.mesh.MeshSpec`): with D > 1 (no-model only) each row
-  replays D caches under cache-aware routing (`traces.replay_data_parallel`), the budget's
-  blocks and cfg.max_concurrency split as evenly as they go (the shards' sums are the
-  row's), so a row compares directly with one cache of the same budget; its columns are
-  the global sums and `shard_rows` (if given) receives one row per (row, shard) with
-  `shard` and `routed_by_prefix` added.
+  `mesh` ("data:D,model:M", `hq_jax.mesh.MeshSpec`): with D > 1 each row runs D caches
+  under cache-aware routing (`scheduler.DataParallel`; no model: `traces.
+  replay_data_parallel`; model mode: `scheduler.serve_data_parallel`, `engine` then a list
+  of D engines, one per data row), the budget's blocks and cfg.max_concurrency split as
+  evenly as they go (the shards' sums are the row's), so a row compares directly with one
+  cache of the same budget; its columns are the global sums and `shard_rows` (if given)
+  receives one row per (row, shard) with `shard` and `routed_by_prefix` added.
   """
   from hq_jax.mesh import MeshSpec
   spec = MeshSpec.parse(mesh)
   shards = spec.data
-  if shards > 1 and engine is not None:
-    raise ValueError(f"--mesh={spec.label}: data parallel replays run with --no_model only")
+  engines = None if engine is None else (
+      list(engine) if isinstance(engine, (list, tuple)) else [engine])
+  if engines is not None and len(engines) != shards:
+    raise ValueError(f"--mesh={spec.label}: {len(engines)} engines for {shards} data shards")
   if shards > cfg.max_concurrency:
     raise ValueError(f"--mesh={spec.label}: {shards} data shards need --max_concurrency >= "
                      f"{shards} (each shard gets its share of the slots)")
@@ -98,21 +101,33 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
     bar = progress_factory(f"{name} @ {budget:g} GB") if progress_factory else None
     try:
       if served[i]:
+        slots = _split(cfg.max_concurrency, shards)
         seq = max(max_seq_len, cfg.max_concurrency + 1)  # the warm-up's requests
-        pool = nb or max(everything, cfg.max_concurrency * layout.blocks_for(seq))
-        cache = kind.init(layout, num_blocks=pool, max_requests=cfg.max_concurrency,
-                          max_seq_len=seq)
-        if warm:
-          cache = scheduler.warm_up(engine, cache, cfg.max_concurrency)
+        pools = (_split(nb, shards) if nb else
+                 [max(everything, c * layout.blocks_for(seq)) for c in slots])
+        caches = []
+        for e, b, c in zip(engines, pools, slots):
+          cache = kind.init(layout, num_blocks=b, max_requests=c, max_seq_len=seq)
+          caches.append(scheduler.warm_up(e, cache, c) if warm else cache)
         row_deadline = None
         if deadline is not None:
           now = time.perf_counter()
           row_deadline = now + max(0.0, deadline - now) / sum(served[i:])
-        sched = scheduler.Scheduler(
-            cache, traces.scheduler_requests(requests, cfg, vocab_size=vocab_size, seed=seed),
-            max_concurrency=cfg.max_concurrency, max_context=max_context, progress=bar)
         out = {} if generated is None else generated.setdefault((name, budget), {})
-        stats = scheduler.serve(engine, sched, deadline=row_deadline, generated=out)
+        arrivals = traces.scheduler_requests(requests, cfg, vocab_size=vocab_size, seed=seed)
+        if shards == 1:
+          sched = scheduler.Scheduler(caches[0], arrivals, max_concurrency=cfg.max_concurrency,
+                                      max_context=max_context, progress=bar)
+          stats = scheduler.serve(engines[0], sched, deadline=row_deadline, generated=out)
+        else:
+          dp = scheduler.DataParallel(caches, arrivals, max_concurrency=slots,
+                                      max_context=max_context, progress=bar)
+          stats = scheduler.serve_data_parallel(engines, dp, deadline=row_deadline,
+                                                generated=out)
+          if shard_rows is not None:
+            shard_rows += _shard_rows(dp, pools if nb else None, bpb, model=model,
+                                      mesh=spec.label, layout=layout, budget=budget,
+                                      backend=name)
       elif shards == 1:
         cache = kind.init(layout, num_blocks=nb or everything,
                           max_requests=cfg.max_concurrency, max_seq_len=max_seq_len,
@@ -120,13 +135,13 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
         stats = traces.replay(requests, cache, cfg, vocab_size=vocab_size, seed=seed,
                               max_context=max_context, progress=bar)
       else:
-        stats, per_shard = _replay_shards(
+        dp, blocks = _replay_shards(
             requests, kind, layout, nb, everything, max_seq_len, cfg, shards,
-            vocab_size=vocab_size, seed=seed, max_context=max_context, progress=bar, bpb=bpb)
+            vocab_size=vocab_size, seed=seed, max_context=max_context, progress=bar)
+        stats = dp.stats
         if shard_rows is not None:
-          shard_rows += [dict(model=model, mesh=spec.label, block_size=layout.block_size,
-                              kv_dtype=layout.dtype, kv_budget_gb=budget, backend=name, **r)
-                         for r in per_shard]
+          shard_rows += _shard_rows(dp, blocks, bpb, model=model, mesh=spec.label,
+                                    layout=layout, budget=budget, backend=name)
     finally:
       if bar is not None:
         bar.close()
@@ -143,10 +158,22 @@ def _split(total: int, parts: int) -> list[int]:
   return [total // parts + (d < total % parts) for d in range(parts)]
 
 
+def _shard_rows(dp, blocks, bpb, **columns) -> list[dict]:
+  """One row per data shard of a row (`run_budgets`' `shard_rows`): the row's columns, the
+  shard's pool (None: unbounded) and serving stats, and how many requests its prefix won."""
+  by_prefix = collections.Counter(r.shard for r in dp.routes.values() if r.by_prefix)
+  c = columns
+  return [dict(model=c["model"], mesh=c["mesh"], block_size=c["layout"].block_size,
+               kv_dtype=c["layout"].dtype, kv_budget_gb=c["budget"], backend=c["backend"],
+               shard=d, num_blocks=blocks[d] if blocks else "",
+               routed_by_prefix=by_prefix[d], **s.stats.row(bytes_per_block=bpb))
+          for d, s in enumerate(dp.shards)]
+
+
 def _replay_shards(requests, kind, layout, num_blocks, everything, max_seq_len, cfg, shards,
-                   *, vocab_size, seed, max_context, progress, bpb):
+                   *, vocab_size, seed, max_context, progress):
   """The no-model replay of one row over `shards` host-only caches (`run_budgets`):
-  (global stats, one row per shard)."""
+  (the `DataParallel` after it, each shard's pool blocks or None when unbounded)."""
   slots = _split(cfg.max_concurrency, shards)
   blocks = _split(num_blocks, shards) if num_blocks else [everything] * shards
   caches = [kind.init(layout, num_blocks=b, max_requests=c, max_seq_len=max_seq_len,
@@ -156,10 +183,7 @@ def _replay_shards(requests, kind, layout, num_blocks, everything, max_seq_len, 
                                         synthesize=kind is DedupKVCache),
       cfg, vocab_size=vocab_size, seed=seed, max_context=max_context, progress=progress,
       max_concurrency=slots)
-  by_prefix = collections.Counter(r.shard for r in dp.routes.values() if r.by_prefix)
-  return dp.stats, [dict(shard=d, num_blocks=b if num_blocks else "",
-                         routed_by_prefix=by_prefix[d], **s.stats.row(bytes_per_block=bpb))
-                    for d, (s, b) in enumerate(zip(dp.shards, blocks))]
+  return dp, blocks if num_blocks else None
 
 
 def capacity_analytic(num_blocks: int, context_length: int, shared_fraction: float,

@@ -114,7 +114,7 @@ def validate(cfg):
            "--no_model replays caches only (data:D shards them)")
   else:
     try:
-      cli.model_mesh(cfg, model_cfg, "model mode")
+      cli.data_meshes(cfg, model_cfg)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
   _check(spec.data <= cfg.max_concurrency, "mesh",
@@ -190,10 +190,11 @@ def main(argv):
     from hq_jax import model as model_lib
     from hq_jax.serve.engine import Engine
     params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
-    engine = Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention,
-                    allow_long_context=cfg.allow_long_context, kv_dtype=layout.dtype,
-                    mesh=cli.model_mesh(cfg, model_cfg, "model mode"))
-    ran = engine.attention_label
+    # One engine per data row of --mesh (each its own weights copy and cache).
+    engine = [Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention,
+                     allow_long_context=cfg.allow_long_context, kv_dtype=layout.dtype,
+                     mesh=m) for m in cli.data_meshes(cfg, model_cfg)]
+    ran = engine[0].attention_label
   deadline = t_start + cfg.time_limit_s if cfg.time_limit_s else None
   # The run locks the directory while it writes; a failure marks its record failed.
   run.record["attention"] = ran
