@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hq_jax.config import ModelConfig
+from hq_jax.kv.paged import KVPools
 
 AXES = ("data", "model")
 
@@ -152,7 +153,6 @@ def place_pools(pools, mesh: Mesh):
 
 def zeros_pools(layout, num_blocks: int, mesh: Mesh):
   """An empty `KVPools` made in place on `mesh` (each device allocates its kv heads only)."""
-  from hq_jax.kv.paged import KVPools
   abstract = jax.eval_shape(lambda: KVPools.zeros(layout, num_blocks))
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), pool_specs(abstract))
   return jax.jit(lambda: KVPools.zeros(layout, num_blocks), out_shardings=shardings)()
@@ -170,7 +170,7 @@ def shard_params(params, cfg: ModelConfig, mesh: Mesh):
   """Parameters in the standard layout (a loader's or `init_params`'s) -> on `mesh`: fused
   columns reordered shard-major, then each leaf placed by `param_specs` (replicated over
   "data"). At model:1 the order is unchanged."""
-  from hq_jax.model import fused_parts
+  from hq_jax.model import fused_parts  # (here: hq_jax.model imports this module)
   tp = int(mesh.shape["model"])
   spec_of(mesh).check(cfg, num_devices=mesh.devices.size)
   parts = fused_parts(cfg)

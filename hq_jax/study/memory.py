@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import jax
 import numpy as np
 
+from hq_jax import mesh as mesh_lib
 from hq_jax.config import ModelConfig
 from hq_jax.serve.engine import Engine
 from hq_jax.kv.dedup import DedupKVCache
@@ -164,8 +165,7 @@ def _check_derived(row: dict, where: str) -> None:
     raise HarnessError(f"{where}: computed_tokens {row['computed_tokens']} is not between "
                        f"the tokens not hit ({c * n - row['hit_tokens']}) and all {c * n}")
   # On a mesh the peak is one device's, which holds 1/model of the pool.
-  from hq_jax.mesh import MeshSpec
-  share = row["pool_bytes"] // MeshSpec.parse(row.get("mesh") or "").model
+  share = row["pool_bytes"] // mesh_lib.MeshSpec.parse(row.get("mesh") or "").model
   if row["peak_device_bytes"] is not None and row["peak_device_bytes"] < share:
     raise HarnessError(f"{where}: peak_device_bytes {row['peak_device_bytes']} is below the "
                        f"row's own K/V pool on one device ({share} bytes)")
@@ -196,16 +196,11 @@ def check_rows(rows: Sequence[dict], config: dict, skipped_points: Sequence[dict
               "block_size": config["block_size"],
               "chunk_size": chunks.get(n, config["chunk_size"]),
               "max_seq_len": config.get("max_seq_len") or n,
-              "mesh": _mesh_label(config.get("mesh", ""))}
+              "mesh": mesh_lib.MeshSpec.parse(config.get("mesh", "")).label}
     for column, value in expect.items():
       if r[column] != value:
         raise HarnessError(f"data row {i + 1}: {column} {r[column]!r}, where the run "
                            f"record's config gives {value!r}")
-
-
-def _mesh_label(text: str) -> str:
-  from hq_jax.mesh import MeshSpec
-  return MeshSpec.parse(text).label
 
 
 def _check_fits(layout: KVLayout, num_blocks: int, what: str, tp: int = 1) -> None:
@@ -271,7 +266,6 @@ def mesh_plan(cfg: ModelConfig, points, *, tps: Sequence[int], device_bytes: int
   projections plus the replicated embeddings, norms and head), the dense pool per device
   (HQ's is never larger), and `fits` with the reason when it does not (`unfit_points`'
   rule). A `tp` that cannot split the model gives rows that say so."""
-  from hq_jax import mesh as mesh_lib
   layout = KVLayout.from_config(cfg, block_size, kv_dtype)
   rows = []
   for tp in tps:
@@ -329,7 +323,6 @@ def make_cache(backend: str, layout: KVLayout, *, concurrency: int, context_leng
                     max_seq_len=max_seq_len, host_only=mesh is not None)
   if mesh is None:
     return cache
-  from hq_jax import mesh as mesh_lib
   return dataclasses.replace(cache, pools=mesh_lib.zeros_pools(layout, blocks, mesh))
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout
+from hq_jax.mesh import MeshSpec
 from hq_jax.serve import scheduler
 from hq_jax.serve.scheduler import Request
 from hq_jax.study import traces
@@ -78,7 +79,6 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
   cache of the same budget; its columns are the global sums and `shard_rows` (if given)
   receives one row per (row, shard) with `shard` and `routed_by_prefix` added.
   """
-  from hq_jax.mesh import MeshSpec
   spec = MeshSpec.parse(mesh)
   shards = spec.data
   engines = None if engine is None else (
