@@ -28,15 +28,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TP_ATOL = 2e-5
 
 
-@pytest.fixture(scope="module", params=["reference", "pallas_interpret"])
-def sharded(request):
+@pytest.mark.parametrize("attention", ["reference", "pallas_interpret"])
+def test_on_8_simulated_devices(attention):
+  """One subprocess per attention path, every sharded check on its output (one test, so
+  that xdist workers never run the same subprocess twice)."""
   env = {**os.environ, "PYTHONPATH": ROOT}
   env.pop("XLA_FLAGS", None)
   out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "mesh_checks.py"),
-                        request.param], env=env, cwd=ROOT, capture_output=True, text=True,
+                        attention], env=env, cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  sharded = json.loads(out.stdout.strip().splitlines()[-1])
+  _check_dense_and_hq_logits_bit_identical_at_every_mesh(sharded)
+  _check_tensor_parallel_logits_match_one_device(sharded)
+  _check_pools_are_split_over_kv_heads(sharded)
+  if attention == "reference":  # the XLA run covers the rest
+    _check_no_mesh_and_fp8_pools_on_the_mesh(sharded)
+    _check_sweep_caches_and_e2e_bench_run_on_the_mesh(sharded)
+    _check_shard_stats_sum_to_the_global(sharded)
 
 
 def test_mesh_flag_parses_and_refuses_bad_values():
@@ -61,7 +70,7 @@ def test_fused_columns_go_shard_major():
   assert order.tolist() == [0, 1, 4, 6, 2, 3, 5, 7]
 
 
-def test_dense_and_hq_logits_bit_identical_at_every_mesh(sharded):
+def _check_dense_and_hq_logits_bit_identical_at_every_mesh(sharded):
   assert sharded["devices"] == 8
   for tp, r in sharded["tp"].items():
     assert r["dense_hq_identical"], f"model:{tp}"
@@ -71,14 +80,12 @@ def test_dense_and_hq_logits_bit_identical_at_every_mesh(sharded):
     assert set(sharded["tp"]) == {"1", "2", "4"}
 
 
-def test_no_mesh_and_fp8_pools_on_the_mesh(sharded):
-  if "dp" not in sharded:
-    pytest.skip("the XLA run checks these")
+def _check_no_mesh_and_fp8_pools_on_the_mesh(sharded):
   assert sharded["no_mesh_identical"]  # Engine(mesh=None) = the model:1 mesh, bit for bit
   assert sharded["fp8_tp2"] == dict(dense_hq_identical=True, scale_heads=[2])
 
 
-def test_tensor_parallel_logits_match_one_device(sharded):
+def _check_tensor_parallel_logits_match_one_device(sharded):
   assert sharded["tp"]["1"]["max_abs_vs_tp1"] == 0.0
   for tp in set(sharded["tp"]) - {"1"}:
     assert sharded["tp"][tp]["max_abs_vs_tp1"] < TP_ATOL
@@ -86,7 +93,7 @@ def test_tensor_parallel_logits_match_one_device(sharded):
     assert sharded["dp"]["shard0_vs_tp1_max_abs"] < TP_ATOL
 
 
-def test_pools_are_split_over_kv_heads(sharded):
+def _check_pools_are_split_over_kv_heads(sharded):
   for tp in set(sharded["tp"]) - {"1"}:
     r = sharded["tp"][tp]
     assert r["pool_spec"][3] == "model" and r["pool_devices"] == int(tp)
@@ -99,18 +106,14 @@ def test_pools_are_split_over_kv_heads(sharded):
                                             "dense1": [2, 3], "hq1": [2, 3]}
 
 
-def test_sweep_caches_and_e2e_bench_run_on_the_mesh(sharded):
-  if "dp" not in sharded:
-    pytest.skip("the XLA run checks these")
+def _check_sweep_caches_and_e2e_bench_run_on_the_mesh(sharded):
   assert sharded["make_cache_heads"] == [2]  # 4 kv heads over model:2
   assert [r["kind"] for r in sharded["e2e"]] == ["decode", "prefill"]
   for r in sharded["e2e"]:
     assert r["mesh"] == "data:1,model:2" and r["finite"], r
 
 
-def test_shard_stats_sum_to_the_global(sharded):
-  if "dp" not in sharded:
-    pytest.skip("the XLA run checks these")
+def _check_shard_stats_sum_to_the_global(sharded):
   st = sharded["dp"]["hq_stats"]
   for key in ("kv_bytes_allocated", "kv_bytes_used", "physical_blocks", "logical_blocks",
               "hit_tokens", "query_tokens", "active_requests", "pool_bytes"):
