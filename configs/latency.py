@@ -21,6 +21,7 @@ def get_config():
   c.decode_attention = "paged"  # paged | dedup | auto.
   c.decode_rows = 64  # Rows of every decode step (0 = the bucketed opt-out, not batch-invariant).
   c.allow_long_context = False  # Refuse requests past the model's max_position_embeddings.
+  c.mesh = ""  # "data:1,model:M": tensor parallel over M devices; "" = one device.
   c.output_dir = ""
   c.overwrite = False  # Replace this script's earlier outputs in output_dir (else refused).
   return c

@@ -28,6 +28,10 @@ def get_config():
   c.attention = "auto"  # auto | reference | pallas | pallas_interpret | mosaic; auto: Pallas on GPU.
   c.decode_attention = "paged"  # paged | dedup | auto.
   c.allow_long_context = False  # Refuse requests past the model's max_position_embeddings.
+  c.mesh = ""  # "data:1,model:M": tensor parallel over M devices; "" = one device.
+  c.plan_only = False  # Write memory_plan.csv (what fits per device at each --plan_tp) only.
+  c.plan_tp = [1, 2, 4, 8]  # Tensor-parallel sizes of the plan.
+  c.device_gb = 0.0  # The plan's device memory (decimal GB); 0 = this device's limit.
   c.output_dir = ""
   c.overwrite = False  # Replace this script's earlier outputs in output_dir (else refused).
   return c

@@ -16,6 +16,7 @@ def get_config():
   c.attention = "auto"  # auto | reference | pallas | pallas_interpret | mosaic; auto: Pallas on GPU.
   c.decode_attention = "paged"  # paged | dedup | auto.
   c.allow_long_context = False  # Refuse requests past the model's max_position_embeddings.
+  c.mesh = ""  # "data:1,model:M": tensor parallel over M devices; "" = one device.
   c.output_dir = ""
   c.overwrite = False  # Replace this script's earlier outputs in output_dir (else refused).
   return c

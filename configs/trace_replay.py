@@ -33,6 +33,7 @@ def get_config():
   c.allow_long_context = False  # Model mode: refuse prompts past the model's context.
   c.seed = 0
   c.allow_long_context = False
+  c.mesh = ""  # "data:D,model:M": D cache shards, cache-aware routing; model:M: TP (model mode).
   c.output_dir = ""
   c.overwrite = False
   return c

@@ -21,7 +21,9 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from hq_jax import mesh as mesh_lib
 from hq_jax.config import ModelConfig
 from hq_jax.kv import paged
 from hq_jax.kv.paged import AttentionView, KVPools
@@ -79,6 +81,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Attention(nn.Module):
   cfg: ModelConfig
   attention_fn: AttentionFn
+  tp_axis: str | None = None  # inside shard_map: the axis the heads are split over
 
   @nn.compact
   def __call__(self, x, pools: KVPools, layer, view: AttentionView):
@@ -96,12 +99,19 @@ class Attention(nn.Module):
     out = self.attention_fn(q, pools.k, pools.v, layer, view, k_scales=pools.k_scale,
                             v_scales=pools.v_scale)  # [B, T, H, D]
     out = out.astype(dt).reshape(b, t, cfg.num_heads * cfg.head_dim)
-    return nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt,
-                    name="o_proj")(out), pools
+    out = nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt,
+                   name="o_proj")(out)
+    return _all_reduce(out, self.tp_axis), pools
+
+
+def _all_reduce(x: jax.Array, axis: str | None) -> jax.Array:
+  """The tensor shards' partial sums of a row-split projection, summed (one all-reduce)."""
+  return x if axis is None else jax.lax.psum(x, axis)
 
 
 class MLP(nn.Module):
   cfg: ModelConfig
+  tp_axis: str | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -109,21 +119,23 @@ class MLP(nn.Module):
     dense = functools.partial(nn.Dense, use_bias=False, dtype=dt, param_dtype=dt)
     widths = fused_parts(self.cfg)["gate_up_proj"]
     gate, up = _split(dense(sum(widths), name="gate_up_proj")(x), widths)
-    return dense(self.cfg.hidden_size, name="down_proj")(nn.silu(gate) * up)
+    out = dense(self.cfg.hidden_size, name="down_proj")(nn.silu(gate) * up)
+    return _all_reduce(out, self.tp_axis)
 
 
 class DecoderLayer(nn.Module):
   cfg: ModelConfig
   attention_fn: AttentionFn
+  tp_axis: str | None = None
 
   @nn.compact
   def __call__(self, carry, view: AttentionView):
     x, pools, layer = carry
     norm = functools.partial(RMSNorm, self.cfg.rms_norm_eps, self.cfg.jnp_dtype)
-    h, pools = Attention(self.cfg, self.attention_fn, name="attn")(
+    h, pools = Attention(self.cfg, self.attention_fn, self.tp_axis, name="attn")(
         norm(name="input_norm")(x), pools, layer, view)
     x = x + h
-    x = x + MLP(self.cfg, name="mlp")(norm(name="post_attention_norm")(x))
+    x = x + MLP(self.cfg, self.tp_axis, name="mlp")(norm(name="post_attention_norm")(x))
     return (x, pools, layer + 1), None
 
 
@@ -137,6 +149,7 @@ class Qwen2(nn.Module):
 
   cfg: ModelConfig
   attention_fn: AttentionFn = paged.paged_attention_xla
+  tp_axis: str | None = None  # inside shard_map (`forward(mesh=...)`): cfg is one shard's
 
   @nn.compact
   def __call__(self, tokens, pools: KVPools, view: AttentionView, logits_at=None):
@@ -145,7 +158,7 @@ class Qwen2(nn.Module):
     x = embed(tokens)
     layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=nn.broadcast, length=cfg.num_layers)
-    (x, pools, _), _ = layers(cfg, self.attention_fn, name="layers")(
+    (x, pools, _), _ = layers(cfg, self.attention_fn, self.tp_axis, name="layers")(
         (x, pools, jnp.int32(0)), view)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
@@ -197,16 +210,35 @@ STEP_COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True,
                          "xla_gpu_enable_triton_gemm": False}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attention_fn"),
+def _apply(params, pools, tokens, view, logits_at, cfg, attention_fn, mesh):
+  if mesh is None:
+    return Qwen2(cfg, attention_fn).apply({"params": params}, tokens, pools, view, logits_at)
+  # Tensor parallel: each device runs the model of its heads (`mesh.local_config`) on its
+  # shard of the weights and pools; activations, views and logits are replicated.
+  local = mesh_lib.local_config(cfg, int(mesh.shape["model"]))
+  step = lambda p, kv, t, v, at: Qwen2(local, attention_fn, "model").apply(
+      {"params": p}, t, kv, v, at)
+  pool_specs = mesh_lib.pool_specs(pools)
+  # check_vma off: the Pallas kernels inside carry no varying-axes rules; the logits are
+  # replicated by construction (computed after the last all-reduce from replicated weights).
+  return jax.shard_map(step, mesh=mesh, check_vma=False,
+                       in_specs=(mesh_lib.param_specs(params), pool_specs, P(), P(),
+                                 None if logits_at is None else P()),
+                       out_specs=(P(), pool_specs))(params, pools, tokens, view, logits_at)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention_fn", "mesh"),
                    compiler_options=STEP_COMPILER_OPTIONS)
 def forward(params, pools: KVPools, tokens: jax.Array, view: AttentionView,
             logits_at: jax.Array | None = None, *, cfg: ModelConfig,
-            attention_fn: AttentionFn = paged.paged_attention_xla):
+            attention_fn: AttentionFn = paged.paged_attention_xla, mesh=None):
   """One jitted step: logits for a chunk (or, with `logits_at`, for one position per row)
-  and the pools with its K/V written."""
-  return Qwen2(cfg, attention_fn).apply({"params": params}, tokens, pools, view, logits_at)
+  and the pools with its K/V written. `mesh` (a `jax.sharding.Mesh` of one data row,
+  `hq_jax.mesh.data_shards`): tensor parallel over its "model" axis, params and pools as
+  `hq_jax.mesh.shard_params` / `place_pools` put them."""
+  return _apply(params, pools, tokens, view, logits_at, cfg, attention_fn, mesh)
 
 
-forward_donating = jax.jit(forward.__wrapped__, static_argnames=("cfg", "attention_fn"),
+forward_donating = jax.jit(forward.__wrapped__, static_argnames=("cfg", "attention_fn", "mesh"),
                            donate_argnames=("pools",), compiler_options=STEP_COMPILER_OPTIONS)
 forward_donating.__doc__ = "`forward` that donates the pools (in-place cache update on GPU)."

@@ -27,9 +27,13 @@ from typing import Any, Callable
 import jax
 
 
-def live_bytes() -> int:
-  """Bytes of every device array alive in this process (all devices)."""
-  return sum(a.nbytes for a in jax.live_arrays() if not a.is_deleted())
+def live_bytes(device=None) -> int:
+  """Bytes of every device array alive in this process: on all devices, or (`device`)
+  the shards that device holds."""
+  live = [a for a in jax.live_arrays() if not a.is_deleted()]
+  if device is None:
+    return sum(a.nbytes for a in live)
+  return sum(s.data.nbytes for a in live for s in a.addressable_shards if s.device == device)
 
 
 def process_peak_bytes() -> int | None:
@@ -45,16 +49,20 @@ def _signature(args: tuple, kwargs: dict):
 
 
 class PeakTracker:
-  """Callable as `Engine(on_step=tracker)`: tracks the peak device bytes since `start()`."""
+  """Callable as `Engine(on_step=tracker)`: tracks the peak device bytes since `start()`.
 
-  def __init__(self):
+  `device`: count only what that device holds (a tensor-parallel step: its shards of the
+  live arrays; XLA's memory analysis of an SPMD executable is already per device)."""
+
+  def __init__(self, device=None):
     self._extra: dict[Any, int] = {}  # (fn, signature) -> scratch + new output bytes
     self.peak = 0
+    self.device = device
 
   def start(self) -> None:
     """Begins a new stretch: the peak restarts from what is alive now."""
     gc.collect()  # arrays of earlier rows held only by reference cycles
-    self.peak = live_bytes()
+    self.peak = live_bytes(self.device)
 
   def step_bytes(self, fn: Callable, args: tuple, kwargs: dict) -> int:
     """Scratch plus non-aliased output bytes of `fn(*args, **kwargs)`, memoized by shape."""
@@ -66,4 +74,4 @@ class PeakTracker:
     return self._extra[key]
 
   def __call__(self, fn: Callable, args: tuple, kwargs: dict) -> None:
-    self.peak = max(self.peak, live_bytes() + self.step_bytes(fn, args, kwargs))
+    self.peak = max(self.peak, live_bytes(self.device) + self.step_bytes(fn, args, kwargs))

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hq_jax import config as config_lib
+from hq_jax import mesh as mesh_lib
 from hq_jax import model as model_lib
 from hq_jax.serve.engine import DECODE_ROWS, Engine
 from hq_jax.bench.timing import device_ms
@@ -71,34 +72,44 @@ def param_count(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
-def _random_pools(layout: KVLayout, num_blocks: int, seed: int) -> KVPools:
-  """Normal K/V (FP8 layouts: quantized, with their scales)."""
+def _random_pools(layout: KVLayout, num_blocks: int, seed: int, mesh=None) -> KVPools:
+  """Normal K/V (FP8 layouts: quantized, with their scales); on `mesh`, made in place, each
+  device its kv heads (a 32B pool never exists whole on one device)."""
   shape = layout.pool_shape(num_blocks)
   kk, kv = jax.random.split(jax.random.key(seed))
+  out = {}
+  if mesh is not None:
+    sh = lambda spec: jax.sharding.NamedSharding(mesh, spec)
+    out = dict(out_shardings=sh(mesh_lib.POOL_SPEC) if not layout.quantized else
+               (sh(mesh_lib.POOL_SPEC), sh(mesh_lib.SCALE_SPEC)))
   if not layout.quantized:
-    rand = jax.jit(lambda k: jax.random.normal(k, shape, layout.dtype))
+    rand = jax.jit(lambda k: jax.random.normal(k, shape, layout.dtype), **out)
     return KVPools(rand(kk), rand(kv))
-  rand = jax.jit(lambda k: quantize(jax.random.normal(k, shape, jnp.bfloat16)))
+  rand = jax.jit(lambda k: quantize(jax.random.normal(k, shape, jnp.bfloat16)), **out)
   (k, ks), (v, vs) = rand(kk), rand(kv)
   return KVPools(k, v, ks, vs)
 
 
 def decode_batch(cfg, *, backend: str, batch: int, context: int, shared_fraction: float,
-                 steps: int, block_size: int, seed: int, kv_dtype: str | None = None):
+                 steps: int, block_size: int, seed: int, kv_dtype: str | None = None,
+                 mesh=None):
   """A cache holding `batch` requests of `context` tokens (the first shared_fraction of
-  each shared, on HQ), bookkeeping as after prefill, K/V random. Returns (cache, slots)."""
+  each shared, on HQ), bookkeeping as after prefill, K/V random (on `mesh`: split over its
+  kv heads). Returns (cache, slots)."""
   layout = KVLayout.from_config(cfg, block_size, kv_dtype)
   rng = np.random.default_rng(seed)
   shared = int(context * shared_fraction) // block_size * block_size
   prefix = rng.integers(0, cfg.vocab_size, shared)
   max_seq = context + steps
   if backend == "dense":
-    cache = DenseKVCache.for_requests(layout, max_requests=batch, max_seq_len=max_seq)
+    # Host-only first: the random pools below are the only K/V allocated.
+    cache = DenseKVCache.init(layout, num_blocks=batch * layout.blocks_for(max_seq),
+                              max_requests=batch, max_seq_len=max_seq, host_only=True)
   else:
     own = layout.blocks_for(max_seq) - shared // block_size
     cache = DedupKVCache.init(layout, num_blocks=shared // block_size + batch * own,
-                              max_requests=batch, max_seq_len=max_seq)
-  cache = dataclasses.replace(cache, pools=_random_pools(layout, cache.num_blocks, seed))
+                              max_requests=batch, max_seq_len=max_seq, host_only=True)
+  cache = dataclasses.replace(cache, pools=_random_pools(layout, cache.num_blocks, seed, mesh))
   slots = []
   for _ in range(batch):
     tokens = np.r_[prefix, rng.integers(0, cfg.vocab_size, context - shared)]
@@ -125,26 +136,36 @@ def bench_decode(engine: Engine, cache, slots, *, steps: int, ceilings: Ceilings
   kv_tokens = sum(int(cache.seq_lens[s]) + 1 for s in slots)
   kv_bytes = kv_tokens * layout.bytes_per_token
   pb = param_bytes(engine.params)
-  roofline_ms = (pb + kv_bytes) / (ceilings.read_tb_s * 1e12) * 1e3
+  # On a mesh: what one device reads (its weights, its kv heads of every block).
+  tp = _tp(engine)
+  pb_device = pb if tp == 1 else mesh_lib.param_bytes_per_device(cfg, tp)
+  roofline_ms = (pb_device + kv_bytes / tp) / (ceilings.read_tb_s * 1e12) * 1e3
   # Device time of one step: the engine's jitted step (pools donated, as the engine runs
   # it: not donating would add a copy of the whole pool) on this step's view.
   lens = [int(cache.req_lens[s]) for s in slots]
   view, used = engine._decode_view(cache, slots, lens)
   step_tokens = jnp.ones((view.positions.shape[0], 1), jnp.int32)
   dev_ms, pools = _donated_step_ms(engine.params, cache.pools, step_tokens, view, cfg=cfg,
-                                   attention_fn=engine._attention_fn, reps=reps)
+                                   attention_fn=engine._attention_fn, reps=reps,
+                                   mesh=engine.mesh)
   cache = cache.with_pools(pools)
   return dict(wall_ms=wall_ms, device_ms=dev_ms, roofline_ms=roofline_ms,
               of_roofline_wall=roofline_ms / wall_ms, of_roofline_device=roofline_ms / dev_ms,
               param_gb=pb / 1e9, kv_gb=kv_bytes / 1e9, attention=used, finite=finite), cache
 
 
-def _donated_step_ms(params, pools, tokens, view, *, cfg, attention_fn, reps: int):
+def _tp(engine: Engine) -> int:
+  return 1 if engine.mesh is None else int(engine.mesh.shape["model"])
+
+
+def _donated_step_ms(params, pools, tokens, view, *, cfg, attention_fn, reps: int,
+                     mesh=None):
   """Device time (ms) of one engine step without host work: `reps` steps run back to back
   inside one jitted loop (pools carried and donated, as the engine runs them), timed by
   the wall clock once the result is ready, divided by reps. (CUPTI cannot time a donating
   call: its profiler runs the call twice on the same, by then donated, buffers.)"""
-  step = functools.partial(model_lib.forward.__wrapped__, cfg=cfg, attention_fn=attention_fn)
+  step = functools.partial(model_lib.forward.__wrapped__, cfg=cfg, attention_fn=attention_fn,
+                           **({} if mesh is None else dict(mesh=mesh)))
 
   def loop(params, pools):
     def body(_, carry):
@@ -189,14 +210,18 @@ def bench_prefill(engine: Engine, *, tokens: int, block_size: int, ceilings: Cei
     del cache, res
   ttft = statistics.median(times)
   flops = prefill_flops(cfg, param_count(engine.params), tokens)
+  peak = ceilings.matmul_tflop_s * _tp(engine)  # on a mesh: every device's peak
   return dict(ttft_ms=ttft, tflop_s=flops / (ttft * 1e-3) / 1e12,
-              of_peak=flops / (ttft * 1e-3) / 1e12 / ceilings.matmul_tflop_s,
-              floor_ms=flops / (ceilings.matmul_tflop_s * 1e12) * 1e3, finite=finite,
+              of_peak=flops / (ttft * 1e-3) / 1e12 / peak,
+              floor_ms=flops / (peak * 1e12) * 1e3, finite=finite,
               chunk_size=engine.chunk_size)
 
 
-def seeded_params(cfg, seed: int):
-  return model_lib.init_params(cfg, jax.random.key(seed))
+def seeded_params(cfg, seed: int, mesh=None):
+  """Seeded weights; on a mesh of model > 1, drawn in place shard by shard."""
+  if mesh is None or int(mesh.shape["model"]) == 1:
+    return model_lib.init_params(cfg, jax.random.key(seed))
+  return mesh_lib.init_sharded_params(cfg, jax.random.key(seed), mesh)
 
 
 def model_config(name: str, dtype: str):
@@ -224,7 +249,7 @@ def parse_points(specs, kind: str) -> list[tuple[str, int, int]]:
   return out
 
 
-COLUMNS = ("model", "kind", "batch", "context", "backend", "kv_dtype", "attention",
+COLUMNS = ("model", "mesh", "kind", "batch", "context", "backend", "kv_dtype", "attention",
            "decode_attention", "decode_rows", "invariance",
            "chunk_size", "wall_ms", "device_ms", "roofline_ms", "of_roofline_wall",
            "of_roofline_device", "ttft_ms", "tflop_s", "floor_ms", "of_peak", "param_gb",
@@ -234,11 +259,20 @@ COLUMNS = ("model", "kind", "batch", "context", "backend", "kv_dtype", "attentio
 def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int, reps: int,
         prefill_repeats: int, chunk_sizes: dict[str, int], dedup_shared_fraction: float,
         block_size: int, seed: int, log=print, kv_dtype: str | None = None,
-        decode_rows: tuple[int, ...] = (DECODE_ROWS,)) -> tuple[Ceilings, list[dict]]:
+        decode_rows: tuple[int, ...] = (DECODE_ROWS,),
+        mesh: str = "") -> tuple[Ceilings, list[dict]]:
   """Every point, shapes loaded once each; returns the in-run ceilings and the rows.
   kv_dtype: the K/V dtype (None: `dtype`; float8_e4m3fn: e4m3 with per-token scales).
   decode_rows: each decode point runs once per value (`Engine(decode_rows=)`: 0 is the
-  bucketed opt-out), so the invariant step and the looser one are timed in one run."""
+  bucketed opt-out), so the invariant step and the looser one are timed in one run.
+  mesh: "model:M" (`hq_jax.mesh.MeshSpec`; one data shard): tensor parallel over M devices;
+  rooflines and floors are then per device (its weights and kv heads; M devices' peak)."""
+  spec = mesh_lib.MeshSpec.parse(mesh)
+  if spec.data != 1:
+    raise ValueError(f"--mesh={spec.label}: the e2e bench times one data shard (data:1); "
+                     "data shards are independent copies")
+  spec.check()
+  device_mesh = None if spec.num_devices == 1 else spec.make()
   wall_clock = jax.default_backend() != "gpu"  # CUPTI exists only on the GPU
   small = dict(read_elements=1 << 22, matmul_n=512) if wall_clock else {}
   ceilings = measure_ceilings(reps, wall_clock=wall_clock, **small)
@@ -248,7 +282,8 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
   models = list(dict.fromkeys([m for m, _, _ in decode_points + prefill_points]))
   for name in models:
     cfg = model_config(name, dtype)
-    params = seeded_params(cfg, seed)
+    spec.check(cfg)
+    params = seeded_params(cfg, seed, device_mesh)
     chunk = chunk_sizes.get(name, chunk_sizes.get("*", 512))
     for model, batch, context in decode_points:
       if model != name:
@@ -259,15 +294,16 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
                                                             "dedup")]
       for (backend, frac, mode), rows_m in itertools.product(cases, decode_rows):
         engine = Engine(params, cfg, chunk_size=chunk, attention=attention,
-                        decode_attention=mode, kv_dtype=kv_dtype, decode_rows=rows_m)
+                        decode_attention=mode, kv_dtype=kv_dtype, decode_rows=rows_m,
+                        mesh=device_mesh)
         cache, slots = decode_batch(cfg, backend=backend, batch=batch, context=context,
                                     shared_fraction=frac, steps=steps + 2,
                                     block_size=block_size, seed=seed,
-                                    kv_dtype=engine.kv_dtype)
+                                    kv_dtype=engine.kv_dtype, mesh=device_mesh)
         res, cache = bench_decode(engine, cache, slots, steps=steps, ceilings=ceilings,
                                   reps=reps)
         del cache
-        row = dict(model=name, kind="decode", batch=batch, context=context,
+        row = dict(model=name, mesh=spec.label, kind="decode", batch=batch, context=context,
                    backend=f"{backend}{'' if not frac else f' {frac:.0%} shared'}",
                    kv_dtype=engine.kv_dtype, attention=engine.attention_label,
                    decode_attention=res.pop("attention"), decode_rows=rows_m,
@@ -284,10 +320,11 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
       # A timing at a shape (seeded weights): positions past the trained context cost the
       # same, so the context rule is waived explicitly here.
       engine = Engine(params, cfg, chunk_size=chunk, attention=attention,
-                      allow_long_context=True, kv_dtype=kv_dtype)
+                      allow_long_context=True, kv_dtype=kv_dtype, mesh=device_mesh)
       res = bench_prefill(engine, tokens=tokens, block_size=block_size, ceilings=ceilings,
                           repeats=prefill_repeats, seed=seed)
-      row = dict(model=name, kind="prefill", batch=1, context=tokens, backend="dense",
+      row = dict(model=name, mesh=spec.label, kind="prefill", batch=1, context=tokens,
+                 backend="dense",
                  kv_dtype=engine.kv_dtype, attention=engine.attention_label,
                  decode_attention="", decode_rows="", invariance=engine.invariance,
                  param_gb=param_bytes(params) / 1e9, **res)
@@ -300,7 +337,10 @@ def run(*, decode_points, prefill_points, attention: str, dtype: str, steps: int
 
 def markdown(ceilings: Ceilings, rows: list[dict]) -> str:
   out = [f"In-run ceilings: XLA read {ceilings.read_tb_s:.2f} TB/s, bf16 matmul "
-         f"{ceilings.matmul_tflop_s:.0f} TFLOP/s.", "",
+         f"{ceilings.matmul_tflop_s:.0f} TFLOP/s (one device).",
+         *(f"Mesh {m}: rooflines and floors per device (its weights and kv heads; the "
+           "peak of all its devices)." for m in dict.fromkeys(r["mesh"] for r in rows)
+           if m != mesh_lib.MeshSpec().label), "",
          "| model | decode | backend | attention | step rows | ms/step (wall) | device ms "
          "| roofline ms | of roofline (wall) | of roofline (device) |",
          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -522,6 +522,17 @@ class DedupKVCache(PagedCache):
       c._append_committed(slot, prompt.size, more, new_later)
     return self._finish(c, "admit"), slot
 
+  def cached_prefix_tokens(self, tokens, salt: int = 0) -> int:
+    """Tokens of `tokens` an admission would find cached now (its longest verified chain of
+    full blocks), without admitting: what a cache-aware router compares across shards."""
+    self._check_live()
+    prompt = self._check_prompt(tokens)
+    n_full = prompt.size // self.block_size
+    if not n_full:
+      return 0
+    blocks = prompt[:n_full * self.block_size].reshape(n_full, self.block_size)
+    return len(self._begin()._lookup(blocks, check_salt(salt))) * self.block_size
+
   def commit_batch(self, slots, num_tokens) -> "DedupKVCache":
     """Marks K/V written and registers the blocks that became full (findable from now)."""
     self._check_live()

@@ -63,6 +63,11 @@ class DenseKVCache(PagedCache):
     self._check_live()
     return 0
 
+  def cached_prefix_tokens(self, tokens, salt: int = 0) -> int:
+    """Dense never finds a prefix cached (interface parity with HQ's router query)."""
+    self._check_live()
+    return 0
+
   def admit(self, tokens, salt: int = 0, *,
             reserve_tokens: int | None = None) -> tuple["DenseKVCache", int]:
     """Reserves blocks for a new request; returns (cache, slot).

@@ -66,3 +66,28 @@ def kv_stats(cache: PagedCache) -> KVStats:
       bytes_per_token=layout.bytes_per_token,
       bytes_per_block=layout.bytes_per_block,
       active_requests=int(active.sum()))
+
+
+def sum_stats(per_shard) -> KVStats:
+  """The global accounting of data-parallel shards (one cache each): every byte, block,
+  token and request summed (no block is shared across shards, so the sums are exact),
+  the reuse factor recomputed from the summed blocks. All shards share one layout."""
+  per_shard = list(per_shard)
+  if not per_shard:
+    raise ValueError("sum_stats needs at least one shard's stats")
+  layouts = {(s.bytes_per_token, s.bytes_per_block) for s in per_shard}
+  if len(layouts) != 1:
+    raise ValueError(f"shards of different K/V layouts cannot be summed: {sorted(layouts)}")
+  total = {f.name: sum(getattr(s, f.name) for s in per_shard)
+           for f in dataclasses.fields(KVStats)}
+  physical, logical = total["physical_blocks"], total["logical_blocks"]
+  total.update(reuse_factor=logical / physical if physical else 1.0,
+               bytes_per_token=per_shard[0].bytes_per_token,
+               bytes_per_block=per_shard[0].bytes_per_block)
+  return KVStats(**total)
+
+
+def sharded_kv_stats(caches) -> tuple[list[KVStats], KVStats]:
+  """(`kv_stats` of each data shard's cache, their `sum_stats`)."""
+  per = [kv_stats(c) for c in caches]
+  return per, sum_stats(per)

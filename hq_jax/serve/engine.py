@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hq_jax import mesh as mesh_lib
 from hq_jax import model as model_lib
 from hq_jax.config import ModelConfig
 from hq_jax.kv import sharing
@@ -178,6 +179,28 @@ class KernelAttention:
     return paged_kernel.paged_attention(*args, layer, interpret=interpret)
 
 
+def _check_mesh(mesh, cfg: ModelConfig):
+  """`Engine(mesh=)`: None, or a Mesh of axes ("data", "model") with one data row whose
+  "model" size splits cfg's heads and MLP (ValueError otherwise)."""
+  if mesh is None:
+    return None
+  if tuple(mesh.axis_names) != mesh_lib.AXES:
+    raise ValueError(f"Engine(mesh=): axes must be {mesh_lib.AXES}, got {mesh.axis_names}")
+  spec = mesh_lib.spec_of(mesh)
+  if spec.data != 1:
+    raise ValueError(f"Engine(mesh=) runs one data shard; --mesh={spec.label} has "
+                     f"{spec.data}: make one Engine per hq_jax.mesh.data_shards(mesh)")
+  spec.check(cfg, num_devices=mesh.devices.size)
+  return mesh
+
+
+def _on_mesh(params, mesh) -> bool:
+  """Whether `params` already sit on `mesh` as `shard_params` puts them."""
+  leaf = jax.tree_util.tree_leaves(params)[0]
+  sharding = getattr(leaf, "sharding", None)
+  return isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefillResult:
   slot: int
@@ -209,7 +232,7 @@ class Engine:
                decode_attention: str = "paged",
                auto_min_saved_tokens: int = AUTO_MIN_SAVED_TOKENS,
                decode_rows: int = DECODE_ROWS, on_step=None, allow_long_context: bool = False,
-               kv_dtype: str | None = None):
+               kv_dtype: str | None = None, mesh=None):
     """attention: one of ATTENTION ("auto": the Pallas kernels on a GPU, XLA elsewhere).
     kv_dtype: the K/V dtype of the caches it runs (None: the model's); it picks the kernels
     (FP8: those of FP8_KERNELS, else an error naming the kernel), and a cache of another
@@ -225,7 +248,13 @@ class Engine:
     on_step: called as on_step(jitted_fn, args, kwargs) before every jitted model step
     (e.g. `bench.device_memory.PeakTracker`, which reads the step's compiled memory).
     allow_long_context: let `prefill` run prompts past cfg.max_position_embeddings
-    (`ModelConfig.check_context`, the rule every script applies)."""
+    (`ModelConfig.check_context`, the rule every script applies).
+    mesh: a `jax.sharding.Mesh` of one data row (data:1, model:M; `hq_jax.mesh.data_shards`
+    cuts a larger one): tensor parallel over "model". `params` in the standard layout are
+    placed on it by `hq_jax.mesh.shard_params`; params already on this mesh are taken as
+    they are (they must be in its shard-major layout: `shard_params` or
+    `init_sharded_params`). Every cache's pools go onto it by `place_pools`. None: one
+    device. Data parallel is one Engine and one cache per data row."""
     if chunk_size <= 0:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if isinstance(decode_rows, bool) or not isinstance(decode_rows, int) or decode_rows < 0:
@@ -233,6 +262,9 @@ class Engine:
     if decode_attention not in DECODE_ATTENTION:
       raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got "
                        f"{decode_attention!r}")
+    self.mesh = _check_mesh(mesh, cfg)
+    if self.mesh is not None and not _on_mesh(params, self.mesh):
+      params = mesh_lib.shard_params(params, cfg, self.mesh)
     self.params, self.cfg, self.chunk_size = params, cfg, chunk_size
     self.attention = resolve_attention(attention)  # what runs: never "auto"
     self.kv_dtype = kv_dtype or cfg.dtype
@@ -290,11 +322,22 @@ class Engine:
       raise CacheError(f"the cache holds {cache.layout.dtype} K/V, the engine was made for "
                        f"{self.kv_dtype}: pass Engine(kv_dtype=...) of the cache's layout")
 
+  @property
+  def mesh_label(self) -> str:
+    """The mesh this engine runs on, for rows and run records ("data:1,model:1")."""
+    return mesh_lib.MeshSpec().label if self.mesh is None else mesh_lib.spec_of(
+        self.mesh).label
+
   def _step(self, cache: PagedCache, tokens: np.ndarray, view, logits_at=None):
-    args = (self.params, cache.pools, jnp.asarray(tokens, jnp.int32), view)
+    pools = cache.pools
+    if self.mesh is not None:  # each device its kv heads (a no-op once they are there)
+      pools = mesh_lib.place_pools(pools, self.mesh)
+    args = (self.params, pools, jnp.asarray(tokens, jnp.int32), view)
     if logits_at is not None:  # only these rows' logits: [B, 1, vocab]
       args += (jnp.asarray(logits_at, jnp.int32),)
     kwargs = dict(cfg=self.cfg, attention_fn=self._attention_fn)
+    if self.mesh is not None:
+      kwargs["mesh"] = self.mesh
     if self.on_step is not None:
       self.on_step(self._forward, args, kwargs)
     logits, pools = self._forward(*args, **kwargs)

@@ -263,6 +263,112 @@ class Scheduler:
       self.progress.update(1)
 
 
+# ------------------------------------------------------------------ data parallel
+@dataclasses.dataclass(frozen=True)
+class Route:
+  """Where the router sent a request, and why."""
+
+  shard: int
+  prefix_tokens: int  # tokens of its prompt that shard held cached at arrival
+  by_prefix: bool  # True: the longest cached prefix decided; False: the least-loaded fallback
+
+
+class DataParallel:
+  """One `Scheduler` per data shard (each its own cache: pool and slots, so HQ shares blocks
+  within a shard only), fed by one arrival stream that a cache-aware router splits.
+
+  Routing (at arrival, as Dynamo and llm-d route from their KV events): the shard whose
+  cache holds the longest cached prefix of the prompt (`cached_prefix_tokens`); where no
+  shard holds any, or several hold the longest, the least loaded of them (fewest running
+  plus queued requests, then fewest held blocks, then the lowest index). Each shard then
+  admits its own queue FIFO, head of line, as one `Scheduler`. The clock is shared: every
+  shard is advanced to each event. With one shard this is exactly `Scheduler`.
+  """
+
+  def __init__(self, caches, requests: Iterable[Request], *, max_concurrency,
+               max_context: int | None = None, progress=None):
+    """max_concurrency: each shard's slots (an int for all, or one per shard)."""
+    if not caches:
+      raise ValueError("DataParallel needs at least one cache")
+    slots = ([max_concurrency] * len(caches) if isinstance(max_concurrency, int)
+             else list(max_concurrency))
+    if len(slots) != len(caches):
+      raise ValueError(f"{len(slots)} max_concurrency values for {len(caches)} caches")
+    self.shards = [Scheduler(c, (), max_concurrency=n, max_context=max_context,
+                             progress=progress) for c, n in zip(caches, slots)]
+    self._arrivals: Iterator[Request] = iter(requests)
+    self._next: Request | None = next(self._arrivals, None)
+    self._last_arrival = -math.inf
+    self.routes: dict[int, Route] = {}  # request id -> its route
+    self.peak_blocks = 0  # of the sum over shards at one time
+    self.peak_concurrency = 0
+
+  @property
+  def next_arrival(self) -> float:
+    return self._next.arrival_s if self._next is not None else math.inf
+
+  @property
+  def done(self) -> bool:
+    return self._next is None and all(s.done for s in self.shards)
+
+  def advance(self, t: float) -> None:
+    for s in self.shards:
+      s.advance(t)
+
+  def route(self, req: Request) -> Route:
+    """The shard `req` goes to (see the class docstring); changes nothing."""
+    if len(self.shards) == 1:  # nothing to choose: no lookup
+      return Route(0, 0, False)
+    prefix = [s.cache.cached_prefix_tokens(req.prompt, req.salt) for s in self.shards]
+    best = max(prefix)
+    load = lambda i: (len(self.shards[i].running) + len(self.shards[i].queue),
+                      self.shards[i].cache.held_blocks, i)
+    shard = min((i for i, p in enumerate(prefix) if p == best), key=load)
+    return Route(shard, best, best > 0 and prefix.count(best) < len(prefix))
+
+  def enqueue_until(self, t: float) -> None:
+    """Routes every request that has arrived by `t` to its shard's queue."""
+    while self._next is not None and self._next.arrival_s <= t:
+      req = self._next
+      if req.arrival_s < self._last_arrival:
+        raise ValueError(f"request {req.id} arrives at {req.arrival_s} s, before the one "
+                         f"before it ({self._last_arrival} s): requests must come in "
+                         "arrival order")
+      self._last_arrival = req.arrival_s
+      route = self.routes[req.id] = self.route(req)
+      self.shards[route.shard].queue.append(req)
+      self._next = next(self._arrivals, None)
+
+  def stop_admitting(self) -> None:
+    """Drops every queue and what has not arrived (a deadline): running requests finish."""
+    self._next = None
+    for s in self.shards:
+      s.stop_admitting()
+
+  def observe(self) -> None:
+    """Reads the global peaks after a change (blocks and requests summed over shards)."""
+    self.peak_blocks = max(self.peak_blocks, sum(s._held for s in self.shards))
+    self.peak_concurrency = max(self.peak_concurrency,
+                                sum(len(s.running) for s in self.shards))
+
+  @property
+  def stats(self) -> ServingStats:
+    """The global accumulator: every count summed over shards, the peaks of the sums."""
+    out = ServingStats()
+    for field in ("requests", "skipped", "skipped_long_context", "prompt_tokens",
+                  "hit_tokens", "computed_tokens", "block_s", "concurrency_s", "wait_s",
+                  "evicted_blocks", "admit_s", "prefill_s"):
+      setattr(out, field, sum(getattr(s.stats, field) for s in self.shards))
+    first = self.shards[0].stats
+    out.t_first, out.t_last = first.t_first, first.t_last
+    out.peak_blocks, out.peak_concurrency = self.peak_blocks, self.peak_concurrency
+    out.partial = any(s.stats.partial for s in self.shards)
+    out.ttft_s = [t for s in self.shards for t in s.stats.ttft_s]
+    steps = [s.stats.decode_steps for s in self.shards]
+    out.decode_steps = None if None in steps else sum(steps)
+    return out
+
+
 def admit_prompt(cache, prompt: np.ndarray, salt: int, *, hold_tokens: int,
                  keep_free: int = 0):
   """Admits a prompt whose request will hold `hold_tokens` in all: the dense cache
@@ -308,71 +414,122 @@ def serve(engine, scheduler: Scheduler, *, deadline: float | None = None,
   nothing more is admitted, running requests finish, and the stats are marked partial.
   `generated` (if given) receives each request's greedy tokens by id.
   """
-  sched, st = scheduler, scheduler.stats
-  st.decode_steps = 0
-  clock0, offset = time.perf_counter(), scheduler.next_arrival
+  _serve([engine], _OneShard(scheduler), deadline=deadline, generated=generated)
+  return scheduler.stats
+
+
+def serve_data_parallel(engines, dp: DataParallel, *, deadline: float | None = None,
+                        generated: dict[int, list[int]] | None = None) -> ServingStats:
+  """`serve` over data shards: `engines[d]` runs `dp.shards[d]` (its own cache; e.g. one
+  Engine per `hq_jax.mesh.data_shards` row). Requests are routed at arrival (`DataParallel`),
+  each iteration admits every shard's queue and then dispatches one decode step per shard
+  with running requests before reading any of their tokens, so the shards' devices work at
+  once. Returns the global stats (`dp.stats`); each shard's are `dp.shards[d].stats`."""
+  if len(engines) != len(dp.shards):
+    raise ValueError(f"{len(engines)} engines for {len(dp.shards)} data shards")
+  _serve(list(engines), dp, deadline=deadline, generated=generated)
+  return dp.stats
+
+
+class _OneShard:
+  """One `Scheduler` as `_serve` drives shards (`DataParallel`'s interface)."""
+
+  def __init__(self, sched: Scheduler):
+    self.shards = [sched]
+    self.enqueue_until, self.stop_admitting = sched.enqueue_until, sched.stop_admitting
+
+  @property
+  def next_arrival(self) -> float:
+    return self.shards[0].next_arrival
+
+  def observe(self) -> None:
+    pass
+
+
+def _serve(engines, dp, *, deadline, generated) -> None:
+  """The serving loop of `serve` and `serve_data_parallel` (one shard: `serve` exactly)."""
+  shards = dp.shards
+  for sched in shards:
+    sched.stats.decode_steps = 0
+  clock0, offset = time.perf_counter(), dp.next_arrival
   offset = 0.0 if math.isinf(offset) else offset
   clock = lambda: time.perf_counter() - clock0 + offset
-  bs = sched.cache.block_size
   generated = {} if generated is None else generated
 
-  def admit(cache, req: Request) -> tuple[object, Admitted]:
-    t0 = time.perf_counter()
-    try:
-      future = sum(blocks_to_come(int(cache.req_lens[s]), r.final_len, bs)
-                   for s, r in sched.running.items())
-      final = max(req.hold_tokens - 1, req.prompt_tokens)  # the last token is never fed
-      cache, slot = admit_prompt(
-          cache, req.prompt, req.salt, hold_tokens=req.hold_tokens,
-          keep_free=future + blocks_to_come(req.prompt_tokens, final, bs))
-    finally:
-      st.admit_s += time.perf_counter() - t0
-    cache, res = engine.prefill(cache, req.prompt, salt=req.salt, logits="last", slot=slot)
-    first = int(np.argmax(np.asarray(res.last_logits)))  # waits for the prefill
-    st.prefill_s += time.perf_counter() - t0
-    st.ttft_s.append(clock() - req.arrival_s)
-    generated[req.id] = [first]
-    return cache, Admitted(slot, res.hit_tokens, res.computed_tokens, first)
+  def admit_fn(engine, sched):
+    bs = sched.cache.block_size
+    st = sched.stats
 
-  sched.advance(clock())
+    def admit(cache, req: Request) -> tuple[object, Admitted]:
+      t0 = time.perf_counter()
+      try:
+        future = sum(blocks_to_come(int(cache.req_lens[s]), r.final_len, bs)
+                     for s, r in sched.running.items())
+        final = max(req.hold_tokens - 1, req.prompt_tokens)  # the last token is never fed
+        cache, slot = admit_prompt(
+            cache, req.prompt, req.salt, hold_tokens=req.hold_tokens,
+            keep_free=future + blocks_to_come(req.prompt_tokens, final, bs))
+      finally:
+        st.admit_s += time.perf_counter() - t0
+      cache, res = engine.prefill(cache, req.prompt, salt=req.salt, logits="last", slot=slot)
+      first = int(np.argmax(np.asarray(res.last_logits)))  # waits for the prefill
+      st.prefill_s += time.perf_counter() - t0
+      st.ttft_s.append(clock() - req.arrival_s)
+      generated[req.id] = [first]
+      return cache, Admitted(slot, res.hit_tokens, res.computed_tokens, first)
+    return admit
+
+  admits = [admit_fn(e, s) for e, s in zip(engines, shards)]
+  for sched in shards:
+    sched.advance(clock())
   while True:
-    sched.enqueue_until(clock())
-    if (deadline is not None and (sched.queue or not math.isinf(sched.next_arrival))
+    dp.enqueue_until(clock())
+    if (deadline is not None and (any(s.queue for s in shards)
+                                  or not math.isinf(dp.next_arrival))
         and time.perf_counter() >= deadline):
-      sched.stop_admitting()
-    for req, adm in sched.admit_waiting(clock, admit):
-      sched.advance(clock())
-      run = _Running(req, max(req.output_tokens - 1, 0), adm.first_token,
-                     max(req.hold_tokens - 1, req.prompt_tokens))
-      sched.running[adm.slot] = run
-      if not run.remaining:
-        sched.release(adm.slot)
-    if sched.running:  # One decode step for every running request.
-      sched.advance(clock())
-      slots = list(sched.running)
-      sched.cache, step = engine.decode(sched.cache, slots,
-                                        [sched.running[s].last_token for s in slots])
-      tokens = np.asarray(step.logits).argmax(-1)  # [B]: one transfer
-      st.decode_steps += 1
-      sched.forget_refusal()  # the step registered blocks: the head may hit more now
-      sched.blocks_changed()
-      for s, tok in zip(slots, tokens.tolist()):
-        r = sched.running[s]
-        generated[r.req.id].append(tok)
-        r.last_token, r.remaining = tok, r.remaining - 1
-        if not r.remaining:
-          sched.release(s)
-      sched.blocks_changed()
-    elif sched.queue:
+      dp.stop_admitting()
+    for sched, admit in zip(shards, admits):
+      for req, adm in sched.admit_waiting(clock, admit):
+        sched.advance(clock())
+        run = _Running(req, max(req.output_tokens - 1, 0), adm.first_token,
+                       max(req.hold_tokens - 1, req.prompt_tokens))
+        sched.running[adm.slot] = run
+        if not run.remaining:
+          sched.release(adm.slot)
+    busy = [(sched, engine) for sched, engine in zip(shards, engines) if sched.running]
+    if busy:  # One decode step for every running request of every shard.
+      steps = []
+      for sched, engine in busy:  # dispatched on every shard before any token is read
+        sched.advance(clock())
+        slots = list(sched.running)
+        sched.cache, step = engine.decode(sched.cache, slots,
+                                          [sched.running[s].last_token for s in slots])
+        steps.append((sched, slots, step))
+      for sched, slots, step in steps:
+        tokens = np.asarray(step.logits).argmax(-1)  # [B]: one transfer
+        sched.stats.decode_steps += 1
+        sched.forget_refusal()  # the step registered blocks: the head may hit more now
+        sched.blocks_changed()
+        for s, tok in zip(slots, tokens.tolist()):
+          r = sched.running[s]
+          generated[r.req.id].append(tok)
+          r.last_token, r.remaining = tok, r.remaining - 1
+          if not r.remaining:
+            sched.release(s)
+        sched.blocks_changed()
+      dp.observe()
+    elif any(s.queue for s in shards):
       raise AssertionError("the queue head fits an empty pool but was not admitted")
-    elif not math.isinf(sched.next_arrival):
-      sched.advance(clock())
-      offset += max(0.0, sched.next_arrival - clock())  # Skip idle time.
-      sched.stats.t_last = clock()
+    elif not math.isinf(dp.next_arrival):
+      for sched in shards:
+        sched.advance(clock())
+      offset += max(0.0, dp.next_arrival - clock())  # Skip idle time.
+      for sched in shards:
+        sched.stats.t_last = clock()
     else:
       break
-  sched.advance(clock())
-  return st
+  for sched in shards:
+    sched.advance(clock())
 
 
 def warm_up(engine, cache, max_concurrency: int):

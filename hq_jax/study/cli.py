@@ -50,6 +50,8 @@ COMMON_HELPS = {
                    "logits do not depend on its batch); 0 = the bucketed opt-out (a batch "
                    "padded to a power of two: fewer padded rows, bits that depend on the "
                    "batch). Recorded in rows as `invariance`",
+    "mesh": "devices as data:D,model:M (tensor parallel over kv heads on model, one cache "
+            "per data shard); empty = one device",
 }
 REQUEST_TEXT_HELP = ("UTF-8 text the requests are cut from; empty = the shipped Wikipedia "
                      "articles")
@@ -137,6 +139,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
   if "output_dir" in cfg:
     outputs.check_output_dir(cfg.output_dir)
+  if "mesh" in cfg:
+    from hq_jax.mesh import MeshSpec
+    MeshSpec.parse(cfg.mesh)  # devices and the model's heads: checked where they are known
   if "dtype" in cfg and cfg.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
   if cfg.get("kv_dtype"):
@@ -169,6 +174,28 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                        f"--context_lengths value {longest}")
   if cfg.get("workloads", False):
     workloads.check_sizes({k: cfg[k] for k in workloads.SIZE_MINIMUM})
+
+
+def model_mesh(cfg, model_cfg=None, what: str = "this command"):
+  """The jax Mesh of `--mesh` for a command that runs one Engine (one data shard): None for
+  one device; ValueError (one line naming the flag) for data > 1, a model size that does not
+  split `model_cfg`, or more devices than present. Without `model_cfg`, only the syntax and
+  the devices are checked (call again once the model is known)."""
+  from hq_jax.mesh import MeshSpec
+  spec = MeshSpec.parse(cfg.mesh)
+  if spec.data != 1:
+    raise ValueError(f"--mesh={spec.label}: {what} runs one data shard (data:1); data "
+                     "shards hold independent caches (hq-jax replay --mesh=data:D)")
+  return data_meshes(cfg, model_cfg)[0]
+
+
+def data_meshes(cfg, model_cfg=None) -> list:
+  """One jax Mesh per data row of `--mesh` (each what one Engine runs on), or [None] for
+  one device; ValueError (one line) as `model_mesh`'s, data > 1 allowed."""
+  from hq_jax import mesh as mesh_lib
+  spec = mesh_lib.MeshSpec.parse(cfg.mesh)
+  spec.check(model_cfg)
+  return [None] if spec.num_devices == 1 else mesh_lib.data_shards(spec.make())
 
 
 def exit_on_error(main):
@@ -251,9 +278,11 @@ def open_run(cfg: ml_collections.ConfigDict, script: str, files, **record):
   its record holds the command line, the resolved config, the run metadata and `record`.
   A command calls this after `validate` and before loading anything heavy, and opens the
   run (`with run:`) only once every input has been checked."""
+  from hq_jax.mesh import MeshSpec
   from hq_jax.study import outputs
+  mesh = {"mesh": MeshSpec.parse(cfg.mesh).label} if "mesh" in cfg else {}
   run = outputs.Run(cfg.output_dir, script, list(files), overwrite=cfg.overwrite,
                     record={"command": command_line(), "config": cfg.to_dict(),
-                            **run_metadata(), **record})
+                            **run_metadata(), **mesh, **record})
   run.preflight()
   return run

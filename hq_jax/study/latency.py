@@ -27,7 +27,7 @@ from hq_jax.study.requests import TokenStream, shared_prefix_tokens
 from hq_jax.kv.paged import KVLayout
 
 MODES = ("dense", "hq_cold", "hq_warm")
-COLUMNS = ("mode", "model", "context_length", "concurrency", "shared_prefix_tokens",
+COLUMNS = ("mode", "model", "mesh", "context_length", "concurrency", "shared_prefix_tokens",
            "cached_tokens", "computed_tokens", "repeats", "ttft_ms_median", "ttft_ms_min",
            "ttft_ms_max", "decode_step_ms_median", "decode_step_ms_min", "decode_step_ms_max",
            "platform", "attention", "decode_attention", "kv_dtype", "decode_rows", "invariance")
@@ -87,7 +87,7 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
 
   def fresh(backend, n=concurrency + 1):
     return make_cache(backend, layout, concurrency=n, context_length=context_length,
-                      max_seq_len=context_length + warmup + repeats + 1)
+                      max_seq_len=context_length + warmup + repeats + 1, mesh=engine.mesh)
 
   rows = []
   for mode in MODES:
@@ -113,7 +113,8 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
         steps.append(time.perf_counter() - t0)
     ttft, dec = _summary(times), _summary(steps)
     rows.append({
-        "mode": mode, "model": model, "context_length": context_length,
+        "mode": mode, "model": model, "mesh": engine.mesh_label,
+        "context_length": context_length,
         "concurrency": concurrency, "shared_prefix_tokens": p,
         "cached_tokens": res.cached_tokens, "computed_tokens": res.computed_tokens,
         "repeats": repeats, "ttft_ms_median": ttft[0], "ttft_ms_min": ttft[1],
@@ -154,9 +155,10 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
           repeats: int = 5, warmup: int = 1, seed: int = 0, attention: str = "auto",
           decode_attention: str = "paged", allow_long_context: bool = False,
           progress=None, kv_dtype: str | None = None,
-          decode_rows: int = DECODE_ROWS) -> list[dict]:
+          decode_rows: int = DECODE_ROWS, mesh=None) -> list[dict]:
   """Every grid point; all flags, the context limit and the requests are checked first.
-  `decode_rows`: `Engine(decode_rows=)` (0: the bucketed opt-out); rows record it."""
+  `decode_rows`: `Engine(decode_rows=)` (0: the bucketed opt-out); `mesh`: `Engine(mesh=)`
+  (one data row: tensor parallel); each row records both."""
   points = check_sweep(cfg, stream, context_lengths=context_lengths, concurrency=concurrency,
                        shared_prefix_fractions=shared_prefix_fractions,
                        block_size=block_size, repeats=repeats, warmup=warmup, seed=seed,
@@ -164,7 +166,7 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
   layout = KVLayout.from_config(cfg, block_size, kv_dtype)
   engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
                   decode_attention=decode_attention, allow_long_context=allow_long_context,
-                  kv_dtype=layout.dtype, decode_rows=decode_rows)
+                  kv_dtype=layout.dtype, decode_rows=decode_rows, mesh=mesh)
   rows = []
   for n, c, f in points:
     rows += run_point(engine, layout, stream, model=model, context_length=n, concurrency=c,

@@ -10,6 +10,7 @@ seed harness's mistakes an error rather than a result:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import statistics
@@ -18,6 +19,7 @@ from typing import Iterable, Sequence
 import jax
 import numpy as np
 
+from hq_jax import mesh as mesh_lib
 from hq_jax.config import ModelConfig
 from hq_jax.serve.engine import Engine
 from hq_jax.kv.dedup import DedupKVCache
@@ -34,7 +36,7 @@ BACKENDS = ("dense", "hq")
 # Wall-clock columns: they vary between runs and are kept apart from the exact ones.
 TIMING_COLUMNS = ("ttft_ms", "prefill_s")
 COLUMNS = (
-    "backend", "model", "context_length", "tokens_per_request", "concurrency",
+    "backend", "model", "mesh", "context_length", "tokens_per_request", "concurrency",
     "shared_prefix_fraction", "num_prefixes", "shared_prefix_tokens", "unique_suffix_tokens",
     "block_size", "chunk_size", "kv_dtype", "bytes_per_token", "max_seq_len",
     "kv_bytes_allocated",
@@ -162,9 +164,11 @@ def _check_derived(row: dict, where: str) -> None:
       row["computed_tokens"] < c * n - row["hit_tokens"]):
     raise HarnessError(f"{where}: computed_tokens {row['computed_tokens']} is not between "
                        f"the tokens not hit ({c * n - row['hit_tokens']}) and all {c * n}")
-  if row["peak_device_bytes"] is not None and row["peak_device_bytes"] < row["pool_bytes"]:
+  # On a mesh the peak is one device's, which holds 1/model of the pool.
+  share = row["pool_bytes"] // mesh_lib.MeshSpec.parse(row.get("mesh") or "").model
+  if row["peak_device_bytes"] is not None and row["peak_device_bytes"] < share:
     raise HarnessError(f"{where}: peak_device_bytes {row['peak_device_bytes']} is below the "
-                       f"row's own K/V pool ({row['pool_bytes']} bytes)")
+                       f"row's own K/V pool on one device ({share} bytes)")
 
 
 def check_rows(rows: Sequence[dict], config: dict, skipped_points: Sequence[dict] = ()) -> None:
@@ -191,18 +195,19 @@ def check_rows(rows: Sequence[dict], config: dict, skipped_points: Sequence[dict
     expect = {"model": config["model"], "seed": config["seed"],
               "block_size": config["block_size"],
               "chunk_size": chunks.get(n, config["chunk_size"]),
-              "max_seq_len": config.get("max_seq_len") or n}
+              "max_seq_len": config.get("max_seq_len") or n,
+              "mesh": mesh_lib.MeshSpec.parse(config.get("mesh", "")).label}
     for column, value in expect.items():
       if r[column] != value:
         raise HarnessError(f"data row {i + 1}: {column} {r[column]!r}, where the run "
                            f"record's config gives {value!r}")
 
 
-def _check_fits(layout: KVLayout, num_blocks: int, what: str) -> None:
-  """Refuses a pool the device cannot hold, before trying to allocate it (bytes_per_block
-  counts K and V already)."""
+def _check_fits(layout: KVLayout, num_blocks: int, what: str, tp: int = 1) -> None:
+  """Refuses a pool the device cannot hold (its 1/tp share of the kv heads), before trying
+  to allocate it (bytes_per_block counts K and V already)."""
   stats = jax.devices()[0].memory_stats() or {}
-  need = num_blocks * layout.bytes_per_block
+  need = num_blocks * layout.bytes_per_block // tp
   if "bytes_limit" in stats and need > stats["bytes_limit"]:
     raise HarnessError(f"{what} needs a {need / 1e9:.1f} GB K/V pool; the device holds "
                        f"{stats['bytes_limit'] / 1e9:.1f} GB: trim the grid")
@@ -213,23 +218,75 @@ def _check_fits(layout: KVLayout, num_blocks: int, what: str) -> None:
 STEP_HEADROOM_BYTES = 2 << 30
 
 
-def unfit_points(points, layout: KVLayout, max_seq_len: int) -> dict[tuple, str]:
+def unfit_points(points, layout: KVLayout, max_seq_len: int, tp: int = 1) -> dict[tuple, str]:
   """The grid points whose largest pool (dense's reservation; HQ's is never larger) does
   not fit beside what the device already holds (the weights) and STEP_HEADROOM_BYTES,
-  each with the reason; none where the platform reports no memory limit (CPU)."""
-  stats = jax.devices()[0].memory_stats() or {}
+  each with the reason; none where the platform reports no memory limit (CPU). `tp`: the
+  pools are split over that many devices' kv heads (device 0's share is checked)."""
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
   if "bytes_limit" not in stats:
     return {}
-  room = stats["bytes_limit"] - device_memory.live_bytes() - STEP_HEADROOM_BYTES
-  unfit = {}
-  for point in points:
-    n, c = point[:2]
-    need = c * layout.blocks_for(max_seq_len or n) * layout.bytes_per_block
-    if need > room:
-      unfit[point] = (f"{c} x {n} tokens: the dense pool needs {need / 1e9:.2f} GB; "
-                      f"{room / 1e9:.2f} GB are free beside the weights and "
-                      f"{STEP_HEADROOM_BYTES / 2**30:.0f} GiB of step headroom")
-  return unfit
+  held = device_memory.live_bytes(device if tp > 1 else None)
+  return {point: why for point in points
+          if (why := _unfit_reason(point, layout, max_seq_len, tp=tp, device_bytes=stats[
+              "bytes_limit"], weight_bytes=held)) is not None}
+
+
+def _unfit_reason(point, layout: KVLayout, max_seq_len: int, *, tp: int, device_bytes: int,
+                  weight_bytes: int) -> str | None:
+  """Why a grid point's pool does not fit one device (None: it fits): the one rule of
+  `unfit_points` (measured weights) and `mesh_plan` (planned ones)."""
+  n, c = point[:2]
+  need = c * layout.blocks_for(max_seq_len or n) * layout.bytes_per_block // tp
+  room = device_bytes - weight_bytes - STEP_HEADROOM_BYTES
+  if need <= room:
+    return None
+  per = f" per device (model:{tp})" if tp > 1 else ""
+  if room <= 0:
+    return (f"{c} x {n} tokens: the weights ({weight_bytes / 1e9:.2f} GB{per}) and "
+            f"{STEP_HEADROOM_BYTES / 2**30:.0f} GiB of step headroom exceed the device's "
+            f"{device_bytes / 1e9:.2f} GB")
+  return (f"{c} x {n} tokens: the dense pool needs {need / 1e9:.2f} GB{per}; "
+          f"{room / 1e9:.2f} GB are free beside the weights and "
+          f"{STEP_HEADROOM_BYTES / 2**30:.0f} GiB of step headroom")
+
+
+PLAN_COLUMNS = ("model", "mesh", "context_length", "concurrency", "shared_prefix_fraction",
+                "num_prefixes", "kv_dtype", "param_bytes_per_device",
+                "kv_pool_bytes_per_device", "headroom_bytes", "device_bytes", "fits",
+                "reason")
+
+
+def mesh_plan(cfg: ModelConfig, points, *, tps: Sequence[int], device_bytes: int,
+              block_size: int = 16, max_seq_len: int = 0,
+              kv_dtype: str | None = None) -> list[dict]:
+  """What fits one device at each tensor-parallel size, before any compute or weights:
+  one row per (tp, grid point) with the planned weights per device (its share of the split
+  projections plus the replicated embeddings, norms and head), the dense pool per device
+  (HQ's is never larger), and `fits` with the reason when it does not (`unfit_points`'
+  rule). A `tp` that cannot split the model gives rows that say so."""
+  layout = KVLayout.from_config(cfg, block_size, kv_dtype)
+  rows = []
+  for tp in tps:
+    spec = mesh_lib.MeshSpec(1, tp)
+    try:
+      spec.check(cfg, num_devices=tp)
+      weights = mesh_lib.param_bytes_per_device(cfg, tp)
+      bad = None
+    except ValueError as e:
+      weights, bad = None, str(e)
+    for point in points:
+      n, c, f, g = point
+      pool = c * layout.blocks_for(max_seq_len or n) * layout.bytes_per_block // tp
+      why = bad or _unfit_reason(point, layout, max_seq_len, tp=tp,
+                                 device_bytes=device_bytes, weight_bytes=weights)
+      rows.append(dict(model=cfg.name, mesh=spec.label, context_length=n, concurrency=c,
+                       shared_prefix_fraction=f, num_prefixes=g, kv_dtype=layout.dtype,
+                       param_bytes_per_device=weights if weights is not None else "",
+                       kv_pool_bytes_per_device=pool, headroom_bytes=STEP_HEADROOM_BYTES,
+                       device_bytes=device_bytes, fits=why is None, reason=why or ""))
+  return rows
 
 
 def hq_blocks_needed(layout: KVLayout, *, concurrency: int, context_length: int,
@@ -243,8 +300,9 @@ def hq_blocks_needed(layout: KVLayout, *, concurrency: int, context_length: int,
 
 def make_cache(backend: str, layout: KVLayout, *, concurrency: int, context_length: int,
                max_seq_len: int, shared_prefix_tokens: int | None = None,
-               num_prefixes: int = 1):
-  """A cache for one grid point. Dense reserves max_seq_len per request. HQ's pool holds
+               num_prefixes: int = 1, mesh=None):
+  """A cache for one grid point (on `mesh`: its pools made in place, split over kv heads,
+  never whole on one device). Dense reserves max_seq_len per request. HQ's pool holds
   what the point's requests need when `shared_prefix_tokens` is given (the memory sweep:
   so a row's pool, and its device memory, can show what sharing saves), else enough for no
   sharing at all (latency, workloads: room for decode steps, never an eviction)."""
@@ -256,13 +314,16 @@ def make_cache(backend: str, layout: KVLayout, *, concurrency: int, context_leng
     blocks = hq_blocks_needed(layout, concurrency=concurrency, context_length=context_length,
                               shared_prefix_tokens=shared_prefix_tokens,
                               num_prefixes=num_prefixes)
-  _check_fits(layout, blocks, f"{backend} at {concurrency} x {context_length} tokens")
-  if backend == "dense":
-    return DenseKVCache.for_requests(layout, max_requests=concurrency, max_seq_len=max_seq_len)
-  if backend == "hq":
-    return DedupKVCache.init(layout, num_blocks=blocks, max_requests=concurrency,
-                             max_seq_len=max_seq_len)
-  raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  tp = 1 if mesh is None else int(mesh.shape["model"])
+  _check_fits(layout, blocks, f"{backend} at {concurrency} x {context_length} tokens", tp)
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  kind = DenseKVCache if backend == "dense" else DedupKVCache
+  cache = kind.init(layout, num_blocks=blocks, max_requests=concurrency,
+                    max_seq_len=max_seq_len, host_only=mesh is not None)
+  if mesh is None:
+    return cache
+  return dataclasses.replace(cache, pools=mesh_lib.zeros_pools(layout, blocks, mesh))
 
 
 def run_requests(engine: Engine, cache, requests: Sequence[Request]):
@@ -305,7 +366,7 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
     def fresh():
       return make_cache(backend, layout, concurrency=concurrency,
                         context_length=context_length, max_seq_len=max_seq,
-                        shared_prefix_tokens=p, num_prefixes=num_prefixes)
+                        shared_prefix_tokens=p, num_prefixes=num_prefixes, mesh=engine.mesh)
     # Compile this point's shapes on a throwaway cache, so ttft_ms is not compile time:
     # one chunk is enough (every chunk of every request runs the same executable; a test
     # counts compilations), and a whole 128k-token request would cost seconds per row.
@@ -315,7 +376,8 @@ def run_point(engine: Engine, layout: KVLayout, stream: TokenStream, *, model: s
     cache, results = run_requests(engine, fresh(), requests)
     s = kv_stats(cache)
     row = {
-        "backend": backend, "model": model, "context_length": context_length,
+        "backend": backend, "model": model, "mesh": engine.mesh_label,
+        "context_length": context_length,
         "tokens_per_request": int(min(len(r) for r in requests)),
         "concurrency": concurrency, "shared_prefix_fraction": shared_prefix_fraction,
         "num_prefixes": num_prefixes, "shared_prefix_tokens": p,
@@ -378,7 +440,7 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
           block_size: int = 16, chunk_size: int = 64, chunk_size_at: Iterable[str] = (),
           max_seq_len: int = 0, seed: int = 0, attention: str = "auto",
           decode_attention: str = "paged", allow_long_context: bool = False, progress=None,
-          on_rows=None, on_skip=None, kv_dtype: str | None = None) -> list[dict]:
+          on_rows=None, on_skip=None, kv_dtype: str | None = None, mesh=None) -> list[dict]:
   """The full grid; `progress` (e.g. a tqdm) is updated once per grid point, and
   `on_rows(rows_so_far)` is called after each (to write partial results). Every grid
   value, the context limit and the requests of every point are checked before any
@@ -388,18 +450,22 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
   concurrency, shared_prefix_fraction, num_prefixes)). `chunk_size_at` ("CONTEXT:CHUNK"
   strings, `parse_chunk_size_at`) gives the points of a context length another prefill
   chunk than `chunk_size`; each row records its chunk. `kv_dtype`: the caches' K/V dtype
-  (None: the model's); each row records it."""
+  (None: the model's); each row records it. `mesh`: a jax Mesh of one data row
+  (`hq_jax.mesh`): the engine runs tensor parallel on it, a point is skipped when device
+  0's share does not fit, and each row records the mesh."""
   points, chunks = check_sweep(
       cfg, stream, context_lengths=context_lengths, concurrency=concurrency,
       shared_prefix_fractions=shared_prefix_fractions, num_prefixes=num_prefixes,
       block_size=block_size, chunk_size=chunk_size, chunk_size_at=chunk_size_at,
       max_seq_len=max_seq_len, seed=seed, allow_long_context=allow_long_context)
   layout = KVLayout.from_config(cfg, block_size, kv_dtype)
-  unfit = unfit_points(points, layout, max_seq_len)
+  unfit = unfit_points(points, layout, max_seq_len,
+                       tp=1 if mesh is None else int(mesh.shape["model"]))
   for point, reason in unfit.items():
     if on_skip is not None:
       on_skip(point, reason)
-  tracker = device_memory.PeakTracker()
+  # On a mesh: device 0's peak (every device holds the same share).
+  tracker = device_memory.PeakTracker(None if mesh is None else mesh.devices.flat[0])
   engines = {}  # one per chunk size, made when first needed
 
   def engine_for(n):
@@ -407,7 +473,8 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
     if chunk not in engines:
       engines[chunk] = Engine(params, cfg, chunk_size=chunk, attention=attention,
                               decode_attention=decode_attention, on_step=tracker,
-                              allow_long_context=allow_long_context, kv_dtype=layout.dtype)
+                              allow_long_context=allow_long_context, kv_dtype=layout.dtype,
+                              mesh=mesh)
     return engines[chunk]
 
   rows = []

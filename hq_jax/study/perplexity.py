@@ -89,11 +89,11 @@ def max_abs_diff(a, b, *, chunk: int = 512) -> float:
 
 
 def _dense_ppl(params, cfg, ids, *, chunk_size, block_size, attention, kv_dtype,
-               allow_long_context) -> float:
+               allow_long_context, mesh=None) -> float:
   """Perplexity of one dense prefill with K/V held in `kv_dtype`."""
   layout = KVLayout.from_config(cfg, block_size, kv_dtype)
   engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention, kv_dtype=kv_dtype,
-                  allow_long_context=allow_long_context)
+                  allow_long_context=allow_long_context, mesh=mesh)
   cache = DenseKVCache.for_requests(layout, max_requests=1, max_seq_len=ids.size)
   _, d = engine.prefill(cache, ids)
   return ppl(token_nll(d.logits, ids))
@@ -118,13 +118,15 @@ def check_tokens(cfg: ModelConfig, token_ids, allow_long_context: bool = False) 
 
 def run(params, cfg: ModelConfig, token_ids, *, chunk_size: int = 64, block_size: int = 16,
         attention: str = "auto", allow_long_context: bool = False,
-        kv_dtype: str | None = None) -> dict:
+        kv_dtype: str | None = None, mesh=None) -> dict:
+  """Dense, HQ and HQ-with-reuse perplexity of `token_ids` (`mesh`: `Engine(mesh=)`, one
+  data row; the result records it)."""
   ids = check_tokens(cfg, token_ids, allow_long_context)
   n = ids.size
   kv_dtype = check_kv_dtype(kv_dtype or cfg.dtype)
   layout = KVLayout.from_config(cfg, block_size, kv_dtype)
   engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
-                  allow_long_context=allow_long_context, kv_dtype=kv_dtype)
+                  allow_long_context=allow_long_context, kv_dtype=kv_dtype, mesh=mesh)
 
   dense = DenseKVCache.for_requests(layout, max_requests=1, max_seq_len=n)
   _, d = engine.prefill(dense, ids)
@@ -146,13 +148,14 @@ def run(params, cfg: ModelConfig, token_ids, *, chunk_size: int = 64, block_size
     if other != kv_dtype and kv_dtype != cfg.dtype:
       baselines[other] = {"ppl": _dense_ppl(params, cfg, ids, chunk_size=chunk_size,
                                             block_size=block_size, attention=attention,
-                                            kv_dtype=other,
+                                            kv_dtype=other, mesh=mesh,
                                             allow_long_context=allow_long_context)}
   return {
       "num_tokens": int(n),
       "chunk_size": chunk_size,
       "block_size": block_size,
       "attention": engine.attention_label,
+      "mesh": engine.mesh_label,
       "model_dtype": cfg.dtype,
       "kv_dtype": kv_dtype,
       # Dense perplexity with K/V in other dtypes (bfloat16, the model's), same tokens.

@@ -7,6 +7,7 @@ script's do); a notebook can call them directly.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from typing import Sequence
@@ -16,6 +17,7 @@ import numpy as np
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
 from hq_jax.kv.paged import KVLayout
+from hq_jax.mesh import MeshSpec
 from hq_jax.serve import scheduler
 from hq_jax.serve.scheduler import Request
 from hq_jax.study import traces
@@ -23,8 +25,8 @@ from hq_jax.study.traces import ReplayConfig, TraceRequest
 
 GB = 10**9  # --kv_budget_gb counts decimal gigabytes, as GPU datasheets do.
 
-COLUMNS = ("model", "block_size", "kv_dtype", "invariance", "kv_budget_gb", "num_blocks", "backend",
-           "requests", "skipped_requests", "skipped_long_context", "prompt_tokens",
+COLUMNS = ("model", "mesh", "block_size", "kv_dtype", "invariance", "kv_budget_gb", "num_blocks",
+           "backend", "requests", "skipped_requests", "skipped_long_context", "prompt_tokens",
            "hit_tokens", "hit_ratio", "computed_prefill_tokens", "evicted_blocks",
            "peak_kv_bytes_used", "mean_kv_bytes_used", "mean_concurrency", "peak_concurrency",
            "replay_span_s", "mean_queue_wait_s", "decode_steps", "partial", "ttft_p50_ms",
@@ -55,7 +57,8 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
                 model: str, layout: KVLayout, cfg: ReplayConfig, vocab_size: int,
                 seed: int = 0, max_context: int | None = None, engine=None,
                 warm: bool = True, progress_factory=None, deadline: float | None = None,
-                generated: dict | None = None) -> list[dict]:
+                generated: dict | None = None, mesh: str = "data:1,model:1",
+                shard_rows: list | None = None) -> list[dict]:
   """One row per (backend, budget): dense and hq at each budget, hq_unbounded once.
 
   Budget 0 means unbounded: it gives the dense row with a pool for every request at once
@@ -67,7 +70,24 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
   `time.perf_counter()` value) is shared out evenly among the model-mode rows still to
   run: each gets the time left / the rows left. `generated` (model mode) receives each
   row's greedy tokens by request index, under (backend, budget).
+
+  `mesh` ("data:D,model:M", `hq_jax.mesh.MeshSpec`): with D > 1 each row runs D caches
+  under cache-aware routing (`scheduler.DataParallel`; no model: `traces.
+  replay_data_parallel`; model mode: `scheduler.serve_data_parallel`, `engine` then a list
+  of D engines, one per data row), the budget's blocks and cfg.max_concurrency split as
+  evenly as they go (the shards' sums are the row's), so a row compares directly with one
+  cache of the same budget; its columns are the global sums and `shard_rows` (if given)
+  receives one row per (row, shard) with `shard` and `routed_by_prefix` added.
   """
+  spec = MeshSpec.parse(mesh)
+  shards = spec.data
+  engines = None if engine is None else (
+      list(engine) if isinstance(engine, (list, tuple)) else [engine])
+  if engines is not None and len(engines) != shards:
+    raise ValueError(f"--mesh={spec.label}: {len(engines)} engines for {shards} data shards")
+  if shards > cfg.max_concurrency:
+    raise ValueError(f"--mesh={spec.label}: {shards} data shards need --max_concurrency >= "
+                     f"{shards} (each shard gets its share of the slots)")
   plan = [("hq_unbounded", 0.0)]
   for b in budgets_gb:
     plan += [("dense", b)] + ([("hq", b)] if b else [])
@@ -81,35 +101,90 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
     bar = progress_factory(f"{name} @ {budget:g} GB") if progress_factory else None
     try:
       if served[i]:
+        slots = _split(cfg.max_concurrency, shards)
         seq = max(max_seq_len, cfg.max_concurrency + 1)  # the warm-up's requests
-        pool = nb or max(everything, cfg.max_concurrency * layout.blocks_for(seq))
-        cache = kind.init(layout, num_blocks=pool, max_requests=cfg.max_concurrency,
-                          max_seq_len=seq)
-        if warm:
-          cache = scheduler.warm_up(engine, cache, cfg.max_concurrency)
+        pools = (_split(nb, shards) if nb else
+                 [max(everything, c * layout.blocks_for(seq)) for c in slots])
+        caches = []
+        for e, b, c in zip(engines, pools, slots):
+          cache = kind.init(layout, num_blocks=b, max_requests=c, max_seq_len=seq)
+          caches.append(scheduler.warm_up(e, cache, c) if warm else cache)
         row_deadline = None
         if deadline is not None:
           now = time.perf_counter()
           row_deadline = now + max(0.0, deadline - now) / sum(served[i:])
-        sched = scheduler.Scheduler(
-            cache, traces.scheduler_requests(requests, cfg, vocab_size=vocab_size, seed=seed),
-            max_concurrency=cfg.max_concurrency, max_context=max_context, progress=bar)
         out = {} if generated is None else generated.setdefault((name, budget), {})
-        stats = scheduler.serve(engine, sched, deadline=row_deadline, generated=out)
-      else:
+        arrivals = traces.scheduler_requests(requests, cfg, vocab_size=vocab_size, seed=seed)
+        if shards == 1:
+          sched = scheduler.Scheduler(caches[0], arrivals, max_concurrency=cfg.max_concurrency,
+                                      max_context=max_context, progress=bar)
+          stats = scheduler.serve(engines[0], sched, deadline=row_deadline, generated=out)
+        else:
+          dp = scheduler.DataParallel(caches, arrivals, max_concurrency=slots,
+                                      max_context=max_context, progress=bar)
+          stats = scheduler.serve_data_parallel(engines, dp, deadline=row_deadline,
+                                                generated=out)
+          if shard_rows is not None:
+            shard_rows += _shard_rows(dp, pools if nb else None, bpb, model=model,
+                                      mesh=spec.label, layout=layout, budget=budget,
+                                      backend=name)
+      elif shards == 1:
         cache = kind.init(layout, num_blocks=nb or everything,
                           max_requests=cfg.max_concurrency, max_seq_len=max_seq_len,
                           host_only=True)
         stats = traces.replay(requests, cache, cfg, vocab_size=vocab_size, seed=seed,
                               max_context=max_context, progress=bar)
+      else:
+        dp, blocks = _replay_shards(
+            requests, kind, layout, nb, everything, max_seq_len, cfg, shards,
+            vocab_size=vocab_size, seed=seed, max_context=max_context, progress=bar)
+        stats = dp.stats
+        if shard_rows is not None:
+          shard_rows += _shard_rows(dp, blocks, bpb, model=model, mesh=spec.label,
+                                    layout=layout, budget=budget, backend=name)
     finally:
       if bar is not None:
         bar.close()
-    rows.append(dict(model=model, block_size=layout.block_size, kv_dtype=layout.dtype,
-                     invariance=engine.invariance if served[i] else "", kv_budget_gb=budget,
+    rows.append(dict(model=model, mesh=spec.label, block_size=layout.block_size,
+                     kv_dtype=layout.dtype,
+                     invariance=engines[0].invariance if served[i] else "",
+                     kv_budget_gb=budget,
                      num_blocks=nb if nb is not None else "", backend=name,
                      **stats.row(bytes_per_block=bpb)))
   return rows
+
+
+def _split(total: int, parts: int) -> list[int]:
+  """`total` in `parts` shares as even as they go (the first ones one larger)."""
+  return [total // parts + (d < total % parts) for d in range(parts)]
+
+
+def _shard_rows(dp, blocks, bpb, **columns) -> list[dict]:
+  """One row per data shard of a row (`run_budgets`' `shard_rows`): the row's columns, the
+  shard's pool (None: unbounded) and serving stats, and how many requests its prefix won."""
+  by_prefix = collections.Counter(r.shard for r in dp.routes.values() if r.by_prefix)
+  c = columns
+  return [dict(model=c["model"], mesh=c["mesh"], block_size=c["layout"].block_size,
+               kv_dtype=c["layout"].dtype, kv_budget_gb=c["budget"], backend=c["backend"],
+               shard=d, num_blocks=blocks[d] if blocks else "",
+               routed_by_prefix=by_prefix[d], **s.stats.row(bytes_per_block=bpb))
+          for d, s in enumerate(dp.shards)]
+
+
+def _replay_shards(requests, kind, layout, num_blocks, everything, max_seq_len, cfg, shards,
+                   *, vocab_size, seed, max_context, progress):
+  """The no-model replay of one row over `shards` host-only caches (`run_budgets`):
+  (the `DataParallel` after it, each shard's pool blocks or None when unbounded)."""
+  slots = _split(cfg.max_concurrency, shards)
+  blocks = _split(num_blocks, shards) if num_blocks else [everything] * shards
+  caches = [kind.init(layout, num_blocks=b, max_requests=c, max_seq_len=max_seq_len,
+                      host_only=True) for b, c in zip(blocks, slots)]
+  dp = traces.replay_data_parallel(
+      caches, traces.scheduler_requests(requests, cfg, vocab_size=vocab_size, seed=seed,
+                                        synthesize=kind is DedupKVCache),
+      cfg, vocab_size=vocab_size, seed=seed, max_context=max_context, progress=progress,
+      max_concurrency=slots)
+  return dp, blocks if num_blocks else None
 
 
 def capacity_analytic(num_blocks: int, context_length: int, shared_fraction: float,

@@ -28,8 +28,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from hq_jax.serve.scheduler import (Admitted, Request, Scheduler, ServingStats, admit_prompt,
-                                    blocks_to_come)
+from hq_jax.serve.scheduler import (Admitted, DataParallel, Request, ServingStats,
+                                    admit_prompt, blocks_to_come)
 
 TRACE_BLOCK_TOKENS = 512  # Mooncake's hash block: one id per 512 prompt tokens.
 
@@ -296,10 +296,25 @@ def replay_requests(cache, requests: Iterable[Request], cfg: ReplayConfig, *,
   until t + computed_prefill_tokens / prefill_tokens_per_s + output_tokens /
   decode_tokens_per_s; then it is released (its chain cached tail first, in HQ).
   """
-  sched = Scheduler(cache, requests, max_concurrency=cfg.max_concurrency,
+  dp = replay_data_parallel([cache], requests, cfg, vocab_size=vocab_size, seed=seed,
+                            max_context=max_context, progress=progress)
+  return dp.shards[0].stats, dp.shards[0].cache
+
+
+def replay_data_parallel(caches: Sequence, requests: Iterable[Request], cfg: ReplayConfig, *,
+                         vocab_size: int, seed: int = 0, max_context: int | None = None,
+                         progress=None, max_concurrency=None) -> DataParallel:
+  """`replay_requests` over one cache per data shard (`DataParallel`: cache-aware routing at
+  arrival; each shard `cfg.max_concurrency` slots, or `max_concurrency[d]`). Returns the
+  `DataParallel`: `shards[d].stats` / `.cache` are each shard's, `stats` the global sums.
+  One cache: exactly `replay_requests`."""
+  dp = DataParallel(list(caches), requests,
+                    max_concurrency=cfg.max_concurrency if max_concurrency is None else
+                    max_concurrency,
                     max_context=max_context, progress=progress)
-  bs = cache.block_size
-  finishing: list[tuple[float, int, int]] = []  # heap of (finish time, request id, slot)
+  bs = caches[0].block_size
+  # heap of (finish time, request id, shard, slot)
+  finishing: list[tuple[float, int, int, int]] = []
 
   def admit(cache, req: Request):
     if cache.backend == "hq" and req.output_tokens:  # admit + extend, as one operation
@@ -320,27 +335,33 @@ def replay_requests(cache, requests: Iterable[Request], cfg: ReplayConfig, *,
 
   t = 0.0
   now = lambda: t
-  while not sched.done:
-    t_arr = sched.next_arrival
+  while not dp.done:
+    t_arr = dp.next_arrival
     t_fin = finishing[0][0] if finishing else math.inf
     if t_fin <= t_arr:  # Finishes first at a tie, so the arrival sees the freed blocks.
       t = t_fin
-      sched.advance(t)
+      dp.advance(t)
+      changed = set()
       while finishing and finishing[0][0] == t:
-        sched.release(heapq.heappop(finishing)[2])
-      sched.blocks_changed()
+        _, _, d, slot = heapq.heappop(finishing)
+        dp.shards[d].release(slot)
+        changed.add(d)
+      for d in changed:
+        dp.shards[d].blocks_changed()
     elif t_arr < math.inf:
       t = t_arr
-      sched.advance(t)
-      sched.enqueue_until(t)
+      dp.advance(t)
+      dp.enqueue_until(t)
     else:
       raise AssertionError("queue stuck with nothing running")  # never_fits rules this out
-    for req, adm in sched.admit_waiting(now, admit):
-      sched.running[adm.slot] = req
-      duration = (adm.computed_tokens / cfg.prefill_tokens_per_s
-                  + req.output_tokens / cfg.decode_tokens_per_s)
-      heapq.heappush(finishing, (t + duration, req.id, adm.slot))
-  return sched.stats, sched.cache
+    for d, sched in enumerate(dp.shards):
+      for req, adm in sched.admit_waiting(now, admit):
+        sched.running[adm.slot] = req
+        duration = (adm.computed_tokens / cfg.prefill_tokens_per_s
+                    + req.output_tokens / cfg.decode_tokens_per_s)
+        heapq.heappush(finishing, (t + duration, req.id, d, adm.slot))
+    dp.observe()
+  return dp
 
 
 def replay(requests: Sequence[TraceRequest], cache, cfg: ReplayConfig, *, vocab_size: int,

@@ -113,17 +113,19 @@ def check(cfg: ModelConfig, stream: wl.TokenStream, sizes: dict, seed: int = 0,
 def run(params, cfg: ModelConfig, stream: wl.TokenStream, *, model: str, sizes: dict,
         block_size: int = 16, chunk_size: int = 64, seed: int = 0, attention: str = "auto",
         decode_attention: str = "paged", allow_long_context: bool = False,
-        kv_dtype: str | None = None) -> list[dict]:
+        kv_dtype: str | None = None, mesh=None) -> list[dict]:
+  """Every workload on both backends; `mesh`: `Engine(mesh=)` (one data row)."""
   workloads = check(cfg, stream, sizes, seed, allow_long_context)
   layout = KVLayout.from_config(cfg, block_size, kv_dtype)
   engine = Engine(params, cfg, chunk_size=chunk_size, attention=attention,
                   decode_attention=decode_attention, allow_long_context=allow_long_context,
-                  kv_dtype=layout.dtype)
+                  kv_dtype=layout.dtype, mesh=mesh)
   rows = []
   for name, (requests, sequential) in workloads.items():
     longest = max(len(r) for r in requests)
     for backend in ("dense", "hq"):
-      cache = make_cache(backend, layout, concurrency=len(requests), context_length=longest,
+      cache = make_cache(backend, layout, mesh=mesh, concurrency=len(requests),
+                         context_length=longest,
                          max_seq_len=longest)
       peak, computed, prev = None, 0, None
       for r in requests:

@@ -13,6 +13,7 @@ import dataclasses
 
 from absl import app, flags
 
+from hq_jax import mesh as mesh_lib
 from hq_jax.serve.engine import ATTENTION, DECODE_ROWS
 from hq_jax.bench import e2e as e2e_bench
 from hq_jax.study import cli, outputs
@@ -36,6 +37,8 @@ flags.DEFINE_list("decode_rows", [str(DECODE_ROWS)],
                   "bucketed opt-out, a batch padded to a power of two, whose bits then depend "
                   "on the batch).")
 flags.DEFINE_integer("block_size", 16, "KV block size in tokens.")
+flags.DEFINE_string("mesh", "", "Devices: model:M = tensor parallel over M devices (kv heads); "
+                    "empty = one device. data:D is refused here (one data shard).")
 flags.DEFINE_integer("seed", 0, "Seed of weights, tokens and K/V.")
 flags.DEFINE_bool("overwrite", False, "Replace this script's earlier outputs in --output_dir.")
 
@@ -53,6 +56,13 @@ def main(argv):
     prefill = e2e_bench.parse_points(FLAGS.prefill, "prefill")
     chunks = {k: int(v) for k, v in (c.split(":") for c in FLAGS.chunk_sizes)}
     decode_rows = tuple(int(v) for v in FLAGS.decode_rows)
+    mesh = mesh_lib.MeshSpec.parse(FLAGS.mesh)
+    if mesh.data != 1:
+      raise ValueError(f"--mesh={mesh.label}: the e2e bench times one data shard (data:1); "
+                       "data shards are independent copies of it")
+    mesh.check()
+    for name in dict.fromkeys(m for m, _, _ in decode + prefill):
+      mesh.check(e2e_bench.model_config(name, FLAGS.dtype))
   except ValueError as e:
     raise app.UsageError(str(e))
   if FLAGS.steps < 1 or FLAGS.reps < 1 or FLAGS.prefill_repeats < 1:
@@ -64,14 +74,15 @@ def main(argv):
   files = ["e2e_bench.csv", "e2e_bench.md"]
   try:
     with outputs.Run(FLAGS.output_dir, "e2e_bench", files, overwrite=FLAGS.overwrite,
-                     record={"command": cli.command_line(), **cli.run_metadata()}) as run:
+                     record={"command": cli.command_line(), **cli.run_metadata(),
+                             "mesh": mesh.label}) as run:
       ceilings, rows = e2e_bench.run(
           decode_points=decode, prefill_points=prefill, attention=FLAGS.attention,
           dtype=FLAGS.dtype, steps=FLAGS.steps, reps=FLAGS.reps,
           prefill_repeats=FLAGS.prefill_repeats, chunk_sizes=chunks,
           dedup_shared_fraction=FLAGS.dedup_shared_fraction, block_size=FLAGS.block_size,
           seed=FLAGS.seed, log=lambda m: print(m, flush=True), kv_dtype=FLAGS.kv_dtype or None,
-          decode_rows=decode_rows)
+          decode_rows=decode_rows, mesh=FLAGS.mesh)
       run.write_csv("e2e_bench.csv", rows, e2e_bench.COLUMNS)
       text = e2e_bench.markdown(ceilings, rows)
       run.write_text("e2e_bench.md", text)

@@ -36,6 +36,7 @@ def main(argv):
   del argv
   cfg = cli.resolve(_CONFIG.value)
   cli.validate(cfg)  # Every flag, and the output directory, before anything is loaded.
+  cli.model_mesh(cfg, what="the latency sweep")  # syntax and devices, before any loading
   run = cli.open_run(cfg, "latency", ["latency.csv"])
   # The model, the text and every request are checked before the run opens.
   params, model_cfg, stream = cli.load_model_and_stream(cfg)
@@ -44,6 +45,7 @@ def main(argv):
                       shared_prefix_fractions=cfg.shared_prefix_fractions,
                       block_size=cfg.block_size, repeats=cfg.repeats, warmup=cfg.warmup,
                       seed=cfg.seed, allow_long_context=cfg.allow_long_context)
+  mesh = cli.model_mesh(cfg, model_cfg, "the latency sweep")
   with run:
     points = len(cfg.context_lengths) * len(cfg.concurrency) * len(cfg.shared_prefix_fractions)
     with tqdm.tqdm(total=points, desc="latency", unit="point") as bar:
@@ -54,7 +56,8 @@ def main(argv):
                            repeats=cfg.repeats, warmup=cfg.warmup, seed=cfg.seed,
                            attention=cfg.attention, decode_attention=cfg.decode_attention,
                            allow_long_context=cfg.allow_long_context, progress=bar,
-                           kv_dtype=cfg.kv_dtype or None, decode_rows=cfg.decode_rows)
+                           kv_dtype=cfg.kv_dtype or None, decode_rows=cfg.decode_rows,
+                           mesh=mesh)
     path = run.write_csv("latency.csv", rows, latency.COLUMNS)
     run.finish(attention=rows[0]["attention"], decode_attention=cfg.decode_attention)
   for r in rows:

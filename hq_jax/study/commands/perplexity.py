@@ -35,6 +35,7 @@ def main(argv):
   del argv
   cfg = cli.resolve(_CONFIG.value)
   cli.validate(cfg)  # Every flag, and the output directory, before anything is loaded.
+  cli.model_mesh(cfg, what="perplexity")  # syntax and devices, before any loading
   run = cli.open_run(cfg, "perplexity", ["perplexity.json"])
   # The text, the model and the tokens are checked before the run opens.
   text = data.read_text(cfg.text_file)
@@ -43,6 +44,7 @@ def main(argv):
   ids = tokenizer.encode_text(tok, text, vocab_size=model_cfg.vocab_size,
                               num_tokens=cfg.num_tokens)
   perplexity.check_tokens(model_cfg, ids, cfg.allow_long_context)
+  mesh = cli.model_mesh(cfg, model_cfg, "perplexity")
   logging.info("scoring %d tokens with %s (dense, HQ, HQ with prefix reuse)", len(ids),
                model_cfg.name)
   with run:
@@ -50,7 +52,7 @@ def main(argv):
     result = perplexity.run(params, model_cfg, ids, chunk_size=cfg.chunk_size,
                             block_size=cfg.block_size, attention=cfg.attention,
                             allow_long_context=cfg.allow_long_context,
-                            kv_dtype=cfg.kv_dtype or None)
+                            kv_dtype=cfg.kv_dtype or None, mesh=mesh)
     out = {"model": cfg.model, "model_name": model_cfg.name,
            "text_file": cfg.text_file or "wiki (exllamav2-0.3.2 standard_cal_data/wiki.utf8)",
            "tokenizer": tok.name, "token_ids": [int(i) for i in ids], **result,

@@ -107,6 +107,18 @@ def validate(cfg):
          f"{cfg.capacity_context_lengths} must be positive")
   _check(all(0 <= f < 1 for f in cfg.capacity_shared_fractions), "capacity_shared_fractions",
          f"{cfg.capacity_shared_fractions} must be in [0, 1)")
+  from hq_jax.mesh import MeshSpec
+  spec = MeshSpec.parse(cfg.mesh)
+  if cfg.no_model:
+    _check(spec.model == 1, "mesh", f"{spec.label}: model:M splits a model's heads; "
+           "--no_model replays caches only (data:D shards them)")
+  else:
+    try:
+      cli.data_meshes(cfg, model_cfg)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+  _check(spec.data <= cfg.max_concurrency, "mesh",
+         f"{spec.label}: each data shard needs a slot of --max_concurrency={cfg.max_concurrency}")
   path = cfg.trace
   if not os.path.isabs(path) and not os.path.exists(path):
     path = os.path.join(cli.REPO_ROOT, path)
@@ -116,11 +128,13 @@ def validate(cfg):
 def _replay(run, cfg, requests, model_cfg, layout, replay_cfg, engine, trace_path, deadline):
   """Replays every budget, writes the run's outputs; returns (rows, capacity, summary)."""
   bar = lambda desc: tqdm.tqdm(total=len(requests), desc=desc, unit="req", mininterval=1.0)
+  shard_rows = []  # --mesh=data:D: one per (row, shard)
   rows = trace_outputs.run_budgets(
       requests, cfg.kv_budget_gb, model=cfg.model, layout=layout, cfg=replay_cfg,
       vocab_size=model_cfg.vocab_size, seed=cfg.seed,
       max_context=model_cfg.context_limit(cfg.allow_long_context),
-      engine=engine, progress_factory=bar, deadline=deadline)
+      engine=engine, progress_factory=bar, deadline=deadline, mesh=cfg.mesh,
+      shard_rows=shard_rows)
   capacity = trace_outputs.capacity_rows(
       model=cfg.model, budgets_gb=cfg.kv_budget_gb, bytes_per_block=layout.bytes_per_block,
       block_size=cfg.block_size, context_lengths=cfg.capacity_context_lengths,
@@ -139,7 +153,7 @@ def _replay(run, cfg, requests, model_cfg, layout, replay_cfg, engine, trace_pat
       "trace": {"path": trace_path, "requests": len(requests), "prompt_tokens": prompt,
                 "direct_hit_ratio": traces.direct_hit_tokens(requests) / prompt},
       "kv_dtype": layout.dtype, "bytes_per_block": layout.bytes_per_block, "rows": rows,
-      "capacity": capacity,
+      "capacity": capacity, "mesh": rows[0]["mesh"], "shards": shard_rows,
       # True when --time_limit_s stopped a model-mode row early: its requests are a prefix.
       "partial": any(r["partial"] for r in rows),
       "ledger_row": traces.ledger_row(rows, name)}
@@ -176,10 +190,12 @@ def main(argv):
     from hq_jax import model as model_lib
     from hq_jax.serve.engine import Engine
     params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
-    engine = Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention,
-                    allow_long_context=cfg.allow_long_context, kv_dtype=layout.dtype,
-                    decode_rows=cfg.decode_rows)
-    ran = engine.attention_label
+    # One engine per data row of --mesh (each its own weights copy and cache).
+    engine = [Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention,
+                     allow_long_context=cfg.allow_long_context, kv_dtype=layout.dtype,
+                     decode_rows=cfg.decode_rows, mesh=m)
+              for m in cli.data_meshes(cfg, model_cfg)]
+    ran = engine[0].attention_label
   deadline = t_start + cfg.time_limit_s if cfg.time_limit_s else None
   # The run locks the directory while it writes; a failure marks its record failed.
   run.record["attention"] = ran
@@ -195,6 +211,10 @@ def main(argv):
           f"peak {r['peak_kv_bytes_used'] / 1e9:7.2f} GB  mean conc "
           f"{r['mean_concurrency']:5.1f}  skipped {r['skipped_requests']}"
           + (f" + {r['skipped_long_context']} long" if r["skipped_long_context"] else ""))
+  for r in summary["shards"]:
+    print(f"  shard {r['shard']} {r['backend']:13s} {r['kv_budget_gb']:7g} GB  hit "
+          f"{100 * r['hit_ratio']:6.2f}%  requests {r['requests']:>7,}  routed by prefix "
+          f"{r['routed_by_prefix']:>7,}")
   long = max(r["skipped_long_context"] for r in rows)
   if long:
     print(f"skipped {long} requests longer than {cfg.model}'s context (prompt + output > "
