@@ -218,6 +218,13 @@ def _copy_sweep(sweep_dir, to):
     (to / name).write_text((sweep_dir / name).read_text())
 
 
+def _csv_text(rows) -> str:
+  """Rows as a CSV file's text (quoted where a cell holds a comma, as the writer does)."""
+  out = io.StringIO()
+  csv.writer(out, lineterminator="\n").writerows(rows)
+  return out.getvalue()
+
+
 def test_report_refuses_a_tampered_row(sweep_dir, tmp_path):
   """Issue 14 defect 2: one edited kv_bytes_used gave rc 0 and "equal to the analytic
   prediction on every row", above the tampered row itself."""
@@ -231,14 +238,14 @@ def test_report_refuses_a_tampered_row(sweep_dir, tmp_path):
   tampered = [list(r) for r in rows]
   tampered[4][col] = str(int(tampered[4][col]) // 2)
   (tmp_path / "memory_sweep.csv").write_text(
-      "".join(",".join(r) + "\n" for r in tampered))
+      _csv_text(tampered))
   with pytest.raises(report.ReportError,
                      match=r"memory_sweep.csv data row 4: .*kv_bytes_used .* differs"):
     report.write(str(tmp_path))
   # Editing the prediction along with it does not help: it is recomputed from the row.
   tampered[4][pred] = tampered[4][col]
   (tmp_path / "memory_sweep.csv").write_text(
-      "".join(",".join(r) + "\n" for r in tampered))
+      _csv_text(tampered))
   with pytest.raises(report.ReportError, match=r"data row 4: .*kv_bytes_predicted"):
     report.write(str(tmp_path))
   assert not (tmp_path / "report.md").exists()
@@ -422,7 +429,7 @@ def test_points_that_do_not_fit_beside_the_weights_are_named_not_run(monkeypatch
       return {"bytes_limit": limit}
 
   monkeypatch.setattr(memory.jax, "devices", lambda: [Device()])
-  monkeypatch.setattr(memory.device_memory, "live_bytes", lambda: weights)
+  monkeypatch.setattr(memory.device_memory, "live_bytes", lambda device=None: weights)
   points = [(32768, 64, 0.9, 1), (32768, 8, 0.9, 1), (4096, 64, 0.0, 1)]
   assert memory.unfit_points(points, layout, 0) == {}  # exactly fits
   # 16 more tokens of dense reservation per request (max_seq_len, every point): one
@@ -462,7 +469,7 @@ def test_the_sweep_runs_every_point_but_the_skipped_ones(tiny, tiny_setup, monke
                       lambda *a, context_length, concurrency, **k:
                       ran.append((context_length, concurrency)) or [])
   monkeypatch.setattr(memory, "unfit_points",
-                      lambda points, *a: {p: "too big" for p in points if p[1] == 4})
+                      lambda points, *a, **k: {p: "too big" for p in points if p[1] == 4})
   memory.sweep(params, cfg, stream, model="tiny", context_lengths=[64, 128],
                concurrency=[2, 4], shared_prefix_fractions=[0.5],
                on_skip=lambda point, reason: skipped.append((point, reason)))
