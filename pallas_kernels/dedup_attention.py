@@ -85,8 +85,7 @@ class SharingPlan:
                           tile (the kernels rely on this)
   req_rows      [B, DEP]  flat tile row (tile * RPT + slot) of request b's d-th node, -1 = none
   private_start [B]       first key of each request's private remainder (block aligned)
-  node_start    [N]       first key of each node (block aligned; None: every node starts at
-                          key 0, a plan of root nodes only)
+  node_start    [N]       first key of each node (block aligned)
   """
 
   node_tables: jax.Array
@@ -95,7 +94,7 @@ class SharingPlan:
   tile_reqs: jax.Array
   req_rows: jax.Array
   private_start: jax.Array
-  node_start: jax.Array | None = None
+  node_start: jax.Array
   requests_per_tile: int = dataclasses.field(metadata=dict(static=True), default=1)
   # Longest private remainder, a power of two: sets how many split slots the request
   # programs launch (a hint only; longer remainders stay correct). Bucketed by the planner
@@ -137,8 +136,7 @@ def shared_split_count(plan: SharingPlan, kv_split: int) -> int:
   """Host-side: the (tile, split) pairs a plan's shared programs compute under splits of
   kv_split keys (splits j with start < (j + 1) * kv_split <= end of a used tile's node).
   0 means the kernel reads nothing once for several requests (nodes shorter than a split)."""
-  lens = np.asarray(plan.node_lens)
-  starts = np.zeros_like(lens) if plan.node_start is None else np.asarray(plan.node_start)
+  lens, starts = np.asarray(plan.node_lens), np.asarray(plan.node_start)
   node = np.asarray(plan.tile_node)[np.asarray(plan.tile_reqs)[:, 0] >= 0]
   return int(np.sum((starts[node] + lens[node]) // kv_split - starts[node] // kv_split))
 
@@ -289,8 +287,6 @@ def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
   mb = block_tables.shape[1]
   num_splits = pl.cdiv(mb * bs, kv_split)  # the paged kernel's: the merge is its launch
   num_tiles = plan.tile_node.shape[0]
-  node_start = (plan.node_start if plan.node_start is not None
-                else jnp.zeros_like(plan.node_lens))
   # Split slots: a node holds at most cdiv(its length, S) of its splits, a request at most
   # cdiv(private length, S) + 1 (the straddling one); longer ones loop over their slots.
   shared_slots = max(1, min(num_splits, pl.cdiv(plan.node_tables.shape[1] * bs, kv_split)))
@@ -302,7 +298,7 @@ def dedup_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
   kv_spec = pl.BlockSpec((nb, bs, None, d), lambda p: (0, 0, head(p), 0))
   scale_spec = pl.BlockSpec((nb, bs, None), lambda p: (0, 0, head(p)))
   ints = (layer_offset, kv_lens, block_tables, positions, plan.tile_reqs, plan.tile_node,
-          node_start, plan.node_lens, plan.private_start)
+          plan.node_start, plan.node_lens, plan.private_start)
   q3 = q[:, 0]  # [B, H, D]
   lead = (b, nk, num_splits, split.block_q)
   out_shape = [jax.ShapeDtypeStruct(lead + (d,), jnp.float32),

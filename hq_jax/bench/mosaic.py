@@ -388,7 +388,7 @@ def single_prefix_plan(shared_blocks, own_tokens: int, batch: int, block_size: i
       tile_node=jnp.zeros((_pow2(num_tiles),), jnp.int32), tile_reqs=jnp.asarray(tile_reqs),
       req_rows=jnp.arange(batch, dtype=jnp.int32).reshape(batch, 1),
       private_start=jnp.full((batch,), nsb * block_size, jnp.int32),
-      requests_per_tile=rpt, private_tokens_hint=max(_pow2(own_tokens), 1024),
+      node_start=jnp.zeros((1,), jnp.int32), requests_per_tile=rpt, private_tokens_hint=max(_pow2(own_tokens), 1024),
       has_shared=nsb > 0 and batch > 1)
 
 
