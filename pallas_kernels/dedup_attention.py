@@ -223,7 +223,7 @@ def _dedup_kernel(
     # Splits inside [0, end) that end past start: start < (j + 1) S <= end.
     splits(start // kv_split, jnp.where(used, end // kv_split, 0), shared_slots, split)
 
-  @pl.when(jnp.logical_not(is_shared))
+  @pl.when(pl.program_id(0) >= num_tiles * num_kv_heads * shared_slots)  # not is_shared
   def _request():
     # The paged kernel's program (request b, kv head h, row tile 0, split j), T = 1.
     b = i

@@ -52,7 +52,9 @@ DECODE_ATTENTION = ("paged", "dedup", "auto")
 # saved tokens from which every point of the shared-prefix benchmark (both shapes) was at
 # least 1.05x faster with dedup, so below it dedup decode does not reliably pay
 # (`scripts/kernel_bench.py --sections=shared` prints the rule's value; the run behind it:
-# docs/results.md, "GPU kernels").
+# docs/results.md, "GPU kernels"). That run timed the earlier dedup kernel (its own split
+# lengths, 9 requests per tile), not today's exact one (the paged decode's splits and
+# tiles): to be measured again.
 AUTO_MIN_SAVED_TOKENS = 258_048
 
 
