@@ -173,15 +173,21 @@ _DEDUP_BACKENDS = ["triton", "pallas"] if GPU else ["pallas_interpret"]
 
 
 @pytest.mark.parametrize("attention", _DEDUP_BACKENDS)
-def test_dedup_decode_equals_paged(tiny, attention):
+@pytest.mark.parametrize("heads", [4, 14])
+def test_dedup_decode_equals_paged(tiny, attention, heads):
   """decode_attention="dedup" gives paged decode's logits, max |delta| exactly 0, and it
   really read shared runs once: an HQ cache (16-token blocks) where three requests share a
   prefix of two whole splits of the engine's paged decode tiles (1024 keys each), two share
   a random prefix of one split and a part of the next (which each computes itself) and one
-  shares nothing; fresh random prompts, two decode steps, the batch padded to decode_rows."""
+  shares nothing; fresh random prompts, two decode steps, the batch padded to decode_rows.
+  The tiny model (G = 2 query heads per kv head: one tile of 8 requests) and its variant
+  with Qwen-0.5B's grouping (14 heads, G = 7: tiles of 2 requests, so a node spans tiles)."""
   from hq_jax.kv import sharing
   from pallas_kernels import dedup_attention as dedup_kernel
   params, cfg = tiny
+  if heads != cfg.num_heads:
+    cfg = dataclasses.replace(cfg, num_heads=heads)
+    params = model_lib.init_params(cfg, jax.random.key(2), scale=0.1)
   block, split = 16, 1024
   rng = np.random.default_rng(26)
   a = rng.integers(0, cfg.vocab_size, 2 * split)
