@@ -1,5 +1,8 @@
 """Pieces the paged and shared-prefix kernels share: launch limits, the online-softmax tile
-step, the exact split merge's weighted sums, input checks and the pool layout.
+step, one split's key loop (`split_partials`), the exact split merge (`merge_splits`), input
+checks and the pool layout. The Triton paged decode and the shared-prefix decode compute
+every split's partial with `split_partials` and merge with `merge_splits`: that is what
+makes their outputs the same bits.
 
 Pool layout (the kernels' plain-array interface): K and V pools are
 `[layers, num_blocks, block_size, kv_heads, head_dim]` with a `layer` index picking one
@@ -11,6 +14,8 @@ would have to materialize as a copy of the whole layer before a custom call.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +152,73 @@ def online_softmax_step(carry, q, k, v, visible, *, scale: float, precision, k_s
   return acc, m_new, l
 
 
+def split_partials(q, pos, row_ok, kv_len, lo, split_len, tables_ref, table_row,
+                   layer_offset, k_ref, v_ref, ks_ref=None, vs_ref=None, *, block_k: int,
+                   scale: float, precision, mask_every_tile: bool = False):
+  """(acc [bq, D], m [bq], l [bq]) float32 of query rows q [bq, D] over one split's keys.
+
+  The split is keys [lo, lo + split_len) (split_len None: [lo, ...)) of row `table_row` of
+  `tables_ref` [rows, MB] (physical block of each logical block; + layer_offset in the
+  flat pool), cut at kv_len and at the last key any row sees (max pos + 1); row i sees keys
+  j <= pos[i] and j < kv_len. Rows that are not row_ok (pos = -1) accumulate whatever; the
+  caller never reads them. k_ref, v_ref: [blocks, block_size, D] of one kv head; ks_ref,
+  vs_ref: their FP8 scales [blocks, block_size], or None.
+
+  Keys are reduced in tiles of block_k at fixed offsets lo + i * block_k. The leading tiles
+  every valid row sees whole (they end at or before the smallest pos + 1 over row_ok rows
+  and at or before kv_len) run without a mask: no causal compare, no load masks; the rest
+  with the full mask. Both loops cover the same tiles in the same order and the tile step
+  does the same arithmetic with and without a mask (`online_softmax_step`), so a row's bits
+  depend only on its q, its pos, kv_len, lo, split_len and the keys: not on the other rows
+  (this is what lets the shared-prefix kernel compute a split once for several requests).
+  """
+  block_q, head_dim = q.shape
+  block_size = k_ref.shape[1]
+  num_tables = tables_ref.shape[1]
+  cols = jnp.arange(head_dim, dtype=jnp.int32)[None, :]
+  quantized = ks_ref is not None
+  hi = jnp.minimum(kv_len, jnp.max(pos) + 1)
+  if split_len is not None:
+    hi = jnp.minimum(hi, lo + split_len)
+  num_steps = pl.cdiv(jnp.maximum(hi - lo, 0), block_k)
+  # Padding rows (q = 0) accumulate something; it never reaches an output.
+  visible_end = jnp.minimum(kv_len, jnp.min(jnp.where(row_ok, pos + 1, kv_len)))
+  num_full = jnp.minimum(jnp.maximum(visible_end - lo, 0) // block_k, num_steps)
+  if mask_every_tile:  # the plain path, kept to test that the unmasked tiles change no bit
+    num_full = 0
+
+  def step(i, carry, *, masked: bool):
+    # carry = (acc [bq, D], m [bq], l [bq]) float32
+    keys = lo + i * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [bk] logical keys
+    logical = keys // block_size
+    pages = plgpu_triton.load(tables_ref.at[table_row, logical], mask=logical < num_tables,
+                              other=0) + layer_offset  # [bk] physical block of each key
+    kv_idx = (pages[:, None], (keys % block_size)[:, None], cols)
+    scale_idx = (pages, keys % block_size)
+    if not masked:  # keys < kv_len, so K/V need no load mask (the table keeps its bound)
+      k = plgpu_triton.load(k_ref.at[kv_idx])  # [bk, D]
+      v = plgpu_triton.load(v_ref.at[kv_idx])
+      scales = {} if not quantized else dict(  # [bk] each
+          k_scale=plgpu_triton.load(ks_ref.at[scale_idx]),
+          v_scale=plgpu_triton.load(vs_ref.at[scale_idx]))
+      return online_softmax_step(carry, q, k, v, None, scale=scale, precision=precision,
+                                 **scales)
+    key_ok = keys < kv_len  # entries past the request's blocks hold garbage (even NaN)
+    k = load_kv_tile(k_ref, kv_idx, key_ok, q.dtype)  # [bk, D]
+    v = load_kv_tile(v_ref, kv_idx, key_ok, q.dtype)
+    scales = {} if not quantized else dict(
+        k_scale=plgpu_triton.load(ks_ref.at[scale_idx], mask=key_ok, other=0),
+        v_scale=plgpu_triton.load(vs_ref.at[scale_idx], mask=key_ok, other=0))
+    visible = key_ok[None, :] & (keys[None, :] <= pos[:, None])
+    return online_softmax_step(carry, q, k, v, visible, scale=scale, precision=precision,
+                               **scales)
+
+  init = (jnp.zeros((block_q, head_dim), jnp.float32),
+          jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+  carry = jax.lax.fori_loop(0, num_full, functools.partial(step, masked=False), init)
+  return jax.lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True), carry)
+
+
 def flat_scales(k_scale, v_scale, k_pool: jax.Array):
   """FP8 pools' scales ([L, NB, bs, K] or one layer's [NB, bs, K], float32) viewed as the
   flat pool's [layers * num_blocks, bs, K] (`flat_pool`), checked against k_pool; (None,
@@ -212,3 +284,96 @@ def merge_block_d(num_tiles: int, head_dim: int) -> int:
          and num_tiles * (head_dim // block_d) < _MERGE_MIN_PROGRAMS):
     block_d //= 2
   return block_d
+
+
+def _merge_kernel(
+    kv_lens_ref,  # [B] int32
+    acc_ref,  # [S, block_q, block_d] f32 (this request, kv head, row tile, column tile)
+    m_ref,  # [S, block_q] f32, log2 units
+    l_ref,  # [S, block_q] f32
+    o_ref,  # [B, T * H, D]
+    *, block_q: int, block_d: int, kv_split: int, num_heads: int, group: int, unroll: int):
+  """Exact log-sum-exp merge of one (request, kv head, row tile)'s splits, in split order.
+
+  m_max is taken over all splits first (a max is exact in any order); then w_s * acc_s and
+  w_s * l_s are summed in increasing s, one split after the other. Only the splits that
+  start before kv_len are read: which ones depends on the request alone (not on the table
+  width or the batch), and any other split would add exact zeros. A row with no visible key
+  (l = 0 in every split) gives 0.
+  """
+  b, h, r, c = (pl.program_id(i) for i in range(4))
+  num_splits = m_ref.shape[0]
+  num_tokens = o_ref.shape[1] // num_heads
+
+  rows = r * block_q + jnp.arange(block_q, dtype=jnp.int32)  # [block_q]
+  row_ok = rows < num_tokens * group  # rows past T * G are padding: never read or written
+  t, g = rows // group, rows % group
+  q_rows = (t * num_heads + h * group + g)[:, None]  # [bq, 1] rows of o_ref[b]
+  cols = (c * block_d + jnp.arange(block_d, dtype=jnp.int32))[None, :]  # [1, block_d]
+  n = jnp.minimum(pl.cdiv(kv_lens_ref[b], kv_split), num_splits)
+  num_iters = pl.cdiv(n, unroll)
+
+  # Each iteration reads `unroll` splits with independent loads (in flight together: the
+  # loop is long and narrow at long contexts); loads past n are masked off (m = -inf, l = 0,
+  # acc = 0: weight 0, exact zeros), so the sums are the chain over s < n whatever unroll.
+  def splits(i):
+    for u in range(unroll):
+      s = i * unroll + u
+      yield jnp.minimum(s, num_splits - 1), row_ok & (s < n)
+
+  def max_step(i, m_max):
+    ms = [plgpu_triton.load(m_ref.at[s], mask=ok, other=-jnp.inf) for s, ok in splits(i)]
+    for m_s in ms:
+      m_max = jnp.maximum(m_max, m_s)
+    return m_max
+
+  m_max = jax.lax.fori_loop(0, num_iters, max_step,
+                            jnp.full((block_q,), -jnp.inf, jnp.float32))
+  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)  # no visible key: every weight is 0
+
+  def add_step(i, carry):
+    loads = [(plgpu_triton.load(m_ref.at[s], mask=ok, other=-jnp.inf),
+              plgpu_triton.load(l_ref.at[s], mask=ok, other=0.0),
+              plgpu_triton.load(acc_ref.at[s], mask=ok[:, None], other=0.0))
+             for s, ok in splits(i)]
+    return add_partials(carry, loads, m_max)
+
+  num, den = jax.lax.fori_loop(
+      0, num_iters, add_step,
+      (jnp.zeros((block_q, block_d), jnp.float32), jnp.zeros((block_q,), jnp.float32)))
+  out = jnp.where(den[:, None] > 0, num / den[:, None], 0.0)
+  plgpu_triton.store(o_ref.at[b, q_rows, cols], out.astype(o_ref.dtype),
+                     mask=row_ok[:, None])
+
+
+def merge_splits(kv_lens, acc, m, l, *, num_tokens: int, num_heads: int, block_q: int,
+                  kv_split: int, out_dtype, interpret: bool, block_d: int | None = None):
+  """Merges the per-split partials acc [B, K, S, R, D], m and l [B, K, S, R] (R =
+  row tiles * block_q; m in log2 units) into [B, T * H, D] (q's layout) in one Pallas
+  launch: the paged kernel's merge, and the shared-prefix kernel's (the same bits for the
+  same partials). Split s of request b is read iff s * kv_split < kv_lens[b]."""
+  b, nk, num_splits, rows, d = acc.shape
+  group = num_heads // nk
+  num_row_tiles = rows // block_q
+  block_d = block_d or merge_block_d(b * nk * num_row_tiles, d)
+  if d % block_d:
+    raise ValueError(f"block_d={block_d} does not divide head_dim={d}")
+  kernel = functools.partial(_merge_kernel, block_q=block_q, block_d=block_d,
+                             kv_split=kv_split, num_heads=num_heads, group=group,
+                             unroll=MERGE_UNROLL)
+  return pl.pallas_call(
+      kernel, grid=(b, nk, num_row_tiles, d // block_d),
+      in_specs=[
+          full_block((b,)),
+          pl.BlockSpec((None, None, num_splits, block_q, block_d),
+                       lambda b_, h, r, c: (b_, h, 0, r, c)),
+          pl.BlockSpec((None, None, num_splits, block_q), lambda b_, h, r, c: (b_, h, 0, r)),
+          pl.BlockSpec((None, None, num_splits, block_q), lambda b_, h, r, c: (b_, h, 0, r))],
+      out_specs=full_block((b, num_tokens * num_heads, d)),
+      out_shape=jax.ShapeDtypeStruct((b, num_tokens * num_heads, d), out_dtype),
+      # About 8 elements per thread; no software pipelining: the unrolled loads already
+      # keep several splits in flight and nothing feeds a dot.
+      compiler_params=plgpu_triton.CompilerParams(
+          num_warps=max(1, min(4, block_q * block_d // 256)), num_stages=1),
+      interpret=interpret, name="paged_attention_merge",
+  )(kv_lens, acc, m, l)

@@ -31,15 +31,16 @@ hold keys past the item: their scores are masked; pages past the item are read f
 last page, so for shared nodes (full blocks) those V rows are real finite data that a zero
 probability drops, while private items (a partial last page) zero them in SMEM.
 
-Splits: as in the Triton kernel, split s of an item of n keys covers [s * L, min(n, (s + 1) L))
-with L = cdiv(n, num_splits) rounded up to block_kv (`dedup_attention._split_len`). Every
+Splits: split s of an item of n keys covers [s * L, min(n, (s + 1) L)) with L =
+cdiv(n, num_splits) rounded up to block_kv (item-relative: unlike the Triton kernel, whose
+splits are the paged kernel's fixed absolute ones, so this kernel is not bit-exact with
+paged decode). Every
 program writes its float32 partial (acc [R, D], m [R] in log2 units, l [R]); an empty split
 writes (0, -inf, 0).
 
 Merge (`merge_partials`, XLA): per request its nodes root to deepest, each over its splits
 in increasing order, then its private splits; the max of m first, then the weighted sums as
-an unrolled chain in that order (the order of `dedup_attention._merge_kernel`, which
-`triton_merge=True` runs instead). Every term is a function of the plan's logical structure
+an unrolled chain in that order. Every term is a function of the plan's logical structure
 and the request's keys (a row of a wgmma depends on its own q row only), so a request's
 output does not depend on where its blocks live (tested bit for bit).
 
@@ -95,9 +96,6 @@ class TuningConfig:
     requests (two 64-row halves), both halves read the same K/V slots (half the SMEM fills
     per FLOP of one) and alternate between wgmma and softmax (the schedule of jax's
     attention_mgpu); the first also issues the TMA copies.
-  triton_merge: merge with dedup_attention's Triton kernel instead of plain jnp (the same
-    order, other bits; shared_warpgroups = 1 only; the deprecated Triton lowering needs a
-    GPU even to lower).
   """
 
   pages_per_step: int = 4
@@ -108,7 +106,6 @@ class TuningConfig:
   max_splits: int = 64
   p_in_registers: bool = False
   shared_warpgroups: int = 1
-  triton_merge: bool = False
 
   def __post_init__(self):
     for name in ("pages_per_step", "max_concurrent_steps", "min_programs", "max_splits"):
@@ -122,8 +119,6 @@ class TuningConfig:
     if self.shared_warpgroups == 2 and self.max_concurrent_steps < 2:
       raise ValueError("two compute warpgroups refill a slot during the next step: "
                        "max_concurrent_steps must be >= 2")
-    if self.triton_merge and self.shared_warpgroups != 1:
-      raise ValueError("triton_merge reads rows slot * G + g: shared_warpgroups=1 only")
 
   def block_kv(self, block_size: int) -> int:
     """Keys per step, checked against the page size (the config does not know it)."""
@@ -163,6 +158,29 @@ def tile_rows(rpt: int, group: int, warpgroups: int) -> tuple[int, int]:
   return half, pm._round_up(half * group, ROW_PAD)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Part:
+  """Static shape of one kind of item (shared tiles or private remainders)."""
+
+  num_items: int
+  block_q: int
+  block_k: int
+  num_splits: int
+
+  @property
+  def num_programs(self) -> int:
+    return self.num_items * self.num_splits  # times the kv heads
+
+
+def _num_splits(tokens: int, items: int, kv_heads: int, *, kv_split: int, block_k: int,
+                min_programs: int, cap: int) -> int:
+  """Static split count: splits of <= kv_split keys, more while the grid is small."""
+  by_length = -(-tokens // kv_split)
+  by_fill = -(-min_programs // (items * kv_heads))
+  most = min(cap, -(-tokens // block_k))  # a split holds at least one key tile
+  return max(1, min(max(by_length, by_fill), most))
+
+
 # ----------------------------------------------------------------------------- kernel
 def _items_kernel(
     layer_ref,  # [1] int32: the layer (GMEM)
@@ -192,8 +210,8 @@ def _items_kernel(
   block_kv = pages_per_step * block_size
   slots = max_concurrent_steps
 
-  # Split s of the item: keys [lo, lo + num_keys) (item-relative), as dedup_attention's
-  # _split_len: cdiv(n, splits) rounded up to block_kv keys per split.
+  # Split s of the item: keys [lo, lo + num_keys) (item-relative): cdiv(n, splits)
+  # rounded up to block_kv keys per split.
   table = item_table_ref[i]
   start = item_start_ref[i]
   n = item_len_ref[i]
@@ -392,7 +410,7 @@ def _items_kernel(
                 plgpu.Barrier(num_arrivals=warpgroups), collective_axes="wg")
 
 
-def _item_partials(q_rows, k2, v2, layer, items, *, part: da._Part, num_blocks: int,
+def _item_partials(q_rows, k2, v2, layer, items, *, part: _Part, num_blocks: int,
                    block_size: int, config: TuningConfig, warpgroups: int,
                    whole_pages: bool, interpret):
   """One launch over one kind of items: partials ([I, K, S, W * R, D], [I, K, S, W * R] x 2).
@@ -428,14 +446,14 @@ def _check(q, group):
 
 
 def _parts(plan: SharingPlan, b: int, mb: int, nk: int, block_size: int,
-           config: TuningConfig) -> tuple[da._Part, da._Part]:
+           config: TuningConfig) -> tuple[_Part, _Part]:
   """Static shapes of the shared and private launches (rows, block_kv, split counts)."""
   block_kv = config.block_kv(block_size)
   num_tiles = plan.tile_node.shape[0]
-  shared = da._Part(num_tiles, 0, block_kv, da._num_splits(
+  shared = _Part(num_tiles, 0, block_kv, _num_splits(
       plan.node_tables.shape[1] * block_size, num_tiles, nk, kv_split=config.shared_kv_split,
       block_k=block_kv, min_programs=config.min_programs, cap=config.max_splits))
-  private = da._Part(b, 0, block_kv, da._num_splits(
+  private = _Part(b, 0, block_kv, _num_splits(
       min(mb * block_size, plan.private_tokens_hint or mb * block_size), b, nk,
       kv_split=config.private_kv_split, block_k=block_kv, min_programs=config.min_programs,
       cap=config.max_splits))
@@ -534,12 +552,8 @@ def dedup_attention_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
   p_raw = launch(_private_q(q3, nk), items=p_items, part=private, warpgroups=1,
                  whole_pages=False)
   # 3. Each request's node partials, then its private partials, in a fixed order.
-  if config.triton_merge:
-    out = da._merge_partials(plan, kv_lens, s_raw, p_raw, shared=shared, private=private,
-                             num_heads=nh, out_dtype=q.dtype, interpret=bool(interpret))
-  else:
-    out = merge_partials(plan, s_raw, p_raw, group=group,
-                         warpgroups=warpgroups).astype(q.dtype)  # [B, K, G, D]
+  out = merge_partials(plan, s_raw, p_raw, group=group,
+                       warpgroups=warpgroups).astype(q.dtype)  # [B, K, G, D]
   return out.reshape(b, 1, nh, d)
 
 
@@ -548,8 +562,8 @@ def merge_partials(plan: SharingPlan, s_raw, p_raw, *, group: int,
   """Exact log-sum-exp merge of each request's partials in plain jnp -> [B, K, G, D] f32.
 
   s_raw: shared partials (acc [TL, K, Ss, Rs, D], m, l [TL, K, Ss, Rs]), rows in
-  `tile_rows` order; p_raw: private ones [B, K, Sp, Rp(, D)]; m in log2 units. The order of
-  `dedup_attention._merge_kernel`: request b's nodes req_rows[b, d], d = 0, 1, ... (root to
+  `tile_rows` order; p_raw: private ones [B, K, Sp, Rp(, D)]; m in log2 units. The order:
+  request b's nodes req_rows[b, d], d = 0, 1, ... (root to
   deepest), each over its splits in increasing order, then its private splits in increasing
   order; the max of m first (exact in any order), then the weighted sums as an unrolled
   chain of adds in that order (XLA keeps the order of a chain, not of a jnp.sum). Empty

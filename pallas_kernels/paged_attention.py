@@ -1,7 +1,8 @@
 """Paged grouped-query attention (decode and chunked prefill) as a Pallas GPU kernel.
 
 Parts, as in jax's `pallas/ops/gpu/decode_attention.py`: the kernel body
-(`_paged_attention_kernel`), the split merge kernel (`_merge_kernel`), the jitted wrapper
+(`_paged_attention_kernel`, its key loop `_common.split_partials`), the split merge kernel
+(`_common.merge_splits`, shared with the shared-prefix kernel), the jitted wrapper
 `paged_attention` with its `TuningConfig`, and the float32 `paged_attention_reference`.
 
 Inputs are plain arrays (this package imports only jax): q `[B, T, H, D]`, the K and V pools
@@ -26,7 +27,7 @@ the probabilities, not the scores before exp2; see `online_softmax_step`), so sk
 mask changes no bit.
 
 Splits: with `kv_split`, the kernel writes per-split partials (acc, m, l) in float32 and a
-second, small Pallas launch (`_merge_kernel`, one program per request, kv head, row tile and
+second, small Pallas launch (`_common.merge_splits`, one program per request, kv head, row tile and
 column tile of D) merges them and writes the output in q's layout and dtype. Without it,
 the kernel normalizes and writes the output itself.
 
@@ -62,10 +63,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
-from pallas_kernels._common import (MERGE_UNROLL, WARPS, add_partials, check_inputs,
-                                    dequantize_pool, dot_precision, flat_pool, flat_scales,
-                                    full_block, gather_blocks, is_pow2, merge_block_d,
-                                    load_kv_tile, online_softmax_step)
+from pallas_kernels._common import (WARPS, check_inputs, dequantize_pool, dot_precision,
+                                    flat_pool, flat_scales, full_block, gather_blocks,
+                                    is_pow2, merge_splits, split_partials)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +135,8 @@ def _paged_attention_kernel(
   b, h, r, s = (pl.program_id(i) for i in range(4))
   ks_ref, vs_ref = out_refs[:2] if quantized else (None, None)
   out_refs = out_refs[2:] if quantized else out_refs
-  num_tables = tables_ref.shape[1]
   num_tokens = positions_ref.shape[1]
-  block_size, head_dim = k_ref.shape[1], k_ref.shape[2]
+  head_dim = k_ref.shape[2]
 
   # Query rows of this tile: row = t * G + g is token t, query head h * G + g.
   rows = r * block_q + jnp.arange(block_q, dtype=jnp.int32)  # [block_q]
@@ -149,56 +148,13 @@ def _paged_attention_kernel(
   q = plgpu_triton.load(q_ref.at[b, q_rows, cols], mask=row_ok[:, None], other=0)  # [bq, D]
   pos = plgpu_triton.load(positions_ref.at[b, t], mask=row_ok, other=-1)  # [bq]
   kv_len = kv_lens_ref[b]
-  layer_offset = layer_ref[0]
 
   # Keys this program reduces over: its split, cut at the last key any row may see.
   lo = 0 if kv_split is None else s * kv_split
-  hi = jnp.minimum(kv_len, jnp.max(pos) + 1)
-  if kv_split is not None:
-    hi = jnp.minimum(hi, lo + kv_split)
-  num_steps = pl.cdiv(jnp.maximum(hi - lo, 0), block_k)
-  # The first num_full tiles end at or before every valid row's last visible key (the
-  # smallest pos + 1 over rows that exist; padding rows have pos = -1) and before kv_len:
-  # every key of them is visible to every row, so they skip the mask. Tiles keep their
-  # offsets lo + i * block_k, so the reduction order (and the bits) do not change. Padding
-  # rows (q = 0) then accumulate something; it never reaches the output (the store and the
-  # merge skip them).
-  visible_end = jnp.minimum(kv_len, jnp.min(jnp.where(row_ok, pos + 1, kv_len)))
-  num_full = jnp.minimum(jnp.maximum(visible_end - lo, 0) // block_k, num_steps)
-  if mask_every_tile:  # the plain path, kept to test that the unmasked tiles change no bit
-    num_full = 0
-
-  def step(i, carry, *, masked: bool):
-    # carry = (acc [bq, D], m [bq], l [bq]) float32
-    keys = lo + i * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [bk] logical keys
-    logical = keys // block_size
-    pages = plgpu_triton.load(tables_ref.at[b, logical], mask=logical < num_tables,
-                              other=0) + layer_offset  # [bk] physical block of each key
-    kv_idx = (pages[:, None], (keys % block_size)[:, None], cols)
-    scale_idx = (pages, keys % block_size)
-    if not masked:  # keys < kv_len, so K/V need no load mask (the table keeps its bound)
-      k = plgpu_triton.load(k_ref.at[kv_idx])  # [bk, D]
-      v = plgpu_triton.load(v_ref.at[kv_idx])
-      scales = {} if not quantized else dict(  # [bk] each
-          k_scale=plgpu_triton.load(ks_ref.at[scale_idx]),
-          v_scale=plgpu_triton.load(vs_ref.at[scale_idx]))
-      return online_softmax_step(carry, q, k, v, None, scale=scale, precision=precision,
-                                 **scales)
-    key_ok = keys < kv_len  # entries past the request's blocks hold garbage (even NaN)
-    k = load_kv_tile(k_ref, kv_idx, key_ok, q.dtype)  # [bk, D]
-    v = load_kv_tile(v_ref, kv_idx, key_ok, q.dtype)
-    scales = {} if not quantized else dict(
-        k_scale=plgpu_triton.load(ks_ref.at[scale_idx], mask=key_ok, other=0),
-        v_scale=plgpu_triton.load(vs_ref.at[scale_idx], mask=key_ok, other=0))
-    visible = key_ok[None, :] & (keys[None, :] <= pos[:, None])
-    return online_softmax_step(carry, q, k, v, visible, scale=scale, precision=precision,
-                               **scales)
-
-  init = (jnp.zeros((block_q, head_dim), jnp.float32),
-          jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-  carry = jax.lax.fori_loop(0, num_full, functools.partial(step, masked=False), init)
-  acc, m, l = jax.lax.fori_loop(num_full, num_steps, functools.partial(step, masked=True),
-                                carry)
+  acc, m, l = split_partials(q, pos, row_ok, kv_len, lo, kv_split, tables_ref, b,
+                             layer_ref[0], k_ref, v_ref, ks_ref, vs_ref, block_k=block_k,
+                             scale=scale, precision=precision,
+                             mask_every_tile=mask_every_tile)
 
   if kv_split is None:
     (o_ref,) = out_refs
@@ -213,98 +169,6 @@ def _paged_attention_kernel(
       acc_ref[...] = acc
       m_ref[...] = m
       l_ref[...] = l
-
-
-def _merge_kernel(
-    kv_lens_ref,  # [B] int32
-    acc_ref,  # [S, block_q, block_d] f32 (this request, kv head, row tile, column tile)
-    m_ref,  # [S, block_q] f32, log2 units
-    l_ref,  # [S, block_q] f32
-    o_ref,  # [B, T * H, D]
-    *, block_q: int, block_d: int, kv_split: int, num_heads: int, group: int, unroll: int):
-  """Exact log-sum-exp merge of one (request, kv head, row tile)'s splits, in split order.
-
-  m_max is taken over all splits first (a max is exact in any order); then w_s * acc_s and
-  w_s * l_s are summed in increasing s, one split after the other. Only the splits that
-  start before kv_len are read: which ones depends on the request alone (not on the table
-  width or the batch), and any other split would add exact zeros. A row with no visible key
-  (l = 0 in every split) gives 0.
-  """
-  b, h, r, c = (pl.program_id(i) for i in range(4))
-  num_splits = m_ref.shape[0]
-  num_tokens = o_ref.shape[1] // num_heads
-
-  rows = r * block_q + jnp.arange(block_q, dtype=jnp.int32)  # [block_q]
-  row_ok = rows < num_tokens * group  # rows past T * G are padding: never read or written
-  t, g = rows // group, rows % group
-  q_rows = (t * num_heads + h * group + g)[:, None]  # [bq, 1] rows of o_ref[b]
-  cols = (c * block_d + jnp.arange(block_d, dtype=jnp.int32))[None, :]  # [1, block_d]
-  n = jnp.minimum(pl.cdiv(kv_lens_ref[b], kv_split), num_splits)
-  num_iters = pl.cdiv(n, unroll)
-
-  # Each iteration reads `unroll` splits with independent loads (in flight together: the
-  # loop is long and narrow at long contexts); loads past n are masked off (m = -inf, l = 0,
-  # acc = 0: weight 0, exact zeros), so the sums are the chain over s < n whatever unroll.
-  def splits(i):
-    for u in range(unroll):
-      s = i * unroll + u
-      yield jnp.minimum(s, num_splits - 1), row_ok & (s < n)
-
-  def max_step(i, m_max):
-    ms = [plgpu_triton.load(m_ref.at[s], mask=ok, other=-jnp.inf) for s, ok in splits(i)]
-    for m_s in ms:
-      m_max = jnp.maximum(m_max, m_s)
-    return m_max
-
-  m_max = jax.lax.fori_loop(0, num_iters, max_step,
-                            jnp.full((block_q,), -jnp.inf, jnp.float32))
-  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)  # no visible key: every weight is 0
-
-  def add_step(i, carry):
-    loads = [(plgpu_triton.load(m_ref.at[s], mask=ok, other=-jnp.inf),
-              plgpu_triton.load(l_ref.at[s], mask=ok, other=0.0),
-              plgpu_triton.load(acc_ref.at[s], mask=ok[:, None], other=0.0))
-             for s, ok in splits(i)]
-    return add_partials(carry, loads, m_max)
-
-  num, den = jax.lax.fori_loop(
-      0, num_iters, add_step,
-      (jnp.zeros((block_q, block_d), jnp.float32), jnp.zeros((block_q,), jnp.float32)))
-  out = jnp.where(den[:, None] > 0, num / den[:, None], 0.0)
-  plgpu_triton.store(o_ref.at[b, q_rows, cols], out.astype(o_ref.dtype),
-                     mask=row_ok[:, None])
-
-
-# ---------------------------------------------------------------------------- wrapper
-def _merge_splits(kv_lens, acc, m, l, *, num_tokens: int, num_heads: int, block_q: int,
-                  kv_split: int, out_dtype, interpret: bool, block_d: int | None = None):
-  """Merges the per-split partials acc [B, K, S, R, D], m and l [B, K, S, R] (R =
-  row tiles * block_q) into [B, T * H, D] (q's layout) in one Pallas launch."""
-  b, nk, num_splits, rows, d = acc.shape
-  group = num_heads // nk
-  num_row_tiles = rows // block_q
-  block_d = block_d or merge_block_d(b * nk * num_row_tiles, d)
-  if d % block_d:
-    raise ValueError(f"block_d={block_d} does not divide head_dim={d}")
-  kernel = functools.partial(_merge_kernel, block_q=block_q, block_d=block_d,
-                             kv_split=kv_split, num_heads=num_heads, group=group,
-                             unroll=MERGE_UNROLL)
-  return pl.pallas_call(
-      kernel, grid=(b, nk, num_row_tiles, d // block_d),
-      in_specs=[
-          full_block((b,)),
-          pl.BlockSpec((None, None, num_splits, block_q, block_d),
-                       lambda b_, h, r, c: (b_, h, 0, r, c)),
-          pl.BlockSpec((None, None, num_splits, block_q), lambda b_, h, r, c: (b_, h, 0, r)),
-          pl.BlockSpec((None, None, num_splits, block_q), lambda b_, h, r, c: (b_, h, 0, r))],
-      out_specs=full_block((b, num_tokens * num_heads, d)),
-      out_shape=jax.ShapeDtypeStruct((b, num_tokens * num_heads, d), out_dtype),
-      # About 8 elements per thread; no software pipelining: the unrolled loads already
-      # keep several splits in flight and nothing feeds a dot.
-      compiler_params=plgpu_triton.CompilerParams(
-          num_warps=max(1, min(4, block_q * block_d // 256)), num_stages=1),
-      interpret=interpret, name="paged_attention_merge",
-  )(kv_lens, acc, m, l)
 
 
 def _paged_attention(q, k_pool, v_pool, block_tables, positions, kv_lens, layer=None, *,
@@ -359,7 +223,7 @@ def _paged_attention(q, k_pool, v_pool, block_tables, positions, kv_lens, layer=
 
   if config.kv_split is None:
     return outs[0].reshape(b, t, nh, d)
-  out = _merge_splits(kv_lens, *outs, num_tokens=t, num_heads=nh,
+  out = merge_splits(kv_lens, *outs, num_tokens=t, num_heads=nh,
                       block_q=config.block_q, kv_split=config.kv_split, out_dtype=q.dtype,
                       interpret=interpret, block_d=merge_block_d)
   return out.reshape(b, t, nh, d)

@@ -72,7 +72,6 @@ class DedupMgpuTest(MgpuTestCase):
   SLOW_INTERPRETED = ("test_against_reference1", "test_against_reference2",
                       "test_against_reference3", "test_against_reference4",
                       "test_traced_layer", "test_deep_pipeline_one_or_two_warpgroups",
-                      "test_triton_merge",
                       # two warpgroups: can deadlock the 2-core box (tests/conftest.py)
                       "test_block_placement_changes_no_bit")
 
@@ -99,11 +98,6 @@ class DedupMgpuTest(MgpuTestCase):
     plan = plan_for(inputs, config)
     self.assertTrue(plan.has_shared)
     self.check(inputs, plan, config=config)
-
-  def test_triton_merge(self):
-    # dedup_attention's Triton merge kernel over the same partials, in the same order.
-    inputs = make_batch(7, *CASES["nested"])
-    self.check(inputs, plan_for(inputs), config=dataclasses.replace(SMALL, triton_merge=True))
 
   def test_deep_pipeline_one_or_two_warpgroups(self):
     # Five steps through two slots (each refilled). Two warpgroups split the same tile's
@@ -215,8 +209,6 @@ class ConfigTest(absltest.TestCase):
     self.assertEqual(SMALL_WS.requests_per_tile(7), 18)
     with self.assertRaises(ValueError):
       SMALL.requests_per_tile(65)
-    with self.assertRaisesRegex(ValueError, "triton_merge"):
-      dm.TuningConfig(shared_warpgroups=2, triton_merge=True)
 
   def test_rejects_plan_with_too_many_rows(self):
     inputs = make_batch(6, *CASES["many_requests"])

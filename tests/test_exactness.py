@@ -165,3 +165,62 @@ def test_decode_logits_do_not_depend_on_the_batch(models, attention, model, deco
         assert _max_delta(logits, want[r]) == 0.0, (size, r)
       want[r] = logits
   assert len(want) > 1
+
+
+# Dedup decode: the backends whose decode kernel has a shared-read variant (Triton). (Under
+# "reference" and "mosaic" a step with a plan runs the paged decode: nothing to compare.)
+_DEDUP_BACKENDS = ["triton", "pallas"] if GPU else ["pallas_interpret"]
+
+
+@pytest.mark.parametrize("attention", _DEDUP_BACKENDS)
+@pytest.mark.parametrize("heads", [4, 14])
+def test_dedup_decode_equals_paged(tiny, attention, heads):
+  """decode_attention="dedup" gives paged decode's logits, max |delta| exactly 0, and it
+  really read shared runs once: an HQ cache (16-token blocks) where three requests share a
+  prefix of two whole splits of the engine's paged decode tiles (1024 keys each), two share
+  a random prefix of one split and a part of the next (which each computes itself) and one
+  shares nothing; fresh random prompts, two decode steps, the batch padded to decode_rows.
+  The tiny model (G = 2 query heads per kv head: one tile of 8 requests) and its variant
+  with Qwen-0.5B's grouping (14 heads, G = 7: tiles of 2 requests, so a node spans tiles)."""
+  from hq_jax.kv import sharing
+  from pallas_kernels import dedup_attention as dedup_kernel
+  params, cfg = tiny
+  if heads != cfg.num_heads:
+    cfg = dataclasses.replace(cfg, num_heads=heads)
+    params = model_lib.init_params(cfg, jax.random.key(2), scale=0.1)
+  block, split = 16, 1024
+  rng = np.random.default_rng(26)
+  a = rng.integers(0, cfg.vocab_size, 2 * split)
+  b = rng.integers(0, cfg.vocab_size, split + block * int(rng.integers(1, 8)) + 5)
+  own = lambda: rng.integers(0, cfg.vocab_size, int(rng.integers(1, 40)))
+  prompts = [np.r_[a, own()] for _ in range(3)] + [np.r_[b, own()] for _ in range(2)]
+  prompts.append(rng.integers(0, cfg.vocab_size, 150))
+  layout = KVLayout.from_config(cfg, block_size=block)
+  cache = DedupKVCache.init(layout, num_blocks=len(a) // block + 2 * len(b) // block + 64,
+                            max_requests=len(prompts), max_seq_len=len(a) + 48)
+  prefill = Engine(params, cfg, chunk_size=256, attention=attention, donate=False)
+  slots = []
+  for p in prompts:
+    cache, res = prefill.prefill(cache, p, logits="last")
+    slots.append(res.slot)
+  tokens = rng.integers(0, cfg.vocab_size, (2, len(prompts)))
+  logits = {}
+  for mode in ("paged", "dedup"):
+    engine = Engine(params, cfg, chunk_size=256, attention=attention, decode_attention=mode,
+                    donate=False)
+    c, steps = cache.copy(), []
+    for step in range(2):
+      c, out = engine.decode(c, slots, [int(t) for t in tokens[step]])
+      assert out.attention == mode
+      steps.append(np.asarray(out.logits))
+    logits[mode] = np.stack(steps)
+  # The plan the engine ran (its planner's rule): shared splits exist, so dedup computed
+  # some splits once for several requests.
+  group = cfg.num_heads // cfg.num_kv_heads
+  config = dedup_kernel.default_config(cfg.head_dim, group)
+  assert config.split.kv_split == split
+  plan, summary = sharing.build_plan(np.asarray(c.block_tables)[slots],
+                                     np.asarray(c.seq_lens)[slots], block,
+                                     requests_per_tile=config.requests_per_tile(group))
+  assert summary.saved_tokens > 0 and dedup_kernel.shared_split_count(plan, split) >= 3
+  assert _max_delta(logits["dedup"], logits["paged"]) == 0.0

@@ -75,7 +75,7 @@ def test_kernel_bench_flags(tmp_path):
   """GPU-only script: on CPU only its flag checks run, and they name the bad value."""
   proc = _run("scripts/kernel_bench.py", "--sections=decode,bogus", f"--output_dir={tmp_path}")
   assert proc.returncode != 0 and "bogus" in proc.stderr
-  proc = _run("scripts/kernel_bench.py", "--shared_configs=q64k64,nope",
+  proc = _run("scripts/kernel_bench.py", "--shared_configs=exact,nope",
               f"--output_dir={tmp_path}")
   assert proc.returncode != 0 and "nope" in proc.stderr
   assert not os.listdir(tmp_path)

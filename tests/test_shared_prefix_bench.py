@@ -30,9 +30,9 @@ def test_batch_and_unshared_twin_hold_the_same_keys():
 def test_bench_point_row():
   logs = []
   row = sp.bench_point("qwen2.5-0.5b", 32, 16, 3, kind="target",
-                       configs=["q64k64", "q64k64f"], seed=1, reps=1, interpret=True,
+                       configs=["exact", "q64"], seed=1, reps=1, interpret=True,
                        log=logs.append)
-  assert row["config"] in ("q64k64", "q64k64f")
+  assert row["config"] in ("exact", "q64")
   assert row["ideal"] == round(3 * 48 / (32 + 3 * 16), 2)
   assert row["saved_tokens"] == 32 * 2
   assert float(row["err_dedup_vs_ref"]) < 2e-2 and float(row["max_abs_vs_paged"]) < 1e-2

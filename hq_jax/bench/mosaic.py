@@ -388,7 +388,7 @@ def single_prefix_plan(shared_blocks, own_tokens: int, batch: int, block_size: i
       tile_node=jnp.zeros((_pow2(num_tiles),), jnp.int32), tile_reqs=jnp.asarray(tile_reqs),
       req_rows=jnp.arange(batch, dtype=jnp.int32).reshape(batch, 1),
       private_start=jnp.full((batch,), nsb * block_size, jnp.int32),
-      requests_per_tile=rpt, private_tokens_hint=max(_pow2(own_tokens), 1024),
+      node_start=jnp.zeros((1,), jnp.int32), requests_per_tile=rpt, private_tokens_hint=max(_pow2(own_tokens), 1024),
       has_shared=nsb > 0 and batch > 1)
 
 
@@ -429,7 +429,7 @@ def shared_main(points=SHARED_POINTS, reps: int = 5) -> None:
   nh, nk, d = SHAPE_7B
   group = nh // nk
   configs = {"default": dm.DEFAULT, "p_regs": dataclasses.replace(dm.DEFAULT, p_in_registers=True),
-             "tmerge": dataclasses.replace(dm.DEFAULT, triton_merge=True), "ws2": dm.DEFAULT_WS,
+             "ws2": dm.DEFAULT_WS,
              "ws2_3slot": dataclasses.replace(dm.DEFAULT_WS, max_concurrent_steps=3)}
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; H={nh} K={nk} D={d}, "
         "bf16, block 16; us per call (layer pair / 2)", flush=True)
@@ -464,7 +464,7 @@ def shared_main(points=SHARED_POINTS, reps: int = 5) -> None:
                                               own, batch)
     ref = jax.block_until_ready(jax.jit(_shared_reference)(*inputs, 1))
     plan_of = lambda rpt: single_prefix_plan(shared_ids, own, batch, 16, requests_per_tile=rpt)
-    tri_plan = plan_of(da.default_config(d).requests_per_tile(group))
+    tri_plan = plan_of(da.default_config(d, group).requests_per_tile(group))
     tri_dedup, _ = safe("triton dedup", lambda *a: da.dedup_attention(*a[:6], tri_plan, a[6]),
                         inputs, ref)
     tri_paged, _ = safe("triton paged", triton_paged.paged_attention, inputs, ref)

@@ -155,11 +155,13 @@ def build_plan(tables, kv_lens, block_size: int, *, requests_per_tile: int,
   nb_pad = _pow2(max((n.num_blocks for n in nodes), default=1))
   node_tables = np.zeros((n_pad, nb_pad), np.int32)
   node_lens = np.zeros((n_pad,), np.int32)
+  node_start = np.zeros((n_pad,), np.int32)
   tile_node, tile_reqs = [], []
   chains: list[list[int]] = [[] for _ in range(b)]
   for i, n in enumerate(nodes):
     node_tables[i, :n.num_blocks] = n.blocks
     node_lens[i] = n.num_blocks * block_size
+    node_start[i] = n.start * block_size
     for j in range(0, len(n.requests), rpt):
       reqs = n.requests[j:j + rpt]
       for slot, r in enumerate(reqs):
@@ -181,6 +183,7 @@ def build_plan(tables, kv_lens, block_size: int, *, requests_per_tile: int,
       tile_node=jnp.asarray(tile_node_a), tile_reqs=jnp.asarray(tile_reqs_a),
       req_rows=jnp.asarray(req_rows),
       private_start=jnp.asarray(private_blocks * block_size, dtype=jnp.int32),
+      node_start=jnp.asarray(node_start),
       requests_per_tile=rpt,
       private_tokens_hint=_pow2(int(np.max(kv_lens - private_blocks * block_size,
                                            initial=1)), PRIVATE_HINT_MIN),

@@ -53,7 +53,9 @@ DECODE_ATTENTION = ("paged", "dedup", "auto")
 # saved tokens from which every point of the shared-prefix benchmark (both shapes) was at
 # least 1.05x faster with dedup, so below it dedup decode does not reliably pay
 # (`scripts/kernel_bench.py --sections=shared` prints the rule's value; the run behind it:
-# docs/results.md, "GPU kernels").
+# docs/results.md, "GPU kernels"). That run timed the earlier dedup kernel (its own split
+# lengths, 9 requests per tile), not today's exact one (the paged decode's splits and
+# tiles): to be measured again.
 AUTO_MIN_SAVED_TOKENS = 258_048
 
 
@@ -150,8 +152,8 @@ class KernelAttention:
     fp8 = k_scales is not None
     scales = dict(k_scale=k_scales, v_scale=v_scales) if fp8 else {}
     if self.backend == "reference":
-      if plan is not None:
-        return dedup_kernel.dedup_attention_reference(*args, plan, layer, **scales)
+      # XLA has no shared-read variant: with a plan too it reads every request's keys, so
+      # dedup decode is paged decode here (the exactness contract holds trivially).
       return paged_attention_xla(q, k_pools, v_pools, layer, view, k_scales=k_scales,
                                  v_scales=v_scales)
     interpret = self.backend.endswith("_interpret")
@@ -170,7 +172,9 @@ class KernelAttention:
           q, k_pools, v_pools, view.block_tables, view.positions, view.kv_lens, layer,
           config=mosaic_prefill.tuned_config(q.shape[-1], interpret=interpret),
           interpret=mosaic_decode.strict_interpreter() if interpret else False)
-    if plan is not None:
+    # The shared-read decode is the Triton paged decode's bits; where paged decode runs on
+    # the Mosaic kernel, so does a step with a plan (no Mosaic variant has its bits).
+    if plan is not None and decode_kernel(self.backend) == "triton":
       return dedup_kernel.dedup_attention(*args, plan, layer, interpret=interpret)
     if q.shape[1] == 1 and decode_kernel(self.backend) == "mosaic":
       return mosaic_decode.paged_decode_attention_mgpu(
@@ -237,10 +241,12 @@ class Engine:
     kv_dtype: the K/V dtype of the caches it runs (None: the model's); it picks the kernels
     (FP8: those of FP8_KERNELS, else an error naming the kernel), and a cache of another
     K/V dtype is refused.
-    decode_attention: "paged" (exact, the default: bit-identical for dense and HQ),
-    "dedup" (shared runs of blocks read once for all their requests; equal to paged within
-    float rounding, not bit-exact) or "auto" (dedup when the batch's sharing plan saves at
-    least `auto_min_saved_tokens` K/V tokens per kv head, else paged).
+    decode_attention: "paged" (the default), "dedup" (the Triton kernels read a shared run
+    of blocks once for a tile of its requests; the same bits as paged: both compute the
+    same fixed-position key splits with the same code and merge them alike) or "auto"
+    (dedup when the batch's sharing plan saves at least `auto_min_saved_tokens` K/V tokens
+    per kv head, else paged). The choice never changes a logit (docs/architecture.md,
+    "The exactness contract"), only the time.
     decode_rows: rows of every decode step (a larger batch runs in several steps); padding
     rows read and write nothing. 0 opts out: the batch is padded to its power-of-two
     bucket, and a request's decode logits then depend on the batch size within float
@@ -353,7 +359,7 @@ class Engine:
       return view, "paged"
     if self._planner is None or self._planner.block_size != cache.block_size:
       group = self.cfg.num_heads // self.cfg.num_kv_heads
-      config = dedup_kernel.default_config(self.cfg.head_dim)
+      config = dedup_kernel.default_config(self.cfg.head_dim, group)
       self._planner = sharing.SharingPlanner(
           cache.block_size, requests_per_tile=config.requests_per_tile(group))
     # The planner caches the plan until the batch's shared full blocks change. It reads

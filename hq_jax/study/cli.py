@@ -43,7 +43,7 @@ COMMON_HELPS = {
                  "Triton), triton (the Triton kernels only), mosaic (Mosaic GPU prefill "
                  "and paged decode always), pallas_interpret",
     "decode_attention": "decode over shared prefixes: paged, dedup (read a shared prefix "
-                        "once), auto",
+                        "once per tile of its requests; the same logits as paged), auto",
     "overwrite": "replace this script's earlier outputs in --output_dir (else refused)",
     "allow_long_context": "run requests longer than the model's max_position_embeddings",
     "decode_rows": "rows of every decode step (the batch-invariant default: a request's "

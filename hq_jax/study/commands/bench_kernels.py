@@ -33,7 +33,7 @@ flags.DEFINE_list("shared_points", ["32768:256:128", "4096:512:64", "2048:512:16
                   "Shared-prefix points shared:unique:batch (the targets of issue #5).")
 flags.DEFINE_list("shared_sweep", ["1024:512:8", "8192:512:16", "16384:256:32"],
                   "Extra shared-prefix points that place the engine's auto threshold.")
-flags.DEFINE_list("shared_configs", ["q64k64", "q64k64f", "q128k128x8k", "q128k128x8kf"],
+flags.DEFINE_list("shared_configs", ["exact", "q64"],
                   "Dedup tuning configs (names in hq_jax.bench.shared_prefix.CONFIGS); "
                   "the fastest per point is reported.")
 flags.DEFINE_bool("overwrite", False, "Replace this script's earlier outputs in --output_dir.")
