@@ -150,6 +150,7 @@ class PagedCache:
   max_seq_len: int = static_field()
 
   backend = "base"
+  POOL_FIELDS = ("pools",)  # the fields holding K/V (KVPools), not metadata
 
   # ------------------------------------------------------------------ shapes
   @property
@@ -452,13 +453,13 @@ class PagedCache:
 
 
 def pool_leaves(cache: PagedCache) -> dict[str, KVPools]:
-  """The cache's K/V pools by field name: `pools` (the device's) and, in HQ with a host
-  tier, `host_pools`."""
-  return {f.name: getattr(cache, f.name) for f in dataclasses.fields(cache)
-          if isinstance(getattr(cache, f.name), KVPools)}
+  """The cache's K/V pools by field name (`POOL_FIELDS`: the device's and, in HQ with a
+  host tier, the host's; a field that is None holds none)."""
+  return {name: getattr(cache, name) for name in cache.POOL_FIELDS
+          if getattr(cache, name) is not None}
 
 
 def metadata_leaves(cache: PagedCache) -> dict[str, jax.Array]:
   """Every array of the cache that is not K/V (what `metadata_bytes` counts)."""
   return {f.name: getattr(cache, f.name) for f in dataclasses.fields(cache)
-          if not f.metadata.get("static") and not isinstance(getattr(cache, f.name), KVPools)}
+          if not f.metadata.get("static") and f.name not in cache.POOL_FIELDS}

@@ -333,8 +333,9 @@ class DedupKVCache(PagedCache):
   clock: np.ndarray  # [] int32
   evicted_blocks: np.ndarray  # [] int32 cached blocks evicted (cumulative, as hit_tokens)
   gen_clock: np.ndarray  # [] int32 the last generation handed out (each is used once)
-  # The host tier: H = host_blocks slots (0: none). K/V as the device's (`hq_jax.kv.tiers`).
-  host_pools: KVPools  # [layers, H, block_size, kv_heads, head_dim] (+ FP8 scales)
+  # The host tier: H = max(host_blocks, 1) slots. K/V as the device's (`hq_jax.kv.tiers`).
+  host_pools: KVPools | None  # [layers, H, block_size, kv_heads, head_dim] (+ FP8 scales);
+  #                            None without a host tier
   host_registered: np.ndarray  # [H] bool the slot holds a block's identity and K/V
   host_hash: np.ndarray  # [H] uint32 the block's key (its `block_hash` on the device)
   host_salt: np.ndarray  # [H] int32
@@ -349,8 +350,12 @@ class DedupKVCache(PagedCache):
   blocks_to_device: np.ndarray  # [] int32 blocks moved host -> device (cumulative)
   host_evicted_blocks: np.ndarray  # [] int32 host blocks dropped (cumulative)
   hash_bits: int = static_field(default=32)
+  # Slots of the host tier (0: none; its arrays then keep one unused slot: orbax saves no
+  # zero-size array, and a cache without a tier must still checkpoint).
+  host_blocks: int = static_field(default=0)
 
   backend = "hq"
+  POOL_FIELDS = ("pools", "host_pools")
 
   @classmethod
   def init(cls, layout: KVLayout, *, num_blocks: int, max_requests: int, max_seq_len: int,
@@ -364,17 +369,17 @@ class DedupKVCache(PagedCache):
     if check_int(host_blocks, "host_blocks") < 0 or host_blocks >= 2**31:
       raise CacheError(f"host_blocks must be in [0, 2**31), got {host_blocks}")
     base = cls._base_arrays(layout, num_blocks, max_requests, max_seq_len, host_only)
-    nb, bs, nh = num_blocks, layout.block_size, host_blocks
+    nb, bs, nh = num_blocks, layout.block_size, max(host_blocks, 1)
     i32 = lambda *s, v=0: np.full(s, v, np.int32) if v else np.zeros(s, np.int32)  # lazy pages
-    if host_only:
-      host = KVPools.host_only(layout, nh)
-    elif nh:
+    if host_only and host_blocks:
+      host = KVPools.host_only(layout, host_blocks)
+    elif host_blocks:
       try:
-        host = tiers.host_pools(layout, nh, host_memory)
+        host = tiers.host_pools(layout, host_blocks, host_memory)
       except ValueError as e:
         raise CacheError(str(e)) from None
     else:
-      host = KVPools.zeros(layout, 0)
+      host = None  # no host tier (orbax saves no zero-size array)
     zero = lambda: np.zeros((), np.int32)
     cache = cls(
         **base,
@@ -387,16 +392,12 @@ class DedupKVCache(PagedCache):
         host_salt=i32(nh), host_gen=i32(nh), host_parent_gen=i32(nh),
         host_tokens=i32(nh, bs, v=-1), host_last_used=i32(nh), host_store=i32(nh, v=-1),
         host_load=i32(nh, v=-1), host_hit_tokens=zero(), blocks_to_host=zero(),
-        blocks_to_device=zero(), host_evicted_blocks=zero(), hash_bits=hash_bits)
+        blocks_to_device=zero(), host_evicted_blocks=zero(), hash_bits=hash_bits,
+        host_blocks=host_blocks)
     state = _Blocks(nb)
-    state.host = _HostBlocks(nh)
+    state.host = _HostBlocks(host_blocks)
     object.__setattr__(cache, "_derived", state)
     return cache
-
-  @property
-  def host_blocks(self) -> int:
-    """Slots of the host tier (0: no host tier)."""
-    return self.host_registered.shape[0]
 
   def _build_state(self) -> _Blocks:
     return _Blocks.build(self)

@@ -55,7 +55,10 @@ def host_memory_kind(requested: str = "auto", device=None) -> str:
 
 def _sharding(kind: str, device=None):
   device = device or jax.devices()[0]
-  return jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+  make = getattr(jax.sharding, "make_single_device_sharding", None)  # JAX >= 0.12
+  if make is None:
+    return jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+  return make(device, memory_kind=kind)
 
 
 def host_pools(layout: KVLayout, host_blocks: int, memory_kind: str = "auto") -> KVPools:
@@ -63,7 +66,11 @@ def host_pools(layout: KVLayout, host_blocks: int, memory_kind: str = "auto") ->
   whole pool on the way)."""
   kind = host_memory_kind(memory_kind)
   shape = layout.pool_shape(host_blocks)
-  make = lambda s, d: jax.jit(lambda: jnp.zeros(s, d), out_shardings=_sharding(kind))()
+  # Zeros made on the host itself (`_on_host`): never a device buffer of the host pool's
+  # size, and the arrays' type says host memory (what the copy step's gathers check).
+  zeros = lambda s, d: (lambda: jnp.zeros(s, d))
+  make = lambda s, d: jax.jit(_on_host(zeros(s, d)) if kind != "device" else zeros(s, d),
+                              out_shardings=_sharding(kind))()
   if not layout.quantized:
     return KVPools(make(shape, layout.dtype), make(shape, layout.dtype))
   sc = layout.scale_shape(host_blocks)
@@ -118,11 +125,14 @@ def _on_host(fn):
   """`fn` computed on the host, its outputs in host memory (`compute_on("device_host")`:
   a host pool is never brought to the device whole)."""
   from jax.experimental.compute_on import compute_on
-  host = jax.memory.Space.Host
-  try:
-    return compute_on(compute_type="device_host", out_memory_spaces=host)(fn)
-  except TypeError:  # an older JAX: compute_on(kind), outputs where the computation is
-    return compute_on("device_host")(fn)
+  space = getattr(getattr(jax, "memory", None), "Space", None)
+  if space is not None:  # JAX >= 0.12: a function transformation naming the outputs' memory
+    return compute_on(compute_type="device_host", out_memory_spaces=space.Host)(fn)
+
+  def wrapped(*args):  # older JAX: a context manager over a jitted call
+    with compute_on("device_host"):
+      return jax.jit(fn)(*args)
+  return wrapped
 
 
 @functools.lru_cache(maxsize=None)
