@@ -199,3 +199,18 @@ def test_replay_host_rows_respect_their_budget_and_pass_the_checks():
   bad = dict(hq[1], host_hit_tokens=hq[1]["host_hit_tokens"] + 16)
   with pytest.raises(ValueError, match="is not hit_tokens"):
     trace_outputs.check_row(bad)
+
+
+def test_the_peer_advantage_verdict_is_computed_from_replay_rows():
+  from hq_jax.study import ledger
+  row = lambda backend, budget, host, hit, computed: dict(
+      backend=backend, kv_budget_gb=budget, host_kv_budget_gb=host, kv_dtype="bfloat16",
+      hit_ratio=hit, computed_prefill_tokens=computed)
+  assert ledger.peer_advantage([row("hq_unbounded", 0.0, 0.0, 0.4, 60)])["supported"] == (
+      ledger.UNTESTED)
+  rows = [row("hq_unbounded", 0.0, 0.0, 0.4, 60), row("dense", 32.0, 0.0, 0.0, 100),
+          row("hq", 32.0, 0.0, 0.2, 80), row("hq", 32.0, 64.0, 0.3, 70)]
+  out = ledger.peer_advantage(rows)
+  assert out["supported"] == ledger.REFUTED and "vLLM's own KVCacheManager" in out["verdict"]
+  assert "hit 20.0% device-only, 30.0% with a 64 GB host tier (12.5% fewer" in out["verdict"]
+  assert out["evidence"] == "trace_replay.csv#3, trace_replay.csv#4"
