@@ -214,3 +214,34 @@ def test_the_peer_advantage_verdict_is_computed_from_replay_rows():
   assert out["supported"] == ledger.REFUTED and "vLLM's own KVCacheManager" in out["verdict"]
   assert "hit 20.0% device-only, 30.0% with a 64 GB host tier (12.5% fewer" in out["verdict"]
   assert out["evidence"] == "trace_replay.csv#3, trace_replay.csv#4"
+
+
+def test_model_mode_host_rows_equal_the_no_model_ones_and_decode_the_same(tiny):
+  """Requests far apart (timing cannot matter), chunk = block: served through the engine
+  with a host tier, the hits (device and host), blocks moved and evictions are the
+  no-model replay's; the greedy tokens equal the device-only row's; transfers are timed."""
+  from hq_jax.serve import scheduler
+  params, cfg = tiny
+  layout = KVLayout.from_config(cfg, block_size=16)
+  engine = Engine(params, cfg, chunk_size=16, attention="reference", time_transfers=True)
+  reqs = [TraceRequest(0, 0.0, 200, 3, (1,)), TraceRequest(1, 50.0, 200, 3, (2,)),
+          TraceRequest(2, 100.0, 200, 3, (1,))]
+  budget, host = 20.5 * layout.bytes_per_block / 1e9, 30.5 * layout.bytes_per_block / 1e9
+  cfg_r = ReplayConfig(max_concurrency=2)
+  run = lambda eng, gen=None: trace_outputs.run_budgets(
+      reqs, [budget], model="tiny", layout=layout, cfg=cfg_r, vocab_size=cfg.vocab_size,
+      engine=eng, host_budgets_gb=[0.0, host], generated=gen)
+  generated = {}
+  model, no_model = run(engine, generated), run(None)
+  same = ("hit_tokens", "device_hit_tokens", "host_hit_tokens", "host_hit_requests",
+          "bytes_to_host", "bytes_to_device", "evicted_blocks", "computed_prefill_tokens")
+  for m, n in zip(model, no_model):
+    assert {k: m[k] for k in same} == {k: n[k] for k in same}, m["backend"]
+  tiered = model[-1]
+  assert tiered["host_hit_tokens"] > 0 and tiered["transfer_s"] > 0
+  assert tiered["host_memory_kind"] == "pinned_host"
+  assert generated[("hq", budget)] == generated[("hq", budget, host)]
+  # The warm-up leaves a host-tier cache with nothing cached, nothing to copy.
+  c = scheduler.warm_up(engine, DedupKVCache.init(layout, num_blocks=64, max_requests=2,
+                                                  max_seq_len=400, host_blocks=8), 2)
+  assert not c.has_pending_copies and c.host_cached_blocks == 0 and c.cached_blocks == 0

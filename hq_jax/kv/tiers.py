@@ -36,21 +36,51 @@ HOST_MEMORY_KINDS = ("auto", "pinned_host", "device")
 
 def host_memory_kind(requested: str = "auto", device=None) -> str:
   """The memory kind the host pools get: "pinned_host" if `requested` is "auto" or
-  "pinned_host" and the device offers it, else "device" (the device's default memory:
-  the fallback a backend without host memory kinds gets)."""
+  "pinned_host" and the device offers it and runs the copy step there (`pinned_host_works`),
+  else "device" (the device's default memory: the fallback a backend without host memory
+  kinds gets; "auto" warns once, naming why)."""
   if requested not in HOST_MEMORY_KINDS:
     raise ValueError(f"host memory kind must be one of {HOST_MEMORY_KINDS}, got {requested!r}")
-  device = device or jax.devices()[0]
+  if requested == "device":
+    return "device"
+  why = pinned_host_works(device or jax.devices()[0])
+  if why is None:
+    return "pinned_host"
+  if requested == "pinned_host":
+    raise ValueError(why)
+  _warn_once(f"host tier: {why}; its pools are in the device's memory instead")
+  return "device"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  import warnings
+  warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=None)
+def pinned_host_works(device) -> str | None:
+  """None if `device` has pinned_host memory and a block makes the round trip through it
+  bit for bit (a one-block probe of the copy step, once per process); else why not."""
   try:
     kinds = {m.kind for m in device.addressable_memories()}
   except Exception:  # a backend without memory kinds
     kinds = set()
-  if requested != "device" and "pinned_host" in kinds:
-    return "pinned_host"
-  if requested == "pinned_host":
-    raise ValueError(f"{device.platform} device {device.id} has no pinned_host memory "
-                     f"(it has {sorted(kinds) or 'no memory kinds'})")
-  return "device"
+  if "pinned_host" not in kinds:
+    return (f"{device.platform} device {device.id} has no pinned_host memory (it has "
+            f"{sorted(kinds) or 'no memory kinds'})")
+  try:
+    layout = KVLayout(1, 1, 2, 1, "float32")
+    pools = KVPools(jnp.asarray(np.arange(4, dtype=np.float32).reshape(1, 2, 1, 1, 2)),
+                    jnp.zeros((1, 2, 1, 1, 2), jnp.float32))
+    host = host_pools(layout, 1, "pinned_host", _checked=True)
+    one, zero = np.ones(1, np.int32), np.zeros(1, np.int32)
+    pools, host, _ = apply_copies(pools, host, CopyPlan(zero, zero, zero, one), sync=True)
+    if not np.array_equal(np.asarray(pools.k)[0, 1].reshape(-1), [0.0, 1.0]):
+      return "a block copied through pinned_host memory came back changed"
+  except Exception as e:  # noqa: BLE001 - any failure means: not on this backend
+    return f"the copy step through pinned_host memory fails here ({type(e).__name__}: {e})"
+  return None
 
 
 def _sharding(kind: str, device=None):
@@ -61,10 +91,11 @@ def _sharding(kind: str, device=None):
   return make(device, memory_kind=kind)
 
 
-def host_pools(layout: KVLayout, host_blocks: int, memory_kind: str = "auto") -> KVPools:
+def host_pools(layout: KVLayout, host_blocks: int, memory_kind: str = "auto", *,
+               _checked: bool = False) -> KVPools:
   """Zeroed host pools of `host_blocks` blocks, made where they live (no host copy of the
   whole pool on the way)."""
-  kind = host_memory_kind(memory_kind)
+  kind = memory_kind if _checked else host_memory_kind(memory_kind)
   shape = layout.pool_shape(host_blocks)
   # Zeros made on the host itself (`_on_host`): never a device buffer of the host pool's
   # size, and the arrays' type says host memory (what the copy step's gathers check).
@@ -104,13 +135,19 @@ class CopyResult:
   seconds: float  # wall time of the copies (synced), 0.0 when not timed
 
 
-def _pad(idx: np.ndarray, fill: int) -> np.ndarray:
-  """Indices padded to a power of two with `fill` (an out-of-range id: the scatter drops
-  it, the gather clamps it), so a serving loop compiles a few copy shapes."""
-  n = 1 << max(int(idx.size) - 1, 0).bit_length() if idx.size else 0
+def _pad(idx: np.ndarray, n: int, fill: int) -> np.ndarray:
+  """Indices padded to `n` with `fill` (an out-of-range id: the scatter drops it, the
+  gather clamps it)."""
   out = np.full((n,), fill, np.int32)
   out[:idx.size] = idx
   return out
+
+
+def _padded_size(plan: CopyPlan) -> int:
+  """Both phases padded to one power of two: a serving loop compiles one copy step per
+  power of two (`warm_up` compiles them first), not one per pair of sizes."""
+  n = max(plan.store_src.size, plan.load_src.size)
+  return 1 << max(int(n) - 1, 0).bit_length() if n else 0
 
 
 def _host_update(hpool, blk, store_dst, load_src):
@@ -127,7 +164,10 @@ def _on_host(fn):
   from jax.experimental.compute_on import compute_on
   space = getattr(getattr(jax, "memory", None), "Space", None)
   if space is not None:  # JAX >= 0.12: a function transformation naming the outputs' memory
-    return compute_on(compute_type="device_host", out_memory_spaces=space.Host)(fn)
+    try:
+      return compute_on(compute_type="device_host", out_memory_spaces=space.Host)(fn)
+    except TypeError:
+      pass
 
   def wrapped(*args):  # older JAX: a context manager over a jitted call
     with compute_on("device_host"):
@@ -168,12 +208,13 @@ def apply_copies(pools: KVPools, host: KVPools, plan: CopyPlan, *,
   """Runs `plan` on the pools (both donated); `sync` waits for the copies and times them
   (wall clock), else they are dispatched and overlap whatever runs next."""
   t0 = time.perf_counter()
-  nb, nh = pools.num_blocks, host.num_blocks
+  nb, nh, n = pools.num_blocks, host.num_blocks, _padded_size(plan)
   treedef = jax.tree.structure(pools)
   move = _mover(pools_memory_kind(pools), pools_memory_kind(host), treedef.num_leaves)
   new_p, new_h = move(jax.tree.leaves(pools), jax.tree.leaves(host),
-                      jnp.asarray(_pad(plan.store_src, nb)), jnp.asarray(_pad(plan.store_dst, nh)),
-                      jnp.asarray(_pad(plan.load_src, nh)), jnp.asarray(_pad(plan.load_dst, nb)))
+                      *(jnp.asarray(_pad(idx, n, fill)) for idx, fill in (
+                          (plan.store_src, nb), (plan.store_dst, nh), (plan.load_src, nh),
+                          (plan.load_dst, nb))))
   pools, host = jax.tree.unflatten(treedef, new_p), jax.tree.unflatten(treedef, new_h)
   seconds = 0.0
   if sync:
@@ -191,3 +232,22 @@ def run_copies(cache, *, sync: bool = False):
   cache, plan = take()
   pools, host, result = apply_copies(cache.pools, cache.host_pools, plan, sync=sync)
   return cache.with_pools(pools, host_pools=host), result
+
+
+def warm_up(cache):
+  """Compiles the copy step at every padded size a request can need (up to its most
+  blocks), so that `transfer_s` times copies, not compilation; copies nothing (every index
+  is out of range). A cache without a host tier is returned as it is."""
+  if not getattr(cache, "host_blocks", 0) or cache.host_only:
+    return cache
+  pools, host = cache.pools, cache.host_pools
+  n = 1
+  while True:
+    fill = lambda k: np.full((n,), k, np.int32)
+    nb, nh = pools.num_blocks, host.num_blocks
+    pools, host, _ = apply_copies(pools, host, CopyPlan(fill(nb), fill(nh), fill(nh), fill(nb)),
+                                  sync=True)
+    if n >= cache.max_blocks_per_seq:
+      break
+    n *= 2
+  return cache.with_pools(pools, host_pools=host)

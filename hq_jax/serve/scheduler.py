@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from hq_jax.kv import tiers
 from hq_jax.kv.base import PoolFull
 
 
@@ -421,5 +422,8 @@ def warm_up(engine, cache, max_concurrency: int):
     np.asarray(step.logits)
   for s in slots:
     cache = cache.release(s)
-  # Dropped, not moved to a host tier: the throwaway blocks are no one's prefix.
-  return cache.evict(to_host=False) if cache.backend == "hq" else cache
+  if cache.backend != "hq":
+    return cache
+  # Dropped, not moved to a host tier: the throwaway blocks are no one's prefix. Then the
+  # tiers' copy step is compiled at every size (timed copies exclude compilation).
+  return tiers.warm_up(cache.evict(to_host=False))
