@@ -154,7 +154,7 @@ class _Blocks:
     self.free = FreeBlocks(num_blocks)
     self.held = self.cached = 0
     self.sums: dict[int, tuple[int, int]] = {}
-    self.host = _HostBlocks(0)
+    self.host: _HostBlocks | None = None  # set by the cache (a host index has none)
 
   @classmethod
   def build(cls, c: "DedupKVCache") -> "_Blocks":
@@ -177,7 +177,7 @@ class _Blocks:
     out.lru = collections.deque([self.lru[0][self.head:], *list(self.lru)[1:]] if self.lru else [])
     out.queued, out.free = self.queued, self.free.copy()
     out.held, out.cached, out.sums = self.held, self.cached, dict(self.sums)
-    out.host = self.host.copy()
+    out.host = self.host.copy() if self.host is not None else None
     return out
 
   def probe(self, c: "DedupKVCache", keys: np.ndarray):
@@ -275,9 +275,10 @@ class _Blocks:
 class _HostBlocks:
   """Derived from the host tier's arrays, as `_Blocks` from the device's.
 
-  index: key -> registered host slots (a dict: a host lookup goes on only where the
-         device chain ended, block by block, so it needs no vectorized probe);
-  by_gen: generation -> its host slot (a generation is on the host at most once);
+  index: the registered host slots by key (a `_Blocks` hash table of H slots: its
+         `add` / `remove` / `candidates`; each candidate is verified before use);
+  slot_of_gen: generation -> its host slot, -1 if none (a generation is on the host at
+         most once; grown with the generations);
   lru:   registered host slots, least recently used first (`host_last_used` order);
   free:  unregistered host slots, lowest first;
   loads: device block -> the host slot with a pending copy into it (the slot is pinned);
@@ -285,8 +286,8 @@ class _HostBlocks:
   """
 
   def __init__(self, host_blocks: int):
-    self.index: dict[int, list[int]] = {}
-    self.by_gen: dict[int, int] = {}
+    self.index = _Blocks(max(host_blocks, 1))
+    self.slot_of_gen = np.full((1024,), -1, np.int32)
     self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()
     self.free = FreeBlocks(host_blocks)
     self.loads: dict[int, int] = {}
@@ -298,9 +299,8 @@ class _HostBlocks:
     if not c.host_blocks:
       return hb
     reg = np.flatnonzero(c.host_registered)
-    for h, key, gen in zip(reg.tolist(), c.host_hash[reg].tolist(), c.host_gen[reg].tolist()):
-      hb.index.setdefault(key, []).append(h)
-      hb.by_gen[gen] = h
+    hb.index.add(c.host_hash[reg].astype(np.int64), reg.astype(np.int64))
+    hb.set_gens(c.host_gen[reg], reg)
     order = reg[np.argsort(c.host_last_used[reg], kind="stable")]
     hb.lru = collections.OrderedDict.fromkeys(order.tolist())
     hb.free = FreeBlocks(c.host_blocks, ~c.host_registered)
@@ -311,10 +311,26 @@ class _HostBlocks:
 
   def copy(self) -> "_HostBlocks":
     out = _HostBlocks(0)
-    out.index = {k: list(v) for k, v in self.index.items()}
-    out.by_gen, out.lru, out.free = dict(self.by_gen), self.lru.copy(), self.free.copy()
+    out.index, out.slot_of_gen = self.index.copy(), self.slot_of_gen.copy()
+    out.lru, out.free = self.lru.copy(), self.free.copy()
     out.loads, out.stores = dict(self.loads), set(self.stores)
     return out
+
+  def slots_of(self, gens: np.ndarray) -> np.ndarray:
+    """The host slot holding each generation, -1 where none."""
+    gens = np.asarray(gens, np.int64)
+    inside = gens < self.slot_of_gen.size
+    out = np.full(gens.shape, -1, np.int32)
+    out[inside] = self.slot_of_gen[gens[inside]]
+    return out
+
+  def set_gens(self, gens: np.ndarray, slots) -> None:
+    gens = np.asarray(gens, np.int64)
+    if gens.size and gens.max() >= self.slot_of_gen.size:
+      grown = np.full((max(2 * self.slot_of_gen.size, int(gens.max()) + 1),), -1, np.int32)
+      grown[:self.slot_of_gen.size] = self.slot_of_gen
+      self.slot_of_gen = grown
+    self.slot_of_gen[gens] = slots
 
 
 @jax.tree_util.register_dataclass
@@ -594,12 +610,9 @@ class DedupKVCache(PagedCache):
     for h in reversed(pinned):  # back at the front, in their order
       hb.lru[h] = None
       hb.lru.move_to_end(h, last=False)
-    for h, key, gen in zip(out, self.host_hash[out].tolist(), self.host_gen[out].tolist()):
-      keyed = hb.index[key]
-      keyed.remove(h)
-      if not keyed:
-        del hb.index[key]
-      del hb.by_gen[gen]
+    dropped = np.asarray(out, np.int64)
+    hb.index.remove(self.host_hash[dropped].astype(np.int64), dropped)
+    hb.set_gens(self.host_gen[dropped], -1)
     self.host_registered[out] = False
     self.host_evicted_blocks[...] += len(out)
     return out
@@ -612,27 +625,28 @@ class DedupKVCache(PagedCache):
     parents, pgens = self.block_parent[blocks], self.block_parent_gen[blocks]
     p = np.maximum(parents, 0)
     parent_here = (parents < 0) | (self.registered[p] & (self.block_gen[p] == pgens))
-    keep = [i for i, (g, pg, here) in enumerate(zip(self.block_gen[blocks].tolist(),
-                                                    pgens.tolist(), parent_here.tolist()))
-            if g not in hb.by_gen and (here or pg in hb.by_gen)]
+    gens = self.block_gen[blocks]
+    keep = np.flatnonzero((hb.slots_of(gens) < 0) & (parent_here | (hb.slots_of(pgens) >= 0)))
+    # One copy per identity (two device copies of one generation can be evicted together).
+    _, first = np.unique(gens[keep][::-1], return_index=True)
+    keep = np.sort(keep[::-1][first])
     room = self.host_blocks - len(hb.loads)  # pinned slots stay
-    keep = keep[max(len(keep) - room, 0):]
-    if not keep:
+    keep = keep[max(keep.size - room, 0):]
+    if not keep.size:
       return
     src = blocks[keep]
-    slots = hb.free.take(min(len(keep), len(hb.free))).tolist()
-    if len(slots) < len(keep):
-      slots += self._drop_host(len(keep) - len(slots))
+    slots = hb.free.take(min(keep.size, len(hb.free))).tolist()
+    if len(slots) < keep.size:
+      slots += self._drop_host(keep.size - len(slots))
     self.host_registered[slots] = True
     self.host_hash[slots] = self.block_hash[src]
     self.host_salt[slots] = self.block_salt[src]
     self.host_gen[slots] = self.block_gen[src]
     self.host_parent_gen[slots] = self.block_parent_gen[src]
     self.host_tokens[slots] = self.block_tokens[src]
-    for h, key, gen in zip(slots, self.host_hash[slots].tolist(),
-                           self.host_gen[slots].tolist()):
-      hb.index.setdefault(key, []).append(h)
-      hb.by_gen[gen] = h
+    new = np.asarray(slots, np.int64)
+    hb.index.add(self.host_hash[new].astype(np.int64), new)
+    hb.set_gens(self.host_gen[new], new)
     self._touch_host(slots)
     if not self.host_only:  # the K/V to copy (a host-only cache plans the moves only)
       self.host_store[slots] = src
@@ -648,20 +662,36 @@ class DedupKVCache(PagedCache):
     hb = self._state.host
     prev = int(self.block_gen[hits[-1]]) if hits else 0
     start, run, out, last = len(hits), 64, [], before
+
+    def verified(c: np.ndarray, first_prev: int, rows: np.ndarray) -> np.ndarray:
+      """Whether host slots `c` (a chain, -1 = none) verify one after the other."""
+      cs = np.maximum(c, 0)
+      prevs = np.r_[first_prev, self.host_gen[cs[:-1]]]
+      return ((c >= 0) & (self.host_parent_gen[cs] == prevs) & (self.host_salt[cs] == salt)
+              & (self.host_load[cs] < 0) & _rows_equal(self.host_tokens[cs], rows))
+
     while start < len(blocks):
       sums = _prefix_sums(blocks[start:start + run], start, last)
-      for j, key in enumerate(_keys(sums, salt, self.hash_bits).tolist()):
-        found = None
-        for h in hb.index.get(key, ()):
-          if (self.host_parent_gen[h] == prev and self.host_salt[h] == salt
-              and self.host_load[h] < 0
-              and np.array_equal(self.host_tokens[h], blocks[start + j])):
-            found = h
-            break
+      keys = _keys(sums, salt, self.hash_bits).astype(np.int64)
+      one, more = hb.index.probe(self, keys)
+      sum_before = lambda i: int(sums[i - 1]) if i else last
+      j, ambiguous = 0, np.flatnonzero(more).tolist() + [sums.size]
+      for stop in ambiguous:
+        if stop > j:  # single candidates: verified as a chain, in one pass
+          ok = verified(one[j:stop], prev, blocks[start + j:start + stop])
+          k = int(np.argmin(ok)) if not ok.all() else ok.size
+          out += one[j:j + k].tolist()
+          if k < ok.size:
+            return out, sum_before(j + k)
+          prev = int(self.host_gen[one[stop - 1]])
+        if stop == sums.size:
+          break
+        found = next((h for h in hb.index.candidates(self, int(keys[stop]))  # several
+                      if verified(np.asarray([h]), prev, blocks[start + stop][None])[0]), None)
         if found is None:
-          return out, (int(sums[j - 1]) if j else last)
+          return out, sum_before(stop)
         out.append(found)
-        prev = int(self.host_gen[found])
+        prev, j = int(self.host_gen[found]), stop + 1
       start, run, last = start + sums.size, 2 * run, int(sums[-1])
     return out, last
 
