@@ -12,15 +12,20 @@ Lifecycle of a physical block:
   (findable, shareable; refcount = number of block-table entries holding it) ->
   cached (refcount 0, still findable, in LRU order by `last_used`) -> evicted
   (unregistered) when the pool needs space, or by `evict`.
-A block's generation is bumped on every allocation, so children registered under an
-evicted parent can never be matched through the parent's new contents. A request's
+A block gets a new generation on every allocation (`gen_clock`: never one used before), so
+children registered under an evicted parent can never be matched through the parent's new
+contents. A request's
 partial last block is always private.
 
 Blocks are registered only once their K/V is written (`commit`), so a hit always
 points at computed K/V.
 
 Allocation takes never-registered free blocks first (lowest id first), then evicts
-cached blocks, least recently used first (`evicted_blocks` counts them).
+cached blocks, least recently used first (`evicted_blocks` counts them). Every
+operation costs O(blocks it touches): the arrays are the state, and what makes lookups
+and allocation cheap is derived from them (`_Blocks`: a hash table of the registered blocks, the free
+list, the cached blocks in LRU order, counters), as vLLM's BlockPool keeps a hash map
+and a free queue beside its blocks.
 
 Host tier (`host_blocks` > 0). An evicted block moves to a host pool of `host_blocks`
 blocks instead of being dropped, its identity kept: tokens, salt, key, its generation and
@@ -36,11 +41,8 @@ blocks, it takes device blocks for them, registers them at once and records copi
 engine runs them before the next model step (`hq_jax.kv.tiers`). A host block with a
 pending copy is not dropped. Hits count device and host tokens (`hit_tokens` both,
 `host_hit_tokens` the host's, as SGLang's HiCache and vLLM's offloading connector do);
-`blocks_to_host` / `blocks_to_device` count blocks moved (planned, in a host-only cache). Every
-operation costs O(blocks it touches): the arrays are the state, and what makes lookups
-and allocation cheap is derived from them (`_Blocks`: a hash table of the registered blocks, the free
-list, the cached blocks in LRU order, counters), as vLLM's BlockPool keeps a hash map
-and a free queue beside its blocks.
+`blocks_to_host` / `blocks_to_device` count blocks moved (planned, in a host-only cache).
+The host tier's derived state is `_HostBlocks`, rebuilt from its arrays as `_Blocks` is.
 """
 
 from __future__ import annotations
@@ -343,7 +345,7 @@ class DedupKVCache(PagedCache):
   block_salt: np.ndarray  # [num_blocks] int32
   block_parent: np.ndarray  # [num_blocks] int32, -1 for a first block
   block_parent_gen: np.ndarray  # [num_blocks] int32 parent's generation at registration
-  block_gen: np.ndarray  # [num_blocks] int32 bumped on every allocation
+  block_gen: np.ndarray  # [num_blocks] int32 a new one on every allocation (unique)
   block_tokens: np.ndarray  # [num_blocks, block_size] int32 token copies, -1 past the end
   last_used: np.ndarray  # [num_blocks] int32 LRU clock value of the last use
   clock: np.ndarray  # [] int32
