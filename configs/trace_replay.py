@@ -20,6 +20,10 @@ def get_config():
   c.decode_rows = 64  # Model mode: rows of every decode step (0 = bucketed, not batch-invariant).
   c.attention = "auto"
   c.kv_budget_gb = [0.0]
+  # HQ's host tier per row (GB of host memory; 0 = none), and where it lives: "auto" =
+  # pinned host memory where the backend has it, else the device's ("device").
+  c.host_kv_budget_gb = [0.0]
+  c.host_memory = "auto"
   c.max_concurrency = 64
   c.max_output_tokens = 0
   c.max_requests = 0

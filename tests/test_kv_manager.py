@@ -292,21 +292,23 @@ def _apply(c, op):
 
 @settings(max_examples=12 if not os.environ.get("HQ_JAX_DEEP_TESTS") else 60, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(warm=_OPS, ops=_OPS, bits=st.sampled_from([0, 32]))
-def test_a_restored_cache_behaves_as_the_one_saved(warm, ops, bits):
-  """Random operations warm a cache (hits, evictions, collisions at 0 bits); it is saved
-  and restored (its derived state rebuilt from the arrays); then the same random operations
-  on both give the same outcomes and the same arrays at every step."""
-  c = _hq(num_blocks=10, max_seq_len=24, hash_bits=bits)
+@given(warm=_OPS, ops=_OPS, bits=st.sampled_from([0, 32]), host=st.sampled_from([0, 3]))
+def test_a_restored_cache_behaves_as_the_one_saved(warm, ops, bits, host):
+  """Random operations warm a cache (hits, evictions, collisions at 0 bits; with a host
+  tier, moves to it, hits on it and their pending copies); it is saved and restored (its
+  derived state rebuilt from the arrays); then the same random operations on both give the
+  same outcomes and the same arrays at every step."""
+  c = _hq(num_blocks=10, max_seq_len=24, hash_bits=bits, host_blocks=host)
   for op in warm:
     c, _ = _apply(c, op)
   with tempfile.TemporaryDirectory() as d:
     checkpoint.save(os.path.join(d, "c"), c)
     restored = checkpoint.restore(os.path.join(d, "c"), _hq(num_blocks=10, max_seq_len=24,
-                                                            hash_bits=bits))
+                                                            hash_bits=bits, host_blocks=host))
   for op in ops:
     c, a = _apply(c, op)
     restored, b = _apply(restored, op)
     assert a == b
     chex.assert_trees_all_equal(_snapshot(c), _snapshot(restored))
     assert (c.held_blocks, c.cached_blocks) == (restored.held_blocks, restored.cached_blocks)
+    assert c.has_pending_copies == restored.has_pending_copies

@@ -2,7 +2,9 @@
 
 K/V written for token p of a request is a function of (salt, tokens[:p+1]), as with a
 real model, so reading a request back returns exactly its own values if and only if
-no block was ever shared, evicted or overwritten wrongly.
+no block was ever shared, evicted or overwritten wrongly. The host-tier machine runs the
+same program with a host tier: evicted blocks move to it and come back on hits, the
+copies run before each write, as the engine runs them before each step.
 """
 
 import hashlib
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from hq_jax import config
-from hq_jax.kv import paged
+from hq_jax.kv import paged, tiers
 from hq_jax.kv.base import CacheError, PoolFull
 from hq_jax.kv.dedup import DedupKVCache
 from hq_jax.kv.dense import DenseKVCache
@@ -35,7 +37,9 @@ def _value(salt, prefix) -> float:
 
 
 def _write(cache, slot, salt, tokens):
-  """Writes K/V for tokens [seq_len, req_len) of `slot` and commits them."""
+  """Writes K/V for tokens [seq_len, req_len) of `slot` and commits them (the copies
+  between tiers first, as a model step runs them)."""
+  cache, _ = tiers.run_copies(cache)
   start, end = int(cache.seq_lens[slot]), int(cache.req_lens[slot])
   if end == start:
     return cache
@@ -51,12 +55,14 @@ def _write(cache, slot, salt, tokens):
 
 class CacheMachine(RuleBasedStateMachine):
   backend = "hq"
+  host_blocks = 0
 
   def __init__(self):
     super().__init__()
     if self.backend == "hq":
       self.cache = DedupKVCache.init(LAYOUT, num_blocks=12, max_requests=4,
-                                     max_seq_len=MAX_SEQ, hash_bits=0)  # All collide.
+                                     max_seq_len=MAX_SEQ, hash_bits=0,  # All collide.
+                                     host_blocks=self.host_blocks)
     else:
       self.cache = DenseKVCache.init(LAYOUT, num_blocks=24, max_requests=4,
                                      max_seq_len=MAX_SEQ)
@@ -132,8 +138,24 @@ class CacheMachine(RuleBasedStateMachine):
         assert len(first[2]) == (first[0] + 1) * bs  # Only full blocks are shared.
 
 
+  @invariant()
+  def host_tier_within_budget_one_copy_per_identity(self):
+    if not self.host_blocks:
+      return
+    c = self.cache
+    reg = np.flatnonzero(np.asarray(c.host_registered))
+    assert reg.size <= self.host_blocks
+    assert np.unique(np.asarray(c.host_gen)[reg]).size == reg.size
+    assert int(c.host_hit_tokens) <= int(c.hit_tokens)
+    assert int(c.host_hit_tokens) <= int(c.blocks_to_device) * LAYOUT.block_size
+
+
 class DenseCacheMachine(CacheMachine):
   backend = "dense"
+
+
+class HostTierCacheMachine(CacheMachine):
+  host_blocks = 5
 
 
 # `make test` runs 15 random programs per machine (it must stay under 10 minutes on the
@@ -145,3 +167,5 @@ TestDedupCache = CacheMachine.TestCase
 TestDedupCache.settings = _settings
 TestDenseCache = DenseCacheMachine.TestCase
 TestDenseCache.settings = _settings
+TestHostTierCache = HostTierCacheMachine.TestCase
+TestHostTierCache.settings = _settings

@@ -163,7 +163,7 @@ def _trace_lines(seed=0, n=30):
 
 
 REPLAY_ARGS = ["--no_model", "--model=tiny", "--kv_budget_gb=0,0.002,0.01",
-               "--capacity_context_lengths=1024"]
+               "--host_kv_budget_gb=0,0.004", "--capacity_context_lengths=1024"]
 
 
 _KILL_AFTER_CSV = (
@@ -220,6 +220,13 @@ def spawned(tiny, tmp_path_factory):
       ([f"--trace={p['bad']}", *REPLAY_ARGS, f"--output_dir={p['out']}"],
        (f"{p['bad']}:4", "UTF-8"), 2),
       ([*replay, f"--output_dir={p['afile']}/sub"], (p["afile"],), 2),
+      ([*replay, "--host_kv_budget_gb=0,-4", f"--output_dir={p['out']}"],
+       ("--host_kv_budget_gb", ">= 0"), 2),
+      ([*replay, "--host_kv_budget_gb=0,0", f"--output_dir={p['out']}"],
+       ("--host_kv_budget_gb", "twice"), 2),
+      ([*replay, "--host_kv_budget_gb=1e-12", f"--output_dir={p['out']}"],
+       ("--host_kv_budget_gb=1e-12", "less than one KV block"), 2),
+      ([*replay, "--host_memory=gpu", f"--output_dir={p['out']}"], ("--host_memory",), 2),
   ]
   procs = dict(
       replay=_spawn(["scripts/trace_replay.py", *replay, f"--output_dir={p['replay']}"]),
@@ -393,6 +400,23 @@ def test_derived_columns_are_checked(sweep_dir, tmp_path, column, value, message
   d = _copy(sweep_dir, tmp_path)
   _edit(d, "memory_sweep.csv", lambda h, rows: _hq_row(rows).update({column: value}))
   _refused(d, "memory_sweep.csv data row", message)
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("host_hit_tokens", "16", "is not hit_tokens"),
+    ("bytes_to_device", "7", "not whole blocks"),
+    ("host_kv_budget_gb", "0.008", "not the plan"),
+    ("transfer_s", "0.5", "moves no bytes"),
+])
+def test_host_tier_columns_are_checked(replay_dir, tmp_path, column, value, message):
+  """The host tier's columns: device + host hits = hits, bytes in whole blocks, the host
+  budgets of the record's config, no transfer time without a model."""
+  d = _copy(replay_dir, tmp_path)
+  rows = _rows(os.path.join(d, "trace_replay.csv"))[1]
+  assert any(float(r["host_kv_budget_gb"]) and int(r["host_hit_tokens"]) for r in rows)
+  _edit(d, "trace_replay.csv", lambda h, rows: next(
+      r for r in rows if float(r["host_kv_budget_gb"])).update({column: value}))
+  _refused(d, "trace_replay.csv", message)
 
 
 def test_rows_must_be_what_the_records_config_made(sweep_dir, tmp_path):

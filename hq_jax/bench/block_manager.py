@@ -8,7 +8,9 @@ filled with released, cached chains, so every allocation evicts. Then, repeated:
   release  of it (the chain and the new block go back to the LRU, the partial block free);
 and a decode step of 64 running requests (`append_batch`, then `commit_batch`).
 
-    python -m hq_jax.bench.block_manager [--repeats N]
+    python -m hq_jax.bench.block_manager [--repeats N] [--host_blocks H]
+
+(`--host_blocks`: with a host tier of H blocks, so every eviction is a move to it.)
 
 prints the median and p90 of each, in milliseconds. Timings are wall clock on the host:
 run it on an idle machine.
@@ -32,12 +34,13 @@ LAYOUT = KVLayout(num_layers=24, num_kv_heads=2, head_dim=64, block_size=16,
 
 
 def full_cache(rng: np.random.Generator, *, chain_blocks: int = CHAIN_BLOCKS,
-               num_blocks: int = NUM_BLOCKS):
+               num_blocks: int = NUM_BLOCKS, host_blocks: int = 0):
   """A host-only cache whose every block is cached (registered, refcount 0), and the
   tokens of a cached chain of `chain_blocks` blocks, the most recently used."""
   bs = LAYOUT.block_size
   cache = DedupKVCache.init(LAYOUT, num_blocks=num_blocks, max_requests=2 * DECODE_BATCH,
-                            max_seq_len=(chain_blocks + 64) * bs, host_only=True)
+                            max_seq_len=(chain_blocks + 64) * bs, host_only=True,
+                            host_blocks=host_blocks)
   while cache.held_blocks + cache.cached_blocks < num_blocks:
     tokens = rng.integers(0, 150_000, chain_blocks * bs)
     cache, slot = cache.admit(tokens)
@@ -53,9 +56,9 @@ def _ms(times) -> str:
   return f"median {np.median(t):7.3f} ms   p90 {np.percentile(t, 90):7.3f} ms"
 
 
-def measure(repeats: int = 200, seed: int = 0) -> dict[str, list[float]]:
+def measure(repeats: int = 200, seed: int = 0, host_blocks: int = 0) -> dict[str, list[float]]:
   rng = np.random.default_rng(seed)
-  cache, chain = full_cache(rng)
+  cache, chain = full_cache(rng, host_blocks=host_blocks)
   bs = LAYOUT.block_size
   times = {"admit": [], "commit": [], "release": [], "append_batch": [], "commit_batch": []}
   clock = time.perf_counter
@@ -96,10 +99,13 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--repeats", type=int, default=200)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--host_blocks", type=int, default=0,
+                      help="blocks of a host tier (0: none)")
   args = parser.parse_args(argv)
   t0 = time.perf_counter()
-  times = measure(args.repeats, args.seed)
-  print(f"HQ block manager, host only: {NUM_BLOCKS:,} blocks, all cached; "
+  times = measure(args.repeats, args.seed, args.host_blocks)
+  tier = f", host tier of {args.host_blocks:,} blocks" if args.host_blocks else ""
+  print(f"HQ block manager, host only: {NUM_BLOCKS:,} blocks{tier}, all cached; "
         f"{args.repeats} repeats ({time.perf_counter() - t0:.1f} s with setup)")
   labels = {"admit": f"admit ({CHAIN_BLOCKS}-block cached chain + 2 new blocks)",
             "commit": "commit of that prompt", "release": "release of it",

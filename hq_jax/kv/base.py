@@ -150,6 +150,7 @@ class PagedCache:
   max_seq_len: int = static_field()
 
   backend = "base"
+  POOL_FIELDS = ("pools",)  # the fields holding K/V (KVPools), not metadata
 
   # ------------------------------------------------------------------ shapes
   @property
@@ -246,8 +247,9 @@ class PagedCache:
   def copy(self) -> "PagedCache":
     """An independent snapshot (metadata and pools copied: O(pool)); this cache stays valid."""
     self._check_live()
-    pools = self.pools if self.host_only else jax.tree.map(jnp.copy, self.pools)
-    new = dataclasses.replace(self, pools=pools, **{
+    pools = {name: p if p.is_host_only else jax.tree.map(jnp.copy, p)
+             for name, p in pool_leaves(self).items()}
+    new = dataclasses.replace(self, **pools, **{
         name: np.array(v) for name, v in metadata_leaves(self).items()})
     state = self.__dict__.get(_STATE)
     object.__setattr__(new, _STATE, None if state is None else self._copy_state(state))
@@ -354,17 +356,23 @@ class PagedCache:
     """Extends a request by one (decoded) token; its K/V is written by the next step."""
     return self.append_batch([slot], [token])
 
-  def with_pools(self, pools: KVPools):
-    """The cache with the K/V pools a model step wrote (this cache is consumed)."""
+  def with_pools(self, pools: KVPools, *, host_pools: KVPools | None = None):
+    """The cache with the K/V pools a model step wrote (this cache is consumed); an HQ
+    cache's host tier's too, where a step (`tiers.run_copies`) wrote them."""
     self._check_live()
     if self.host_only:
       raise CacheError("this cache was built host_only (no K/V pools): it cannot run a "
                        "model step")
-    if (pools.k.shape != self.pools.k.shape or pools.k.dtype != self.pools.k.dtype
-        or pools.quantized != self.pools.quantized):
-      raise CacheError(f"pools of shape {pools.k.shape}/{pools.k.dtype} do not fit a cache of "
-                       f"{self.pools.k.shape}/{self.pools.k.dtype}")
-    return self._finish(self._begin(), "with_pools", pools=pools)
+    changes = dict(pools=pools)
+    if host_pools is not None:
+      changes["host_pools"] = host_pools
+    for name, new in changes.items():
+      old = getattr(self, name)
+      if (new.k.shape != old.k.shape or new.k.dtype != old.k.dtype
+          or new.quantized != old.quantized):
+        raise CacheError(f"{name} of shape {new.k.shape}/{new.k.dtype} do not fit a cache "
+                         f"of {old.k.shape}/{old.k.dtype}")
+    return self._finish(self._begin(), "with_pools", **changes)
 
   # ----------------------------------------------------------------- queries
   @property
@@ -444,7 +452,14 @@ class PagedCache:
     return int(self.req_lens[slot])
 
 
+def pool_leaves(cache: PagedCache) -> dict[str, KVPools]:
+  """The cache's K/V pools by field name (`POOL_FIELDS`: the device's and, in HQ with a
+  host tier, the host's; a field that is None holds none)."""
+  return {name: getattr(cache, name) for name in cache.POOL_FIELDS
+          if getattr(cache, name) is not None}
+
+
 def metadata_leaves(cache: PagedCache) -> dict[str, jax.Array]:
   """Every array of the cache that is not K/V (what `metadata_bytes` counts)."""
   return {f.name: getattr(cache, f.name) for f in dataclasses.fields(cache)
-          if f.name != "pools" and not f.metadata.get("static")}
+          if not f.metadata.get("static") and f.name not in cache.POOL_FIELDS}

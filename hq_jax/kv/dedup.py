@@ -12,8 +12,9 @@ Lifecycle of a physical block:
   (findable, shareable; refcount = number of block-table entries holding it) ->
   cached (refcount 0, still findable, in LRU order by `last_used`) -> evicted
   (unregistered) when the pool needs space, or by `evict`.
-A block's generation is bumped on every allocation, so children registered under an
-evicted parent can never be matched through the parent's new contents. A request's
+A block gets a new generation on every allocation (`gen_clock`: never one used before), so
+children registered under an evicted parent can never be matched through the parent's new
+contents. A request's
 partial last block is always private.
 
 Blocks are registered only once their K/V is written (`commit`), so a hit always
@@ -25,6 +26,23 @@ operation costs O(blocks it touches): the arrays are the state, and what makes l
 and allocation cheap is derived from them (`_Blocks`: a hash table of the registered blocks, the free
 list, the cached blocks in LRU order, counters), as vLLM's BlockPool keeps a hash map
 and a free queue beside its blocks.
+
+Host tier (`host_blocks` > 0). An evicted block moves to a host pool of `host_blocks`
+blocks instead of being dropped, its identity kept: tokens, salt, key, its generation and
+its parent's. Generations are unique (`gen_clock` hands them out), so a host block's
+parent is named by its generation alone, wherever the parent is: on the device, on the
+host, or back on the device after a hit (a block brought back keeps its generation). The
+host pool is LRU too (a move or a hit is a use) and drops its least recently used block
+when full (`host_evicted_blocks`); a block is not moved when its identity is on the host
+already, or when its chain cannot be found any more (its parent neither on the device nor
+on the host). Admission walks the chain on the device first; where it goes on in host
+blocks, it takes device blocks for them, registers them at once and records copies host
+-> device (`host_load`), as eviction records copies device -> host (`host_store`): the
+engine runs them before the next model step (`hq_jax.kv.tiers`). A host block with a
+pending copy is not dropped. Hits count device and host tokens (`hit_tokens` both,
+`host_hit_tokens` the host's, as SGLang's HiCache and vLLM's offloading connector do);
+`blocks_to_host` / `blocks_to_device` count blocks moved (planned, in a host-only cache).
+The host tier's derived state is `_HostBlocks`, rebuilt from its arrays as `_Blocks` is.
 """
 
 from __future__ import annotations
@@ -37,7 +55,8 @@ import numpy as np
 
 from hq_jax.kv.base import (CacheError, FreeBlocks, PagedCache, PoolFull, check_int, check_salt,
                             static_field)
-from hq_jax.kv.paged import KVLayout
+from hq_jax.kv import tiers
+from hq_jax.kv.paged import KVLayout, KVPools
 
 _M32 = (1 << 32) - 1
 _U = np.uint64
@@ -137,6 +156,7 @@ class _Blocks:
     self.free = FreeBlocks(num_blocks)
     self.held = self.cached = 0
     self.sums: dict[int, tuple[int, int]] = {}
+    self.host: _HostBlocks | None = None  # set by the cache (a host index has none)
 
   @classmethod
   def build(cls, c: "DedupKVCache") -> "_Blocks":
@@ -149,6 +169,7 @@ class _Blocks:
     st.push_cached(c, cached)
     st.free = FreeBlocks(c.num_blocks, ~reg & unheld)
     st.held = int(np.count_nonzero(~unheld))
+    st.host = _HostBlocks.build(c)
     return st
 
   def copy(self) -> "_Blocks":
@@ -158,6 +179,7 @@ class _Blocks:
     out.lru = collections.deque([self.lru[0][self.head:], *list(self.lru)[1:]] if self.lru else [])
     out.queued, out.free = self.queued, self.free.copy()
     out.held, out.cached, out.sums = self.held, self.cached, dict(self.sums)
+    out.host = self.host.copy() if self.host is not None else None
     return out
 
   def probe(self, c: "DedupKVCache", keys: np.ndarray):
@@ -252,6 +274,67 @@ class _Blocks:
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
+class _HostBlocks:
+  """Derived from the host tier's arrays, as `_Blocks` from the device's.
+
+  index: the registered host slots by key (a `_Blocks` hash table of H slots: its
+         `add` / `remove` / `candidates`; each candidate is verified before use);
+  slot_of_gen: generation -> its host slot, -1 if none (a generation is on the host at
+         most once; grown with the generations);
+  lru:   registered host slots, least recently used first (`host_last_used` order);
+  free:  unregistered host slots, lowest first;
+  loads: device block -> the host slot with a pending copy into it (the slot is pinned);
+  stores: host slots with a pending copy from the device.
+  """
+
+  def __init__(self, host_blocks: int):
+    self.index = _Blocks(max(host_blocks, 1))
+    self.slot_of_gen = np.full((1024,), -1, np.int32)
+    self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()
+    self.free = FreeBlocks(host_blocks)
+    self.loads: dict[int, int] = {}
+    self.stores: set[int] = set()
+
+  @classmethod
+  def build(cls, c: "DedupKVCache") -> "_HostBlocks":
+    hb = cls(c.host_blocks)
+    if not c.host_blocks:
+      return hb
+    reg = np.flatnonzero(c.host_registered)
+    hb.index.add(c.host_hash[reg].astype(np.int64), reg.astype(np.int64))
+    hb.set_gens(c.host_gen[reg], reg)
+    order = reg[np.argsort(c.host_last_used[reg], kind="stable")]
+    hb.lru = collections.OrderedDict.fromkeys(order.tolist())
+    hb.free = FreeBlocks(c.host_blocks, ~c.host_registered)
+    loads = np.flatnonzero(c.host_load >= 0)
+    hb.loads = dict(zip(c.host_load[loads].tolist(), loads.tolist()))
+    hb.stores = set(np.flatnonzero(c.host_store >= 0).tolist())
+    return hb
+
+  def copy(self) -> "_HostBlocks":
+    out = _HostBlocks(0)
+    out.index, out.slot_of_gen = self.index.copy(), self.slot_of_gen.copy()
+    out.lru, out.free = self.lru.copy(), self.free.copy()
+    out.loads, out.stores = dict(self.loads), set(self.stores)
+    return out
+
+  def slots_of(self, gens: np.ndarray) -> np.ndarray:
+    """The host slot holding each generation, -1 where none."""
+    gens = np.asarray(gens, np.int64)
+    inside = gens < self.slot_of_gen.size
+    out = np.full(gens.shape, -1, np.int32)
+    out[inside] = self.slot_of_gen[gens[inside]]
+    return out
+
+  def set_gens(self, gens: np.ndarray, slots) -> None:
+    gens = np.asarray(gens, np.int64)
+    if gens.size and gens.max() >= self.slot_of_gen.size:
+      grown = np.full((max(2 * self.slot_of_gen.size, int(gens.max()) + 1),), -1, np.int32)
+      grown[:self.slot_of_gen.size] = self.slot_of_gen
+      self.slot_of_gen = grown
+    self.slot_of_gen[gens] = slots
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DedupKVCache(PagedCache):
@@ -262,32 +345,76 @@ class DedupKVCache(PagedCache):
   block_salt: np.ndarray  # [num_blocks] int32
   block_parent: np.ndarray  # [num_blocks] int32, -1 for a first block
   block_parent_gen: np.ndarray  # [num_blocks] int32 parent's generation at registration
-  block_gen: np.ndarray  # [num_blocks] int32 bumped on every allocation
+  block_gen: np.ndarray  # [num_blocks] int32 a new one on every allocation (unique)
   block_tokens: np.ndarray  # [num_blocks, block_size] int32 token copies, -1 past the end
   last_used: np.ndarray  # [num_blocks] int32 LRU clock value of the last use
   clock: np.ndarray  # [] int32
   evicted_blocks: np.ndarray  # [] int32 cached blocks evicted (cumulative, as hit_tokens)
+  gen_clock: np.ndarray  # [] int32 the last generation handed out (each is used once)
+  # The host tier: H = max(host_blocks, 1) slots. K/V as the device's (`hq_jax.kv.tiers`).
+  host_pools: KVPools | None  # [layers, H, block_size, kv_heads, head_dim] (+ FP8 scales);
+  #                            None without a host tier
+  host_registered: np.ndarray  # [H] bool the slot holds a block's identity and K/V
+  host_hash: np.ndarray  # [H] uint32 the block's key (its `block_hash` on the device)
+  host_salt: np.ndarray  # [H] int32
+  host_gen: np.ndarray  # [H] int32 the block's generation (its identity on any tier)
+  host_parent_gen: np.ndarray  # [H] int32 its parent's generation, 0 for a first block
+  host_tokens: np.ndarray  # [H, block_size] int32
+  host_last_used: np.ndarray  # [H] int32 LRU clock value of the last move or hit
+  host_store: np.ndarray  # [H] int32 device block to copy into the slot first, -1 none
+  host_load: np.ndarray  # [H] int32 device block to copy the slot into first, -1 none
+  host_hit_tokens: np.ndarray  # [] int32 hit tokens found in host blocks (cumulative)
+  blocks_to_host: np.ndarray  # [] int32 blocks moved device -> host (cumulative)
+  blocks_to_device: np.ndarray  # [] int32 blocks moved host -> device (cumulative)
+  host_evicted_blocks: np.ndarray  # [] int32 host blocks dropped (cumulative)
   hash_bits: int = static_field(default=32)
+  # Slots of the host tier (0: none; its arrays then keep one unused slot: orbax saves no
+  # zero-size array, and a cache without a tier must still checkpoint).
+  host_blocks: int = static_field(default=0)
 
   backend = "hq"
+  POOL_FIELDS = ("pools", "host_pools")
 
   @classmethod
   def init(cls, layout: KVLayout, *, num_blocks: int, max_requests: int, max_seq_len: int,
-           hash_bits: int = 32, host_only: bool = False) -> "DedupKVCache":
-    """`host_only`: no K/V pools (bookkeeping only, e.g. a no-model replay)."""
+           hash_bits: int = 32, host_only: bool = False, host_blocks: int = 0,
+           host_memory: str = "auto") -> "DedupKVCache":
+    """`host_only`: no K/V pools (bookkeeping only, e.g. a no-model replay).
+    `host_blocks`: slots of the host tier (0: none); `host_memory`: where its pools live
+    (`tiers.HOST_MEMORY_KINDS`: "auto" = pinned host memory where the backend has it)."""
     if check_int(hash_bits, "hash_bits") < 0 or hash_bits > 32:
       raise CacheError(f"hash_bits must be in [0, 32], got {hash_bits}")
+    if check_int(host_blocks, "host_blocks") < 0 or host_blocks >= 2**31:
+      raise CacheError(f"host_blocks must be in [0, 2**31), got {host_blocks}")
     base = cls._base_arrays(layout, num_blocks, max_requests, max_seq_len, host_only)
-    nb, bs = num_blocks, layout.block_size
+    nb, bs, nh = num_blocks, layout.block_size, max(host_blocks, 1)
     i32 = lambda *s, v=0: np.full(s, v, np.int32) if v else np.zeros(s, np.int32)  # lazy pages
+    if host_only and host_blocks:
+      host = KVPools.host_only(layout, host_blocks)
+    elif host_blocks:
+      try:
+        host = tiers.host_pools(layout, host_blocks, host_memory)
+      except ValueError as e:
+        raise CacheError(str(e)) from None
+    else:
+      host = None  # no host tier (orbax saves no zero-size array)
+    zero = lambda: np.zeros((), np.int32)
     cache = cls(
         **base,
         salts=i32(max_requests), refcount=i32(nb), registered=np.zeros((nb,), bool),
         block_hash=np.zeros((nb,), np.uint32), block_salt=i32(nb),
         block_parent=i32(nb, v=-1), block_parent_gen=i32(nb), block_gen=i32(nb),
         block_tokens=i32(nb, bs, v=-1), last_used=i32(nb), clock=np.zeros((), np.int32),
-        evicted_blocks=np.zeros((), np.int32), hash_bits=hash_bits)
-    object.__setattr__(cache, "_derived", _Blocks(nb))
+        evicted_blocks=zero(), gen_clock=zero(), host_pools=host,
+        host_registered=np.zeros((nh,), bool), host_hash=np.zeros((nh,), np.uint32),
+        host_salt=i32(nh), host_gen=i32(nh), host_parent_gen=i32(nh),
+        host_tokens=i32(nh, bs, v=-1), host_last_used=i32(nh), host_store=i32(nh, v=-1),
+        host_load=i32(nh, v=-1), host_hit_tokens=zero(), blocks_to_host=zero(),
+        blocks_to_device=zero(), host_evicted_blocks=zero(), hash_bits=hash_bits,
+        host_blocks=host_blocks)
+    state = _Blocks(nb)
+    state.host = _HostBlocks(host_blocks)
+    object.__setattr__(cache, "_derived", state)
     return cache
 
   def _build_state(self) -> _Blocks:
@@ -389,17 +516,27 @@ class DedupKVCache(PagedCache):
     taken = st.free.take(min(need, len(st.free)))
     if taken.size < need:
       evicted = st.pop_lru(self, need - taken.size)
+      if self.host_blocks:
+        self._to_host(evicted)
       self._unregister(evicted)
       st.cached -= evicted.size
       self.evicted_blocks[...] += evicted.size
       taken = np.concatenate([taken, evicted])
     if taken.size:
       self.refcount[taken] = 1
-      self.block_gen[taken] += 1
+      gen = int(self.gen_clock)
+      self.block_gen[taken] = gen + 1 + np.arange(taken.size)
+      self.gen_clock[...] = gen + taken.size
       st.held += need
     return taken
 
   def _unregister(self, blocks: np.ndarray) -> None:
+    loads = self._state.host.loads
+    if loads:  # a block leaving before its copy ran: the copy is moot (its slot unpinned)
+      for b in blocks.tolist():
+        h = loads.pop(b, None)
+        if h is not None:
+          self.host_load[h] = -1
     self._state.remove(self.block_hash[blocks].astype(np.int64), blocks)
     self.registered[blocks] = False
     self.block_hash[blocks] = 0
@@ -453,6 +590,156 @@ class DedupKVCache(PagedCache):
     self.block_parent[new] = parents
     self.block_parent_gen[new] = pgens
 
+  # ------------------------------------------------------------ host tier
+  def _touch_host(self, slots: list[int]) -> None:
+    """Marks host `slots` used now, in order (the same clock as the device's LRU)."""
+    lru = self._state.host.lru
+    clock = int(self.clock)
+    self.host_last_used[slots] = clock + 1 + np.arange(len(slots))
+    self.clock[...] = clock + len(slots)
+    for h in slots:
+      lru[h] = None
+      lru.move_to_end(h)
+
+  def _drop_host(self, n: int) -> list[int]:
+    """Frees the n least recently used host slots that no pending copy pins (the caller
+    checked there are n); returns them."""
+    hb = self._state.host
+    out, pinned = [], []
+    while len(out) < n:
+      h = hb.lru.popitem(last=False)[0]
+      (pinned if self.host_load[h] >= 0 else out).append(h)
+    for h in reversed(pinned):  # back at the front, in their order
+      hb.lru[h] = None
+      hb.lru.move_to_end(h, last=False)
+    dropped = np.asarray(out, np.int64)
+    hb.index.remove(self.host_hash[dropped].astype(np.int64), dropped)
+    hb.set_gens(self.host_gen[dropped], -1)
+    self.host_registered[out] = False
+    self.host_evicted_blocks[...] += len(out)
+    return out
+
+  def _to_host(self, blocks: np.ndarray) -> None:
+    """Moves evicted device `blocks` (registered, least recently used first; still
+    registered here) to the host tier: those whose identity is not there already and whose
+    chain can still be found. Only the most recent fit when the tier is short."""
+    hb = self._state.host
+    parents, pgens = self.block_parent[blocks], self.block_parent_gen[blocks]
+    p = np.maximum(parents, 0)
+    parent_here = (parents < 0) | (self.registered[p] & (self.block_gen[p] == pgens))
+    gens = self.block_gen[blocks]
+    keep = np.flatnonzero((hb.slots_of(gens) < 0) & (parent_here | (hb.slots_of(pgens) >= 0)))
+    # One copy per identity (two device copies of one generation can be evicted together).
+    _, first = np.unique(gens[keep][::-1], return_index=True)
+    keep = np.sort(keep[::-1][first])
+    room = self.host_blocks - len(hb.loads)  # pinned slots stay
+    keep = keep[max(keep.size - room, 0):]
+    if not keep.size:
+      return
+    src = blocks[keep]
+    slots = hb.free.take(min(keep.size, len(hb.free))).tolist()
+    if len(slots) < keep.size:
+      slots += self._drop_host(keep.size - len(slots))
+    self.host_registered[slots] = True
+    self.host_hash[slots] = self.block_hash[src]
+    self.host_salt[slots] = self.block_salt[src]
+    self.host_gen[slots] = self.block_gen[src]
+    self.host_parent_gen[slots] = self.block_parent_gen[src]
+    self.host_tokens[slots] = self.block_tokens[src]
+    new = np.asarray(slots, np.int64)
+    hb.index.add(self.host_hash[new].astype(np.int64), new)
+    hb.set_gens(self.host_gen[new], new)
+    self._touch_host(slots)
+    if not self.host_only:  # the K/V to copy (a host-only cache plans the moves only)
+      self.host_store[slots] = src
+      hb.stores.update(slots)
+    self.blocks_to_host[...] += len(slots)
+
+  def _lookup_host(self, blocks: np.ndarray, salt: int, hits: list[int],
+                   before: int) -> tuple[list[int], int]:
+    """Where the device chain `hits` ends, its continuation in host blocks: (host slots,
+    the running `_prefix_sums` value to the end of the last one). Each is verified (salt,
+    parent's generation, tokens); a slot with a pending copy to the device is not taken
+    (its block is on the device already)."""
+    hb = self._state.host
+    prev = int(self.block_gen[hits[-1]]) if hits else 0
+    start, run, out, last = len(hits), 64, [], before
+
+    def verified(c: np.ndarray, first_prev: int, rows: np.ndarray) -> np.ndarray:
+      """Whether host slots `c` (a chain, -1 = none) verify one after the other."""
+      cs = np.maximum(c, 0)
+      prevs = np.r_[first_prev, self.host_gen[cs[:-1]]]
+      return ((c >= 0) & (self.host_parent_gen[cs] == prevs) & (self.host_salt[cs] == salt)
+              & (self.host_load[cs] < 0) & _rows_equal(self.host_tokens[cs], rows))
+
+    while start < len(blocks):
+      sums = _prefix_sums(blocks[start:start + run], start, last)
+      keys = _keys(sums, salt, self.hash_bits).astype(np.int64)
+      one, more = hb.index.probe(self, keys)
+      sum_before = lambda i: int(sums[i - 1]) if i else last
+      j, ambiguous = 0, np.flatnonzero(more).tolist() + [sums.size]
+      for stop in ambiguous:
+        if stop > j:  # single candidates: verified as a chain, in one pass
+          ok = verified(one[j:stop], prev, blocks[start + j:start + stop])
+          k = int(np.argmin(ok)) if not ok.all() else ok.size
+          out += one[j:j + k].tolist()
+          if k < ok.size:
+            return out, sum_before(j + k)
+          prev = int(self.host_gen[one[stop - 1]])
+        if stop == sums.size:
+          break
+        found = next((h for h in hb.index.candidates(self, int(keys[stop]))  # several
+                      if verified(np.asarray([h]), prev, blocks[start + stop][None])[0]), None)
+        if found is None:
+          return out, sum_before(stop)
+        out.append(found)
+        prev, j = int(self.host_gen[found]), stop + 1
+      start, run, last = start + sums.size, 2 * run, int(sums[-1])
+    return out, last
+
+  def _from_host(self, slot_hits: list[int], blocks: np.ndarray, parent: int, salt: int) -> None:
+    """Registers device `blocks` (just allocated) as the host blocks `slot_hits` (the same
+    identities, their generations kept), and records the copies into them."""
+    hb = self._state.host
+    parents = np.r_[parent, blocks[:-1]].astype(np.int64)
+    self.registered[blocks] = True
+    self.block_hash[blocks] = self.host_hash[slot_hits]
+    self.block_salt[blocks] = salt
+    self.block_parent[blocks] = parents
+    self.block_parent_gen[blocks] = self.host_parent_gen[slot_hits]
+    self.block_gen[blocks] = self.host_gen[slot_hits]
+    self._state.add(self.host_hash[slot_hits].astype(np.int64), blocks)
+    if not self.host_only:
+      self.host_load[slot_hits] = blocks
+      hb.loads.update(zip(blocks.tolist(), slot_hits))
+    self.blocks_to_device[...] += len(slot_hits)
+
+  @property
+  def has_pending_copies(self) -> bool:
+    """Copies between the tiers that must run before the next model step."""
+    self._check_live()
+    state = self.__dict__.get("_derived")
+    if state is not None:
+      return bool(state.host.loads or state.host.stores)
+    return bool(np.any(self.host_load >= 0) or np.any(self.host_store >= 0))
+
+  def take_copies(self) -> tuple["DedupKVCache", tiers.CopyPlan]:
+    """(the cache with no copy pending, the copies to run before the next step: the
+    caller runs them, `tiers.run_copies`)."""
+    self._check_live()
+    c = self._begin()
+    hb = c._state.host
+    stores = np.asarray(sorted(hb.stores), np.int64)
+    loads = np.asarray(sorted(hb.loads), np.int64)
+    plan = tiers.CopyPlan(
+        store_src=c.host_store[stores].astype(np.int32), store_dst=stores.astype(np.int32),
+        load_src=np.asarray([hb.loads[q] for q in loads.tolist()], np.int32),
+        load_dst=loads.astype(np.int32))
+    c.host_store[stores] = -1
+    c.host_load[plan.load_src] = -1
+    hb.stores, hb.loads = set(), {}
+    return self._finish(c, "take_copies"), plan
+
   # ------------------------------------------------------------ operations
   def admit(self, tokens, salt: int = 0, *, keep_free: int = 0,
             then_extend=None) -> tuple["DedupKVCache", int]:
@@ -488,8 +775,11 @@ class DedupKVCache(PagedCache):
     later = -(-(prompt.size + more.size) // bs) - n_blocks if more is not None else 0
     blocks = prompt[:n_full * bs].reshape(n_full, bs)
     hits, hit_sum = c._lookup_sums(blocks, salt) if n_full else ([], 0)
+    host_hits = []
+    if c.host_blocks and c._state.host.lru and len(hits) < n_full:
+      host_hits, hit_sum = c._lookup_host(blocks, salt, hits, hit_sum)
     hits = np.asarray(hits, np.int64)
-    need = n_blocks - hits.size
+    need = n_blocks - hits.size  # host hits take device blocks too
     c._check_room(need, f"a request of {prompt.size} tokens", hits=hits,
                   keep_free=keep_free + later)
     # Everything checked: from here on the arrays change.
@@ -498,8 +788,14 @@ class DedupKVCache(PagedCache):
       c.refcount[hits] += 1
       c._state.held += newly
       c._state.cached -= newly  # their LRU entries are stale now
+    hb = c._state.host
+    if host_hits:  # pinned first: the allocation's moves to the host must not drop them
+      c.host_load[host_hits] = c.num_blocks
+      hb.loads.update((-1 - i, h) for i, h in enumerate(host_hits))
     new = c._allocate(need + later)  # as two allocations: the prompt's blocks come first
     new, new_later = new[:need], new[need:]
+    for i in range(len(host_hits)):
+      del hb.loads[-1 - i]
     n_hit = hits.size
     if new.size:
       full = new[:n_full - n_hit]
@@ -508,6 +804,12 @@ class DedupKVCache(PagedCache):
         tail = prompt[n_full * bs:]
         c.block_tokens[new[-1], :tail.size] = tail
       c.block_salt[new] = salt
+    if host_hits:
+      c.host_load[host_hits] = -1
+      c._from_host(host_hits, new[:len(host_hits)], int(hits[-1]) if n_hit else -1, salt)
+      c._touch_host(host_hits)
+      c.host_hit_tokens[...] += len(host_hits) * bs
+      n_hit += len(host_hits)
     table = np.concatenate([hits, new])
     c._touch(table)
     c.block_tables[slot, :n_blocks] = table
@@ -632,8 +934,9 @@ class DedupKVCache(PagedCache):
     st.sums.pop(slot, None)
     return self._finish(c, "release")
 
-  def evict(self, num_blocks: int | None = None) -> "DedupKVCache":
-    """Evicts up to `num_blocks` (default: all) cached blocks, least recently used first."""
+  def evict(self, num_blocks: int | None = None, *, to_host: bool = True) -> "DedupKVCache":
+    """Evicts up to `num_blocks` (default: all) cached blocks, least recently used first
+    (to the host tier, if there is one, unless `to_host` is False)."""
     self._check_live()
     if num_blocks is not None:
       num_blocks = max(check_int(num_blocks, "num_blocks"), 0)
@@ -641,6 +944,8 @@ class DedupKVCache(PagedCache):
     st = c._state
     n = st.cached if num_blocks is None else min(num_blocks, st.cached)
     blocks = st.pop_lru(c, n)
+    if c.host_blocks and to_host:
+      c._to_host(blocks)
     c._unregister(blocks)
     st.cached -= n
     st.free.put(blocks.tolist())
@@ -659,4 +964,10 @@ class DedupKVCache(PagedCache):
 
   def _count_held(self) -> int:
     return int(np.count_nonzero(np.asarray(self.refcount)))
+
+  @property
+  def host_cached_blocks(self) -> int:
+    """Blocks the host tier holds."""
+    self._check_live()
+    return int(np.count_nonzero(np.asarray(self.host_registered)))
 

@@ -26,6 +26,15 @@ class KVStats:
   hit_tokens: int  # prompt tokens found cached at admission (cumulative, as vLLM counts)
   query_tokens: int  # prompt tokens looked up at admission (cumulative)
   evicted_blocks: int  # cached blocks evicted to make room or by `evict` (cumulative; 0 dense)
+  # The host tier (HQ with host_blocks > 0; 0 otherwise). hit_tokens = device + host hits.
+  device_hit_tokens: int  # hit tokens found in device blocks (cumulative)
+  host_hit_tokens: int  # hit tokens found in host blocks, copied back (cumulative)
+  host_blocks: int  # slots of the host tier
+  host_cached_blocks: int  # blocks it holds now
+  host_pool_bytes: int  # its whole K/V pool (as pool_bytes)
+  host_evicted_blocks: int  # host blocks dropped to make room (cumulative)
+  bytes_to_host: int  # K/V moved device -> host (whole blocks, scales included; cumulative)
+  bytes_to_device: int  # K/V moved host -> device (cumulative)
   bytes_per_token: int  # K/V of one token over all layers (FP8: scales included)
   bytes_per_block: int
   active_requests: int
@@ -51,6 +60,8 @@ def kv_stats(cache: PagedCache) -> KVStats:
   np.maximum.at(phys_fill, tables[holding], fill[holding])
   physical = int(np.count_nonzero(phys_fill))
   logical_blocks = int(np.count_nonzero(holding))
+  host_blocks = getattr(cache, "host_blocks", 0)
+  host_hits = int(getattr(cache, "host_hit_tokens", 0))
   meta = sum(int(np.asarray(x).nbytes) for x in metadata_leaves(cache).values())
   return KVStats(
       kv_bytes_allocated=int(allocated.size) * layout.bytes_per_block,
@@ -63,6 +74,15 @@ def kv_stats(cache: PagedCache) -> KVStats:
       hit_tokens=int(cache.hit_tokens),
       query_tokens=int(cache.query_tokens),
       evicted_blocks=int(getattr(cache, "evicted_blocks", 0)),
+      device_hit_tokens=int(cache.hit_tokens) - host_hits,
+      host_hit_tokens=host_hits,
+      host_blocks=host_blocks,
+      host_cached_blocks=int(np.count_nonzero(np.asarray(cache.host_registered)))
+      if host_blocks else 0,
+      host_pool_bytes=host_blocks * layout.bytes_per_block,
+      host_evicted_blocks=int(getattr(cache, "host_evicted_blocks", 0)),
+      bytes_to_host=int(getattr(cache, "blocks_to_host", 0)) * layout.bytes_per_block,
+      bytes_to_device=int(getattr(cache, "blocks_to_device", 0)) * layout.bytes_per_block,
       bytes_per_token=layout.bytes_per_token,
       bytes_per_block=layout.bytes_per_block,
       active_requests=int(active.sum()))

@@ -23,7 +23,7 @@ import numpy as np
 from hq_jax import mesh as mesh_lib
 from hq_jax import model as model_lib
 from hq_jax.config import ModelConfig
-from hq_jax.kv import sharing
+from hq_jax.kv import sharing, tiers
 from hq_jax.kv.base import CacheError, PagedCache
 from hq_jax.kv.paged import AttentionView, is_quantized, paged_attention_xla
 from pallas_kernels import dedup_attention as dedup_kernel
@@ -236,7 +236,7 @@ class Engine:
                decode_attention: str = "paged",
                auto_min_saved_tokens: int = AUTO_MIN_SAVED_TOKENS,
                decode_rows: int = DECODE_ROWS, on_step=None, allow_long_context: bool = False,
-               kv_dtype: str | None = None, mesh=None):
+               kv_dtype: str | None = None, mesh=None, time_transfers: bool = False):
     """attention: one of ATTENTION ("auto": the Pallas kernels on a GPU, XLA elsewhere).
     kv_dtype: the K/V dtype of the caches it runs (None: the model's); it picks the kernels
     (FP8: those of FP8_KERNELS, else an error naming the kernel), and a cache of another
@@ -260,7 +260,11 @@ class Engine:
     placed on it by `hq_jax.mesh.shard_params`; params already on this mesh are taken as
     they are (they must be in its shard-major layout: `shard_params` or
     `init_sharded_params`). Every cache's pools go onto it by `place_pools`. None: one
-    device. Data parallel is one Engine and one cache per data row."""
+    device. Data parallel is one Engine and one cache per data row.
+
+    Every step first runs the cache's pending copies between its tiers (`tiers.run_copies`:
+    an HQ cache with a host tier); `time_transfers` waits for them and adds their wall
+    time to `transfer_s` (else they are dispatched and overlap what follows)."""
     if chunk_size <= 0:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if isinstance(decode_rows, bool) or not isinstance(decode_rows, int) or decode_rows < 0:
@@ -293,6 +297,10 @@ class Engine:
     self._forward = model_lib.forward_donating if self.donate else model_lib.forward
     self.on_step = on_step
     self.allow_long_context = allow_long_context
+    self.time_transfers = time_transfers
+    # Copies between the tiers run by this engine (cumulative): blocks each way, seconds.
+    self.blocks_to_host = self.blocks_to_device = 0
+    self.transfer_s = 0.0
 
   @property
   def attention_label(self) -> str:
@@ -335,6 +343,12 @@ class Engine:
         self.mesh).label
 
   def _step(self, cache: PagedCache, tokens: np.ndarray, view, logits_at=None):
+    # The copies between tiers first: a block moved to the host is read before this step
+    # overwrites it, and a host hit is on the device before this step reads it.
+    cache, moved = tiers.run_copies(cache, sync=self.time_transfers)
+    self.blocks_to_host += moved.blocks_to_host
+    self.blocks_to_device += moved.blocks_to_device
+    self.transfer_s += moved.seconds
     pools = cache.pools
     if self.mesh is not None:  # each device its kv heads (a no-op once they are there)
       pools = mesh_lib.place_pools(pools, self.mesh)

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from hq_jax.kv import tiers
 from hq_jax.kv.base import PoolFull
 
 
@@ -81,11 +82,17 @@ class ServingStats:
   t_first: float | None = None
   t_last: float | None = None
   evicted_blocks: int = 0
+  # The HQ cache's host tier (0 without one): hit_tokens = device + host hit tokens.
+  host_hit_tokens: int = 0
+  host_hit_requests: int = 0  # admitted requests with a host hit
+  blocks_to_host: int = 0  # moved device -> host (planned, without a model)
+  blocks_to_device: int = 0
   # Model only (None / empty without one):
   decode_steps: int | None = None
   ttft_s: list[float] = dataclasses.field(default_factory=list)
   admit_s: float = 0.0  # host time of admissions (token synthesis, fit check, cache admit)
   prefill_s: float = 0.0  # admission + prefill time of the admitted requests
+  transfer_s: float | None = None  # wall time of the copies between tiers (synced)
   partial: bool = False  # stopped admitting at a deadline
 
   @property
@@ -104,6 +111,11 @@ class ServingStats:
         skipped_long_context=self.skipped_long_context, prompt_tokens=prompt,
         hit_tokens=self.hit_tokens, hit_ratio=self.hit_tokens / prompt if prompt else 0.0,
         computed_prefill_tokens=self.computed_tokens, evicted_blocks=self.evicted_blocks,
+        device_hit_tokens=self.hit_tokens - self.host_hit_tokens,
+        host_hit_tokens=self.host_hit_tokens, host_hit_requests=self.host_hit_requests,
+        bytes_to_host=self.blocks_to_host * bytes_per_block,
+        bytes_to_device=self.blocks_to_device * bytes_per_block,
+        transfer_s=self.transfer_s,
         peak_kv_bytes_used=self.peak_blocks * bytes_per_block,
         mean_kv_bytes_used=(self.block_s / span if span else 0.0) * bytes_per_block,
         mean_concurrency=self.concurrency_s / span if span else 0.0,
@@ -140,7 +152,7 @@ class Scheduler:
     self._arrivals: Iterator[Request] = iter(requests)
     self._next: Request | None = next(self._arrivals, None)
     self._last_arrival = -math.inf
-    self._evicted0 = self._evicted(cache)
+    self._counted0 = self._counters(cache)
     self._held = cache.held_blocks
     # Blocks the refused head needs (PoolFull's need + keep_free), while only releases
     # have happened since: they change neither its hits nor its need, so it is tried
@@ -148,9 +160,13 @@ class Scheduler:
     # changes nothing). 0: try. A model step (new registered blocks) forgets it.
     self._refused_need = 0
 
-  @staticmethod
-  def _evicted(cache) -> int:
-    return int(getattr(cache, "evicted_blocks", 0))  # the dense cache never evicts
+  # The caches' cumulative counters the stats take their deltas of (the dense cache has
+  # none: it never evicts, and has no host tier).
+  _COUNTERS = ("evicted_blocks", "host_hit_tokens", "blocks_to_host", "blocks_to_device")
+
+  @classmethod
+  def _counters(cls, cache) -> tuple[int, ...]:
+    return tuple(int(getattr(cache, name, 0)) for name in cls._COUNTERS)
 
   # ------------------------------------------------------------------ clock
   @property
@@ -227,6 +243,7 @@ class Scheduler:
           st.skipped += 1
         self._tick()
         continue
+      host_hits = int(getattr(self.cache, "host_hit_tokens", 0))
       try:
         self.cache, adm = admit(self.cache, req)
       except PoolFull as e:
@@ -238,6 +255,7 @@ class Scheduler:
       st.prompt_tokens += req.prompt_tokens
       st.hit_tokens += adm.hit_tokens
       st.computed_tokens += adm.computed_tokens
+      st.host_hit_requests += int(getattr(self.cache, "host_hit_tokens", 0)) > host_hits
       st.wait_s += t - req.arrival_s
       yield req, adm
       st.peak_concurrency = max(st.peak_concurrency, len(self.running))
@@ -252,7 +270,9 @@ class Scheduler:
     """Reads the cache's held blocks after a change (for the time integral and the peak)."""
     self._held = self.cache.held_blocks
     self.stats.peak_blocks = max(self.stats.peak_blocks, self._held)
-    self.stats.evicted_blocks = self._evicted(self.cache) - self._evicted0
+    st = self.stats
+    (st.evicted_blocks, st.host_hit_tokens, st.blocks_to_host, st.blocks_to_device) = (
+        a - b for a, b in zip(self._counters(self.cache), self._counted0))
 
   def forget_refusal(self) -> None:
     """The cache changed other than by releases: a refused head is tried again."""
@@ -357,8 +377,11 @@ class DataParallel:
     out = ServingStats()
     for field in ("requests", "skipped", "skipped_long_context", "prompt_tokens",
                   "hit_tokens", "computed_tokens", "block_s", "concurrency_s", "wait_s",
-                  "evicted_blocks", "admit_s", "prefill_s"):
+                  "evicted_blocks", "admit_s", "prefill_s", "host_hit_tokens",
+                  "host_hit_requests", "blocks_to_host", "blocks_to_device"):
       setattr(out, field, sum(getattr(s.stats, field) for s in self.shards))
+    moved = [s.stats.transfer_s for s in self.shards]
+    out.transfer_s = None if None in moved else sum(moved)
     first = self.shards[0].stats
     out.t_first, out.t_last = first.t_first, first.t_last
     out.peak_blocks, out.peak_concurrency = self.peak_blocks, self.peak_concurrency
@@ -451,6 +474,7 @@ def _serve(engines, dp, *, deadline, generated) -> None:
   shards = dp.shards
   for sched in shards:
     sched.stats.decode_steps = 0
+  transfer0 = [getattr(e, "transfer_s", 0.0) for e in engines]  # tier copies (host tier)
   clock0, offset = time.perf_counter(), dp.next_arrival
   offset = 0.0 if math.isinf(offset) else offset
   clock = lambda: time.perf_counter() - clock0 + offset
@@ -528,8 +552,9 @@ def _serve(engines, dp, *, deadline, generated) -> None:
         sched.stats.t_last = clock()
     else:
       break
-  for sched in shards:
+  for sched, engine, t0 in zip(shards, engines, transfer0):
     sched.advance(clock())
+    sched.stats.transfer_s = getattr(engine, "transfer_s", 0.0) - t0
 
 
 def warm_up(engine, cache, max_concurrency: int):
@@ -557,4 +582,8 @@ def warm_up(engine, cache, max_concurrency: int):
     np.asarray(step.logits)
   for s in slots:
     cache = cache.release(s)
-  return cache.evict() if cache.backend == "hq" else cache
+  if cache.backend != "hq":
+    return cache
+  # Dropped, not moved to a host tier: the throwaway blocks are no one's prefix. Then the
+  # tiers' copy step is compiled at every size (timed copies exclude compilation).
+  return tiers.warm_up(cache.evict(to_host=False))

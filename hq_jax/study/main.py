@@ -2,7 +2,7 @@
 
   hq-jax perplexity --num_tokens=256 --output_dir=DIR
   hq-jax sweep --model=tiny --context_lengths=256 --output_dir=DIR
-  hq-jax latency | replay | report | bench kernels | bench e2e | bench blocks
+  hq-jax latency | replay | report | bench kernels | bench e2e | bench blocks | bench host
   hq-jax bench mosaic decode|prefill|shared
   hq-jax COMMAND --help
 
@@ -24,6 +24,7 @@ COMMANDS = {
     "bench kernels": "hq_jax.study.commands.bench_kernels",
     "bench e2e": "hq_jax.study.commands.bench_e2e",
     "bench blocks": "hq_jax.bench.block_manager",
+    "bench host": "hq_jax.bench.host_tier",
     "bench mosaic": "hq_jax.bench.mosaic",
 }
 

@@ -112,7 +112,7 @@ def _load_checked(run_dir: str):
   _check_configs(run_dir, loaded, by_file)
   return (loaded.get("perplexity.json"), loaded.get("memory_sweep.csv", []),
           loaded.get("latency.csv", []), loaded.get("workloads.csv", []),
-          trace[2] if trace else None, records)
+          [trace[2], ledger.peer_advantage(trace[0])] if trace else [], records)
 
 
 def _check_configs(run_dir: str, loaded: dict, by_file: dict) -> None:
@@ -272,7 +272,7 @@ def write(run_dir: str) -> str:
 
 
 def _write(run_dir, ppl, mem, lat, work, trace_claim, records) -> str:
-  claims = ledger.build(ppl, mem, lat) + ([trace_claim] if trace_claim else [])
+  claims = ledger.build(ppl, mem, lat) + list(trace_claim)
   md = ["# hq-jax run report\n"]
   for script, run in sorted(records.items()):
     md.append(f"{script} run `{run.get(outputs.RUN_ID)}` produced {run.get('date')} on "

@@ -26,8 +26,11 @@ from hq_jax.study.traces import ReplayConfig, TraceRequest
 GB = 10**9  # --kv_budget_gb counts decimal gigabytes, as GPU datasheets do.
 
 COLUMNS = ("model", "mesh", "block_size", "kv_dtype", "invariance", "kv_budget_gb", "num_blocks",
-           "backend", "requests", "skipped_requests", "skipped_long_context", "prompt_tokens",
-           "hit_tokens", "hit_ratio", "computed_prefill_tokens", "evicted_blocks",
+           "host_kv_budget_gb", "host_blocks", "backend",
+           "requests", "skipped_requests", "skipped_long_context", "prompt_tokens",
+           "hit_tokens", "hit_ratio", "device_hit_tokens", "host_hit_tokens",
+           "host_hit_requests", "computed_prefill_tokens", "evicted_blocks",
+           "bytes_to_host", "bytes_to_device", "transfer_s", "host_memory_kind",
            "peak_kv_bytes_used", "mean_kv_bytes_used", "mean_concurrency", "peak_concurrency",
            "replay_span_s", "mean_queue_wait_s", "decode_steps", "partial", "ttft_p50_ms",
            "ttft_p90_ms", "ttft_p99_ms", "prefill_tokens_per_s_measured", "host_admit_ms_mean")
@@ -47,6 +50,28 @@ def pool_blocks(budget_gb: float, bytes_per_block: int) -> int | None:
   return blocks
 
 
+def host_pool_blocks(budget_gb: float, bytes_per_block: int) -> int:
+  """Blocks of a host tier a budget buys (0 = no host tier); an error if not even one."""
+  if budget_gb == 0:
+    return 0
+  blocks = int(budget_gb * GB) // bytes_per_block
+  if blocks < 1:
+    raise ValueError(f"--host_kv_budget_gb={budget_gb:g} is less than one KV block "
+                     f"({bytes_per_block} bytes)")
+  return blocks
+
+
+def replay_plan(budgets_gb: Sequence[float],
+                host_budgets_gb: Sequence[float] = (0.0,)) -> list[tuple[str, float, float]]:
+  """The rows of a replay, as (backend, device budget, host budget): hq_unbounded once,
+  then per device budget dense (device only: it reuses nothing) and, where bounded, hq at
+  each host budget."""
+  plan = [("hq_unbounded", 0.0, 0.0)]
+  for b in budgets_gb:
+    plan += [("dense", b, 0.0)] + ([("hq", b, h) for h in host_budgets_gb] if b else [])
+  return plan
+
+
 def _caches(layout, requests: Sequence[TraceRequest], cfg: ReplayConfig):
   """(max_seq_len, blocks for every request at once) of a replay's caches."""
   holds = [r.input_length + cfg.output_tokens(r) for r in requests]
@@ -58,7 +83,8 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
                 seed: int = 0, max_context: int | None = None, engine=None,
                 warm: bool = True, progress_factory=None, deadline: float | None = None,
                 generated: dict | None = None, mesh: str = "data:1,model:1",
-                shard_rows: list | None = None) -> list[dict]:
+                shard_rows: list | None = None, host_budgets_gb: Sequence[float] = (0.0,),
+                host_memory: str = "auto") -> list[dict]:
   """One row per (backend, budget): dense and hq at each budget, hq_unbounded once.
 
   Budget 0 means unbounded: it gives the dense row with a pool for every request at once
@@ -69,7 +95,9 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
   hits do not depend on timing and whose pool would not fit on one GPU. `deadline` (a
   `time.perf_counter()` value) is shared out evenly among the model-mode rows still to
   run: each gets the time left / the rows left. `generated` (model mode) receives each
-  row's greedy tokens by request index, under (backend, budget).
+  row's greedy tokens by request index, under (backend, budget) (and the host budget
+  after them where it is not 0). `host_budgets_gb`: the HQ rows' host tiers (0: none;
+  `replay_plan`); `host_memory`: where a model-mode host tier lives (`tiers`).
 
   `mesh` ("data:D,model:M", `hq_jax.mesh.MeshSpec`): with D > 1 each row runs D caches
   under cache-aware routing (`scheduler.DataParallel`; no model: `traces.
@@ -77,7 +105,8 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
   of D engines, one per data row), the budget's blocks and cfg.max_concurrency split as
   evenly as they go (the shards' sums are the row's), so a row compares directly with one
   cache of the same budget; its columns are the global sums and `shard_rows` (if given)
-  receives one row per (row, shard) with `shard` and `routed_by_prefix` added.
+  receives one row per (row, shard) with `shard` and `routed_by_prefix` added. A host
+  tier runs on one data shard only (refused with D > 1).
   """
   spec = MeshSpec.parse(mesh)
   shards = spec.data
@@ -88,17 +117,22 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
   if shards > cfg.max_concurrency:
     raise ValueError(f"--mesh={spec.label}: {shards} data shards need --max_concurrency >= "
                      f"{shards} (each shard gets its share of the slots)")
-  plan = [("hq_unbounded", 0.0)]
-  for b in budgets_gb:
-    plan += [("dense", b)] + ([("hq", b)] if b else [])
+  if shards > 1 and any(host_budgets_gb):
+    raise ValueError(f"--host_kv_budget_gb with --mesh={spec.label}: a host tier runs on one "
+                     "data shard only (give data:1 or --host_kv_budget_gb=0)")
+  plan = replay_plan(budgets_gb, host_budgets_gb)
   max_seq_len, everything = _caches(layout, requests, cfg)
   bpb = layout.bytes_per_block
-  served = [name != "hq_unbounded" and engine is not None for name, _ in plan]
+  served = [name != "hq_unbounded" and engines is not None for name, _, _ in plan]
   rows = []
-  for i, (name, budget) in enumerate(plan):
+  for i, (name, budget, host_gb) in enumerate(plan):
     nb = pool_blocks(budget, bpb)
+    nh = host_pool_blocks(host_gb, bpb)
     kind = DenseKVCache if name == "dense" else DedupKVCache
-    bar = progress_factory(f"{name} @ {budget:g} GB") if progress_factory else None
+    tier = dict(host_blocks=nh, host_memory=host_memory) if nh else {}
+    memory_kind = ""
+    label = f"{name} @ {budget:g} GB" + (f" + {host_gb:g} GB host" if nh else "")
+    bar = progress_factory(label) if progress_factory else None
     try:
       if served[i]:
         slots = _split(cfg.max_concurrency, shards)
@@ -107,13 +141,17 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
                  [max(everything, c * layout.blocks_for(seq)) for c in slots])
         caches = []
         for e, b, c in zip(engines, pools, slots):
-          cache = kind.init(layout, num_blocks=b, max_requests=c, max_seq_len=seq)
+          cache = kind.init(layout, num_blocks=b, max_requests=c, max_seq_len=seq, **tier)
+          if nh:
+            from hq_jax.kv import tiers
+            memory_kind = tiers.pools_memory_kind(cache.host_pools)
           caches.append(scheduler.warm_up(e, cache, c) if warm else cache)
         row_deadline = None
         if deadline is not None:
           now = time.perf_counter()
           row_deadline = now + max(0.0, deadline - now) / sum(served[i:])
-        out = {} if generated is None else generated.setdefault((name, budget), {})
+        key = (name, budget) + ((host_gb,) if nh else ())
+        out = {} if generated is None else generated.setdefault(key, {})
         arrivals = traces.scheduler_requests(requests, cfg, vocab_size=vocab_size, seed=seed)
         if shards == 1:
           sched = scheduler.Scheduler(caches[0], arrivals, max_concurrency=cfg.max_concurrency,
@@ -131,7 +169,7 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
       elif shards == 1:
         cache = kind.init(layout, num_blocks=nb or everything,
                           max_requests=cfg.max_concurrency, max_seq_len=max_seq_len,
-                          host_only=True)
+                          host_only=True, **tier)
         stats = traces.replay(requests, cache, cfg, vocab_size=vocab_size, seed=seed,
                               max_context=max_context, progress=bar)
       else:
@@ -149,7 +187,8 @@ def run_budgets(requests: Sequence[TraceRequest], budgets_gb: Sequence[float], *
                      kv_dtype=layout.dtype,
                      invariance=engines[0].invariance if served[i] else "",
                      kv_budget_gb=budget,
-                     num_blocks=nb if nb is not None else "", backend=name,
+                     num_blocks=nb if nb is not None else "", host_kv_budget_gb=host_gb,
+                     host_blocks=nh, host_memory_kind=memory_kind, backend=name,
                      **stats.row(bytes_per_block=bpb)))
   return rows
 
@@ -260,14 +299,19 @@ def plot(rows: Sequence[dict], path: str, title: str) -> None:
   fig = Figure(figsize=(10, 4))
   ax_hit, ax_comp = fig.subplots(1, 2)
   bounded = sorted({r["kv_budget_gb"] for r in rows if r["kv_budget_gb"]})
-  for backend, style in (("dense", "s-"), ("hq", "o-")):
+  hosts = sorted({r.get("host_kv_budget_gb") or 0.0 for r in rows})
+  lines = [("dense", 0.0, "s-", "dense")] + [
+      ("hq", h, "o-" if not h else "^--", "hq" if not h else f"hq + {h:g} GB host")
+      for h in hosts]
+  for backend, host, style, label in lines:
     pts = sorted((r["kv_budget_gb"], r) for r in rows
-                 if r["backend"] == backend and r["kv_budget_gb"])
+                 if r["backend"] == backend and r["kv_budget_gb"]
+                 and (r.get("host_kv_budget_gb") or 0.0) == host)
     if pts:
       xs = [b for b, _ in pts]
-      ax_hit.plot(xs, [100 * r["hit_ratio"] for _, r in pts], style, label=backend)
+      ax_hit.plot(xs, [100 * r["hit_ratio"] for _, r in pts], style, label=label)
       ax_comp.plot(xs, [r["computed_prefill_tokens"] / 1e6 for _, r in pts], style,
-                   label=backend)
+                   label=label)
   for r in rows:
     if r["kv_budget_gb"] == 0:  # Unbounded rows as horizontal references.
       ls = ":" if r["backend"] == "hq_unbounded" else "--"
@@ -317,6 +361,27 @@ def check_row(row: dict) -> None:
       b == "hq_unbounded" and row["kv_budget_gb"] != 0):
     raise ValueError(f"{where}: num_blocks {row['num_blocks']!r} does not match the budget "
                      "(0 GB is the unbounded pool, which has no block count)")
+  dev, host = row["device_hit_tokens"], row["host_hit_tokens"]
+  if dev + host != hit or min(dev, host) < 0:
+    raise ValueError(f"{where}: device_hit_tokens {dev} + host_hit_tokens {host} is not "
+                     f"hit_tokens {hit}")
+  moved = (row["bytes_to_host"], row["bytes_to_device"])
+  if min(moved) < 0 or min(row["host_blocks"], row["host_hit_requests"]) < 0:
+    raise ValueError(f"{where}: a negative host-tier count")
+  if not row["host_kv_budget_gb"] and (host or any(moved) or row["host_blocks"]
+                                       or row["host_hit_requests"]):
+    raise ValueError(f"{where}: no host tier (host_kv_budget_gb 0), yet host_hit_tokens "
+                     f"{host}, bytes_to_host / bytes_to_device {moved[0]} / {moved[1]}")
+  if b != "hq" and row["host_kv_budget_gb"]:
+    raise ValueError(f"{where}: host_kv_budget_gb {row['host_kv_budget_gb']}, but only hq "
+                     "rows have a host tier")
+  if (host > 0) != (row["host_hit_requests"] > 0) or row["host_hit_requests"] > row["requests"]:
+    raise ValueError(f"{where}: host_hit_requests {row['host_hit_requests']} does not fit "
+                     f"host_hit_tokens {host} and requests {row['requests']}")
+  transfer = row["transfer_s"]
+  if simulated and transfer is not None or transfer is not None and not transfer >= 0:
+    raise ValueError(f"{where}: transfer_s {transfer!r} (a no-model row moves no bytes: "
+                     "empty; a model row: seconds >= 0)")
   if min(row["requests"], row["skipped_requests"], row["skipped_long_context"],
          row["evicted_blocks"],
          row["peak_kv_bytes_used"], row["mean_concurrency"]) < 0 or (
@@ -331,16 +396,24 @@ def check_rows(rows: Sequence[dict], config: dict, *, bytes_per_block: int,
   """Raises ValueError unless `rows` are what a replay of `config` (its run record's
   config) over `trace_requests` requests writes: the budget plan of `run_budgets` in
   order, the config's model and block size, each pool's block count, every request
-  admitted or skipped (fewer only in a partial row)."""
-  plan = [("hq_unbounded", 0.0)]
-  for b in config["kv_budget_gb"]:
-    plan += [("dense", b)] + ([("hq", b)] if b else [])
-  got = [(r["backend"], r["kv_budget_gb"]) for r in rows]
+  admitted or skipped (fewer only in a partial row), each host tier's block count, bytes
+  moved in whole blocks."""
+  host_budgets = config.get("host_kv_budget_gb", [0.0])  # (a record from before the tier)
+  plan = replay_plan(config["kv_budget_gb"], host_budgets)
+  got = [(r["backend"], r["kv_budget_gb"], r["host_kv_budget_gb"]) for r in rows]
   if got != plan:
-    raise ValueError(f"the rows' (backend, kv_budget_gb) are {got}, not the plan of the run "
-                     f"record's --kv_budget_gb {config['kv_budget_gb']}: {plan}")
+    raise ValueError(f"the rows' (backend, kv_budget_gb, host_kv_budget_gb) are {got}, not "
+                     f"the plan of the run record's --kv_budget_gb {config['kv_budget_gb']} "
+                     f"and --host_kv_budget_gb {host_budgets}: {plan}")
   for i, r in enumerate(rows):
     nb = pool_blocks(r["kv_budget_gb"], bytes_per_block)
+    nh = host_pool_blocks(r["host_kv_budget_gb"], bytes_per_block)
+    moved = (r["bytes_to_host"], r["bytes_to_device"])
+    if r["host_blocks"] != nh or any(m % bytes_per_block for m in moved) or (
+        r["host_hit_tokens"] > moved[1] // bytes_per_block * r["block_size"]):
+      raise ValueError(f"data row {i + 1}: host_blocks {r['host_blocks']} is not {nh}, what "
+                       f"{r['host_kv_budget_gb']} GB buys, or bytes moved {moved} are not "
+                       "whole blocks covering its host hits (the run record's config)")
     done = r["requests"] + r["skipped_requests"] + r["skipped_long_context"]
     problem = (
         f"model {r['model']!r} is not {config['model']!r}" if r["model"] != config["model"]

@@ -37,6 +37,10 @@ cli.define_flags(default_config.get_config(), {
     "attention": "model mode: auto | reference | pallas | triton | mosaic | pallas_interpret "
                  "(auto: pallas on a GPU)",
     "kv_budget_gb": "KV pool budgets in GB (10^9 bytes); 0 = unbounded",
+    "host_kv_budget_gb": "HQ host-tier budgets in GB (one hq row per device budget and host "
+                         "budget); 0 = no host tier",
+    "host_memory": "model mode: where the host tier lives: auto (pinned_host where the "
+                   "backend has it, else device) | pinned_host | device",
     "max_concurrency": "requests holding KV at once (and cache slots)",
     "max_output_tokens": "cap on generated tokens per request; 0 = the trace's output_length",
     "max_requests": "replay only the first N requests; 0 = all",
@@ -91,14 +95,29 @@ def validate(cfg):
          f"{cfg.kv_budget_gb} must be finite and >= 0")
   _check(len(set(cfg.kv_budget_gb)) == len(cfg.kv_budget_gb), "kv_budget_gb",
          "a budget appears twice")
+  hosts = cfg.host_kv_budget_gb
+  _check(len(hosts) > 0, "host_kv_budget_gb", "give at least one budget (0 = no host tier)")
+  _check(all(math.isfinite(b) and b >= 0 for b in hosts), "host_kv_budget_gb",
+         f"{hosts} must be finite and >= 0")
+  _check(len(set(hosts)) == len(hosts), "host_kv_budget_gb", "a budget appears twice")
+  from hq_jax.kv import tiers
+  _check(cfg.host_memory in tiers.HOST_MEMORY_KINDS, "host_memory",
+         f"{cfg.host_memory!r} is not one of {', '.join(tiers.HOST_MEMORY_KINDS)}")
   # The K/V dtype sets the bytes of a block, so how many blocks a budget buys (FP8: about
   # half of bfloat16's bytes, scales included).
   layout = KVLayout.from_config(model_cfg, cfg.block_size, cfg.kv_dtype or cfg.dtype)
-  for b in cfg.kv_budget_gb:
-    try:
+  try:
+    for b in cfg.kv_budget_gb:
       trace_outputs.pool_blocks(b, layout.bytes_per_block)
+    for b in hosts:
+      trace_outputs.host_pool_blocks(b, layout.bytes_per_block)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if not cfg.no_model and any(hosts):
+    try:
+      tiers.host_memory_kind(cfg.host_memory)
     except ValueError as e:
-      raise app.UsageError(str(e)) from None
+      raise app.UsageError(f"--host_memory: {e}") from None
   for name in ("max_concurrency", "time_scale", "prefill_tokens_per_s", "decode_tokens_per_s"):
     _check(cfg[name] > 0 and math.isfinite(cfg[name]), name, f"{cfg[name]} must be positive")
   for name in ("max_output_tokens", "max_requests", "window_s", "time_limit_s"):
@@ -134,7 +153,8 @@ def _replay(run, cfg, requests, model_cfg, layout, replay_cfg, engine, trace_pat
       vocab_size=model_cfg.vocab_size, seed=cfg.seed,
       max_context=model_cfg.context_limit(cfg.allow_long_context),
       engine=engine, progress_factory=bar, deadline=deadline, mesh=cfg.mesh,
-      shard_rows=shard_rows)
+      shard_rows=shard_rows, host_budgets_gb=cfg.host_kv_budget_gb,
+      host_memory=cfg.host_memory)
   capacity = trace_outputs.capacity_rows(
       model=cfg.model, budgets_gb=cfg.kv_budget_gb, bytes_per_block=layout.bytes_per_block,
       block_size=cfg.block_size, context_lengths=cfg.capacity_context_lengths,
@@ -190,10 +210,12 @@ def main(argv):
     from hq_jax import model as model_lib
     from hq_jax.serve.engine import Engine
     params = model_lib.init_params(model_cfg, jax.random.key(cfg.seed))
-    # One engine per data row of --mesh (each its own weights copy and cache).
+    # One engine per data row of --mesh (each its own weights copy and cache). The tiers'
+    # copies are waited for and timed (transfer_s): at admission the device has finished
+    # the last step anyway (its tokens were read), and the first chunk needs them.
     engine = [Engine(params, model_cfg, chunk_size=cfg.chunk_size, attention=cfg.attention,
                      allow_long_context=cfg.allow_long_context, kv_dtype=layout.dtype,
-                     decode_rows=cfg.decode_rows, mesh=m)
+                     decode_rows=cfg.decode_rows, mesh=m, time_transfers=True)
               for m in cli.data_meshes(cfg, model_cfg)]
     ran = engine[0].attention_label
   deadline = t_start + cfg.time_limit_s if cfg.time_limit_s else None
@@ -206,7 +228,10 @@ def main(argv):
   print(f"trace {name}: {len(requests)} requests, {prompt:,} prompt tokens, direct chain "
         f"hit ratio {100 * summary['trace']['direct_hit_ratio']:.2f}%")
   for r in rows:
-    print(f"{r['backend']:13s} {r['kv_budget_gb']:7g} GB  hit {100 * r['hit_ratio']:6.2f}%  "
+    tier = (f" + {r['host_kv_budget_gb']:g} host (device {100 * r['device_hit_tokens'] / max(r['prompt_tokens'], 1):.2f}%"
+            f" / host {100 * r['host_hit_tokens'] / max(r['prompt_tokens'], 1):.2f}%)"
+            if r["host_kv_budget_gb"] else "")
+    print(f"{r['backend']:13s} {r['kv_budget_gb']:7g} GB{tier}  hit {100 * r['hit_ratio']:6.2f}%  "
           f"computed {r['computed_prefill_tokens']:>12,}  evicted {r['evicted_blocks']:>9,}  "
           f"peak {r['peak_kv_bytes_used'] / 1e9:7.2f} GB  mean conc "
           f"{r['mean_concurrency']:5.1f}  skipped {r['skipped_requests']}"
@@ -229,6 +254,11 @@ def main(argv):
             f"{r['ttft_p50_ms']:9.1f} {r['ttft_p90_ms']:9.1f} {r['ttft_p99_ms']:9.1f} "
             f"{r['prefill_tokens_per_s_measured']:13,.0f} {r['decode_steps']:12d} "
             f"{r['host_admit_ms_mean']:8.2f}"
+            + (f"  host {r['host_kv_budget_gb']:g} GB: {r['host_hit_requests']} requests hit it, "
+               f"transfers {r['transfer_s']:.3f} s ({1000 * r['transfer_s'] / max(r['host_hit_requests'], 1):.2f} ms "
+               f"per host-hit request), {r['bytes_to_device'] / 1e9:.2f} GB in, "
+               f"{r['bytes_to_host'] / 1e9:.2f} GB out ({r['host_memory_kind']})"
+               if r["host_kv_budget_gb"] else "")
             + ("  PARTIAL (--time_limit_s)" if r["partial"] else ""))
   print(f"ledger: {summary['ledger_row']['supported']}: {summary['ledger_row']['verdict']}")
   print(f"wrote {cfg.output_dir}/trace_replay.csv, capacity.csv, trace_replay.png, summary.json")
