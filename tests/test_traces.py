@@ -1,6 +1,7 @@
 """Trace replay: loading, token synthesis, the no-model replay through the real caches
 against hand-computed rows, model mode, the script."""
 
+import csv
 import json
 import os
 import random
@@ -393,12 +394,11 @@ def test_script(tmp_path):
   from hq_jax.study import report
   with open(report.write(str(out))) as f:
     assert summary["ledger_row"]["verdict"] in f.read()
-  csv_lines = (out / "trace_replay.csv").read_text().splitlines()
-  cells = csv_lines[4].split(",")
-  col = csv_lines[0].split(",").index("computed_prefill_tokens")
-  cells[col] = "1"
-  (out / "trace_replay.csv").write_text("\n".join(csv_lines[:4] + [",".join(cells)]
-                                                   + csv_lines[5:]) + "\n")
+  with open(out / "trace_replay.csv", newline="") as f:
+    table = list(csv.reader(f))  # csv: the mesh label holds a comma (quoted)
+  table[4][table[0].index("computed_prefill_tokens")] = "1"
+  with open(out / "trace_replay.csv", "w", newline="") as f:
+    csv.writer(f, lineterminator="\n").writerows(table)
   with pytest.raises(report.ReportError, match="ledger row is not what"):
     report.write(str(out))
   # Errors name the flag or the file and line, before anything is written.
