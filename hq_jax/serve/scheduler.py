@@ -64,6 +64,21 @@ class Admitted:
   first_token: int | None = None  # the prefill's greedy token (with a model)
 
 
+def _arrived(stream, t: float):
+  """The requests of `stream` (a `Scheduler` or `DataParallel`: `_next`, `_arrivals`,
+  `_last_arrival`) that have arrived by `t`, taken from it in order; one arriving before
+  the one before it is a ValueError."""
+  while stream._next is not None and stream._next.arrival_s <= t:
+    req = stream._next
+    if req.arrival_s < stream._last_arrival:
+      raise ValueError(f"request {req.id} arrives at {req.arrival_s} s, before the one "
+                       f"before it ({stream._last_arrival} s): requests must come in "
+                       "arrival order")
+    stream._last_arrival = req.arrival_s
+    stream._next = next(stream._arrivals, None)
+    yield req
+
+
 @dataclasses.dataclass
 class ServingStats:
   """The accumulator of one replay or serving run (both loops fill it the same way)."""
@@ -191,15 +206,7 @@ class Scheduler:
 
   def enqueue_until(self, t: float) -> None:
     """Queues every request that has arrived by `t`."""
-    while self._next is not None and self._next.arrival_s <= t:
-      req = self._next
-      if req.arrival_s < self._last_arrival:
-        raise ValueError(f"request {req.id} arrives at {req.arrival_s} s, before the one "
-                         f"before it ({self._last_arrival} s): requests must come in "
-                         "arrival order")
-      self._last_arrival = req.arrival_s
-      self.queue.append(req)
-      self._next = next(self._arrivals, None)
+    self.queue.extend(_arrived(self, t))
 
   def stop_admitting(self) -> None:
     """Drops the queue and what has not arrived (a deadline): running requests finish."""
@@ -348,16 +355,9 @@ class DataParallel:
 
   def enqueue_until(self, t: float) -> None:
     """Routes every request that has arrived by `t` to its shard's queue."""
-    while self._next is not None and self._next.arrival_s <= t:
-      req = self._next
-      if req.arrival_s < self._last_arrival:
-        raise ValueError(f"request {req.id} arrives at {req.arrival_s} s, before the one "
-                         f"before it ({self._last_arrival} s): requests must come in "
-                         "arrival order")
-      self._last_arrival = req.arrival_s
+    for req in _arrived(self, t):
       route = self.routes[req.id] = self.route(req)
       self.shards[route.shard].queue.append(req)
-      self._next = next(self._arrivals, None)
 
   def stop_admitting(self) -> None:
     """Drops every queue and what has not arrived (a deadline): running requests finish."""
