@@ -50,7 +50,8 @@ demo: $(STAMP) data
 # The peer check (not part of `make test`): the Mooncake conversation trace's prompts through
 # vLLM's own prefix cache (v1 KVCacheManager/BlockPool, CPU, in a separate venv outside the
 # repo, pinned by tools/peers/vllm-requirements.txt) and through hq-jax's HQ cache, at the same
-# pool sizes and policy; prints the table (tools/peers/compare.py) into $(PEERS_DIR).
+# pool sizes and policy (vLLM as it is, and with its n - 1 hit cap lifted: --full_hit); prints
+# the table (tools/peers/compare.py) and writes it into $(PEERS_DIR).
 PEERS_VENV ?= $(HOME)/.cache/hq_jax/peers-venv
 PEERS_DIR ?= runs/peers
 PEERS_TRACE ?= /work/shared/traces/mooncake_conversation_trace.jsonl
@@ -68,8 +69,10 @@ peers: $(STAMP) $(PEERS_STAMP)
 	  --out=$(PEERS_DIR)/prompts.npz
 	$(PEERS_VENV)/bin/python tools/peers/vllm_replay.py --prompts=$(PEERS_DIR)/prompts.npz \
 	  --out=$(PEERS_DIR)/vllm.csv
+	$(PEERS_VENV)/bin/python tools/peers/vllm_replay.py --prompts=$(PEERS_DIR)/prompts.npz \
+	  --full_hit --out=$(PEERS_DIR)/vllm_full_hit.csv
 	PYTHONPATH=$(CURDIR) $(PY) tools/peers/compare.py compare --trace=$(PEERS_TRACE) \
-	  --vllm_csv=$(PEERS_DIR)/vllm.csv --out=$(PEERS_DIR)/peers.csv
+	  --vllm_csv=$(PEERS_DIR)/vllm.csv,$(PEERS_DIR)/vllm_full_hit.csv --out=$(PEERS_DIR)/peers.csv
 
 clean-venv:
 	rm -rf $(VENV)
