@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # keeps `make test` under 10 minutes there. PYTEST_WORKERS=0 runs them in one process.
 PYTEST_WORKERS ?= 2
 
-.PHONY: test test-deep demo install data clean-venv
+.PHONY: test test-deep demo install data clean-venv peers
 
 $(STAMP): pyproject.toml
 	@base=$$(scripts/find_python.sh) || exit 1; \
@@ -46,6 +46,33 @@ demo: $(STAMP) data
 	$(PY) scripts/latency.py --model=shipped --context_lengths=256 --concurrency=4 \
 	  --repeats=3 --output_dir=$(DEMO_DIR) --overwrite
 	$(PY) scripts/report.py --run_dir=$(DEMO_DIR)
+
+# The peer check (not part of `make test`): the Mooncake conversation trace's prompts through
+# vLLM's own prefix cache (v1 KVCacheManager/BlockPool, CPU, in a separate venv outside the
+# repo, pinned by tools/peers/vllm-requirements.txt) and through hq-jax's HQ cache, at the same
+# pool sizes and policy (vLLM as it is, and with its n - 1 hit cap lifted: --full_hit); prints
+# the table (tools/peers/compare.py) and writes it into $(PEERS_DIR).
+PEERS_VENV ?= $(HOME)/.cache/hq_jax/peers-venv
+PEERS_DIR ?= runs/peers
+PEERS_TRACE ?= /work/shared/traces/mooncake_conversation_trace.jsonl
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): tools/peers/vllm-requirements.txt
+	@base=$$(scripts/find_python.sh) || exit 1; \
+	  [ -x $(PEERS_VENV)/bin/python ] || $$base -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --no-deps -r tools/peers/vllm-requirements.txt
+	touch $(PEERS_STAMP)
+
+peers: $(STAMP) $(PEERS_STAMP)
+	mkdir -p $(PEERS_DIR)
+	PYTHONPATH=$(CURDIR) $(PY) tools/peers/compare.py export --trace=$(PEERS_TRACE) \
+	  --out=$(PEERS_DIR)/prompts.npz
+	$(PEERS_VENV)/bin/python tools/peers/vllm_replay.py --prompts=$(PEERS_DIR)/prompts.npz \
+	  --out=$(PEERS_DIR)/vllm.csv
+	$(PEERS_VENV)/bin/python tools/peers/vllm_replay.py --prompts=$(PEERS_DIR)/prompts.npz \
+	  --full_hit --out=$(PEERS_DIR)/vllm_full_hit.csv
+	PYTHONPATH=$(CURDIR) $(PY) tools/peers/compare.py compare --trace=$(PEERS_TRACE) \
+	  --vllm_csv=$(PEERS_DIR)/vllm.csv,$(PEERS_DIR)/vllm_full_hit.csv --out=$(PEERS_DIR)/peers.csv
 
 clean-venv:
 	rm -rf $(VENV)

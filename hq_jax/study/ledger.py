@@ -200,14 +200,16 @@ def peak_memory(mem: Sequence[dict]) -> dict:
       _cite("memory_sweep.csv", [i for p in pairs for i in p]))
 
 
-# How "equal policy" is checked (the peers' code is not a dependency): the same trace was
-# replayed through vLLM's own KVCacheManager / BlockPool and SGLang's radix cache, driven
-# on the CPU at the same pool sizes; vLLM's hit tokens equal HQ's, SGLang's are the same or
-# fewer (docs/results.md, "Trace replay"; DESIGN's prefix-cache parity facts).
+# How "equal policy" is checked (the peers' code is not a dependency): `make peers` replays
+# the trace through vLLM's own KVCacheManager / BlockPool on the CPU (a separate venv) and
+# through the HQ cache at the same pool sizes and policy, and prints both hit counts
+# (tools/peers/; figures in docs/results.md, "Trace replay"). SGLang's radix cache was
+# checked the same way once, by a script not kept.
 PEER_POLICY_CHECK = ("at equal device blocks HQ's block policy finds vLLM APC's hit tokens "
-                     "(the trace replayed through vLLM's own KVCacheManager/BlockPool and "
-                     "SGLang's radix cache on the CPU at equal pool sizes: equal to vLLM's, "
-                     "SGLang's the same or fewer; docs/results.md)")
+                     "(`make peers`: the trace replayed through vLLM's own "
+                     "KVCacheManager/BlockPool on the CPU at equal pool sizes, equal to 5e-5 "
+                     "of prompt tokens; SGLang's radix cache the same or fewer, a check not "
+                     "kept; docs/results.md)")
 
 
 def peer_advantage(trace: Sequence[dict]) -> dict:
