@@ -54,7 +54,7 @@ demo: $(STAMP) data
 # the table (tools/peers/compare.py) and writes it into $(PEERS_DIR).
 PEERS_VENV ?= $(HOME)/.cache/hq_jax/peers-venv
 PEERS_DIR ?= runs/peers
-PEERS_TRACE ?= /work/shared/traces/mooncake_conversation_trace.jsonl
+PEERS_TRACE ?= $(CURDIR)/../shared/traces/mooncake_conversation_trace.jsonl
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
 $(PEERS_STAMP): tools/peers/vllm-requirements.txt
