@@ -146,6 +146,14 @@ class ServingStats:
 AdmitFn = Callable[[object, Request], tuple[object, Admitted]]
 
 
+
+# The fields a sum over data shards adds up (every count, integral and host time, a new
+# counter included); these combine otherwise: the shared clock, the peaks (of the sums, kept
+# by `DataParallel`), the None-able model counters and the TTFT list.
+_SUMMED = tuple(f.name for f in dataclasses.fields(ServingStats) if f.name not in {
+    "t_first", "t_last", "peak_blocks", "peak_concurrency", "decode_steps", "ttft_s",
+    "transfer_s", "partial"})
+
 class Scheduler:
   """The queue, the running set and the cache of one run (see the module docstring).
 
@@ -375,10 +383,7 @@ class DataParallel:
   def stats(self) -> ServingStats:
     """The global accumulator: every count summed over shards, the peaks of the sums."""
     out = ServingStats()
-    for field in ("requests", "skipped", "skipped_long_context", "prompt_tokens",
-                  "hit_tokens", "computed_tokens", "block_s", "concurrency_s", "wait_s",
-                  "evicted_blocks", "admit_s", "prefill_s", "host_hit_tokens",
-                  "host_hit_requests", "blocks_to_host", "blocks_to_device"):
+    for field in _SUMMED:
       setattr(out, field, sum(getattr(s.stats, field) for s in self.shards))
     moved = [s.stats.transfer_s for s in self.shards]
     out.transfer_s = None if None in moved else sum(moved)
