@@ -39,26 +39,22 @@ CAPACITY_COLUMNS = ("model", "block_size", "kv_dtype", "kv_budget_gb", "num_bloc
                     "hq_admitted", "hq_over_dense", "checked_by_replay")
 
 
-def pool_blocks(budget_gb: float, bytes_per_block: int) -> int | None:
-  """Blocks a budget buys (None = unbounded for budget 0); an error if not even one."""
+def pool_blocks(budget_gb: float, bytes_per_block: int,
+                flag: str = "kv_budget_gb") -> int | None:
+  """Blocks a budget buys (None = unbounded for budget 0); an error naming `flag` if not
+  even one."""
   if budget_gb == 0:
     return None
   blocks = int(budget_gb * GB) // bytes_per_block
   if blocks < 1:
-    raise ValueError(f"--kv_budget_gb={budget_gb:g} is less than one KV block "
+    raise ValueError(f"--{flag}={budget_gb:g} is less than one KV block "
                      f"({bytes_per_block} bytes)")
   return blocks
 
 
 def host_pool_blocks(budget_gb: float, bytes_per_block: int) -> int:
-  """Blocks of a host tier a budget buys (0 = no host tier); an error if not even one."""
-  if budget_gb == 0:
-    return 0
-  blocks = int(budget_gb * GB) // bytes_per_block
-  if blocks < 1:
-    raise ValueError(f"--host_kv_budget_gb={budget_gb:g} is less than one KV block "
-                     f"({bytes_per_block} bytes)")
-  return blocks
+  """Blocks of a host tier a budget buys (0 = no host tier): `pool_blocks`' rule."""
+  return pool_blocks(budget_gb, bytes_per_block, "host_kv_budget_gb") or 0
 
 
 def replay_plan(budgets_gb: Sequence[float],
