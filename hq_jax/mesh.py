@@ -91,7 +91,10 @@ class MeshSpec:
     return Mesh(np.asarray(devices, dtype=object).reshape(self.data, self.model), AXES)
 
 
-def spec_of(mesh: Mesh) -> MeshSpec:
+def spec_of(mesh: Mesh | None) -> MeshSpec:
+  """The spec of `mesh` (None: one device, `MeshSpec()`)."""
+  if mesh is None:
+    return MeshSpec()
   return MeshSpec(int(mesh.shape["data"]), int(mesh.shape["model"]))
 
 
@@ -145,8 +148,11 @@ def pool_specs(pools):
 
 
 def place_pools(pools, mesh: Mesh):
-  """The pools on `mesh`, each device holding its kv heads of every block (a no-op when
-  they are there already)."""
+  """The pools on `mesh`, each device holding its kv heads of every block (returned as they
+  are when they are there already: a model step's pools come back so, and this runs before
+  every step)."""
+  if pools.k.sharding.is_equivalent_to(NamedSharding(mesh, POOL_SPEC), pools.k.ndim):
+    return pools
   specs = pool_specs(pools)
   return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), pools, specs)
 

@@ -155,7 +155,7 @@ def bench_decode(engine: Engine, cache, slots, *, steps: int, ceilings: Ceilings
 
 
 def _tp(engine: Engine) -> int:
-  return 1 if engine.mesh is None else int(engine.mesh.shape["model"])
+  return mesh_lib.spec_of(engine.mesh).model
 
 
 def _donated_step_ms(params, pools, tokens, view, *, cfg, attention_fn, reps: int,

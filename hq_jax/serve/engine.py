@@ -339,8 +339,7 @@ class Engine:
   @property
   def mesh_label(self) -> str:
     """The mesh this engine runs on, for rows and run records ("data:1,model:1")."""
-    return mesh_lib.MeshSpec().label if self.mesh is None else mesh_lib.spec_of(
-        self.mesh).label
+    return mesh_lib.spec_of(self.mesh).label
 
   def _step(self, cache: PagedCache, tokens: np.ndarray, view, logits_at=None):
     # The copies between tiers first: a block moved to the host is read before this step

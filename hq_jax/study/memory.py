@@ -314,7 +314,7 @@ def make_cache(backend: str, layout: KVLayout, *, concurrency: int, context_leng
     blocks = hq_blocks_needed(layout, concurrency=concurrency, context_length=context_length,
                               shared_prefix_tokens=shared_prefix_tokens,
                               num_prefixes=num_prefixes)
-  tp = 1 if mesh is None else int(mesh.shape["model"])
+  tp = mesh_lib.spec_of(mesh).model
   _check_fits(layout, blocks, f"{backend} at {concurrency} x {context_length} tokens", tp)
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -460,7 +460,7 @@ def sweep(params, cfg: ModelConfig, stream: TokenStream, *, model: str,
       max_seq_len=max_seq_len, seed=seed, allow_long_context=allow_long_context)
   layout = KVLayout.from_config(cfg, block_size, kv_dtype)
   unfit = unfit_points(points, layout, max_seq_len,
-                       tp=1 if mesh is None else int(mesh.shape["model"]))
+                       tp=mesh_lib.spec_of(mesh).model)
   for point, reason in unfit.items():
     if on_skip is not None:
       on_skip(point, reason)
