@@ -248,7 +248,7 @@ def dequantize_pool(pool: jax.Array, scale) -> jax.Array:
 
 
 def add_partials(carry, partials, m_max):
-  """The weighted sums of an exact log-sum-exp merge (both kernels' merges).
+  """The weighted sums of an exact log-sum-exp merge (the split merge, `merge_splits`).
 
   carry = (num [bq, D], den [bq]); partials = [(m [bq], l [bq], acc [bq, D])] in the merge's
   fixed order, m in log2 units; m_max [bq] is their max over everything merged (0 where

@@ -55,12 +55,8 @@ import numpy as np
 from hq_jax.kv.base import (CacheError, PagedCache, PoolFull, check_int, check_salt,
                             static_field)
 from hq_jax.kv import tiers
-from hq_jax.kv.index import (BlockIndex, HostIndex, block_keys, prefix_keys, prefix_sums,
-                             rows_equal)
+from hq_jax.kv.index import BlockIndex, HostIndex, block_keys, prefix_sums, rows_equal
 from hq_jax.kv.paged import KVLayout, KVPools
-
-__all__ = ["DedupKVCache", "prefix_keys"]
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +64,7 @@ class DedupKVCache(PagedCache):
   salts: np.ndarray  # [max_requests] int32 tenant id of each request
   refcount: np.ndarray  # [num_blocks] int32 block-table entries holding the block
   registered: np.ndarray  # [num_blocks] bool identity is set and findable
-  block_hash: np.ndarray  # [num_blocks] uint32 `prefix_keys` key of a registered block
+  block_hash: np.ndarray  # [num_blocks] uint32 `block_keys` key of a registered block
   block_salt: np.ndarray  # [num_blocks] int32
   block_parent: np.ndarray  # [num_blocks] int32, -1 for a first block
   block_parent_gen: np.ndarray  # [num_blocks] int32 parent's generation at registration
@@ -191,14 +187,14 @@ class DedupKVCache(PagedCache):
       sums = prefix_sums(blocks[start:start + run], start, before)
       runs.append(sums)
       keys = block_keys(sums, salt, self.hash_bits)
-      one, more = st.probe(self, keys)
+      one, more = st.probe(keys)
       cut = np.flatnonzero((one < 0) & ~more)  # nothing under this key: the chain ends
       cut = int(cut[0]) if cut.size else keys.size
       done = 0
       for i in np.flatnonzero(more[:cut]).tolist():  # maybe several: verified one by one
         hits += one[done:i].tolist()
         parent = hits[-1] if hits else -1
-        b = self._find(st.candidates(self, int(keys[i])), salt, parent,
+        b = self._find(st.candidates(int(keys[i])), salt, parent,
                        gen_of(parent) if hits else 0, blocks[start + i])
         if b is None:
           done = cut = i
@@ -296,7 +292,7 @@ class DedupKVCache(PagedCache):
     # A twin (an identical registered block: this copy then stays private) can only be a
     # block registered before this call (one of this call has another parent): verified
     # in bulk where the table has the key, one by one where the spill may.
-    one, more = st.probe(self, keys)
+    one, more = st.probe(keys)
     twin = np.zeros(new.size, bool)
     j = np.flatnonzero(one >= 0)
     if j.size:
@@ -305,7 +301,7 @@ class DedupKVCache(PagedCache):
                  & (self.block_parent_gen[t] == pgens[j])
                  & rows_equal(self.block_tokens[t], self.block_tokens[new[j]]))
     for j in np.flatnonzero(more & ~twin).tolist():
-      twin[j] = self._find(st.candidates(self, int(keys[j])), salt, int(parents[j]),
+      twin[j] = self._find(st.candidates(int(keys[j])), salt, int(parents[j]),
                            int(pgens[j]), self.block_tokens[new[j]]) is not None
     if twin.any():
       keep = ~twin
@@ -402,7 +398,7 @@ class DedupKVCache(PagedCache):
     while start < len(blocks):
       sums = prefix_sums(blocks[start:start + run], start, last)
       keys = block_keys(sums, salt, self.hash_bits).astype(np.int64)
-      one, more = hb.index.probe(self, keys)
+      one, more = hb.index.probe(keys)
       sum_before = lambda i: int(sums[i - 1]) if i else last
       j, ambiguous = 0, np.flatnonzero(more).tolist() + [sums.size]
       for stop in ambiguous:
@@ -415,7 +411,7 @@ class DedupKVCache(PagedCache):
           prev = int(self.host_gen[one[stop - 1]])
         if stop == sums.size:
           break
-        found = next((h for h in hb.index.candidates(self, int(keys[stop]))  # several
+        found = next((h for h in hb.index.candidates(int(keys[stop]))  # several
                       if verified(np.asarray([h]), prev, blocks[start + stop][None])[0]), None)
         if found is None:
           return out, sum_before(stop)

@@ -2,8 +2,9 @@
 
 `DedupKVCache` (`hq_jax.kv.dedup`) keeps its state in numpy arrays (the pytree: what a
 checkpoint saves). Built from them, lazily and again after a restore:
-- the chain keys (`prefix_keys`: one 32-bit key per block, a hash of the salt and every
-  token up to the block's end, from position-weighted prefix sums);
+- the chain keys (`block_keys` of `prefix_sums`: one 32-bit key per block, a hash of the
+  salt and every token up to the block's end; the key narrows the search only, a hit is
+  verified against the block's salt, parent, parent's generation and tokens);
 - `BlockIndex`: a hash table of the registered blocks (bucketed, with a spill map), the
   free blocks, the cached (refcount-0) blocks in LRU order, and counters;
 - `HostIndex`: the host tier's slots by generation, its LRU order and free slots.
@@ -79,15 +80,6 @@ def rows_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return out
 
 
-def prefix_keys(blocks: np.ndarray, salt: int, bits: int) -> np.ndarray:
-  """The `bits`-bit hash of each block's salt and *all* tokens up to its end, for the
-  consecutive full blocks `blocks` [n, bs] of one sequence from position 0 (0 bits: every
-  block collides). Vectorized: a whole prompt's keys before any lookup. The key narrows
-  the search only; a hit is verified against the block's salt, parent, parent's
-  generation and tokens."""
-  return block_keys(prefix_sums(np.asarray(blocks)), salt, bits)
-
-
 class BlockIndex:
   """Derived from the block arrays (see `base`): never the truth, always rebuildable.
 
@@ -147,7 +139,7 @@ class BlockIndex:
     out.host = self.host.copy() if self.host is not None else None
     return out
 
-  def probe(self, c: "DedupKVCache", keys: np.ndarray):
+  def probe(self, keys: np.ndarray):
     """(the table's block with each key, -1 if none; whether there may be more: the
     bucket spilled, or holds the key twice)."""
     keys = keys.astype(np.int64, copy=False)
@@ -159,7 +151,7 @@ class BlockIndex:
     one[word == 0] = -1
     return one, ((word & (word - np.uint32(1))) != 0) | (self.spilled[buckets] > 0)
 
-  def candidates(self, c: "DedupKVCache", key: int) -> list[int]:
+  def candidates(self, key: int) -> list[int]:
     row = self.table[key & self.mask].tolist()
     return [(e & _M32) - 1 for e in row if e and (e >> 32) & _M32 == key] + self.spill.get(key, [])
 

@@ -77,8 +77,7 @@ def kv_stats(cache: PagedCache) -> KVStats:
       device_hit_tokens=int(cache.hit_tokens) - host_hits,
       host_hit_tokens=host_hits,
       host_blocks=host_blocks,
-      host_cached_blocks=int(np.count_nonzero(np.asarray(cache.host_registered)))
-      if host_blocks else 0,
+      host_cached_blocks=int(getattr(cache, "host_cached_blocks", 0)),
       host_pool_bytes=host_blocks * layout.bytes_per_block,
       host_evicted_blocks=int(getattr(cache, "host_evicted_blocks", 0)),
       bytes_to_host=int(getattr(cache, "blocks_to_host", 0)) * layout.bytes_per_block,

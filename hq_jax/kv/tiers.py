@@ -123,10 +123,6 @@ class CopyPlan:
   load_src: np.ndarray
   load_dst: np.ndarray
 
-  @property
-  def empty(self) -> bool:
-    return not (self.store_src.size or self.load_src.size)
-
 
 @dataclasses.dataclass(frozen=True)
 class CopyResult:
