@@ -238,13 +238,7 @@ class DedupKVCache(PagedCache):
     st = self._state
     taken = st.free.take(min(need, len(st.free)))
     if taken.size < need:
-      evicted = st.pop_lru(self, need - taken.size)
-      if self.host_blocks:
-        self._to_host(evicted)
-      self._unregister(evicted)
-      st.cached -= evicted.size
-      self.evicted_blocks[...] += evicted.size
-      taken = np.concatenate([taken, evicted])
+      taken = np.concatenate([taken, self._evict_lru(need - taken.size)])
     if taken.size:
       self.refcount[taken] = 1
       gen = int(self.gen_clock)
@@ -252,6 +246,18 @@ class DedupKVCache(PagedCache):
       self.gen_clock[...] = gen + taken.size
       st.held += need
     return taken
+
+  def _evict_lru(self, n: int, *, to_host: bool = True) -> np.ndarray:
+    """Evicts the `n` least recently used cached blocks (moved to the host tier first, if
+    there is one and `to_host`); returns them, unregistered and counted."""
+    st = self._state
+    blocks = st.pop_lru(self, n)
+    if self.host_blocks and to_host:
+      self._to_host(blocks)
+    self._unregister(blocks)
+    st.cached -= blocks.size
+    self.evicted_blocks[...] += blocks.size
+    return blocks
 
   def _unregister(self, blocks: np.ndarray) -> None:
     loads = self._state.host.loads
@@ -666,13 +672,7 @@ class DedupKVCache(PagedCache):
     c = self._begin()
     st = c._state
     n = st.cached if num_blocks is None else min(num_blocks, st.cached)
-    blocks = st.pop_lru(c, n)
-    if c.host_blocks and to_host:
-      c._to_host(blocks)
-    c._unregister(blocks)
-    st.cached -= n
-    st.free.put(blocks.tolist())
-    c.evicted_blocks[...] += n
+    st.free.put(c._evict_lru(n, to_host=to_host).tolist())
     return self._finish(c, "evict")
 
   # ------------------------------------------------------------------ queries
