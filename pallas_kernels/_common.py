@@ -109,6 +109,23 @@ def load_kv_tile(ref, idx, ok: jax.Array, dtype) -> jax.Array:
   return plgpu_triton.load(ref.at[idx], mask=ok[:, None], other=0)
 
 
+def tile_queries(q_ref, positions_ref, b, h, rows: jax.Array, *, num_tokens: int, group: int,
+                 num_heads: int):
+  """(q [bq, D], pos [bq], row_ok [bq], q_rows [bq, 1]) of query rows `rows` of request b
+  and kv head h (q_ref [B, T * H, D], positions_ref [B, T]): row = t * G + g is token t,
+  query head h * G + g, row q_rows of q_ref[b] (and of the output's). Rows past T * G are
+  padding (q 0, pos -1). The paged and the shared-prefix kernels load their queries by
+  this one piece, so a row's operands are alike in both."""
+  row_ok = rows < num_tokens * group
+  t, g = rows // group, rows % group
+  q_rows = (t * num_heads + h * group + g)[:, None]
+  cols = jnp.arange(q_ref.shape[-1], dtype=jnp.int32)[None, :]
+  # Gathers index every dimension with arrays (what both Triton and the interpreter take).
+  q = plgpu_triton.load(q_ref.at[b, q_rows, cols], mask=row_ok[:, None], other=0)
+  pos = plgpu_triton.load(positions_ref.at[b, t], mask=row_ok, other=-1)
+  return q, pos, row_ok, q_rows
+
+
 def online_softmax_step(carry, q, k, v, visible, *, scale: float, precision, k_scale=None,
                         v_scale=None):
   """One key tile of the online softmax (shared by the paged and the dedup kernels).

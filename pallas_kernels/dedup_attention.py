@@ -68,7 +68,7 @@ from jax.experimental.pallas import triton as plgpu_triton
 from pallas_kernels import paged_attention as pa
 from pallas_kernels._common import (check_inputs, dequantize_pool, dot_precision, flat_pool,
                                     flat_scales, full_block, gather_blocks, merge_splits,
-                                    split_partials)
+                                    split_partials, tile_queries)
 
 
 @jax.tree_util.register_dataclass
@@ -227,11 +227,8 @@ def _dedup_kernel(
   def _request():
     # The paged kernel's program (request b, kv head h, row tile 0, split j), T = 1.
     b = i
-    t, g = rows // group, rows % group
-    row_ok = rows < group
-    q = plgpu_triton.load(q_ref.at[b, (t * num_heads + h * group + g)[:, None], cols],
-                          mask=row_ok[:, None], other=0)  # [bq, D]
-    pos = plgpu_triton.load(positions_ref.at[b, t], mask=row_ok, other=-1)
+    q, pos, row_ok, _ = tile_queries(q_ref, positions_ref, b, h, rows, num_tokens=1,
+                                     group=group, num_heads=num_heads)  # [bq, D], [bq], [bq]
     kv_len = kv_lens_ref[b]
 
     def split(j):

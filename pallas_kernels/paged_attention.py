@@ -65,7 +65,7 @@ from jax.experimental.pallas import triton as plgpu_triton
 
 from pallas_kernels._common import (WARPS, check_inputs, dequantize_pool, dot_precision,
                                     flat_pool, flat_scales, full_block, gather_blocks,
-                                    is_pow2, merge_splits, split_partials)
+                                    is_pow2, merge_splits, split_partials, tile_queries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,13 +140,10 @@ def _paged_attention_kernel(
 
   # Query rows of this tile: row = t * G + g is token t, query head h * G + g.
   rows = r * block_q + jnp.arange(block_q, dtype=jnp.int32)  # [block_q]
-  row_ok = rows < num_tokens * group
-  t, g = rows // group, rows % group
-  q_rows = (t * num_heads + h * group + g)[:, None]  # [bq, 1] rows of q_ref[b]
+  q, pos, row_ok, q_rows = tile_queries(q_ref, positions_ref, b, h, rows,
+                                        num_tokens=num_tokens, group=group,
+                                        num_heads=num_heads)  # [bq, D], [bq], [bq], [bq, 1]
   cols = jnp.arange(head_dim, dtype=jnp.int32)[None, :]  # [1, D]
-  # Gathers index every dimension with arrays (what both Triton and the interpreter take).
-  q = plgpu_triton.load(q_ref.at[b, q_rows, cols], mask=row_ok[:, None], other=0)  # [bq, D]
-  pos = plgpu_triton.load(positions_ref.at[b, t], mask=row_ok, other=-1)  # [bq]
   kv_len = kv_lens_ref[b]
 
   # Keys this program reduces over: its split, cut at the last key any row may see.
